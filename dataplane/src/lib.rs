@@ -1,1 +1,16 @@
+//! espada-dataplane: the packet path.
+//!
+//! * [`esp`]: ESP-in-UDP tunnel-mode encapsulation and decapsulation as pure functions over a
+//!   packet buffer and an SA (no I/O, no allocation, no clock);
+//! * [`drop`]: [`DropReason`], the single list every drop counter comes from;
+//! * [`pktbuf`]: the [`PacketBuf`] trait (headroom/tailroom operations like DPDK's mbuf) and a
+//!   heap-backed buffer allocated once at start-up.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
+pub mod drop;
+pub mod esp;
+pub mod pktbuf;
+
+pub use drop::{DropCounters, DropReason};
+pub use pktbuf::{PacketBuf, PktBuf};

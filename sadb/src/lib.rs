@@ -1,1 +1,15 @@
+//! espada-sadb: the security associations the dataplane works with.
+//!
+//! * [`ReplayWindow`]: RFC 6479 bucketed anti-replay window with RFC 4303 Appendix A ESN
+//!   inference;
+//! * [`OutboundSa`] / [`InboundSa`]: the runtime state one worker core owns (sequence counter or
+//!   replay window, key schedule, counters, prebuilt outer-header template). Nothing in them is
+//!   shared between threads, so nothing is locked or atomic.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
+pub mod replay;
+pub mod sa;
+
+pub use replay::{ReplayError, ReplayWindow};
+pub use sa::{DfMode, InboundSa, OutboundSa, SaCounters, SeqReservation, TunnelEndpoints};
