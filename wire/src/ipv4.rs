@@ -342,7 +342,7 @@ mod test {
 
     #[test]
     fn construct() {
-        let mut b = vec![0u8; 0x73];
+        let mut b = [0u8; 0x73];
         let mut p = Packet::new_unchecked(&mut b[..]);
         p.set_version_and_header_len(20);
         p.set_tos(0);
@@ -418,7 +418,7 @@ mod test {
     fn emit_and_buffer_len() {
         let r = repr();
         assert_eq!(r.buffer_len(), 20);
-        let mut b = vec![0u8; 0x73];
+        let mut b = [0u8; 0x73];
         r.emit(&mut Packet::new_unchecked(&mut b[..]));
         assert_eq!(&b[..20], &HEADER[..]);
     }
