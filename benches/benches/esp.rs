@@ -63,7 +63,7 @@ fn crypto_and_esp(c: &mut Criterion) {
         });
         let (mut out2, _) = sa_pair(Backend::Ring);
         let outer = out2.tunnel.outer_len();
-        inb.window = ReplayWindow::new(4096, true);
+        inb.window = ReplayWindow::new(4096, true).into();
         g.bench_function("decap/ring", |b| {
             b.iter_batched_ref(
                 || {

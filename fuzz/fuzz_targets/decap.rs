@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let mk = || Cipher::new(Backend::Ring, &km).unwrap();
     let top = if flags & 4 != 0 { (1u64 << 32) - 8 } else { 0 };
     let mut sa = InboundSa::new(0x1000, mk(), esn, 64);
-    sa.window = ReplayWindow::starting_at(64, esn, top);
+    sa.window = ReplayWindow::starting_at(64, esn, top).into();
 
     let mut pkt = PktBuf::new(rest.len() + 512);
     if flags == 0xE5 && !rest.is_empty() {

@@ -8,8 +8,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod db;
+pub mod lifetime;
 pub mod replay;
 pub mod sa;
+pub mod selector;
 
 pub use replay::{ReplayError, ReplayWindow};
-pub use sa::{DfMode, InboundSa, OutboundSa, SaCounters, SeqReservation, TunnelEndpoints};
+pub use sa::{
+    DfMode, InboundSa, OutboundSa, SaCounters, SeqReservation, TunnelEndpoints, WindowCell,
+};

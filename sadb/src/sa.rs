@@ -1,9 +1,11 @@
 //! Runtime SAs: what one worker core owns for one direction of one SA.
 
-use crate::replay::ReplayWindow;
+use crate::replay::{ReplayError, ReplayWindow};
 use espada_crypto::{Cipher, EspAead};
 use espada_wire::{esp, ip_proto, ipv4, ipv6, udp};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What the encapsulator does with the outer DF bit (RFC 4301 §8.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,6 +96,82 @@ pub struct SeqReservation {
     pub count: u32,
 }
 
+/// A sequence counter owned by one worker, or shared by several (fallback / shared mode).
+#[derive(Debug)]
+enum SeqCell {
+    Owned(u64),
+    Shared(Arc<AtomicU64>),
+}
+
+/// A replay window owned by one worker (per-CPU SAs: no lock), or shared behind a mutex
+/// (fallback SA and `sa_mode = "shared"`: deliberately like a single kernel SA).
+#[derive(Debug, Clone)]
+pub enum WindowCell {
+    /// Owned by this worker.
+    Owned(ReplayWindow),
+    /// Shared by every worker that uses the SA.
+    Shared(Arc<Mutex<ReplayWindow>>),
+}
+
+impl From<ReplayWindow> for WindowCell {
+    fn from(w: ReplayWindow) -> Self {
+        WindowCell::Owned(w)
+    }
+}
+
+fn lock(m: &Mutex<ReplayWindow>) -> std::sync::MutexGuard<'_, ReplayWindow> {
+    // A poisoned window (a panic elsewhere while holding it) is still a valid window.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl WindowCell {
+    /// See [`ReplayWindow::infer`].
+    #[inline]
+    pub fn infer(&self, seq_lo: u32) -> Option<u64> {
+        match self {
+            WindowCell::Owned(w) => w.infer(seq_lo),
+            WindowCell::Shared(m) => lock(m).infer(seq_lo),
+        }
+    }
+    /// See [`ReplayWindow::check`].
+    #[inline]
+    pub fn check(&self, seq: u64) -> Result<(), ReplayError> {
+        match self {
+            WindowCell::Owned(w) => w.check(seq),
+            WindowCell::Shared(m) => lock(m).check(seq),
+        }
+    }
+    /// See [`ReplayWindow::commit`].
+    #[inline]
+    pub fn commit(&mut self, seq: u64) -> Result<(), ReplayError> {
+        match self {
+            WindowCell::Owned(w) => w.commit(seq),
+            WindowCell::Shared(m) => lock(m).commit(seq),
+        }
+    }
+    /// Highest authenticated number.
+    pub fn top(&self) -> u64 {
+        match self {
+            WindowCell::Owned(w) => w.top(),
+            WindowCell::Shared(m) => lock(m).top(),
+        }
+    }
+    /// Whether ESN is on.
+    pub fn esn(&self) -> bool {
+        match self {
+            WindowCell::Owned(w) => w.esn(),
+            WindowCell::Shared(m) => lock(m).esn(),
+        }
+    }
+    /// Window size.
+    pub fn size(&self) -> u32 {
+        match self {
+            WindowCell::Owned(w) => w.size(),
+            WindowCell::Shared(m) => lock(m).size(),
+        }
+    }
+}
+
 /// The sending half of an SA.
 pub struct OutboundSa {
     /// SPI the peer chose.
@@ -107,7 +185,7 @@ pub struct OutboundSa {
     /// Counters.
     pub counters: SaCounters,
     /// Last sequence number used (0: none yet; RFC 4303 §3.3.3 starts the counter at 0).
-    last_seq: u64,
+    seq: SeqCell,
     /// Outer IP + UDP header with addresses, ports, TTL, protocol filled in.
     template: [u8; 48],
     template_len: u8,
@@ -121,7 +199,7 @@ impl core::fmt::Debug for OutboundSa {
             .field("cipher", &self.cipher)
             .field("esn", &self.esn)
             .field("tunnel", &self.tunnel)
-            .field("last_seq", &self.last_seq)
+            .field("last_seq", &self.last_seq())
             .finish()
     }
 }
@@ -172,7 +250,7 @@ impl OutboundSa {
             esn,
             tunnel,
             counters: SaCounters::default(),
-            last_seq: 0,
+            seq: SeqCell::Owned(0),
             template,
             template_len: len as u8,
             ip_id: (spi as u16) ^ 0x5a5a,
@@ -182,8 +260,27 @@ impl OutboundSa {
     /// Resumes at a given counter (the next packet carries `last_used + 1`): tests, and
     /// restoring state.
     pub fn with_last_seq(mut self, last_used: u64) -> Self {
-        self.last_seq = last_used;
+        self.seq = match self.seq {
+            SeqCell::Owned(_) => SeqCell::Owned(last_used),
+            SeqCell::Shared(a) => {
+                a.store(last_used, Ordering::Relaxed);
+                SeqCell::Shared(a)
+            }
+        };
         self
+    }
+
+    /// Makes this SA share its sequence counter with every other `OutboundSa` holding the same
+    /// counter (the fallback SA, and `sa_mode = "shared"`): one atomic per burst, like a single
+    /// kernel SA used from every CPU.
+    pub fn with_shared_seq(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.seq = SeqCell::Shared(counter);
+        self
+    }
+
+    /// Whether the sequence counter is shared between cores.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.seq, SeqCell::Shared(_))
     }
 
     /// The highest sequence number this SA may ever send: 2^32−1, or 2^64−1 with ESN
@@ -198,7 +295,10 @@ impl OutboundSa {
 
     /// Last number used.
     pub fn last_seq(&self) -> u64 {
-        self.last_seq
+        match &self.seq {
+            SeqCell::Owned(v) => *v,
+            SeqCell::Shared(a) => a.load(Ordering::Relaxed),
+        }
     }
 
     /// Reserves up to `n` consecutive sequence numbers for one burst. Grants fewer (possibly
@@ -206,11 +306,41 @@ impl OutboundSa {
     /// repeated number would repeat a GCM nonce under the same key.
     #[inline]
     pub fn reserve(&mut self, n: u32) -> SeqReservation {
-        let left = self.max_seq() - self.last_seq;
-        let count = (n as u64).min(left) as u32;
-        let first = self.last_seq.wrapping_add(1);
-        self.last_seq += count as u64;
-        SeqReservation { first, count }
+        let max = self.max_seq();
+        match &mut self.seq {
+            SeqCell::Owned(last) => {
+                let count = (n as u64).min(max - *last) as u32;
+                let first = last.wrapping_add(1);
+                *last += count as u64;
+                SeqReservation { first, count }
+            }
+            SeqCell::Shared(a) => {
+                let mut cur = a.load(Ordering::Relaxed);
+                loop {
+                    let count = (n as u64).min(max - cur) as u32;
+                    if count == 0 {
+                        return SeqReservation {
+                            first: cur.wrapping_add(1),
+                            count,
+                        };
+                    }
+                    match a.compare_exchange_weak(
+                        cur,
+                        cur + count as u64,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => {
+                            return SeqReservation {
+                                first: cur + 1,
+                                count,
+                            }
+                        }
+                        Err(now) => cur = now,
+                    }
+                }
+            }
+        }
     }
 
     /// The prebuilt outer IP + UDP header.
@@ -239,7 +369,7 @@ pub struct InboundSa {
     /// Key schedule.
     pub cipher: Cipher,
     /// Anti-replay window (its `esn()` says whether ESN is on).
-    pub window: ReplayWindow,
+    pub window: WindowCell,
     /// Counters.
     pub counters: SaCounters,
 }
@@ -260,7 +390,7 @@ impl InboundSa {
         InboundSa {
             spi,
             cipher,
-            window: ReplayWindow::new(window, esn),
+            window: ReplayWindow::new(window, esn).into(),
             counters: SaCounters::default(),
         }
     }
@@ -268,6 +398,12 @@ impl InboundSa {
     /// Whether ESN is on.
     pub fn esn(&self) -> bool {
         self.window.esn()
+    }
+
+    /// Shares the window with every other `InboundSa` holding the same one.
+    pub fn with_shared_window(mut self, w: Arc<Mutex<ReplayWindow>>) -> Self {
+        self.window = WindowCell::Shared(w);
+        self
     }
 }
 
@@ -306,6 +442,48 @@ mod test {
         let mut sa = OutboundSa::new(1, cipher(), true, t).with_last_seq(u64::MAX - 1);
         assert_eq!(sa.reserve(4).count, 1);
         assert_eq!(sa.reserve(4).count, 0);
+    }
+
+    #[test]
+    fn shared_counter_hands_out_each_number_once() {
+        let t = TunnelEndpoints::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let c = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut sa = OutboundSa::new(1, cipher(), false, t).with_shared_seq(c);
+                    let mut got = Vec::new();
+                    for _ in 0..1000 {
+                        let r = sa.reserve(7);
+                        got.extend(r.first..r.first + r.count as u64);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all, (1..=28_000).collect::<Vec<_>>());
+        // exhaustion is respected across sharers
+        let c = Arc::new(AtomicU64::new(u32::MAX as u64 - 2));
+        let mut a = OutboundSa::new(1, cipher(), false, t).with_shared_seq(c.clone());
+        let mut b = OutboundSa::new(1, cipher(), false, t).with_shared_seq(c);
+        assert_eq!(a.reserve(2).count, 2);
+        assert_eq!(b.reserve(2).count, 0);
+    }
+
+    #[test]
+    fn shared_window_is_one_window() {
+        let w = Arc::new(Mutex::new(ReplayWindow::new(64, false)));
+        let mut a = InboundSa::new(1, cipher(), false, 64).with_shared_window(w.clone());
+        let b = InboundSa::new(1, cipher(), false, 64).with_shared_window(w);
+        a.window.commit(5).unwrap();
+        assert_eq!(b.window.check(5), Err(ReplayError::Duplicate));
+        assert_eq!(b.window.top(), 5);
     }
 
     #[test]

@@ -134,7 +134,7 @@ fn check_one(v: &Vector, backend: Backend) -> std::result::Result<(), String> {
 
     // Decapsulation, with the receiver's window just below this sequence number.
     let mut isa = InboundSa::new(v.spi, cipher()?, v.esn, 4096);
-    isa.window = ReplayWindow::starting_at(4096, v.esn, v.seq - 1);
+    isa.window = ReplayWindow::starting_at(4096, v.esn, v.seq - 1).into();
     let mut pkt = PktBuf::from_slice(&esp);
     let verdict = match decapsulate(&mut isa, &mut pkt) {
         Decap::Inner { .. } => "accept".to_string(),

@@ -200,7 +200,7 @@ fn independent_vectors() {
                 assert_eq!(pkt.data(), &v.esp[..], "{} encap with {backend}", v.name);
             }
             let mut isa = InboundSa::new(v.spi, mk(), v.esn, 4096);
-            isa.window = ReplayWindow::starting_at(4096, v.esn, v.seq - 1);
+            isa.window = ReplayWindow::starting_at(4096, v.esn, v.seq - 1).into();
             let mut pkt = PktBuf::from_slice(&v.esp);
             let d = decapsulate(&mut isa, &mut pkt);
             assert_eq!(verdict_label(d), v.expect, "{} with {backend}", v.name);
@@ -371,7 +371,7 @@ fn replay_and_esn_rules() {
     let (o, i) = pair(Algorithm::AesGcm256, true, true);
     let mut o = o.with_last_seq(u32::MAX as u64 - 1);
     let mut i = i;
-    i.window = ReplayWindow::starting_at(4096, true, u32::MAX as u64 - 1);
+    i.window = ReplayWindow::starting_at(4096, true, u32::MAX as u64 - 1).into();
     for _ in 0..3 {
         let mut p = encap_one(&mut o, &inner);
         strip_outer(&mut p, true);
@@ -384,7 +384,7 @@ fn replay_and_esn_rules() {
     let (o, i) = pair(Algorithm::AesGcm128, true, false);
     let mut o = o.with_last_seq((3u64 << 32) + 99);
     let mut i = i;
-    i.window = ReplayWindow::starting_at(4096, true, (1u64 << 32) + 50);
+    i.window = ReplayWindow::starting_at(4096, true, (1u64 << 32) + 50).into();
     let mut p = encap_one(&mut o, &inner); // seq (3<<32)+100: receiver infers (1<<32)+100
     strip_outer(&mut p, false);
     assert_eq!(

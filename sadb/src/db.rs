@@ -1,0 +1,593 @@
+//! The SA database: RFC 9611 per-CPU SA groups per tunnel, published to workers as immutable
+//! snapshots (RCU style, with `arc-swap`), and the per-core runtime state each worker builds
+//! from them.
+//!
+//! * Control plane: builds an [`SaDb`], publishes it with [`SaDbHandle::publish`]. Adding,
+//!   deleting and rekeying SAs is "clone the snapshot, change it, publish"; workers never wait.
+//! * Worker: keeps a [`CoreSas`]; once per burst it calls [`CoreSas::sync`], which costs one
+//!   atomic load when nothing changed. Runtime state (sequence counters, replay windows,
+//!   counters, lifetimes) survives snapshot changes: it is keyed by SPI.
+//!
+//! Ownership (style rule 5): a per-CPU SA belongs to exactly one worker. The fallback SA (not
+//! bound to a CPU, RFC 9611 §2) and the single SA of `sa_mode = "shared"` are used by several
+//! workers: their sequence counter is an atomic and their replay window is behind a mutex, on
+//! purpose, so that the kernel-like contention can be measured beside the per-CPU mode.
+
+use crate::lifetime::{LifetimeTracker, Lifetimes, Stage};
+use crate::replay::ReplayWindow;
+use crate::sa::{InboundSa, OutboundSa, TunnelEndpoints};
+use crate::selector::{Prefix, Spd};
+use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
+use espada_crypto::{Backend, Cipher, KeyMaterial};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+/// Per-CPU SAs or one shared SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaMode {
+    /// One SA per worker core (RFC 9611) plus the fallback SA.
+    #[default]
+    PerCpu,
+    /// One SA used by every core (atomic sequence counter, locked replay window).
+    Shared,
+}
+
+impl SaMode {
+    /// Config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaMode::PerCpu => "pcpu",
+            SaMode::Shared => "shared",
+        }
+    }
+}
+
+/// State of an SA that several workers use.
+#[derive(Debug)]
+pub struct SharedState {
+    seq: Arc<AtomicU64>,
+    window: Arc<Mutex<ReplayWindow>>,
+}
+
+/// One SA as the control plane describes it (immutable once published).
+#[derive(Debug, Clone)]
+pub struct SaSpec {
+    /// SPI.
+    pub spi: u32,
+    /// Keying material (key ‖ salt).
+    pub key: KeyMaterial,
+    /// Extended sequence numbers.
+    pub esn: bool,
+    /// Replay window (inbound).
+    pub replay_window: u32,
+    /// Lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Outer header (outbound: ours → peer; the source port is this SA's own port).
+    pub endpoints: TunnelEndpoints,
+    /// RFC 9611 resource: the CPU index this SA is bound to; `None` for the fallback SA.
+    pub cpu: Option<usize>,
+    shared: Arc<SharedState>,
+}
+
+impl SaSpec {
+    /// A new SA description.
+    pub fn new(
+        spi: u32,
+        key: KeyMaterial,
+        esn: bool,
+        replay_window: u32,
+        lifetimes: Lifetimes,
+        endpoints: TunnelEndpoints,
+        cpu: Option<usize>,
+    ) -> Self {
+        SaSpec {
+            spi,
+            key,
+            esn,
+            replay_window,
+            lifetimes,
+            endpoints,
+            cpu,
+            shared: Arc::new(SharedState {
+                seq: Arc::new(AtomicU64::new(0)),
+                window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
+            }),
+        }
+    }
+
+    fn outbound(
+        &self,
+        backend: Backend,
+        shared: bool,
+    ) -> Result<OutboundSa, espada_crypto::KeyError> {
+        let sa = OutboundSa::new(
+            self.spi,
+            Cipher::new(backend, &self.key)?,
+            self.esn,
+            self.endpoints,
+        );
+        Ok(if shared {
+            sa.with_shared_seq(self.shared.seq.clone())
+        } else {
+            sa
+        })
+    }
+
+    fn inbound(
+        &self,
+        backend: Backend,
+        shared: bool,
+    ) -> Result<InboundSa, espada_crypto::KeyError> {
+        let sa = InboundSa::new(
+            self.spi,
+            Cipher::new(backend, &self.key)?,
+            self.esn,
+            self.replay_window,
+        );
+        Ok(if shared {
+            sa.with_shared_window(self.shared.window.clone())
+        } else {
+            sa
+        })
+    }
+}
+
+/// A direction's SAs of one tunnel: the fallback SA and one SA per CPU.
+#[derive(Debug, Clone)]
+pub struct PerCpuSaGroup {
+    /// Not bound to a CPU; used by cores without an SA of their own.
+    pub fallback: SaSpec,
+    /// SA i is bound to CPU i.
+    pub per_cpu: Vec<SaSpec>,
+}
+
+impl PerCpuSaGroup {
+    /// Every SA of the group.
+    pub fn all(&self) -> impl Iterator<Item = &SaSpec> {
+        std::iter::once(&self.fallback).chain(self.per_cpu.iter())
+    }
+}
+
+/// One tunnel: a pair of traffic selectors between two gateways and its SA groups.
+#[derive(Debug, Clone)]
+pub struct TunnelSas {
+    /// Name from the configuration.
+    pub name: String,
+    /// Red subnets behind this gateway.
+    pub local_subnets: Vec<Prefix>,
+    /// Red subnets behind the peer.
+    pub remote_subnets: Vec<Prefix>,
+    /// SAs we send with.
+    pub outbound: PerCpuSaGroup,
+    /// SAs we receive with.
+    pub inbound: PerCpuSaGroup,
+    /// Inbound SAs replaced by a rekey, kept until drained (make-before-break).
+    pub draining: Vec<SaSpec>,
+}
+
+/// Who processes an inbound SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Exactly this worker (per-CPU SA).
+    Core(usize),
+    /// Any worker (fallback SA, shared mode).
+    Any,
+}
+
+/// An immutable snapshot of the SA database.
+#[derive(Debug, Clone)]
+pub struct SaDb {
+    /// Increases with every publication.
+    pub generation: u64,
+    /// Per-CPU or shared.
+    pub mode: SaMode,
+    /// Number of worker cores.
+    pub workers: usize,
+    /// Crypto backend for the key schedules.
+    pub backend: Backend,
+    /// Tunnels.
+    pub tunnels: Vec<TunnelSas>,
+    /// Policies.
+    pub spd: Spd,
+    inbound_index: HashMap<u32, (usize, Owner)>,
+}
+
+/// Inconsistent databases are refused before they are published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    /// Two inbound SAs with one SPI.
+    #[error("duplicate inbound SPI {0:#010x}")]
+    DuplicateSpi(u32),
+    /// A key the backend refused.
+    #[error("SA {spi:#010x}: {err}")]
+    Key {
+        /// SPI.
+        spi: u32,
+        /// What the backend said.
+        err: espada_crypto::KeyError,
+    },
+    /// No workers.
+    #[error("at least one worker is needed")]
+    NoWorkers,
+}
+
+impl SaDb {
+    /// A snapshot (generation 0); fails on duplicate inbound SPIs.
+    pub fn new(
+        mode: SaMode,
+        workers: usize,
+        backend: Backend,
+        tunnels: Vec<TunnelSas>,
+        spd: Spd,
+    ) -> Result<SaDb, DbError> {
+        let mut db = SaDb {
+            generation: 0,
+            mode,
+            workers,
+            backend,
+            tunnels,
+            spd,
+            inbound_index: HashMap::new(),
+        };
+        db.reindex()?;
+        Ok(db)
+    }
+
+    fn reindex(&mut self) -> Result<(), DbError> {
+        if self.workers == 0 {
+            return Err(DbError::NoWorkers);
+        }
+        let mut idx = HashMap::new();
+        for (t, tun) in self.tunnels.iter().enumerate() {
+            for s in tun.inbound.all().chain(tun.draining.iter()) {
+                if idx.insert(s.spi, (t, self.owner_of(s))).is_some() {
+                    return Err(DbError::DuplicateSpi(s.spi));
+                }
+            }
+        }
+        self.inbound_index = idx;
+        Ok(())
+    }
+
+    fn owner_of(&self, s: &SaSpec) -> Owner {
+        match (self.mode, s.cpu) {
+            (SaMode::PerCpu, Some(c)) => Owner::Core(c % self.workers),
+            _ => Owner::Any,
+        }
+    }
+
+    /// Which worker processes inbound SPI `spi`, and in which tunnel.
+    #[inline]
+    pub fn inbound_owner(&self, spi: u32) -> Option<(usize, Owner)> {
+        self.inbound_index.get(&spi).copied()
+    }
+
+    /// The outbound SA `core` uses for tunnel `t`: its own per-CPU SA, else the fallback SA.
+    pub fn outbound_for(&self, t: usize, core: usize) -> &SaSpec {
+        let g = &self.tunnels[t].outbound;
+        match self.mode {
+            SaMode::PerCpu => g.per_cpu.get(core).unwrap_or(&g.fallback),
+            SaMode::Shared => &g.fallback,
+        }
+    }
+
+    /// Whether an outbound SA is used by more than one core.
+    pub fn outbound_is_shared(&self, s: &SaSpec) -> bool {
+        self.mode == SaMode::Shared || s.cpu.is_none()
+    }
+
+    /// The tunnel index by name.
+    pub fn tunnel(&self, name: &str) -> Option<usize> {
+        self.tunnels.iter().position(|t| t.name == name)
+    }
+}
+
+/// Publishes snapshots to workers.
+#[derive(Debug)]
+pub struct SaDbHandle {
+    current: ArcSwap<SaDb>,
+    publish_lock: Mutex<()>,
+}
+
+impl SaDbHandle {
+    /// Starts with `db`.
+    pub fn new(db: SaDb) -> Arc<SaDbHandle> {
+        Arc::new(SaDbHandle {
+            current: ArcSwap::from_pointee(db),
+            publish_lock: Mutex::new(()),
+        })
+    }
+
+    /// The current snapshot (lock-free).
+    #[inline]
+    pub fn load(&self) -> Arc<SaDb> {
+        self.current.load_full()
+    }
+
+    /// The current generation (one atomic load and no reference count change).
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.current.load().generation
+    }
+
+    /// Changes the database with `f` on a copy of the current snapshot and publishes it with the
+    /// next generation number. Control plane only; workers pick it up at their next burst.
+    pub fn update(&self, f: impl FnOnce(&mut SaDb)) -> Result<u64, DbError> {
+        let _g = self.publish_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = (*self.current.load_full()).clone();
+        f(&mut next);
+        next.generation += 1;
+        next.reindex()?;
+        let g = next.generation;
+        self.current.store(Arc::new(next));
+        Ok(g)
+    }
+}
+
+/// Direction of an SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// We send.
+    Outbound,
+    /// We receive.
+    Inbound,
+}
+
+/// A lifetime event for the control plane (log, counter, rekey hook).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaEvent {
+    /// Tunnel index.
+    pub tunnel: usize,
+    /// SPI.
+    pub spi: u32,
+    /// Direction.
+    pub dir: Direction,
+    /// Soft or hard.
+    pub stage: Stage,
+    /// The worker that saw it.
+    pub core: usize,
+}
+
+/// Events flow from workers to the control plane through a bounded lock-free queue.
+pub type EventQueue = ArrayQueue<SaEvent>;
+
+struct OutRt {
+    sa: OutboundSa,
+    life: LifetimeTracker,
+}
+
+struct InRt {
+    sa: InboundSa,
+    life: LifetimeTracker,
+    tunnel: usize,
+}
+
+/// Where an inbound SPI is processed, seen from one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Here.
+    Local,
+    /// By another worker: hand the packet over.
+    Handoff(usize),
+    /// The SA reached its hard lifetime.
+    Expired,
+    /// No SA has this SPI.
+    Unknown,
+}
+
+/// One worker's runtime SAs. Touched by that worker only.
+pub struct CoreSas {
+    core: usize,
+    db: Arc<SaDb>,
+    outbound: Vec<Option<OutRt>>,
+    inbound: HashMap<u32, InRt>,
+    expired: HashSet<u32>,
+    events_lost: u64,
+}
+
+impl CoreSas {
+    /// Runtime state for worker `core` from snapshot `db` at time `now`.
+    pub fn new(core: usize, db: Arc<SaDb>, now: u64) -> Result<CoreSas, DbError> {
+        let mut c = CoreSas {
+            core,
+            db: db.clone(),
+            outbound: Vec::new(),
+            inbound: HashMap::new(),
+            expired: HashSet::new(),
+            events_lost: 0,
+        };
+        c.rebuild(db, now)?;
+        Ok(c)
+    }
+
+    /// This worker's index.
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    /// The snapshot in use.
+    pub fn db(&self) -> &Arc<SaDb> {
+        &self.db
+    }
+
+    /// Picks up a newer snapshot if there is one. Cheap when nothing changed.
+    #[inline]
+    pub fn sync(&mut self, handle: &SaDbHandle, now: u64) -> Result<bool, DbError> {
+        if handle.generation() == self.db.generation {
+            return Ok(false);
+        }
+        self.rebuild(handle.load(), now)?;
+        Ok(true)
+    }
+
+    fn rebuild(&mut self, db: Arc<SaDb>, now: u64) -> Result<(), DbError> {
+        let key_err = |spi| move |err| DbError::Key { spi, err };
+        // Outbound: keep runtime state for SAs that stay, build the rest.
+        let mut old_out: HashMap<u32, OutRt> = self
+            .outbound
+            .drain(..)
+            .flatten()
+            .map(|o| (o.sa.spi, o))
+            .collect();
+        for t in 0..db.tunnels.len() {
+            let mut spec = db.outbound_for(t, self.core);
+            if self.expired.contains(&spec.spi) {
+                spec = &db.tunnels[t].outbound.fallback;
+            }
+            let rt = match old_out.remove(&spec.spi) {
+                Some(rt) => Some(rt),
+                None if self.expired.contains(&spec.spi) => None,
+                None => Some(OutRt {
+                    sa: spec
+                        .outbound(db.backend, db.outbound_is_shared(spec))
+                        .map_err(key_err(spec.spi))?,
+                    life: LifetimeTracker::new(spec.lifetimes, now),
+                }),
+            };
+            self.outbound.push(rt);
+        }
+        // Inbound: the SAs this worker owns, and those any worker may process.
+        let mut old_in: HashMap<u32, InRt> = self.inbound.drain().collect();
+        for (t, tun) in db.tunnels.iter().enumerate() {
+            for s in tun.inbound.all().chain(tun.draining.iter()) {
+                let owner = db.owner_of(s);
+                if owner != Owner::Core(self.core) && owner != Owner::Any {
+                    continue;
+                }
+                let rt = match old_in.remove(&s.spi) {
+                    Some(rt) => rt,
+                    None => InRt {
+                        sa: s
+                            .inbound(db.backend, owner == Owner::Any)
+                            .map_err(key_err(s.spi))?,
+                        life: LifetimeTracker::new(s.lifetimes, now),
+                        tunnel: t,
+                    },
+                };
+                self.inbound.insert(s.spi, rt);
+            }
+        }
+        self.db = db;
+        Ok(())
+    }
+
+    /// The SA this worker sends with on tunnel `t` (`None`: none left, drop the packet and
+    /// never send it in the clear).
+    #[inline]
+    pub fn outbound(&mut self, t: usize) -> Option<&mut OutboundSa> {
+        self.outbound.get_mut(t)?.as_mut().map(|o| &mut o.sa)
+    }
+
+    /// Where to process inbound SPI `spi`.
+    #[inline]
+    pub fn route(&self, spi: u32) -> Route {
+        if self.inbound.contains_key(&spi) {
+            return Route::Local;
+        }
+        if self.expired.contains(&spi) {
+            return Route::Expired;
+        }
+        match self.db.inbound_owner(spi) {
+            Some((_, Owner::Core(c))) if c != self.core => Route::Handoff(c),
+            Some(_) => Route::Expired,
+            None => Route::Unknown,
+        }
+    }
+
+    /// A local inbound SA by SPI.
+    #[inline]
+    pub fn inbound_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {
+        self.inbound.get_mut(&spi).map(|r| &mut r.sa)
+    }
+
+    /// Local inbound SAs (for reports).
+    pub fn inbound_sas(&self) -> impl Iterator<Item = &InboundSa> {
+        self.inbound.values().map(|r| &r.sa)
+    }
+
+    /// Outbound SAs in use (for reports), one per tunnel.
+    pub fn outbound_sas(&self) -> impl Iterator<Item = &OutboundSa> {
+        self.outbound.iter().flatten().map(|o| &o.sa)
+    }
+
+    /// Events that did not fit in the queue.
+    pub fn events_lost(&self) -> u64 {
+        self.events_lost
+    }
+
+    /// Checks lifetimes after a burst (not per packet). Soft limits raise an event; hard limits
+    /// raise one and remove the SA: outbound traffic moves to the fallback SA (or is dropped if
+    /// the fallback itself expired), inbound traffic for it is dropped as expired.
+    pub fn check_lifetimes(&mut self, now: u64, events: &EventQueue) {
+        let core = self.core;
+        let mut lost = 0;
+        let mut push = |e: SaEvent| {
+            if events.push(e).is_err() {
+                lost += 1;
+            }
+        };
+        let mut switch = Vec::new();
+        for (t, slot) in self.outbound.iter_mut().enumerate() {
+            if let Some(o) = slot {
+                if let Some(stage) = o.life.update(&o.sa.counters, now) {
+                    push(SaEvent {
+                        tunnel: t,
+                        spi: o.sa.spi,
+                        dir: Direction::Outbound,
+                        stage,
+                        core,
+                    });
+                    if stage == Stage::Hard {
+                        switch.push((t, o.sa.spi));
+                    }
+                }
+            }
+        }
+        let mut gone = Vec::new();
+        for (spi, r) in self.inbound.iter_mut() {
+            if let Some(stage) = r.life.update(&r.sa.counters, now) {
+                push(SaEvent {
+                    tunnel: r.tunnel,
+                    spi: *spi,
+                    dir: Direction::Inbound,
+                    stage,
+                    core,
+                });
+                if stage == Stage::Hard {
+                    gone.push(*spi);
+                }
+            }
+        }
+        self.events_lost += lost;
+        for spi in gone {
+            self.inbound.remove(&spi);
+            self.expired.insert(spi);
+        }
+        for (t, spi) in switch {
+            self.expired.insert(spi);
+            let fb = &self.db.tunnels[t].outbound.fallback;
+            self.outbound[t] = if self.expired.contains(&fb.spi) {
+                None
+            } else {
+                fb.outbound(self.db.backend, true).ok().map(|sa| OutRt {
+                    sa,
+                    life: LifetimeTracker::new(fb.lifetimes, now),
+                })
+            };
+        }
+    }
+}
+
+impl std::fmt::Debug for CoreSas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreSas")
+            .field("core", &self.core)
+            .field("generation", &self.db.generation)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+use super::*;
+use crate::lifetime::Limits;
+use crate::selector::{Action, Policy, PortRange, Selector};
+use espada_crypto::Algorithm;
+
+pub(crate) fn key(n: u8) -> KeyMaterial {
+    KeyMaterial::new(Algorithm::AesGcm128, &[n; 20]).unwrap()
+}
+
+fn ep(port: u16) -> TunnelEndpoints {
+    let mut e = TunnelEndpoints::new(
+        "192.168.100.1".parse().unwrap(),
+        "192.168.100.2".parse().unwrap(),
+    );
+    e.src_port = port;
+    e
+}
+
+fn spec(spi: u32, cpu: Option<usize>, life: Lifetimes) -> SaSpec {
+    SaSpec::new(
+        spi,
+        key(spi as u8),
+        true,
+        4096,
+        life,
+        ep(4500 + cpu.map_or(0, |c| c as u16 + 1)),
+        cpu,
+    )
+}
+
+fn tunnel(pcpu: usize, life: Lifetimes) -> TunnelSas {
+    TunnelSas {
+        name: "lab".into(),
+        local_subnets: vec!["10.1.0.0/24".parse().unwrap()],
+        remote_subnets: vec!["10.2.0.0/24".parse().unwrap()],
+        outbound: PerCpuSaGroup {
+            fallback: spec(0x100, None, life),
+            per_cpu: (0..pcpu)
+                .map(|i| spec(0x101 + i as u32, Some(i), life))
+                .collect(),
+        },
+        inbound: PerCpuSaGroup {
+            fallback: spec(0x200, None, life),
+            per_cpu: (0..pcpu)
+                .map(|i| spec(0x201 + i as u32, Some(i), life))
+                .collect(),
+        },
+        draining: vec![],
+    }
+}
+
+fn spd() -> Spd {
+    Spd {
+        policies: vec![Policy {
+            name: "lab".into(),
+            selector: Selector {
+                src: "10.1.0.0/24".parse().unwrap(),
+                dst: "10.2.0.0/24".parse().unwrap(),
+                proto: None,
+                src_ports: PortRange::ANY,
+                dst_ports: PortRange::ANY,
+            },
+            action: Action::Protect(0),
+        }],
+    }
+}
+
+fn db(mode: SaMode, workers: usize, pcpu: usize) -> SaDb {
+    SaDb::new(
+        mode,
+        workers,
+        Backend::Ring,
+        vec![tunnel(pcpu, Lifetimes::default())],
+        spd(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn own_sa_then_fallback() {
+    // 3 workers, only 2 per-CPU SAs: core 2 uses the fallback SA (RFC 9611).
+    let d = Arc::new(db(SaMode::PerCpu, 3, 2));
+    let mut cores: Vec<CoreSas> = (0..3)
+        .map(|c| CoreSas::new(c, d.clone(), 0).unwrap())
+        .collect();
+    assert_eq!(cores[0].outbound(0).unwrap().spi, 0x101);
+    assert_eq!(cores[1].outbound(0).unwrap().spi, 0x102);
+    assert_eq!(cores[2].outbound(0).unwrap().spi, 0x100);
+    assert!(!cores[0].outbound(0).unwrap().is_shared());
+    assert!(cores[2].outbound(0).unwrap().is_shared());
+    // Each per-CPU SA has its own UDP source port.
+    assert_eq!(cores[0].outbound(0).unwrap().tunnel.src_port, 4501);
+    assert_eq!(cores[1].outbound(0).unwrap().tunnel.src_port, 4502);
+    // Shared mode: everyone uses the one SA.
+    let s = Arc::new(db(SaMode::Shared, 2, 0));
+    for c in 0..2 {
+        let mut cs = CoreSas::new(c, s.clone(), 0).unwrap();
+        assert_eq!(cs.outbound(0).unwrap().spi, 0x100);
+        assert!(cs.outbound(0).unwrap().is_shared());
+    }
+}
+
+#[test]
+fn spi_lookup_and_handoff_routes() {
+    let d = Arc::new(db(SaMode::PerCpu, 2, 2));
+    let c0 = CoreSas::new(0, d.clone(), 0).unwrap();
+    let c1 = CoreSas::new(1, d.clone(), 0).unwrap();
+    assert_eq!(c0.route(0x201), Route::Local);
+    assert_eq!(c0.route(0x202), Route::Handoff(1));
+    assert_eq!(c1.route(0x201), Route::Handoff(0));
+    assert_eq!(c1.route(0x202), Route::Local);
+    // The fallback inbound SA may be processed anywhere (its window is locked).
+    assert_eq!(c0.route(0x200), Route::Local);
+    assert_eq!(c1.route(0x200), Route::Local);
+    assert_eq!(c0.route(0xdead), Route::Unknown);
+    assert_eq!(d.inbound_owner(0x202), Some((0, Owner::Core(1))));
+    // More peer SAs than workers: SA i goes to core i mod workers.
+    let d3 = Arc::new(db(SaMode::PerCpu, 2, 3));
+    let c0 = CoreSas::new(0, d3, 0).unwrap();
+    assert_eq!(c0.route(0x203), Route::Local);
+}
+
+#[test]
+fn duplicate_spi_refused() {
+    let mut t = tunnel(2, Lifetimes::default());
+    t.inbound.per_cpu[1].spi = 0x201;
+    let e = SaDb::new(SaMode::PerCpu, 2, Backend::Ring, vec![t], spd()).unwrap_err();
+    assert_eq!(e, DbError::DuplicateSpi(0x201));
+    assert_eq!(e.to_string(), "duplicate inbound SPI 0x00000201");
+}
+
+#[test]
+fn snapshot_updates_keep_runtime_state() {
+    let h = SaDbHandle::new(db(SaMode::PerCpu, 1, 1));
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    let r = c.outbound(0).unwrap().reserve(10);
+    assert_eq!(r.first, 1);
+    assert!(!c.sync(&h, 0).unwrap(), "no change, no rebuild");
+    // An unrelated change (new SPD entry) keeps the sequence counter where it was.
+    let g = h
+        .update(|db| db.spd.policies.push(db.spd.policies[0].clone()))
+        .unwrap();
+    assert_eq!(g, 1);
+    assert!(c.sync(&h, 0).unwrap());
+    assert_eq!(c.outbound(0).unwrap().reserve(1).first, 11);
+    // Deleting the tunnel's per-CPU SA moves the core to the fallback SA.
+    h.update(|db| db.tunnels[0].outbound.per_cpu.clear())
+        .unwrap();
+    c.sync(&h, 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().spi, 0x100);
+    // An update that would make the database inconsistent is refused and not published.
+    let before = h.generation();
+    assert!(h
+        .update(|db| db.tunnels[0].inbound.fallback.spi = 0x201)
+        .is_err());
+    assert_eq!(h.generation(), before);
+}
+
+#[test]
+fn lifetimes_soft_event_hard_switch_to_fallback() {
+    let life = Lifetimes {
+        soft: Limits {
+            packets: Some(5),
+            ..Default::default()
+        },
+        hard: Limits {
+            packets: Some(8),
+            seconds: Some(100),
+            ..Default::default()
+        },
+    };
+    let mut t = tunnel(1, life);
+    t.outbound.fallback.lifetimes = Lifetimes::default();
+    let d = Arc::new(SaDb::new(SaMode::PerCpu, 1, Backend::Ring, vec![t], spd()).unwrap());
+    let mut c = CoreSas::new(0, d, 1000).unwrap();
+    let q = EventQueue::new(16);
+    c.outbound(0).unwrap().counters.packets = 5;
+    c.check_lifetimes(1001, &q);
+    assert_eq!(
+        q.pop().map(|e| (e.spi, e.stage)),
+        Some((0x101, Stage::Soft))
+    );
+    assert!(q.pop().is_none());
+    c.outbound(0).unwrap().counters.packets = 8;
+    c.check_lifetimes(1002, &q);
+    assert_eq!(
+        q.pop().map(|e| (e.spi, e.stage, e.dir)),
+        Some((0x101, Stage::Hard, Direction::Outbound))
+    );
+    // Hard: the core now sends on the fallback SA, never in the clear.
+    assert_eq!(c.outbound(0).unwrap().spi, 0x100);
+    // Inbound per-CPU SA 0x201 hits its time limit on the fake clock.
+    c.check_lifetimes(1100, &q);
+    let evs: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+    assert!(
+        evs.iter()
+            .any(|e| e.spi == 0x201 && e.stage == Stage::Hard && e.dir == Direction::Inbound),
+        "{evs:?}"
+    );
+    assert_eq!(c.route(0x201), Route::Expired);
+    // When the fallback expires too, nothing is left: the caller drops.
+    let mut t = tunnel(0, life);
+    t.outbound.fallback.lifetimes = life;
+    let d = Arc::new(SaDb::new(SaMode::PerCpu, 1, Backend::Ring, vec![t], spd()).unwrap());
+    let mut c = CoreSas::new(0, d, 0).unwrap();
+    c.outbound(0).unwrap().counters.packets = 9;
+    c.check_lifetimes(1, &q);
+    assert!(c.outbound(0).is_none());
+}
