@@ -1,6 +1,7 @@
 //! `espada`: a userspace, poll-mode IPsec (ESP-in-UDP, AES-GCM) gateway with per-CPU SAs.
 
 mod cli;
+mod config;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -21,6 +22,12 @@ struct Cli {
 enum Command {
     /// Run west and east in one process and report per-core throughput (the main demo).
     Demo(cli::demo::DemoArgs),
+    /// Validate configurations and print the SA table per core (keys redacted).
+    Check(cli::check::CheckArgs),
+    /// Print the `ip xfrm` commands that set up the same SAs in the Linux kernel.
+    Xfrm(cli::xfrm::XfrmArgs),
+    /// Print the Wireshark/tshark `esp_sa` entries that decrypt espada's traffic.
+    Wireshark(cli::wireshark::WiresharkArgs),
     /// Check or generate ESP-in-UDP known-answer vector files.
     #[command(subcommand)]
     Vectors(cli::vectors::VectorsCmd),
@@ -31,6 +38,9 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Vectors(c) => cli::vectors::run(c),
+        Command::Check(a) => cli::check::run(a),
+        Command::Xfrm(a) => cli::xfrm::run(a),
+        Command::Wireshark(a) => cli::wireshark::run(a),
     };
     match r {
         Ok(code) => code,

@@ -586,6 +586,29 @@ impl EspAead for Cipher {
     }
 }
 
+struct HkdfLen(usize);
+
+impl ring::hkdf::KeyType for HkdfLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// Derives keying material for `alg` from a lab secret with HKDF-SHA256 (RFC 5869):
+/// salt `espada-lab-v1`, info = `context` (espada uses `tunnel-name|spi`), so two gateways
+/// configured with the same secret agree on every SA's key without copying keys around.
+/// For labs and demos; production keys come from IKE or a key file.
+pub fn derive_lab_key(alg: Algorithm, secret: &[u8], context: &str) -> KeyMaterial {
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"espada-lab-v1").extract(secret);
+    let info = [context.as_bytes()];
+    let mut out = Zeroizing::new([0u8; 36]);
+    let n = alg.key_material_len();
+    prk.expand(&info, HkdfLen(n))
+        .and_then(|okm| okm.fill(&mut out[..n]))
+        .expect("HKDF-SHA256 can produce 36 bytes");
+    KeyMaterial::new(alg, &out[..n]).expect("length matches the algorithm")
+}
+
 /// Wipes a scratch buffer that held key bytes.
 pub fn wipe(buf: &mut [u8]) {
     buf.zeroize();

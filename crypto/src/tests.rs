@@ -149,6 +149,23 @@ fn key_material_checks_and_redacts() {
 }
 
 #[test]
+fn lab_key_derivation_is_hkdf_sha256() {
+    // Independent check: python3 -c "from cryptography.hazmat.primitives.kdf.hkdf import HKDF;
+    //   from cryptography.hazmat.primitives import hashes;
+    //   print(HKDF(hashes.SHA256(), 20, b'espada-lab-v1', b'lab|0x00001000').derive(b'secret').hex())"
+    let k = derive_lab_key(Algorithm::AesGcm128, b"secret", "lab|0x00001000");
+    assert_eq!(hex::encode(k.expose_key_and_salt()), LAB_KEY_EXPECTED);
+    let k2 = derive_lab_key(Algorithm::AesGcm128, b"secret", "lab|0x00001001");
+    assert_ne!(k, k2);
+    assert_eq!(
+        derive_lab_key(Algorithm::AesGcm256, b"s", "x")
+            .expose_key_and_salt()
+            .len(),
+        36
+    );
+}
+
+#[test]
 fn names_round_trip() {
     for a in [Algorithm::AesGcm128, Algorithm::AesGcm256] {
         assert_eq!(Algorithm::from_name(a.name()), Some(a));
@@ -194,3 +211,4 @@ proptest! {
         }
     }
 }
+const LAB_KEY_EXPECTED: &str = "6901bb22e3a52f6e9d1769241c4f9a7ba4bc5c83";

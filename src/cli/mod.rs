@@ -1,4 +1,7 @@
 //! One module per subcommand.
 
+pub mod check;
 pub mod demo;
 pub mod vectors;
+pub mod wireshark;
+pub mod xfrm;

@@ -1,0 +1,75 @@
+//! `espada wireshark -c FILE`: the `esp_sa` UAT entries that let Wireshark or tshark decrypt
+//! espada's ESP-in-UDP traffic.
+
+use crate::config::{self, Config};
+use anyhow::Result;
+use clap::Args;
+use espada_sadb::db::SaDb;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub struct WiresharkArgs {
+    /// Configuration file.
+    #[arg(short = 'c', long = "config")]
+    config: PathBuf,
+    /// Print only the `-o` options, one per line (for scripts), not the commented command.
+    #[arg(long)]
+    options_only: bool,
+}
+
+pub fn run(a: WiresharkArgs) -> Result<ExitCode> {
+    let c = match config::load(&a.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let db = c.sadb(c.resolved_workers())?;
+    let opts = options(&c, &db);
+    if a.options_only {
+        for o in opts {
+            println!("{o}");
+        }
+    } else {
+        eprintln!("# espada wireshark: the output contains keys");
+        println!(
+            "# tshark options to decrypt gateway \"{}\" traffic (both directions, every SA):",
+            c.name
+        );
+        let mut cmd = String::from("tshark -o esp.enable_encryption_decode:TRUE");
+        for o in &opts[1..] {
+            let _ = write!(
+                cmd,
+                " \\\n  -o '{}'",
+                o.trim_start_matches("-o ").trim_matches('\'')
+            );
+        }
+        println!("{cmd} \\\n  -r capture.pcap");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `-o` options: the decode switch, then one `uat:esp_sa` record per SA.
+pub fn options(c: &Config, db: &SaDb) -> Vec<String> {
+    let mut out = vec!["esp.enable_encryption_decode:TRUE".to_string()];
+    for (ti, t) in c.tunnels.iter().enumerate() {
+        let fam = if t.local.is_ipv4() { "IPv4" } else { "IPv6" };
+        let tun = &db.tunnels[ti];
+        for (sa, src, dst) in tun
+            .outbound
+            .all()
+            .map(|s| (s, t.local, t.remote))
+            .chain(tun.inbound.all().map(|s| (s, t.remote, t.local)))
+        {
+            out.push(format!(
+                "uat:esp_sa:\"{fam}\",\"{src}\",\"{dst}\",\"{:#010x}\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x{}\",\"NULL\",\"\"",
+                sa.spi,
+                hex::encode(sa.key.expose_key_and_salt())
+            ));
+        }
+    }
+    out
+}

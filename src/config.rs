@@ -1,0 +1,1041 @@
+//! Gateway configuration: TOML in, a validated [`Config`] and an [`SaDb`] out.
+//!
+//! Every error names the file, the line and column, what is wrong and what is expected.
+
+use espada_crypto::{derive_lab_key, Algorithm, Backend, KeyMaterial};
+use espada_sadb::db::{PerCpuSaGroup, SaDb, SaMode, SaSpec, TunnelSas};
+use espada_sadb::lifetime::{Lifetimes, Limits};
+use espada_sadb::replay::{MAX_WINDOW, MIN_WINDOW};
+use espada_sadb::selector::{Action, Policy, PortRange, Prefix, Selector, Spd};
+use espada_sadb::{DfMode, TunnelEndpoints};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// A configuration error with its place in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line (0 when unknown).
+    pub line: usize,
+    /// 1-based column (0 when unknown).
+    pub col: usize,
+    /// What is wrong and what is expected.
+    pub msg: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.col,
+                self.msg
+            )
+        } else {
+            write!(f, "{}: {}", self.file.display(), self.msg)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ------------------------------------------------------------------ raw TOML schema
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway: RawGateway,
+    #[serde(default)]
+    red: Option<RawPort>,
+    #[serde(default)]
+    black: Option<RawPort>,
+    #[serde(default)]
+    tunnel: Vec<RawTunnel>,
+    #[serde(default)]
+    policy: Vec<RawPolicy>,
+    #[serde(default)]
+    neighbor: Vec<RawNeighbor>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    name: String,
+    #[serde(default)]
+    workers: Option<Spanned<usize>>,
+    #[serde(default)]
+    cores: Option<Spanned<String>>,
+    #[serde(default)]
+    sa_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    crypto: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    interface: String,
+    address: Spanned<String>,
+    #[serde(default)]
+    mtu: Option<Spanned<u32>>,
+    #[serde(default)]
+    mac: Option<Spanned<String>>,
+    #[serde(default)]
+    gateway: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNeighbor {
+    ip: Spanned<String>,
+    mac: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    name: Spanned<String>,
+    local: Spanned<String>,
+    remote: Spanned<String>,
+    local_subnets: Vec<Spanned<String>>,
+    remote_subnets: Vec<Spanned<String>>,
+    #[serde(default)]
+    cipher: Option<Spanned<String>>,
+    #[serde(default)]
+    esn: Option<bool>,
+    #[serde(default)]
+    replay_window: Option<Spanned<i64>>,
+    #[serde(default)]
+    pcpu: Option<Spanned<i64>>,
+    #[serde(default)]
+    peer_pcpu: Option<Spanned<i64>>,
+    #[serde(default)]
+    base_port: Option<Spanned<i64>>,
+    #[serde(default)]
+    peer_base_port: Option<Spanned<i64>>,
+    #[serde(default)]
+    fallback_port: Option<Spanned<i64>>,
+    out_spi: Spanned<i64>,
+    in_spi: Spanned<i64>,
+    #[serde(default)]
+    ttl: Option<Spanned<i64>>,
+    #[serde(default)]
+    df: Option<Spanned<String>>,
+    #[serde(default)]
+    lab_secret: Option<Spanned<String>>,
+    #[serde(default)]
+    key_file: Option<Spanned<String>>,
+    #[serde(default)]
+    keys: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    lifetime: Option<RawLifetime>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLifetime {
+    soft_packets: Option<u64>,
+    hard_packets: Option<u64>,
+    soft_bytes: Option<u64>,
+    hard_bytes: Option<u64>,
+    soft_seconds: Option<u64>,
+    hard_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: String,
+    src: Spanned<String>,
+    dst: Spanned<String>,
+    #[serde(default)]
+    proto: Option<Spanned<String>>,
+    #[serde(default)]
+    src_port: Option<Spanned<String>>,
+    #[serde(default)]
+    dst_port: Option<Spanned<String>>,
+    action: Spanned<String>,
+    #[serde(default)]
+    tunnel: Option<Spanned<String>>,
+}
+
+// ------------------------------------------------------------------ validated config
+
+/// A red or black interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    /// Interface name.
+    pub interface: String,
+    /// The gateway's address on it.
+    pub address: IpAddr,
+    /// The subnet of that address.
+    pub prefix: Prefix,
+    /// MTU.
+    pub mtu: u32,
+    /// Next hop for traffic beyond the connected subnet (optional).
+    pub gateway: Option<IpAddr>,
+}
+
+/// One tunnel as configured.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Name (the same on both gateways).
+    pub name: String,
+    /// Our black address.
+    pub local: IpAddr,
+    /// The peer's black address.
+    pub remote: IpAddr,
+    /// Red subnets behind us.
+    pub local_subnets: Vec<Prefix>,
+    /// Red subnets behind the peer.
+    pub remote_subnets: Vec<Prefix>,
+    /// Cipher.
+    pub cipher: Algorithm,
+    /// ESN.
+    pub esn: bool,
+    /// Replay window.
+    pub replay_window: u32,
+    /// Per-CPU SAs we send with.
+    pub pcpu: usize,
+    /// Per-CPU SAs the peer sends with.
+    pub peer_pcpu: usize,
+    /// Our per-CPU SA i sends from base_port + i.
+    pub base_port: u16,
+    /// The peer's per-CPU SA i sends from peer_base_port + i.
+    pub peer_base_port: u16,
+    /// The fallback SA's source port (both sides).
+    pub fallback_port: u16,
+    /// Fallback outbound SPI; per-CPU SA i uses out_spi + 1 + i.
+    pub out_spi: u32,
+    /// Fallback inbound SPI; the peer's per-CPU SA i uses in_spi + 1 + i.
+    pub in_spi: u32,
+    /// Outer TTL.
+    pub ttl: u8,
+    /// DF policy.
+    pub df: DfMode,
+    /// Lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Keys by SPI.
+    pub keys: BTreeMap<u32, KeyMaterial>,
+    /// How the keys were given (for reports).
+    pub key_source: &'static str,
+}
+
+impl TunnelConfig {
+    /// Outbound SPI of SA `cpu` (`None` = fallback).
+    pub fn out_spi_of(&self, cpu: Option<usize>) -> u32 {
+        cpu.map_or(self.out_spi, |i| self.out_spi + 1 + i as u32)
+    }
+    /// Inbound SPI of the peer's SA `cpu` (`None` = fallback).
+    pub fn in_spi_of(&self, cpu: Option<usize>) -> u32 {
+        cpu.map_or(self.in_spi, |i| self.in_spi + 1 + i as u32)
+    }
+    /// Our source port for SA `cpu`.
+    pub fn out_port_of(&self, cpu: Option<usize>) -> u16 {
+        cpu.map_or(self.fallback_port, |i| self.base_port + i as u16)
+    }
+    /// The peer's source port for its SA `cpu`.
+    pub fn in_port_of(&self, cpu: Option<usize>) -> u16 {
+        cpu.map_or(self.fallback_port, |i| self.peer_base_port + i as u16)
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub file: PathBuf,
+    /// Gateway name.
+    pub name: String,
+    /// Worker count (0 = all online cores, resolved at start).
+    pub workers: usize,
+    /// Explicit worker cores.
+    pub cores: Option<Vec<usize>>,
+    /// Per-CPU or shared SAs.
+    pub sa_mode: SaMode,
+    /// Crypto backend.
+    pub crypto: Backend,
+    /// Red side.
+    pub red: Option<PortConfig>,
+    /// Black side.
+    pub black: Option<PortConfig>,
+    /// Static neighbors (IP → MAC).
+    pub neighbors: Vec<(IpAddr, espada_wire::ethernet::MacAddr)>,
+    /// Tunnels.
+    pub tunnels: Vec<TunnelConfig>,
+    /// The SPD.
+    pub spd: Spd,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Option<Range<usize>>, msg: impl Into<String>) -> ConfigError {
+        let (line, col) = match span {
+            Some(s) => {
+                let before = &self.text[..s.start.min(self.text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                (line, col)
+            }
+            None => (0, 0),
+        };
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            col,
+            msg: msg.into(),
+        }
+    }
+
+    fn at<T>(&self, s: &Spanned<T>, msg: impl Into<String>) -> ConfigError {
+        self.err(Some(s.span()), msg)
+    }
+}
+
+fn ip(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<IpAddr, ConfigError> {
+    s.get_ref().parse().map_err(|_| {
+        ctx.at(
+            s,
+            format!("{what}: `{}` is not an IPv4 or IPv6 address", s.get_ref()),
+        )
+    })
+}
+
+fn prefix(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<Prefix, ConfigError> {
+    s.get_ref()
+        .parse::<Prefix>()
+        .map_err(|e| ctx.at(s, format!("{what}: {e}")))
+}
+
+fn ranged(
+    ctx: &Ctx,
+    v: &Option<Spanned<i64>>,
+    what: &str,
+    lo: i64,
+    hi: i64,
+    default: i64,
+) -> Result<i64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) if (lo..=hi).contains(s.get_ref()) => Ok(*s.get_ref()),
+        Some(s) => Err(ctx.at(
+            s,
+            format!("{what} must be between {lo} and {hi}, got {}", s.get_ref()),
+        )),
+    }
+}
+
+fn parse_spi_key(k: &str) -> Option<u32> {
+    let k = k.trim();
+    match k.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => k.parse().ok(),
+    }
+}
+
+/// Loads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: 0,
+        col: 0,
+        msg: format!("cannot read the configuration: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text (`path` is used in messages and to find key files).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { file: path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let msg = e.message().trim().to_string();
+        let msg = if msg.starts_with("unknown field") {
+            format!("{msg} (see configs/README.md for the fields of each section)")
+        } else {
+            msg
+        };
+        ctx.err(e.span(), msg)
+    })?;
+
+    let g = &raw.gateway;
+    let sa_mode = match g.sa_mode.as_ref().map(|s| (s, s.get_ref().as_str())) {
+        None | Some((_, "pcpu")) => SaMode::PerCpu,
+        Some((_, "shared")) => SaMode::Shared,
+        Some((s, v)) => {
+            return Err(ctx.at(
+                s,
+                format!("sa_mode must be \"pcpu\" or \"shared\", got \"{v}\""),
+            ))
+        }
+    };
+    let crypto = match &g.crypto {
+        None => Backend::Ring,
+        Some(s) => match Backend::from_name(s.get_ref()) {
+            Some(b) if Backend::available().contains(&b) => b,
+            Some(b) => return Err(ctx.at(s, format!("crypto backend \"{b}\" is not built into this binary (build with --features aws-lc)"))),
+            None => return Err(ctx.at(s, format!("crypto must be \"ring\", \"aes-gcm\" or \"aws-lc\", got \"{}\"", s.get_ref()))),
+        },
+    };
+    let cores = match &g.cores {
+        None => None,
+        Some(s) => Some(
+            espada_pinning::parse_cpu_list(s.get_ref()).map_err(|e| ctx.at(s, e.to_string()))?,
+        ),
+    };
+    let workers = match (&g.workers, &cores) {
+        (Some(w), Some(_)) => return Err(ctx.at(w, "give either workers or cores, not both")),
+        (Some(w), None) => *w.get_ref(),
+        (None, Some(c)) => c.len(),
+        (None, None) => 0,
+    };
+
+    let port = |p: &Option<RawPort>, side: &str| -> Result<Option<PortConfig>, ConfigError> {
+        let Some(p) = p else { return Ok(None) };
+        let (a, l) = p.address.get_ref().split_once('/').ok_or_else(|| {
+            ctx.at(
+                &p.address,
+                format!(
+                    "[{side}] address must be an address with its prefix length, like 10.1.0.1/24"
+                ),
+            )
+        })?;
+        let address: IpAddr = a.parse().map_err(|_| {
+            ctx.at(
+                &p.address,
+                format!("[{side}] address: `{a}` is not an IP address"),
+            )
+        })?;
+        let len: u8 = l.parse().map_err(|_| {
+            ctx.at(
+                &p.address,
+                format!("[{side}] address: `{l}` is not a prefix length"),
+            )
+        })?;
+        let net = match address {
+            IpAddr::V4(a) => IpAddr::V4(
+                (u32::from(a)
+                    & if len == 0 {
+                        0
+                    } else {
+                        !0u32 << (32 - len.min(32) as u32)
+                    })
+                .into(),
+            ),
+            IpAddr::V6(a) => IpAddr::V6(
+                (u128::from(a)
+                    & if len == 0 {
+                        0
+                    } else {
+                        !0u128 << (128 - len.min(128) as u32)
+                    })
+                .into(),
+            ),
+        };
+        let prefix = Prefix::new(net, len)
+            .map_err(|e| ctx.at(&p.address, format!("[{side}] address: {e}")))?;
+        let mtu = match &p.mtu {
+            None => 1500,
+            Some(m) if (576..=9216).contains(m.get_ref()) => *m.get_ref(),
+            Some(m) => {
+                return Err(ctx.at(
+                    m,
+                    format!(
+                        "[{side}] mtu must be between 576 and 9216, got {}",
+                        m.get_ref()
+                    ),
+                ))
+            }
+        };
+        if let Some(m) = &p.mac {
+            espada_wire::ethernet::MacAddr::parse(m.get_ref()).ok_or_else(|| {
+                ctx.at(
+                    m,
+                    format!(
+                        "[{side}] mac: `{}` is not a MAC address like 02:00:00:00:00:01",
+                        m.get_ref()
+                    ),
+                )
+            })?;
+        }
+        let gateway = match &p.gateway {
+            None => None,
+            Some(s) => Some(ip(&ctx, s, &format!("[{side}] gateway"))?),
+        };
+        Ok(Some(PortConfig {
+            interface: p.interface.clone(),
+            address,
+            prefix,
+            mtu,
+            gateway,
+        }))
+    };
+    let red = port(&raw.red, "red")?;
+    let black = port(&raw.black, "black")?;
+
+    let mut neighbors = Vec::new();
+    for n in &raw.neighbor {
+        let a = ip(&ctx, &n.ip, "neighbor ip")?;
+        let m = espada_wire::ethernet::MacAddr::parse(n.mac.get_ref()).ok_or_else(|| {
+            ctx.at(
+                &n.mac,
+                format!(
+                    "neighbor mac: `{}` is not a MAC address like 02:00:00:00:00:01",
+                    n.mac.get_ref()
+                ),
+            )
+        })?;
+        neighbors.push((a, m));
+    }
+
+    if raw.tunnel.is_empty() {
+        return Err(ctx.err(None, "no [[tunnel]]: a gateway needs at least one tunnel"));
+    }
+    let mut tunnels: Vec<TunnelConfig> = Vec::new();
+    let mut spis: BTreeMap<u32, Range<usize>> = BTreeMap::new();
+    for t in &raw.tunnel {
+        let name = t.name.get_ref().clone();
+        if tunnels.iter().any(|o| o.name == name) {
+            return Err(ctx.at(&t.name, format!("duplicate tunnel name \"{name}\"")));
+        }
+        let local = ip(&ctx, &t.local, "local")?;
+        let remote = ip(&ctx, &t.remote, "remote")?;
+        if local.is_ipv4() != remote.is_ipv4() {
+            return Err(ctx.at(
+                &t.remote,
+                format!("remote {remote} is not of the same IP version as local {local}"),
+            ));
+        }
+        let subnets = |v: &Vec<Spanned<String>>, what: &str| -> Result<Vec<Prefix>, ConfigError> {
+            v.iter().map(|s| prefix(&ctx, s, what)).collect()
+        };
+        let local_subnets = subnets(&t.local_subnets, "local_subnets")?;
+        let remote_subnets = subnets(&t.remote_subnets, "remote_subnets")?;
+        if local_subnets.is_empty() || remote_subnets.is_empty() {
+            return Err(ctx.at(
+                &t.name,
+                "local_subnets and remote_subnets must each list at least one prefix",
+            ));
+        }
+        let cipher = match &t.cipher {
+            None => Algorithm::AesGcm128,
+            Some(c) => Algorithm::from_name(c.get_ref()).ok_or_else(|| {
+                ctx.at(
+                    c,
+                    format!(
+                        "cipher must be \"aes-gcm-128\" or \"aes-gcm-256\", got \"{}\"",
+                        c.get_ref()
+                    ),
+                )
+            })?,
+        };
+        let replay_window = ranged(
+            &ctx,
+            &t.replay_window,
+            "replay_window",
+            MIN_WINDOW as i64,
+            MAX_WINDOW as i64,
+            4096,
+        )? as u32;
+        let default_pcpu = if workers > 0 {
+            workers as i64
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get()) as i64
+        };
+        let pcpu = ranged(&ctx, &t.pcpu, "pcpu", 0, 1024, default_pcpu)? as usize;
+        let peer_pcpu = ranged(&ctx, &t.peer_pcpu, "peer_pcpu", 0, 1024, pcpu as i64)? as usize;
+        let fallback_port = ranged(&ctx, &t.fallback_port, "fallback_port", 1, 65535, 4500)? as u16;
+        let base_port = ranged(
+            &ctx,
+            &t.base_port,
+            "base_port",
+            1,
+            65535 - pcpu as i64,
+            4501,
+        )? as u16;
+        let peer_base_port = ranged(
+            &ctx,
+            &t.peer_base_port,
+            "peer_base_port",
+            1,
+            65535 - peer_pcpu as i64,
+            base_port as i64,
+        )? as u16;
+        if (base_port..base_port + pcpu as u16).contains(&fallback_port) {
+            let s = t
+                .base_port
+                .as_ref()
+                .or(t.fallback_port.as_ref())
+                .unwrap_or(&t.out_spi);
+            return Err(ctx.at(s, format!("the per-CPU source ports {base_port}..{} include the fallback port {fallback_port}: each SA needs its own port", base_port as usize + pcpu - 1)));
+        }
+        let out_spi = ranged(
+            &ctx,
+            &Some(t.out_spi.clone()),
+            "out_spi",
+            256,
+            u32::MAX as i64 - pcpu as i64 - 1,
+            0,
+        )? as u32;
+        let in_spi = ranged(
+            &ctx,
+            &Some(t.in_spi.clone()),
+            "in_spi",
+            256,
+            u32::MAX as i64 - peer_pcpu as i64 - 1,
+            0,
+        )? as u32;
+        let ttl = ranged(&ctx, &t.ttl, "ttl", 1, 255, 64)? as u8;
+        let df = match &t.df {
+            None => DfMode::Clear,
+            Some(d) => DfMode::from_name(d.get_ref()).ok_or_else(|| {
+                ctx.at(
+                    d,
+                    format!(
+                        "df must be \"copy\", \"set\" or \"clear\", got \"{}\"",
+                        d.get_ref()
+                    ),
+                )
+            })?,
+        };
+        let l = t.lifetime.as_ref();
+        let lt = |f: fn(&RawLifetime) -> Option<u64>| l.and_then(f);
+        let lifetimes = Lifetimes {
+            soft: Limits {
+                packets: lt(|l| l.soft_packets),
+                bytes: lt(|l| l.soft_bytes),
+                seconds: lt(|l| l.soft_seconds),
+            },
+            hard: Limits {
+                packets: lt(|l| l.hard_packets),
+                bytes: lt(|l| l.hard_bytes),
+                seconds: lt(|l| l.hard_seconds),
+            },
+        };
+        for (s, h, what) in [
+            (lifetimes.soft.packets, lifetimes.hard.packets, "packets"),
+            (lifetimes.soft.bytes, lifetimes.hard.bytes, "bytes"),
+            (lifetimes.soft.seconds, lifetimes.hard.seconds, "seconds"),
+        ] {
+            if let (Some(s), Some(h)) = (s, h) {
+                if s >= h {
+                    return Err(ctx.at(
+                        &t.name,
+                        format!("lifetime: soft_{what} ({s}) must be below hard_{what} ({h})"),
+                    ));
+                }
+            }
+        }
+
+        // SPIs: ours (inbound) must be unique across the gateway; out SPIs are the peer's.
+        let in_spis: Vec<u32> = std::iter::once(in_spi)
+            .chain((0..peer_pcpu).map(|i| in_spi + 1 + i as u32))
+            .collect();
+        let out_spis: Vec<u32> = std::iter::once(out_spi)
+            .chain((0..pcpu).map(|i| out_spi + 1 + i as u32))
+            .collect();
+        for s in &in_spis {
+            if let Some(prev) = spis.insert(*s, t.in_spi.span()) {
+                let p = ctx.err(Some(prev), "");
+                return Err(ctx.at(
+                    &t.in_spi,
+                    format!(
+                        "duplicate SPI {s:#010x}: already used by the tunnel at line {}",
+                        p.line
+                    ),
+                ));
+            }
+        }
+        if let Some(s) = in_spis.iter().find(|s| out_spis.contains(s)) {
+            return Err(ctx.at(&t.in_spi, format!(
+                "duplicate SPI {s:#010x}: in_spi {:#x}..={:#x} overlaps out_spi {:#x}..={:#x}; give the two directions distinct SPIs so captures and counters are unambiguous",
+                in_spi, in_spi + peer_pcpu as u32, out_spi, out_spi + pcpu as u32
+            )));
+        }
+        for s in &out_spis {
+            if spis.contains_key(s) && !in_spis.contains(s) {
+                return Err(ctx.at(
+                    &t.out_spi,
+                    format!("duplicate SPI {s:#010x}: also an inbound SPI of another tunnel"),
+                ));
+            }
+        }
+
+        // Keys.
+        let sources = [
+            t.lab_secret.is_some(),
+            t.key_file.is_some(),
+            t.keys.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if sources != 1 {
+            return Err(ctx.at(&t.name, "give exactly one key source: lab_secret = \"...\", key_file = \"path\", or a [tunnel.keys] table of SPI = \"hex\""));
+        }
+        let mut keys = BTreeMap::new();
+        let key_source;
+        let all_spis: Vec<u32> = in_spis.iter().chain(out_spis.iter()).copied().collect();
+        if let Some(secret) = &t.lab_secret {
+            if secret.get_ref().len() < 8 {
+                return Err(ctx.at(secret, "lab_secret must be at least 8 characters"));
+            }
+            for s in &all_spis {
+                keys.insert(
+                    *s,
+                    derive_lab_key(
+                        cipher,
+                        secret.get_ref().as_bytes(),
+                        &format!("{name}|{s:#010x}"),
+                    ),
+                );
+            }
+            key_source = "lab-secret (HKDF-SHA256)";
+        } else {
+            let (table, span, where_): (BTreeMap<String, String>, Range<usize>, String) =
+                if let Some(kf) = &t.key_file {
+                    let p = path.parent().unwrap_or(Path::new(".")).join(kf.get_ref());
+                    check_key_file_mode(&p).map_err(|m| ctx.at(kf, m))?;
+                    let kt = std::fs::read_to_string(&p).map_err(|e| {
+                        ctx.at(kf, format!("cannot read key file {}: {e}", p.display()))
+                    })?;
+                    let table: BTreeMap<String, String> = toml::from_str(&kt).map_err(|e| ctx.at(kf, format!("key file {}: {} (expected lines like \"0x00001000\" = \"<hex key+salt>\")", p.display(), e.message().trim())))?;
+                    key_source = "key file";
+                    (table, kf.span(), format!("key file {}", p.display()))
+                } else {
+                    let k = t.keys.as_ref().expect("one source is set");
+                    key_source = "hex in the configuration";
+                    (k.get_ref().clone(), k.span(), "[tunnel.keys]".to_string())
+                };
+            for (k, v) in &table {
+                let spi = parse_spi_key(k).ok_or_else(|| {
+                    ctx.err(
+                        Some(span.clone()),
+                        format!("{where_}: `{k}` is not an SPI (use \"0x00001000\")"),
+                    )
+                })?;
+                if !all_spis.contains(&spi) {
+                    return Err(ctx.err(
+                        Some(span.clone()),
+                        format!("{where_}: SPI {spi:#010x} is not an SA of tunnel \"{name}\""),
+                    ));
+                }
+                let km = KeyMaterial::from_hex(cipher, v).map_err(|e| {
+                    ctx.err(
+                        Some(span.clone()),
+                        format!("{where_}: key for SPI {spi:#010x}: {e}"),
+                    )
+                })?;
+                keys.insert(spi, km);
+            }
+            if let Some(missing) = all_spis.iter().find(|s| !keys.contains_key(s)) {
+                return Err(ctx.err(Some(span), format!("{where_}: no key for SPI {missing:#010x} (tunnel \"{name}\" needs keys for {})", all_spis.iter().map(|s| format!("{s:#010x}")).collect::<Vec<_>>().join(", "))));
+            }
+        }
+
+        tunnels.push(TunnelConfig {
+            name,
+            local,
+            remote,
+            local_subnets,
+            remote_subnets,
+            cipher,
+            esn: t.esn.unwrap_or(true),
+            replay_window,
+            pcpu,
+            peer_pcpu,
+            base_port,
+            peer_base_port,
+            fallback_port,
+            out_spi,
+            in_spi,
+            ttl,
+            df,
+            lifetimes,
+            keys,
+            key_source,
+        });
+    }
+
+    // SPD: explicit policies, or one protect policy per (local, remote) subnet pair.
+    let mut spd = Spd::default();
+    if raw.policy.is_empty() {
+        for (i, t) in tunnels.iter().enumerate() {
+            for l in &t.local_subnets {
+                for r in &t.remote_subnets {
+                    spd.policies.push(Policy {
+                        name: format!("{}:{l}->{r}", t.name),
+                        selector: Selector {
+                            src: *l,
+                            dst: *r,
+                            proto: None,
+                            src_ports: PortRange::ANY,
+                            dst_ports: PortRange::ANY,
+                        },
+                        action: Action::Protect(i),
+                    });
+                }
+            }
+        }
+    }
+    let mut policy_spans = Vec::new();
+    for p in &raw.policy {
+        let src = prefix(&ctx, &p.src, "policy src")?;
+        let dst = prefix(&ctx, &p.dst, "policy dst")?;
+        if src.addr().is_ipv4() != dst.addr().is_ipv4() {
+            return Err(ctx.at(&p.dst, "policy src and dst are of different IP versions"));
+        }
+        let proto = match &p.proto {
+            None => None,
+            Some(s) => Some(match s.get_ref().as_str() {
+                "any" => None,
+                "tcp" => Some(6),
+                "udp" => Some(17),
+                "icmp" => Some(1),
+                "icmpv6" => Some(58),
+                n => Some(n.parse::<u8>().map_err(|_| ctx.at(s, format!("proto must be any, tcp, udp, icmp, icmpv6 or a number 0-255, got \"{n}\"")))?),
+            }),
+        }
+        .flatten();
+        let ports = |v: &Option<Spanned<String>>| -> Result<PortRange, ConfigError> {
+            match v {
+                None => Ok(PortRange::ANY),
+                Some(s) => {
+                    if !matches!(proto, Some(6) | Some(17) | Some(132)) {
+                        return Err(ctx.at(s, "ports need proto = \"tcp\" or \"udp\""));
+                    }
+                    s.get_ref().parse().map_err(|e: String| ctx.at(s, e))
+                }
+            }
+        };
+        let src_ports = ports(&p.src_port)?;
+        let dst_ports = ports(&p.dst_port)?;
+        let action = match p.action.get_ref().as_str() {
+            "protect" => {
+                let tn = p.tunnel.as_ref().ok_or_else(|| {
+                    ctx.at(
+                        &p.action,
+                        "action \"protect\" needs tunnel = \"<name of a [[tunnel]]>\"",
+                    )
+                })?;
+                Action::Protect(
+                    tunnels
+                        .iter()
+                        .position(|t| &t.name == tn.get_ref())
+                        .ok_or_else(|| {
+                            ctx.at(tn, format!("no tunnel named \"{}\"", tn.get_ref()))
+                        })?,
+                )
+            }
+            "bypass" => Action::Bypass,
+            "discard" => Action::Discard,
+            a => {
+                return Err(ctx.at(
+                    &p.action,
+                    format!("action must be \"protect\", \"bypass\" or \"discard\", got \"{a}\""),
+                ))
+            }
+        };
+        policy_spans.push(p.action.span());
+        spd.policies.push(Policy {
+            name: p.name.clone(),
+            selector: Selector {
+                src,
+                dst,
+                proto,
+                src_ports,
+                dst_ports,
+            },
+            action,
+        });
+    }
+    if let Some(c) = spd.conflicts().first() {
+        let (a, b) = (&spd.policies[c.first], &spd.policies[c.second]);
+        let span = policy_spans.get(c.second).cloned();
+        let first_line = policy_spans
+            .get(c.first)
+            .map(|s| ctx.err(Some(s.clone()), "").line)
+            .unwrap_or(0);
+        return Err(ctx.err(span, format!(
+            "policy \"{}\" ({}) overlaps policy \"{}\" (line {first_line}, {}) with a different action; put the narrower policy first or make them disjoint",
+            b.name, b.selector, a.name, a.selector
+        )));
+    }
+
+    Ok(Config {
+        file: path.to_path_buf(),
+        name: g.name.clone(),
+        workers,
+        cores,
+        sa_mode,
+        crypto,
+        red,
+        black,
+        neighbors,
+        tunnels,
+        spd,
+    })
+}
+
+#[cfg(unix)]
+fn check_key_file_mode(p: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let m =
+        std::fs::metadata(p).map_err(|e| format!("cannot read key file {}: {e}", p.display()))?;
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "key file {} is readable by others (mode {mode:o}); run chmod 600 {}",
+            p.display(),
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_file_mode(_: &Path) -> Result<(), String> {
+    Ok(())
+}
+
+impl Config {
+    /// Worker count with 0 resolved to the online cores.
+    pub fn resolved_workers(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// Builds the SA database snapshot for `workers` worker cores.
+    pub fn sadb(&self, workers: usize) -> Result<SaDb, espada_sadb::db::DbError> {
+        let mut tunnels = Vec::new();
+        for t in &self.tunnels {
+            let spec = |spi: u32, cpu: Option<usize>, sport: u16, dport: u16| {
+                let mut ep = TunnelEndpoints::new(t.local, t.remote);
+                ep.src_port = sport;
+                ep.dst_port = dport;
+                ep.ttl = t.ttl;
+                ep.df = t.df;
+                SaSpec::new(
+                    spi,
+                    t.keys[&spi].clone(),
+                    t.esn,
+                    t.replay_window,
+                    t.lifetimes,
+                    ep,
+                    cpu,
+                )
+            };
+            let (pcpu, peer_pcpu) = match self.sa_mode {
+                SaMode::PerCpu => (t.pcpu, t.peer_pcpu),
+                SaMode::Shared => (0, 0),
+            };
+            tunnels.push(TunnelSas {
+                name: t.name.clone(),
+                local_subnets: t.local_subnets.clone(),
+                remote_subnets: t.remote_subnets.clone(),
+                outbound: PerCpuSaGroup {
+                    fallback: spec(t.out_spi_of(None), None, t.out_port_of(None), 4500),
+                    per_cpu: (0..pcpu)
+                        .map(|i| spec(t.out_spi_of(Some(i)), Some(i), t.out_port_of(Some(i)), 4500))
+                        .collect(),
+                },
+                inbound: PerCpuSaGroup {
+                    fallback: spec(t.in_spi_of(None), None, t.in_port_of(None), 4500),
+                    per_cpu: (0..peer_pcpu)
+                        .map(|i| spec(t.in_spi_of(Some(i)), Some(i), t.in_port_of(Some(i)), 4500))
+                        .collect(),
+                },
+                draining: vec![],
+            });
+        }
+        SaDb::new(
+            self.sa_mode,
+            workers,
+            self.crypto,
+            tunnels,
+            self.spd.clone(),
+        )
+    }
+
+    /// Checks that `peer` is the mirror of this configuration: for every tunnel of the same
+    /// name, addresses, subnets, SPIs, ports, cipher, ESN and keys agree. Returns every mismatch.
+    pub fn mirror_mismatches(&self, peer: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &self.tunnels {
+            let Some(p) = peer.tunnels.iter().find(|p| p.name == t.name) else {
+                out.push(format!(
+                    "tunnel \"{}\" is missing from {}",
+                    t.name,
+                    peer.file.display()
+                ));
+                continue;
+            };
+            let mut check = |ok: bool, what: String| {
+                if !ok {
+                    out.push(format!("tunnel \"{}\": {what}", t.name));
+                }
+            };
+            check(
+                t.local == p.remote && t.remote == p.local,
+                format!(
+                    "local/remote {}/{} do not mirror the peer's {}/{}",
+                    t.local, t.remote, p.local, p.remote
+                ),
+            );
+            check(
+                t.local_subnets == p.remote_subnets && t.remote_subnets == p.local_subnets,
+                "local_subnets/remote_subnets do not mirror the peer's".into(),
+            );
+            check(
+                t.cipher == p.cipher,
+                format!("cipher {} differs from the peer's {}", t.cipher, p.cipher),
+            );
+            check(
+                t.esn == p.esn,
+                format!("esn = {} differs from the peer's esn = {}", t.esn, p.esn),
+            );
+            check(t.out_spi == p.in_spi && t.in_spi == p.out_spi, format!("out_spi {:#x}/in_spi {:#x} do not mirror the peer's in_spi {:#x}/out_spi {:#x}", t.out_spi, t.in_spi, p.in_spi, p.out_spi));
+            check(
+                t.pcpu == p.peer_pcpu && t.peer_pcpu == p.pcpu,
+                format!(
+                    "pcpu {}/peer_pcpu {} do not mirror the peer's peer_pcpu {}/pcpu {}",
+                    t.pcpu, t.peer_pcpu, p.peer_pcpu, p.pcpu
+                ),
+            );
+            check(
+                t.base_port == p.peer_base_port
+                    && t.peer_base_port == p.base_port
+                    && t.fallback_port == p.fallback_port,
+                "base_port/peer_base_port/fallback_port do not mirror the peer's".into(),
+            );
+            let keys_agree = t
+                .keys
+                .iter()
+                .all(|(spi, k)| p.keys.get(spi).is_none_or(|pk| pk == k));
+            check(
+                keys_agree,
+                "keys differ for at least one SPI (same lab_secret and tunnel name on both sides?)"
+                    .into(),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

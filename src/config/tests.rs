@@ -1,0 +1,234 @@
+use super::*;
+
+fn p(text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("test.toml"), text)
+}
+
+const MIN: &str = r#"
+[gateway]
+name = "west"
+workers = 2
+
+[[tunnel]]
+name = "t"
+local = "192.168.100.1"
+remote = "192.168.100.2"
+local_subnets = ["10.1.0.0/24"]
+remote_subnets = ["10.2.0.0/24"]
+out_spi = 0x1000
+in_spi = 0x2000
+lab_secret = "0123456789"
+"#;
+
+#[test]
+fn lab_configs_load_and_mirror() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = load(&root.join("configs/west.toml")).unwrap();
+    let e = load(&root.join("configs/east.toml")).unwrap();
+    assert!(
+        w.mirror_mismatches(&e).is_empty(),
+        "{:?}",
+        w.mirror_mismatches(&e)
+    );
+    assert!(e.mirror_mismatches(&w).is_empty());
+    let t = &w.tunnels[0];
+    assert_eq!(
+        (
+            t.out_spi_of(Some(1)),
+            t.out_port_of(Some(1)),
+            t.out_port_of(None)
+        ),
+        (0x1002, 4502, 4500)
+    );
+    // The keys agree between the two sides: west's outbound SA is east's inbound SA.
+    assert_eq!(w.tunnels[0].keys[&0x1001], e.tunnels[0].keys[&0x1001]);
+    let db = w.sadb(2).unwrap();
+    assert_eq!(db.tunnels[0].outbound.per_cpu.len(), 2);
+    assert_eq!(db.spd.policies.len(), 1);
+}
+
+#[test]
+fn minimal_config_defaults() {
+    let c = p(MIN).unwrap();
+    let t = &c.tunnels[0];
+    assert_eq!(
+        (t.cipher, t.esn, t.replay_window, t.pcpu, t.ttl, t.df),
+        (Algorithm::AesGcm128, true, 4096, 2, 64, DfMode::Clear)
+    );
+    assert_eq!(c.sa_mode, SaMode::PerCpu);
+    assert_eq!(c.crypto, Backend::Ring);
+}
+
+fn err(text: &str) -> String {
+    p(text).unwrap_err().to_string()
+}
+
+#[test]
+fn typo_in_a_field_names_the_line() {
+    let e = err(&MIN
+        .replace("replay_window", "x")
+        .replace("lab_secret", "lab_secert"));
+    assert!(
+        e.starts_with("test.toml:14:1: unknown field `lab_secert`"),
+        "{e}"
+    );
+    assert!(e.contains("expected one of"), "{e}");
+}
+
+#[test]
+fn short_key_names_the_spi_and_line() {
+    let text = MIN.replace(
+        "lab_secret = \"0123456789\"",
+        "[tunnel.keys]\n\"0x1000\" = \"00112233\"",
+    );
+    let e = err(&text);
+    assert!(e.starts_with("test.toml:14:1:"), "{e}");
+    assert!(
+        e.contains("key for SPI 0x00001000") && e.contains("must be 20 bytes"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("00112233"),
+        "the key itself is never echoed: {e}"
+    );
+}
+
+#[test]
+fn duplicate_spi_between_tunnels() {
+    let mut text = MIN.to_string();
+    text.push_str(
+        &MIN[MIN.find("[[tunnel]]").unwrap()..]
+            .replace("name = \"t\"", "name = \"u\"")
+            .replace("in_spi = 0x2000", "in_spi = 0x2001"),
+    );
+    let e = err(&text);
+    assert!(
+        e.contains(
+            "test.toml:22:10: duplicate SPI 0x00002001: already used by the tunnel at line 13"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn window_out_of_range_and_bad_prefix() {
+    let e = err(&MIN.replace("in_spi = 0x2000", "in_spi = 0x2000\nreplay_window = 100000"));
+    assert!(
+        e.contains("test.toml:14:17: replay_window must be between 64 and 65536, got 100000"),
+        "{e}"
+    );
+    let e = err(&MIN.replace("\"10.2.0.0/24\"", "\"10.2.0.1/24\""));
+    assert!(e.contains("test.toml:11:19: remote_subnets: `10.2.0.1/24` has host bits set; did you mean 10.2.0.0/24?"), "{e}");
+    let e = err(&MIN.replace("\"10.2.0.0/24\"", "\"10.2.0/24\""));
+    assert!(e.contains("is not a prefix"), "{e}");
+}
+
+#[test]
+fn other_mistakes_get_one_clear_line() {
+    assert!(err(&MIN.replace("0123456789", "short"))
+        .contains("lab_secret must be at least 8 characters"));
+    assert!(
+        err(&MIN.replace("local = \"192.168.100.1\"", "local = \"192.168.100.300\""))
+            .contains("is not an IPv4 or IPv6 address")
+    );
+    assert!(
+        err(&MIN.replace("remote = \"192.168.100.2\"", "remote = \"2001:db8::2\""))
+            .contains("not of the same IP version")
+    );
+    assert!(
+        err(&MIN.replace("workers = 2", "workers = 2\nsa_mode = \"percpu\""))
+            .contains("sa_mode must be \"pcpu\" or \"shared\"")
+    );
+    assert!(
+        err(&MIN.replace("in_spi = 0x2000", "in_spi = 0x2000\ncipher = \"aes-cbc\""))
+            .contains("cipher must be")
+    );
+    assert!(err(&MIN.replace("lab_secret = \"0123456789\"", ""))
+        .contains("give exactly one key source"));
+    assert!(err("[gateway]\nname = \"x\"\n").contains("no [[tunnel]]"));
+    assert!(err("[gateway\n").starts_with("test.toml:1:"));
+    assert!(
+        err(&MIN.replace("workers = 2", "workers = 2\ncores = \"0-1\""))
+            .contains("either workers or cores")
+    );
+    assert!(
+        err(&MIN.replace("in_spi = 0x2000", "in_spi = 0x2000\nbase_port = 4499"))
+            .contains("include the fallback port 4500")
+    );
+}
+
+#[test]
+fn overlapping_policies_with_conflicting_actions() {
+    let policies = r#"
+[[policy]]
+name = "all"
+src = "10.0.0.0/8"
+dst = "10.0.0.0/8"
+action = "discard"
+
+[[policy]]
+name = "lab"
+src = "10.1.0.0/24"
+dst = "10.2.0.0/24"
+action = "protect"
+tunnel = "t"
+"#;
+    let e = err(&format!("{MIN}{policies}"));
+    assert!(
+        e.contains("policy \"lab\"")
+            && e.contains("overlaps policy \"all\"")
+            && e.contains("put the narrower policy first"),
+        "{e}"
+    );
+    // The narrower one first is the intended "exception" pattern and is accepted.
+    let swapped = format!(
+        "{MIN}{}{}",
+        &policies[policies.find("[[policy]]\nname = \"lab\"").unwrap()..],
+        &policies[..policies.find("[[policy]]\nname = \"lab\"").unwrap()]
+    );
+    let c = p(&swapped).unwrap();
+    assert_eq!(c.spd.policies.len(), 2);
+    assert!(err(&format!("{MIN}[[policy]]\nname = \"x\"\nsrc = \"10.1.0.0/24\"\ndst = \"10.2.0.0/24\"\naction = \"protect\"\ntunnel = \"nope\"\n")).contains("no tunnel named \"nope\""));
+}
+
+#[test]
+fn mirror_mismatch_is_reported() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = load(&root.join("configs/west.toml")).unwrap();
+    let text = std::fs::read_to_string(root.join("configs/east.toml"))
+        .unwrap()
+        .replace("in_spi = 0x1000", "in_spi = 0x1100");
+    let e = parse(Path::new("east.toml"), &text).unwrap();
+    let m = w.mirror_mismatches(&e);
+    assert!(
+        m.iter()
+            .any(|x| x.contains("out_spi 0x1000/in_spi 0x2000 do not mirror")),
+        "{m:?}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn key_file_must_be_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kf = dir.path().join("t.keys");
+    let mut keys = String::new();
+    for spi in [0x1000, 0x1001, 0x1002, 0x2000, 0x2001, 0x2002] {
+        keys.push_str(&format!("\"{spi:#010x}\" = \"{}\"\n", "ab".repeat(20)));
+    }
+    std::fs::write(&kf, keys).unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg = dir.path().join("gw.toml");
+    let text = MIN.replace("lab_secret = \"0123456789\"", "key_file = \"t.keys\"");
+    std::fs::write(&cfg, &text).unwrap();
+    let e = load(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("readable by others (mode 644); run chmod 600"),
+        "{e}"
+    );
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let c = load(&cfg).unwrap();
+    assert_eq!(c.tunnels[0].key_source, "key file");
+    assert_eq!(c.tunnels[0].keys.len(), 6);
+}
