@@ -51,6 +51,35 @@ drop_reasons! {
     NoTailroom => "no-tailroom",
     /// The encapsulated packet would exceed 65535 bytes.
     TooBig => "too-big",
+    /// Red side: no SPD policy matches (RFC 4301: unmatched traffic is dropped).
+    NoPolicy => "no-policy",
+    /// Red side: a discard policy matched.
+    PolicyDiscard => "policy-discard",
+    /// Black side: the decrypted inner packet is outside the tunnel's selectors.
+    PolicyMismatch => "policy-mismatch",
+    /// The tunnel has no usable outbound SA left (hard lifetime, fallback too): never sent in
+    /// the clear.
+    NoOutboundSa => "no-outbound-sa",
+    /// The inbound SA reached its hard lifetime.
+    SaExpired => "sa-expired",
+    /// Inner TTL / hop limit would reach zero.
+    TtlExpired => "ttl-expired",
+    /// Encapsulated packet exceeds the black MTU (an ICMP "fragmentation needed" / "packet too
+    /// big" goes back when DF is set).
+    MtuExceeded => "mtu-exceeded",
+    /// Not addressed to this gateway (black side), or an EtherType / protocol espada does not
+    /// forward.
+    NotForUs => "not-for-us",
+    /// The next hop's MAC address is not known yet (an ARP request went out).
+    NoNeighbor => "no-neighbor",
+    /// The owning core's handoff queue was full.
+    HandoffFull => "handoff-full",
+    /// The port did not take the packet (transmit ring full after bounded retries).
+    TxFull => "tx-full",
+    /// The control-path queue (IKE) was full.
+    ControlFull => "control-full",
+    /// No packet buffer was free.
+    NoBuffer => "no-buffer",
 }
 
 impl fmt::Display for DropReason {
@@ -85,6 +114,11 @@ impl DropCounters {
     #[inline(always)]
     pub fn inc(&mut self, r: DropReason) {
         self.counts[r as usize] += 1;
+    }
+    /// Adds `n` drops of one reason.
+    #[inline]
+    pub fn add(&mut self, r: DropReason, n: u64) {
+        self.counts[r as usize] += n;
     }
     /// The count for one reason.
     pub fn get(&self, r: DropReason) -> u64 {

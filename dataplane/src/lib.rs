@@ -5,12 +5,17 @@
 //! * [`drop`]: [`DropReason`], the single list every drop counter comes from;
 //! * [`pktbuf`]: the [`PacketBuf`] trait (headroom/tailroom operations like DPDK's mbuf) and a
 //!   heap-backed buffer allocated once at start-up.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod drop;
 pub mod esp;
+pub mod neighbor;
+pub mod pair;
 pub mod pktbuf;
+pub mod pool;
+pub mod port;
+pub mod worker;
 
 pub use drop::{DropCounters, DropReason};
 pub use pktbuf::{PacketBuf, PktBuf};

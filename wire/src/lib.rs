@@ -18,6 +18,7 @@ pub mod arp;
 pub mod checksum;
 pub mod esp;
 pub mod ethernet;
+pub mod icmpv4;
 pub mod ipv4;
 pub mod ipv6;
 pub mod udp;

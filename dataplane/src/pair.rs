@@ -1,0 +1,420 @@
+//! A west↔east pair in one process over memory ports: the lab `sunset — west == east —
+//! sunrise` without a network. West's red side is a traffic generator (sunset), east's red
+//! side a checking sink (sunrise), and the black link is a multi-queue memory link whose
+//! "NIC" steers each per-CPU SA's UDP source port to its core, as the lab's flow rules do.
+//!
+//! Used by `espada demo`, by benchmarks, and by tests (single-threaded `step`, or one thread
+//! per core with `run`).
+
+use crate::neighbor::NeighborTable;
+use crate::pool::{Pool, PoolCache};
+use crate::port::memory::{MemoryLink, Steering};
+use crate::port::traffic::{Generator, Sink, TrafficCounters, TrafficSpec};
+use crate::port::PortQueue;
+use crate::worker::{GatewayShared, Side, StatsCell, Worker};
+use crossbeam_queue::ArrayQueue;
+use espada_sadb::db::{EventQueue, SaDb, SaDbHandle};
+use espada_wire::ethernet::MacAddr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// MACs of the in-process lab.
+pub mod mac {
+    use super::MacAddr;
+    /// sunset
+    pub const SUNSET: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+    /// sunrise
+    pub const SUNRISE: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
+    /// west red
+    pub const WEST_RED: MacAddr = MacAddr([2, 0, 0, 0, 1, 1]);
+    /// west black
+    pub const WEST_BLACK: MacAddr = MacAddr([2, 0, 0, 0, 1, 2]);
+    /// east red
+    pub const EAST_RED: MacAddr = MacAddr([2, 0, 0, 0, 2, 1]);
+    /// east black
+    pub const EAST_BLACK: MacAddr = MacAddr([2, 0, 0, 0, 2, 2]);
+}
+
+/// Shape of the traffic and the link.
+#[derive(Debug, Clone, Copy)]
+pub struct PairSpec {
+    /// Worker cores per gateway.
+    pub workers: usize,
+    /// Inner packet size.
+    pub size: usize,
+    /// Flows per generator queue.
+    pub flows: u16,
+    /// Packets per generator queue (`None`: unlimited).
+    pub limit: Option<u64>,
+    /// How east's black "NIC" picks a queue.
+    pub steering: Steering,
+    /// Ring depth of the memory link.
+    pub ring_depth: usize,
+}
+
+/// Addresses of one gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewaySides {
+    /// Red side.
+    pub red: Side,
+    /// Black side.
+    pub black: Side,
+}
+
+/// One gateway's shared parts.
+pub struct GatewayHalf {
+    /// Shared state (SA database handle, queues, stop flag).
+    pub shared: GatewayShared,
+    /// Its workers.
+    pub workers: Vec<Worker>,
+    /// Published counters, one per worker.
+    pub cells: Vec<Arc<StatsCell>>,
+}
+
+/// The pair.
+pub struct Pair {
+    /// West (encrypts).
+    pub west: GatewayHalf,
+    /// East (decrypts).
+    pub east: GatewayHalf,
+    /// The black link.
+    pub link: MemoryLink,
+    /// What sunset sent.
+    pub sent: Arc<TrafficCounters>,
+    /// What sunrise received intact.
+    pub received: Arc<TrafficCounters>,
+    /// The buffer pool.
+    pub pool: Arc<Pool>,
+    limit: Option<u64>,
+}
+
+fn host(side: &Side, n: u32) -> Ipv4Addr {
+    match side.prefix.addr() {
+        IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + n),
+        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    }
+}
+
+fn shared(
+    sides: GatewaySides,
+    db: SaDb,
+    workers: usize,
+    neigh: &[(Ipv4Addr, MacAddr)],
+    stop: Arc<AtomicBool>,
+) -> GatewayShared {
+    GatewayShared {
+        red: sides.red,
+        black: sides.black,
+        sadb: SaDbHandle::new(db),
+        neighbors: NeighborTable::new(neigh),
+        handoff: Arc::new((0..workers).map(|_| ArrayQueue::new(1024)).collect()),
+        control: Arc::new(ArrayQueue::new(64)),
+        events: Arc::new(EventQueue::new(1024)),
+        stop,
+        icmp_rate: 100,
+    }
+}
+
+impl Pair {
+    /// Builds the pair. `west_db` and `east_db` must be mirror images (see `espada check`).
+    pub fn new(
+        west_db: SaDb,
+        east_db: SaDb,
+        west: GatewaySides,
+        east: GatewaySides,
+        spec: PairSpec,
+    ) -> Result<Pair, espada_sadb::db::DbError> {
+        let n = spec.workers.max(1);
+        let pool = Pool::new(n * 4096 + spec.ring_depth * n * 2 + 4096, spec.size + 512);
+        let link = MemoryLink::new(n, spec.ring_depth);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sunset = host(&west.red, 10);
+        let sunrise = host(&east.red, 10);
+        let w_sh = shared(
+            west,
+            west_db,
+            n,
+            &[(sunset, mac::SUNSET), (east.black.ip, mac::EAST_BLACK)],
+            stop.clone(),
+        );
+        let e_sh = shared(
+            east,
+            east_db,
+            n,
+            &[(sunrise, mac::SUNRISE), (west.black.ip, mac::WEST_BLACK)],
+            stop,
+        );
+        let sent = Arc::new(TrafficCounters::default());
+        let received = Arc::new(TrafficCounters::default());
+        let tspec = TrafficSpec {
+            src: sunset,
+            dst: sunrise,
+            src_mac: mac::SUNSET,
+            size: spec.size,
+            flows: spec.flows,
+            limit: spec.limit,
+        };
+        let mut ww = Vec::new();
+        let mut ew = Vec::new();
+        for q in 0..n {
+            let gen: Box<dyn PortQueue> =
+                Box::new(Generator::new(tspec, mac::WEST_RED, q as u16, sent.clone()));
+            let wb: Box<dyn PortQueue> = Box::new(link.end_a(q, mac::WEST_BLACK, spec.steering));
+            ww.push(Worker::new(
+                q,
+                w_sh.clone(),
+                gen,
+                wb,
+                PoolCache::new(pool.clone()),
+            )?);
+            let sink: Box<dyn PortQueue> =
+                Box::new(Sink::new(mac::SUNRISE, sunrise, q as u16, received.clone()));
+            let eb: Box<dyn PortQueue> = Box::new(link.end_b(q, mac::EAST_BLACK, Steering::Rss));
+            ew.push(Worker::new(
+                q,
+                e_sh.clone(),
+                sink,
+                eb,
+                PoolCache::new(pool.clone()),
+            )?);
+        }
+        let wc = ww.iter().map(|w| w.stats_cell()).collect();
+        let ec = ew.iter().map(|w| w.stats_cell()).collect();
+        Ok(Pair {
+            west: GatewayHalf {
+                shared: w_sh,
+                workers: ww,
+                cells: wc,
+            },
+            east: GatewayHalf {
+                shared: e_sh,
+                workers: ew,
+                cells: ec,
+            },
+            link,
+            sent,
+            received,
+            pool,
+            limit: spec.limit.map(|l| l * n as u64),
+        })
+    }
+
+    /// One poll of every worker, west first (deterministic, single thread).
+    pub fn step(&mut self) -> usize {
+        let mut n = 0;
+        for w in self.west.workers.iter_mut() {
+            n += w.poll();
+        }
+        for w in self.east.workers.iter_mut() {
+            n += w.poll();
+        }
+        n
+    }
+
+    /// Polls until nothing moves any more (bounded).
+    pub fn drain(&mut self) {
+        let mut idle = 0;
+        for _ in 0..100_000 {
+            if self.step() == 0 {
+                idle += 1;
+                if idle > 3 {
+                    return;
+                }
+            } else {
+                idle = 0;
+            }
+        }
+    }
+
+    /// Runs one thread per core (pinned to `cores[i]` when given), each polling west worker i
+    /// and east worker i, until `duration` has passed or the generators are exhausted and the
+    /// link is empty. Returns the elapsed time.
+    pub fn run(&mut self, duration: Duration, cores: &[Option<core_affinity::CoreId>]) -> Duration {
+        let stop = self.west.shared.stop.clone();
+        stop.store(false, Ordering::Relaxed);
+        let start = Instant::now();
+        let west = std::mem::take(&mut self.west.workers);
+        let east = std::mem::take(&mut self.east.workers);
+        let limit = self.limit_total();
+        let sent = self.sent.clone();
+        let received = self.received.clone();
+        let handles: Vec<_> = west
+            .into_iter()
+            .zip(east)
+            .enumerate()
+            .map(|(i, (mut w, mut e))| {
+                let stop = stop.clone();
+                let pin = cores.get(i).copied().flatten();
+                std::thread::Builder::new()
+                    .name(format!("espada-w{i}"))
+                    .spawn(move || {
+                        if let Some(id) = pin {
+                            core_affinity::set_for_current(id);
+                        }
+                        while !stop.load(Ordering::Relaxed) {
+                            let n = w.poll() + e.poll();
+                            if n == 0 {
+                                std::hint::spin_loop();
+                            }
+                        }
+                        for _ in 0..64 {
+                            w.poll();
+                            e.poll();
+                        }
+                        (w, e)
+                    })
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        loop {
+            std::thread::sleep(Duration::from_millis(5));
+            let done = limit.is_some_and(|l| {
+                sent.packets.load(Ordering::Relaxed) >= l
+                    && received.packets.load(Ordering::Relaxed)
+                        + received.bad.load(Ordering::Relaxed)
+                        >= l
+            });
+            if start.elapsed() >= duration || done {
+                break;
+            }
+        }
+        let elapsed = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            let (w, e) = h.join().expect("worker thread panicked");
+            self.west.workers.push(w);
+            self.east.workers.push(e);
+        }
+        elapsed
+    }
+
+    fn limit_total(&self) -> Option<u64> {
+        self.limit
+    }
+}
+
+/// Mirrored SA databases and addresses for the in-process lab without a configuration file
+/// (tests and benchmarks; `espada demo` builds them from `configs/west.toml` and `east.toml`).
+pub mod lab {
+    use super::*;
+    use espada_crypto::{Algorithm, Backend, KeyMaterial};
+    use espada_sadb::db::{PerCpuSaGroup, SaMode, SaSpec, TunnelSas};
+    use espada_sadb::lifetime::Lifetimes;
+    use espada_sadb::selector::{Action, Policy, PortRange, Prefix, Selector, Spd};
+    use espada_sadb::TunnelEndpoints;
+
+    /// Red 10.1.0.0/24 (west), 10.2.0.0/24 (east); black 192.168.100.0/24.
+    pub fn sides() -> (GatewaySides, GatewaySides) {
+        let side = |ip: &str, p: &str| Side {
+            ip: ip.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+            mtu: 1500,
+            gateway: None,
+        };
+        (
+            GatewaySides {
+                red: side("10.1.0.1", "10.1.0.0/24"),
+                black: side("192.168.100.1", "192.168.100.0/24"),
+            },
+            GatewaySides {
+                red: side("10.2.0.1", "10.2.0.0/24"),
+                black: side("192.168.100.2", "192.168.100.0/24"),
+            },
+        )
+    }
+
+    fn key(spi: u32) -> KeyMaterial {
+        let b: Vec<u8> = (0..20u32)
+            .map(|i| (spi.wrapping_mul(31).wrapping_add(i * 7)) as u8)
+            .collect();
+        KeyMaterial::new(Algorithm::AesGcm128, &b).unwrap()
+    }
+
+    /// SA `spi` from `src` to `dst`, bound to `cpu`, sent from UDP port `port`.
+    pub fn spec(
+        spi: u32,
+        cpu: Option<usize>,
+        src: &str,
+        dst: &str,
+        port: u16,
+        life: Lifetimes,
+    ) -> SaSpec {
+        let mut ep = TunnelEndpoints::new(src.parse().unwrap(), dst.parse().unwrap());
+        ep.src_port = port;
+        SaSpec::new(spi, key(spi), true, 4096, life, ep, cpu)
+    }
+
+    fn group(base: u32, pcpu: usize, src: &str, dst: &str, life: Lifetimes) -> PerCpuSaGroup {
+        PerCpuSaGroup {
+            fallback: spec(base, None, src, dst, 4500, life),
+            per_cpu: (0..pcpu)
+                .map(|i| {
+                    spec(
+                        base + 1 + i as u32,
+                        Some(i),
+                        src,
+                        dst,
+                        4501 + i as u16,
+                        life,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// (west, east) databases: `pcpu` per-CPU SAs each way (west out 0x1000.., east out 0x2000..).
+    pub fn dbs(workers: usize, pcpu: usize, mode: SaMode, life: Lifetimes) -> (SaDb, SaDb) {
+        let w: Prefix = "10.1.0.0/24".parse().unwrap();
+        let e: Prefix = "10.2.0.0/24".parse().unwrap();
+        let mk = |name: &str, l: Prefix, r: Prefix, out: u32, inb: u32, me: &str, peer: &str| {
+            let pc = if mode == SaMode::Shared { 0 } else { pcpu };
+            let t = TunnelSas {
+                name: name.into(),
+                local_subnets: vec![l],
+                remote_subnets: vec![r],
+                outbound: group(out, pc, me, peer, life),
+                inbound: group(inb, pc, peer, me, life),
+                draining: vec![],
+            };
+            let spd = Spd {
+                policies: vec![Policy {
+                    name: name.into(),
+                    selector: Selector {
+                        src: l,
+                        dst: r,
+                        proto: None,
+                        src_ports: PortRange::ANY,
+                        dst_ports: PortRange::ANY,
+                    },
+                    action: Action::Protect(0),
+                }],
+            };
+            SaDb::new(mode, workers, Backend::Ring, vec![t], spd).unwrap()
+        };
+        (
+            mk(
+                "lab",
+                w,
+                e,
+                0x1000,
+                0x2000,
+                "192.168.100.1",
+                "192.168.100.2",
+            ),
+            mk(
+                "lab",
+                e,
+                w,
+                0x2000,
+                0x1000,
+                "192.168.100.2",
+                "192.168.100.1",
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! Packet buffer pool: every buffer is allocated once at start-up; workers take and return them
+//! through a per-worker cache that refills from / spills to a shared lock-free ring in bulk, as
+//! DPDK's mempool does with its per-lcore caches. Nothing allocates in steady state.
+
+use crate::pktbuf::PktBuf;
+use crossbeam_queue::ArrayQueue;
+use std::sync::Arc;
+
+/// The shared ring of free buffers.
+#[derive(Debug)]
+pub struct Pool {
+    free: ArrayQueue<PktBuf>,
+    buf_size: usize,
+    total: usize,
+}
+
+impl Pool {
+    /// `count` buffers of `buf_size` bytes each.
+    pub fn new(count: usize, buf_size: usize) -> Arc<Pool> {
+        let free = ArrayQueue::new(count.max(1));
+        for _ in 0..count {
+            let _ = free.push(PktBuf::new(buf_size));
+        }
+        Arc::new(Pool {
+            free,
+            buf_size,
+            total: count,
+        })
+    }
+
+    /// Buffers currently in the shared ring.
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    /// All buffers of the pool.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Size of each buffer.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+}
+
+/// How many buffers move between a cache and the shared ring at once.
+pub const CACHE_BULK: usize = 64;
+
+/// A worker's private cache in front of the shared pool.
+#[derive(Debug)]
+pub struct PoolCache {
+    pool: Arc<Pool>,
+    local: Vec<PktBuf>,
+}
+
+impl PoolCache {
+    /// An empty cache (its vector is allocated now, once, with room for two bulks).
+    pub fn new(pool: Arc<Pool>) -> PoolCache {
+        PoolCache {
+            pool,
+            local: Vec::with_capacity(CACHE_BULK * 2),
+        }
+    }
+
+    /// A free buffer, reset to the default headroom; `None` when the pool is empty.
+    #[inline]
+    pub fn get(&mut self) -> Option<PktBuf> {
+        if self.local.is_empty() {
+            for _ in 0..CACHE_BULK {
+                match self.pool.free.pop() {
+                    Some(b) => self.local.push(b),
+                    None => break,
+                }
+            }
+        }
+        let mut b = self.local.pop()?;
+        b.reset();
+        Some(b)
+    }
+
+    /// Returns a buffer.
+    #[inline]
+    pub fn put(&mut self, b: PktBuf) {
+        if self.local.len() >= CACHE_BULK * 2 {
+            for _ in 0..CACHE_BULK {
+                if let Some(x) = self.local.pop() {
+                    // The ring holds every buffer of the pool, so it is never full here.
+                    let _ = self.pool.free.push(x);
+                }
+            }
+        }
+        self.local.push(b);
+    }
+
+    /// Gives every cached buffer back to the shared ring (at shutdown).
+    pub fn flush(&mut self) {
+        while let Some(x) = self.local.pop() {
+            let _ = self.pool.free.push(x);
+        }
+    }
+
+    /// The shared pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl Drop for PoolCache {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::pktbuf::PacketBuf;
+
+    #[test]
+    fn buffers_circulate_without_loss() {
+        let pool = Pool::new(300, 2048);
+        let mut a = PoolCache::new(pool.clone());
+        let mut b = PoolCache::new(pool.clone());
+        let mut held = Vec::new();
+        for _ in 0..300 {
+            held.push(a.get().unwrap());
+        }
+        assert!(a.get().is_none(), "pool exhausted");
+        for h in held.drain(..) {
+            b.put(h);
+        }
+        let mut x = b.get().unwrap();
+        assert_eq!(x.headroom(), crate::pktbuf::DEFAULT_HEADROOM);
+        x.append(10).unwrap();
+        b.put(x);
+        drop(a);
+        drop(b);
+        assert_eq!(pool.available(), 300);
+    }
+}

@@ -1,0 +1,50 @@
+//! Ports: where frames come from and go to. Every backend offers the same per-queue burst
+//! interface over buffers from the worker's [`PoolCache`]; one queue belongs to one worker.
+//!
+//! * [`memory`]: lock-free rings linking two in-process gateways (tests, demo, benchmarks), with
+//!   NIC-like steering (RSS hash or per-SA UDP source-port rules);
+//! * [`traffic`]: a traffic generator and a checking sink for the red side (the lab's TRex);
+//! * [`pcap`]: read frames from a capture, write frames to one, and [`pcap::Tap`] to record any
+//!   queue's traffic for Wireshark;
+//! * [`af_packet`]: Linux AF_PACKET with TPACKET_V3 RX ring, mapped TX ring, fanout and qdisc
+//!   bypass (veth in namespaces, real NICs).
+
+pub mod memory;
+
+pub mod traffic;
+
+use crate::pktbuf::PktBuf;
+use crate::pool::PoolCache;
+use espada_wire::ethernet::MacAddr;
+
+/// Counters a port queue keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Frames received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Frames the port could not take (ring full).
+    pub tx_dropped: u64,
+    /// Frames lost on receive (ring overflow, kernel drops) as far as the backend can tell.
+    pub rx_dropped: u64,
+}
+
+/// One RX/TX queue pair of a port, owned by one worker.
+pub trait PortQueue: Send {
+    /// Receives up to `max` frames into `out` (appending). Returns how many.
+    fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize;
+    /// Sends every frame of `pkts` it can, draining the vector; frames it could not send go
+    /// back to the pool. Returns how many were sent.
+    fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize;
+    /// The port's MAC address.
+    fn mac(&self) -> MacAddr;
+    /// Counters.
+    fn stats(&self) -> PortStats;
+    /// A short description for logs ("memory:black/q0", "af_packet:west-red").
+    fn describe(&self) -> String;
+}

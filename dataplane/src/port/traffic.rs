@@ -1,0 +1,239 @@
+//! Red-side traffic for in-process runs, like the TRex generator and sink of the lab:
+//! [`Generator`] is sunset (it "receives" frames the gateway must protect) and [`Sink`] is
+//! sunrise (it checks every frame the far gateway delivers).
+
+use super::{PortQueue, PortStats};
+use crate::pktbuf::{PacketBuf, PktBuf};
+use crate::pool::PoolCache;
+use espada_wire::ethernet::{self, MacAddr};
+use espada_wire::{ipv4, udp};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const MAGIC: u32 = 0xe5ada001;
+
+/// What the generator sends.
+#[derive(Debug, Clone, Copy)]
+pub struct TrafficSpec {
+    /// Source host (sunset).
+    pub src: Ipv4Addr,
+    /// Destination host (sunrise).
+    pub dst: Ipv4Addr,
+    /// Source MAC (sunset's).
+    pub src_mac: MacAddr,
+    /// Inner IP packet size in bytes (at least 44: IPv4 + UDP + the 16-byte tag).
+    pub size: usize,
+    /// Number of flows (distinct UDP source ports).
+    pub flows: u16,
+    /// Stop after this many packets (`None`: unlimited).
+    pub limit: Option<u64>,
+}
+
+/// Counters shared between a generator/sink and whoever reports on it.
+#[derive(Debug, Default)]
+pub struct TrafficCounters {
+    /// Packets generated / received intact.
+    pub packets: AtomicU64,
+    /// Inner IP bytes.
+    pub bytes: AtomicU64,
+    /// Frames received that were not what was sent (wrong headers or tag).
+    pub bad: AtomicU64,
+}
+
+/// Generates UDP frames addressed to the gateway's red MAC.
+pub struct Generator {
+    spec: TrafficSpec,
+    gw_mac: MacAddr,
+    queue: u16,
+    next_seq: u64,
+    flow: u16,
+    sent: u64,
+    counters: Arc<TrafficCounters>,
+    stats: PortStats,
+}
+
+impl Generator {
+    /// Generator queue `queue` (its flows are distinct from other queues').
+    pub fn new(
+        spec: TrafficSpec,
+        gw_mac: MacAddr,
+        queue: u16,
+        counters: Arc<TrafficCounters>,
+    ) -> Generator {
+        Generator {
+            spec,
+            gw_mac,
+            queue,
+            next_seq: 0,
+            flow: 0,
+            sent: 0,
+            counters,
+            stats: PortStats::default(),
+        }
+    }
+
+    fn build(&mut self, b: &mut PktBuf) -> bool {
+        let size = self.spec.size.max(44);
+        let Some(d) = b.append(ethernet::HEADER_LEN + size) else {
+            return false;
+        };
+        let mut eth = ethernet::Frame::new_unchecked(&mut d[..]);
+        eth.set_dst_addr(self.gw_mac);
+        eth.set_src_addr(self.spec.src_mac);
+        eth.set_ethertype(ethernet::ethertype::IPV4);
+        let ip = &mut d[ethernet::HEADER_LEN..];
+        let r = ipv4::Repr {
+            src: self.spec.src,
+            dst: self.spec.dst,
+            protocol: 17,
+            payload_len: size - 20,
+            ttl: 64,
+            tos: 0,
+            ident: self.next_seq as u16,
+            dont_frag: true,
+        };
+        r.emit(&mut ipv4::Packet::new_unchecked(&mut ip[..]));
+        let flow = self.queue.wrapping_mul(1024).wrapping_add(self.flow);
+        let mut u = udp::Packet::new_unchecked(&mut ip[20..]);
+        u.set_src_port(10000u16.wrapping_add(flow));
+        u.set_dst_port(5201);
+        u.set_len((size - 20) as u16);
+        u.set_checksum(0);
+        let tag = &mut ip[28..44];
+        tag[..4].copy_from_slice(&MAGIC.to_be_bytes());
+        tag[4..8].copy_from_slice(&(flow as u32).to_be_bytes());
+        tag[8..16].copy_from_slice(&self.next_seq.to_be_bytes());
+        self.next_seq += 1;
+        self.flow = (self.flow + 1) % self.spec.flows.max(1);
+        true
+    }
+}
+
+impl PortQueue for Generator {
+    fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
+        let n = match self.spec.limit {
+            Some(l) => (l - self.sent).min(max as u64) as usize,
+            None => max,
+        };
+        let mut made = 0;
+        for _ in 0..n {
+            let Some(mut b) = pool.get() else { break };
+            if self.build(&mut b) {
+                out.push(b);
+                made += 1;
+            } else {
+                pool.put(b);
+                break;
+            }
+        }
+        self.sent += made as u64;
+        self.stats.rx_packets += made as u64;
+        self.stats.rx_bytes += (made * (self.spec.size + 14)) as u64;
+        self.counters
+            .packets
+            .fetch_add(made as u64, Ordering::Relaxed);
+        self.counters
+            .bytes
+            .fetch_add((made * self.spec.size) as u64, Ordering::Relaxed);
+        made
+    }
+
+    fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        // Whatever the gateway sends towards sunset (ICMP errors, ARP) is accepted and freed.
+        let n = pkts.len();
+        self.stats.tx_packets += n as u64;
+        for b in pkts.drain(..) {
+            pool.put(b);
+        }
+        n
+    }
+
+    fn mac(&self) -> MacAddr {
+        self.spec.src_mac
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+
+    fn describe(&self) -> String {
+        format!("generator/q{}", self.queue)
+    }
+}
+
+/// Checks and counts what arrives at sunrise.
+pub struct Sink {
+    mac: MacAddr,
+    dst: Ipv4Addr,
+    queue: u16,
+    counters: Arc<TrafficCounters>,
+    stats: PortStats,
+}
+
+impl Sink {
+    /// Sink queue `queue`, expecting frames for `mac` carrying packets to `dst`.
+    pub fn new(mac: MacAddr, dst: Ipv4Addr, queue: u16, counters: Arc<TrafficCounters>) -> Sink {
+        Sink {
+            mac,
+            dst,
+            queue,
+            counters,
+            stats: PortStats::default(),
+        }
+    }
+
+    fn intact(&self, f: &[u8]) -> Option<usize> {
+        let eth = ethernet::Frame::new_checked(f).ok()?;
+        if eth.dst_addr() != self.mac || eth.ethertype() != ethernet::ethertype::IPV4 {
+            return None;
+        }
+        let ip = ipv4::Packet::new_checked(eth.payload()).ok()?;
+        if !ip.verify_checksum() || ip.dst_addr() != self.dst || ip.protocol() != 17 {
+            return None;
+        }
+        let p = ip.payload();
+        if p.len() < 24 || u32::from_be_bytes([p[8], p[9], p[10], p[11]]) != MAGIC {
+            return None;
+        }
+        Some(ip.total_len() as usize)
+    }
+}
+
+impl PortQueue for Sink {
+    fn rx_burst(&mut self, _pool: &mut PoolCache, _out: &mut Vec<PktBuf>, _max: usize) -> usize {
+        0
+    }
+
+    fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        let (mut ok, mut bytes, mut bad) = (0u64, 0u64, 0u64);
+        let n = pkts.len();
+        for b in pkts.drain(..) {
+            match self.intact(b.data()) {
+                Some(len) => {
+                    ok += 1;
+                    bytes += len as u64;
+                }
+                None => bad += 1,
+            }
+            pool.put(b);
+        }
+        self.stats.tx_packets += n as u64;
+        self.counters.packets.fetch_add(ok, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.counters.bad.fetch_add(bad, Ordering::Relaxed);
+        n
+    }
+
+    fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+
+    fn describe(&self) -> String {
+        format!("sink/q{}", self.queue)
+    }
+}
