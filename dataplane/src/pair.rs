@@ -213,8 +213,12 @@ impl Pair {
         n
     }
 
-    /// Polls until nothing moves any more (bounded).
+    /// Polls until nothing moves any more (bounded). Unlimited generators are stopped first;
+    /// limited ones run to their limit.
     pub fn drain(&mut self) {
+        if self.limit.is_none() {
+            self.sent.stop.store(true, Ordering::Relaxed);
+        }
         let mut idle = 0;
         for _ in 0..100_000 {
             if self.step() == 0 {
@@ -281,6 +285,9 @@ impl Pair {
             }
         }
         let elapsed = start.elapsed();
+        // Stop the sources first, let the pipes empty, then stop the workers.
+        self.sent.stop.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
         stop.store(true, Ordering::Relaxed);
         for h in handles {
             let (w, e) = h.join().expect("worker thread panicked");

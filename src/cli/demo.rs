@@ -1,225 +1,159 @@
-//! `espada demo`: west and east in one process, one worker per core, each with its own per-CPU
-//! SA pair (RFC 9611): west encapsulates a burst, east decapsulates it, every packet is checked.
+//! `espada demo`: the lab `sunset — west == east — sunrise` in one process. West and east run
+//! from `configs/west.toml` and `configs/east.toml` (built in, or given with -c/--peer) over
+//! memory ports: one worker per core on each gateway, each with its own per-CPU SA and UDP
+//! source port, the black "NIC" steering each SA to its core. Sunset generates traffic, sunrise
+//! checks every packet; the table shows per-core throughput and every drop.
 
-use anyhow::{bail, Result};
+use crate::cli::report::{self, Report};
+use crate::config;
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use espada_crypto::{Algorithm, Backend, Cipher, KeyMaterial};
-use espada_dataplane::esp::{decapsulate, encapsulate_burst, Decap, Encap};
-use espada_dataplane::{DropCounters, PacketBuf, PktBuf};
-use espada_sadb::{InboundSa, OutboundSa, TunnelEndpoints};
+use espada_dataplane::pair::{GatewaySides, Pair, PairSpec};
+use espada_dataplane::port::memory::Steering;
+use espada_dataplane::worker::Side;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const WEST: &str = include_str!("../../configs/west.toml");
+const EAST: &str = include_str!("../../configs/east.toml");
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {
-    /// Worker cores (0 = all online cores).
-    #[arg(long, default_value_t = 0)]
-    cores: usize,
+    /// West configuration (default: the built-in configs/west.toml).
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// East configuration (default: the built-in configs/east.toml).
+    #[arg(long)]
+    peer: Option<PathBuf>,
+    /// Worker cores per gateway (default: every online core). West worker i and east worker i
+    /// share core i.
+    #[arg(long)]
+    cores: Option<usize>,
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
-    /// Inner IP packet size in bytes (28..=9000).
+    /// Inner IP packet size in bytes (64..=9000).
     #[arg(long, default_value_t = 1400)]
     size: usize,
-    /// Packets per burst.
-    #[arg(long, default_value_t = 32)]
-    burst: usize,
-    /// Crypto backend: ring, aes-gcm, aws-lc.
-    #[arg(long, default_value = "ring")]
-    backend: String,
-    /// Cipher: aes-gcm-128 or aes-gcm-256.
-    #[arg(long, default_value = "aes-gcm-128")]
-    cipher: String,
+    /// UDP flows per core (distinct source ports on the red side).
+    #[arg(long, default_value_t = 16)]
+    flows: u16,
+    /// Steering on east's black side: `flow` (one rule per per-CPU SA source port, as
+    /// `espada pin` installs) or `rss` (hash only: SAs landing on another core are handed off).
+    #[arg(long, default_value = "flow")]
+    steering: String,
+    /// Write the final report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
-struct CoreResult {
-    core: usize,
-    spi: u32,
-    sport: u16,
-    packets: u64,
-    bytes: u64,
-    drops: DropCounters,
-    mismatches: u64,
-    elapsed: Duration,
-}
-
-/// Demo-only keying material, derived from the core index so every per-CPU SA has its own key.
-/// Real deployments take keys from the configuration (hex, key file, or a lab secret).
-fn demo_key(alg: Algorithm, core: usize) -> KeyMaterial {
-    let bytes: Vec<u8> = (0..alg.key_material_len())
-        .map(|i| (i as u8).wrapping_mul(37) ^ (core as u8).wrapping_mul(101) ^ 0x5c)
-        .collect();
-    KeyMaterial::new(alg, &bytes).expect("length matches the algorithm")
-}
-
-fn inner_packet(size: usize) -> Vec<u8> {
-    use espada_wire::{ipv4, udp};
-    let mut b = vec![0u8; size];
-    let r = ipv4::Repr {
-        src: "10.1.0.10".parse().unwrap(),
-        dst: "10.2.0.10".parse().unwrap(),
-        protocol: 17,
-        payload_len: size - 20,
-        ttl: 64,
-        tos: 0,
-        ident: 1,
-        dont_frag: true,
+fn load(path: &Option<PathBuf>, builtin: &str, name: &str) -> Result<config::Config> {
+    let r = match path {
+        Some(p) => config::load(p),
+        None => config::parse(
+            Path::new(&format!("(built-in) configs/{name}.toml")),
+            builtin,
+        ),
     };
-    r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]));
-    let mut u = udp::Packet::new_unchecked(&mut b[20..]);
-    u.set_src_port(40000);
-    u.set_dst_port(5201);
-    u.set_len((size - 20) as u16);
-    b
+    r.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn worker(
-    core: usize,
-    pin: Option<core_affinity::CoreId>,
-    a: DemoArgs,
-    alg: Algorithm,
-    backend: Backend,
-) -> Result<CoreResult> {
-    if let Some(id) = pin {
-        core_affinity::set_for_current(id);
-    }
-    let spi = 0x1000 + core as u32;
-    let sport = 4500 + core as u16;
-    let km = demo_key(alg, core);
-    let mut t = TunnelEndpoints::new("192.168.100.1".parse()?, "192.168.100.2".parse()?);
-    t.src_port = sport;
-    let mut west = OutboundSa::new(spi, Cipher::new(backend, &km)?, true, t);
-    let mut east = InboundSa::new(spi, Cipher::new(backend, &km)?, true, 4096);
-    let inner = inner_packet(a.size);
-    let mut bufs: Vec<PktBuf> = (0..a.burst).map(|_| PktBuf::new(a.size + 256)).collect();
-    let mut verdicts = vec![Encap::Done; a.burst];
-    let mut drops = DropCounters::default();
-    let mut mismatches = 0u64;
-    let (mut packets, mut bytes) = (0u64, 0u64);
-    let deadline = Duration::from_secs_f64(a.duration);
-    let start = Instant::now();
-    let outer = t.outer_len();
-    loop {
-        for b in bufs.iter_mut() {
-            b.load(&inner);
-        }
-        encapsulate_burst(&mut west, &mut bufs, &mut verdicts);
-        for (b, v) in bufs.iter_mut().zip(verdicts.iter()) {
-            if let Encap::Drop(r) = v {
-                drops.inc(*r);
-                continue;
-            }
-            b.adj(outer);
-            match decapsulate(&mut east, b) {
-                Decap::Inner { .. } => {
-                    packets += 1;
-                    bytes += b.len() as u64;
-                    if b.len() != inner.len() || b.data()[..20] != inner[..20] {
-                        mismatches += 1;
-                    }
-                }
-                Decap::Drop(r) => drops.inc(r),
-                Decap::Control => mismatches += 1,
-            }
-        }
-        // Check the clock once per 64 bursts: no syscall per packet.
-        if packets % (64 * a.burst as u64) < a.burst as u64 && start.elapsed() >= deadline {
-            break;
-        }
-    }
-    Ok(CoreResult {
-        core,
-        spi,
-        sport,
-        packets,
-        bytes,
-        drops,
-        mismatches,
-        elapsed: start.elapsed(),
+pub fn sides(c: &config::Config) -> Result<GatewaySides> {
+    let side = |p: &Option<config::PortConfig>, what: &str| -> Result<Side> {
+        let p = p
+            .as_ref()
+            .with_context(|| format!("{}: the [{what}] section is needed", c.file.display()))?;
+        let (IpAddr::V4(ip), gateway) = (p.address, p.gateway) else {
+            bail!("{}: [{what}] address must be IPv4 for the gateway (IPv6 outer and inner packets are supported by the ESP core, not yet by the gateway's neighbor discovery)", c.file.display())
+        };
+        let gateway = match gateway {
+            Some(IpAddr::V4(g)) => Some(g),
+            Some(IpAddr::V6(_)) => bail!("{}: [{what}] gateway must be IPv4", c.file.display()),
+            None => None,
+        };
+        Ok(Side {
+            ip,
+            prefix: p.prefix,
+            mtu: p.mtu,
+            gateway,
+        })
+    };
+    Ok(GatewaySides {
+        red: side(&c.red, "red")?,
+        black: side(&c.black, "black")?,
     })
 }
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
-    let alg = Algorithm::from_name(&a.cipher).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown cipher `{}` (expected aes-gcm-128 or aes-gcm-256)",
-            a.cipher
-        )
-    })?;
-    let backend = Backend::from_name(&a.backend).ok_or_else(|| {
-        anyhow::anyhow!(
-            "unknown backend `{}` (expected ring, aes-gcm or aws-lc)",
-            a.backend
-        )
-    })?;
-    if !(28..=9000).contains(&a.size) {
+    let west = load(&a.config, WEST, "west")?;
+    let east = load(&a.peer, EAST, "east")?;
+    let mm = west.mirror_mismatches(&east);
+    if !mm.is_empty() {
         bail!(
-            "--size must be between 28 and 9000 bytes (an IPv4/UDP packet), got {}",
-            a.size
+            "the two configurations do not mirror each other:\n  {}",
+            mm.join("\n  ")
         );
     }
-    if !(1..=256).contains(&a.burst) {
-        bail!("--burst must be between 1 and 256, got {}", a.burst);
+    if !(64..=9000).contains(&a.size) {
+        bail!("--size must be between 64 and 9000 bytes, got {}", a.size);
     }
     let ids = core_affinity::get_core_ids().unwrap_or_default();
-    let n = if a.cores == 0 {
-        ids.len().max(1)
-    } else {
-        a.cores
+    let workers = a.cores.unwrap_or(ids.len().max(1));
+    if workers == 0 || workers > 1024 {
+        bail!("--cores must be between 1 and 1024");
+    }
+    let t = &west.tunnels[0];
+    let steering = match a.steering.as_str() {
+        "flow" => Steering::UdpSrcPort { base: t.base_port },
+        "rss" => Steering::Rss,
+        s => bail!("--steering must be flow or rss, got {s}"),
     };
-    println!("espada demo: {n} worker(s), one per-CPU SA pair each, {} via {backend}, {} B inner packets, burst {}, {:.1} s", alg, a.size, a.burst, a.duration);
-    let handles: Vec<_> = (0..n)
-        .map(|c| {
-            let a = a.clone();
-            let pin = ids.get(c).copied();
-            std::thread::Builder::new()
-                .name(format!("espada-w{c}"))
-                .spawn(move || worker(c, pin, a, alg, backend))
-        })
-        .collect::<std::io::Result<_>>()?;
-    let mut results = Vec::new();
-    for h in handles {
-        results.push(h.join().map_err(|_| anyhow::anyhow!("worker panicked"))??);
-    }
+    let spec = PairSpec {
+        workers,
+        size: a.size,
+        flows: a.flows.max(1),
+        limit: None,
+        steering,
+        ring_depth: 4096,
+    };
+    let mut pair = Pair::new(
+        west.sadb(workers)?,
+        east.sadb(workers)?,
+        sides(&west)?,
+        sides(&east)?,
+        spec,
+    )?;
     println!(
-        "{:>4}  {:>10}  {:>6}  {:>12}  {:>8}  {:>9}  {:>6}",
-        "core", "spi", "sport", "packets", "Mpps", "Gbit/s", "drops"
+        "espada demo: sunset -> west == east -> sunrise in one process; {workers} core(s), each running west worker i and east worker i; \
+         sa_mode {}, {} per-CPU SA(s) + fallback, {} via {}, {} B inner packets, {:.1} s",
+        west.sa_mode.name(), t.pcpu, t.cipher, west.crypto, a.size, a.duration
     );
-    let (mut tp, mut tb, mut td, mut mm) = (0u64, 0u64, 0u64, 0u64);
-    let mut tot_rate = (0f64, 0f64);
-    for r in &results {
-        let s = r.elapsed.as_secs_f64();
-        let mpps = r.packets as f64 / s / 1e6;
-        let gbps = r.bytes as f64 * 8.0 / s / 1e9;
-        println!(
-            "{:>4}  {:#010x}  {:>6}  {:>12}  {:>8.3}  {:>9.2}  {:>6}",
-            r.core,
-            r.spi,
-            r.sport,
-            r.packets,
-            mpps,
-            gbps,
-            r.drops.total()
-        );
-        tp += r.packets;
-        tb += r.bytes;
-        td += r.drops.total();
-        mm += r.mismatches;
-        tot_rate.0 += mpps;
-        tot_rate.1 += gbps;
-        for (reason, count) in r.drops.nonzero() {
-            println!("      drop {reason}: {count}");
-        }
+    let pins: Vec<_> = (0..workers).map(|i| ids.get(i).copied()).collect();
+    let elapsed = pair.run(Duration::from_secs_f64(a.duration), &pins);
+    pair.drain();
+    let rep = Report::from_pair(&pair, elapsed, a.size);
+    print!("{}", report::table(&rep));
+    if let Some(j) = &a.json {
+        std::fs::write(j, serde_json::to_string_pretty(&rep)? + "\n")
+            .with_context(|| format!("cannot write {}", j.display()))?;
+        println!("report written to {}", j.display());
     }
-    println!(
-        "{:>4}  {:>10}  {:>6}  {:>12}  {:>8.3}  {:>9.2}  {:>6}",
-        "all", "", "", tp, tot_rate.0, tot_rate.1, td
-    );
-    println!("(each core encapsulates and decapsulates every packet: west and east share the core; Gbit/s counts inner IP bytes)");
-    if mm > 0 || tp == 0 {
-        println!("FAILED: {mm} packets came out different from what went in");
+    let sent = pair.sent.packets.load(Ordering::Relaxed);
+    let got = pair.received.packets.load(Ordering::Relaxed);
+    let bad = pair.received.bad.load(Ordering::Relaxed);
+    let dropped = rep
+        .west
+        .iter()
+        .chain(rep.east.iter())
+        .map(|c| c.drops_total)
+        .sum::<u64>();
+    println!("sunset sent {sent}, sunrise received {got} intact ({bad} damaged), {dropped} dropped by the gateways, {} left in rings", pair.link.in_flight());
+    if bad > 0 || got + dropped + pair.link.in_flight() as u64 != sent || got == 0 {
+        println!("FAILED: packets are unaccounted for or damaged");
         return Ok(ExitCode::from(1));
     }
-    let _ = tb;
     Ok(ExitCode::SUCCESS)
 }

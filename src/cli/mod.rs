@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod demo;
+pub mod report;
 pub mod vectors;
 pub mod wireshark;
 pub mod xfrm;

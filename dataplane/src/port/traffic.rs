@@ -8,7 +8,7 @@ use crate::pool::PoolCache;
 use espada_wire::ethernet::{self, MacAddr};
 use espada_wire::{ipv4, udp};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 const MAGIC: u32 = 0xe5ada001;
@@ -39,6 +39,8 @@ pub struct TrafficCounters {
     pub bytes: AtomicU64,
     /// Frames received that were not what was sent (wrong headers or tag).
     pub bad: AtomicU64,
+    /// Set to make generators stop producing (so the pipes can drain).
+    pub stop: AtomicBool,
 }
 
 /// Generates UDP frames addressed to the gateway's red MAC.
@@ -113,6 +115,7 @@ impl Generator {
 impl PortQueue for Generator {
     fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
         let n = match self.spec.limit {
+            _ if self.counters.stop.load(Ordering::Relaxed) => 0,
             Some(l) => (l - self.sent).min(max as u64) as usize,
             None => max,
         };
