@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a gateway on real interfaces (AF_PACKET) from a configuration file.
+    Run(cli::run::RunArgs),
     /// Run west and east in one process and report per-core throughput (the main demo).
     Demo(cli::demo::DemoArgs),
     /// Validate configurations and print the SA table per core (keys redacted).
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
+        Command::Run(a) => cli::run::run(a),
         Command::Vectors(c) => cli::vectors::run(c),
         Command::Check(a) => cli::check::run(a),
         Command::Xfrm(a) => cli::xfrm::run(a),

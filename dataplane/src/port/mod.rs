@@ -9,7 +9,9 @@
 //! * [`af_packet`]: Linux AF_PACKET with TPACKET_V3 RX ring, mapped TX ring, fanout and qdisc
 //!   bypass (veth in namespaces, real NICs).
 
+pub mod af_packet;
 pub mod memory;
+pub mod pcap;
 
 pub mod traffic;
 

@@ -1,0 +1,473 @@
+//! Linux AF_PACKET port: a TPACKET_V3 receive ring and a mapped TPACKET_V3 transmit ring per
+//! worker queue, the queues of one interface joined in a `PACKET_FANOUT` group (the kernel
+//! hashes flows across them, like RSS), `PACKET_QDISC_BYPASS` on transmit and
+//! `PACKET_IGNORE_OUTGOING` so a queue never reads back what it sent.
+//!
+//! Receive copies each frame once from the ring into a pool buffer (the ring is the kernel's
+//! memory); transmit copies into a ring slot and kicks the kernel once per burst with one
+//! `sendto`. Nothing else makes a syscall on the packet path.
+//!
+//! All `unsafe` of the dataplane crate lives here; each block says why it is sound.
+#![allow(unsafe_code)]
+
+use super::{PortQueue, PortStats};
+use crate::pktbuf::{PacketBuf, PktBuf};
+use crate::pool::PoolCache;
+use espada_wire::ethernet::MacAddr;
+use std::ffi::CString;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const SOL_PACKET: libc::c_int = 263;
+const PACKET_RX_RING: libc::c_int = 5;
+const PACKET_STATISTICS: libc::c_int = 6;
+const PACKET_VERSION: libc::c_int = 10;
+const PACKET_TX_RING: libc::c_int = 13;
+const PACKET_FANOUT: libc::c_int = 18;
+const PACKET_QDISC_BYPASS: libc::c_int = 20;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const TPACKET_V3: libc::c_int = 2;
+const PACKET_FANOUT_HASH: u32 = 0;
+const PACKET_FANOUT_FLAG_DEFRAG: u32 = 0x8000;
+
+const TP_STATUS_KERNEL: u32 = 0;
+const TP_STATUS_USER: u32 = 1;
+const TP_STATUS_AVAILABLE: u32 = 0;
+const TP_STATUS_SEND_REQUEST: u32 = 1;
+const TP_STATUS_SENDING: u32 = 2;
+const TP_STATUS_WRONG_FORMAT: u32 = 4;
+
+/// `struct tpacket3_hdr` is 48 bytes; TX data starts right after it (TPACKET3_HDRLEN minus
+/// `sizeof(struct sockaddr_ll)`).
+const TP3_HDR_LEN: usize = 48;
+
+#[repr(C)]
+struct TpacketReq3 {
+    tp_block_size: u32,
+    tp_block_nr: u32,
+    tp_frame_size: u32,
+    tp_frame_nr: u32,
+    tp_retire_blk_tov: u32,
+    tp_sizeof_priv: u32,
+    tp_feature_req_word: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TpacketStatsV3 {
+    tp_packets: u32,
+    tp_drops: u32,
+    tp_freeze_q_cnt: u32,
+}
+
+/// Ring geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct RingConfig {
+    /// RX block size (a multiple of the page size).
+    pub rx_block_size: u32,
+    /// RX blocks.
+    pub rx_blocks: u32,
+    /// TX frame size (holds the largest frame + 48 bytes).
+    pub tx_frame_size: u32,
+    /// TX frames.
+    pub tx_frames: u32,
+    /// Milliseconds after which a partly filled RX block is handed to user space.
+    pub retire_ms: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            rx_block_size: 1 << 18,
+            rx_blocks: 16,
+            tx_frame_size: 1 << 14,
+            tx_frames: 512,
+            retire_ms: 1,
+        }
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt<T>(fd: libc::c_int, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
+    // SAFETY: `v` points to a live, initialised `T` and we pass its exact size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            v as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
+}
+
+/// The MAC address of an interface, from sysfs.
+pub fn interface_mac(iface: &str) -> io::Result<MacAddr> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))?;
+    MacAddr::parse(s.trim()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad MAC for {iface}: {s}"),
+        )
+    })
+}
+
+fn ifindex(iface: &str) -> io::Result<libc::c_uint> {
+    let c = CString::new(iface)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name contains NUL"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface named {iface}"),
+        ))
+    } else {
+        Ok(i)
+    }
+}
+
+/// One AF_PACKET socket with its two rings: one worker's queue of an interface.
+pub struct AfPacketQueue {
+    fd: libc::c_int,
+    map: *mut u8,
+    map_len: usize,
+    rx_block_size: usize,
+    rx_blocks: usize,
+    tx_off: usize,
+    tx_frame_size: usize,
+    tx_frames: usize,
+    // receive cursor
+    block: usize,
+    pkt_left: u32,
+    pkt_off: usize,
+    // transmit cursor
+    tx_next: usize,
+    mac: MacAddr,
+    name: String,
+    stats: PortStats,
+}
+
+// SAFETY: the mapping and the socket are owned by this value only; moving it to another
+// thread moves that ownership (no aliasing pointers are kept elsewhere).
+unsafe impl Send for AfPacketQueue {}
+
+impl AfPacketQueue {
+    /// Opens queue `queue` of `iface`, joined to fanout group `fanout_id` when `queues > 1`.
+    pub fn open(
+        iface: &str,
+        queue: usize,
+        queues: usize,
+        fanout_id: u16,
+        rc: RingConfig,
+    ) -> io::Result<AfPacketQueue> {
+        let idx = ifindex(iface)?;
+        let mac = interface_mac(iface)?;
+        let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+        // SAFETY: plain socket(2) call.
+        let fd = cvt(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto)
+        })?;
+        let close_on_err = |e: io::Error| {
+            // SAFETY: fd was returned by socket(2) above and is closed once.
+            unsafe { libc::close(fd) };
+            e
+        };
+        setsockopt(fd, SOL_PACKET, PACKET_VERSION, &TPACKET_V3).map_err(close_on_err)?;
+        let one: libc::c_int = 1;
+        setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one).map_err(close_on_err)?;
+        // Best effort (kernel >= 4.20); the RX path also skips outgoing frames by itself.
+        let _ = setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one);
+        let rx = TpacketReq3 {
+            tp_block_size: rc.rx_block_size,
+            tp_block_nr: rc.rx_blocks,
+            tp_frame_size: 2048,
+            tp_frame_nr: rc.rx_block_size / 2048 * rc.rx_blocks,
+            tp_retire_blk_tov: rc.retire_ms,
+            tp_sizeof_priv: 0,
+            tp_feature_req_word: 0,
+        };
+        setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &rx).map_err(close_on_err)?;
+        let tx_block = rc.tx_frame_size.max(4096);
+        let tx = TpacketReq3 {
+            tp_block_size: tx_block,
+            tp_block_nr: rc.tx_frames,
+            tp_frame_size: rc.tx_frame_size,
+            tp_frame_nr: rc.tx_frames * (tx_block / rc.tx_frame_size),
+            tp_retire_blk_tov: 0,
+            tp_sizeof_priv: 0,
+            tp_feature_req_word: 0,
+        };
+        setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx).map_err(close_on_err)?;
+        let rx_len = rc.rx_block_size as usize * rc.rx_blocks as usize;
+        let tx_len = tx_block as usize * rc.tx_frames as usize;
+        // SAFETY: mapping the socket's rings as the packet(7) API documents; length = both rings.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                rx_len + tx_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_LOCKED,
+                fd,
+                0,
+            )
+        };
+        let map = if map == libc::MAP_FAILED {
+            // MAP_LOCKED needs RLIMIT_MEMLOCK; retry without it.
+            // SAFETY: as above.
+            let m = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    rx_len + tx_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd,
+                    0,
+                )
+            };
+            if m == libc::MAP_FAILED {
+                return Err(close_on_err(io::Error::last_os_error()));
+            }
+            m
+        } else {
+            map
+        };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value we then fill in.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = idx as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll and we pass its size.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        let q = AfPacketQueue {
+            fd,
+            map: map as *mut u8,
+            map_len: rx_len + tx_len,
+            rx_block_size: rc.rx_block_size as usize,
+            rx_blocks: rc.rx_blocks as usize,
+            tx_off: rx_len,
+            tx_frame_size: rc.tx_frame_size as usize,
+            tx_frames: (tx_len / rc.tx_frame_size as usize),
+            block: 0,
+            pkt_left: 0,
+            pkt_off: 0,
+            tx_next: 0,
+            mac,
+            name: format!("af_packet:{iface}/q{queue}"),
+            stats: PortStats::default(),
+        };
+        cvt(r)?; // q's Drop closes the socket and unmaps on error
+        if queues > 1 {
+            let arg: u32 =
+                fanout_id as u32 | ((PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16);
+            setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg)?;
+        }
+        Ok(q)
+    }
+
+    #[inline]
+    fn status(&self, off: usize) -> &AtomicU32 {
+        debug_assert!(off + 4 <= self.map_len && off % 4 == 0);
+        // SAFETY: `off` is inside the mapping and 4-byte aligned (block and frame starts are
+        // page/16-byte aligned; status fields are at fixed 4-aligned offsets). The kernel
+        // writes the same word concurrently, hence an atomic view.
+        unsafe { &*(self.map.add(off) as *const AtomicU32) }
+    }
+
+    #[inline]
+    fn read_u32(&self, off: usize) -> u32 {
+        // SAFETY: inside the mapping (offsets come from the kernel's block layout, bounded by
+        // the block size checks below); read_unaligned tolerates any alignment.
+        unsafe { std::ptr::read_unaligned(self.map.add(off) as *const u32) }
+    }
+
+    #[inline]
+    fn read_u16(&self, off: usize) -> u16 {
+        // SAFETY: as `read_u32`.
+        unsafe { std::ptr::read_unaligned(self.map.add(off) as *const u16) }
+    }
+
+    /// Kernel-side counters (packets seen / dropped since the last call).
+    fn kernel_stats(&self) -> (u64, u64) {
+        let mut st = TpacketStatsV3::default();
+        let mut len = std::mem::size_of::<TpacketStatsV3>() as libc::socklen_t;
+        // SAFETY: `st` is a valid buffer of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd,
+                SOL_PACKET,
+                PACKET_STATISTICS,
+                &mut st as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if r < 0 {
+            (0, 0)
+        } else {
+            (st.tp_packets as u64, st.tp_drops as u64)
+        }
+    }
+
+    /// Kernel drops since the last call (for periodic stats; a syscall, never per packet).
+    pub fn poll_kernel_drops(&mut self) -> u64 {
+        let (_, d) = self.kernel_stats();
+        self.stats.rx_dropped += d;
+        d
+    }
+}
+
+impl Drop for AfPacketQueue {
+    fn drop(&mut self) {
+        // SAFETY: the mapping and fd are owned by self and released exactly once.
+        unsafe {
+            libc::munmap(self.map as *mut libc::c_void, self.map_len);
+            libc::close(self.fd);
+        }
+    }
+}
+
+impl PortQueue for AfPacketQueue {
+    fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            let base = self.block * self.rx_block_size;
+            if self.pkt_left == 0 {
+                // block_status at offset 8 of tpacket_block_desc.
+                if self.status(base + 8).load(Ordering::Acquire) & TP_STATUS_USER == 0 {
+                    break;
+                }
+                self.pkt_left = self.read_u32(base + 12);
+                self.pkt_off = self.read_u32(base + 16) as usize;
+                if self.pkt_left == 0 {
+                    self.status(base + 8)
+                        .store(TP_STATUS_KERNEL, Ordering::Release);
+                    self.block = (self.block + 1) % self.rx_blocks;
+                    continue;
+                }
+            }
+            let h = base + self.pkt_off;
+            let next = self.read_u32(h) as usize;
+            let snaplen = self.read_u32(h + 12) as usize;
+            let mac_off = self.read_u16(h + 24) as usize;
+            let valid = self.pkt_off + mac_off + snaplen <= self.rx_block_size;
+            // sockaddr_ll follows the header: sll_pkttype at offset 10 within it.
+            let pkttype = {
+                // SAFETY: inside the block (header + sockaddr_ll precede the frame data).
+                unsafe { *self.map.add(h + TP3_HDR_LEN + 10) }
+            };
+            if valid && pkttype != libc::PACKET_OUTGOING {
+                match pool.get() {
+                    Some(mut b) => {
+                        if let Some(d) = b.append(snaplen) {
+                            // SAFETY: [h+mac_off, h+mac_off+snaplen) is inside the block (checked
+                            // by `valid`), and `d` is a distinct heap buffer of that length.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    self.map.add(h + mac_off),
+                                    d.as_mut_ptr(),
+                                    snaplen,
+                                )
+                            };
+                            self.stats.rx_packets += 1;
+                            self.stats.rx_bytes += snaplen as u64;
+                            out.push(b);
+                            n += 1;
+                        } else {
+                            self.stats.rx_dropped += 1;
+                            pool.put(b);
+                        }
+                    }
+                    None => self.stats.rx_dropped += 1,
+                }
+            }
+            self.pkt_left -= 1;
+            if self.pkt_left == 0 || next == 0 {
+                self.pkt_left = 0;
+                self.status(base + 8)
+                    .store(TP_STATUS_KERNEL, Ordering::Release);
+                self.block = (self.block + 1) % self.rx_blocks;
+            } else {
+                self.pkt_off += next;
+            }
+        }
+        n
+    }
+
+    fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        let mut queued = 0;
+        for b in pkts.drain(..) {
+            let len = b.len();
+            let slot = self.tx_off + self.tx_next * self.tx_frame_size;
+            let st = self.status(slot + 20).load(Ordering::Acquire);
+            if len + TP3_HDR_LEN > self.tx_frame_size
+                || (st != TP_STATUS_AVAILABLE && st & TP_STATUS_WRONG_FORMAT == 0)
+            {
+                self.stats.tx_dropped += 1;
+                pool.put(b);
+                continue;
+            }
+            // SAFETY: the slot belongs to user space (status AVAILABLE or WRONG_FORMAT), is
+            // inside the TX ring, and `len + 48 <= frame size` was checked.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    b.data().as_ptr(),
+                    self.map.add(slot + TP3_HDR_LEN),
+                    len,
+                );
+                std::ptr::write_unaligned(self.map.add(slot) as *mut u32, 0); // tp_next_offset
+                std::ptr::write_unaligned(self.map.add(slot + 12) as *mut u32, len as u32); // snaplen
+                std::ptr::write_unaligned(self.map.add(slot + 16) as *mut u32, len as u32);
+                // len
+            }
+            self.status(slot + 20)
+                .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
+            self.tx_next = (self.tx_next + 1) % self.tx_frames;
+            self.stats.tx_bytes += len as u64;
+            queued += 1;
+            pool.put(b);
+        }
+        if queued > 0 {
+            // One kick per burst. EAGAIN/ENOBUFS leave the frames queued for the next kick.
+            // SAFETY: sendto with a null buffer is the documented TX-ring kick.
+            unsafe {
+                libc::sendto(
+                    self.fd,
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            self.stats.tx_packets += queued as u64;
+        }
+        let _ = TP_STATUS_SENDING;
+        queued
+    }
+
+    fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}

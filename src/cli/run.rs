@@ -1,0 +1,309 @@
+//! `espada run -c FILE`: a gateway on real interfaces (AF_PACKET), one pinned worker per core,
+//! a live per-core table once a second, JSON lines on request, totals on exit (SIGINT/SIGTERM).
+
+use crate::cli::demo::sides;
+use crate::cli::report::{core_report, rows, CoreReport};
+use crate::config;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use crossbeam_queue::ArrayQueue;
+use espada_dataplane::neighbor::NeighborTable;
+use espada_dataplane::pool::{Pool, PoolCache};
+use espada_dataplane::port::af_packet::{AfPacketQueue, RingConfig};
+use espada_dataplane::port::pcap::Tap;
+use espada_dataplane::port::PortQueue;
+use espada_dataplane::worker::{GatewayShared, StatsCell, Worker, WorkerStats};
+use espada_sadb::db::{EventQueue, SaDbHandle};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Gateway configuration.
+    #[arg(short = 'c', long = "config")]
+    config: PathBuf,
+    /// Worker count (default: from the configuration, else every online core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Seconds between live table updates (0 = no live table).
+    #[arg(long, default_value_t = 1.0)]
+    interval: f64,
+    /// Append one JSON line of per-core counters per interval to this file.
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Record the black side's frames (both directions, all queues) to FILE-q<N>.pcap.
+    #[arg(long)]
+    pcap_black: Option<PathBuf>,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+fn open_queue(
+    iface: &str,
+    q: usize,
+    n: usize,
+    fanout: u16,
+    tap: Option<&PathBuf>,
+) -> Result<Box<dyn PortQueue>> {
+    let mut last = None;
+    // A socket of a previous run may still be going away: retry briefly.
+    for _ in 0..20 {
+        match AfPacketQueue::open(iface, q, n, fanout, RingConfig::default()) {
+            Ok(p) => {
+                return Ok(match tap {
+                    Some(base) => Box::new(Tap::new(
+                        p,
+                        &PathBuf::from(format!("{}-q{q}.pcap", base.display())),
+                    )?),
+                    None => Box::new(p),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("interface {iface}: {e}"),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                bail!("interface {iface}: {e} (AF_PACKET needs root or CAP_NET_RAW)")
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(last
+        .map(|e| anyhow::anyhow!("interface {iface} queue {q}: {e}"))
+        .unwrap_or_else(|| anyhow::anyhow!("interface {iface}: cannot open")))
+}
+
+pub fn run(a: RunArgs) -> Result<ExitCode> {
+    let c = match config::load(&a.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let gw = sides(&c)?;
+    let n = a.workers.unwrap_or_else(|| c.resolved_workers()).max(1);
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    let cores: Vec<usize> = match &c.cores {
+        Some(v) => v.clone(),
+        None => (0..n).map(|i| i % ids.len().max(1)).collect(),
+    };
+    let red_if = c
+        .red
+        .as_ref()
+        .map(|p| p.interface.clone())
+        .context("[red] is needed")?;
+    let black_if = c
+        .black
+        .as_ref()
+        .map(|p| p.interface.clone())
+        .context("[black] is needed")?;
+    let neigh: Vec<_> = c
+        .neighbors
+        .iter()
+        .filter_map(|(ip, m)| {
+            if let IpAddr::V4(v) = ip {
+                Some((*v, *m))
+            } else {
+                None
+            }
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let shared = GatewayShared {
+        red: gw.red,
+        black: gw.black,
+        sadb: SaDbHandle::new(c.sadb(n)?),
+        neighbors: NeighborTable::new(&neigh),
+        handoff: Arc::new((0..n).map(|_| ArrayQueue::new(4096)).collect()),
+        control: Arc::new(ArrayQueue::new(256)),
+        events: Arc::new(EventQueue::new(1024)),
+        stop: stop.clone(),
+        icmp_rate: 100,
+    };
+    let mtu = gw.red.mtu.max(gw.black.mtu) as usize;
+    let pool = Pool::new(n * 8192, mtu + 14 + 256);
+    let fanout = (std::process::id() as u16) ^ 0x5a00;
+    let mut workers = Vec::new();
+    for i in 0..n {
+        let red = open_queue(&red_if, i, n, fanout, None)?;
+        let black = open_queue(
+            &black_if,
+            i,
+            n,
+            fanout.wrapping_add(1),
+            a.pcap_black.as_ref(),
+        )?;
+        workers.push(Worker::new(
+            i,
+            shared.clone(),
+            red,
+            black,
+            PoolCache::new(pool.clone()),
+        )?);
+    }
+    let cells: Vec<Arc<StatsCell>> = workers.iter().map(|w| w.stats_cell()).collect();
+    eprintln!(
+        "espada run: gateway \"{}\" red {} ({}) black {} ({}), {n} worker(s) on cores {}, sa_mode {}, crypto {}",
+        c.name, red_if, gw.red.ip, black_if, gw.black.ip, espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]), c.sa_mode.name(), c.crypto
+    );
+    let handles: Vec<_> = workers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut w)| {
+            let pin = if a.no_pin {
+                None
+            } else {
+                ids.iter()
+                    .find(|id| id.id == cores[i % cores.len()])
+                    .copied()
+            };
+            std::thread::Builder::new()
+                .name(format!("espada-w{i}"))
+                .spawn(move || {
+                    if let Some(id) = pin {
+                        core_affinity::set_for_current(id);
+                    }
+                    w.run();
+                    w
+                })
+        })
+        .collect::<std::io::Result<_>>()?;
+
+    let start = Instant::now();
+    let mut json = match &a.stats_json {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut prev: Vec<WorkerStats> = vec![WorkerStats::default(); n];
+    let interval = Duration::from_secs_f64(if a.interval > 0.0 { a.interval } else { 1.0 });
+    let mut last = Instant::now();
+    let mut ike = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        if a.duration
+            .is_some_and(|d| start.elapsed().as_secs_f64() >= d)
+        {
+            stop.store(true, Ordering::Relaxed);
+        }
+        while let Some(b) = shared.control.pop() {
+            ike += 1;
+            drop(b);
+        }
+        while let Some(e) = shared.events.pop() {
+            eprintln!(
+                "espada: SA {:#010x} ({:?}) reached its {:?} lifetime on core {}",
+                e.spi, e.dir, e.stage, e.core
+            );
+        }
+        if last.elapsed() < interval {
+            continue;
+        }
+        let dt = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        let now: Vec<WorkerStats> = cells.iter().map(|c| c.read()).collect();
+        let mut line = format!("{:>7.1}s", start.elapsed().as_secs_f64());
+        let mut js = Vec::new();
+        for (i, (s, p)) in now.iter().zip(prev.iter()).enumerate() {
+            let enc = (s.encap_packets - p.encap_packets) as f64 / dt;
+            let dec = (s.decap_packets - p.decap_packets) as f64 / dt;
+            let gb = ((s.encap_bytes - p.encap_bytes) + (s.decap_bytes - p.decap_bytes)) as f64
+                * 8.0
+                / dt
+                / 1e9;
+            let dr = s.drops.total() - p.drops.total();
+            line.push_str(&format!(
+                " | core {i}: enc {:.3} dec {:.3} Mpps {:.2} Gbit/s drop {dr}",
+                enc / 1e6,
+                dec / 1e6,
+                gb
+            ));
+            js.push(serde_json::json!({"core": i, "encap_pps": enc, "decap_pps": dec, "gbps_inner": gb, "drops": dr,
+                "handoff_out": s.handoff_out - p.handoff_out, "red_rx": s.red_rx, "black_rx": s.black_rx}));
+        }
+        if a.interval > 0.0 {
+            eprintln!("{line}");
+        }
+        if let Some(f) = &mut json {
+            let _ = writeln!(
+                f,
+                "{}",
+                serde_json::json!({"t": start.elapsed().as_secs_f64(), "gateway": c.name, "cores": js})
+            );
+        }
+        prev = now;
+    }
+    let elapsed = start.elapsed();
+    let mut done = Vec::new();
+    for h in handles {
+        done.push(h.join().map_err(|_| anyhow::anyhow!("a worker panicked"))?);
+    }
+    let secs = elapsed.as_secs_f64();
+    let enc: Vec<CoreReport> = done
+        .iter()
+        .zip(cells.iter())
+        .map(|(w, c)| core_report(w.core(), w.stats(), c, secs, true))
+        .collect();
+    let dec: Vec<CoreReport> = done
+        .iter()
+        .zip(cells.iter())
+        .map(|(w, c)| core_report(w.core(), w.stats(), c, secs, false))
+        .collect();
+    let mut s = String::new();
+    rows(&mut s, "out", "encapsulated", &enc);
+    rows(&mut s, "in", "decapsulated", &dec);
+    println!(
+        "espada run: gateway \"{}\" stopped after {secs:.1} s; totals:",
+        c.name
+    );
+    print!("{s}");
+    for w in &done {
+        let st = w.stats();
+        let (r, b) = w.ports();
+        println!(
+            "core {}: red rx {} tx {} | black rx {} tx {} | handoff out {} in {} | arp replies {} requests {} | icmp {} | port drops red {} black {}",
+            w.core(), st.red_rx, st.red_tx, st.black_rx, st.black_tx, st.handoff_out, st.handoff_in, st.arp_replies, st.arp_requests, st.icmp_sent,
+            r.stats().tx_dropped + r.stats().rx_dropped, b.stats().tx_dropped + b.stats().rx_dropped
+        );
+        for sa in w.sas().outbound_sas() {
+            println!(
+                "  out SA {:#010x} port {}: {} packets, {} bytes",
+                sa.spi, sa.tunnel.src_port, sa.counters.packets, sa.counters.bytes
+            );
+        }
+        for sa in w.sas().inbound_sas() {
+            println!(
+                "  in  SA {:#010x}: {} packets, {} bytes",
+                sa.spi, sa.counters.packets, sa.counters.bytes
+            );
+        }
+    }
+    if ike > 0 {
+        println!("{ike} IKE message(s) reached the control path (no IKE daemon is attached: dropped there)");
+    }
+    if let Some(p) = &a.stats_json {
+        let mut f = std::fs::OpenOptions::new().append(true).open(p)?;
+        let _ = writeln!(
+            f,
+            "{}",
+            serde_json::json!({"final": true, "seconds": secs, "encap": enc, "decap": dec})
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
