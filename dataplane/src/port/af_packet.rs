@@ -281,7 +281,7 @@ impl AfPacketQueue {
 
     #[inline]
     fn status(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off + 4 <= self.map_len && off % 4 == 0);
+        debug_assert!(off + 4 <= self.map_len && off.is_multiple_of(4));
         // SAFETY: `off` is inside the mapping and 4-byte aligned (block and frame starts are
         // page/16-byte aligned; status fields are at fixed 4-aligned offsets). The kernel
         // writes the same word concurrently, hence an atomic view.
