@@ -234,8 +234,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 dec / 1e6,
                 gb
             ));
+            let by_reason: std::collections::BTreeMap<&str, u64> =
+                s.drops.nonzero().map(|(r, n)| (r.label(), n)).collect();
             js.push(serde_json::json!({"core": i, "encap_pps": enc, "decap_pps": dec, "gbps_inner": gb, "drops": dr,
-                "handoff_out": s.handoff_out - p.handoff_out, "red_rx": s.red_rx, "black_rx": s.black_rx}));
+                "handoff_out": s.handoff_out - p.handoff_out, "red_rx": s.red_rx, "black_rx": s.black_rx,
+                "encap_packets": s.encap_packets, "decap_packets": s.decap_packets, "drops_total": s.drops.total(), "drops_by_reason": by_reason}));
         }
         if a.interval > 0.0 {
             eprintln!("{line}");
