@@ -30,6 +30,9 @@ enum Command {
     Xfrm(cli::xfrm::XfrmArgs),
     /// Print the Wireshark/tshark `esp_sa` entries that decrypt espada's traffic.
     Wireshark(cli::wireshark::WiresharkArgs),
+    /// Plan, apply or check core/IRQ/flow-rule pinning for a gateway.
+    #[command(subcommand)]
+    Pin(cli::pin::PinCmd),
     /// Check or generate ESP-in-UDP known-answer vector files.
     #[command(subcommand)]
     Vectors(cli::vectors::VectorsCmd),
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cli::run::run(a),
         Command::Vectors(c) => cli::vectors::run(c),
         Command::Check(a) => cli::check::run(a),
+        Command::Pin(c) => cli::pin::run(c),
         Command::Xfrm(a) => cli::xfrm::run(a),
         Command::Wireshark(a) => cli::wireshark::run(a),
     };

@@ -164,3 +164,41 @@ fn wireshark_entries_cover_every_sa() {
     assert_eq!(lines.len(), 1 + 6);
     assert!(lines[2].starts_with("uat:esp_sa:\"IPv4\",\"192.168.100.1\",\"192.168.100.2\",\"0x00001001\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x"));
 }
+
+#[test]
+fn pin_plan_on_this_host_explains_what_is_missing() {
+    let (code, out, err) = espada(&["pin", "plan", "-c", "configs/west.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("#!/bin/sh\n# espada pinning plan for gateway \"west\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("# NOTE: interface west-red does not exist on this host"),
+        "{out}"
+    );
+    assert!(out.contains("no flow rules; espada hands packets to the owning core in software"));
+    assert!(
+        out.contains("#   in       1  0x00002002       4502"),
+        "{out}"
+    );
+    let (code, out, _) = espada(&["pin", "plan", "-c", "configs/west.toml", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["sas"].as_array().unwrap().len(), 4);
+    // A root without sysfs is a clear error, not a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = espada(&[
+        "pin",
+        "plan",
+        "-c",
+        "configs/west.toml",
+        "--root",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("reading the host under") && err.contains("sys/devices/system/cpu/online"),
+        "{err}"
+    );
+}

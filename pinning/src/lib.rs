@@ -1,10 +1,19 @@
-//! espada-pinning: which cores the workers run on.
+//! espada-pinning: the lab's tuning scripts as a planner.
 //!
-//! Today: the kernel's CPU-list syntax (`0-3,8,10-11`, as in `isolcpus=`, `/sys/devices/system/
-//! cpu/online` and `smp_affinity_list`), parsed and printed, and the choice of worker cores from
-//! the online set. The full topology planner (IRQs, flow rules, RSS) grows here.
+//! * [`topology::discover`] reads CPUs, SMT siblings, NUMA nodes, `isolcpus`/`nohz_full`, each
+//!   NIC's node, queues and IRQs, and irqbalance from a sysfs/procfs root;
+//! * [`plan::plan`] is a pure function of that topology and the gateway's needs: worker cores,
+//!   IRQ affinities, flow rules per per-CPU SA, RSS, and the SA → core → queue → IRQ → port table;
+//! * [`plan::render_script`] writes it as a reviewable shell script; [`apply::apply`] applies it
+//!   (idempotently) and [`apply::check`] compares a host with it.
+//!
+//! Also the kernel's CPU-list syntax (`0-3,8,10-11`).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+pub mod apply;
+pub mod plan;
+pub mod topology;
 
 use std::fmt::Write as _;
 

@@ -91,9 +91,24 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let gw = sides(&c)?;
     let n = a.workers.unwrap_or_else(|| c.resolved_workers()).max(1);
     let ids = core_affinity::get_core_ids().unwrap_or_default();
+    // Worker cores come from the same plan `espada pin` prints (isolated cores first, the NIC's
+    // NUMA node, no SMT siblings); if the host cannot be read, cores 0..n.
     let cores: Vec<usize> = match &c.cores {
         Some(v) => v.clone(),
-        None => (0..n).map(|i| i % ids.len().max(1)).collect(),
+        None => {
+            let mut c2 = c.clone();
+            c2.workers = n;
+            match crate::cli::pin::make_plan(&c2, std::path::Path::new("/"), true) {
+                Ok((_, p)) => p.worker_cores,
+                Err(e) => {
+                    eprintln!(
+                        "espada run: no pinning plan ({e:#}); workers on cores 0..{}",
+                        n - 1
+                    );
+                    (0..n).map(|i| i % ids.len().max(1)).collect()
+                }
+            }
+        }
     };
     let red_if = c
         .red
