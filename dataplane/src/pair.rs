@@ -52,6 +52,25 @@ pub struct PairSpec {
     pub steering: Steering,
     /// Ring depth of the memory link.
     pub ring_depth: usize,
+    /// Packets per second per generator queue (`None`: as fast as possible).
+    pub rate: Option<f64>,
+    /// IMIX sizes instead of `size`.
+    pub imix: bool,
+}
+
+impl Default for PairSpec {
+    fn default() -> Self {
+        PairSpec { workers: 1, size: 1400, flows: 16, limit: None, steering: Steering::UdpSrcPort { base: 4501 }, ring_depth: 4096, rate: None, imix: false }
+    }
+}
+
+/// Where the worker threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// West worker i and east worker i share core i (one thread per core).
+    Shared,
+    /// West worker i on core i, east worker i on core `workers + i` (two threads per pair).
+    Split,
 }
 
 /// Addresses of one gateway.
@@ -155,6 +174,8 @@ impl Pair {
             size: spec.size,
             flows: spec.flows,
             limit: spec.limit,
+            rate: spec.rate,
+            imix: spec.imix,
         };
         let mut ww = Vec::new();
         let mut ew = Vec::new();
@@ -236,6 +257,14 @@ impl Pair {
     /// and east worker i, until `duration` has passed or the generators are exhausted and the
     /// link is empty. Returns the elapsed time.
     pub fn run(&mut self, duration: Duration, cores: &[Option<core_affinity::CoreId>]) -> Duration {
+        self.run_with(duration, cores, Layout::Shared, |_| {})
+    }
+
+    /// Like [`Pair::run`] with a thread layout, calling `tick(elapsed)` every 100 ms (progress).
+    pub fn run_with(&mut self, duration: Duration, cores: &[Option<core_affinity::CoreId>], layout: Layout, mut tick: impl FnMut(Duration)) -> Duration {
+        if layout == Layout::Split {
+            return self.run_split(duration, cores, tick);
+        }
         let stop = self.west.shared.stop.clone();
         stop.store(false, Ordering::Relaxed);
         let start = Instant::now();
@@ -267,11 +296,14 @@ impl Pair {
                             w.poll();
                             e.poll();
                         }
+                        w.finish();
+                        e.finish();
                         (w, e)
                     })
                     .expect("spawn worker thread")
             })
             .collect();
+        let mut last_tick = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(5));
             let done = limit.is_some_and(|l| {
@@ -282,6 +314,10 @@ impl Pair {
             });
             if start.elapsed() >= duration || done {
                 break;
+            }
+            if last_tick.elapsed() >= Duration::from_millis(100) {
+                last_tick = Instant::now();
+                tick(start.elapsed());
             }
         }
         let elapsed = start.elapsed();
@@ -294,6 +330,50 @@ impl Pair {
             self.west.workers.push(w);
             self.east.workers.push(e);
         }
+        elapsed
+    }
+
+    fn run_split(&mut self, duration: Duration, cores: &[Option<core_affinity::CoreId>], mut tick: impl FnMut(Duration)) -> Duration {
+        let stop = self.west.shared.stop.clone();
+        stop.store(false, Ordering::Relaxed);
+        let n = self.west.workers.len();
+        let start = Instant::now();
+        let spawn = |mut w: Worker, pin: Option<core_affinity::CoreId>, stop: Arc<AtomicBool>, name: String| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    if let Some(id) = pin {
+                        core_affinity::set_for_current(id);
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        if w.poll() == 0 {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    for _ in 0..64 {
+                        w.poll();
+                    }
+                    w.finish();
+                    w
+                })
+                .expect("spawn worker thread")
+        };
+        let wh: Vec<_> = std::mem::take(&mut self.west.workers).into_iter().enumerate().map(|(i, w)| spawn(w, cores.get(i).copied().flatten(), stop.clone(), format!("west-w{i}"))).collect();
+        let eh: Vec<_> = std::mem::take(&mut self.east.workers).into_iter().enumerate().map(|(i, w)| spawn(w, cores.get(n + i).copied().flatten(), stop.clone(), format!("east-w{i}"))).collect();
+        let mut last_tick = Instant::now();
+        while start.elapsed() < duration {
+            std::thread::sleep(Duration::from_millis(5));
+            if last_tick.elapsed() >= Duration::from_millis(100) {
+                last_tick = Instant::now();
+                tick(start.elapsed());
+            }
+        }
+        let elapsed = start.elapsed();
+        self.sent.stop.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Relaxed);
+        self.west.workers = wh.into_iter().map(|h| h.join().expect("west worker panicked")).collect();
+        self.east.workers = eh.into_iter().map(|h| h.join().expect("east worker panicked")).collect();
         elapsed
     }
 

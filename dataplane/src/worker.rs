@@ -320,8 +320,15 @@ impl Worker {
         for _ in 0..4 {
             self.poll();
         }
+        self.finish();
+    }
+
+    /// Publishes the final counters and lets the ports flush (call once, after the last poll).
+    pub fn finish(&mut self) {
         self.cell.publish(&self.stats);
         self.publish_sa_stats();
+        self.red.finish();
+        self.black.finish();
     }
 
     fn now_ns(&self) -> u64 {

@@ -118,6 +118,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         limit: None,
         steering,
         ring_depth: 4096,
+        ..Default::default()
     };
     let mut pair = Pair::new(
         west.sadb(workers)?,

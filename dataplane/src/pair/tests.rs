@@ -24,7 +24,8 @@ fn pair(workers: usize, pcpu: usize, mode: SaMode, steering: Steering, limit: u6
             limit: Some(limit),
             steering,
             ring_depth: 4096,
-        },
+        ..Default::default()
+    },
     )
     .unwrap()
 }

@@ -49,4 +49,6 @@ pub trait PortQueue: Send {
     fn stats(&self) -> PortStats;
     /// A short description for logs ("memory:black/q0", "af_packet:west-red").
     fn describe(&self) -> String;
+    /// Called once when the worker stops (flush buffered records, merge histograms).
+    fn finish(&mut self) {}
 }

@@ -8,8 +8,10 @@ use crate::pool::PoolCache;
 use espada_wire::ethernet::{self, MacAddr};
 use espada_wire::{ipv4, udp};
 use std::net::Ipv4Addr;
+use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 const MAGIC: u32 = 0xe5ada001;
 
@@ -28,7 +30,14 @@ pub struct TrafficSpec {
     pub flows: u16,
     /// Stop after this many packets (`None`: unlimited).
     pub limit: Option<u64>,
+    /// Packets per second per generator queue (`None`: as fast as the worker takes them).
+    pub rate: Option<f64>,
+    /// IMIX: inner sizes 64, 594 and 1518 bytes in the ratio 7:4:1 (overrides `size`).
+    pub imix: bool,
 }
+
+/// IMIX pattern (7 × 64, 4 × 594, 1 × 1518), interleaved.
+const IMIX: [usize; 12] = [64, 594, 64, 64, 594, 64, 1518, 64, 594, 64, 594, 64];
 
 /// Counters shared between a generator/sink and whoever reports on it.
 #[derive(Debug, Default)]
@@ -41,6 +50,32 @@ pub struct TrafficCounters {
     pub bad: AtomicU64,
     /// Set to make generators stop producing (so the pipes can drain).
     pub stop: AtomicBool,
+    /// One-way latency of sampled packets (generator → sink), nanoseconds.
+    pub latency: Mutex<Option<Histogram<u64>>>,
+    /// Time base shared by generator timestamps and sink clocks.
+    pub epoch: OnceInstant,
+}
+
+/// An `Instant` fixed at creation (for timestamps in packets).
+#[derive(Debug)]
+pub struct OnceInstant(pub Instant);
+
+impl Default for OnceInstant {
+    fn default() -> Self {
+        OnceInstant(Instant::now())
+    }
+}
+
+impl TrafficCounters {
+    /// Merged latency percentiles (p50, p90, p99, p99.9, max) in microseconds, if sampled.
+    pub fn latency_us(&self) -> Option<[f64; 5]> {
+        let g = self.latency.lock().ok()?;
+        let h = g.as_ref()?;
+        if h.is_empty() {
+            return None;
+        }
+        Some([h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max()].map(|v| v as f64 / 1000.0))
+    }
 }
 
 /// Generates UDP frames addressed to the gateway's red MAC.
@@ -53,32 +88,27 @@ pub struct Generator {
     sent: u64,
     counters: Arc<TrafficCounters>,
     stats: PortStats,
+    started: Option<Instant>,
 }
 
 impl Generator {
     /// Generator queue `queue` (its flows are distinct from other queues').
-    pub fn new(
-        spec: TrafficSpec,
-        gw_mac: MacAddr,
-        queue: u16,
-        counters: Arc<TrafficCounters>,
-    ) -> Generator {
-        Generator {
-            spec,
-            gw_mac,
-            queue,
-            next_seq: 0,
-            flow: 0,
-            sent: 0,
-            counters,
-            stats: PortStats::default(),
+    pub fn new(spec: TrafficSpec, gw_mac: MacAddr, queue: u16, counters: Arc<TrafficCounters>) -> Generator {
+        Generator { spec, gw_mac, queue, next_seq: 0, flow: 0, sent: 0, counters, stats: PortStats::default(), started: None }
+    }
+
+    fn size_of(&self, seq: u64) -> usize {
+        if self.spec.imix {
+            IMIX[(seq % IMIX.len() as u64) as usize]
+        } else {
+            self.spec.size.max(52)
         }
     }
 
-    fn build(&mut self, b: &mut PktBuf) -> bool {
-        let size = self.spec.size.max(44);
+    fn build(&mut self, b: &mut PktBuf) -> usize {
+        let size = self.size_of(self.next_seq);
         let Some(d) = b.append(ethernet::HEADER_LEN + size) else {
-            return false;
+            return 0;
         };
         let mut eth = ethernet::Frame::new_unchecked(&mut d[..]);
         eth.set_dst_addr(self.gw_mac);
@@ -106,25 +136,39 @@ impl Generator {
         tag[..4].copy_from_slice(&MAGIC.to_be_bytes());
         tag[4..8].copy_from_slice(&(flow as u32).to_be_bytes());
         tag[8..16].copy_from_slice(&self.next_seq.to_be_bytes());
+        // Every 64th packet carries its send time for the sink's latency histogram.
+        if self.next_seq % 64 == 0 {
+            let t = self.counters.epoch.0.elapsed().as_nanos() as u64;
+            ip[44..52].copy_from_slice(&t.to_be_bytes());
+        }
         self.next_seq += 1;
         self.flow = (self.flow + 1) % self.spec.flows.max(1);
-        true
+        size
     }
 }
 
 impl PortQueue for Generator {
     fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
-        let n = match self.spec.limit {
+        let mut n = match self.spec.limit {
             _ if self.counters.stop.load(Ordering::Relaxed) => 0,
             Some(l) => (l - self.sent).min(max as u64) as usize,
             None => max,
         };
+        if let Some(rate) = self.spec.rate {
+            // Paced: only what the rate allows since the first burst (one clock read per burst).
+            let t0 = *self.started.get_or_insert_with(Instant::now);
+            let allowed = (t0.elapsed().as_secs_f64() * rate) as u64;
+            n = n.min(allowed.saturating_sub(self.sent) as usize);
+        }
         let mut made = 0;
+        let mut bytes = 0;
         for _ in 0..n {
             let Some(mut b) = pool.get() else { break };
-            if self.build(&mut b) {
+            let sz = self.build(&mut b);
+            if sz > 0 {
                 out.push(b);
                 made += 1;
+                bytes += sz;
             } else {
                 pool.put(b);
                 break;
@@ -132,13 +176,9 @@ impl PortQueue for Generator {
         }
         self.sent += made as u64;
         self.stats.rx_packets += made as u64;
-        self.stats.rx_bytes += (made * (self.spec.size + 14)) as u64;
-        self.counters
-            .packets
-            .fetch_add(made as u64, Ordering::Relaxed);
-        self.counters
-            .bytes
-            .fetch_add((made * self.spec.size) as u64, Ordering::Relaxed);
+        self.stats.rx_bytes += (bytes + made * 14) as u64;
+        self.counters.packets.fetch_add(made as u64, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         made
     }
 
@@ -172,21 +212,33 @@ pub struct Sink {
     queue: u16,
     counters: Arc<TrafficCounters>,
     stats: PortStats,
+    hist: Histogram<u64>,
 }
 
 impl Sink {
     /// Sink queue `queue`, expecting frames for `mac` carrying packets to `dst`.
     pub fn new(mac: MacAddr, dst: Ipv4Addr, queue: u16, counters: Arc<TrafficCounters>) -> Sink {
-        Sink {
-            mac,
-            dst,
-            queue,
-            counters,
-            stats: PortStats::default(),
-        }
+        // 1 ns .. 10 s, 3 significant digits: allocated once here, never resized.
+        let hist = Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid histogram bounds");
+        Sink { mac, dst, queue, counters, stats: PortStats::default(), hist }
     }
 
-    fn intact(&self, f: &[u8]) -> Option<usize> {
+    fn merge(&mut self) {
+        if self.hist.is_empty() {
+            return;
+        }
+        if let Ok(mut g) = self.counters.latency.lock() {
+            match g.as_mut() {
+                Some(h) => {
+                    let _ = h.add(&self.hist);
+                }
+                None => *g = Some(self.hist.clone()),
+            }
+        }
+        self.hist.reset();
+    }
+
+    fn intact(&mut self, f: &[u8]) -> Option<usize> {
         let eth = ethernet::Frame::new_checked(f).ok()?;
         if eth.dst_addr() != self.mac || eth.ethertype() != ethernet::ethertype::IPV4 {
             return None;
@@ -198,6 +250,12 @@ impl Sink {
         let p = ip.payload();
         if p.len() < 24 || u32::from_be_bytes([p[8], p[9], p[10], p[11]]) != MAGIC {
             return None;
+        }
+        let seq = u64::from_be_bytes([p[16], p[17], p[18], p[19], p[20], p[21], p[22], p[23]]);
+        if seq % 64 == 0 && p.len() >= 32 {
+            let sent = u64::from_be_bytes([p[24], p[25], p[26], p[27], p[28], p[29], p[30], p[31]]);
+            let now = self.counters.epoch.0.elapsed().as_nanos() as u64;
+            let _ = self.hist.record(now.saturating_sub(sent).max(1));
         }
         Some(ip.total_len() as usize)
     }
@@ -238,5 +296,9 @@ impl PortQueue for Sink {
 
     fn describe(&self) -> String {
         format!("sink/q{}", self.queue)
+    }
+
+    fn finish(&mut self) {
+        self.merge();
     }
 }
