@@ -394,65 +394,60 @@ pub mod lab {
 
     /// Red 10.1.0.0/24 (west), 10.2.0.0/24 (east); black 192.168.100.0/24.
     pub fn sides() -> (GatewaySides, GatewaySides) {
-        let side = |ip: &str, p: &str| Side {
-            ip: ip.parse().unwrap(),
-            prefix: p.parse().unwrap(),
-            mtu: 1500,
-            gateway: None,
-        };
+        let side = |ip: &str, p: &str, gw: Option<&str>| Side { ip: ip.parse().unwrap(), prefix: p.parse().unwrap(), mtu: 9000, gateway: gw.map(|g| g.parse().unwrap()) };
         (
-            GatewaySides {
-                red: side("10.1.0.1", "10.1.0.0/24"),
-                black: side("192.168.100.1", "192.168.100.0/24"),
-            },
-            GatewaySides {
-                red: side("10.2.0.1", "10.2.0.0/24"),
-                black: side("192.168.100.2", "192.168.100.0/24"),
-            },
+            GatewaySides { red: side("10.1.0.1", "10.1.0.0/24", None), black: side("192.168.100.1", "192.168.100.0/24", Some("192.168.100.2")) },
+            GatewaySides { red: side("10.2.0.1", "10.2.0.0/24", None), black: side("192.168.100.2", "192.168.100.0/24", Some("192.168.100.1")) },
         )
     }
 
-    fn key(spi: u32) -> KeyMaterial {
-        let b: Vec<u8> = (0..20u32)
-            .map(|i| (spi.wrapping_mul(31).wrapping_add(i * 7)) as u8)
-            .collect();
-        KeyMaterial::new(Algorithm::AesGcm128, &b).unwrap()
+    fn key(spi: u32, alg: Algorithm) -> KeyMaterial {
+        let b: Vec<u8> = (0..alg.key_material_len() as u32).map(|i| (spi.wrapping_mul(31).wrapping_add(i * 7)) as u8).collect();
+        KeyMaterial::new(alg, &b).unwrap()
     }
 
     /// SA `spi` from `src` to `dst`, bound to `cpu`, sent from UDP port `port`.
-    pub fn spec(
-        spi: u32,
-        cpu: Option<usize>,
-        src: &str,
-        dst: &str,
-        port: u16,
-        life: Lifetimes,
-    ) -> SaSpec {
-        let mut ep = TunnelEndpoints::new(src.parse().unwrap(), dst.parse().unwrap());
-        ep.src_port = port;
-        SaSpec::new(spi, key(spi), true, 4096, life, ep, cpu)
+    pub fn spec(spi: u32, cpu: Option<usize>, src: &str, dst: &str, port: u16, life: Lifetimes) -> SaSpec {
+        spec_alg(spi, cpu, src, dst, port, life, Algorithm::AesGcm128)
     }
 
-    fn group(base: u32, pcpu: usize, src: &str, dst: &str, life: Lifetimes) -> PerCpuSaGroup {
+    fn spec_alg(spi: u32, cpu: Option<usize>, src: &str, dst: &str, port: u16, life: Lifetimes, alg: Algorithm) -> SaSpec {
+        let mut ep = TunnelEndpoints::new(src.parse().unwrap(), dst.parse().unwrap());
+        ep.src_port = port;
+        SaSpec::new(spi, key(spi, alg), true, 4096, life, ep, cpu)
+    }
+
+    fn group(base: u32, pcpu: usize, src: &str, dst: &str, life: Lifetimes, alg: Algorithm) -> PerCpuSaGroup {
         PerCpuSaGroup {
-            fallback: spec(base, None, src, dst, 4500, life),
-            per_cpu: (0..pcpu)
-                .map(|i| {
-                    spec(
-                        base + 1 + i as u32,
-                        Some(i),
-                        src,
-                        dst,
-                        4501 + i as u16,
-                        life,
-                    )
-                })
-                .collect(),
+            fallback: spec_alg(base, None, src, dst, 4500, life, alg),
+            per_cpu: (0..pcpu).map(|i| spec_alg(base + 1 + i as u32, Some(i), src, dst, 4501 + i as u16, life, alg)).collect(),
+        }
+    }
+
+    /// Variations for benchmarks.
+    #[derive(Debug, Clone, Copy)]
+    pub struct LabOpts {
+        /// Crypto backend.
+        pub backend: Backend,
+        /// Cipher.
+        pub alg: Algorithm,
+        /// Plain forwarding: bypass policies both ways, no ESP (the "loopback" baseline).
+        pub bypass: bool,
+    }
+
+    impl Default for LabOpts {
+        fn default() -> Self {
+            LabOpts { backend: Backend::Ring, alg: Algorithm::AesGcm128, bypass: false }
         }
     }
 
     /// (west, east) databases: `pcpu` per-CPU SAs each way (west out 0x1000.., east out 0x2000..).
     pub fn dbs(workers: usize, pcpu: usize, mode: SaMode, life: Lifetimes) -> (SaDb, SaDb) {
+        dbs_opts(workers, pcpu, mode, life, LabOpts::default())
+    }
+
+    /// Like [`dbs`] with a backend, a cipher, or plain forwarding.
+    pub fn dbs_opts(workers: usize, pcpu: usize, mode: SaMode, life: Lifetimes, o: LabOpts) -> (SaDb, SaDb) {
         let w: Prefix = "10.1.0.0/24".parse().unwrap();
         let e: Prefix = "10.2.0.0/24".parse().unwrap();
         let mk = |name: &str, l: Prefix, r: Prefix, out: u32, inb: u32, me: &str, peer: &str| {
@@ -461,8 +456,8 @@ pub mod lab {
                 name: name.into(),
                 local_subnets: vec![l],
                 remote_subnets: vec![r],
-                outbound: group(out, pc, me, peer, life),
-                inbound: group(inb, pc, peer, me, life),
+                outbound: group(out, pc, me, peer, life, o.alg),
+                inbound: group(inb, pc, peer, me, life, o.alg),
                 draining: vec![],
             };
             let spd = Spd {
@@ -475,10 +470,10 @@ pub mod lab {
                         src_ports: PortRange::ANY,
                         dst_ports: PortRange::ANY,
                     },
-                    action: Action::Protect(0),
+                    action: if o.bypass { Action::Bypass } else { Action::Protect(0) },
                 }],
             };
-            SaDb::new(mode, workers, Backend::Ring, vec![t], spd).unwrap()
+            SaDb::new(mode, workers, o.backend, vec![t], spd).unwrap()
         };
         (
             mk(

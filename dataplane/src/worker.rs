@@ -771,7 +771,14 @@ impl Worker {
                     || ip.protocol() != espada_wire::ip_proto::UDP
                     || ip.is_fragment()
                 {
-                    self.drop_pkt(b, DropReason::NotForUs);
+                    // Not ESP for us: forwarded in the clear only if a bypass policy covers it
+                    // (checked with the flow reversed, as the SPD is written for our side).
+                    let bypass = FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..])
+                        .and_then(|f| self.sas.db().spd.lookup(&f.reversed()).map(|p| (p.action, f)));
+                    match bypass {
+                        Some((Action::Bypass, f)) => self.forward_clear_to_red(b, f),
+                        _ => self.drop_pkt(b, DropReason::NotForUs),
+                    }
                     continue;
                 }
                 let hl = ip.header_len() as usize;
@@ -800,6 +807,24 @@ impl Worker {
             b.adj(hdr);
             self.inbound_esp(b);
         }
+    }
+
+    /// A bypassed packet from the black side: TTL, then out of the red port.
+    fn forward_clear_to_red(&mut self, mut b: PktBuf, f: FlowKey) {
+        b.adj(ethernet::HEADER_LEN);
+        let IpAddr::V4(dst) = f.dst else { return self.drop_pkt(b, DropReason::NotForUs) };
+        let Ok(mut ip) = ipv4::Packet::new_checked(b.data_mut()) else { return self.drop_pkt(b, DropReason::Malformed) };
+        if ip.ttl() <= 1 {
+            return self.drop_pkt(b, DropReason::TtlExpired);
+        }
+        ip.decrement_ttl();
+        let len = ip.total_len() as usize;
+        let extra = b.len() - len;
+        b.trim(extra);
+        self.stats.bypass_packets += 1;
+        self.stats.decap_bytes += 0;
+        let nh = self.shared.red.next_hop(dst);
+        self.send_ip(b, nh, true);
     }
 
     /// A UDP/4500 payload: classify, route by SPI, decapsulate here or hand off.
