@@ -20,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure per-core throughput, ceiling ratio, latency; sweep cores or flows.
+    Bench(cli::bench::BenchArgs),
     /// Run a gateway on real interfaces (AF_PACKET) from a configuration file.
     Run(cli::run::RunArgs),
     /// Run west and east in one process and report per-core throughput (the main demo).
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
+        Command::Bench(a) => cli::bench::run(a),
         Command::Run(a) => cli::run::run(a),
         Command::Vectors(c) => cli::vectors::run(c),
         Command::Check(a) => cli::check::run(a),

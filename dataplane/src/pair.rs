@@ -60,7 +60,16 @@ pub struct PairSpec {
 
 impl Default for PairSpec {
     fn default() -> Self {
-        PairSpec { workers: 1, size: 1400, flows: 16, limit: None, steering: Steering::UdpSrcPort { base: 4501 }, ring_depth: 4096, rate: None, imix: false }
+        PairSpec {
+            workers: 1,
+            size: 1400,
+            flows: 16,
+            limit: None,
+            steering: Steering::UdpSrcPort { base: 4501 },
+            ring_depth: 4096,
+            rate: None,
+            imix: false,
+        }
     }
 }
 
@@ -261,7 +270,13 @@ impl Pair {
     }
 
     /// Like [`Pair::run`] with a thread layout, calling `tick(elapsed)` every 100 ms (progress).
-    pub fn run_with(&mut self, duration: Duration, cores: &[Option<core_affinity::CoreId>], layout: Layout, mut tick: impl FnMut(Duration)) -> Duration {
+    pub fn run_with(
+        &mut self,
+        duration: Duration,
+        cores: &[Option<core_affinity::CoreId>],
+        layout: Layout,
+        mut tick: impl FnMut(Duration),
+    ) -> Duration {
         if layout == Layout::Split {
             return self.run_split(duration, cores, tick);
         }
@@ -333,12 +348,20 @@ impl Pair {
         elapsed
     }
 
-    fn run_split(&mut self, duration: Duration, cores: &[Option<core_affinity::CoreId>], mut tick: impl FnMut(Duration)) -> Duration {
+    fn run_split(
+        &mut self,
+        duration: Duration,
+        cores: &[Option<core_affinity::CoreId>],
+        mut tick: impl FnMut(Duration),
+    ) -> Duration {
         let stop = self.west.shared.stop.clone();
         stop.store(false, Ordering::Relaxed);
         let n = self.west.workers.len();
         let start = Instant::now();
-        let spawn = |mut w: Worker, pin: Option<core_affinity::CoreId>, stop: Arc<AtomicBool>, name: String| {
+        let spawn = |mut w: Worker,
+                     pin: Option<core_affinity::CoreId>,
+                     stop: Arc<AtomicBool>,
+                     name: String| {
             std::thread::Builder::new()
                 .name(name)
                 .spawn(move || {
@@ -358,8 +381,30 @@ impl Pair {
                 })
                 .expect("spawn worker thread")
         };
-        let wh: Vec<_> = std::mem::take(&mut self.west.workers).into_iter().enumerate().map(|(i, w)| spawn(w, cores.get(i).copied().flatten(), stop.clone(), format!("west-w{i}"))).collect();
-        let eh: Vec<_> = std::mem::take(&mut self.east.workers).into_iter().enumerate().map(|(i, w)| spawn(w, cores.get(n + i).copied().flatten(), stop.clone(), format!("east-w{i}"))).collect();
+        let wh: Vec<_> = std::mem::take(&mut self.west.workers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                spawn(
+                    w,
+                    cores.get(i).copied().flatten(),
+                    stop.clone(),
+                    format!("west-w{i}"),
+                )
+            })
+            .collect();
+        let eh: Vec<_> = std::mem::take(&mut self.east.workers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                spawn(
+                    w,
+                    cores.get(n + i).copied().flatten(),
+                    stop.clone(),
+                    format!("east-w{i}"),
+                )
+            })
+            .collect();
         let mut last_tick = Instant::now();
         while start.elapsed() < duration {
             std::thread::sleep(Duration::from_millis(5));
@@ -372,8 +417,14 @@ impl Pair {
         self.sent.stop.store(true, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(20));
         stop.store(true, Ordering::Relaxed);
-        self.west.workers = wh.into_iter().map(|h| h.join().expect("west worker panicked")).collect();
-        self.east.workers = eh.into_iter().map(|h| h.join().expect("east worker panicked")).collect();
+        self.west.workers = wh
+            .into_iter()
+            .map(|h| h.join().expect("west worker panicked"))
+            .collect();
+        self.east.workers = eh
+            .into_iter()
+            .map(|h| h.join().expect("east worker panicked"))
+            .collect();
         elapsed
     }
 
@@ -394,33 +445,80 @@ pub mod lab {
 
     /// Red 10.1.0.0/24 (west), 10.2.0.0/24 (east); black 192.168.100.0/24.
     pub fn sides() -> (GatewaySides, GatewaySides) {
-        let side = |ip: &str, p: &str, gw: Option<&str>| Side { ip: ip.parse().unwrap(), prefix: p.parse().unwrap(), mtu: 9000, gateway: gw.map(|g| g.parse().unwrap()) };
+        let side = |ip: &str, p: &str, gw: Option<&str>| Side {
+            ip: ip.parse().unwrap(),
+            prefix: p.parse().unwrap(),
+            mtu: 9000,
+            gateway: gw.map(|g| g.parse().unwrap()),
+        };
         (
-            GatewaySides { red: side("10.1.0.1", "10.1.0.0/24", None), black: side("192.168.100.1", "192.168.100.0/24", Some("192.168.100.2")) },
-            GatewaySides { red: side("10.2.0.1", "10.2.0.0/24", None), black: side("192.168.100.2", "192.168.100.0/24", Some("192.168.100.1")) },
+            GatewaySides {
+                red: side("10.1.0.1", "10.1.0.0/24", None),
+                black: side("192.168.100.1", "192.168.100.0/24", Some("192.168.100.2")),
+            },
+            GatewaySides {
+                red: side("10.2.0.1", "10.2.0.0/24", None),
+                black: side("192.168.100.2", "192.168.100.0/24", Some("192.168.100.1")),
+            },
         )
     }
 
     fn key(spi: u32, alg: Algorithm) -> KeyMaterial {
-        let b: Vec<u8> = (0..alg.key_material_len() as u32).map(|i| (spi.wrapping_mul(31).wrapping_add(i * 7)) as u8).collect();
+        let b: Vec<u8> = (0..alg.key_material_len() as u32)
+            .map(|i| (spi.wrapping_mul(31).wrapping_add(i * 7)) as u8)
+            .collect();
         KeyMaterial::new(alg, &b).unwrap()
     }
 
     /// SA `spi` from `src` to `dst`, bound to `cpu`, sent from UDP port `port`.
-    pub fn spec(spi: u32, cpu: Option<usize>, src: &str, dst: &str, port: u16, life: Lifetimes) -> SaSpec {
+    pub fn spec(
+        spi: u32,
+        cpu: Option<usize>,
+        src: &str,
+        dst: &str,
+        port: u16,
+        life: Lifetimes,
+    ) -> SaSpec {
         spec_alg(spi, cpu, src, dst, port, life, Algorithm::AesGcm128)
     }
 
-    fn spec_alg(spi: u32, cpu: Option<usize>, src: &str, dst: &str, port: u16, life: Lifetimes, alg: Algorithm) -> SaSpec {
+    fn spec_alg(
+        spi: u32,
+        cpu: Option<usize>,
+        src: &str,
+        dst: &str,
+        port: u16,
+        life: Lifetimes,
+        alg: Algorithm,
+    ) -> SaSpec {
         let mut ep = TunnelEndpoints::new(src.parse().unwrap(), dst.parse().unwrap());
         ep.src_port = port;
         SaSpec::new(spi, key(spi, alg), true, 4096, life, ep, cpu)
     }
 
-    fn group(base: u32, pcpu: usize, src: &str, dst: &str, life: Lifetimes, alg: Algorithm) -> PerCpuSaGroup {
+    fn group(
+        base: u32,
+        pcpu: usize,
+        src: &str,
+        dst: &str,
+        life: Lifetimes,
+        alg: Algorithm,
+    ) -> PerCpuSaGroup {
         PerCpuSaGroup {
             fallback: spec_alg(base, None, src, dst, 4500, life, alg),
-            per_cpu: (0..pcpu).map(|i| spec_alg(base + 1 + i as u32, Some(i), src, dst, 4501 + i as u16, life, alg)).collect(),
+            per_cpu: (0..pcpu)
+                .map(|i| {
+                    spec_alg(
+                        base + 1 + i as u32,
+                        Some(i),
+                        src,
+                        dst,
+                        4501 + i as u16,
+                        life,
+                        alg,
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -437,7 +535,11 @@ pub mod lab {
 
     impl Default for LabOpts {
         fn default() -> Self {
-            LabOpts { backend: Backend::Ring, alg: Algorithm::AesGcm128, bypass: false }
+            LabOpts {
+                backend: Backend::Ring,
+                alg: Algorithm::AesGcm128,
+                bypass: false,
+            }
         }
     }
 
@@ -447,7 +549,13 @@ pub mod lab {
     }
 
     /// Like [`dbs`] with a backend, a cipher, or plain forwarding.
-    pub fn dbs_opts(workers: usize, pcpu: usize, mode: SaMode, life: Lifetimes, o: LabOpts) -> (SaDb, SaDb) {
+    pub fn dbs_opts(
+        workers: usize,
+        pcpu: usize,
+        mode: SaMode,
+        life: Lifetimes,
+        o: LabOpts,
+    ) -> (SaDb, SaDb) {
         let w: Prefix = "10.1.0.0/24".parse().unwrap();
         let e: Prefix = "10.2.0.0/24".parse().unwrap();
         let mk = |name: &str, l: Prefix, r: Prefix, out: u32, inb: u32, me: &str, peer: &str| {
@@ -470,7 +578,11 @@ pub mod lab {
                         src_ports: PortRange::ANY,
                         dst_ports: PortRange::ANY,
                     },
-                    action: if o.bypass { Action::Bypass } else { Action::Protect(0) },
+                    action: if o.bypass {
+                        Action::Bypass
+                    } else {
+                        Action::Protect(0)
+                    },
                 }],
             };
             SaDb::new(mode, workers, o.backend, vec![t], spd).unwrap()

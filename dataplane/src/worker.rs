@@ -773,8 +773,14 @@ impl Worker {
                 {
                     // Not ESP for us: forwarded in the clear only if a bypass policy covers it
                     // (checked with the flow reversed, as the SPD is written for our side).
-                    let bypass = FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..])
-                        .and_then(|f| self.sas.db().spd.lookup(&f.reversed()).map(|p| (p.action, f)));
+                    let bypass =
+                        FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..]).and_then(|f| {
+                            self.sas
+                                .db()
+                                .spd
+                                .lookup(&f.reversed())
+                                .map(|p| (p.action, f))
+                        });
                     match bypass {
                         Some((Action::Bypass, f)) => self.forward_clear_to_red(b, f),
                         _ => self.drop_pkt(b, DropReason::NotForUs),
@@ -812,8 +818,12 @@ impl Worker {
     /// A bypassed packet from the black side: TTL, then out of the red port.
     fn forward_clear_to_red(&mut self, mut b: PktBuf, f: FlowKey) {
         b.adj(ethernet::HEADER_LEN);
-        let IpAddr::V4(dst) = f.dst else { return self.drop_pkt(b, DropReason::NotForUs) };
-        let Ok(mut ip) = ipv4::Packet::new_checked(b.data_mut()) else { return self.drop_pkt(b, DropReason::Malformed) };
+        let IpAddr::V4(dst) = f.dst else {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        };
+        let Ok(mut ip) = ipv4::Packet::new_checked(b.data_mut()) else {
+            return self.drop_pkt(b, DropReason::Malformed);
+        };
         if ip.ttl() <= 1 {
             return self.drop_pkt(b, DropReason::TtlExpired);
         }

@@ -52,8 +52,8 @@ fn steady_state_allocations(mode: SaMode, steering: Steering) -> (u64, u64) {
             limit: None,
             steering,
             ring_depth: 4096,
-        ..Default::default()
-    },
+            ..Default::default()
+        },
     )
     .unwrap();
     for _ in 0..2000 {

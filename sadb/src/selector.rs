@@ -239,7 +239,13 @@ impl FlowKey {
     /// The same flow seen from the other side (source and destination swapped), for the
     /// inbound SPD check of packets that arrive from the peer (RFC 4301 §5.2).
     pub fn reversed(&self) -> FlowKey {
-        FlowKey { src: self.dst, dst: self.src, proto: self.proto, src_port: self.dst_port, dst_port: self.src_port }
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            proto: self.proto,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+        }
     }
 
     /// Reads the flow of an IPv4/IPv6 packet (ports for TCP, UDP and SCTP when present and not

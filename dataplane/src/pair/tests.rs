@@ -24,8 +24,8 @@ fn pair(workers: usize, pcpu: usize, mode: SaMode, steering: Steering, limit: u6
             limit: Some(limit),
             steering,
             ring_depth: 4096,
-        ..Default::default()
-    },
+            ..Default::default()
+        },
     )
     .unwrap()
 }
@@ -323,13 +323,38 @@ fn garbage_replays_and_forgeries_on_the_black_link_are_counted() {
 
 #[test]
 fn plain_forwarding_loop_mode() {
-    let (w, e) = lab::dbs_opts(1, 1, SaMode::PerCpu, Lifetimes::default(), lab::LabOpts { bypass: true, ..Default::default() });
+    let (w, e) = lab::dbs_opts(
+        1,
+        1,
+        SaMode::PerCpu,
+        Lifetimes::default(),
+        lab::LabOpts {
+            bypass: true,
+            ..Default::default()
+        },
+    );
     let (ws, es) = lab::sides();
-    let mut p = Pair::new(w, e, ws, es, PairSpec { workers: 1, size: 300, limit: Some(500), ..Default::default() }).unwrap();
+    let mut p = Pair::new(
+        w,
+        e,
+        ws,
+        es,
+        PairSpec {
+            workers: 1,
+            size: 300,
+            limit: Some(500),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     p.drain();
     assert_eq!(p.received.packets.load(Ordering::Relaxed), 500);
     let (wt, et) = (total(&p.west), total(&p.east));
-    assert_eq!(wt.encap_packets + et.decap_packets, 0, "no ESP in loop mode");
+    assert_eq!(
+        wt.encap_packets + et.decap_packets,
+        0,
+        "no ESP in loop mode"
+    );
     assert_eq!(p.west.workers[0].stats().bypass_packets, 500);
     assert_eq!(p.east.workers[0].stats().bypass_packets, 500);
 }

@@ -7,8 +7,8 @@ use crate::pktbuf::{PacketBuf, PktBuf};
 use crate::pool::PoolCache;
 use espada_wire::ethernet::{self, MacAddr};
 use espada_wire::{ipv4, udp};
-use std::net::Ipv4Addr;
 use hdrhistogram::Histogram;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -74,7 +74,16 @@ impl TrafficCounters {
         if h.is_empty() {
             return None;
         }
-        Some([h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max()].map(|v| v as f64 / 1000.0))
+        Some(
+            [
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.9),
+                h.value_at_quantile(0.99),
+                h.value_at_quantile(0.999),
+                h.max(),
+            ]
+            .map(|v| v as f64 / 1000.0),
+        )
     }
 }
 
@@ -93,8 +102,23 @@ pub struct Generator {
 
 impl Generator {
     /// Generator queue `queue` (its flows are distinct from other queues').
-    pub fn new(spec: TrafficSpec, gw_mac: MacAddr, queue: u16, counters: Arc<TrafficCounters>) -> Generator {
-        Generator { spec, gw_mac, queue, next_seq: 0, flow: 0, sent: 0, counters, stats: PortStats::default(), started: None }
+    pub fn new(
+        spec: TrafficSpec,
+        gw_mac: MacAddr,
+        queue: u16,
+        counters: Arc<TrafficCounters>,
+    ) -> Generator {
+        Generator {
+            spec,
+            gw_mac,
+            queue,
+            next_seq: 0,
+            flow: 0,
+            sent: 0,
+            counters,
+            stats: PortStats::default(),
+            started: None,
+        }
     }
 
     fn size_of(&self, seq: u64) -> usize {
@@ -137,7 +161,7 @@ impl Generator {
         tag[4..8].copy_from_slice(&(flow as u32).to_be_bytes());
         tag[8..16].copy_from_slice(&self.next_seq.to_be_bytes());
         // Every 64th packet carries its send time for the sink's latency histogram.
-        if self.next_seq % 64 == 0 {
+        if self.next_seq.is_multiple_of(64) {
             let t = self.counters.epoch.0.elapsed().as_nanos() as u64;
             ip[44..52].copy_from_slice(&t.to_be_bytes());
         }
@@ -177,8 +201,12 @@ impl PortQueue for Generator {
         self.sent += made as u64;
         self.stats.rx_packets += made as u64;
         self.stats.rx_bytes += (bytes + made * 14) as u64;
-        self.counters.packets.fetch_add(made as u64, Ordering::Relaxed);
-        self.counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters
+            .packets
+            .fetch_add(made as u64, Ordering::Relaxed);
+        self.counters
+            .bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         made
     }
 
@@ -219,8 +247,16 @@ impl Sink {
     /// Sink queue `queue`, expecting frames for `mac` carrying packets to `dst`.
     pub fn new(mac: MacAddr, dst: Ipv4Addr, queue: u16, counters: Arc<TrafficCounters>) -> Sink {
         // 1 ns .. 10 s, 3 significant digits: allocated once here, never resized.
-        let hist = Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid histogram bounds");
-        Sink { mac, dst, queue, counters, stats: PortStats::default(), hist }
+        let hist =
+            Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("valid histogram bounds");
+        Sink {
+            mac,
+            dst,
+            queue,
+            counters,
+            stats: PortStats::default(),
+            hist,
+        }
     }
 
     fn merge(&mut self) {
@@ -252,7 +288,7 @@ impl Sink {
             return None;
         }
         let seq = u64::from_be_bytes([p[16], p[17], p[18], p[19], p[20], p[21], p[22], p[23]]);
-        if seq % 64 == 0 && p.len() >= 32 {
+        if seq.is_multiple_of(64) && p.len() >= 32 {
             let sent = u64::from_be_bytes([p[24], p[25], p[26], p[27], p[28], p[29], p[30], p[31]]);
             let now = self.counters.epoch.0.elapsed().as_nanos() as u64;
             let _ = self.hist.record(now.saturating_sub(sent).max(1));

@@ -1,0 +1,105 @@
+//! `espada bench` from a fresh clone: one run with JSON, and a sweep that writes the table,
+//! CSV, JSON and plots. Figures are not asserted (machines are noisy); structure and
+//! accounting are.
+
+use std::process::Command;
+
+fn espada(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_espada"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn single_run_reports_per_core_figures_and_the_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("out.json");
+    let (code, out, err) = espada(&[
+        "bench",
+        "--duration",
+        "0.5",
+        "--size",
+        "512",
+        "--quiet",
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("| ipsec | pcpu |"), "{out}");
+    assert!(err.contains("measuring the raw ring aes-gcm-128 ceiling"));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    assert!(v["encap"]["mpps"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["encap"]["per_core_mpps"].as_array().unwrap().len(), 1);
+    assert!(v["ceiling"]["seal_ns"].as_f64().unwrap() > 0.0);
+    assert!(v["encap_fraction_of_seal"].as_f64().unwrap() > 0.0);
+    let sent = v["sent"].as_u64().unwrap();
+    let received = v["received"].as_u64().unwrap();
+    let dropped: u64 = v["drops"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert!(
+        sent > 0 && received + dropped == sent,
+        "sent {sent} received {received} dropped {dropped}"
+    );
+}
+
+#[test]
+fn sweep_writes_table_csv_json_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = espada(&[
+        "bench",
+        "--sweep",
+        "cores",
+        "--max-cores",
+        "2",
+        "--duration",
+        "0.3",
+        "--size",
+        "256",
+        "--quiet",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    for ext in ["md", "csv", "json", "svg", "png"] {
+        let f = dir.path().join(format!("sweep-cores.{ext}"));
+        assert!(
+            f.metadata().map(|m| m.len() > 100).unwrap_or(false),
+            "{} missing or empty",
+            f.display()
+        );
+    }
+    let csv = std::fs::read_to_string(dir.path().join("sweep-cores.csv")).unwrap();
+    assert_eq!(
+        csv.lines().count(),
+        1 + 3 * 2,
+        "pcpu, shared and loop at 1 and 2 cores:\n{csv}"
+    );
+    let png = std::fs::read(dir.path().join("sweep-cores.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = std::fs::read_to_string(dir.path().join("sweep-cores.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("per-CPU SAs"));
+}
+
+#[test]
+fn bad_options_are_refused_clearly() {
+    let (code, _, err) = espada(&["bench", "--size", "10"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--size must be between 64 and 9000"), "{err}");
+    let (_, _, err) = espada(&["bench", "--backend", "nope"]);
+    assert!(
+        err.contains("crypto backend `nope` is not available"),
+        "{err}"
+    );
+    let (_, _, err) = espada(&["bench", "--sweep", "moons"]);
+    assert!(err.contains("--sweep must be cores or flows"), "{err}");
+}
