@@ -20,6 +20,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// A/B against kernel XFRM in the namespace lab (needs a kernel with ESP).
+    Ab(cli::ab::AbArgs),
+    /// (internal) UDP load for `espada ab`, run inside the lab namespaces.
+    #[command(subcommand, hide = true)]
+    AbTraffic(cli::ab::TrafficCmd),
     /// Measure per-core throughput, ceiling ratio, latency; sweep cores or flows.
     Bench(cli::bench::BenchArgs),
     /// Run a gateway on real interfaces (AF_PACKET) from a configuration file.
@@ -45,6 +50,8 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Ab(a) => cli::ab::run(a),
+        Command::AbTraffic(c) => cli::ab::traffic(c),
         Command::Run(a) => cli::run::run(a),
         Command::Vectors(c) => cli::vectors::run(c),
         Command::Check(a) => cli::check::run(a),
