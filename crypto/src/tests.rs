@@ -170,7 +170,12 @@ fn names_round_trip() {
     for a in [Algorithm::AesGcm128, Algorithm::AesGcm256] {
         assert_eq!(Algorithm::from_name(a.name()), Some(a));
     }
-    for b in [Backend::Ring, Backend::RustCrypto, Backend::AwsLc] {
+    for b in [
+        Backend::Ring,
+        Backend::RustCrypto,
+        Backend::AwsLc,
+        Backend::IpsecMb,
+    ] {
         assert_eq!(Backend::from_name(b.name()), Some(b));
     }
 }

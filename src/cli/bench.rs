@@ -50,8 +50,8 @@ pub struct BenchArgs {
     /// `ipsec`, or `loop` (plain forwarding through both gateways, no ESP: the baseline).
     #[arg(long, default_value = "ipsec")]
     mode: String,
-    /// Crypto backend: ring, aes-gcm, aws-lc (if built).
-    #[arg(long, default_value = "ring")]
+    /// Crypto backend: auto (the fastest, measured first), ring, aes-gcm, aws-lc, ipsec-mb (if built).
+    #[arg(long, default_value = "auto")]
     backend: String,
     /// Cipher: aes-gcm-128 or aes-gcm-256.
     #[arg(long, default_value = "aes-gcm-128")]
@@ -515,21 +515,37 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if !a.imix && !(64..=9000).contains(&a.size) {
         bail!("--size must be between 64 and 9000 bytes, got {}", a.size);
     }
-    let backend = Backend::from_name(&a.backend)
-        .filter(|b| Backend::available().contains(b))
-        .with_context(|| {
-            format!(
-                "crypto backend `{}` is not available (built: {})",
-                a.backend,
-                Backend::available()
-                    .iter()
-                    .map(|b| b.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
     let alg = Algorithm::from_name(&a.cipher)
         .with_context(|| format!("unknown cipher `{}` (aes-gcm-128 or aes-gcm-256)", a.cipher))?;
+    let backend = if a.backend == "auto" {
+        let (b, figs) = Backend::fastest(
+            alg,
+            if a.imix { 594 } else { a.size },
+            Duration::from_millis(20),
+        );
+        eprintln!(
+            "espada bench: crypto auto -> {b} ({})",
+            figs.iter()
+                .map(|(b, ns)| format!("{b} {ns:.0} ns/seal"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        b
+    } else {
+        Backend::from_name(&a.backend)
+            .filter(|b| Backend::available().contains(b))
+            .with_context(|| {
+                format!(
+                    "crypto backend `{}` is not available (built: {})",
+                    a.backend,
+                    Backend::available()
+                        .iter()
+                        .map(|b| b.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?
+    };
     let online = core_affinity::get_core_ids()
         .map(|v| v.len())
         .unwrap_or(1)

@@ -92,6 +92,8 @@ pub fn render(c: &Config, db: &SaDb) -> String {
             .unwrap_or_default(),
         db.mode.name(),
         c.crypto
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "auto".into())
     );
     for (side, p) in [("red", &c.red), ("black", &c.black)] {
         if let Some(p) = p {

@@ -130,7 +130,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     println!(
         "espada demo: sunset -> west == east -> sunrise in one process; {workers} core(s), each running west worker i and east worker i; \
          sa_mode {}, {} per-CPU SA(s) + fallback, {} via {}, {} B inner packets, {:.1} s",
-        west.sa_mode.name(), t.pcpu, t.cipher, west.crypto, a.size, a.duration
+        west.sa_mode.name(), t.pcpu, t.cipher, west.backend_report(), a.size, a.duration
     );
     let pins: Vec<_> = (0..workers).map(|i| ids.get(i).copied()).collect();
     let elapsed = pair.run(Duration::from_secs_f64(a.duration), &pins);

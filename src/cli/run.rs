@@ -170,7 +170,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let cells: Vec<Arc<StatsCell>> = workers.iter().map(|w| w.stats_cell()).collect();
     eprintln!(
         "espada run: gateway \"{}\" red {} ({}) black {} ({}), {n} worker(s) on cores {}, sa_mode {}, crypto {}",
-        c.name, red_if, gw.red.ip, black_if, gw.black.ip, espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]), c.sa_mode.name(), c.crypto
+        c.name, red_if, gw.red.ip, black_if, gw.black.ip, espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]), c.sa_mode.name(), c.backend_report()
     );
     let handles: Vec<_> = workers
         .into_iter()

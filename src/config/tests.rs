@@ -56,7 +56,8 @@ fn minimal_config_defaults() {
         (Algorithm::AesGcm128, true, 4096, 2, 64, DfMode::Clear)
     );
     assert_eq!(c.sa_mode, SaMode::PerCpu);
-    assert_eq!(c.crypto, Backend::Ring);
+    assert_eq!(c.crypto, None, "auto by default");
+    assert!(Backend::available().contains(&c.backend()));
 }
 
 fn err(text: &str) -> String {

@@ -364,13 +364,33 @@ fn too_big_with_df_gets_icmp_fragmentation_needed() {
     let (w, e) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let (mut ws, es) = lab::sides();
     ws.black.mtu = 1000;
-    let mut p = Pair::new(w, e, ws, es, PairSpec { workers: 1, size: 1200, limit: Some(300), ..Default::default() }).unwrap();
+    let mut p = Pair::new(
+        w,
+        e,
+        ws,
+        es,
+        PairSpec {
+            workers: 1,
+            size: 1200,
+            limit: Some(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     p.drain();
     let s = p.west.workers[0].stats();
     assert_eq!(s.drops.get(DropReason::MtuExceeded), 300);
-    assert_eq!(p.received.packets.load(Ordering::Relaxed), 0, "nothing too big is sent");
+    assert_eq!(
+        p.received.packets.load(Ordering::Relaxed),
+        0,
+        "nothing too big is sent"
+    );
     // Rate-limited to 100 per second: the generator (sunset) got ICMP errors back.
     assert!(s.icmp_sent > 0 && s.icmp_sent <= 100, "{}", s.icmp_sent);
     let (red, _) = p.west.workers[0].ports();
-    assert_eq!(red.stats().tx_packets, s.icmp_sent, "the ICMP errors went out of the red port");
+    assert_eq!(
+        red.stats().tx_packets,
+        s.icmp_sent,
+        "the ICMP errors went out of the red port"
+    );
 }

@@ -1,0 +1,166 @@
+//! ipsec-mb-sys: the system's intel-ipsec-mb (the library behind DPDK's `crypto_aesni_gcm`),
+//! reached through a small C shim (the library's GCM API is macros over a function table) whose
+//! bindings bindgen generates at build time.
+//!
+//! [`GcmKey`] is the safe face: a manager allocated once per key (control path), an expanded
+//! key and GHASH table, and one-shot in-place seal/open. All `unsafe` of this crate is here.
+
+#[allow(non_camel_case_types, dead_code, missing_docs)]
+mod ffi {
+    include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+}
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ffi::CStr;
+
+/// Why a key could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The manager could not be allocated or initialised (no AES-NI?).
+    Manager,
+    /// The key length is not 16 or 32 bytes.
+    KeyLength,
+}
+
+/// An AES-GCM key for intel-ipsec-mb with its own manager.
+pub struct GcmKey {
+    mgr: *mut ffi::espada_imb,
+    key: *mut u8,
+    layout: Layout,
+    bits: i32,
+}
+
+// SAFETY: the manager's GCM functions are reentrant (they use only the caller's key and
+// context, allocated per call on the stack); the key data is read-only after `new`.
+unsafe impl Send for GcmKey {}
+// SAFETY: as above: no method mutates shared state.
+unsafe impl Sync for GcmKey {}
+
+impl GcmKey {
+    /// Expands `key` (16 or 32 bytes).
+    pub fn new(key: &[u8]) -> Result<GcmKey, Error> {
+        let bits = match key.len() {
+            16 => 128,
+            32 => 256,
+            _ => return Err(Error::KeyLength),
+        };
+        // SAFETY: plain constructor call; NULL is checked.
+        let mgr = unsafe { ffi::espada_imb_new() };
+        if mgr.is_null() {
+            return Err(Error::Manager);
+        }
+        // SAFETY: pure functions returning constants.
+        let (size, align) = unsafe { (ffi::espada_imb_key_size(), ffi::espada_imb_key_align()) };
+        let layout = Layout::from_size_align(size, align).map_err(|_| Error::Manager)?;
+        // SAFETY: layout has non-zero size (sizeof(struct gcm_key_data)).
+        let kd = unsafe { alloc_zeroed(layout) };
+        if kd.is_null() {
+            // SAFETY: mgr came from espada_imb_new and is freed once.
+            unsafe { ffi::espada_imb_free(mgr) };
+            return Err(Error::Manager);
+        }
+        let k = GcmKey {
+            mgr,
+            key: kd,
+            layout,
+            bits,
+        };
+        // SAFETY: key points to `key.len()` readable bytes; kd is a zeroed, aligned
+        // gcm_key_data; mgr is initialised.
+        let r = unsafe { ffi::espada_imb_gcm_pre(mgr, bits, key.as_ptr(), kd.cast()) };
+        if r != 0 {
+            return Err(Error::Manager);
+        }
+        Ok(k)
+    }
+
+    /// The code path the library chose (AVX512, AVX2, SSE...).
+    pub fn arch(&self) -> &'static str {
+        // SAFETY: returns a pointer to a static string.
+        unsafe { CStr::from_ptr(ffi::espada_imb_arch(self.mgr)) }
+            .to_str()
+            .unwrap_or("?")
+    }
+
+    /// The library version.
+    pub fn version() -> &'static str {
+        // SAFETY: returns a pointer to a static string.
+        unsafe { CStr::from_ptr(ffi::espada_imb_version()) }
+            .to_str()
+            .unwrap_or("?")
+    }
+
+    /// Encrypts `buf` in place and writes the 16-byte tag.
+    #[inline]
+    pub fn seal(&self, iv12: &[u8; 12], aad: &[u8], buf: &mut [u8], tag: &mut [u8; 16]) {
+        // SAFETY: every pointer is valid for the length passed; buf is both source and
+        // destination, which the library supports.
+        unsafe {
+            ffi::espada_imb_gcm_enc(
+                self.mgr,
+                self.bits,
+                self.key.cast(),
+                buf.as_mut_ptr(),
+                buf.len() as u64,
+                iv12.as_ptr(),
+                aad.as_ptr(),
+                aad.len() as u64,
+                tag.as_mut_ptr(),
+            )
+        }
+    }
+
+    /// Decrypts `buf` in place and writes the tag it computed (the caller compares).
+    #[inline]
+    pub fn open(&self, iv12: &[u8; 12], aad: &[u8], buf: &mut [u8], tag: &mut [u8; 16]) {
+        // SAFETY: as `seal`.
+        unsafe {
+            ffi::espada_imb_gcm_dec(
+                self.mgr,
+                self.bits,
+                self.key.cast(),
+                buf.as_mut_ptr(),
+                buf.len() as u64,
+                iv12.as_ptr(),
+                aad.as_ptr(),
+                aad.len() as u64,
+                tag.as_mut_ptr(),
+            )
+        }
+    }
+}
+
+impl Drop for GcmKey {
+    fn drop(&mut self) {
+        // SAFETY: wipe then free the key data allocated in `new` with the same layout; free the
+        // manager once.
+        unsafe {
+            std::ptr::write_bytes(self.key, 0, self.layout.size());
+            dealloc(self.key, self.layout);
+            ffi::espada_imb_free(self.mgr);
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn gcm_spec_test_case_3() {
+        let key = [
+            0xfe, 0xff, 0xe9, 0x92, 0x86, 0x65, 0x73, 0x1c, 0x6d, 0x6a, 0x8f, 0x94, 0x67, 0x30,
+            0x83, 0x08,
+        ];
+        let k = GcmKey::new(&key).unwrap();
+        let iv = [
+            0xca, 0xfe, 0xba, 0xbe, 0xfa, 0xce, 0xdb, 0xad, 0xde, 0xca, 0xf8, 0x88,
+        ];
+        let mut buf = [0u8; 0];
+        let mut tag = [0u8; 16];
+        k.seal(&iv, &[], &mut buf, &mut tag);
+        assert_eq!(GcmKey::new(&[0u8; 5]).err(), Some(Error::KeyLength));
+        assert!(!k.arch().is_empty());
+        assert!(GcmKey::version().starts_with('1'));
+    }
+}
