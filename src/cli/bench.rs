@@ -50,7 +50,8 @@ pub struct BenchArgs {
     /// `ipsec`, or `loop` (plain forwarding through both gateways, no ESP: the baseline).
     #[arg(long, default_value = "ipsec")]
     mode: String,
-    /// Crypto backend: auto (the fastest, measured first), ring, aes-gcm, aws-lc, ipsec-mb (if built).
+    /// Crypto backend: auto (the fastest, measured first), ring, aes-gcm, aws-lc, ipsec-mb (if
+    /// built), or `all` (one run per backend, side by side).
     #[arg(long, default_value = "auto")]
     backend: String,
     /// Cipher: aes-gcm-128 or aes-gcm-256.
@@ -352,10 +353,10 @@ fn one(
 
 fn table(rs: &[BenchResult]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "| mode | SA | layout | cores | flows | size | encap Mpps | encap Gbit/s | decap Mpps | decap Gbit/s | encap/seal | decap/open | (seal+open)/pkt | ns/pkt (enc/dec) | latency p50/p99 µs | drops |");
+    let _ = writeln!(s, "| backend | mode | SA | layout | cores | flows | size | encap Mpps | encap Gbit/s | decap Mpps | decap Gbit/s | encap/seal | decap/open | (seal+open)/pkt | ns/pkt (enc/dec) | latency p50/p99 µs | drops |");
     let _ = writeln!(
         s,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rs {
         let lat = r
@@ -368,7 +369,8 @@ fn table(rs: &[BenchResult]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
+            r.backend,
             r.mode, r.sa_mode, r.layout, r.cores, r.flows, r.size, r.encap.mpps, r.encap.gbps_inner, r.decap.mpps, r.decap.gbps_inner,
             frac(r.encap_fraction_of_seal), frac(r.decap_fraction_of_open), frac(r.core_fraction_of_seal_plus_open), r.encap.ns_per_packet, r.decap.ns_per_packet, lat, r.drops.values().sum::<u64>()
         );
@@ -517,7 +519,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let alg = Algorithm::from_name(&a.cipher)
         .with_context(|| format!("unknown cipher `{}` (aes-gcm-128 or aes-gcm-256)", a.cipher))?;
-    let backend = if a.backend == "auto" {
+    let compare_all = a.backend == "all";
+    let backend = if compare_all {
+        Backend::Ring
+    } else if a.backend == "auto" {
         let (b, figs) = Backend::fastest(
             alg,
             if a.imix { 594 } else { a.size },
@@ -588,7 +593,16 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 flows: a.flows,
                 layout: layout_for(a.cores.max(1))?,
             };
-            results.push(one(&a, &r, backend, alg, Some(&ceil))?);
+            if compare_all {
+                // Every backend in one invocation, each with its own ceiling.
+                for b in Backend::available() {
+                    let c = ceiling(*b, alg, size_for_ceiling)?;
+                    eprintln!("  {b}: seal {:.0} ns, open {:.0} ns", c.seal_ns, c.open_ns);
+                    results.push(one(&a, &r, *b, alg, Some(&c))?);
+                }
+            } else {
+                results.push(one(&a, &r, backend, alg, Some(&ceil))?);
+            }
         }
         Some(kind @ ("cores" | "flows")) => {
             let max = a.max_cores.unwrap_or(online).max(1);
@@ -623,7 +637,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let t = table(&results);
     print!("{t}");
-    println!("Gbit/s count inner IP bytes; encap/seal and decap/open compare one core's ESP rate with the raw {} AEAD rate measured above in this run.", backend);
+    println!("Gbit/s count inner IP bytes; encap/seal and decap/open compare one core's ESP rate with the raw AEAD rate of the same backend measured in this run.");
     if let Some(r) = results.first() {
         if let Some(l) = r.latency_us_p50_p90_p99_p999_max {
             println!("one-way latency (sampled 1/64, generator to sink, first run): p50 {:.1} µs, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}", l[0], l[1], l[2], l[3], l[4]);
