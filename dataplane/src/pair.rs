@@ -101,6 +101,9 @@ pub struct GatewayHalf {
     pub cells: Vec<Arc<StatsCell>>,
 }
 
+/// Black-side queues for [`Pair::with_black`]: (west's, east's), one per worker.
+pub type BlackQueues = (Vec<Box<dyn PortQueue>>, Vec<Box<dyn PortQueue>>);
+
 /// The pair.
 pub struct Pair {
     /// West (encrypts).
@@ -154,7 +157,27 @@ impl Pair {
         east: GatewaySides,
         spec: PairSpec,
     ) -> Result<Pair, espada_sadb::db::DbError> {
+        Self::with_black(west_db, east_db, west, east, spec, None)
+    }
+
+    /// Like [`Pair::new`], with the black link given as one queue per worker on each side (a
+    /// DPDK ring pair, say) instead of the built-in memory link.
+    pub fn with_black(
+        west_db: SaDb,
+        east_db: SaDb,
+        west: GatewaySides,
+        east: GatewaySides,
+        spec: PairSpec,
+        black: Option<BlackQueues>,
+    ) -> Result<Pair, espada_sadb::db::DbError> {
         let n = spec.workers.max(1);
+        let (mut west_black, mut east_black) = match black {
+            Some((w, e)) => (
+                w.into_iter().map(Some).collect::<Vec<_>>(),
+                e.into_iter().map(Some).collect::<Vec<_>>(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         let pool = Pool::new(n * 4096 + spec.ring_depth * n * 2 + 4096, spec.size + 512);
         let link = MemoryLink::new(n, spec.ring_depth);
         let stop = Arc::new(AtomicBool::new(false));
@@ -191,7 +214,10 @@ impl Pair {
         for q in 0..n {
             let gen: Box<dyn PortQueue> =
                 Box::new(Generator::new(tspec, mac::WEST_RED, q as u16, sent.clone()));
-            let wb: Box<dyn PortQueue> = Box::new(link.end_a(q, mac::WEST_BLACK, spec.steering));
+            let wb: Box<dyn PortQueue> = match west_black.get_mut(q).and_then(Option::take) {
+                Some(x) => x,
+                None => Box::new(link.end_a(q, mac::WEST_BLACK, spec.steering)),
+            };
             ww.push(Worker::new(
                 q,
                 w_sh.clone(),
@@ -201,7 +227,10 @@ impl Pair {
             )?);
             let sink: Box<dyn PortQueue> =
                 Box::new(Sink::new(mac::SUNRISE, sunrise, q as u16, received.clone()));
-            let eb: Box<dyn PortQueue> = Box::new(link.end_b(q, mac::EAST_BLACK, Steering::Rss));
+            let eb: Box<dyn PortQueue> = match east_black.get_mut(q).and_then(Option::take) {
+                Some(x) => x,
+                None => Box::new(link.end_b(q, mac::EAST_BLACK, Steering::Rss)),
+            };
             ew.push(Worker::new(
                 q,
                 e_sh.clone(),

@@ -48,6 +48,59 @@ pub struct DemoArgs {
     /// Write the final report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Black link: `memory` (lock-free rings) or `dpdk` (two DPDK ethdevs joined by rte_rings,
+    /// EAL without hugepages; needs a build with `--features dpdk`).
+    #[arg(long, default_value = "memory")]
+    port: String,
+    /// Extra EAL arguments for `--port dpdk` (default: no hugepages, no PCI).
+    #[arg(long, allow_hyphen_values = true)]
+    eal: Option<String>,
+}
+
+#[cfg(feature = "dpdk")]
+fn dpdk_black(workers: usize, eal: &Option<String>) -> Result<espada_dataplane::pair::BlackQueues> {
+    use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
+    use espada_dataplane::port::PortQueue;
+    let mut args: Vec<String> = match eal {
+        Some(e) => e.split_whitespace().map(str::to_string).collect(),
+        None => NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect(),
+    };
+    if !args.iter().any(|a| a == "-l" || a.starts_with("--lcores")) {
+        args.extend(["-l".to_string(), "0".to_string()]);
+    }
+    eal_init(&args).map_err(|e| anyhow::anyhow!(e))?;
+    let pool = std::sync::Arc::new(
+        MbufPool::new(
+            "espada_demo",
+            (workers as u32 * 8192).max(8191),
+            2048 + 128,
+            0,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    let (mut a, b) =
+        DpdkPort::ring_pair("black", workers as u16, pool).map_err(|e| anyhow::anyhow!(e))?;
+    if let Err(e) = a.steer_udp_source_port(4501, 4500, 0) {
+        println!("dpdk: the ring PMD refuses rte_flow rules ({e}); each ring queue already carries one worker's SA");
+    }
+    let wq: Vec<Box<dyn PortQueue>> = (0..workers)
+        .map(|q| Box::new(a.queue(q as u16)) as Box<dyn PortQueue>)
+        .collect();
+    let eq: Vec<Box<dyn PortQueue>> = (0..workers)
+        .map(|q| Box::new(b.queue(q as u16)) as Box<dyn PortQueue>)
+        .collect();
+    // The ports must outlive the workers: they are stopped at process exit.
+    std::mem::forget(a);
+    std::mem::forget(b);
+    Ok((wq, eq))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_black(
+    _workers: usize,
+    _eal: &Option<String>,
+) -> Result<espada_dataplane::pair::BlackQueues> {
+    bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
 }
 
 fn load(path: &Option<PathBuf>, builtin: &str, name: &str) -> Result<config::Config> {
@@ -120,12 +173,18 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         ring_depth: 4096,
         ..Default::default()
     };
-    let mut pair = Pair::new(
+    let black = match a.port.as_str() {
+        "memory" => None,
+        "dpdk" => Some(dpdk_black(workers, &a.eal)?),
+        p => bail!("--port must be memory or dpdk, got {p}"),
+    };
+    let mut pair = Pair::with_black(
         west.sadb(workers)?,
         east.sadb(workers)?,
         sides(&west)?,
         sides(&east)?,
         spec,
+        black,
     )?;
     println!(
         "espada demo: sunset -> west == east -> sunrise in one process; {workers} core(s), each running west worker i and east worker i; \

@@ -6,10 +6,13 @@
 //! * [`traffic`]: a traffic generator and a checking sink for the red side (the lab's TRex);
 //! * [`pcap`]: read frames from a capture, write frames to one, and [`pcap::Tap`] to record any
 //!   queue's traffic for Wireshark;
+//! * `dpdk` (feature `dpdk`): DPDK ethdev queues through the in-tree `dpdk-sys`;
 //! * [`af_packet`]: Linux AF_PACKET with TPACKET_V3 RX ring, mapped TX ring, fanout and qdisc
 //!   bypass (veth in namespaces, real NICs).
 
 pub mod af_packet;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod memory;
 pub mod pcap;
 

@@ -1,0 +1,351 @@
+//! DPDK ports (feature `dpdk`): EAL set-up, an mbuf pool per NUMA socket, one RX and one TX
+//! queue per worker, bounded transmit retries with leftovers counted, link state, the PMD's
+//! counters, and `rte_flow` rules steering each per-CPU SA's UDP source port to its queue.
+//!
+//! Frames are copied between the mbuf and the worker's pool buffer on receive and transmit:
+//! the ESP code runs on [`PktBuf`]s today, not in place in the mbuf.
+//!
+//! Every `unsafe` block here calls into DPDK through `dpdk-sys`; each says why it is sound.
+#![allow(unsafe_code)]
+
+use super::{PortQueue, PortStats};
+use crate::pktbuf::{PacketBuf, PktBuf};
+use crate::pool::PoolCache;
+use dpdk_sys as sys;
+use espada_wire::ethernet::MacAddr;
+use std::ffi::{CStr, CString};
+use std::sync::OnceLock;
+
+/// EAL arguments that work without hugepages or a PCI device (CI, labs, this machine).
+pub const NO_HUGE_ARGS: &[&str] = &[
+    "--no-huge",
+    "-m",
+    "256",
+    "--no-pci",
+    "--no-shconf",
+    "--log-level=error",
+];
+
+static EAL: OnceLock<Result<(), String>> = OnceLock::new();
+
+fn strerror(e: i32) -> String {
+    // SAFETY: rte_strerror returns a pointer to a static or thread-local string.
+    unsafe { CStr::from_ptr(sys::rte_strerror(e)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Initialises DPDK's EAL once per process with `args` (program name excluded). Later calls
+/// return the first result.
+pub fn eal_init(args: &[String]) -> Result<(), String> {
+    EAL.get_or_init(|| {
+        let mut owned: Vec<CString> = vec![CString::new("espada").expect("no NUL")];
+        for a in args {
+            owned.push(
+                CString::new(a.as_str())
+                    .map_err(|_| format!("EAL argument contains NUL: {a:?}"))?,
+            );
+        }
+        // DPDK may permute argv; give it its own array of pointers into `owned`, which lives
+        // for the rest of the process (leaked on purpose: EAL keeps references).
+        let owned = Box::leak(owned.into_boxed_slice());
+        let mut ptrs: Vec<*mut std::os::raw::c_char> =
+            owned.iter().map(|c| c.as_ptr() as *mut _).collect();
+        let argv = Box::leak(ptrs.clone().into_boxed_slice());
+        ptrs.clear();
+        // SAFETY: argc/argv describe valid NUL-terminated strings that outlive the call.
+        let r = unsafe { sys::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
+        if r < 0 {
+            // SAFETY: plain getter.
+            let e = unsafe { sys::espada_rte_errno() };
+            Err(format!(
+                "rte_eal_init failed: {} (arguments: {})",
+                strerror(e),
+                args.join(" ")
+            ))
+        } else {
+            Ok(())
+        }
+    })
+    .clone()
+}
+
+/// An mbuf pool.
+pub struct MbufPool {
+    pool: *mut sys::rte_mempool,
+}
+
+// SAFETY: DPDK mempools are multi-producer/multi-consumer safe.
+unsafe impl Send for MbufPool {}
+// SAFETY: as above.
+unsafe impl Sync for MbufPool {}
+
+impl MbufPool {
+    /// `n` mbufs with `data_room` bytes each (headroom included) on NUMA `socket`.
+    pub fn new(name: &str, n: u32, data_room: u16, socket: i32) -> Result<MbufPool, String> {
+        let c = CString::new(name).map_err(|_| "pool name contains NUL".to_string())?;
+        // SAFETY: EAL is initialised by the caller (eal_init); name is a valid C string.
+        let pool = unsafe { sys::espada_pool_create(c.as_ptr(), n, data_room, socket) };
+        if pool.is_null() {
+            // SAFETY: plain getter.
+            return Err(format!(
+                "mbuf pool {name}: {}",
+                strerror(unsafe { sys::espada_rte_errno() })
+            ));
+        }
+        Ok(MbufPool { pool })
+    }
+}
+
+/// One ethdev port, configured with `nq` queue pairs and started.
+pub struct DpdkPort {
+    /// DPDK port id.
+    pub id: u16,
+    nq: u16,
+    pool: std::sync::Arc<MbufPool>,
+    flows: Vec<*mut sys::rte_flow>,
+}
+
+// SAFETY: the port id and flow handles are plain identifiers usable from any thread; queue
+// access is split per worker by `queue()`.
+unsafe impl Send for DpdkPort {}
+
+impl DpdkPort {
+    fn setup(id: u16, nq: u16, pool: std::sync::Arc<MbufPool>) -> Result<DpdkPort, String> {
+        // SAFETY: id names an existing port; pool is a live mempool.
+        let r = unsafe { sys::espada_port_setup(id, nq, pool.pool, 1024) };
+        if r != 0 {
+            return Err(format!(
+                "port {id}: setup with {nq} queues failed: {}",
+                strerror(-r)
+            ));
+        }
+        Ok(DpdkPort {
+            id,
+            nq,
+            pool,
+            flows: Vec::new(),
+        })
+    }
+
+    /// The port named `name` (a vdev such as `net_ring0`, `net_af_packet0`, or a PCI address).
+    pub fn open(name: &str, nq: u16, pool: std::sync::Arc<MbufPool>) -> Result<DpdkPort, String> {
+        let c = CString::new(name).map_err(|_| "port name contains NUL".to_string())?;
+        let mut id = 0u16;
+        // SAFETY: valid C string and out-pointer.
+        let r = unsafe { sys::rte_eth_dev_get_port_by_name(c.as_ptr(), &mut id) };
+        if r != 0 {
+            return Err(format!(
+                "no DPDK port named {name} (is its --vdev/--allow in the EAL arguments?)"
+            ));
+        }
+        Self::setup(id, nq, pool)
+    }
+
+    /// Two ports joined back to back by rings, `nq` queues each: what one sends on queue i
+    /// the other receives on queue i.
+    pub fn ring_pair(
+        name: &str,
+        nq: u16,
+        pool: std::sync::Arc<MbufPool>,
+    ) -> Result<(DpdkPort, DpdkPort), String> {
+        let c = CString::new(name).map_err(|_| "name contains NUL".to_string())?;
+        let (mut a, mut b) = (0u16, 0u16);
+        // SAFETY: valid C string and out-pointers; EAL initialised.
+        let r = unsafe { sys::espada_ring_pair(c.as_ptr(), nq, 0, &mut a, &mut b) };
+        if r != 0 {
+            return Err(format!("ring pair {name}: {}", strerror(-r)));
+        }
+        Ok((Self::setup(a, nq, pool.clone())?, Self::setup(b, nq, pool)?))
+    }
+
+    /// Queue `q` for one worker.
+    pub fn queue(&self, q: u16) -> DpdkQueue {
+        let mut mac = [0u8; 6];
+        // SAFETY: valid out-buffer of 6 bytes.
+        unsafe { sys::espada_port_mac(self.id, mac.as_mut_ptr()) };
+        DpdkQueue {
+            port: self.id,
+            q: q.min(self.nq.saturating_sub(1)),
+            pool: self.pool.clone(),
+            rx: [std::ptr::null_mut(); 64],
+            tx: Vec::with_capacity(256),
+            mac: MacAddr(mac),
+            stats: PortStats::default(),
+        }
+    }
+
+    /// Link speed in Mbit/s and whether it is up.
+    pub fn link(&self) -> (u32, bool) {
+        let (mut speed, mut up) = (0u32, 0i32);
+        // SAFETY: valid out-pointers.
+        unsafe { sys::espada_port_link(self.id, &mut speed, &mut up) };
+        (speed, up != 0)
+    }
+
+    /// The PMD's counters: (rx packets, tx packets, rx bytes, tx bytes, rx missed, tx errors).
+    pub fn pmd_stats(&self) -> [u64; 6] {
+        let mut s = [0u64; 6];
+        // SAFETY: valid out-buffer of 6 u64.
+        unsafe { sys::espada_port_stats(self.id, s.as_mut_ptr()) };
+        s
+    }
+
+    /// One rte_flow rule: UDP source port `sport`, destination `dport` → queue. The PMD's own
+    /// words when it refuses (virtual devices do).
+    pub fn steer_udp_source_port(
+        &mut self,
+        sport: u16,
+        dport: u16,
+        queue: u16,
+    ) -> Result<(), String> {
+        let mut msg = [0 as std::os::raw::c_char; 256];
+        // SAFETY: msg is a writable buffer of the length passed.
+        let f = unsafe {
+            sys::espada_flow_udp_to_queue(self.id, sport, dport, queue, msg.as_mut_ptr(), msg.len())
+        };
+        if f.is_null() {
+            // SAFETY: the shim NUL-terminates what it wrote.
+            return Err(unsafe { CStr::from_ptr(msg.as_ptr()) }
+                .to_string_lossy()
+                .into_owned());
+        }
+        self.flows.push(f);
+        Ok(())
+    }
+}
+
+impl Drop for DpdkPort {
+    fn drop(&mut self) {
+        for f in self.flows.drain(..) {
+            // SAFETY: f was created on this port and is destroyed once.
+            unsafe { sys::espada_flow_destroy(self.id, f) };
+        }
+        // SAFETY: stopping a started port.
+        unsafe { sys::rte_eth_dev_stop(self.id) };
+    }
+}
+
+/// One queue pair of a DPDK port, owned by one worker.
+pub struct DpdkQueue {
+    port: u16,
+    q: u16,
+    pool: std::sync::Arc<MbufPool>,
+    rx: [*mut sys::rte_mbuf; 64],
+    tx: Vec<*mut sys::rte_mbuf>,
+    mac: MacAddr,
+    stats: PortStats,
+}
+
+// SAFETY: a queue is used by exactly one worker thread at a time (DPDK's rule for lockless
+// queues); the mbuf pointers it holds are owned by it.
+unsafe impl Send for DpdkQueue {}
+
+/// Transmit retries before leftovers are dropped (and counted).
+const TX_RETRIES: usize = 3;
+
+impl PortQueue for DpdkQueue {
+    fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
+        let n = max.min(self.rx.len()) as u16;
+        // SAFETY: rx has room for n mbuf pointers; the queue belongs to this worker.
+        let got =
+            unsafe { sys::espada_rx_burst(self.port, self.q, self.rx.as_mut_ptr(), n) } as usize;
+        let mut delivered = 0;
+        for &m in &self.rx[..got] {
+            // SAFETY: m is a valid mbuf just received; freed exactly once below.
+            let (data, len, segs) = unsafe {
+                (
+                    sys::espada_mbuf_data(m),
+                    sys::espada_mbuf_data_len(m) as usize,
+                    sys::espada_mbuf_nb_segs(m),
+                )
+            };
+            match (segs, pool.get()) {
+                (1, Some(mut b)) => {
+                    if let Some(d) = b.append(len) {
+                        // SAFETY: data points to len readable bytes of the mbuf's first segment.
+                        d.copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
+                        self.stats.rx_packets += 1;
+                        self.stats.rx_bytes += len as u64;
+                        out.push(b);
+                        delivered += 1;
+                    } else {
+                        self.stats.rx_dropped += 1;
+                        pool.put(b);
+                    }
+                }
+                (_, Some(b)) => {
+                    // Chained mbufs (jumbo frames on some PMDs) are not handled yet: counted.
+                    self.stats.rx_dropped += 1;
+                    pool.put(b);
+                }
+                (_, None) => self.stats.rx_dropped += 1,
+            }
+            // SAFETY: m came from rx_burst and is not used again.
+            unsafe { sys::espada_mbuf_free(m) };
+        }
+        delivered
+    }
+
+    fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        self.tx.clear();
+        for b in pkts.drain(..) {
+            // SAFETY: the pool is live for the port's lifetime.
+            let m = unsafe { sys::espada_mbuf_alloc(self.pool.pool) };
+            if m.is_null() {
+                self.stats.tx_dropped += 1;
+                pool.put(b);
+                continue;
+            }
+            let len = b.len();
+            // SAFETY: m is a fresh mbuf; append returns NULL if it lacks tailroom.
+            let dst = unsafe { sys::espada_mbuf_append(m, len as u16) };
+            if dst.is_null() || len > u16::MAX as usize {
+                // SAFETY: freeing the mbuf allocated above.
+                unsafe { sys::espada_mbuf_free(m) };
+                self.stats.tx_dropped += 1;
+                pool.put(b);
+                continue;
+            }
+            // SAFETY: dst has len writable bytes.
+            unsafe { std::ptr::copy_nonoverlapping(b.data().as_ptr(), dst, len) };
+            self.stats.tx_bytes += len as u64;
+            self.tx.push(m);
+            pool.put(b);
+        }
+        let mut sent = 0usize;
+        for _ in 0..=TX_RETRIES {
+            if sent == self.tx.len() {
+                break;
+            }
+            // SAFETY: the slice holds mbufs owned by us; the PMD takes those it sends.
+            sent += unsafe {
+                sys::espada_tx_burst(
+                    self.port,
+                    self.q,
+                    self.tx.as_mut_ptr().add(sent),
+                    (self.tx.len() - sent) as u16,
+                )
+            } as usize;
+        }
+        for &m in &self.tx[sent..] {
+            // SAFETY: leftovers were not taken by the PMD: ours to free.
+            unsafe { sys::espada_mbuf_free(m) };
+            self.stats.tx_dropped += 1;
+        }
+        self.stats.tx_packets += sent as u64;
+        sent
+    }
+
+    fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    fn stats(&self) -> PortStats {
+        self.stats
+    }
+
+    fn describe(&self) -> String {
+        format!("dpdk:port{}/q{}", self.port, self.q)
+    }
+}
