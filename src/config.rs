@@ -64,6 +64,28 @@ struct RawConfig {
     policy: Vec<RawPolicy>,
     #[serde(default)]
     neighbor: Vec<RawNeighbor>,
+    #[serde(default)]
+    dpdk: Option<RawDpdk>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDpdk {
+    #[serde(default)]
+    eal: Option<String>,
+    red_port: String,
+    black_port: String,
+}
+
+/// `[dpdk]`: how `espada run --port dpdk` binds the NICs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DpdkConfig {
+    /// EAL arguments (default: no hugepages, no PCI, for labs and CI).
+    pub eal: Vec<String>,
+    /// The red port: a PCI address (`0000:3b:00.0`) or a vdev name (`net_af_packet0`).
+    pub red_port: String,
+    /// The black port.
+    pub black_port: String,
 }
 
 #[derive(Deserialize)]
@@ -274,6 +296,8 @@ pub struct Config {
     pub tunnels: Vec<TunnelConfig>,
     /// The SPD.
     pub spd: Spd,
+    /// DPDK binding, if configured.
+    pub dpdk: Option<DpdkConfig>,
 }
 
 struct Ctx<'a> {
@@ -887,6 +911,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         neighbors,
         tunnels,
         spd,
+        dpdk: raw.dpdk.as_ref().map(|d| DpdkConfig {
+            eal: d
+                .eal
+                .as_deref()
+                .map(|e| e.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+            red_port: d.red_port.clone(),
+            black_port: d.black_port.clone(),
+        }),
     })
 }
 

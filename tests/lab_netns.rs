@@ -11,6 +11,7 @@ use std::process::Command;
 struct Lab {
     prefix: String,
     dir: tempfile::TempDir,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Lab {
@@ -21,6 +22,9 @@ impl Lab {
             .env("ESPADA_LAB_PREFIX", &self.prefix)
             .env("ESPADA_LAB_DIR", self.dir.path())
             .env("ESPADA_BIN", env!("CARGO_BIN_EXE_espada"));
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
 }
@@ -63,6 +67,7 @@ fn namespace_lab_end_to_end() {
     let lab = Lab {
         prefix: format!("e{}-", std::process::id() % 100_000),
         dir: tempfile::tempdir().unwrap(),
+        env: vec![],
     };
     run(&mut lab.cmd("up"), "scripts/lab up");
     let t = run(&mut lab.cmd("traffic"), "scripts/lab traffic");
@@ -77,4 +82,29 @@ fn namespace_lab_end_to_end() {
         "scripts/lab_check.py",
     );
     assert!(c.contains("lab checks passed"));
+}
+
+/// The same lab with west on DPDK (net_af_packet PMD on the veths, `configs/lab/west-dpdk.toml`)
+/// and east on AF_PACKET: ping, UDP and TCP both ways.
+#[cfg(feature = "dpdk")]
+#[test]
+fn namespace_lab_with_west_on_dpdk() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the DPDK lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("d{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![
+            ("ESPADA_WEST", "configs/lab/west-dpdk.toml"),
+            ("ESPADA_WEST_PORT", "dpdk"),
+        ],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up (west on DPDK)");
+    let t = run(&mut lab.cmd("traffic"), "scripts/lab traffic");
+    assert!(t.contains("5 packets transmitted, 5 received"), "ping");
+    assert_eq!(t.matches(" OK").count(), 4, "UDP and TCP both ways");
+    let log = std::fs::read_to_string(lab.dir.path().join("west.log")).unwrap();
+    assert!(log.contains("dpdk port net_af_packet1: link up"), "{log}");
 }

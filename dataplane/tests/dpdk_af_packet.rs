@@ -14,7 +14,15 @@ use std::sync::Arc;
 
 fn child() {
     let mut args: Vec<String> = NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect();
-    args.extend(["-l", "0", "--vdev=net_af_packet0,iface=dpa", "--vdev=net_af_packet1,iface=dpb"].map(String::from));
+    args.extend(
+        [
+            "-l",
+            "0",
+            "--vdev=net_af_packet0,iface=dpa",
+            "--vdev=net_af_packet1,iface=dpb",
+        ]
+        .map(String::from),
+    );
     eal_init(&args).expect("EAL with two af_packet vdevs");
     let pool = Arc::new(MbufPool::new("afp_pool", 8191, 2048 + 128, 0).unwrap());
     let a = DpdkPort::open("net_af_packet0", 1, pool.clone()).unwrap();
@@ -24,7 +32,13 @@ fn child() {
     let wq: Vec<Box<dyn PortQueue>> = vec![Box::new(a.queue(0))];
     let eq: Vec<Box<dyn PortQueue>> = vec![Box::new(b.queue(0))];
     // A rate veth carries without loss.
-    let spec = PairSpec { workers: 1, size: 600, limit: Some(3000), rate: Some(20_000.0), ..Default::default() };
+    let spec = PairSpec {
+        workers: 1,
+        size: 600,
+        limit: Some(3000),
+        rate: Some(20_000.0),
+        ..Default::default()
+    };
     let mut p = Pair::with_black(w, e, ws, es, spec, Some((wq, eq))).unwrap();
     let t = std::time::Instant::now();
     while p.received.packets.load(Ordering::Relaxed) < 3000 && t.elapsed().as_secs() < 20 {
@@ -47,23 +61,44 @@ fn west_east_over_dpdk_af_packet_on_veth() {
         return;
     }
     let ns = format!("dpaf{}", std::process::id() % 100_000);
-    let sh = |c: &str| assert!(Command::new("sh").arg("-c").arg(c).status().unwrap().success(), "{c}");
+    let sh = |c: &str| {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(c)
+                .status()
+                .unwrap()
+                .success(),
+            "{c}"
+        )
+    };
     sh(&format!("ip netns add {ns}"));
     let cleanup = scopeguard(ns.clone());
     sh(&format!("ip -n {ns} link add dpa type veth peer name dpb"));
     for d in ["dpa", "dpb"] {
-        sh(&format!("ip netns exec {ns} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1"));
+        sh(&format!(
+            "ip netns exec {ns} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1"
+        ));
         let _ = Command::new("sh").arg("-c").arg(format!("ip netns exec {ns} ethtool -K {d} tx off rx off tso off gso off gro off >/dev/null 2>&1")).status();
         sh(&format!("ip -n {ns} link set {d} up"));
     }
     let out = Command::new("ip")
         .args(["netns", "exec", &ns])
         .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "west_east_over_dpdk_af_packet_on_veth", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "west_east_over_dpdk_af_packet_on_veth",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("ESPADA_DPDK_CHILD", "1")
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("{text}");
     drop(cleanup);
     assert!(out.status.success(), "child failed:\n{text}");

@@ -108,6 +108,15 @@ pub fn render(c: &Config, db: &SaDb) -> String {
             );
         }
     }
+    if let Some(d) = &c.dpdk {
+        let _ = writeln!(
+            s,
+            "  dpdk  red {} black {} eal [{}]",
+            d.red_port,
+            d.black_port,
+            d.eal.join(" ")
+        );
+    }
     for (ip, mac) in &c.neighbors {
         let _ = writeln!(s, "  neighbor {ip} is-at {mac}");
     }

@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Record the black side's frames (both directions, all queues) to FILE-q<N>.pcap.
     #[arg(long)]
     pcap_black: Option<PathBuf>,
+    /// How to reach the NICs: `af-packet` (kernel driver stays in charge) or `dpdk` (poll-mode
+    /// driver; ports and EAL arguments from the `[dpdk]` section; needs `--features dpdk`).
+    #[arg(long, default_value = "af-packet")]
+    port: String,
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
@@ -78,6 +82,81 @@ fn open_queue(
     Err(last
         .map(|e| anyhow::anyhow!("interface {iface} queue {q}: {e}"))
         .unwrap_or_else(|| anyhow::anyhow!("interface {iface}: cannot open")))
+}
+
+/// Keeps DPDK ports (and their flow rules) alive until the workers are done.
+#[allow(dead_code)]
+enum PortsAlive {
+    None,
+    #[cfg(feature = "dpdk")]
+    Dpdk(Vec<espada_dataplane::port::dpdk::DpdkPort>),
+}
+
+type Queues = (Vec<Box<dyn PortQueue>>, Vec<Box<dyn PortQueue>>, PortsAlive);
+
+#[cfg(feature = "dpdk")]
+fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize]) -> Result<Queues> {
+    use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
+    let d = c.dpdk.as_ref().with_context(|| {
+        format!(
+            "{}: --port dpdk needs a [dpdk] section (red_port, black_port, eal)",
+            c.file.display()
+        )
+    })?;
+    let mut args = if d.eal.is_empty() {
+        NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect()
+    } else {
+        d.eal.clone()
+    };
+    if !args.iter().any(|x| x == "-l" || x.starts_with("--lcores")) {
+        args.extend(["-l".to_string(), espada_pinning::format_cpu_list(cores)]);
+    }
+    eal_init(&args).map_err(|e| anyhow::anyhow!(e))?;
+    let pool = Arc::new(
+        MbufPool::new("espada_run", (n as u32 * 16384).max(16383), 2048 + 256, -1)
+            .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    let red =
+        DpdkPort::open(&d.red_port, n as u16, pool.clone()).map_err(|e| anyhow::anyhow!(e))?;
+    let mut black =
+        DpdkPort::open(&d.black_port, n as u16, pool).map_err(|e| anyhow::anyhow!(e))?;
+    // One rte_flow rule per per-CPU SA of the peer: its UDP source port -> the owning queue.
+    let t = &c.tunnels[0];
+    let mut refused = None;
+    for i in 0..t.peer_pcpu {
+        if let Err(e) = black.steer_udp_source_port(t.in_port_of(Some(i)), 4500, (i % n) as u16) {
+            refused = Some(e);
+            break;
+        }
+        eprintln!(
+            "espada run: rte_flow on {}: udp src {} dst 4500 -> queue {}",
+            d.black_port,
+            t.in_port_of(Some(i)),
+            i % n
+        );
+    }
+    if let Some(e) = refused {
+        eprintln!("espada run: {} refuses rte_flow rules ({e}); RSS spreads the SAs and espada hands packets to the owning core", d.black_port);
+    }
+    for (p, name) in [(&red, &d.red_port), (&black, &d.black_port)] {
+        let (speed, up) = p.link();
+        eprintln!(
+            "espada run: dpdk port {name}: link {} {speed} Mbit/s",
+            if up { "up" } else { "DOWN" }
+        );
+    }
+    let r: Vec<Box<dyn PortQueue>> = (0..n)
+        .map(|q| Box::new(red.queue(q as u16)) as Box<dyn PortQueue>)
+        .collect();
+    let b: Vec<Box<dyn PortQueue>> = (0..n)
+        .map(|q| Box::new(black.queue(q as u16)) as Box<dyn PortQueue>)
+        .collect();
+    Ok((r, b, PortsAlive::Dpdk(vec![red, black])))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn dpdk_queues(_c: &config::Config, _n: usize, _cores: &[usize]) -> Result<Queues> {
+    bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
@@ -150,15 +229,26 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let pool = Pool::new(n * 8192, mtu + 14 + 256);
     let fanout = (std::process::id() as u16) ^ 0x5a00;
     let mut workers = Vec::new();
-    for i in 0..n {
-        let red = open_queue(&red_if, i, n, fanout, None)?;
-        let black = open_queue(
-            &black_if,
-            i,
-            n,
-            fanout.wrapping_add(1),
-            a.pcap_black.as_ref(),
-        )?;
+    let (red_qs, black_qs, _keep_ports) = match a.port.as_str() {
+        "af-packet" => {
+            let mut r = Vec::new();
+            let mut b = Vec::new();
+            for i in 0..n {
+                r.push(open_queue(&red_if, i, n, fanout, None)?);
+                b.push(open_queue(
+                    &black_if,
+                    i,
+                    n,
+                    fanout.wrapping_add(1),
+                    a.pcap_black.as_ref(),
+                )?);
+            }
+            (r, b, PortsAlive::None)
+        }
+        "dpdk" => dpdk_queues(&c, n, &cores)?,
+        p => bail!("--port must be af-packet or dpdk, got {p}"),
+    };
+    for (i, (red, black)) in red_qs.into_iter().zip(black_qs).enumerate() {
         workers.push(Worker::new(
             i,
             shared.clone(),
