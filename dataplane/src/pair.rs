@@ -181,7 +181,7 @@ impl Pair {
         // Small on purpose: buffers cycle through the shared ring FIFO, so a pool much larger
         // than the caches keeps every packet cold (measured: ~2x slower). A generator that finds
         // the pool empty just waits (back-pressure), it does not drop.
-        let pool = Pool::new(n * 1024 + 1024, spec.size.max(1518) + 512);
+        let pool = Pool::new(n * 384 + 256, spec.size.max(1518) + 512);
         let link = MemoryLink::new(n, spec.ring_depth);
         let stop = Arc::new(AtomicBool::new(false));
         let sunset = host(&west.red, 10);
