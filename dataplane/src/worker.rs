@@ -251,6 +251,8 @@ pub struct Worker {
     icmp_tokens: u32,
     icmp_refill_s: u64,
     arp_last: [(Ipv4Addr, u64); 8],
+    /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
+    latency: hdrhistogram::Histogram<u64>,
 }
 
 impl Worker {
@@ -281,12 +283,33 @@ impl Worker {
             polls: 0,
             icmp_refill_s: 0,
             arp_last: [(Ipv4Addr::UNSPECIFIED, 0); 8],
+            // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
+                .expect("valid bounds"),
         })
     }
 
     /// The published counters (for reporters on other threads).
     pub fn stats_cell(&self) -> Arc<StatsCell> {
         self.cell.clone()
+    }
+
+    /// Burst latency percentiles in microseconds (p50, p99, p99.9, max): time from the first
+    /// receive to the last transmit of a poll, sampled every 16th busy poll.
+    pub fn burst_latency_us(&self) -> Option<[f64; 4]> {
+        let h = &self.latency;
+        if h.is_empty() {
+            return None;
+        }
+        Some(
+            [
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.value_at_quantile(0.999),
+                h.max(),
+            ]
+            .map(|v| v as f64 / 1000.0),
+        )
     }
 
     /// This worker's core index.
@@ -400,7 +423,11 @@ impl Worker {
 
         if n > 0 {
             self.stats.bursts += 1;
-            self.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+            let dt = t0.elapsed().as_nanos() as u64;
+            self.stats.busy_ns += dt;
+            if self.stats.bursts.is_multiple_of(16) {
+                let _ = self.latency.record(dt.max(1));
+            }
         }
         if self.polls.is_multiple_of(256) {
             self.sas.check_lifetimes(now_s, &self.shared.events);

@@ -389,6 +389,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             w.core(), st.red_rx, st.red_tx, st.black_rx, st.black_tx, st.handoff_out, st.handoff_in, st.arp_replies, st.arp_requests, st.icmp_sent,
             r.stats().tx_dropped + r.stats().rx_dropped, b.stats().tx_dropped + b.stats().rx_dropped
         );
+        if let Some(l) = w.burst_latency_us() {
+            println!("  burst latency (rx to tx, sampled): p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs", l[0], l[1], l[2], l[3]);
+        }
         for sa in w.sas().outbound_sas() {
             println!(
                 "  out SA {:#010x} port {}: {} packets, {} bytes",
