@@ -12,21 +12,18 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-fn child() {
+fn child(pmd: &str) {
     let mut args: Vec<String> = NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect();
-    args.extend(
-        [
-            "-l",
-            "0",
-            "--vdev=net_af_packet0,iface=dpa",
-            "--vdev=net_af_packet1,iface=dpb",
-        ]
-        .map(String::from),
-    );
-    eal_init(&args).expect("EAL with two af_packet vdevs");
+    args.extend([
+        "-l".to_string(),
+        "0".to_string(),
+        format!("--vdev={pmd}0,iface=dpa"),
+        format!("--vdev={pmd}1,iface=dpb"),
+    ]);
+    eal_init(&args).expect("EAL with two vdevs on the veth pair");
     let pool = Arc::new(MbufPool::new("afp_pool", 8191, 2048 + 128, 0).unwrap());
-    let a = DpdkPort::open("net_af_packet0", 1, pool.clone()).unwrap();
-    let b = DpdkPort::open("net_af_packet1", 1, pool).unwrap();
+    let a = DpdkPort::open(&format!("{pmd}0"), 1, pool.clone()).unwrap();
+    let b = DpdkPort::open(&format!("{pmd}1"), 1, pool).unwrap();
     let (w, e) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let (ws, es) = lab::sides();
     let wq: Vec<Box<dyn PortQueue>> = vec![Box::new(a.queue(0))];
@@ -46,21 +43,31 @@ fn child() {
     }
     p.drain();
     let got = p.received.packets.load(Ordering::Relaxed);
-    println!("dpdk af_packet: sent 3000, received {got}");
+    println!("dpdk {pmd}: sent 3000, received {got}");
     assert_eq!(p.sent.packets.load(Ordering::Relaxed), 3000);
     assert_eq!(got, 3000, "every packet crossed the veth pair through DPDK");
 }
 
 #[test]
 fn west_east_over_dpdk_af_packet_on_veth() {
+    over_veth("net_af_packet", "west_east_over_dpdk_af_packet_on_veth");
+}
+
+/// The same over DPDK's `net_af_xdp` PMD (AF_XDP sockets on the veth ends, copy mode).
+#[test]
+fn west_east_over_dpdk_af_xdp_on_veth() {
+    over_veth("net_af_xdp", "west_east_over_dpdk_af_xdp_on_veth");
+}
+
+fn over_veth(pmd: &str, test: &str) {
     if std::env::var("ESPADA_DPDK_CHILD").is_ok() {
-        return child();
+        return child(pmd);
     }
     if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
         eprintln!("ESPADA_SKIP_NETNS=1: DPDK over af_packet was NOT run");
         return;
     }
-    let ns = format!("dpaf{}", std::process::id() % 100_000);
+    let ns = format!("dp{}{}", &pmd[7..9], std::process::id() % 100_000);
     let sh = |c: &str| {
         assert!(
             Command::new("sh")
@@ -85,12 +92,7 @@ fn west_east_over_dpdk_af_packet_on_veth() {
     let out = Command::new("ip")
         .args(["netns", "exec", &ns])
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "west_east_over_dpdk_af_packet_on_veth",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env("ESPADA_DPDK_CHILD", "1")
         .output()
         .unwrap();
@@ -102,7 +104,10 @@ fn west_east_over_dpdk_af_packet_on_veth() {
     println!("{text}");
     drop(cleanup);
     assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("received 3000"));
+    assert!(
+        text.contains(&format!("dpdk {pmd}: sent 3000, received 3000")),
+        "{text}"
+    );
 }
 
 struct Guard(String);
