@@ -108,3 +108,31 @@ fn namespace_lab_with_west_on_dpdk() {
     let log = std::fs::read_to_string(lab.dir.path().join("west.log")).unwrap();
     assert!(log.contains("dpdk port net_af_packet1: link up"), "{log}");
 }
+
+/// The lab with west on espada's own AF_XDP port (one worker: veth has one queue) and east on
+/// AF_PACKET: ping, UDP and TCP both ways.
+#[cfg(feature = "af-xdp")]
+#[test]
+fn namespace_lab_with_west_on_af_xdp() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the AF_XDP lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("x{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![
+            ("ESPADA_WEST_PORT", "af-xdp"),
+            ("ESPADA_WEST_ARGS", "--workers 1"),
+        ],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up (west on AF_XDP)");
+    let t = run(&mut lab.cmd("traffic"), "scripts/lab traffic");
+    assert!(t.contains("5 packets transmitted, 5 received"), "ping");
+    assert_eq!(t.matches(" OK").count(), 4, "UDP and TCP both ways");
+    let log = std::fs::read_to_string(lab.dir.path().join("west.log")).unwrap();
+    assert!(
+        log.contains("AF_XDP sockets on west-red and west-black"),
+        "{log}"
+    );
+}

@@ -42,8 +42,9 @@ pub struct RunArgs {
     /// Record the black side's frames (both directions, all queues) to FILE-q<N>.pcap.
     #[arg(long)]
     pcap_black: Option<PathBuf>,
-    /// How to reach the NICs: `af-packet` (kernel driver stays in charge) or `dpdk` (poll-mode
-    /// driver; ports and EAL arguments from the `[dpdk]` section; needs `--features dpdk`).
+    /// How to reach the NICs: `af-packet` (kernel driver stays in charge), `af-xdp` (XSK
+    /// sockets, one per queue; needs `--features af-xdp`) or `dpdk` (poll-mode driver; ports and
+    /// EAL arguments from the `[dpdk]` section; needs `--features dpdk`).
     #[arg(long, default_value = "af-packet")]
     port: String,
     /// Do not pin workers to cores.
@@ -154,6 +155,28 @@ fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize]) -> Result<Queues> 
     Ok((r, b, PortsAlive::Dpdk(vec![red, black])))
 }
 
+#[cfg(feature = "af-xdp")]
+fn af_xdp_queues(red: &str, black: &str, n: usize) -> Result<Queues> {
+    use espada_dataplane::port::af_xdp::AfXdpQueue;
+    let mut r: Vec<Box<dyn PortQueue>> = Vec::new();
+    let mut b: Vec<Box<dyn PortQueue>> = Vec::new();
+    for q in 0..n as u32 {
+        r.push(Box::new(
+            AfXdpQueue::open(red, q, 4096).map_err(|e| anyhow::anyhow!(e))?,
+        ));
+        b.push(Box::new(
+            AfXdpQueue::open(black, q, 4096).map_err(|e| anyhow::anyhow!(e))?,
+        ));
+    }
+    eprintln!("espada run: AF_XDP sockets on {red} and {black}, queues 0..{} (steer per-CPU SAs with `espada pin apply`)", n - 1);
+    Ok((r, b, PortsAlive::None))
+}
+
+#[cfg(not(feature = "af-xdp"))]
+fn af_xdp_queues(_red: &str, _black: &str, _n: usize) -> Result<Queues> {
+    bail!("this espada was built without AF_XDP: cargo build --release --features af-xdp (needs clang, libelf-dev, zlib1g-dev, m4)")
+}
+
 #[cfg(not(feature = "dpdk"))]
 fn dpdk_queues(_c: &config::Config, _n: usize, _cores: &[usize]) -> Result<Queues> {
     bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
@@ -246,7 +269,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             (r, b, PortsAlive::None)
         }
         "dpdk" => dpdk_queues(&c, n, &cores)?,
-        p => bail!("--port must be af-packet or dpdk, got {p}"),
+        "af-xdp" => af_xdp_queues(&red_if, &black_if, n)?,
+        p => bail!("--port must be af-packet, af-xdp or dpdk, got {p}"),
     };
     for (i, (red, black)) in red_qs.into_iter().zip(black_qs).enumerate() {
         workers.push(Worker::new(

@@ -11,6 +11,8 @@
 //!   bypass (veth in namespaces, real NICs).
 
 pub mod af_packet;
+#[cfg(feature = "af-xdp")]
+pub mod af_xdp;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod memory;
