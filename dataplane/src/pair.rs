@@ -145,6 +145,7 @@ fn shared(
         events: Arc::new(EventQueue::new(1024)),
         stop,
         icmp_rate: 100,
+        idle_sleep_us: 0,
     }
 }
 

@@ -80,6 +80,9 @@ pub struct GatewayShared {
     pub stop: Arc<AtomicBool>,
     /// ICMP "fragmentation needed" messages per second per worker (0 = never send).
     pub icmp_rate: u32,
+    /// After 256 empty polls in a row, sleep this many microseconds before polling again
+    /// (0: pure busy polling, for dedicated cores). Lets a shared host's kernel breathe.
+    pub idle_sleep_us: u32,
 }
 
 /// Counters of one worker. Plain integers while a burst runs; published to a [`StatsCell`] once
@@ -334,9 +337,20 @@ impl Worker {
 
     /// Runs until the stop flag is set, then finishes the burst in flight and returns.
     pub fn run(&mut self) {
+        let mut idle = 0u32;
         while !self.shared.stop.load(Ordering::Relaxed) {
             if self.poll() == 0 {
-                std::hint::spin_loop();
+                idle += 1;
+                if self.shared.idle_sleep_us > 0 && idle >= 256 {
+                    // Only when nothing arrived for 256 polls: never between packets of a burst.
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        self.shared.idle_sleep_us as u64,
+                    ));
+                } else {
+                    std::hint::spin_loop();
+                }
+            } else {
+                idle = 0;
             }
         }
         // Drain what is already queued for us, so nothing in flight is lost at shutdown.

@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// EAL arguments from the `[dpdk]` section; needs `--features dpdk`).
     #[arg(long, default_value = "af-packet")]
     port: String,
+    /// When a worker finds nothing for 256 polls in a row, sleep this many microseconds (0: pure
+    /// busy polling, for cores dedicated to espada; a few tens of µs keeps a shared host's
+    /// kernel, e.g. a veth lab on a 2-core VM, from starving).
+    #[arg(long, default_value_t = 0)]
+    idle_sleep_us: u32,
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
@@ -247,12 +252,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         events: Arc::new(EventQueue::new(1024)),
         stop: stop.clone(),
         icmp_rate: 100,
+        idle_sleep_us: a.idle_sleep_us,
     };
     let mtu = gw.red.mtu.max(gw.black.mtu) as usize;
     let pool = Pool::new(n * 8192, mtu + 14 + 256);
     let fanout = (std::process::id() as u16) ^ 0x5a00;
     let mut workers = Vec::new();
-    let (red_qs, black_qs, _keep_ports) = match a.port.as_str() {
+    let (red_qs, black_qs, keep_ports) = match a.port.as_str() {
         "af-packet" => {
             let mut r = Vec::new();
             let mut b = Vec::new();
@@ -429,6 +435,17 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             );
         }
     }
+    #[cfg(feature = "dpdk")]
+    if let PortsAlive::Dpdk(ports) = &keep_ports {
+        for p in ports {
+            let s = p.pmd_stats();
+            println!(
+                "dpdk port {}: PMD rx {} tx {} rx-bytes {} tx-bytes {} missed {} tx-errors {}",
+                p.id, s[0], s[1], s[2], s[3], s[4], s[5]
+            );
+        }
+    }
+    drop(keep_ports);
     if ike > 0 {
         println!("{ike} IKE message(s) reached the control path (no IKE daemon is attached: dropped there)");
     }
