@@ -445,7 +445,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             );
         }
     }
-    drop(keep_ports);
+    // The ports (and their flow rules) go away only now, after the workers stopped.
+    let _ = &keep_ports;
     if ike > 0 {
         println!("{ike} IKE message(s) reached the control path (no IKE daemon is attached: dropped there)");
     }
