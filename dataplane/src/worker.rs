@@ -588,28 +588,43 @@ impl Worker {
         }
     }
 
+    /// Layer 2 of either side: IPv4 frames are returned; ARP is answered or learned from;
+    /// anything else is dropped and counted.
+    #[inline]
+    fn ipv4_frame(
+        &mut self,
+        b: PktBuf,
+        our_ip: Ipv4Addr,
+        our_mac: MacAddr,
+        red: bool,
+    ) -> Option<PktBuf> {
+        let ethertype = match ethernet::Frame::new_checked(b.data()) {
+            Ok(f) => f.ethertype(),
+            Err(_) => {
+                self.drop_pkt(b, DropReason::Malformed);
+                return None;
+            }
+        };
+        match ethertype {
+            ethernet::ethertype::IPV4 => Some(b),
+            ethernet::ethertype::ARP => {
+                self.arp(b, our_ip, our_mac, red);
+                None
+            }
+            _ => {
+                self.drop_pkt(b, DropReason::NotForUs);
+                None
+            }
+        }
+    }
+
     fn red_stage(&mut self, burst: &mut Vec<PktBuf>) {
         let red_ip = self.shared.red.ip;
         let red_mac = self.red.mac();
-        for mut b in burst.drain(..) {
-            let ethertype = match ethernet::Frame::new_checked(b.data()) {
-                Ok(f) => f.ethertype(),
-                Err(_) => {
-                    self.drop_pkt(b, DropReason::Malformed);
-                    continue;
-                }
+        for b in burst.drain(..) {
+            let Some(mut b) = self.ipv4_frame(b, red_ip, red_mac, true) else {
+                continue;
             };
-            match ethertype {
-                ethernet::ethertype::ARP => {
-                    self.arp(b, red_ip, red_mac, true);
-                    continue;
-                }
-                ethernet::ethertype::IPV4 => {}
-                _ => {
-                    self.drop_pkt(b, DropReason::NotForUs);
-                    continue;
-                }
-            }
             b.adj(ethernet::HEADER_LEN);
             let (flow, ttl, dst, df, len) = match ipv4::Packet::new_checked(b.data()) {
                 Ok(ip) if ip.version() == 4 && ip.verify_checksum() => {
@@ -779,25 +794,10 @@ impl Worker {
     fn black_stage(&mut self, burst: &mut Vec<PktBuf>) {
         let black_ip = self.shared.black.ip;
         let black_mac = self.black.mac();
-        for mut b in burst.drain(..) {
-            let ethertype = match ethernet::Frame::new_checked(b.data()) {
-                Ok(f) => f.ethertype(),
-                Err(_) => {
-                    self.drop_pkt(b, DropReason::Malformed);
-                    continue;
-                }
+        for b in burst.drain(..) {
+            let Some(mut b) = self.ipv4_frame(b, black_ip, black_mac, false) else {
+                continue;
             };
-            match ethertype {
-                ethernet::ethertype::ARP => {
-                    self.arp(b, black_ip, black_mac, false);
-                    continue;
-                }
-                ethernet::ethertype::IPV4 => {}
-                _ => {
-                    self.drop_pkt(b, DropReason::NotForUs);
-                    continue;
-                }
-            }
             // Outer IPv4 + UDP/4500 to us, or nothing.
             let strip = {
                 let Ok(ip) = ipv4::Packet::new_checked(&b.data()[ethernet::HEADER_LEN..]) else {
