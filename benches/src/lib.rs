@@ -29,24 +29,22 @@ pub fn sa_pair(backend: Backend) -> (OutboundSa, InboundSa) {
 
 /// An IPv4/UDP packet of `size` bytes (at least 28).
 pub fn inner_packet(size: usize) -> Vec<u8> {
-    let mut b = vec![0u8; size.max(28)];
-    let r = ipv4::Repr {
+    let ip = ipv4::Repr {
         src: "10.1.0.10".parse().unwrap(),
         dst: "10.2.0.10".parse().unwrap(),
         protocol: 17,
-        payload_len: b.len() - 20,
+        payload_len: 0,
         ttl: 64,
         tos: 0,
         ident: 1,
         dont_frag: true,
     };
-    r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]));
-    let udp_len = (b.len() - 20) as u16;
-    let mut u = udp::Packet::new_unchecked(&mut b[20..]);
-    u.set_src_port(40000);
-    u.set_dst_port(5201);
-    u.set_len(udp_len);
-    b
+    udp::build_packet(
+        udp::IpHeader::V4(ip),
+        40000,
+        5201,
+        &vec![0u8; size.max(28) - 28],
+    )
 }
 
 /// The ESP payload length (what AES-GCM processes) for an inner packet of `size` bytes.

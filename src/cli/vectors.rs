@@ -254,58 +254,31 @@ fn check(a: CheckArgs) -> Result<ExitCode> {
 }
 
 fn random_inner(rng: &mut impl Rng, v6: bool, payload: usize) -> Vec<u8> {
-    let mut b;
-    if v6 {
-        b = vec![0u8; 48 + payload];
-        let r = ipv6::Repr {
+    let ip = if v6 {
+        udp::IpHeader::V6(ipv6::Repr {
             src: "2001:db8:a::10".parse().unwrap(),
             dst: "2001:db8:b::20".parse().unwrap(),
             next_header: 17,
-            payload_len: 8 + payload,
+            payload_len: 0,
             hop_limit: 64,
             traffic_class: rng.random::<u8>() & 0xfc,
             flow_label: rng.random::<u32>() & 0xfffff,
-        };
-        r.emit(&mut ipv6::Packet::new_unchecked(&mut b[..]));
-        rng.fill(&mut b[48..]);
-        let u = udp::Repr {
-            src_port: rng.random(),
-            dst_port: 5201,
-            payload_len: payload,
-        };
-        u.emit(
-            &mut udp::Packet::new_unchecked(&mut b[40..]),
-            IpAddr::V6(r.src),
-            IpAddr::V6(r.dst),
-            true,
-        );
+        })
     } else {
-        b = vec![0u8; 28 + payload];
-        let r = ipv4::Repr {
+        udp::IpHeader::V4(ipv4::Repr {
             src: "192.0.2.10".parse().unwrap(),
             dst: "198.51.100.20".parse().unwrap(),
             protocol: 17,
-            payload_len: 8 + payload,
+            payload_len: 0,
             ttl: 64,
             tos: rng.random::<u8>() & 0xfc,
             ident: rng.random(),
             dont_frag: rng.random(),
-        };
-        r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]));
-        rng.fill(&mut b[28..]);
-        let u = udp::Repr {
-            src_port: rng.random(),
-            dst_port: 5201,
-            payload_len: payload,
-        };
-        u.emit(
-            &mut udp::Packet::new_unchecked(&mut b[20..]),
-            IpAddr::V4(r.src),
-            IpAddr::V4(r.dst),
-            true,
-        );
-    }
-    b
+        })
+    };
+    let mut data = vec![0u8; payload];
+    rng.fill(&mut data[..]);
+    udp::build_packet(ip, rng.random(), 5201, &data)
 }
 
 fn gen(a: GenArgs) -> Result<ExitCode> {

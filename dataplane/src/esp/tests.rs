@@ -30,62 +30,32 @@ fn tunnel(v6: bool) -> TunnelEndpoints {
 
 /// An inner IPv4/UDP packet with `payload` bytes, TOS and DF as given.
 pub(crate) fn inner_v4(payload: usize, tos: u8, df: bool) -> Vec<u8> {
-    let mut b = vec![0u8; 28 + payload];
-    let r = ipv4::Repr {
+    let ip = ipv4::Repr {
         src: "192.0.2.10".parse().unwrap(),
         dst: "198.51.100.20".parse().unwrap(),
         protocol: 17,
-        payload_len: 8 + payload,
+        payload_len: 0,
         ttl: 63,
         tos,
         ident: 7,
         dont_frag: df,
     };
-    r.emit(&mut ipv4::Packet::new_unchecked(&mut b[..]));
-    for (i, x) in b[28..].iter_mut().enumerate() {
-        *x = i as u8;
-    }
-    let u = udp::Repr {
-        src_port: 1000,
-        dst_port: 2000,
-        payload_len: payload,
-    };
-    u.emit(
-        &mut udp::Packet::new_unchecked(&mut b[20..]),
-        IpAddr::V4(r.src),
-        IpAddr::V4(r.dst),
-        true,
-    );
-    b
+    let data: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+    udp::build_packet(udp::IpHeader::V4(ip), 1000, 2000, &data)
 }
 
 pub(crate) fn inner_v6(payload: usize, tc: u8) -> Vec<u8> {
-    let mut b = vec![0u8; 48 + payload];
-    let r = ipv6::Repr {
+    let ip = ipv6::Repr {
         src: "2001:db8:a::10".parse().unwrap(),
         dst: "2001:db8:b::20".parse().unwrap(),
         next_header: 17,
-        payload_len: 8 + payload,
+        payload_len: 0,
         hop_limit: 63,
         traffic_class: tc,
         flow_label: 0,
     };
-    r.emit(&mut ipv6::Packet::new_unchecked(&mut b[..]));
-    for (i, x) in b[48..].iter_mut().enumerate() {
-        *x = (i * 7) as u8;
-    }
-    let u = udp::Repr {
-        src_port: 1000,
-        dst_port: 2000,
-        payload_len: payload,
-    };
-    u.emit(
-        &mut udp::Packet::new_unchecked(&mut b[40..]),
-        IpAddr::V6(r.src),
-        IpAddr::V6(r.dst),
-        true,
-    );
-    b
+    let data: Vec<u8> = (0..payload).map(|i| (i * 7) as u8).collect();
+    udp::build_packet(udp::IpHeader::V6(ip), 1000, 2000, &data)
 }
 
 /// Strips the outer IP + UDP header after checking it, leaving the UDP payload.
