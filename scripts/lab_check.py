@@ -33,10 +33,14 @@ def fail(msg):
     sys.exit(1)
 
 
-def last_stats(gw):
+def last_cores(gw):
     with open(os.path.join(A.dir, gw + ".jsonl")) as f:
         lines = [json.loads(l) for l in f if l.strip()]
-    cores = [l for l in lines if "cores" in l][-1]["cores"]
+    return [l for l in lines if "cores" in l][-1]["cores"]
+
+
+def last_stats(gw):
+    cores = last_cores(gw)
     tot = {"encap": sum(c["encap_packets"] for c in cores), "decap": sum(c["decap_packets"] for c in cores), "drops": {}}
     for c in cores:
         for k, v in c["drops_by_reason"].items():

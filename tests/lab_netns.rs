@@ -84,6 +84,33 @@ fn namespace_lab_end_to_end() {
     assert!(c.contains("lab checks passed"));
 }
 
+/// Faults that used to stop a gateway for good (issue 12), against the lab with the shipped
+/// configs: a second instance, an IKE-marker flood, a black link flap under load, `kill -9` and
+/// restart (no repeated (SPI, IV) on the wire), and an oversize frame. `scripts/lab_faults.py`
+/// says what each check means.
+#[test]
+fn namespace_lab_survives_faults() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the fault lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("f{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up");
+    let c = run(
+        Command::new("python3")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["scripts/lab_faults.py", "--prefix", &lab.prefix, "--dir"])
+            .arg(lab.dir.path())
+            .args(["--espada", env!("CARGO_BIN_EXE_espada")]),
+        "scripts/lab_faults.py",
+    );
+    assert!(c.contains("fault checks passed"));
+}
+
 /// The same lab with west on DPDK (net_af_packet PMD on the veths, `configs/lab/west-dpdk.toml`)
 /// and east on AF_PACKET: ping, UDP and TCP both ways.
 #[cfg(feature = "dpdk")]

@@ -80,6 +80,9 @@ drop_reasons! {
     ControlFull => "control-full",
     /// No packet buffer was free.
     NoBuffer => "no-buffer",
+    /// The SA's durably reserved sequence numbers ran out (the state file could not be written
+    /// in time): refused rather than risk repeating an AES-GCM nonce after a restart.
+    SeqUnreserved => "seq-unreserved",
 }
 
 impl fmt::Display for DropReason {

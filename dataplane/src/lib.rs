@@ -15,6 +15,7 @@ pub mod pair;
 pub mod pktbuf;
 pub mod pool;
 pub mod port;
+pub mod seqstore;
 pub mod worker;
 
 pub use drop::{DropCounters, DropReason};

@@ -4,6 +4,9 @@
 //! `append`, `adj`, `trim`); the ESP code is written against it so that heap buffers, ring
 //! slots and mbufs all go through the same functions.
 
+use crate::pool::Pool;
+use std::sync::Weak;
+
 /// A packet in a buffer with room in front and behind.
 pub trait PacketBuf {
     /// The packet bytes.
@@ -40,11 +43,46 @@ pub const DEFAULT_HEADROOM: usize = 128;
 pub const DEFAULT_BUF_SIZE: usize = 9216 + DEFAULT_HEADROOM + 64;
 
 /// A heap buffer allocated once and reused (pools hand these out; nothing allocates per packet).
-#[derive(Clone)]
+///
+/// Ownership is the type: a buffer that came from a [`Pool`] goes back to it when it is
+/// dropped, whatever path dropped it (a full queue, the control path, shutdown), so no code
+/// path can leak the pool dry. The normal paths still return buffers explicitly through the
+/// worker's [`crate::pool::PoolCache`] (no atomic operation); the drop path is the safety net
+/// and is counted ([`Pool::reclaimed`]).
 pub struct PktBuf {
     storage: Box<[u8]>,
     head: usize,
     len: usize,
+    home: Weak<Pool>,
+}
+
+impl Clone for PktBuf {
+    /// A copy that belongs to no pool (tests and tools).
+    fn clone(&self) -> Self {
+        PktBuf {
+            storage: self.storage.clone(),
+            head: self.head,
+            len: self.len,
+            home: Weak::new(),
+        }
+    }
+}
+
+impl Drop for PktBuf {
+    fn drop(&mut self) {
+        if self.storage.is_empty() {
+            return;
+        }
+        if let Some(pool) = self.home.upgrade() {
+            let storage = std::mem::take(&mut self.storage);
+            pool.reclaim(PktBuf {
+                storage,
+                head: 0,
+                len: 0,
+                home: std::mem::take(&mut self.home),
+            });
+        }
+    }
 }
 
 impl core::fmt::Debug for PktBuf {
@@ -66,7 +104,15 @@ impl PktBuf {
             storage: vec![0u8; capacity].into_boxed_slice(),
             head: DEFAULT_HEADROOM.min(capacity),
             len: 0,
+            home: Weak::new(),
         }
+    }
+
+    /// A buffer of `capacity` bytes that returns to `home` when dropped.
+    pub(crate) fn new_in(capacity: usize, home: Weak<Pool>) -> PktBuf {
+        let mut b = PktBuf::new(capacity);
+        b.home = home;
+        b
     }
 
     /// A buffer holding a copy of `data` after the default headroom (tests and tools).

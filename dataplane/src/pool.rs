@@ -4,6 +4,7 @@
 
 use crate::pktbuf::PktBuf;
 use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The shared ring of free buffers.
@@ -12,20 +13,37 @@ pub struct Pool {
     free: ArrayQueue<PktBuf>,
     buf_size: usize,
     total: usize,
+    reclaimed: AtomicU64,
 }
 
 impl Pool {
     /// `count` buffers of `buf_size` bytes each.
     pub fn new(count: usize, buf_size: usize) -> Arc<Pool> {
-        let free = ArrayQueue::new(count.max(1));
-        for _ in 0..count {
-            let _ = free.push(PktBuf::new(buf_size));
-        }
-        Arc::new(Pool {
-            free,
-            buf_size,
-            total: count,
+        Arc::new_cyclic(|home| {
+            let free = ArrayQueue::new(count.max(1));
+            for _ in 0..count {
+                let _ = free.push(PktBuf::new_in(buf_size, home.clone()));
+            }
+            Pool {
+                free,
+                buf_size,
+                total: count,
+                reclaimed: AtomicU64::new(0),
+            }
         })
+    }
+
+    /// Takes back a buffer that was dropped instead of returned (see [`PktBuf`]'s `Drop`).
+    pub(crate) fn reclaim(&self, b: PktBuf) {
+        self.reclaimed.fetch_add(1, Ordering::Relaxed);
+        // The ring holds every buffer of the pool, so it has room for this one.
+        let _ = self.free.push(b);
+    }
+
+    /// Buffers that came back by being dropped rather than returned: each one a path that
+    /// forgot its buffer (and would have leaked it before buffers knew their pool).
+    pub fn reclaimed(&self) -> u64 {
+        self.reclaimed.load(Ordering::Relaxed)
     }
 
     /// Buffers currently in the shared ring.
@@ -137,5 +155,27 @@ mod test {
         drop(a);
         drop(b);
         assert_eq!(pool.available(), 300);
+        assert_eq!(pool.reclaimed(), 0);
+    }
+
+    #[test]
+    fn a_dropped_buffer_goes_home() {
+        let pool = Pool::new(8, 2048);
+        let mut c = PoolCache::new(pool.clone());
+        // Take everything, then drop the buffers on the floor (as a full control queue or a
+        // forgotten branch would): the pool must be whole again.
+        let held: Vec<PktBuf> = std::iter::from_fn(|| c.get()).collect();
+        assert_eq!(held.len(), 8);
+        drop(held);
+        drop(c);
+        assert_eq!(pool.available(), 8);
+        assert_eq!(pool.reclaimed(), 8);
+        // A copy belongs to no pool: dropping it does not grow the pool.
+        let mut c = PoolCache::new(pool.clone());
+        let b = c.get().unwrap();
+        drop(b.clone());
+        c.put(b);
+        drop(c);
+        assert_eq!(pool.available(), 8);
     }
 }

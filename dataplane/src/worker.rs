@@ -136,6 +136,8 @@ pub struct StatsCell {
     drops: [AtomicU64; DropReason::COUNT],
     /// Per-SA counters, refreshed every few hundred bursts: (direction, SPI, packets, bytes).
     pub sas: Mutex<Vec<SaStat>>,
+    /// The red and black port queues' counters, refreshed with the SA counters.
+    pub ports: Mutex<[crate::port::PortStats; 2]>,
 }
 
 /// Counters of one SA as a worker saw them.
@@ -159,6 +161,7 @@ impl Default for StatsCell {
             vals: Default::default(),
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             sas: Mutex::new(Vec::new()),
+            ports: Mutex::new(Default::default()),
         }
     }
 }
@@ -452,6 +455,9 @@ impl Worker {
     }
 
     fn publish_sa_stats(&self) {
+        if let Ok(mut p) = self.cell.ports.try_lock() {
+            *p = [self.red.stats(), self.black.stats()];
+        }
         if let Ok(mut v) = self.cell.sas.try_lock() {
             v.clear();
             for o in self.sas.outbound_sas() {
@@ -709,8 +715,9 @@ impl Worker {
     /// Ethernet header.
     fn encap_burst(&mut self) {
         const MAX_T: usize = 8;
-        // (tunnel, packets, next sequence number, numbers granted)
-        let mut res = [(usize::MAX, 0u32, 0u64, 0u32); MAX_T];
+        // (tunnel, packets, next sequence number, numbers granted, refused for want of a
+        // durable reservation)
+        let mut res = [(usize::MAX, 0u32, 0u64, 0u32, false); MAX_T];
         let mut list = std::mem::take(&mut self.protect);
         for (_, t, _) in list.iter() {
             if let Some(e) = res.iter_mut().find(|e| e.0 == *t || e.0 == usize::MAX) {
@@ -723,30 +730,38 @@ impl Worker {
                 let r = sa.reserve(e.1);
                 e.2 = r.first;
                 e.3 = r.count;
+                e.4 = r.unreserved;
             }
         }
         for (mut b, t, len) in list.drain(..) {
             // More than MAX_T tunnels in one burst: the rest reserve one number at a time.
+            let mut unreserved = false;
             let seq = match res.iter_mut().find(|e| e.0 == t) {
                 Some(e) if e.3 > 0 => {
                     e.3 -= 1;
                     e.2 += 1;
                     Some(e.2 - 1)
                 }
-                Some(_) => None,
-                None => self
-                    .sas
-                    .outbound(t)
-                    .map(|sa| sa.reserve(1))
-                    .filter(|r| r.count == 1)
-                    .map(|r| r.first),
+                Some(e) => {
+                    unreserved = e.4;
+                    None
+                }
+                None => self.sas.outbound(t).map(|sa| sa.reserve(1)).and_then(|r| {
+                    unreserved = r.unreserved;
+                    (r.count == 1).then_some(r.first)
+                }),
             };
             let Some(sa) = self.sas.outbound(t) else {
                 self.drop_pkt(b, DropReason::NoOutboundSa);
                 continue;
             };
             let Some(seq) = seq else {
-                self.drop_pkt(b, DropReason::SeqCycled);
+                let r = if unreserved {
+                    DropReason::SeqUnreserved
+                } else {
+                    DropReason::SeqCycled
+                };
+                self.drop_pkt(b, r);
                 continue;
             };
             let nh = match sa.tunnel.remote {
@@ -888,10 +903,14 @@ impl Worker {
                 match self.sas.route(spi) {
                     Route::Local => {}
                     Route::Handoff(c) => {
-                        match self.shared.handoff.get(c).map(|q| q.push(b)) {
-                            Some(Ok(())) => self.stats.handoff_out += 1,
-                            Some(Err(b)) => self.drop_pkt(b, DropReason::HandoffFull),
-                            None => {}
+                        match self.shared.handoff.get(c) {
+                            Some(q) => match q.push(b) {
+                                Ok(()) => self.stats.handoff_out += 1,
+                                Err(b) => self.drop_pkt(b, DropReason::HandoffFull),
+                            },
+                            // The owner is a core this gateway does not run: no SA here can
+                            // take the packet (counted, and the buffer goes back).
+                            None => self.drop_pkt(b, DropReason::NoSa),
                         }
                         return;
                     }

@@ -17,6 +17,7 @@ use crate::lifetime::{LifetimeTracker, Lifetimes, Stage};
 use crate::replay::ReplayWindow;
 use crate::sa::{InboundSa, OutboundSa, TunnelEndpoints};
 use crate::selector::{Prefix, Spd};
+use crate::seqguard::SeqGuard;
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use espada_crypto::{Backend, Cipher, KeyMaterial};
@@ -68,6 +69,8 @@ pub struct SaSpec {
     pub endpoints: TunnelEndpoints,
     /// RFC 9611 resource: the CPU index this SA is bound to; `None` for the fallback SA.
     pub cpu: Option<usize>,
+    /// Durable sequence reservation (outbound SAs of a gateway with a state directory).
+    pub seq_guard: Option<Arc<SeqGuard>>,
     shared: Arc<SharedState>,
 }
 
@@ -90,6 +93,7 @@ impl SaSpec {
             lifetimes,
             endpoints,
             cpu,
+            seq_guard: None,
             shared: Arc::new(SharedState {
                 seq: Arc::new(AtomicU64::new(0)),
                 window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
@@ -108,10 +112,14 @@ impl SaSpec {
             self.esn,
             self.endpoints,
         );
-        Ok(if shared {
+        let sa = if shared {
             sa.with_shared_seq(self.shared.seq.clone())
         } else {
             sa
+        };
+        Ok(match &self.seq_guard {
+            Some(g) => sa.with_seq_guard(g.clone()),
+            None => sa,
         })
     }
 
@@ -276,6 +284,22 @@ impl SaDb {
     /// Whether an outbound SA is used by more than one core.
     pub fn outbound_is_shared(&self, s: &SaSpec) -> bool {
         self.mode == SaMode::Shared || s.cpu.is_none()
+    }
+
+    /// Binds every outbound SA to a durable sequence reservation (`guard(spi)`); call before
+    /// the snapshot is published. SAs sharing an SPI share the guard the closure returns.
+    pub fn attach_seq_guards(&mut self, mut guard: impl FnMut(&SaSpec) -> Arc<SeqGuard>) {
+        for t in self.tunnels.iter_mut() {
+            let g = &mut t.outbound;
+            for s in std::iter::once(&mut g.fallback).chain(g.per_cpu.iter_mut()) {
+                s.seq_guard = Some(guard(s));
+            }
+        }
+    }
+
+    /// Every outbound SA of every tunnel.
+    pub fn outbound_specs(&self) -> impl Iterator<Item = &SaSpec> {
+        self.tunnels.iter().flat_map(|t| t.outbound.all())
     }
 
     /// The tunnel index by name.

@@ -13,8 +13,10 @@ pub mod lifetime;
 pub mod replay;
 pub mod sa;
 pub mod selector;
+pub mod seqguard;
 
 pub use replay::{ReplayError, ReplayWindow};
 pub use sa::{
     DfMode, InboundSa, OutboundSa, SaCounters, SeqReservation, TunnelEndpoints, WindowCell,
 };
+pub use seqguard::SeqGuard;

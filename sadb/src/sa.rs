@@ -1,6 +1,7 @@
 //! Runtime SAs: what one worker core owns for one direction of one SA.
 
 use crate::replay::{ReplayError, ReplayWindow};
+use crate::seqguard::SeqGuard;
 use espada_crypto::{Cipher, EspAead};
 use espada_wire::{esp, ip_proto, ipv4, ipv6, udp};
 use std::net::IpAddr;
@@ -94,6 +95,9 @@ pub struct SeqReservation {
     pub first: u64,
     /// How many were granted (fewer than asked when the space is exhausted).
     pub count: u32,
+    /// Fewer were granted because the durable reservation ran out (the persister is behind or
+    /// cannot write), not because the sequence space is exhausted.
+    pub unreserved: bool,
 }
 
 /// A sequence counter owned by one worker, or shared by several (fallback / shared mode).
@@ -190,6 +194,8 @@ pub struct OutboundSa {
     template: [u8; 48],
     template_len: u8,
     ip_id: u16,
+    /// Durable reservation (static keys): never send past its limit.
+    guard: Option<Arc<SeqGuard>>,
 }
 
 impl core::fmt::Debug for OutboundSa {
@@ -254,7 +260,17 @@ impl OutboundSa {
             template,
             template_len: len as u8,
             ip_id: (spi as u16) ^ 0x5a5a,
+            guard: None,
         }
+    }
+
+    /// Binds the SA to a durable reservation: it resumes after the last number any sender of
+    /// this SA used (or the previous run's durable limit) and never goes past the limit.
+    pub fn with_seq_guard(self, guard: Arc<SeqGuard>) -> Self {
+        let resume = guard.used().max(self.last_seq());
+        let mut s = self.with_last_seq(resume);
+        s.guard = Some(guard);
+        s
     }
 
     /// Resumes at a given counter (the next packet carries `last_used + 1`): tests, and
@@ -263,7 +279,7 @@ impl OutboundSa {
         self.seq = match self.seq {
             SeqCell::Owned(_) => SeqCell::Owned(last_used),
             SeqCell::Shared(a) => {
-                a.store(last_used, Ordering::Relaxed);
+                a.fetch_max(last_used, Ordering::Relaxed);
                 SeqCell::Shared(a)
             }
         };
@@ -306,22 +322,34 @@ impl OutboundSa {
     /// repeated number would repeat a GCM nonce under the same key.
     #[inline]
     pub fn reserve(&mut self, n: u32) -> SeqReservation {
-        let max = self.max_seq();
-        match &mut self.seq {
+        let space = self.max_seq();
+        let (max, limited) = match &self.guard {
+            Some(g) => {
+                let l = g.limit();
+                (l.min(space), l < space)
+            }
+            None => (space, false),
+        };
+        let r = match &mut self.seq {
             SeqCell::Owned(last) => {
-                let count = (n as u64).min(max - *last) as u32;
+                let count = (n as u64).min(max.saturating_sub(*last)) as u32;
                 let first = last.wrapping_add(1);
                 *last += count as u64;
-                SeqReservation { first, count }
+                SeqReservation {
+                    first,
+                    count,
+                    unreserved: false,
+                }
             }
             SeqCell::Shared(a) => {
                 let mut cur = a.load(Ordering::Relaxed);
                 loop {
-                    let count = (n as u64).min(max - cur) as u32;
+                    let count = (n as u64).min(max.saturating_sub(cur)) as u32;
                     if count == 0 {
-                        return SeqReservation {
+                        break SeqReservation {
                             first: cur.wrapping_add(1),
                             count,
+                            unreserved: false,
                         };
                     }
                     match a.compare_exchange_weak(
@@ -331,15 +359,28 @@ impl OutboundSa {
                         Ordering::Relaxed,
                     ) {
                         Ok(_) => {
-                            return SeqReservation {
+                            break SeqReservation {
                                 first: cur + 1,
                                 count,
+                                unreserved: false,
                             }
                         }
                         Err(now) => cur = now,
                     }
                 }
             }
+        };
+        match &self.guard {
+            Some(g) => {
+                if r.count > 0 {
+                    g.note_used(r.first + r.count as u64 - 1);
+                }
+                SeqReservation {
+                    unreserved: limited && r.count < n,
+                    ..r
+                }
+            }
+            None => r,
         }
     }
 
@@ -424,8 +465,22 @@ mod test {
     fn sequence_starts_at_one_and_never_cycles() {
         let t = TunnelEndpoints::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let mut sa = OutboundSa::new(1, cipher(), false, t);
-        assert_eq!(sa.reserve(4), SeqReservation { first: 1, count: 4 });
-        assert_eq!(sa.reserve(2), SeqReservation { first: 5, count: 2 });
+        assert_eq!(
+            sa.reserve(4),
+            SeqReservation {
+                first: 1,
+                count: 4,
+                unreserved: false
+            }
+        );
+        assert_eq!(
+            sa.reserve(2),
+            SeqReservation {
+                first: 5,
+                count: 2,
+                unreserved: false
+            }
+        );
         let mut sa = OutboundSa::new(1, cipher(), false, t).with_last_seq(u32::MAX as u64 - 3);
         assert_eq!(sa.reserve(32).count, 3);
         assert_eq!(sa.reserve(32).count, 0);
@@ -436,7 +491,8 @@ mod test {
             sa.reserve(4),
             SeqReservation {
                 first: u32::MAX as u64,
-                count: 4
+                count: 4,
+                unreserved: false,
             }
         );
         let mut sa = OutboundSa::new(1, cipher(), true, t).with_last_seq(u64::MAX - 1);

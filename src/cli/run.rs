@@ -55,6 +55,19 @@ pub struct RunArgs {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
+    /// State directory: durable sequence-number reservations per outbound SA
+    /// (`<gateway>.seq`), so that a restart with the same static keys never repeats an AES-GCM
+    /// nonce, and the lock that keeps a second gateway of the same name off it. The gateway
+    /// refuses to start when it cannot write here.
+    #[arg(long, default_value = "/var/lib/espada", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Directory of the per-interface locks (a second gateway on an interface this one holds
+    /// is refused).
+    #[arg(long, default_value = "/run/espada", value_name = "DIR")]
+    lock_dir: PathBuf,
+    /// Sequence numbers reserved per SA per state-file write; a restart skips at most this many.
+    #[arg(long, default_value_t = espada_dataplane::seqstore::DEFAULT_BLOCK, value_name = "N")]
+    seq_block: u64,
 }
 
 fn open_queue(
@@ -238,14 +251,59 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             }
         })
         .collect();
+    // Two gateways on one interface would both answer ARP and both forward.
+    let mut _iface_locks = Vec::new();
+    for i in [&red_if, &black_if] {
+        match espada_dataplane::seqstore::lock_interface(&a.lock_dir, i) {
+            Ok(l) => _iface_locks.push(l),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    // Durable sequence reservations: resume above whatever the previous run could have sent.
+    let mut db = c.sadb(n)?;
+    let mut seq_store =
+        match espada_dataplane::seqstore::SeqStore::open(&a.state_dir, &c.name, a.seq_block) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e} (--state-dir)");
+                return Ok(ExitCode::from(1));
+            }
+        };
+    db.attach_seq_guards(|s| {
+        seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 })
+    });
+    if let Err(e) = seq_store.advance() {
+        eprintln!("error: cannot reserve sequence numbers durably: {e}; refusing to send with keys whose nonces could repeat after a restart");
+        return Ok(ExitCode::from(1));
+    }
+    let resumed: Vec<String> = db
+        .outbound_specs()
+        .filter(|s| seq_store.resumes_after(s.spi) > 0)
+        .map(|s| format!("{:#010x} after {}", s.spi, seq_store.resumes_after(s.spi)))
+        .collect();
+    if !resumed.is_empty() {
+        eprintln!(
+            "espada run: outbound sequence numbers resume above the previous run's reservations ({}): {}",
+            seq_store.path().display(),
+            resumed.join(", ")
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    // SIGHUP stops the gateway cleanly (totals printed) until configuration reload exists.
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
     let shared = GatewayShared {
         red: gw.red,
         black: gw.black,
-        sadb: SaDbHandle::new(c.sadb(n)?),
+        sadb: SaDbHandle::new(db),
         neighbors: NeighborTable::new(&neigh),
         handoff: Arc::new((0..n).map(|_| ArrayQueue::new(4096)).collect()),
         control: Arc::new(ArrayQueue::new(256)),
@@ -339,7 +397,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         while let Some(b) = shared.control.pop() {
             ike += 1;
-            drop(b);
+            drop(b); // the buffer goes back to its pool
+        }
+        if let Err(e) = seq_store.advance() {
+            if seq_store.write_errors() == 1 || seq_store.write_errors().is_multiple_of(100) {
+                eprintln!("espada run: ERROR: cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)");
+            }
         }
         while let Some(e) = shared.events.pop() {
             eprintln!(
@@ -355,7 +418,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         let now: Vec<WorkerStats> = cells.iter().map(|c| c.read()).collect();
         let mut line = format!("{:>7.1}s", start.elapsed().as_secs_f64());
         let mut js = Vec::new();
+        let ports: Vec<[espada_dataplane::port::PortStats; 2]> = cells
+            .iter()
+            .map(|c| c.ports.lock().map(|p| *p).unwrap_or_default())
+            .collect();
         for (i, (s, p)) in now.iter().zip(prev.iter()).enumerate() {
+            let bp = ports[i][1];
             let enc = (s.encap_packets - p.encap_packets) as f64 / dt;
             let dec = (s.decap_packets - p.decap_packets) as f64 / dt;
             let gb = ((s.encap_bytes - p.encap_bytes) + (s.decap_bytes - p.decap_bytes)) as f64
@@ -373,7 +441,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 s.drops.nonzero().map(|(r, n)| (r.label(), n)).collect();
             js.push(serde_json::json!({"core": i, "encap_pps": enc, "decap_pps": dec, "gbps_inner": gb, "drops": dr,
                 "handoff_out": s.handoff_out - p.handoff_out, "red_rx": s.red_rx, "black_rx": s.black_rx,
-                "encap_packets": s.encap_packets, "decap_packets": s.decap_packets, "drops_total": s.drops.total(), "drops_by_reason": by_reason}));
+                "encap_packets": s.encap_packets, "decap_packets": s.decap_packets, "to_control": s.to_control, "black_tx_lost": bp.tx_lost, "black_tx_resets": bp.tx_resets, "black_tx_oversize": bp.tx_oversize, "drops_total": s.drops.total(), "drops_by_reason": by_reason}));
         }
         if a.interval > 0.0 {
             eprintln!("{line}");
@@ -419,6 +487,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             w.core(), st.red_rx, st.red_tx, st.black_rx, st.black_tx, st.handoff_out, st.handoff_in, st.arp_replies, st.arp_requests, st.icmp_sent,
             r.stats().tx_dropped + r.stats().rx_dropped, b.stats().tx_dropped + b.stats().rx_dropped
         );
+        for (side, ps) in [("red", r.stats()), ("black", b.stats())] {
+            if ps.tx_lost + ps.tx_oversize + ps.tx_resets > 0 {
+                println!(
+                    "  {side} port: {} frame(s) lost in {} transmit ring reset(s) (link not taking frames), {} over the device MTU",
+                    ps.tx_lost, ps.tx_resets, ps.tx_oversize
+                );
+            }
+        }
         if let Some(l) = w.burst_latency_us() {
             println!("  burst latency (rx to tx, sampled): p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs", l[0], l[1], l[2], l[3]);
         }
@@ -447,6 +523,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     // The ports (and their flow rules) go away only now, after the workers stopped.
     let _ = &keep_ports;
+    if pool.reclaimed() > 0 {
+        println!(
+            "{} buffer(s) came back to the pool by being dropped (control path)",
+            pool.reclaimed()
+        );
+    }
     if ike > 0 {
         println!("{ike} IKE message(s) reached the control path (no IKE daemon is attached: dropped there)");
     }

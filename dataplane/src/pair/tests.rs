@@ -394,3 +394,64 @@ fn too_big_with_df_gets_icmp_fragmentation_needed() {
         "the ICMP errors went out of the red port"
     );
 }
+
+#[test]
+fn ike_marker_flood_does_not_drain_the_pool() {
+    // Issue 12 item 2: UDP/4500 with the non-ESP marker goes to the control path; a control
+    // path that drops its buffers (as `espada run` does with no IKE daemon attached) used to
+    // leak one pool buffer per message, and the gateway stopped forwarding for good.
+    let mut p = pair(
+        1,
+        1,
+        SaMode::PerCpu,
+        Steering::UdpSrcPort { base: 4501 },
+        200,
+    );
+    for w in p.west.workers.iter_mut() {
+        w.poll();
+    }
+    let mut pc = PoolCache::new(p.pool.clone());
+    let mut q = p.link.end_b(0, mac::EAST_BLACK, Steering::Rss);
+    let mut frames = Vec::new();
+    q.rx_burst(&mut pc, &mut frames, 1);
+    let mut ike = frames[0].data().to_vec();
+    frames.clear();
+    // Non-ESP marker (RFC 3948 §2.2): four zero bytes where the SPI would be; UDP checksum 0.
+    let udp_at = 14 + 20;
+    ike[udp_at + 6..udp_at + 8].copy_from_slice(&[0, 0]);
+    ike[udp_at + 8..udp_at + 12].copy_from_slice(&[0, 0, 0, 0]);
+    let total_bufs = p.pool.total();
+    let flood = 5 * total_bufs;
+    for i in 0..flood {
+        let mut a = p.link.end_a(0, mac::WEST_BLACK, Steering::Rss);
+        let mut b = pc.get().expect("the pool must never run dry");
+        b.append(ike.len()).unwrap().copy_from_slice(&ike);
+        let mut v = vec![b];
+        a.tx_burst(&mut pc, &mut v);
+        if i % 16 == 0 {
+            for w in p.east.workers.iter_mut() {
+                w.poll();
+            }
+            // The control plane takes the messages and lets them go.
+            while let Some(m) = p.east.shared.control.pop() {
+                drop(m);
+            }
+        }
+    }
+    drop(pc);
+    p.drain();
+    while let Some(m) = p.east.shared.control.pop() {
+        drop(m);
+    }
+    let e = total(&p.east);
+    let to_control: u64 = p.east.workers.iter().map(|w| w.stats().to_control).sum();
+    assert_eq!(
+        to_control + e.drops.get(DropReason::ControlFull),
+        flood as u64,
+        "every IKE message is either passed on or counted"
+    );
+    // The gateway still forwards: every packet of the stream arrives (but the one taken off
+    // the link above as the template).
+    assert_eq!(p.received.packets.load(Ordering::Relaxed), 199);
+    assert!(p.pool.reclaimed() > 0, "the dropped messages came home");
+}

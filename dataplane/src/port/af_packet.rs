@@ -7,6 +7,17 @@
 //! memory); transmit copies into a ring slot and kicks the kernel once per burst with one
 //! `sendto`. Nothing else makes a syscall on the packet path.
 //!
+//! Transmit has its own socket (bound to protocol 0, so it receives nothing) so that it can be
+//! rebuilt on its own. The kernel walks the TX ring from its own head and stops at the first
+//! slot that is not `SEND_REQUEST`; a frame the device refuses (carrier down, peer dropping)
+//! stays `SEND_REQUEST` at that head and is retried at every kick, so the ring can wedge behind
+//! it. The queue therefore (1) kicks whenever the oldest queued slot is still waiting, not only
+//! when it queued something new; (2) sets `PACKET_LOSS` so a malformed frame is skipped rather
+//! than parked as `WRONG_FORMAT`; (3) refuses frames above the device MTU before queueing them
+//! (`tx_oversize`); and (4) when the oldest slot has not moved for [`TX_STALL`], counts every
+//! queued frame as `tx_lost` and rebuilds the TX socket and ring (`tx_resets`). A link flap
+//! costs the frames queued while it was down, counted, and nothing more.
+//!
 //! All `unsafe` of the dataplane crate lives here; each block says why it is sound.
 #![allow(unsafe_code)]
 
@@ -17,6 +28,10 @@ use espada_wire::ethernet::MacAddr;
 use std::ffi::CString;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the oldest queued TX frame may wait for the kernel before the ring is rebuilt.
+pub const TX_STALL: Duration = Duration::from_millis(100);
 
 const SOL_PACKET: libc::c_int = 263;
 const PACKET_RX_RING: libc::c_int = 5;
@@ -24,6 +39,7 @@ const PACKET_STATISTICS: libc::c_int = 6;
 const PACKET_VERSION: libc::c_int = 10;
 const PACKET_TX_RING: libc::c_int = 13;
 const PACKET_FANOUT: libc::c_int = 18;
+const PACKET_LOSS: libc::c_int = 14;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 const TPACKET_V3: libc::c_int = 2;
@@ -135,28 +151,192 @@ fn ifindex(iface: &str) -> io::Result<libc::c_uint> {
     }
 }
 
-/// One AF_PACKET socket with its two rings: one worker's queue of an interface.
+/// A mapped TPACKET_V3 transmit ring on its own socket.
+struct TxRing {
+    fd: libc::c_int,
+    map: *mut u8,
+    map_len: usize,
+    frame_size: usize,
+    frames: usize,
+    /// Next slot to fill.
+    next: usize,
+    /// Oldest slot queued and not yet seen back (`AVAILABLE`).
+    tail: usize,
+    /// Slots between `tail` and `next`.
+    pending: usize,
+    /// When the oldest slot was first seen still waiting after a kick.
+    stuck_since: Option<Instant>,
+    /// Largest frame the device takes (MTU + Ethernet header).
+    max_frame: usize,
+}
+
+impl TxRing {
+    fn open(idx: libc::c_uint, iface: &str, rc: &RingConfig) -> io::Result<TxRing> {
+        // Protocol 0: this socket only sends; it is never handed received frames.
+        // SAFETY: plain socket(2) call.
+        let fd =
+            cvt(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) })?;
+        let close_on_err = |e: io::Error| {
+            // SAFETY: fd was returned by socket(2) above and is closed once.
+            unsafe { libc::close(fd) };
+            e
+        };
+        setsockopt(fd, SOL_PACKET, PACKET_VERSION, &TPACKET_V3).map_err(close_on_err)?;
+        let one: libc::c_int = 1;
+        setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one).map_err(close_on_err)?;
+        // Malformed frames are skipped by the kernel instead of stopping the ring.
+        setsockopt(fd, SOL_PACKET, PACKET_LOSS, &one).map_err(close_on_err)?;
+        let tx_block = rc.tx_frame_size.max(4096);
+        let tx = TpacketReq3 {
+            tp_block_size: tx_block,
+            tp_block_nr: rc.tx_frames,
+            tp_frame_size: rc.tx_frame_size,
+            tp_frame_nr: rc.tx_frames * (tx_block / rc.tx_frame_size),
+            tp_retire_blk_tov: 0,
+            tp_sizeof_priv: 0,
+            tp_feature_req_word: 0,
+        };
+        setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx).map_err(close_on_err)?;
+        let len = tx_block as usize * rc.tx_frames as usize;
+        let map = map_ring(fd, len).map_err(close_on_err)?;
+        let ring = TxRing {
+            fd,
+            map,
+            map_len: len,
+            frame_size: rc.tx_frame_size as usize,
+            frames: len / rc.tx_frame_size as usize,
+            next: 0,
+            tail: 0,
+            pending: 0,
+            stuck_since: None,
+            max_frame: device_mtu(iface).map_or(usize::MAX, |m| m + 14),
+        };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value we then fill in.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = 0;
+        sll.sll_ifindex = idx as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll and we pass its size.
+        cvt(unsafe {
+            libc::bind(
+                fd,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })?; // ring's Drop closes and unmaps on error
+        Ok(ring)
+    }
+
+    #[inline]
+    fn status(&self, slot: usize) -> &AtomicU32 {
+        let off = slot * self.frame_size + 20;
+        debug_assert!(off + 4 <= self.map_len);
+        // SAFETY: `slot < frames`, so the tp_status word of the slot's tpacket3_hdr is inside
+        // the mapping and 4-byte aligned (frame sizes are multiples of 16). The kernel writes
+        // it concurrently, hence an atomic view.
+        unsafe { &*(self.map.add(off) as *const AtomicU32) }
+    }
+
+    /// Takes back the slots the kernel has finished with, oldest first.
+    #[inline]
+    fn reclaim(&mut self) {
+        while self.pending > 0 {
+            let st = self.status(self.tail).load(Ordering::Acquire);
+            if st != TP_STATUS_AVAILABLE {
+                break;
+            }
+            self.tail = (self.tail + 1) % self.frames;
+            self.pending -= 1;
+            self.stuck_since = None;
+        }
+    }
+
+    /// Whether the oldest queued slot is still waiting for the kernel to take it.
+    #[inline]
+    fn head_waiting(&self) -> bool {
+        self.pending > 0 && {
+            let st = self.status(self.tail).load(Ordering::Acquire);
+            st == TP_STATUS_SEND_REQUEST || st & TP_STATUS_WRONG_FORMAT != 0
+        }
+    }
+
+    fn kick(&self) {
+        // EAGAIN/ENOBUFS/ENETDOWN leave the frames queued for the next kick.
+        // SAFETY: sendto with a null buffer is the documented TX-ring kick.
+        unsafe {
+            libc::sendto(
+                self.fd,
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+    }
+}
+
+impl Drop for TxRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping and fd are owned by self and released exactly once.
+        unsafe {
+            libc::munmap(self.map as *mut libc::c_void, self.map_len);
+            libc::close(self.fd);
+        }
+    }
+}
+
+fn map_ring(fd: libc::c_int, len: usize) -> io::Result<*mut u8> {
+    for flags in [libc::MAP_SHARED | libc::MAP_LOCKED, libc::MAP_SHARED] {
+        // SAFETY: mapping the socket's rings as the packet(7) API documents. MAP_LOCKED needs
+        // RLIMIT_MEMLOCK, hence the retry without it.
+        let m = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
+        if m != libc::MAP_FAILED {
+            return Ok(m as *mut u8);
+        }
+    }
+    Err(io::Error::last_os_error())
+}
+
+fn device_mtu(iface: &str) -> Option<usize> {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// One worker's queue of an interface: an AF_PACKET socket with its RX ring, and a TX ring on a
+/// socket of its own.
 pub struct AfPacketQueue {
     fd: libc::c_int,
     map: *mut u8,
     map_len: usize,
     rx_block_size: usize,
     rx_blocks: usize,
-    tx_off: usize,
-    tx_frame_size: usize,
-    tx_frames: usize,
     // receive cursor
     block: usize,
     pkt_left: u32,
     pkt_off: usize,
-    // transmit cursor
-    tx_next: usize,
+    tx: TxRing,
+    ifindex: libc::c_uint,
+    iface: String,
+    rc: RingConfig,
     mac: MacAddr,
     name: String,
     stats: PortStats,
 }
 
-// SAFETY: the mapping and the socket are owned by this value only; moving it to another
+// SAFETY: the mappings and the sockets are owned by this value only; moving it to another
 // thread moves that ownership (no aliasing pointers are kept elsewhere).
 unsafe impl Send for AfPacketQueue {}
 
@@ -171,6 +351,7 @@ impl AfPacketQueue {
     ) -> io::Result<AfPacketQueue> {
         let idx = ifindex(iface)?;
         let mac = interface_mac(iface)?;
+        let tx = TxRing::open(idx, iface, &rc)?;
         let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
         // SAFETY: plain socket(2) call.
         let fd = cvt(unsafe {
@@ -183,7 +364,6 @@ impl AfPacketQueue {
         };
         setsockopt(fd, SOL_PACKET, PACKET_VERSION, &TPACKET_V3).map_err(close_on_err)?;
         let one: libc::c_int = 1;
-        setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one).map_err(close_on_err)?;
         // Best effort (kernel >= 4.20); the RX path also skips outgoing frames by itself.
         let _ = setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one);
         let rx = TpacketReq3 {
@@ -196,50 +376,8 @@ impl AfPacketQueue {
             tp_feature_req_word: 0,
         };
         setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &rx).map_err(close_on_err)?;
-        let tx_block = rc.tx_frame_size.max(4096);
-        let tx = TpacketReq3 {
-            tp_block_size: tx_block,
-            tp_block_nr: rc.tx_frames,
-            tp_frame_size: rc.tx_frame_size,
-            tp_frame_nr: rc.tx_frames * (tx_block / rc.tx_frame_size),
-            tp_retire_blk_tov: 0,
-            tp_sizeof_priv: 0,
-            tp_feature_req_word: 0,
-        };
-        setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx).map_err(close_on_err)?;
         let rx_len = rc.rx_block_size as usize * rc.rx_blocks as usize;
-        let tx_len = tx_block as usize * rc.tx_frames as usize;
-        // SAFETY: mapping the socket's rings as the packet(7) API documents; length = both rings.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                rx_len + tx_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_LOCKED,
-                fd,
-                0,
-            )
-        };
-        let map = if map == libc::MAP_FAILED {
-            // MAP_LOCKED needs RLIMIT_MEMLOCK; retry without it.
-            // SAFETY: as above.
-            let m = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    rx_len + tx_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd,
-                    0,
-                )
-            };
-            if m == libc::MAP_FAILED {
-                return Err(close_on_err(io::Error::last_os_error()));
-            }
-            m
-        } else {
-            map
-        };
+        let map = map_ring(fd, rx_len).map_err(close_on_err)?;
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value we then fill in.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
@@ -255,28 +393,44 @@ impl AfPacketQueue {
         };
         let q = AfPacketQueue {
             fd,
-            map: map as *mut u8,
-            map_len: rx_len + tx_len,
+            map,
+            map_len: rx_len,
             rx_block_size: rc.rx_block_size as usize,
             rx_blocks: rc.rx_blocks as usize,
-            tx_off: rx_len,
-            tx_frame_size: rc.tx_frame_size as usize,
-            tx_frames: (tx_len / rc.tx_frame_size as usize),
             block: 0,
             pkt_left: 0,
             pkt_off: 0,
-            tx_next: 0,
+            tx,
+            ifindex: idx,
+            iface: iface.to_string(),
+            rc,
             mac,
             name: format!("af_packet:{iface}/q{queue}"),
             stats: PortStats::default(),
         };
-        cvt(r)?; // q's Drop closes the socket and unmaps on error
+        cvt(r)?; // q's Drop closes the sockets and unmaps on error
         if queues > 1 {
             let arg: u32 =
                 fanout_id as u32 | ((PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16);
             setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg)?;
         }
         Ok(q)
+    }
+
+    /// Counts every queued frame as lost and rebuilds the TX socket and ring (fault path only:
+    /// the kernel's ring head is parked on a frame the device will not take).
+    #[cold]
+    fn reset_tx(&mut self) {
+        match TxRing::open(self.ifindex, &self.iface, &self.rc) {
+            Ok(fresh) => {
+                self.stats.tx_lost += self.tx.pending as u64;
+                self.stats.tx_resets += 1;
+                self.tx = fresh;
+            }
+            // Could not rebuild now (out of memory, interface gone): try again after the next
+            // stall period; frames keep being refused and counted meanwhile.
+            Err(_) => self.tx.stuck_since = Some(Instant::now()),
+        }
     }
 
     #[inline]
@@ -332,7 +486,8 @@ impl AfPacketQueue {
 
 impl Drop for AfPacketQueue {
     fn drop(&mut self) {
-        // SAFETY: the mapping and fd are owned by self and released exactly once.
+        // SAFETY: the RX mapping and fd are owned by self and released exactly once (the TX
+        // ring releases its own).
         unsafe {
             libc::munmap(self.map as *mut libc::c_void, self.map_len);
             libc::close(self.fd);
@@ -408,53 +563,65 @@ impl PortQueue for AfPacketQueue {
     }
 
     fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        self.tx.reclaim();
         let mut queued = 0;
         for b in pkts.drain(..) {
             let len = b.len();
-            let slot = self.tx_off + self.tx_next * self.tx_frame_size;
-            let st = self.status(slot + 20).load(Ordering::Acquire);
-            if len + TP3_HDR_LEN > self.tx_frame_size
-                || (st != TP_STATUS_AVAILABLE && st & TP_STATUS_WRONG_FORMAT == 0)
-            {
+            let t = &mut self.tx;
+            if len + TP3_HDR_LEN > t.frame_size || len > t.max_frame {
+                self.stats.tx_oversize += 1;
                 self.stats.tx_dropped += 1;
                 pool.put(b);
                 continue;
             }
-            // SAFETY: the slot belongs to user space (status AVAILABLE or WRONG_FORMAT), is
-            // inside the TX ring, and `len + 48 <= frame size` was checked.
+            if t.pending == t.frames {
+                self.stats.tx_dropped += 1;
+                pool.put(b);
+                continue;
+            }
+            let slot = t.next * t.frame_size;
+            debug_assert_eq!(
+                t.status(t.next).load(Ordering::Relaxed),
+                TP_STATUS_AVAILABLE
+            );
+            // SAFETY: the slot is between the kernel's reach (`pending < frames`: it is not
+            // queued, so the kernel is done with it), inside the TX ring, and
+            // `len + 48 <= frame size` was checked.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     b.data().as_ptr(),
-                    self.map.add(slot + TP3_HDR_LEN),
+                    t.map.add(slot + TP3_HDR_LEN),
                     len,
                 );
-                std::ptr::write_unaligned(self.map.add(slot) as *mut u32, 0); // tp_next_offset
-                std::ptr::write_unaligned(self.map.add(slot + 12) as *mut u32, len as u32); // snaplen
-                std::ptr::write_unaligned(self.map.add(slot + 16) as *mut u32, len as u32);
+                std::ptr::write_unaligned(t.map.add(slot) as *mut u32, 0); // tp_next_offset
+                std::ptr::write_unaligned(t.map.add(slot + 12) as *mut u32, len as u32); // snaplen
+                std::ptr::write_unaligned(t.map.add(slot + 16) as *mut u32, len as u32);
                 // len
             }
-            self.status(slot + 20)
+            t.status(t.next)
                 .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
-            self.tx_next = (self.tx_next + 1) % self.tx_frames;
+            t.next = (t.next + 1) % t.frames;
+            t.pending += 1;
             self.stats.tx_bytes += len as u64;
             queued += 1;
             pool.put(b);
         }
-        if queued > 0 {
-            // One kick per burst. EAGAIN/ENOBUFS leave the frames queued for the next kick.
-            // SAFETY: sendto with a null buffer is the documented TX-ring kick.
-            unsafe {
-                libc::sendto(
-                    self.fd,
-                    std::ptr::null(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null(),
-                    0,
-                )
-            };
-            self.stats.tx_packets += queued as u64;
+        // Kick when something new is queued, and also when the oldest frame is still waiting:
+        // a frame refused while the link was down goes out as soon as it is back.
+        let full = |t: &TxRing| t.pending == t.frames;
+        if queued > 0 || self.tx.head_waiting() || full(&self.tx) {
+            self.tx.kick();
+            self.tx.reclaim();
+            if self.tx.head_waiting() || full(&self.tx) {
+                let now = Instant::now();
+                match self.tx.stuck_since {
+                    None => self.tx.stuck_since = Some(now),
+                    Some(t0) if now.duration_since(t0) >= TX_STALL => self.reset_tx(),
+                    Some(_) => {}
+                }
+            }
         }
+        self.stats.tx_packets += queued as u64;
         let _ = TP_STATUS_SENDING;
         queued
     }

@@ -39,6 +39,13 @@ pub struct PortStats {
     pub tx_dropped: u64,
     /// Frames lost on receive (ring overflow, kernel drops) as far as the backend can tell.
     pub rx_dropped: u64,
+    /// Frames the port had accepted but could never hand to the device (a transmit ring reset
+    /// after the link stopped taking frames); counted here, never silently.
+    pub tx_lost: u64,
+    /// Frames refused because they exceed the device MTU (never queued).
+    pub tx_oversize: u64,
+    /// Times the transmit ring was found stuck and rebuilt.
+    pub tx_resets: u64,
 }
 
 /// One RX/TX queue pair of a port, owned by one worker.

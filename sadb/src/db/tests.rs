@@ -207,3 +207,38 @@ fn lifetimes_soft_event_hard_switch_to_fallback() {
     c.check_lifetimes(1, &q);
     assert!(c.outbound(0).is_none());
 }
+
+#[test]
+fn seq_guard_resumes_above_the_last_durable_limit_and_stops_at_the_limit() {
+    // Issue 12 item 3: a restarted gateway with static keys resumes after what its previous
+    // run had reserved, and never sends past what is durably reserved now.
+    let mut d = db(SaMode::PerCpu, 2, 2);
+    let guards: std::collections::HashMap<u32, Arc<SeqGuard>> = d
+        .outbound_specs()
+        .map(|s| (s.spi, Arc::new(SeqGuard::new(s.spi, 1000))))
+        .collect();
+    d.attach_seq_guards(|s| guards[&s.spi].clone());
+    let h = SaDbHandle::new(d);
+    let mut c0 = CoreSas::new(0, h.load(), 0).unwrap();
+    let spi = c0.outbound(0).unwrap().spi;
+    // Nothing granted yet: nothing may be sent, and the refusal says why.
+    let r = c0.outbound(0).unwrap().reserve(4);
+    assert_eq!((r.count, r.unreserved), (0, true));
+    guards[&spi].grant(1010);
+    let r = c0.outbound(0).unwrap().reserve(8);
+    assert_eq!((r.first, r.count, r.unreserved), (1001, 8, false));
+    let r = c0.outbound(0).unwrap().reserve(8);
+    assert_eq!((r.first, r.count, r.unreserved), (1009, 2, true));
+    assert_eq!(guards[&spi].used(), 1010);
+    // The fallback SA (shared counter) resumes after the guard too, from every core.
+    h.update(|db| db.tunnels[0].outbound.per_cpu.clear())
+        .unwrap();
+    c0.sync(&h, 0).unwrap();
+    let mut c1 = CoreSas::new(1, h.load(), 0).unwrap();
+    let fb = c0.outbound(0).unwrap().spi;
+    guards[&fb].grant(2000);
+    let a = c0.outbound(0).unwrap().reserve(3);
+    let b = c1.outbound(0).unwrap().reserve(3);
+    assert_eq!((a.first, b.first), (1001, 1004));
+    assert_eq!(guards[&fb].used(), 1006);
+}
