@@ -16,6 +16,7 @@ pub mod pktbuf;
 pub mod pool;
 pub mod port;
 pub mod seqstore;
+pub mod solo;
 pub mod worker;
 
 pub use drop::{DropCounters, DropReason};

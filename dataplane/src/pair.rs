@@ -121,14 +121,14 @@ pub struct Pair {
     limit: Option<u64>,
 }
 
-fn host(side: &Side, n: u32) -> Ipv4Addr {
+pub(crate) fn host(side: &Side, n: u32) -> Ipv4Addr {
     match side.prefix.addr() {
         IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + n),
         IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     }
 }
 
-fn shared(
+pub(crate) fn shared(
     sides: GatewaySides,
     db: SaDb,
     workers: usize,
@@ -512,7 +512,7 @@ pub mod lab {
         port: u16,
         life: Lifetimes,
     ) -> SaSpec {
-        spec_alg(spi, cpu, src, dst, port, life, Algorithm::AesGcm128)
+        spec_alg(spi, cpu, src, dst, port, life, Algorithm::AesGcm128, 4096)
     }
 
     fn spec_alg(
@@ -523,10 +523,11 @@ pub mod lab {
         port: u16,
         life: Lifetimes,
         alg: Algorithm,
+        window: u32,
     ) -> SaSpec {
         let mut ep = TunnelEndpoints::new(src.parse().unwrap(), dst.parse().unwrap());
         ep.src_port = port;
-        SaSpec::new(spi, key(spi, alg), true, 4096, life, ep, cpu)
+        SaSpec::new(spi, key(spi, alg), true, window, life, ep, cpu)
     }
 
     fn group(
@@ -536,9 +537,10 @@ pub mod lab {
         dst: &str,
         life: Lifetimes,
         alg: Algorithm,
+        window: u32,
     ) -> PerCpuSaGroup {
         PerCpuSaGroup {
-            fallback: spec_alg(base, None, src, dst, 4500, life, alg),
+            fallback: spec_alg(base, None, src, dst, 4500, life, alg, window),
             per_cpu: (0..pcpu)
                 .map(|i| {
                     spec_alg(
@@ -549,6 +551,7 @@ pub mod lab {
                         4501 + i as u16,
                         life,
                         alg,
+                        window,
                     )
                 })
                 .collect(),
@@ -564,6 +567,8 @@ pub mod lab {
         pub alg: Algorithm,
         /// Plain forwarding: bypass policies both ways, no ESP (the "loopback" baseline).
         pub bypass: bool,
+        /// Inbound replay window (0: anti-replay off, as DPDK ipsec-secgw's default).
+        pub replay_window: u32,
     }
 
     impl Default for LabOpts {
@@ -572,6 +577,7 @@ pub mod lab {
                 backend: Backend::Ring,
                 alg: Algorithm::AesGcm128,
                 bypass: false,
+                replay_window: 4096,
             }
         }
     }
@@ -597,8 +603,8 @@ pub mod lab {
                 name: name.into(),
                 local_subnets: vec![l],
                 remote_subnets: vec![r],
-                outbound: group(out, pc, me, peer, life, o.alg),
-                inbound: group(inb, pc, peer, me, life, o.alg),
+                outbound: group(out, pc, me, peer, life, o.alg, o.replay_window),
+                inbound: group(inb, pc, peer, me, life, o.alg, o.replay_window),
                 draining: vec![],
             };
             let spd = Spd {

@@ -39,6 +39,9 @@ pub struct ReplayWindow {
     blocks: Box<[u64]>,
     mask: u64,
     esn: bool,
+    /// Anti-replay on (RFC 4303 §3.4.3 lets a receiver turn it off; the window then only
+    /// tracks the top for ESN inference).
+    enabled: bool,
 }
 
 impl core::fmt::Debug for ReplayWindow {
@@ -52,8 +55,14 @@ impl core::fmt::Debug for ReplayWindow {
 }
 
 impl ReplayWindow {
-    /// A window of `size` packets (rounded up to a power of two, clamped to 64..=65536).
+    /// A window of `size` packets (rounded up to a power of two, clamped to 64..=65536);
+    /// `size == 0` turns the anti-replay service off (RFC 4303 §3.4.3: "no inbound checks are
+    /// performed on the Sequence Number"), as Linux's `replay-window 0` and DPDK ipsec-secgw's
+    /// default do. ESN inference still follows the highest number seen.
     pub fn new(size: u32, esn: bool) -> ReplayWindow {
+        let enabled = size > 0;
+        // Off, the window is only the ESN inference range: the widest one.
+        let size = if enabled { size } else { MAX_WINDOW };
         let size = size.clamp(MIN_WINDOW, MAX_WINDOW).next_power_of_two() as u64;
         let nblocks = (size / 64 + 1).next_power_of_two();
         ReplayWindow {
@@ -62,7 +71,13 @@ impl ReplayWindow {
             blocks: vec![0u64; nblocks as usize].into_boxed_slice(),
             mask: nblocks - 1,
             esn,
+            enabled,
         }
+    }
+
+    /// Whether the anti-replay service is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// A window whose highest received number is `top` (as if every number up to `top` had been
@@ -82,9 +97,13 @@ impl ReplayWindow {
         w
     }
 
-    /// Window size in packets.
+    /// Window size in packets (0: anti-replay off).
     pub fn size(&self) -> u32 {
-        self.size as u32
+        if self.enabled {
+            self.size as u32
+        } else {
+            0
+        }
     }
 
     /// Highest authenticated sequence number.
@@ -131,7 +150,7 @@ impl ReplayWindow {
         if seq == 0 {
             return Err(ReplayError::Invalid);
         }
-        if seq > self.top {
+        if seq > self.top || !self.enabled {
             return Ok(());
         }
         if self.top - seq >= self.size {
@@ -150,6 +169,10 @@ impl ReplayWindow {
     #[inline]
     pub fn commit(&mut self, seq: u64) -> Result<(), ReplayError> {
         self.check(seq)?;
+        if !self.enabled {
+            self.top = self.top.max(seq);
+            return Ok(());
+        }
         if seq > self.top {
             let old = self.top >> 6;
             let new = seq >> 6;
@@ -188,6 +211,23 @@ mod test {
             }
             ok
         }
+    }
+
+    #[test]
+    fn size_zero_turns_anti_replay_off_but_keeps_esn_inference() {
+        let mut w = ReplayWindow::new(0, true);
+        assert!(!w.enabled());
+        assert_eq!(w.size(), 0);
+        assert_eq!(w.check(0), Err(ReplayError::Invalid));
+        assert!(w.commit(5).is_ok());
+        assert!(
+            w.commit(5).is_ok(),
+            "duplicates pass when the service is off"
+        );
+        assert!(w.commit(1).is_ok());
+        assert_eq!(w.top(), 5);
+        w.commit((1u64 << 32) + 10).unwrap();
+        assert_eq!(w.infer(11), Some((1u64 << 32) + 11));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use clap::Args;
 use espada_crypto::{Algorithm, Backend, Cipher, EspAead, KeyMaterial};
 use espada_dataplane::pair::{lab, Layout, Pair, PairSpec};
 use espada_dataplane::port::memory::Steering;
+use espada_dataplane::solo;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use serde::Serialize;
@@ -41,9 +42,15 @@ pub struct BenchArgs {
     cores: usize,
     /// Thread layout: `split` (west and east on different cores: per-direction figures),
     /// `shared` (west worker i and east worker i share core i), `auto` (split when there are
-    /// enough cores).
+    /// enough cores), or `one-core`: one direction on one core with nothing crossing cores
+    /// (generator → encrypt → null port, or stored ESP frames replayed → decrypt → sink), the
+    /// shape DPDK ipsec-secgw's single lcore measures. Decrypt runs with anti-replay off, as
+    /// ipsec-secgw does by default.
     #[arg(long, default_value = "auto")]
     layout: String,
+    /// With `--layout one-core`: `encrypt`, `decrypt` or `both`.
+    #[arg(long, default_value = "both")]
+    direction: String,
     /// `pcpu` (one SA per core, RFC 9611) or `shared` (one SA for all cores, like one kernel SA).
     #[arg(long, default_value = "pcpu")]
     sa_mode: String,
@@ -240,6 +247,7 @@ fn one(
             backend,
             alg,
             bypass,
+            ..Default::default()
         },
     );
     let (ws, es) = lab::sides();
@@ -571,8 +579,17 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         } else {
             Layout::Shared
         }),
-        s => bail!("--layout must be auto, split or shared, got {s}"),
+        s => bail!("--layout must be auto, split, shared or one-core, got {s}"),
     };
+    let dirs: Vec<solo::Direction> = match a.direction.as_str() {
+        "encrypt" => vec![solo::Direction::Encrypt],
+        "decrypt" => vec![solo::Direction::Decrypt],
+        "both" => vec![solo::Direction::Encrypt, solo::Direction::Decrypt],
+        d => bail!("--direction must be encrypt, decrypt or both, got {d}"),
+    };
+    if a.layout == "one-core" && (a.sweep.is_some() || a.mode != "ipsec" || compare_all) {
+        bail!("--layout one-core measures one ipsec run: no --sweep, --mode loop or --backend all");
+    }
     let size_for_ceiling = if a.imix { 594 } else { a.size };
     eprintln!(
         "espada bench: measuring the raw {} {} ceiling on one core at {} B...",
@@ -583,6 +600,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         "  seal {:.0} ns ({:.1} Gbit/s), open {:.0} ns ({:.1} Gbit/s)",
         ceil.seal_ns, ceil.seal_gbps, ceil.open_ns, ceil.open_gbps
     );
+    if a.layout == "one-core" {
+        return one_core(&a, &dirs, backend, alg, &ceil);
+    }
     let mut results = Vec::new();
     match a.sweep.as_deref() {
         None => {
@@ -683,6 +703,133 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         std::fs::write(j, serde_json::to_string_pretty(&v)? + "\n")
             .with_context(|| format!("cannot write {}", j.display()))?;
         println!("wrote {}", j.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One direction per run on one pinned core (`--layout one-core`).
+#[derive(Serialize, Clone, Debug)]
+pub struct OneCoreResult {
+    pub direction: String,
+    pub size: usize,
+    pub backend: String,
+    pub cipher: String,
+    pub seconds: f64,
+    pub packets: u64,
+    pub mpps: f64,
+    pub gbps_inner: f64,
+    pub ns_per_packet: f64,
+    /// Raw seal (encrypt) or open (decrypt) time ÷ time per packet: 100% = nothing but crypto.
+    pub fraction_of_crypto: f64,
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+fn one_core(
+    a: &BenchArgs,
+    dirs: &[solo::Direction],
+    backend: Backend,
+    alg: Algorithm,
+    ceil: &Ceiling,
+) -> Result<ExitCode> {
+    if a.imix || a.rate > 0.0 {
+        bail!("--layout one-core runs one size as fast as possible (no --imix, no --rate)");
+    }
+    let core = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .next();
+    let mut out = Vec::new();
+    for &d in dirs {
+        let (w, e) = lab::dbs_opts(
+            1,
+            1,
+            SaMode::PerCpu,
+            Lifetimes::default(),
+            lab::LabOpts {
+                backend,
+                alg,
+                bypass: false,
+                replay_window: if d == solo::Direction::Decrypt {
+                    0
+                } else {
+                    4096
+                },
+            },
+        );
+        let (ws, es) = lab::sides();
+        let spec = PairSpec {
+            workers: 1,
+            size: a.size,
+            flows: a.flows,
+            ..Default::default()
+        };
+        let r = solo::run(
+            w,
+            e,
+            ws,
+            es,
+            spec,
+            d,
+            Duration::from_millis(300),
+            Duration::from_secs_f64(a.duration),
+            core,
+        )?;
+        let ns = if r.packets > 0 {
+            r.seconds * 1e9 / r.packets as f64
+        } else {
+            0.0
+        };
+        let crypto_ns = if d == solo::Direction::Encrypt {
+            ceil.seal_ns
+        } else {
+            ceil.open_ns
+        };
+        if r.bad > 0 {
+            bail!("one-core decrypt: the sink found {} damaged packets", r.bad);
+        }
+        out.push(OneCoreResult {
+            direction: if d == solo::Direction::Encrypt {
+                "encrypt"
+            } else {
+                "decrypt"
+            }
+            .into(),
+            size: a.size,
+            backend: backend.name().into(),
+            cipher: alg.name().into(),
+            seconds: r.seconds,
+            packets: r.packets,
+            mpps: r.packets as f64 / r.seconds / 1e6,
+            gbps_inner: r.bytes as f64 * 8.0 / r.seconds / 1e9,
+            ns_per_packet: ns,
+            fraction_of_crypto: if ns > 0.0 { crypto_ns / ns } else { 0.0 },
+            drops: r
+                .stats
+                .drops
+                .nonzero()
+                .map(|(r, n)| (r.label().to_string(), n))
+                .collect(),
+        });
+    }
+    println!("| direction | size | backend | cipher | Mpps | Gbit/s (inner) | ns/pkt | crypto share | drops |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &out {
+        println!(
+            "| {} | {} | {} | {} | {:.3} | {:.2} | {:.1} | {:.0}% | {} |",
+            r.direction,
+            r.size,
+            r.backend,
+            r.cipher,
+            r.mpps,
+            r.gbps_inner,
+            r.ns_per_packet,
+            r.fraction_of_crypto * 100.0,
+            r.drops.values().sum::<u64>()
+        );
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
