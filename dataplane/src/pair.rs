@@ -515,6 +515,7 @@ pub mod lab {
         spec_alg(spi, cpu, src, dst, port, life, Algorithm::AesGcm128, 4096)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spec_alg(
         spi: u32,
         cpu: Option<usize>,

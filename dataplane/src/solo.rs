@@ -213,6 +213,7 @@ fn spin(w: &mut Worker, stop: &AtomicBool) {
 /// Runs one direction on one core for `warmup + duration`, counting only `duration`.
 /// `west`/`east` databases as for [`crate::pair::Pair::new`] (east's with anti-replay off for
 /// [`Direction::Decrypt`]).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     west_db: SaDb,
     east_db: SaDb,
