@@ -6,6 +6,7 @@ use espada_wire::arp;
 use espada_wire::ethernet::{self, MacAddr};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// IPv4 → MAC, shared by every worker of a gateway.
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 pub struct NeighborTable {
     map: ArcSwap<HashMap<Ipv4Addr, MacAddr>>,
     write: Mutex<()>,
+    generation: AtomicU64,
 }
 
 impl NeighborTable {
@@ -39,6 +41,13 @@ impl NeighborTable {
         let mut m = (**self.map.load()).clone();
         m.insert(ip, mac);
         self.map.store(Arc::new(m));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Increases with every change: a worker's [`NeighborCache`] checks it once per burst.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Number of entries.
@@ -49,6 +58,53 @@ impl NeighborTable {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A worker's private copy of the next hops it uses, so the fast path neither loads the shared
+/// snapshot nor hashes per packet: a few direct-mapped slots, emptied whenever the shared
+/// table's generation moves (checked once per burst).
+#[derive(Debug)]
+pub struct NeighborCache {
+    slots: [(u32, MacAddr); Self::SLOTS],
+    generation: u64,
+}
+
+impl Default for NeighborCache {
+    fn default() -> Self {
+        NeighborCache {
+            slots: [(0, MacAddr::ZERO); Self::SLOTS],
+            generation: u64::MAX,
+        }
+    }
+}
+
+impl NeighborCache {
+    const SLOTS: usize = 16;
+
+    /// Forgets everything if `table` changed since the last call.
+    #[inline]
+    pub fn sync(&mut self, table: &NeighborTable) {
+        let g = table.generation();
+        if g != self.generation {
+            self.slots = [(0, MacAddr::ZERO); Self::SLOTS];
+            self.generation = g;
+        }
+    }
+
+    /// The MAC of `ip`, from the cache or else from `table` (then cached).
+    #[inline]
+    pub fn get(&mut self, table: &NeighborTable, ip: Ipv4Addr) -> Option<MacAddr> {
+        let k = u32::from(ip);
+        // 0.0.0.0 is never a next hop, so it marks an empty slot.
+        let slot = (k ^ (k >> 8)) as usize % Self::SLOTS;
+        let e = &mut self.slots[slot];
+        if e.0 == k && k != 0 {
+            return Some(e.1);
+        }
+        let mac = table.get(ip)?;
+        *e = (k, mac);
+        Some(mac)
     }
 }
 
@@ -78,5 +134,19 @@ mod test {
         t.learn("10.0.0.2".parse().unwrap(), MacAddr([2, 0, 0, 0, 0, 2]));
         t.learn("10.0.0.3".parse().unwrap(), MacAddr::BROADCAST);
         assert_eq!(t.len(), 2);
+        // A worker's cache follows changes of the table.
+        let mut c = NeighborCache::default();
+        c.sync(&t);
+        let ip = "10.0.0.2".parse().unwrap();
+        assert_eq!(c.get(&t, ip), Some(MacAddr([2, 0, 0, 0, 0, 2])));
+        t.learn(ip, MacAddr([2, 0, 0, 0, 0, 9]));
+        assert_eq!(
+            c.get(&t, ip),
+            Some(MacAddr([2, 0, 0, 0, 0, 2])),
+            "until the next sync"
+        );
+        c.sync(&t);
+        assert_eq!(c.get(&t, ip), Some(MacAddr([2, 0, 0, 0, 0, 9])));
+        assert_eq!(c.get(&t, "10.0.0.7".parse().unwrap()), None);
     }
 }

@@ -12,7 +12,7 @@
 
 use crate::drop::{DropCounters, DropReason};
 use crate::esp::{decapsulate, encapsulate, iv_from_seq, Decap, Encap, InboundLookup};
-use crate::neighbor::{emit_arp, NeighborTable};
+use crate::neighbor::{emit_arp, NeighborCache, NeighborTable};
 use crate::pktbuf::{PacketBuf, PktBuf};
 use crate::pool::PoolCache;
 use crate::port::PortQueue;
@@ -257,6 +257,7 @@ pub struct Worker {
     icmp_tokens: u32,
     icmp_refill_s: u64,
     arp_last: [(Ipv4Addr, u64); 8],
+    neigh: NeighborCache,
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
     latency: hdrhistogram::Histogram<u64>,
 }
@@ -289,6 +290,7 @@ impl Worker {
             polls: 0,
             icmp_refill_s: 0,
             arp_last: [(Ipv4Addr::UNSPECIFIED, 0); 8],
+            neigh: NeighborCache::default(),
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
                 .expect("valid bounds"),
@@ -385,6 +387,7 @@ impl Worker {
             // A control-plane change (snapshot) is picked up here, between bursts.
             let _ = self.sas.sync(&self.shared.sadb, now_s);
         }
+        self.neigh.sync(&self.shared.neighbors);
         let mut n = 0;
 
         // Red: cleartext in, ESP out.
@@ -450,7 +453,11 @@ impl Worker {
             self.sas.check_lifetimes(now_s, &self.shared.events);
             self.publish_sa_stats();
         }
-        self.cell.publish(&self.stats);
+        // Reporters read a few times a second: publishing every 16th poll keeps the stores
+        // (and the cache line traffic to the reader) off most bursts.
+        if self.polls.is_multiple_of(16) || n == 0 {
+            self.cell.publish(&self.stats);
+        }
         n
     }
 
@@ -571,7 +578,7 @@ impl Worker {
         let Some(nh) = next_hop else {
             return self.drop_pkt(b, DropReason::NotForUs);
         };
-        let Some(dst) = self.shared.neighbors.get(nh) else {
+        let Some(dst) = self.neigh.get(&self.shared.neighbors, nh) else {
             self.arp_request(nh, red);
             return self.drop_pkt(b, DropReason::NoNeighbor);
         };

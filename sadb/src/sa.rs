@@ -193,6 +193,9 @@ pub struct OutboundSa {
     /// Outer IP + UDP header with addresses, ports, TTL, protocol filled in.
     template: [u8; 48],
     template_len: u8,
+    /// One's-complement sum of the IPv4 template with TOS, length, ident, flags and checksum
+    /// zeroed: the outer checksum is this plus four words (no pass over the header per packet).
+    outer_sum: u32,
     ip_id: u16,
     /// Durable reservation (static keys): never send past its limit.
     guard: Option<Arc<SeqGuard>>,
@@ -250,6 +253,14 @@ impl OutboundSa {
         u.set_dst_port(tunnel.dst_port);
         u.set_len(udp::HEADER_LEN as u16);
         u.set_checksum(0);
+        let outer_sum = {
+            let mut h = [0u8; 20];
+            h.copy_from_slice(&template[..20]);
+            for i in [1, 2, 3, 4, 5, 6, 7, 10, 11] {
+                h[i] = 0;
+            }
+            espada_wire::checksum::sum(&h)
+        };
         OutboundSa {
             spi,
             cipher,
@@ -259,6 +270,7 @@ impl OutboundSa {
             seq: SeqCell::Owned(0),
             template,
             template_len: len as u8,
+            outer_sum,
             ip_id: (spi as u16) ^ 0x5a5a,
             guard: None,
         }
@@ -388,6 +400,18 @@ impl OutboundSa {
     #[inline]
     pub fn outer_template(&self) -> &[u8] {
         &self.template[..self.template_len as usize]
+    }
+
+    /// The outer IPv4 header checksum for the template with these four fields filled in
+    /// (RFC 1071 sums are order-free, so the fixed part is summed once, in [`OutboundSa::new`]).
+    #[inline]
+    pub fn outer_v4_checksum(&self, tos: u8, total_len: u16, ident: u16, dont_frag: bool) -> u16 {
+        let s = self.outer_sum
+            + tos as u32
+            + total_len as u32
+            + ident as u32
+            + if dont_frag { 0x4000 } else { 0 };
+        espada_wire::checksum::finish(s)
     }
 
     /// Next IPv4 identification value for the outer header.

@@ -144,7 +144,7 @@ fn encap_inner<P: PacketBuf>(
             ip.set_total_len(total as u16);
             ip.set_ident(ip_id);
             ip.set_unfragmented(df);
-            ip.fill_checksum();
+            ip.set_checksum(sa.outer_v4_checksum(tos, total as u16, ip_id, df));
             let mut u = udp::Packet::new_unchecked(&mut outer[ipv4::HEADER_LEN..]);
             u.set_len((udp::HEADER_LEN + esp_len) as u16);
         }
