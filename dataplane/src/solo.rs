@@ -210,21 +210,42 @@ fn spin(w: &mut Worker, stop: &AtomicBool) {
     }
 }
 
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct SoloSpec {
+    /// Packet size, flows (workers and steering are ignored: one core).
+    pub pair: PairSpec,
+    /// Which half.
+    pub dir: Direction,
+    /// Run this long before counting.
+    pub warmup: Duration,
+    /// Count this long.
+    pub duration: Duration,
+    /// Pin the worker here.
+    pub core: Option<core_affinity::CoreId>,
+    /// Decrypt: deliver to the checking sink (every packet's headers and tag verified) rather
+    /// than to a null port that only frees (what ipsec-secgw's `net_null` does).
+    pub check: bool,
+}
+
 /// Runs one direction on one core for `warmup + duration`, counting only `duration`.
 /// `west`/`east` databases as for [`crate::pair::Pair::new`] (east's with anti-replay off for
 /// [`Direction::Decrypt`]).
-#[allow(clippy::too_many_arguments)]
 pub fn run(
     west_db: SaDb,
     east_db: SaDb,
     west: GatewaySides,
     east: GatewaySides,
-    spec: PairSpec,
-    dir: Direction,
-    warmup: Duration,
-    duration: Duration,
-    core: Option<core_affinity::CoreId>,
+    solo: SoloSpec,
 ) -> Result<SoloResult, DbError> {
+    let SoloSpec {
+        pair: spec,
+        dir,
+        warmup,
+        duration,
+        core,
+        check,
+    } = solo;
     let pool = Pool::new(384 + 256, spec.size.max(1518) + 512);
     let stop = Arc::new(AtomicBool::new(false));
     let sunset = host(&west.red, 10);
@@ -289,7 +310,11 @@ pub fn run(
             Worker::new(
                 0,
                 e_sh,
-                Box::new(Sink::new(mac::SUNRISE, sunrise, 0, received.clone())),
+                if check {
+                    Box::new(Sink::new(mac::SUNRISE, sunrise, 0, received.clone()))
+                } else {
+                    Box::new(NullPort::new(mac::SUNRISE))
+                },
                 Box::new(ReplayPort::new(mac::EAST_BLACK, frames)),
                 PoolCache::new(pool.clone()),
             )?
@@ -353,18 +378,15 @@ mod test {
             size: 200,
             ..Default::default()
         };
-        run(
-            w,
-            e,
-            ws,
-            es,
-            spec,
+        let solo = SoloSpec {
+            pair: spec,
             dir,
-            Duration::from_millis(50),
-            Duration::from_millis(200),
-            None,
-        )
-        .unwrap()
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(200),
+            core: None,
+            check: true,
+        };
+        run(w, e, ws, es, solo).unwrap()
     }
 
     #[test]

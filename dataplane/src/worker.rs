@@ -900,15 +900,19 @@ impl Worker {
         self.send_ip(b, nh, true);
     }
 
-    /// A UDP/4500 payload: classify, route by SPI, decapsulate here or hand off.
+    /// A UDP/4500 payload: classify, one SPI lookup, decapsulate here or hand off.
     #[inline]
     fn inbound_esp(&mut self, mut b: PktBuf) {
         if let esp::UdpEncap::Esp = esp::classify_udp_payload(b.data()) {
             let d = b.data();
             if d.len() >= esp::HEADER_LEN {
                 let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+                // The fast path: an SA this core owns (the tunnel comes with it).
+                if let Some((sa, t)) = self.sas.inbound_local(spi) {
+                    let r = decapsulate(sa, &mut b);
+                    return self.deliver(b, r, t);
+                }
                 match self.sas.route(spi) {
-                    Route::Local => {}
                     Route::Handoff(c) => {
                         match self.shared.handoff.get(c) {
                             Some(q) => match q.push(b) {
@@ -922,24 +926,30 @@ impl Worker {
                         return;
                     }
                     Route::Expired => return self.drop_pkt(b, DropReason::SaExpired),
-                    Route::Unknown => return self.drop_pkt(b, DropReason::NoSa),
+                    Route::Unknown | Route::Local => return self.drop_pkt(b, DropReason::NoSa),
                 }
             }
         }
-        match decapsulate(&mut self.sas, &mut b) {
-            Decap::Inner { spi, .. } => {
+        // IKE, keepalives and runts: the ESP module classifies and counts them.
+        let r = decapsulate(&mut self.sas, &mut b);
+        self.deliver(b, r, usize::MAX)
+    }
+
+    /// What follows decapsulation: the inner packet against tunnel `t`'s selectors, TTL, and
+    /// out on red; or the control path; or a counted drop.
+    #[inline]
+    fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
+        match r {
+            Decap::Inner { .. } => {
                 // RFC 4301 §5.2: the inner packet must match the SA's selectors.
                 let Some(flow) = FlowKey::from_packet(b.data()) else {
                     return self.drop_pkt(b, DropReason::InnerMalformed);
                 };
                 let db = self.sas.db();
-                let ok = db
-                    .inbound_owner(spi)
-                    .map(|(t, _)| &db.tunnels[t])
-                    .is_some_and(|t| {
-                        t.remote_subnets.iter().any(|p| p.contains(flow.src))
-                            && t.local_subnets.iter().any(|p| p.contains(flow.dst))
-                    });
+                let ok = db.tunnels.get(t).is_some_and(|t| {
+                    t.remote_subnets.iter().any(|p| p.contains(flow.src))
+                        && t.local_subnets.iter().any(|p| p.contains(flow.dst))
+                });
                 if !ok {
                     return self.drop_pkt(b, DropReason::PolicyMismatch);
                 }

@@ -21,7 +21,7 @@ use crate::seqguard::SeqGuard;
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use espada_crypto::{Backend, Cipher, KeyMaterial};
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -237,7 +237,7 @@ impl SaDb {
             backend,
             tunnels,
             spd,
-            inbound_index: HashMap::new(),
+            inbound_index: HashMap::default(),
         };
         db.reindex()?;
         Ok(db)
@@ -247,7 +247,7 @@ impl SaDb {
         if self.workers == 0 {
             return Err(DbError::NoWorkers);
         }
-        let mut idx = HashMap::new();
+        let mut idx = HashMap::default();
         for (t, tun) in self.tunnels.iter().enumerate() {
             for s in tun.inbound.all().chain(tun.draining.iter()) {
                 if idx.insert(s.spi, (t, self.owner_of(s))).is_some() {
@@ -418,8 +418,8 @@ impl CoreSas {
             core,
             db: db.clone(),
             outbound: Vec::new(),
-            inbound: HashMap::new(),
-            expired: HashSet::new(),
+            inbound: HashMap::default(),
+            expired: HashSet::default(),
             events_lost: 0,
         };
         c.rebuild(db, now)?;
@@ -518,6 +518,14 @@ impl CoreSas {
             Some(_) => Route::Expired,
             None => Route::Unknown,
         }
+    }
+
+    /// A local inbound SA by SPI with the index of its tunnel: the one lookup of the fast path
+    /// (the SPI table hashes with FxHash, not SipHash: SPIs are not attacker-chosen keys here,
+    /// the table holds only SAs this gateway installed).
+    #[inline]
+    pub fn inbound_local(&mut self, spi: u32) -> Option<(&mut InboundSa, usize)> {
+        self.inbound.get_mut(&spi).map(|r| (&mut r.sa, r.tunnel))
     }
 
     /// A local inbound SA by SPI.
