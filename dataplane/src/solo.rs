@@ -1,8 +1,9 @@
 //! One core, one direction: the shape DPDK ipsec-secgw's single lcore measures, so the two can
 //! be compared like with like.
 //!
-//! * **encrypt**: a traffic generator (sunset) on red → west's worker → a null port on black
-//!   that frees what it is given (ipsec-secgw's `net_null`);
+//! * **encrypt**: sunset's frames (256, made once by the traffic generator) replayed on red,
+//!   each copied into a fresh pool buffer → west's worker → a null port on black that frees
+//!   what it is given (ipsec-secgw: `net_pcap,infinite_rx=1` → `net_null`);
 //! * **decrypt**: a replay port on black that copies stored ESP frames into fresh pool buffers,
 //!   burst after burst, forever (ipsec-secgw's `net_pcap,infinite_rx=1`) → east's worker → the
 //!   checking sink (sunrise) on red. The frames are west's own, captured once before the
@@ -270,13 +271,31 @@ pub fn run(
         stop.clone(),
     );
     let mut worker = match dir {
-        Direction::Encrypt => Worker::new(
-            0,
-            w_sh,
-            Box::new(Generator::new(tspec, mac::WEST_RED, 0, sent.clone())),
-            Box::new(NullPort::new(mac::WEST_BLACK)),
-            PoolCache::new(pool.clone()),
-        )?,
+        Direction::Encrypt => {
+            // Sunset's frames, made once and replayed (ipsec-secgw replays a capture the same
+            // way): the measured loop pays one copy per packet, not the generator's work.
+            let mut g = Generator::new(tspec, mac::WEST_RED, 0, sent.clone());
+            let mut cache = PoolCache::new(pool.clone());
+            let mut bufs = Vec::with_capacity(REPLAY_FRAMES);
+            while bufs.len() < REPLAY_FRAMES {
+                let want = REPLAY_FRAMES - bufs.len();
+                if g.rx_burst(&mut cache, &mut bufs, want) == 0 {
+                    break;
+                }
+            }
+            let frames: Vec<Vec<u8>> = bufs.iter().map(|b| b.data().to_vec()).collect();
+            for b in bufs {
+                cache.put(b);
+            }
+            drop(cache);
+            Worker::new(
+                0,
+                w_sh,
+                Box::new(ReplayPort::new(mac::WEST_RED, frames)),
+                Box::new(NullPort::new(mac::WEST_BLACK)),
+                PoolCache::new(pool.clone()),
+            )?
+        }
         Direction::Decrypt => {
             // West encrypts the frames east will replay.
             let mut t = tspec;

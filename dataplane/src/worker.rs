@@ -11,7 +11,9 @@
 //! the burst vectors are allocated once, the SA snapshot is checked once per burst.
 
 use crate::drop::{DropCounters, DropReason};
-use crate::esp::{decapsulate, encapsulate, iv_from_seq, Decap, Encap, InboundLookup};
+use crate::esp::{
+    decapsulate, encapsulate_parsed, iv_from_seq, Decap, Encap, InboundLookup, InnerInfo,
+};
 use crate::neighbor::{emit_arp, NeighborCache, NeighborTable};
 use crate::pktbuf::{PacketBuf, PktBuf};
 use crate::pool::PoolCache;
@@ -247,7 +249,7 @@ pub struct Worker {
     black: Box<dyn PortQueue>,
     pool: PoolCache,
     rx: Vec<PktBuf>,
-    protect: Vec<(PktBuf, usize, usize)>,
+    protect: Vec<(PktBuf, usize, InnerInfo)>,
     red_tx: Vec<PktBuf>,
     black_tx: Vec<PktBuf>,
     stats: WorkerStats,
@@ -258,6 +260,8 @@ pub struct Worker {
     icmp_refill_s: u64,
     arp_last: [(Ipv4Addr, u64); 8],
     neigh: NeighborCache,
+    /// The red and black ports' MACs (asked once, not through the port per packet).
+    macs: [MacAddr; 2],
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
     latency: hdrhistogram::Histogram<u64>,
 }
@@ -272,6 +276,7 @@ impl Worker {
         pool: PoolCache,
     ) -> Result<Worker, espada_sadb::db::DbError> {
         let sas = CoreSas::new(core, shared.sadb.load(), 0)?;
+        let macs = [red.mac(), black.mac()];
         Ok(Worker {
             core,
             icmp_tokens: shared.icmp_rate,
@@ -291,6 +296,7 @@ impl Worker {
             icmp_refill_s: 0,
             arp_last: [(Ipv4Addr::UNSPECIFIED, 0); 8],
             neigh: NeighborCache::default(),
+            macs,
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
                 .expect("valid bounds"),
@@ -582,11 +588,7 @@ impl Worker {
             self.arp_request(nh, red);
             return self.drop_pkt(b, DropReason::NoNeighbor);
         };
-        let src = if red {
-            self.red.mac()
-        } else {
-            self.black.mac()
-        };
+        let src = if red { self.macs[0] } else { self.macs[1] };
         let Some(h) = b.prepend(ethernet::HEADER_LEN) else {
             return self.drop_pkt(b, DropReason::NoHeadroom);
         };
@@ -639,25 +641,40 @@ impl Worker {
                 continue;
             };
             b.adj(ethernet::HEADER_LEN);
-            let (flow, ttl, dst, df, len) = match ipv4::Packet::new_checked(b.data()) {
+            // The one parse of the inner header: flow key, TTL and what the outer header copies.
+            let (flow, ttl, dst, info) = match ipv4::Packet::new_checked(b.data()) {
                 Ok(ip) if ip.version() == 4 && ip.verify_checksum() => {
-                    let Some(flow) = FlowKey::from_packet(b.data()) else {
-                        self.drop_pkt(b, DropReason::InnerMalformed);
-                        continue;
+                    let (hl, tl) = (ip.header_len() as usize, ip.total_len() as usize);
+                    let proto = ip.protocol();
+                    let l4 = &b.data()[hl..tl];
+                    let (src_port, dst_port) = match proto {
+                        6 | 17 | 132 if l4.len() >= 4 && ip.frag_offset() == 0 => (
+                            u16::from_be_bytes([l4[0], l4[1]]),
+                            u16::from_be_bytes([l4[2], l4[3]]),
+                        ),
+                        _ => (0, 0),
                     };
-                    (
-                        flow,
-                        ip.ttl(),
-                        ip.dst_addr(),
-                        ip.dont_frag(),
-                        ip.total_len() as usize,
-                    )
+                    let flow = FlowKey {
+                        src: IpAddr::V4(ip.src_addr()),
+                        dst: IpAddr::V4(ip.dst_addr()),
+                        proto,
+                        src_port,
+                        dst_port,
+                    };
+                    let info = InnerInfo {
+                        len: tl,
+                        tos: ip.tos(),
+                        dont_frag: ip.dont_frag(),
+                        next_header: espada_wire::ip_proto::IPV4,
+                    };
+                    (flow, ip.ttl(), ip.dst_addr(), info)
                 }
                 _ => {
                     self.drop_pkt(b, DropReason::InnerMalformed);
                     continue;
                 }
             };
+            let len = info.len;
             if dst == red_ip {
                 self.drop_pkt(b, DropReason::NotForUs);
                 continue;
@@ -685,7 +702,7 @@ impl Worker {
                         self.drop_pkt(b, DropReason::TtlExpired);
                         continue;
                     }
-                    self.prepare_protect(b, t, len, df);
+                    self.prepare_protect(b, t, info);
                 }
             }
         }
@@ -695,7 +712,8 @@ impl Worker {
     /// First half of the outbound path: SA present, MTU fits, TTL decremented. The packet
     /// joins the burst's protect list.
     #[inline]
-    fn prepare_protect(&mut self, mut b: PktBuf, t: usize, len: usize, df: bool) {
+    fn prepare_protect(&mut self, mut b: PktBuf, t: usize, info: InnerInfo) {
+        let (len, df) = (info.len, info.dont_frag);
         let Some(sa) = self.sas.outbound(t) else {
             return self.drop_pkt(b, DropReason::NoOutboundSa);
         };
@@ -714,7 +732,7 @@ impl Worker {
             return self.drop_pkt(b, DropReason::MtuExceeded);
         }
         ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
-        self.protect.push((b, t, len));
+        self.protect.push((b, t, info));
     }
 
     /// Second half: sequence numbers reserved once per tunnel per burst (DPDK's
@@ -740,7 +758,8 @@ impl Worker {
                 e.4 = r.unreserved;
             }
         }
-        for (mut b, t, len) in list.drain(..) {
+        for (mut b, t, info) in list.drain(..) {
+            let len = info.len;
             // More than MAX_T tunnels in one burst: the rest reserve one number at a time.
             let mut unreserved = false;
             let seq = match res.iter_mut().find(|e| e.0 == t) {
@@ -775,7 +794,7 @@ impl Worker {
                 IpAddr::V4(a) => self.shared.black.next_hop(a),
                 IpAddr::V6(_) => None,
             };
-            match encapsulate(sa, seq, &iv_from_seq(seq), &mut b) {
+            match encapsulate_parsed(sa, seq, &iv_from_seq(seq), &mut b, info) {
                 Encap::Done => {
                     self.stats.encap_packets += 1;
                     self.stats.encap_bytes += len as u64;

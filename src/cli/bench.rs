@@ -43,7 +43,7 @@ pub struct BenchArgs {
     /// Thread layout: `split` (west and east on different cores: per-direction figures),
     /// `shared` (west worker i and east worker i share core i), `auto` (split when there are
     /// enough cores), or `one-core`: one direction on one core with nothing crossing cores
-    /// (generator → encrypt → null port, or stored ESP frames replayed → decrypt → sink), the
+    /// (stored frames replayed → encrypt → null port, or stored ESP frames replayed → decrypt), the
     /// shape DPDK ipsec-secgw's single lcore measures. Decrypted packets go to a null port that
     /// frees them, as ipsec-secgw's `net_null` does (the tests check them). Decrypt runs with anti-replay off, as
     /// ipsec-secgw does by default.

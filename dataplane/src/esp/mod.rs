@@ -6,7 +6,9 @@ pub mod inbound;
 pub mod outbound;
 
 pub use inbound::{decapsulate, Decap, InboundLookup};
-pub use outbound::{encapsulate, encapsulate_burst, iv_from_seq, Encap};
+pub use outbound::{
+    encapsulate, encapsulate_burst, encapsulate_parsed, iv_from_seq, Encap, InnerInfo,
+};
 
 /// Builds the AAD (RFC 4106 §5): SPI ‖ seq (8 bytes), or SPI ‖ seq-high ‖ seq-low (12 bytes)
 /// with ESN. Returns the buffer and the length to use.

@@ -24,12 +24,18 @@ pub fn iv_from_seq(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-/// What the inner header tells the outer one.
-struct InnerInfo {
-    len: usize,
-    tos: u8,
-    dont_frag: bool,
-    next_header: u8,
+/// What the inner header tells the outer one (the classify stage fills it from its one parse
+/// of the header and hands it to [`encapsulate_parsed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InnerInfo {
+    /// Inner IP packet length (the buffer may hold link-layer padding after it).
+    pub len: usize,
+    /// DSCP + ECN byte.
+    pub tos: u8,
+    /// IPv4 DF.
+    pub dont_frag: bool,
+    /// 4 (IPv4) or 41 (IPv6).
+    pub next_header: u8,
 }
 
 #[inline(always)]
@@ -77,6 +83,22 @@ pub fn encapsulate<P: PacketBuf>(
     }
 }
 
+/// [`encapsulate`] for a packet whose inner header the caller has already parsed and checked
+/// (`info` must describe the IP packet at the start of `pkt`).
+#[inline]
+pub fn encapsulate_parsed<P: PacketBuf>(
+    sa: &mut OutboundSa,
+    seq: u64,
+    iv: &[u8; 8],
+    pkt: &mut P,
+    info: InnerInfo,
+) -> Encap {
+    match encap_info(sa, seq, iv, pkt, info) {
+        Ok(()) => Encap::Done,
+        Err(r) => Encap::Drop(r),
+    }
+}
+
 #[inline(always)]
 fn encap_inner<P: PacketBuf>(
     sa: &mut OutboundSa,
@@ -85,6 +107,20 @@ fn encap_inner<P: PacketBuf>(
     pkt: &mut P,
 ) -> Result<(), DropReason> {
     let info = inspect_inner(pkt.data())?;
+    encap_info(sa, seq, iv, pkt, info)
+}
+
+#[inline(always)]
+fn encap_info<P: PacketBuf>(
+    sa: &mut OutboundSa,
+    seq: u64,
+    iv: &[u8; 8],
+    pkt: &mut P,
+    info: InnerInfo,
+) -> Result<(), DropReason> {
+    if info.len > pkt.len() {
+        return Err(DropReason::InnerMalformed);
+    }
     // Link-layer padding behind the IP packet is not part of it.
     let extra = pkt.len() - info.len;
     if extra > 0 {
