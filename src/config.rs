@@ -372,14 +372,30 @@ fn parse_spi_key(k: &str) -> Option<u32> {
 
 /// Loads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    use std::io::Read;
+    let err = |msg: String| ConfigError {
         file: path.to_path_buf(),
         line: 0,
         col: 0,
-        msg: format!("cannot read the configuration: {e}"),
-    })?;
+        msg,
+    };
+    // A configuration is a few kilobytes: read at most MAX_CONFIG_BYTES (so `-c /dev/zero` or a
+    // runaway file is refused instead of exhausting memory).
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| err(format!("cannot read the configuration: {e}")))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(err(format!(
+            "the configuration is larger than {} KiB: not a configuration file?",
+            MAX_CONFIG_BYTES / 1024
+        )));
+    }
     parse(path, &text)
 }
+
+/// Largest configuration file accepted.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Parses and validates configuration text (`path` is used in messages and to find key files).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -416,9 +432,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     };
     let cores = match &g.cores {
         None => None,
-        Some(s) => Some(
-            espada_pinning::parse_cpu_list(s.get_ref()).map_err(|e| ctx.at(s, e.to_string()))?,
-        ),
+        Some(s) => {
+            let v = espada_pinning::parse_cpu_list(s.get_ref())
+                .map_err(|e| ctx.at(s, e.to_string()))?;
+            if v.is_empty() {
+                return Err(ctx.at(
+                    s,
+                    "cores lists no core (give e.g. cores = \"2-3\", or leave it out)",
+                ));
+            }
+            Some(v)
+        }
     };
     let workers = match (&g.workers, &cores) {
         (Some(w), Some(_)) => return Err(ctx.at(w, "give either workers or cores, not both")),
@@ -767,6 +791,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             }
             if let Some(missing) = all_spis.iter().find(|s| !keys.contains_key(s)) {
                 return Err(ctx.err(Some(span), format!("{where_}: no key for SPI {missing:#010x} (tunnel \"{name}\" needs keys for {})", all_spis.iter().map(|s| format!("{s:#010x}")).collect::<Vec<_>>().join(", "))));
+            }
+        }
+
+        // RFC 4106 §8.1: a (key, nonce) pair must never repeat. Two SAs with one key start
+        // their sequence numbers (the IVs) at 1 both: refuse shared keys outright.
+        let same = |a: &KeyMaterial, b: &KeyMaterial| a.key() == b.key() && a.salt() == b.salt();
+        for (i, (spi, km)) in keys.iter().enumerate() {
+            let earlier = tunnels
+                .iter()
+                .flat_map(|t| t.keys.iter().map(move |(s, k)| (*s, t.name.as_str(), k)))
+                .chain(keys.iter().take(i).map(|(s, k)| (*s, name.as_str(), k)));
+            if let Some((other, oname, _)) = earlier.into_iter().find(|(_, _, k)| same(k, km)) {
+                return Err(ctx.at(
+                    &t.name,
+                    format!(
+                        "SPIs {other:#010x} (tunnel \"{oname}\") and {spi:#010x} (tunnel \"{name}\") have the same key: they would repeat AES-GCM nonces from their first packet (RFC 4106 §8.1); give every SA and direction its own key"
+                    ),
+                ));
             }
         }
 

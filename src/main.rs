@@ -45,7 +45,17 @@ enum Command {
     Vectors(cli::vectors::VectorsCmd),
 }
 
+/// Output into a closed pipe (`espada ... | head -1`) ends the process quietly, as coreutils
+/// do, instead of panicking in `println!` with exit 134.
+fn restore_sigpipe() {
+    // SAFETY: resetting a signal's disposition to the default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Demo(a) => cli::demo::run(a),

@@ -216,7 +216,8 @@ fn key_file_must_be_private() {
     let kf = dir.path().join("t.keys");
     let mut keys = String::new();
     for spi in [0x1000, 0x1001, 0x1002, 0x2000, 0x2001, 0x2002] {
-        keys.push_str(&format!("\"{spi:#010x}\" = \"{}\"\n", "ab".repeat(20)));
+        // One key per SA (a shared key is refused: see below).
+        keys.push_str(&format!("\"{spi:#010x}\" = \"{}{spi:08x}\"\n", "ab".repeat(16)));
     }
     std::fs::write(&kf, keys).unwrap();
     std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -232,4 +233,51 @@ fn key_file_must_be_private() {
     let c = load(&cfg).unwrap();
     assert_eq!(c.tunnels[0].key_source, "key file");
     assert_eq!(c.tunnels[0].keys.len(), 6);
+}
+
+#[test]
+fn one_key_for_two_sas_is_refused() {
+    // Issue 12 item 5: two SAs with one key repeat nonces from their first packet.
+    let k = |n: u8| format!("{:02x}", n).repeat(20);
+    let mut keys = String::from("[tunnel.keys]\n");
+    for (i, spi) in ["0x1000", "0x1001", "0x1002", "0x2000", "0x2001", "0x2002"]
+        .iter()
+        .enumerate()
+    {
+        // 0x2001 gets 0x1001's key.
+        let n = if *spi == "0x2001" { 1 } else { i as u8 };
+        keys.push_str(&format!("\"{spi}\" = \"{}\"\n", k(n + 1)));
+    }
+    let text = MIN.replace("lab_secret = \"0123456789\"", &keys);
+    let e = err(&text);
+    assert!(e.starts_with("test.toml:"), "{e}");
+    assert!(
+        e.contains(
+            "SPIs 0x00001001 (tunnel \"t\") and 0x00002001 (tunnel \"t\") have the same key"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains(&k(2)), "the key itself is never echoed: {e}");
+    // Distinct keys load.
+    let ok = MIN.replace(
+        "lab_secret = \"0123456789\"",
+        &keys.replace(
+            &format!("\"0x2001\" = \"{}\"", k(2)),
+            &format!("\"0x2001\" = \"{}\"", k(9)),
+        ),
+    );
+    p(&ok).unwrap();
+}
+
+#[test]
+fn an_empty_core_list_is_refused() {
+    let e = err(&MIN.replace("workers = 2", "cores = \"\""));
+    assert!(e.starts_with("test.toml:4:"), "{e}");
+    assert!(e.contains("cores lists no core"), "{e}");
+}
+
+#[test]
+fn an_endless_configuration_is_refused() {
+    let e = load(Path::new("/dev/zero")).unwrap_err().to_string();
+    assert!(e.contains("larger than 1024 KiB"), "{e}");
 }
