@@ -648,7 +648,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         )? as u32;
         let ttl = ranged(&ctx, &t.ttl, "ttl", 1, 255, 64)? as u8;
         let df = match &t.df {
-            None => DfMode::Clear,
+            // RFC 4301 §8.1 leaves it to the implementation; set, so the black path never
+            // fragments ESP (espada does not reassemble outer fragments: see `fragment`).
+            None => DfMode::Set,
             Some(d) => DfMode::from_name(d.get_ref()).ok_or_else(|| {
                 ctx.at(
                     d,

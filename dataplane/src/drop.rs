@@ -83,6 +83,13 @@ drop_reasons! {
     /// The SA's durably reserved sequence numbers ran out (the state file could not be written
     /// in time): refused rather than risk repeating an AES-GCM nonce after a restart.
     SeqUnreserved => "seq-unreserved",
+    /// An outer IPv4 fragment of ESP-in-UDP to us. espada does not reassemble (RFC 4303 §3.4.1
+    /// wants reassembly before ESP processing); it sends with DF set so a path never needs to
+    /// fragment, and counts what arrives fragmented here.
+    Fragment => "fragment",
+    /// Decapsulation: the outer header says Congestion Experienced but the inner packet is
+    /// not ECN-capable (RFC 6040 §4.2: drop).
+    EcnNotEct => "ecn-ce-not-ect",
 }
 
 impl fmt::Display for DropReason {

@@ -1,5 +1,12 @@
 //! Neighbor (ARP) table shared by the workers of one gateway: read lock-free on the fast path
-//! (an `arc-swap` snapshot), written rarely (when an ARP packet teaches something new).
+//! (an `arc-swap` snapshot, and each worker's [`NeighborCache`] in front of it), written rarely.
+//!
+//! Poisoning is refused (RFC 826 trusts whoever speaks; a gateway must not): an entry is learned
+//! only from a *reply to a request this gateway sent* (within [`SOLICIT_WINDOW`]); gratuitous and
+//! unsolicited ARP change nothing; configured (`[[neighbor]]`) entries are never overridden; an
+//! entry's MAC changes at most once per [`CHANGE_HOLD`]; the table holds at most [`MAX_ENTRIES`]
+//! learned entries; entries not confirmed for [`MAX_AGE`] are forgotten (the next packet to them
+//! asks again). Every refusal is counted.
 
 use arc_swap::ArcSwap;
 use espada_wire::arp;
@@ -8,21 +15,81 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long after our request a reply is accepted.
+pub const SOLICIT_WINDOW: Duration = Duration::from_secs(3);
+/// Least time between two changes of one entry's MAC.
+pub const CHANGE_HOLD: Duration = Duration::from_secs(1);
+/// Most learned entries.
+pub const MAX_ENTRIES: usize = 4096;
+/// Learned entries not confirmed for this long are forgotten.
+pub const MAX_AGE: Duration = Duration::from_secs(600);
+
+/// What became of an ARP reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learn {
+    /// New entry, or a new MAC for a known address.
+    Learned,
+    /// Same MAC as before: the entry's age restarts.
+    Confirmed,
+    /// Nobody asked (gratuitous or unsolicited reply): ignored.
+    Unsolicited,
+    /// The address has a configured entry: ignored.
+    Static,
+    /// The entry changed less than [`CHANGE_HOLD`] ago: ignored.
+    TooSoon,
+    /// [`MAX_ENTRIES`] learned entries already: ignored.
+    Full,
+    /// Broadcast, multicast or zero MAC: ignored.
+    BadMac,
+}
+
+/// Counters of the table (control path).
+#[derive(Debug, Default)]
+pub struct NeighborCounters {
+    /// Entries learned or changed.
+    pub learned: AtomicU64,
+    /// Replies nobody asked for.
+    pub unsolicited: AtomicU64,
+    /// Replies for configured addresses.
+    pub static_kept: AtomicU64,
+    /// Changes refused by the hold time.
+    pub too_soon: AtomicU64,
+    /// Replies refused because the table is full.
+    pub full: AtomicU64,
+    /// Entries forgotten by age.
+    pub expired: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Bookkeeping {
+    /// Outstanding requests: address → when we last asked.
+    asked: HashMap<Ipv4Addr, Instant>,
+    /// Learned entries: address → (last confirmed, last changed).
+    learned: HashMap<Ipv4Addr, (Instant, Instant)>,
+}
 
 /// IPv4 → MAC, shared by every worker of a gateway.
 #[derive(Debug, Default)]
 pub struct NeighborTable {
     map: ArcSwap<HashMap<Ipv4Addr, MacAddr>>,
-    write: Mutex<()>,
+    statics: HashMap<Ipv4Addr, MacAddr>,
+    book: Mutex<Bookkeeping>,
     generation: AtomicU64,
+    /// What became of the ARP replies seen.
+    pub counters: NeighborCounters,
 }
 
 impl NeighborTable {
-    /// A table with static entries.
+    /// A table with configured entries (never overridden).
     pub fn new(static_entries: &[(Ipv4Addr, MacAddr)]) -> Arc<NeighborTable> {
-        let t = NeighborTable::default();
-        t.map
-            .store(Arc::new(static_entries.iter().copied().collect()));
+        let statics: HashMap<_, _> = static_entries.iter().copied().collect();
+        let t = NeighborTable {
+            statics: statics.clone(),
+            ..Default::default()
+        };
+        t.map.store(Arc::new(statics));
         Arc::new(t)
     }
 
@@ -32,16 +99,135 @@ impl NeighborTable {
         self.map.load().get(&ip).copied()
     }
 
-    /// Learns or refreshes an entry (control path: copies the table only when it changes).
-    pub fn learn(&self, ip: Ipv4Addr, mac: MacAddr) {
-        if self.get(ip) == Some(mac) || mac.is_multicast() || mac == MacAddr::ZERO {
-            return;
+    fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that this gateway asked for `ip` (a worker sent an ARP request; rate-limited
+    /// there, so this lock is taken at most a few times a second per address).
+    pub fn asked(&self, ip: Ipv4Addr, now: Instant) {
+        let mut b = self.book();
+        if b.asked.len() >= MAX_ENTRIES {
+            b.asked
+                .retain(|_, t| now.duration_since(*t) < SOLICIT_WINDOW);
         }
-        let _g = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        if b.asked.len() < MAX_ENTRIES {
+            b.asked.insert(ip, now);
+        }
+    }
+
+    /// An ARP reply from `ip` at `mac` (control path: the table is copied only on a change).
+    pub fn learn_reply(&self, ip: Ipv4Addr, mac: MacAddr, now: Instant) -> Learn {
+        let c = &self.counters;
+        if mac.is_multicast() || mac == MacAddr::ZERO {
+            return Learn::BadMac;
+        }
+        if self.statics.contains_key(&ip) {
+            c.static_kept.fetch_add(1, Ordering::Relaxed);
+            return Learn::Static;
+        }
+        let mut b = self.book();
+        let solicited = b
+            .asked
+            .get(&ip)
+            .is_some_and(|t| now.duration_since(*t) < SOLICIT_WINDOW);
+        if !solicited {
+            c.unsolicited.fetch_add(1, Ordering::Relaxed);
+            return Learn::Unsolicited;
+        }
+        let current = self.get(ip);
+        if current == Some(mac) {
+            if let Some(e) = b.learned.get_mut(&ip) {
+                e.0 = now;
+            }
+            b.asked.remove(&ip);
+            return Learn::Confirmed;
+        }
+        if current.is_some() {
+            if let Some((_, changed)) = b.learned.get(&ip) {
+                if now.duration_since(*changed) < CHANGE_HOLD {
+                    c.too_soon.fetch_add(1, Ordering::Relaxed);
+                    return Learn::TooSoon;
+                }
+            }
+        } else if b.learned.len() >= MAX_ENTRIES {
+            c.full.fetch_add(1, Ordering::Relaxed);
+            return Learn::Full;
+        }
+        b.asked.remove(&ip);
+        b.learned.insert(ip, (now, now));
         let mut m = (**self.map.load()).clone();
         m.insert(ip, mac);
         self.map.store(Arc::new(m));
         self.generation.fetch_add(1, Ordering::Release);
+        c.learned.fetch_add(1, Ordering::Relaxed);
+        Learn::Learned
+    }
+
+    /// An ARP request for one of our addresses from `ip` at `mac`: as RFC 826 has it, the
+    /// asker is created when it has no entry yet (so the reply to its traffic needs no lookup
+    /// of our own), but a request never *changes* an entry, and never a configured one.
+    pub fn learn_request(&self, ip: Ipv4Addr, mac: MacAddr, now: Instant) -> Learn {
+        if mac.is_multicast() || mac == MacAddr::ZERO {
+            return Learn::BadMac;
+        }
+        if self.statics.contains_key(&ip) {
+            return if self.statics[&ip] == mac {
+                Learn::Confirmed
+            } else {
+                self.counters.static_kept.fetch_add(1, Ordering::Relaxed);
+                Learn::Static
+            };
+        }
+        let mut b = self.book();
+        match self.get(ip) {
+            Some(m) if m == mac => Learn::Confirmed,
+            Some(_) => {
+                self.counters.unsolicited.fetch_add(1, Ordering::Relaxed);
+                Learn::Unsolicited
+            }
+            None if b.learned.len() >= MAX_ENTRIES => {
+                self.counters.full.fetch_add(1, Ordering::Relaxed);
+                Learn::Full
+            }
+            None => {
+                b.learned.insert(ip, (now, now));
+                let mut m = (**self.map.load()).clone();
+                m.insert(ip, mac);
+                self.map.store(Arc::new(m));
+                self.generation.fetch_add(1, Ordering::Release);
+                self.counters.learned.fetch_add(1, Ordering::Relaxed);
+                Learn::Learned
+            }
+        }
+    }
+
+    /// Forgets learned entries not confirmed for [`MAX_AGE`] (call from the control loop).
+    /// Returns how many went.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut b = self.book();
+        b.asked
+            .retain(|_, t| now.duration_since(*t) < SOLICIT_WINDOW);
+        let old: Vec<Ipv4Addr> = b
+            .learned
+            .iter()
+            .filter(|(_, (seen, _))| now.duration_since(*seen) >= MAX_AGE)
+            .map(|(ip, _)| *ip)
+            .collect();
+        if old.is_empty() {
+            return 0;
+        }
+        let mut m = (**self.map.load()).clone();
+        for ip in &old {
+            b.learned.remove(ip);
+            m.remove(ip);
+        }
+        self.map.store(Arc::new(m));
+        self.generation.fetch_add(1, Ordering::Release);
+        self.counters
+            .expired
+            .fetch_add(old.len() as u64, Ordering::Relaxed);
+        old.len()
     }
 
     /// Increases with every change: a worker's [`NeighborCache`] checks it once per burst.
@@ -126,20 +312,46 @@ mod test {
     #[test]
     fn learn_and_lookup() {
         let t = NeighborTable::new(&[("10.0.0.1".parse().unwrap(), MacAddr([2, 0, 0, 0, 0, 1]))]);
+        let now = Instant::now();
         assert_eq!(
             t.get("10.0.0.1".parse().unwrap()),
             Some(MacAddr([2, 0, 0, 0, 0, 1]))
         );
-        assert_eq!(t.get("10.0.0.2".parse().unwrap()), None);
-        t.learn("10.0.0.2".parse().unwrap(), MacAddr([2, 0, 0, 0, 0, 2]));
-        t.learn("10.0.0.3".parse().unwrap(), MacAddr::BROADCAST);
+        let ip: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        assert_eq!(t.get(ip), None);
+        // Unsolicited: ignored. Asked for: learned.
+        assert_eq!(
+            t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 2]), now),
+            Learn::Unsolicited
+        );
+        t.asked(ip, now);
+        assert_eq!(
+            t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 2]), now),
+            Learn::Learned
+        );
+        assert_eq!(t.learn_reply(ip, MacAddr::BROADCAST, now), Learn::BadMac);
         assert_eq!(t.len(), 2);
         // A worker's cache follows changes of the table.
         let mut c = NeighborCache::default();
         c.sync(&t);
-        let ip = "10.0.0.2".parse().unwrap();
         assert_eq!(c.get(&t, ip), Some(MacAddr([2, 0, 0, 0, 0, 2])));
-        t.learn(ip, MacAddr([2, 0, 0, 0, 0, 9]));
+        // A change needs a new request, and not within the hold time.
+        let later = now + CHANGE_HOLD / 2;
+        assert_eq!(
+            t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 9]), later),
+            Learn::Unsolicited
+        );
+        t.asked(ip, later);
+        assert_eq!(
+            t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 9]), later),
+            Learn::TooSoon
+        );
+        let much_later = now + CHANGE_HOLD * 2;
+        t.asked(ip, much_later);
+        assert_eq!(
+            t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 9]), much_later),
+            Learn::Learned
+        );
         assert_eq!(
             c.get(&t, ip),
             Some(MacAddr([2, 0, 0, 0, 0, 2])),
@@ -148,5 +360,46 @@ mod test {
         c.sync(&t);
         assert_eq!(c.get(&t, ip), Some(MacAddr([2, 0, 0, 0, 0, 9])));
         assert_eq!(c.get(&t, "10.0.0.7".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn configured_entries_are_never_overridden_and_old_ones_age_out() {
+        let s: Ipv4Addr = "10.0.0.1".parse().unwrap();
+        let t = NeighborTable::new(&[(s, MacAddr([2, 0, 0, 0, 0, 1]))]);
+        let now = Instant::now();
+        t.asked(s, now);
+        assert_eq!(
+            t.learn_reply(s, MacAddr([2, 0, 0, 0, 6, 6]), now),
+            Learn::Static
+        );
+        assert_eq!(t.get(s), Some(MacAddr([2, 0, 0, 0, 0, 1])));
+        let ip: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        t.asked(ip, now);
+        t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 2]), now);
+        assert_eq!(t.expire(now + MAX_AGE / 2), 0);
+        assert_eq!(t.expire(now + MAX_AGE), 1);
+        assert_eq!(t.get(ip), None);
+        assert_eq!(
+            t.get(s),
+            Some(MacAddr([2, 0, 0, 0, 0, 1])),
+            "configured entries stay"
+        );
+        assert_eq!(t.counters.static_kept.load(Ordering::Relaxed), 1);
+        assert_eq!(t.counters.expired.load(Ordering::Relaxed), 1);
+        // A request creates a missing entry but never changes one.
+        let r: Ipv4Addr = "10.0.0.3".parse().unwrap();
+        assert_eq!(
+            t.learn_request(r, MacAddr([2, 0, 0, 0, 0, 3]), now),
+            Learn::Learned
+        );
+        assert_eq!(
+            t.learn_request(r, MacAddr([2, 0, 0, 0, 6, 6]), now),
+            Learn::Unsolicited
+        );
+        assert_eq!(
+            t.learn_request(s, MacAddr([2, 0, 0, 0, 6, 6]), now),
+            Learn::Static
+        );
+        assert_eq!(t.get(r), Some(MacAddr([2, 0, 0, 0, 0, 3])));
     }
 }

@@ -187,18 +187,25 @@ impl Pair {
         let stop = Arc::new(AtomicBool::new(false));
         let sunset = host(&west.red, 10);
         let sunrise = host(&east.red, 10);
+        // Each gateway admits only frames to its own MAC: with given black queues (DPDK,
+        // AF_XDP), the peers' neighbor entries are those queues' real addresses.
+        let qmac = |v: &[Option<Box<dyn PortQueue>>], dflt| {
+            v.first().and_then(|q| q.as_ref()).map_or(dflt, |q| q.mac())
+        };
+        let west_black_mac = qmac(&west_black, mac::WEST_BLACK);
+        let east_black_mac = qmac(&east_black, mac::EAST_BLACK);
         let w_sh = shared(
             west,
             west_db,
             n,
-            &[(sunset, mac::SUNSET), (east.black.ip, mac::EAST_BLACK)],
+            &[(sunset, mac::SUNSET), (east.black.ip, east_black_mac)],
             stop.clone(),
         );
         let e_sh = shared(
             east,
             east_db,
             n,
-            &[(sunrise, mac::SUNRISE), (west.black.ip, mac::WEST_BLACK)],
+            &[(sunrise, mac::SUNRISE), (west.black.ip, west_black_mac)],
             stop,
         );
         let sent = Arc::new(TrafficCounters::default());

@@ -54,6 +54,10 @@ pub struct PktBuf {
     head: usize,
     len: usize,
     home: Weak<Pool>,
+    /// Per-packet metadata the pipeline carries with the buffer: the outer header's TOS byte
+    /// on the inbound path (its ECN field is combined with the inner one after decryption,
+    /// also on a core the packet was handed to).
+    pub outer_tos: u8,
 }
 
 impl Clone for PktBuf {
@@ -64,6 +68,7 @@ impl Clone for PktBuf {
             head: self.head,
             len: self.len,
             home: Weak::new(),
+            outer_tos: self.outer_tos,
         }
     }
 }
@@ -80,6 +85,7 @@ impl Drop for PktBuf {
                 head: 0,
                 len: 0,
                 home: std::mem::take(&mut self.home),
+                outer_tos: 0,
             });
         }
     }
@@ -105,6 +111,7 @@ impl PktBuf {
             head: DEFAULT_HEADROOM.min(capacity),
             len: 0,
             home: Weak::new(),
+            outer_tos: 0,
         }
     }
 
@@ -133,6 +140,7 @@ impl PktBuf {
     pub fn reset_with_headroom(&mut self, headroom: usize) {
         self.head = headroom.min(self.storage.len());
         self.len = 0;
+        self.outer_tos = 0;
     }
 
     /// Replaces the contents with `data` after the default headroom; returns `false` (and

@@ -515,8 +515,31 @@ impl Worker {
         } else {
             self.shared.black
         };
-        if side.prefix.contains(IpAddr::V4(r.sender_ip)) {
-            self.shared.neighbors.learn(r.sender_ip, r.sender_hw);
+        // Only replies to our own requests teach anything (see `neighbor`): a request, or a
+        // gratuitous or unsolicited reply, never moves the tunnel or the cleartext side.
+        if r.operation == arp::Operation::Request
+            && r.target_ip == our_ip
+            && side.prefix.contains(IpAddr::V4(r.sender_ip))
+        {
+            let _ = self
+                .shared
+                .neighbors
+                .learn_request(r.sender_ip, r.sender_hw, Instant::now());
+        }
+        if r.operation == arp::Operation::Reply {
+            if r.target_ip == our_ip && side.prefix.contains(IpAddr::V4(r.sender_ip)) {
+                let _ = self
+                    .shared
+                    .neighbors
+                    .learn_reply(r.sender_ip, r.sender_hw, Instant::now());
+            } else {
+                // Gratuitous, or meant for someone else: counted, nothing learned.
+                self.shared
+                    .neighbors
+                    .counters
+                    .unsolicited
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         if r.operation == arp::Operation::Request && r.target_ip == our_ip {
             let mut out = b;
@@ -553,6 +576,7 @@ impl Worker {
             return;
         }
         self.arp_last[slot] = (ip, now);
+        self.shared.neighbors.asked(ip, Instant::now());
         let Some(mut b) = self.pool.get() else { return };
         let (side, mac) = if red {
             (self.shared.red, self.red.mac())
@@ -613,16 +637,19 @@ impl Worker {
         our_mac: MacAddr,
         red: bool,
     ) -> Option<PktBuf> {
-        let ethertype = match ethernet::Frame::new_checked(b.data()) {
-            Ok(f) => f.ethertype(),
+        let (ethertype, dst) = match ethernet::Frame::new_checked(b.data()) {
+            Ok(f) => (f.ethertype(), f.dst_addr()),
             Err(_) => {
                 self.drop_pkt(b, DropReason::Malformed);
                 return None;
             }
         };
+        // Layer-2 admission: IP only in frames to our MAC (not another host's, not broadcast
+        // or multicast); ARP to us or broadcast. VLAN-tagged frames have an EtherType of their
+        // own and fall to the last arm: espada runs on no VLAN.
         match ethertype {
-            ethernet::ethertype::IPV4 => Some(b),
-            ethernet::ethertype::ARP => {
+            ethernet::ethertype::IPV4 if dst == our_mac => Some(b),
+            ethernet::ethertype::ARP if dst == our_mac || dst == MacAddr::BROADCAST => {
                 self.arp(b, our_ip, our_mac, red);
                 None
             }
@@ -819,6 +846,15 @@ impl Worker {
         let Ok(ip) = ipv4::Packet::new_checked(inner.data()) else {
             return;
         };
+        // RFC 1812 §4.3.2.7: no ICMP error about a non-first fragment or an ICMP error.
+        if ip.frag_offset() != 0 {
+            return;
+        }
+        if ip.protocol() == espada_wire::ip_proto::ICMP
+            && matches!(ip.payload().first(), Some(3 | 4 | 5 | 11 | 12))
+        {
+            return;
+        }
         let src = ip.src_addr();
         let quote = (ip.header_len() as usize + 8).min(inner.len());
         let Some(mut b) = self.pool.get() else { return };
@@ -849,10 +885,14 @@ impl Worker {
                     self.drop_pkt(b, DropReason::Malformed);
                     continue;
                 }
-                if ip.dst_addr() != black_ip
-                    || ip.protocol() != espada_wire::ip_proto::UDP
-                    || ip.is_fragment()
+                if ip.dst_addr() == black_ip
+                    && ip.protocol() == espada_wire::ip_proto::UDP
+                    && ip.is_fragment()
                 {
+                    self.drop_pkt(b, DropReason::Fragment);
+                    continue;
+                }
+                if ip.dst_addr() != black_ip || ip.protocol() != espada_wire::ip_proto::UDP {
                     // Not ESP for us: forwarded in the clear only if a bypass policy covers it
                     // (checked with the flow reversed, as the SPD is written for our side).
                     let bypass =
@@ -870,6 +910,7 @@ impl Worker {
                     continue;
                 }
                 let hl = ip.header_len() as usize;
+                let outer_tos = ip.tos();
                 let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
                     self.drop_pkt(b, DropReason::Malformed);
                     continue;
@@ -887,9 +928,11 @@ impl Worker {
                 (
                     ethernet::HEADER_LEN + hl + udp::HEADER_LEN,
                     ethernet::HEADER_LEN + hl + udp_len,
+                    outer_tos,
                 )
             };
-            let (hdr, end) = strip;
+            let (hdr, end, outer_tos) = strip;
+            b.outer_tos = outer_tos;
             let tail = b.len() - end;
             b.trim(tail);
             b.adj(hdr);
@@ -960,24 +1003,35 @@ impl Worker {
     fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
         match r {
             Decap::Inner { .. } => {
-                // RFC 4301 §5.2: the inner packet must match the SA's selectors.
+                // RFC 4301 §5.2: the inner packet must match the SPD entry that protects this
+                // tunnel (the SPD is written for our outbound side, hence the reversed flow):
+                // addresses, protocol and ports, so a UDP-only policy lets no ICMP in.
                 let Some(flow) = FlowKey::from_packet(b.data()) else {
                     return self.drop_pkt(b, DropReason::InnerMalformed);
                 };
-                let db = self.sas.db();
-                let ok = db.tunnels.get(t).is_some_and(|t| {
-                    t.remote_subnets.iter().any(|p| p.contains(flow.src))
-                        && t.local_subnets.iter().any(|p| p.contains(flow.dst))
-                });
+                let ok = matches!(
+                    self.sas.db().spd.lookup(&flow.reversed()).map(|p| p.action),
+                    Some(Action::Protect(pt)) if pt == t
+                );
                 if !ok {
                     return self.drop_pkt(b, DropReason::PolicyMismatch);
                 }
                 let IpAddr::V4(dst) = flow.dst else {
                     return self.drop_pkt(b, DropReason::NotForUs);
                 };
+                let outer_ecn = b.outer_tos & 3;
                 let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
                 if ip.ttl() <= 1 {
                     return self.drop_pkt(b, DropReason::TtlExpired);
+                }
+                // RFC 6040 §4.2 (normal mode): CE outside marks the inner packet CE, or drops
+                // it when it is not ECN-capable; ECT(1) outside upgrades an inner ECT(0).
+                let inner_ecn = ip.tos() & 3;
+                match (outer_ecn, inner_ecn) {
+                    (3, 0) => return self.drop_pkt(b, DropReason::EcnNotEct),
+                    (3, 1 | 2) => ip.update_ecn(3),
+                    (1, 2) => ip.update_ecn(1),
+                    _ => {}
                 }
                 ip.decrement_ttl();
                 self.stats.decap_packets += 1;

@@ -44,7 +44,10 @@ int espada_port_setup(uint16_t port, uint16_t nq, struct rte_mempool *mp, uint16
     }
     if ((r = rte_eth_dev_start(port)) != 0)
         return r;
-    rte_eth_promiscuous_enable(port);
+    /* Only frames to this port's MAC (and broadcast): the worker admits nothing else anyway,
+     * and a gateway must not take other hosts' traffic off a shared segment. Some virtual
+     * PMDs cannot filter; that is fine, the worker drops and counts. */
+    rte_eth_promiscuous_disable(port);
     return 0;
 }
 

@@ -23,7 +23,7 @@ uint16_t espada_mbuf_nb_segs(const struct rte_mbuf *m);
 uint8_t *espada_mbuf_append(struct rte_mbuf *m, uint16_t len);
 struct rte_mempool *espada_pool_create(const char *name, unsigned n, uint16_t data_room, int socket);
 /* Configures nq RX and TX queues (RSS on IP + UDP/TCP ports when the PMD has it), starts the
- * port, enables promiscuous mode. Returns 0 or a negative errno. */
+ * port, turns promiscuous mode off. Returns 0 or a negative errno. */
 int espada_port_setup(uint16_t port, uint16_t nq, struct rte_mempool *mp, uint16_t nb_desc);
 /* Two ethdevs joined back to back by nq pairs of rte_rings: what one sends on queue i the
  * other receives on queue i. For tests and the in-process demo. */

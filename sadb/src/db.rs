@@ -71,6 +71,9 @@ pub struct SaSpec {
     pub cpu: Option<usize>,
     /// Durable sequence reservation (outbound SAs of a gateway with a state directory).
     pub seq_guard: Option<Arc<SeqGuard>>,
+    /// Outbound: the last sequence number counted as used before the first packet (0: the
+    /// first packet carries 1). For tests of the sequence-space events and ESN wrap.
+    pub start_seq: u64,
     shared: Arc<SharedState>,
 }
 
@@ -94,6 +97,7 @@ impl SaSpec {
             endpoints,
             cpu,
             seq_guard: None,
+            start_seq: 0,
             shared: Arc::new(SharedState {
                 seq: Arc::new(AtomicU64::new(0)),
                 window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
@@ -114,6 +118,11 @@ impl SaSpec {
         );
         let sa = if shared {
             sa.with_shared_seq(self.shared.seq.clone())
+        } else {
+            sa
+        };
+        let sa = if self.start_seq > sa.last_seq() {
+            sa.with_last_seq(self.start_seq)
         } else {
             sa
         };
@@ -199,6 +208,9 @@ pub struct SaDb {
     pub tunnels: Vec<TunnelSas>,
     /// Policies.
     pub spd: Spd,
+    /// Fraction of the sequence-number space after which an outbound SA raises a soft event
+    /// (once per SA and core). Default 0.9.
+    pub seq_warn: f64,
     inbound_index: HashMap<u32, (usize, Owner)>,
 }
 
@@ -237,6 +249,7 @@ impl SaDb {
             backend,
             tunnels,
             spd,
+            seq_warn: 0.9,
             inbound_index: HashMap::default(),
         };
         db.reindex()?;
@@ -372,6 +385,10 @@ pub struct SaEvent {
     pub stage: Stage,
     /// The worker that saw it.
     pub core: usize,
+    /// A soft event about the sequence-number space (the SA has used [`SaDb::seq_warn`] of
+    /// 2^32, or of 2^64 with ESN: rekey before it runs out, RFC 4303 §3.3.3) rather than about
+    /// its lifetime.
+    pub seq_space: bool,
 }
 
 /// Events flow from workers to the control plane through a bounded lock-free queue.
@@ -380,6 +397,7 @@ pub type EventQueue = ArrayQueue<SaEvent>;
 struct OutRt {
     sa: OutboundSa,
     life: LifetimeTracker,
+    seq_warned: bool,
 }
 
 struct InRt {
@@ -468,6 +486,7 @@ impl CoreSas {
                         .outbound(db.backend, db.outbound_is_shared(spec))
                         .map_err(key_err(spec.spi))?,
                     life: LifetimeTracker::new(spec.lifetimes, now),
+                    seq_warned: false,
                 }),
             };
             self.outbound.push(rt);
@@ -561,8 +580,22 @@ impl CoreSas {
             }
         };
         let mut switch = Vec::new();
+        let warn = self.db.seq_warn;
         for (t, slot) in self.outbound.iter_mut().enumerate() {
             if let Some(o) = slot {
+                let max = o.sa.max_seq() as u128;
+                let at = max * (warn.clamp(0.0, 1.0) * 1e6) as u128 / 1_000_000;
+                if !o.seq_warned && o.sa.last_seq() as u128 >= at {
+                    o.seq_warned = true;
+                    push(SaEvent {
+                        tunnel: t,
+                        spi: o.sa.spi,
+                        dir: Direction::Outbound,
+                        stage: Stage::Soft,
+                        core,
+                        seq_space: true,
+                    });
+                }
                 if let Some(stage) = o.life.update(&o.sa.counters, now) {
                     push(SaEvent {
                         tunnel: t,
@@ -570,6 +603,7 @@ impl CoreSas {
                         dir: Direction::Outbound,
                         stage,
                         core,
+                        seq_space: false,
                     });
                     if stage == Stage::Hard {
                         switch.push((t, o.sa.spi));
@@ -586,6 +620,7 @@ impl CoreSas {
                     dir: Direction::Inbound,
                     stage,
                     core,
+                    seq_space: false,
                 });
                 if stage == Stage::Hard {
                     gone.push(*spi);
@@ -606,6 +641,7 @@ impl CoreSas {
                 fb.outbound(self.db.backend, true).ok().map(|sa| OutRt {
                     sa,
                     life: LifetimeTracker::new(fb.lifetimes, now),
+                    seq_warned: false,
                 })
             };
         }

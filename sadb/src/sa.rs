@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 pub enum DfMode {
     /// Copy DF from the inner IPv4 header (IPv6 inner: clear).
     Copy,
-    /// Always set DF on the outer header.
+    /// Always set DF on the outer header (the default).
+    #[default]
     Set,
     /// Never set DF (the outer packet may be fragmented on the way).
-    #[default]
     Clear,
 }
 
@@ -58,7 +58,7 @@ pub struct TunnelEndpoints {
 }
 
 impl TunnelEndpoints {
-    /// Endpoints with the defaults: ports 4500/4500, TTL 64, DF cleared.
+    /// Endpoints with the defaults: ports 4500/4500, TTL 64, DF set.
     pub fn new(local: IpAddr, remote: IpAddr) -> Self {
         TunnelEndpoints {
             local,
@@ -66,7 +66,7 @@ impl TunnelEndpoints {
             src_port: esp::UDP_ENCAP_PORT,
             dst_port: esp::UDP_ENCAP_PORT,
             ttl: 64,
-            df: DfMode::Clear,
+            df: DfMode::Set,
         }
     }
 

@@ -399,16 +399,24 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             ike += 1;
             drop(b); // the buffer goes back to its pool
         }
+        shared.neighbors.expire(Instant::now());
         if let Err(e) = seq_store.advance() {
             if seq_store.write_errors() == 1 || seq_store.write_errors().is_multiple_of(100) {
                 eprintln!("espada run: ERROR: cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)");
             }
         }
         while let Some(e) = shared.events.pop() {
-            eprintln!(
-                "espada: SA {:#010x} ({:?}) reached its {:?} lifetime on core {}",
-                e.spi, e.dir, e.stage, e.core
-            );
+            if e.seq_space {
+                eprintln!(
+                    "espada: WARNING: outbound SA {:#010x} on core {} has used {:.0}% of its sequence-number space; rekey it before it runs out (then it stops sending: drop reason seq-cycled)",
+                    e.spi, e.core, 100.0 * shared.sadb.load().seq_warn
+                );
+            } else {
+                eprintln!(
+                    "espada: SA {:#010x} ({:?}) reached its {:?} lifetime on core {}",
+                    e.spi, e.dir, e.stage, e.core
+                );
+            }
         }
         if last.elapsed() < interval {
             continue;
@@ -523,6 +531,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     // The ports (and their flow rules) go away only now, after the workers stopped.
     let _ = &keep_ports;
+    {
+        let n = &shared.neighbors.counters;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        println!(
+            "neighbors: {} learned, {} expired; ARP refused: {} unsolicited, {} for configured entries, {} too soon after a change, {} table full",
+            l(&n.learned), l(&n.expired), l(&n.unsolicited), l(&n.static_kept), l(&n.too_soon), l(&n.full)
+        );
+    }
     if pool.reclaimed() > 0 {
         println!(
             "{} buffer(s) came back to the pool by being dropped (control path)",

@@ -53,7 +53,7 @@ fn minimal_config_defaults() {
     let t = &c.tunnels[0];
     assert_eq!(
         (t.cipher, t.esn, t.replay_window, t.pcpu, t.ttl, t.df),
-        (Algorithm::AesGcm128, true, 4096, 2, 64, DfMode::Clear)
+        (Algorithm::AesGcm128, true, 4096, 2, 64, DfMode::Set)
     );
     assert_eq!(c.sa_mode, SaMode::PerCpu);
     assert_eq!(c.crypto, None, "auto by default");
@@ -217,7 +217,10 @@ fn key_file_must_be_private() {
     let mut keys = String::new();
     for spi in [0x1000, 0x1001, 0x1002, 0x2000, 0x2001, 0x2002] {
         // One key per SA (a shared key is refused: see below).
-        keys.push_str(&format!("\"{spi:#010x}\" = \"{}{spi:08x}\"\n", "ab".repeat(16)));
+        keys.push_str(&format!(
+            "\"{spi:#010x}\" = \"{}{spi:08x}\"\n",
+            "ab".repeat(16)
+        ));
     }
     std::fs::write(&kf, keys).unwrap();
     std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o644)).unwrap();

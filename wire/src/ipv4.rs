@@ -206,6 +206,19 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         let c = checksum::checksum(&self.buffer.as_ref()[..hl]);
         self.set_checksum(c);
     }
+    /// Sets the ECN field (the two low bits of the TOS byte) and patches the checksum
+    /// incrementally (RFC 1624).
+    pub fn update_ecn(&mut self, ecn: u8) {
+        let b = self.buffer.as_mut();
+        let old = be16(b, 0);
+        b[1] = (b[1] & !3) | (ecn & 3);
+        let new = be16(b, 0);
+        let hc = be16(b, field::CHECKSUM);
+        let sum = (!hc as u32) + (!old as u32) + new as u32;
+        let sum = (sum & 0xffff) + (sum >> 16);
+        let sum = (sum & 0xffff) + (sum >> 16);
+        put16(b, field::CHECKSUM, !(sum as u16));
+    }
     /// Decrements the TTL and patches the checksum incrementally (RFC 1624).
     /// The caller checks `ttl() > 1` first.
     pub fn decrement_ttl(&mut self) {
@@ -432,6 +445,17 @@ mod test {
             assert!(p.verify_checksum());
         }
         assert_eq!(Packet::new_unchecked(&b[..]).ttl(), 1);
+    }
+
+    #[test]
+    fn ecn_update_keeps_checksum_valid() {
+        let mut b = packet();
+        for ecn in [3, 1, 2, 0, 3] {
+            let mut p = Packet::new_unchecked(&mut b[..]);
+            p.update_ecn(ecn);
+            assert_eq!(p.tos() & 3, ecn);
+            assert!(p.verify_checksum());
+        }
     }
 
     proptest::proptest! {

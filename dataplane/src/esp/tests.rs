@@ -258,7 +258,10 @@ fn outer_header_follows_inner_and_config() {
     assert_eq!(ip.dscp(), 46);
     assert_eq!(ip.ecn(), 2);
     assert_eq!(ip.ttl(), 17);
-    assert!(!ip.dont_frag(), "default DF policy clears");
+    assert!(
+        ip.dont_frag(),
+        "default DF policy sets (issue 12: never fragment ESP on the way)"
+    );
     // DF copy / set
     for (mode, inner_df, expect) in [
         (DfMode::Copy, true, true),

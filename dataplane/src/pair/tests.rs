@@ -455,3 +455,177 @@ fn ike_marker_flood_does_not_drain_the_pool() {
     assert_eq!(p.received.packets.load(Ordering::Relaxed), 199);
     assert!(p.pool.reclaimed() > 0, "the dropped messages came home");
 }
+
+/// West's first ESP frames on the black link (west stepped alone), and a way to put frames
+/// on the link towards east.
+fn genuine_frames(p: &mut Pair, pc: &mut PoolCache) -> Vec<Vec<u8>> {
+    for w in p.west.workers.iter_mut() {
+        w.poll();
+    }
+    let mut q = p.link.end_b(0, mac::EAST_BLACK, Steering::Rss);
+    let mut frames = Vec::new();
+    q.rx_burst(pc, &mut frames, 64);
+    let out = frames.iter().map(|f| f.data().to_vec()).collect();
+    for f in frames {
+        pc.put(f);
+    }
+    out
+}
+
+fn inject_to_east(p: &mut Pair, pc: &mut PoolCache, bytes: &[u8]) {
+    let mut a = p.link.end_a(0, mac::WEST_BLACK, Steering::Rss);
+    let mut b = pc.get().unwrap();
+    b.append(bytes.len()).unwrap().copy_from_slice(bytes);
+    let mut v = vec![b];
+    a.tx_burst(pc, &mut v);
+}
+
+fn refill_outer_checksum(f: &mut [u8]) {
+    espada_wire::ipv4::Packet::new_unchecked(&mut f[14..34]).fill_checksum();
+}
+
+#[test]
+fn layer_2_admission_drops_frames_not_for_us() {
+    // Issue 12 item 7: another host's MAC, and unicast IP in a broadcast frame.
+    let mut p = pair(
+        1,
+        1,
+        SaMode::PerCpu,
+        Steering::UdpSrcPort { base: 4501 },
+        20,
+    );
+    let mut pc = PoolCache::new(p.pool.clone());
+    let g = genuine_frames(&mut p, &mut pc);
+    let mut other = g[0].clone();
+    other[..6].copy_from_slice(&[2, 0, 0, 0, 9, 9]);
+    let mut bcast = g[1].clone();
+    bcast[..6].copy_from_slice(&[0xff; 6]);
+    inject_to_east(&mut p, &mut pc, &other);
+    inject_to_east(&mut p, &mut pc, &bcast);
+    for f in &g[2..] {
+        inject_to_east(&mut p, &mut pc, f);
+    }
+    drop(pc);
+    p.drain();
+    let e = total(&p.east);
+    assert_eq!(e.drops.get(DropReason::NotForUs), 2, "{:?}", e.drops);
+    assert_eq!(
+        e.decap_packets,
+        g.len() as u64 - 2,
+        "the genuine frames, not the two others"
+    );
+}
+
+#[test]
+fn decap_checks_the_whole_policy_not_just_the_subnets() {
+    // Issue 12 item 6 (RFC 4301 §5.2): east protects TCP only; UDP that arrives in the tunnel
+    // matches the subnets but not the policy, and is not delivered.
+    let (wdb, mut edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    edb.spd.policies[0].selector.proto = Some(6);
+    let (ws, es) = lab::sides();
+    let mut p = Pair::new(
+        wdb,
+        edb,
+        ws,
+        es,
+        PairSpec {
+            workers: 1,
+            size: 200,
+            limit: Some(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.drain();
+    let e = total(&p.east);
+    assert_eq!(p.received.packets.load(Ordering::Relaxed), 0);
+    assert_eq!(e.drops.get(DropReason::PolicyMismatch), 50, "{:?}", e.drops);
+}
+
+#[test]
+fn outer_fragments_and_congestion_marks_on_decap() {
+    // Issue 12 item 9: an outer fragment is counted as `fragment`; CE outside with a
+    // not-ECN-capable packet inside is dropped (RFC 6040 §4.2).
+    let mut p = pair(
+        1,
+        1,
+        SaMode::PerCpu,
+        Steering::UdpSrcPort { base: 4501 },
+        20,
+    );
+    let mut pc = PoolCache::new(p.pool.clone());
+    let g = genuine_frames(&mut p, &mut pc);
+    let mut frag = g[0].clone();
+    frag[14 + 6] |= 0x20; // MF
+    refill_outer_checksum(&mut frag);
+    let mut ce = g[1].clone();
+    ce[14 + 1] |= 3; // outer ECN = CE; the generator's packets are Not-ECT
+    refill_outer_checksum(&mut ce);
+    inject_to_east(&mut p, &mut pc, &frag);
+    inject_to_east(&mut p, &mut pc, &ce);
+    for f in &g[2..] {
+        inject_to_east(&mut p, &mut pc, f);
+    }
+    drop(pc);
+    p.drain();
+    let e = total(&p.east);
+    assert_eq!(e.drops.get(DropReason::Fragment), 1, "{:?}", e.drops);
+    assert_eq!(e.drops.get(DropReason::EcnNotEct), 1, "{:?}", e.drops);
+    assert_eq!(
+        p.received.packets.load(Ordering::Relaxed),
+        g.len() as u64 - 2
+    );
+}
+
+#[test]
+fn gratuitous_and_unsolicited_arp_move_nothing() {
+    // Issue 12 item 8: a gratuitous ARP for the peer gateway's address, and an unsolicited
+    // reply for a new address, arrive on west's black link. Neither changes west's table.
+    use espada_wire::{arp, ethernet::MacAddr};
+    let mut p = pair(
+        1,
+        1,
+        SaMode::PerCpu,
+        Steering::UdpSrcPort { base: 4501 },
+        50,
+    );
+    let mut pc = PoolCache::new(p.pool.clone());
+    let attacker = MacAddr([2, 0xba, 0xd0, 0, 0, 1]);
+    let peer: std::net::Ipv4Addr = "192.168.100.2".parse().unwrap();
+    let stranger: std::net::Ipv4Addr = "192.168.100.77".parse().unwrap();
+    for (ip, target) in [(peer, peer), (stranger, "192.168.100.1".parse().unwrap())] {
+        let mut f = vec![0u8; 42];
+        crate::neighbor::emit_arp(
+            &mut f,
+            attacker,
+            MacAddr::BROADCAST,
+            &arp::Repr {
+                operation: arp::Operation::Reply,
+                sender_hw: attacker,
+                sender_ip: ip,
+                target_hw: MacAddr::BROADCAST,
+                target_ip: target,
+            },
+        );
+        let mut q = p.link.end_b(0, mac::EAST_BLACK, Steering::Rss);
+        let mut b = pc.get().unwrap();
+        b.append(f.len()).unwrap().copy_from_slice(&f);
+        let mut v = vec![b];
+        q.tx_burst(&mut pc, &mut v);
+    }
+    drop(pc);
+    p.drain();
+    let n = &p.west.shared.neighbors;
+    assert_eq!(
+        n.get(peer),
+        Some(mac::EAST_BLACK),
+        "the configured peer stays"
+    );
+    assert_eq!(n.get(stranger), None, "nobody asked for it");
+    assert_eq!(p.received.packets.load(Ordering::Relaxed), 50);
+    assert_eq!(
+        n.counters.unsolicited.load(Ordering::Relaxed),
+        2,
+        "both counted"
+    );
+}

@@ -52,6 +52,7 @@ const TP_STATUS_AVAILABLE: u32 = 0;
 const TP_STATUS_SEND_REQUEST: u32 = 1;
 const TP_STATUS_SENDING: u32 = 2;
 const TP_STATUS_WRONG_FORMAT: u32 = 4;
+const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
 
 /// `struct tpacket3_hdr` is 48 bytes; TX data starts right after it (TPACKET3_HDRLEN minus
 /// `sizeof(struct sockaddr_ll)`).
@@ -524,7 +525,13 @@ impl PortQueue for AfPacketQueue {
                 // SAFETY: inside the block (header + sockaddr_ll precede the frame data).
                 unsafe { *self.map.add(h + TP3_HDR_LEN + 10) }
             };
-            if valid && pkttype != libc::PACKET_OUTGOING {
+            // The kernel strips a VLAN tag into the header (tp_status VLAN_VALID, tp_vlan_tci):
+            // such a frame would look untagged. espada runs on no VLAN: refuse it, counted.
+            let vlan = self.read_u32(h + 20) & TP_STATUS_VLAN_VALID != 0;
+            if vlan && pkttype != libc::PACKET_OUTGOING {
+                self.stats.rx_filtered += 1;
+            }
+            if valid && !vlan && pkttype != libc::PACKET_OUTGOING {
                 match pool.get() {
                     Some(mut b) => {
                         if let Some(d) = b.append(snaplen) {

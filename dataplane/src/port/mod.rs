@@ -46,6 +46,9 @@ pub struct PortStats {
     pub tx_oversize: u64,
     /// Times the transmit ring was found stuck and rebuilt.
     pub tx_resets: u64,
+    /// Frames refused at receive because they are not for this gateway at layer 2 (a VLAN
+    /// tag the kernel had stripped: espada runs on no VLAN).
+    pub rx_filtered: u64,
 }
 
 /// One RX/TX queue pair of a port, owned by one worker.

@@ -220,8 +220,9 @@ impl PortQueue for Generator {
         n
     }
 
+    /// The gateway's address on this port (sunset sends to it).
     fn mac(&self) -> MacAddr {
-        self.spec.src_mac
+        self.gw_mac
     }
 
     fn stats(&self) -> PortStats {

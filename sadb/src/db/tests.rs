@@ -242,3 +242,24 @@ fn seq_guard_resumes_above_the_last_durable_limit_and_stops_at_the_limit() {
     assert_eq!((a.first, b.first), (1001, 1004));
     assert_eq!(guards[&fb].used(), 1006);
 }
+
+#[test]
+fn nearing_the_end_of_the_sequence_space_raises_one_soft_event() {
+    // Issue 12 item 10: a soft event at a configurable share of the space, once.
+    let mut d = db(SaMode::PerCpu, 1, 1);
+    d.seq_warn = 0.5;
+    d.tunnels[0].outbound.per_cpu[0].start_seq = (1u64 << 63) - 10; // ESN: 2^64 space
+    let h = SaDbHandle::new(d);
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    let q = EventQueue::new(16);
+    c.check_lifetimes(1, &q);
+    assert!(q.pop().is_none(), "below the threshold");
+    let r = c.outbound(0).unwrap().reserve(20);
+    assert_eq!(r.first, (1u64 << 63) - 9);
+    c.check_lifetimes(2, &q);
+    let e = q.pop().expect("a sequence-space event");
+    assert!(e.seq_space && e.stage == Stage::Soft && e.spi == 0x101);
+    c.outbound(0).unwrap().reserve(20);
+    c.check_lifetimes(3, &q);
+    assert!(q.pop().is_none(), "only once");
+}
