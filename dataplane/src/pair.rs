@@ -128,7 +128,9 @@ pub(crate) fn host(side: &Side, n: u32) -> Ipv4Addr {
     }
 }
 
-pub(crate) fn shared(
+/// The shared part of one gateway of the in-process lab: its sides, its SA database, the
+/// given neighbor entries, one handoff queue per worker (tests, benches and fuzzing).
+pub fn shared(
     sides: GatewaySides,
     db: SaDb,
     workers: usize,

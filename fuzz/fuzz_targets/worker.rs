@@ -1,0 +1,103 @@
+//! A whole worker (west of the lab: red and black, over memory ports) fed arbitrary frames.
+//! The input is a list of frames: `[side] [len] [bytes...]`, side bit 0 = black, bit 1 = write
+//! our MAC as the destination (so frames pass layer-2 admission and reach the parsers), bit 2 =
+//! write the IPv4 EtherType, bit 3 = fill in a valid IPv4 header checksum (so the fuzzer gets
+//! past the checks into SPD, encapsulation, decapsulation and ARP). The worker polls after every frame. It must never panic, and every
+//! pool buffer must come home at the end.
+#![no_main]
+
+use espada_dataplane::pair::{lab, mac, shared};
+use espada_dataplane::pool::{Pool, PoolCache};
+use espada_dataplane::port::memory::{MemoryLink, Steering};
+use espada_dataplane::port::PortQueue;
+use espada_dataplane::worker::Worker;
+use espada_dataplane::{PacketBuf, PktBuf};
+use espada_sadb::db::SaMode;
+use espada_sadb::lifetime::Lifetimes;
+use libfuzzer_sys::fuzz_target;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fuzz_target!(|data: &[u8]| {
+    let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (ws, es) = lab::sides();
+    let pool = Pool::new(256, 2048);
+    let red = MemoryLink::new(1, 64);
+    let black = MemoryLink::new(1, 64);
+    let sunset = "10.1.0.10".parse().unwrap();
+    let sh = shared(
+        ws,
+        wdb,
+        1,
+        &[(sunset, mac::SUNSET), (es.black.ip, mac::EAST_BLACK)],
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut w = Worker::new(
+        0,
+        sh,
+        Box::new(red.end_b(0, mac::WEST_RED, Steering::Rss)),
+        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
+        PoolCache::new(pool.clone()),
+    )
+    .unwrap();
+    let mut pc = PoolCache::new(pool.clone());
+    let mut into_red = red.end_a(0, mac::SUNSET, Steering::Rss);
+    let mut into_black = black.end_b(0, mac::EAST_BLACK, Steering::Rss);
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let [side, len, tail @ ..] = rest {
+        let n = (*len as usize).min(tail.len());
+        let (frame, next) = tail.split_at(n);
+        rest = next;
+        let Some(mut b) = pc.get() else { break };
+        let Some(d) = b.append(frame.len()) else {
+            pc.put(b);
+            continue;
+        };
+        d.copy_from_slice(frame);
+        let to_black = side & 1 != 0;
+        if side & 2 != 0 && d.len() >= 6 {
+            let m = if to_black {
+                mac::WEST_BLACK
+            } else {
+                mac::WEST_RED
+            };
+            d[..6].copy_from_slice(&m.0);
+        }
+        if side & 4 != 0 && d.len() >= 14 {
+            d[12..14].copy_from_slice(&[0x08, 0x00]);
+        }
+        if side & 8 != 0 && d.len() >= 34 && d[14] >> 4 == 4 {
+            let hl = ((d[14] & 15) as usize * 4).max(20);
+            if d.len() >= 14 + hl {
+                espada_wire::ipv4::Packet::new_unchecked(&mut d[14..14 + hl]).fill_checksum();
+            }
+        }
+        let mut v: Vec<PktBuf> = vec![b];
+        if to_black {
+            into_black.tx_burst(&mut pc, &mut v);
+        } else {
+            into_red.tx_burst(&mut pc, &mut v);
+        }
+        w.poll();
+        // Whatever the worker sent goes back to the pool.
+        into_red.rx_burst(&mut pc, &mut out, 64);
+        into_black.rx_burst(&mut pc, &mut out, 64);
+        for b in out.drain(..) {
+            pc.put(b);
+        }
+    }
+    for _ in 0..4 {
+        w.poll();
+    }
+    w.finish();
+    into_red.rx_burst(&mut pc, &mut out, 64);
+    into_black.rx_burst(&mut pc, &mut out, 64);
+    for b in out.drain(..) {
+        pc.put(b);
+    }
+    drop(w);
+    drop(pc);
+    drop((into_red, into_black, red, black));
+    assert_eq!(pool.available(), pool.total(), "a buffer leaked");
+});
