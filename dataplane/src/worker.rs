@@ -602,19 +602,23 @@ impl Worker {
         }
     }
 
-    /// Prepends an Ethernet header towards `next_hop` on one side and queues the frame.
+    /// Prepends an Ethernet header towards `next_hop` on one side and queues the frame; `false`
+    /// when it was dropped (and counted) instead, so callers count only what really leaves.
     #[inline]
-    fn send_ip(&mut self, mut b: PktBuf, next_hop: Option<Ipv4Addr>, red: bool) {
+    fn send_ip(&mut self, mut b: PktBuf, next_hop: Option<Ipv4Addr>, red: bool) -> bool {
         let Some(nh) = next_hop else {
-            return self.drop_pkt(b, DropReason::NotForUs);
+            self.drop_pkt(b, DropReason::NotForUs);
+            return false;
         };
         let Some(dst) = self.neigh.get(&self.shared.neighbors, nh) else {
             self.arp_request(nh, red);
-            return self.drop_pkt(b, DropReason::NoNeighbor);
+            self.drop_pkt(b, DropReason::NoNeighbor);
+            return false;
         };
         let src = if red { self.macs[0] } else { self.macs[1] };
         let Some(h) = b.prepend(ethernet::HEADER_LEN) else {
-            return self.drop_pkt(b, DropReason::NoHeadroom);
+            self.drop_pkt(b, DropReason::NoHeadroom);
+            return false;
         };
         let mut eth = ethernet::Frame::new_unchecked(h);
         eth.set_dst_addr(dst);
@@ -625,6 +629,7 @@ impl Worker {
         } else {
             self.black_tx.push(b)
         }
+        true
     }
 
     /// Layer 2 of either side: IPv4 frames are returned; ARP is answered or learned from;
@@ -720,9 +725,10 @@ impl Worker {
                         continue;
                     }
                     ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
-                    self.stats.bypass_packets += 1;
                     let nh = self.shared.black.next_hop(dst);
-                    self.send_ip(b, nh, false);
+                    if self.send_ip(b, nh, false) {
+                        self.stats.bypass_packets += 1;
+                    }
                 }
                 Some(Action::Protect(t)) => {
                     if ttl <= 1 {
@@ -823,9 +829,10 @@ impl Worker {
             };
             match encapsulate_parsed(sa, seq, &iv_from_seq(seq), &mut b, info) {
                 Encap::Done => {
-                    self.stats.encap_packets += 1;
-                    self.stats.encap_bytes += len as u64;
-                    self.send_ip(b, nh, false);
+                    if self.send_ip(b, nh, false) {
+                        self.stats.encap_packets += 1;
+                        self.stats.encap_bytes += len as u64;
+                    }
                 }
                 Encap::Drop(r) => self.drop_pkt(b, r),
             }
@@ -863,9 +870,10 @@ impl Worker {
         };
         icmpv4::emit_frag_needed(d, self.shared.red.ip, src, mtu, &inner.data()[..quote]);
         self.icmp_tokens -= 1;
-        self.stats.icmp_sent += 1;
         let nh = self.shared.red.next_hop(src);
-        self.send_ip(b, nh, true);
+        if self.send_ip(b, nh, true) {
+            self.stats.icmp_sent += 1;
+        }
     }
 
     fn black_stage(&mut self, burst: &mut Vec<PktBuf>) {
@@ -956,10 +964,10 @@ impl Worker {
         let len = ip.total_len() as usize;
         let extra = b.len() - len;
         b.trim(extra);
-        self.stats.bypass_packets += 1;
-        self.stats.decap_bytes += 0;
         let nh = self.shared.red.next_hop(dst);
-        self.send_ip(b, nh, true);
+        if self.send_ip(b, nh, true) {
+            self.stats.bypass_packets += 1;
+        }
     }
 
     /// A UDP/4500 payload: classify, one SPI lookup, decapsulate here or hand off.
@@ -1034,10 +1042,16 @@ impl Worker {
                     _ => {}
                 }
                 ip.decrement_ttl();
-                self.stats.decap_packets += 1;
-                self.stats.decap_bytes += b.len() as u64;
+                let len = b.len();
+                // The red link's MTU (issue 12: decapsulated packets were sent unchecked).
+                if len > self.shared.red.mtu as usize {
+                    return self.drop_pkt(b, DropReason::MtuExceeded);
+                }
                 let nh = self.shared.red.next_hop(dst);
-                self.send_ip(b, nh, true);
+                if self.send_ip(b, nh, true) {
+                    self.stats.decap_packets += 1;
+                    self.stats.decap_bytes += len as u64;
+                }
             }
             Decap::Control => match self.shared.control.push(b) {
                 Ok(()) => self.stats.to_control += 1,

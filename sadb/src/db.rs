@@ -74,6 +74,9 @@ pub struct SaSpec {
     /// Outbound: the last sequence number counted as used before the first packet (0: the
     /// first packet carries 1). For tests of the sequence-space events and ESN wrap.
     pub start_seq: u64,
+    /// Tests: make this SA's key schedule fail.
+    #[cfg(test)]
+    pub(crate) fail_key_schedule: bool,
     shared: Arc<SharedState>,
 }
 
@@ -98,6 +101,8 @@ impl SaSpec {
             cpu,
             seq_guard: None,
             start_seq: 0,
+            #[cfg(test)]
+            fail_key_schedule: false,
             shared: Arc::new(SharedState {
                 seq: Arc::new(AtomicU64::new(0)),
                 window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
@@ -110,6 +115,10 @@ impl SaSpec {
         backend: Backend,
         shared: bool,
     ) -> Result<OutboundSa, espada_crypto::KeyError> {
+        #[cfg(test)]
+        if self.fail_key_schedule {
+            return Err(espada_crypto::KeyError::Backend("injected failure"));
+        }
         let sa = OutboundSa::new(
             self.spi,
             Cipher::new(backend, &self.key)?,
@@ -164,6 +173,11 @@ impl PerCpuSaGroup {
     /// Every SA of the group.
     pub fn all(&self) -> impl Iterator<Item = &SaSpec> {
         std::iter::once(&self.fallback).chain(self.per_cpu.iter())
+    }
+
+    /// Every SA of the group, to change.
+    pub fn all_mut(&mut self) -> impl Iterator<Item = &mut SaSpec> {
+        std::iter::once(&mut self.fallback).chain(self.per_cpu.iter_mut())
     }
 }
 
@@ -464,52 +478,80 @@ impl CoreSas {
         Ok(true)
     }
 
+    /// Moves to snapshot `db`, keeping the runtime state (counters, sequence numbers, replay
+    /// windows) of every SA that stays. Transactional: everything that can fail (the key
+    /// schedules of SAs this core does not hold yet) is built first; on a failure nothing of the
+    /// live state has been touched, so no counter or window restarts under the same key.
     fn rebuild(&mut self, db: Arc<SaDb>, now: u64) -> Result<(), DbError> {
         let key_err = |spi| move |err| DbError::Key { spi, err };
-        // Outbound: keep runtime state for SAs that stay, build the rest.
-        let mut old_out: HashMap<u32, OutRt> = self
-            .outbound
-            .drain(..)
-            .flatten()
-            .map(|o| (o.sa.spi, o))
-            .collect();
+        // Phase 1 (may fail, changes nothing).
+        let have_out: HashSet<u32> = self.outbound.iter().flatten().map(|o| o.sa.spi).collect();
+        let mut fresh_out: HashMap<u32, OutRt> = HashMap::default();
+        let mut out_plan: Vec<Option<u32>> = Vec::with_capacity(db.tunnels.len());
         for t in 0..db.tunnels.len() {
             let mut spec = db.outbound_for(t, self.core);
             if self.expired.contains(&spec.spi) {
                 spec = &db.tunnels[t].outbound.fallback;
             }
-            let rt = match old_out.remove(&spec.spi) {
-                Some(rt) => Some(rt),
-                None if self.expired.contains(&spec.spi) => None,
-                None => Some(OutRt {
-                    sa: spec
-                        .outbound(db.backend, db.outbound_is_shared(spec))
-                        .map_err(key_err(spec.spi))?,
-                    life: LifetimeTracker::new(spec.lifetimes, now),
-                    seq_warned: false,
-                }),
-            };
-            self.outbound.push(rt);
+            if self.expired.contains(&spec.spi) {
+                out_plan.push(None);
+                continue;
+            }
+            out_plan.push(Some(spec.spi));
+            if !have_out.contains(&spec.spi) && !fresh_out.contains_key(&spec.spi) {
+                let sa = spec
+                    .outbound(db.backend, db.outbound_is_shared(spec))
+                    .map_err(key_err(spec.spi))?;
+                fresh_out.insert(
+                    spec.spi,
+                    OutRt {
+                        sa,
+                        life: LifetimeTracker::new(spec.lifetimes, now),
+                        seq_warned: false,
+                    },
+                );
+            }
         }
-        // Inbound: the SAs this worker owns, and those any worker may process.
-        let mut old_in: HashMap<u32, InRt> = self.inbound.drain().collect();
+        let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
+        let mut in_plan: Vec<(u32, usize)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
             for s in tun.inbound.all().chain(tun.draining.iter()) {
                 let owner = db.owner_of(s);
                 if owner != Owner::Core(self.core) && owner != Owner::Any {
                     continue;
                 }
-                let rt = match old_in.remove(&s.spi) {
-                    Some(rt) => rt,
-                    None => InRt {
-                        sa: s
-                            .inbound(db.backend, owner == Owner::Any)
-                            .map_err(key_err(s.spi))?,
-                        life: LifetimeTracker::new(s.lifetimes, now),
-                        tunnel: t,
-                    },
-                };
-                self.inbound.insert(s.spi, rt);
+                in_plan.push((s.spi, t));
+                if !self.inbound.contains_key(&s.spi) && !fresh_in.contains_key(&s.spi) {
+                    let sa = s
+                        .inbound(db.backend, owner == Owner::Any)
+                        .map_err(key_err(s.spi))?;
+                    fresh_in.insert(
+                        s.spi,
+                        InRt {
+                            sa,
+                            life: LifetimeTracker::new(s.lifetimes, now),
+                            tunnel: t,
+                        },
+                    );
+                }
+            }
+        }
+        // Phase 2 (cannot fail): assemble, moving the live state over.
+        let mut old_out: HashMap<u32, OutRt> = self
+            .outbound
+            .drain(..)
+            .flatten()
+            .map(|o| (o.sa.spi, o))
+            .collect();
+        for p in out_plan {
+            let rt = p.and_then(|spi| old_out.remove(&spi).or_else(|| fresh_out.remove(&spi)));
+            self.outbound.push(rt);
+        }
+        let mut old_in = std::mem::take(&mut self.inbound);
+        for (spi, t) in in_plan {
+            if let Some(mut rt) = old_in.remove(&spi).or_else(|| fresh_in.remove(&spi)) {
+                rt.tunnel = t; // tunnels may have moved in the new snapshot
+                self.inbound.insert(spi, rt);
             }
         }
         self.db = db;

@@ -629,3 +629,30 @@ fn gratuitous_and_unsolicited_arp_move_nothing() {
         "both counted"
     );
 }
+
+#[test]
+fn decapsulated_packets_respect_the_red_mtu() {
+    // Issue 12 item 1: east's red link takes 300 bytes; the 512-byte packets are counted, not
+    // sent over it, and not counted as delivered.
+    let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (ws, mut es) = lab::sides();
+    es.red.mtu = 300;
+    let mut p = Pair::new(
+        wdb,
+        edb,
+        ws,
+        es,
+        PairSpec {
+            workers: 1,
+            size: 512,
+            limit: Some(30),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.drain();
+    let e = total(&p.east);
+    assert_eq!(e.drops.get(DropReason::MtuExceeded), 30, "{:?}", e.drops);
+    assert_eq!(e.decap_packets, 0);
+    assert_eq!(p.received.packets.load(Ordering::Relaxed), 0);
+}

@@ -263,3 +263,30 @@ fn nearing_the_end_of_the_sequence_space_raises_one_soft_event() {
     c.check_lifetimes(3, &q);
     assert!(q.pop().is_none(), "only once");
 }
+
+#[test]
+fn a_failed_rebuild_leaves_the_live_state_alone() {
+    // Issue 12 item 4: a key schedule that fails part-way must not reset counters or windows.
+    let h = SaDbHandle::new(db(SaMode::PerCpu, 1, 1));
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().reserve(10).first, 1);
+    // A new tunnel in front whose key schedule fails.
+    let e = h.update(|db| {
+        let mut t = db.tunnels[0].clone();
+        t.name = "new".into();
+        for (i, s) in t.outbound.all_mut().enumerate() {
+            s.spi = 0x900 + i as u32;
+            s.fail_key_schedule = true;
+        }
+        for (i, s) in t.inbound.all_mut().enumerate() {
+            s.spi = 0xa00 + i as u32;
+        }
+        db.tunnels.insert(0, t);
+    });
+    assert!(e.is_ok(), "the snapshot itself is valid");
+    assert!(c.sync(&h, 0).is_err(), "the key schedule failed");
+    // Still on the old snapshot, with its counter where it was.
+    assert_eq!(c.db().tunnels.len(), 1);
+    assert_eq!(c.outbound(0).unwrap().reserve(1).first, 11);
+    assert!(c.inbound_mut(0x201).is_some());
+}
