@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use espada_crypto::{Backend, Cipher, KeyMaterial};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Per-CPU SAs or one shared SA.
@@ -50,6 +50,32 @@ impl SaMode {
 pub struct SharedState {
     seq: Arc<AtomicU64>,
     window: Arc<Mutex<ReplayWindow>>,
+    /// The core that holds this SA's own (unshared) sequence counter, or `usize::MAX`: a
+    /// per-CPU SA is claimed by one worker, so two workers can never count on their own.
+    owner: AtomicUsize,
+}
+
+/// A worker's claim on an outbound per-CPU SA; released when the runtime state goes.
+struct Claim {
+    state: Arc<SharedState>,
+    core: usize,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let _ = self.state.owner.compare_exchange(
+            self.core,
+            usize::MAX,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Claim(core {})", self.core)
+    }
 }
 
 /// One SA as the control plane describes it (immutable once published).
@@ -106,6 +132,27 @@ impl SaSpec {
             shared: Arc::new(SharedState {
                 seq: Arc::new(AtomicU64::new(0)),
                 window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
+                owner: AtomicUsize::new(usize::MAX),
+            }),
+        }
+    }
+
+    /// Claims this SA's own counter for `core` (shared SAs need no claim).
+    fn claim(&self, core: usize) -> Result<Claim, DbError> {
+        match self.shared.owner.compare_exchange(
+            usize::MAX,
+            core,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Ok(Claim {
+                state: self.shared.clone(),
+                core,
+            }),
+            Err(owner) => Err(DbError::Claimed {
+                spi: self.spi,
+                owner,
+                core,
             }),
         }
     }
@@ -245,6 +292,16 @@ pub enum DbError {
     /// No workers.
     #[error("at least one worker is needed")]
     NoWorkers,
+    /// Two workers for one per-CPU SA (two workers with one core index).
+    #[error("per-CPU SA {spi:#010x} is already held by worker {owner}; worker {core} cannot hold it too (two workers with one core index?)")]
+    Claimed {
+        /// SPI.
+        spi: u32,
+        /// The worker that holds it.
+        owner: usize,
+        /// The worker that asked.
+        core: usize,
+    },
 }
 
 impl SaDb {
@@ -412,6 +469,7 @@ struct OutRt {
     sa: OutboundSa,
     life: LifetimeTracker,
     seq_warned: bool,
+    _claim: Option<Claim>,
 }
 
 struct InRt {
@@ -499,8 +557,16 @@ impl CoreSas {
             }
             out_plan.push(Some(spec.spi));
             if !have_out.contains(&spec.spi) && !fresh_out.contains_key(&spec.spi) {
+                let shared = db.outbound_is_shared(spec);
+                // (A claim taken here and then abandoned by a later failure is released when
+                // `fresh_out` is dropped.)
+                let claim = if shared {
+                    None
+                } else {
+                    Some(spec.claim(self.core)?)
+                };
                 let sa = spec
-                    .outbound(db.backend, db.outbound_is_shared(spec))
+                    .outbound(db.backend, shared)
                     .map_err(key_err(spec.spi))?;
                 fresh_out.insert(
                     spec.spi,
@@ -508,6 +574,7 @@ impl CoreSas {
                         sa,
                         life: LifetimeTracker::new(spec.lifetimes, now),
                         seq_warned: false,
+                        _claim: claim,
                     },
                 );
             }
@@ -684,6 +751,7 @@ impl CoreSas {
                     sa,
                     life: LifetimeTracker::new(fb.lifetimes, now),
                     seq_warned: false,
+                    _claim: None,
                 })
             };
         }

@@ -290,3 +290,19 @@ fn a_failed_rebuild_leaves_the_live_state_alone() {
     assert_eq!(c.outbound(0).unwrap().reserve(1).first, 11);
     assert!(c.inbound_mut(0x201).is_some());
 }
+
+#[test]
+fn a_per_cpu_sa_is_held_by_one_worker_only() {
+    // Issue 12 item 5: two workers with one core index would each count from 1 on the same
+    // per-CPU SA; the second is refused, and the SA is free again once the first lets go.
+    let h = SaDbHandle::new(db(SaMode::PerCpu, 2, 2));
+    let a = CoreSas::new(0, h.load(), 0).unwrap();
+    match CoreSas::new(0, h.load(), 0) {
+        Err(DbError::Claimed { spi, owner, core }) => assert_eq!((spi, owner, core), (0x101, 0, 0)),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Another core is fine, and so is core 0 again after the first worker is gone.
+    let _b = CoreSas::new(1, h.load(), 0).unwrap();
+    drop(a);
+    CoreSas::new(0, h.load(), 0).unwrap();
+}
