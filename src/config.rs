@@ -250,6 +250,9 @@ pub struct TunnelConfig {
     pub keys: BTreeMap<u32, KeyMaterial>,
     /// How the keys were given (for reports).
     pub key_source: &'static str,
+    /// Why these keys are not fit for real traffic, if they are not (derived from the lab
+    /// secret shipped with espada, or from a short one).
+    pub key_warning: Option<String>,
 }
 
 impl TunnelConfig {
@@ -393,6 +396,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     parse(path, &text)
 }
+
+/// The lab secret in the shipped configurations (`configs/west.toml`, `east.toml`).
+pub const SHIPPED_LAB_SECRET: &str = "espada-lab-secret-change-me";
 
 /// Largest configuration file accepted.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -738,6 +744,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
         let mut keys = BTreeMap::new();
         let key_source;
+        let mut key_warning = None;
         let all_spis: Vec<u32> = in_spis.iter().chain(out_spis.iter()).copied().collect();
         if let Some(secret) = &t.lab_secret {
             if secret.get_ref().len() < 8 {
@@ -754,6 +761,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 );
             }
             key_source = "lab-secret (HKDF-SHA256)";
+            let sec = secret.get_ref();
+            if sec == SHIPPED_LAB_SECRET {
+                key_warning = Some(format!("tunnel \"{name}\" derives its keys from the lab secret shipped with espada: anyone can decrypt it. Fine in the namespace lab; on real interfaces use key_file (or at least your own long lab_secret)"));
+            } else if sec.len() < 16 {
+                key_warning = Some(format!("tunnel \"{name}\" derives its keys from a lab_secret of {} characters: use 16 or more, or key_file", sec.len()));
+            }
         } else {
             let (table, span, where_): (BTreeMap<String, String>, Range<usize>, String) =
                 if let Some(kf) = &t.key_file {
@@ -790,6 +803,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                     )
                 })?;
                 keys.insert(spi, km);
+            }
+            // One rule for every file that holds keys: nobody else may read it.
+            if let (Some(k), true) = (&t.keys, path.exists()) {
+                check_key_file_mode(path).map_err(|m| {
+                    ctx.at(
+                        k,
+                        format!(
+                            "[tunnel.keys]: {} (or move the keys to a key_file)",
+                            m.replace("key file", "the configuration")
+                        ),
+                    )
+                })?;
             }
             if let Some(missing) = all_spis.iter().find(|s| !keys.contains_key(s)) {
                 return Err(ctx.err(Some(span), format!("{where_}: no key for SPI {missing:#010x} (tunnel \"{name}\" needs keys for {})", all_spis.iter().map(|s| format!("{s:#010x}")).collect::<Vec<_>>().join(", "))));
@@ -835,6 +860,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             lifetimes,
             keys,
             key_source,
+            key_warning,
         });
     }
 

@@ -251,6 +251,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             }
         })
         .collect();
+    for t in &c.tunnels {
+        if let Some(w) = &t.key_warning {
+            eprintln!("espada run: WARNING: {w}");
+        }
+    }
     // Two gateways on one interface would both answer ARP and both forward.
     let mut _iface_locks = Vec::new();
     for i in [&red_if, &black_if] {

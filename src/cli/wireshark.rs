@@ -30,6 +30,7 @@ pub fn run(a: WiresharkArgs) -> Result<ExitCode> {
     let db = c.sadb(c.resolved_workers())?;
     let opts = options(&c, &db);
     if a.options_only {
+        eprintln!("# espada wireshark: the output contains keys");
         for o in opts {
             println!("{o}");
         }

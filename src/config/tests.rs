@@ -284,3 +284,35 @@ fn an_endless_configuration_is_refused() {
     let e = load(Path::new("/dev/zero")).unwrap_err().to_string();
     assert!(e.contains("larger than 1024 KiB"), "{e}");
 }
+
+#[test]
+fn keys_in_a_configuration_others_can_read_are_refused_and_lab_secrets_flagged() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    let mut keys = String::from("[tunnel.keys]\n");
+    for spi in [0x1000, 0x1001, 0x1002, 0x2000, 0x2001, 0x2002] {
+        keys.push_str(&format!(
+            "\"{spi:#010x}\" = \"{}{spi:08x}\"\n",
+            "cd".repeat(16)
+        ));
+    }
+    std::fs::write(&cfg, MIN.replace("lab_secret = \"0123456789\"", &keys)).unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = load(&cfg).unwrap_err().to_string();
+    assert!(e.contains("readable by others (mode 644)"), "{e}");
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(load(&cfg).unwrap().tunnels[0].key_warning.is_none());
+    // The shipped lab secret loads (it is meant for the lab) but is flagged.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = load(&root.join("configs/west.toml")).unwrap();
+    assert!(w.tunnels[0]
+        .key_warning
+        .as_deref()
+        .is_some_and(|m| m.contains("shipped with espada")));
+    let short = p(MIN).unwrap();
+    assert!(short.tunnels[0]
+        .key_warning
+        .as_deref()
+        .is_some_and(|m| m.contains("10 characters")));
+}
