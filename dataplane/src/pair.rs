@@ -343,6 +343,8 @@ impl Pair {
                         if let Some(id) = pin {
                             core_affinity::set_for_current(id);
                         }
+                        w.thread_start();
+                        e.thread_start();
                         while !stop.load(Ordering::Relaxed) {
                             let n = w.poll() + e.poll();
                             if n == 0 {
@@ -410,6 +412,7 @@ impl Pair {
                     if let Some(id) = pin {
                         core_affinity::set_for_current(id);
                     }
+                    w.thread_start();
                     while !stop.load(Ordering::Relaxed) {
                         if w.poll() == 0 {
                             std::hint::spin_loop();

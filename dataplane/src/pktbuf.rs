@@ -4,7 +4,10 @@
 //! `append`, `adj`, `trim`); the ESP code is written against it so that heap buffers, ring
 //! slots and mbufs all go through the same functions.
 
+#![allow(unsafe_code)]
+
 use crate::pool::Pool;
+use std::ptr::NonNull;
 use std::sync::Weak;
 
 /// A packet in a buffer with room in front and behind.
@@ -42,51 +45,88 @@ pub const DEFAULT_HEADROOM: usize = 128;
 /// Default buffer size: a 9000-byte jumbo frame plus headroom and ESP tailroom.
 pub const DEFAULT_BUF_SIZE: usize = 9216 + DEFAULT_HEADROOM + 64;
 
-/// A heap buffer allocated once and reused (pools hand these out; nothing allocates per packet).
+/// A packet buffer: a heap buffer from a [`Pool`], or (feature `dpdk`) a DPDK mbuf processed
+/// in place where the port put it. Either way the pipeline sees the same view (storage,
+/// headroom, length): for an mbuf, `buf_addr`, `buf_len`, `data_off` and `data_len` are read
+/// from its first cache line once at receive and written back once at transmit (the offsets
+/// are checked against DPDK's headers when `dpdk-sys` builds), so `data`, `prepend` and
+/// `append` are plain Rust, with no call into DPDK per access.
 ///
-/// Ownership is the type: a buffer that came from a [`Pool`] goes back to it when it is
-/// dropped, whatever path dropped it (a full queue, the control path, shutdown), so no code
-/// path can leak the pool dry. The normal paths still return buffers explicitly through the
-/// worker's [`crate::pool::PoolCache`] (no atomic operation); the drop path is the safety net
-/// and is counted ([`Pool::reclaimed`]).
+/// Ownership is the type: a buffer goes back where it came from when it is dropped, whatever
+/// path dropped it (a full queue, the control path, shutdown): a pool buffer to its pool (the
+/// normal paths return them explicitly through the worker's [`crate::pool::PoolCache`], with
+/// no atomic operation; the drop path is the safety net, counted in [`Pool::reclaimed`]), an
+/// mbuf to its mempool.
 pub struct PktBuf {
-    storage: Box<[u8]>,
+    base: NonNull<u8>,
+    cap: usize,
     head: usize,
     len: usize,
-    home: Weak<Pool>,
     /// Per-packet metadata the pipeline carries with the buffer: the outer header's TOS byte
     /// on the inbound path (its ECN field is combined with the inner one after decryption,
     /// also on a core the packet was handed to).
     pub outer_tos: u8,
+    owner: Owner,
 }
 
+enum Owner {
+    /// `base`/`cap` are a `Box<[u8]>` owned by this value; it returns to the pool, if any.
+    Heap(Weak<Pool>),
+    /// An mbuf owned by this value (one segment).
+    #[cfg(feature = "dpdk")]
+    Mbuf(NonNull<dpdk_sys::rte_mbuf>),
+}
+
+// SAFETY: the storage (a boxed slice, or an mbuf taken off a queue) is owned by this value
+// alone; moving the value moves the ownership. DPDK mbufs may be freed from any thread.
+unsafe impl Send for PktBuf {}
+
 impl Clone for PktBuf {
-    /// A copy that belongs to no pool (tests and tools).
+    /// A copy on the heap that belongs to no pool (tests and tools).
     fn clone(&self) -> Self {
-        PktBuf {
-            storage: self.storage.clone(),
-            head: self.head,
-            len: self.len,
-            home: Weak::new(),
-            outer_tos: self.outer_tos,
-        }
+        let mut c = PktBuf::new(self.cap);
+        c.storage_mut().copy_from_slice(self.storage());
+        c.head = self.head;
+        c.len = self.len;
+        c.outer_tos = self.outer_tos;
+        c
     }
 }
 
 impl Drop for PktBuf {
     fn drop(&mut self) {
-        if self.storage.is_empty() {
-            return;
-        }
-        if let Some(pool) = self.home.upgrade() {
-            let storage = std::mem::take(&mut self.storage);
-            pool.reclaim(PktBuf {
-                storage,
-                head: 0,
-                len: 0,
-                home: std::mem::take(&mut self.home),
-                outer_tos: 0,
-            });
+        match &mut self.owner {
+            Owner::Heap(home) => {
+                if self.cap == 0 {
+                    return;
+                }
+                if let Some(pool) = home.upgrade() {
+                    let back = PktBuf {
+                        base: self.base,
+                        cap: self.cap,
+                        head: 0,
+                        len: 0,
+                        outer_tos: 0,
+                        owner: Owner::Heap(std::mem::take(home)),
+                    };
+                    self.cap = 0;
+                    pool.reclaim(back);
+                } else {
+                    // SAFETY: base/cap came from Box::into_raw of a boxed slice of this length
+                    // (see `new`) and are released exactly once (cap is zeroed when moved on).
+                    drop(unsafe {
+                        Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                            self.base.as_ptr(),
+                            self.cap,
+                        ))
+                    });
+                }
+            }
+            #[cfg(feature = "dpdk")]
+            Owner::Mbuf(m) => {
+                // SAFETY: the mbuf is owned by this value and freed exactly once.
+                unsafe { dpdk_sys::espada_mbuf_free(m.as_ptr()) }
+            }
         }
     }
 }
@@ -103,23 +143,102 @@ impl Default for PktBuf {
     }
 }
 
+/// `rte_mbuf` field offsets espada uses (first cache line; asserted in `dpdk-sys`'s shim).
+#[cfg(feature = "dpdk")]
+mod mbuf_field {
+    pub const BUF_ADDR: usize = 0;
+    pub const DATA_OFF: usize = 16;
+    pub const NB_SEGS: usize = 20;
+    pub const PKT_LEN: usize = 36;
+    pub const DATA_LEN: usize = 40;
+    pub const BUF_LEN: usize = 54;
+}
+
 impl PktBuf {
     /// An empty buffer of `capacity` bytes with the default headroom.
     pub fn new(capacity: usize) -> PktBuf {
+        let b: Box<[u8]> = vec![0u8; capacity].into_boxed_slice();
+        let cap = b.len();
+        // SAFETY: Box::into_raw never returns null.
+        let base = unsafe { NonNull::new_unchecked(Box::into_raw(b) as *mut u8) };
         PktBuf {
-            storage: vec![0u8; capacity].into_boxed_slice(),
+            base,
+            cap,
             head: DEFAULT_HEADROOM.min(capacity),
             len: 0,
-            home: Weak::new(),
             outer_tos: 0,
+            owner: Owner::Heap(Weak::new()),
         }
     }
 
     /// A buffer of `capacity` bytes that returns to `home` when dropped.
     pub(crate) fn new_in(capacity: usize, home: Weak<Pool>) -> PktBuf {
         let mut b = PktBuf::new(capacity);
-        b.home = home;
+        b.owner = Owner::Heap(home);
         b
+    }
+
+    #[inline(always)]
+    fn storage(&self) -> &[u8] {
+        // SAFETY: base points to cap initialised bytes owned by this value (a boxed slice or
+        // the data room of an mbuf, both zero- or DPDK-initialised memory).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.cap) }
+    }
+
+    #[inline(always)]
+    fn storage_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as `storage`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.cap) }
+    }
+
+    /// Wraps a one-segment mbuf just received (no copy): the view is its data room.
+    ///
+    /// # Safety
+    /// `m` is a valid mbuf owned by the caller, which hands the ownership over.
+    #[cfg(feature = "dpdk")]
+    pub unsafe fn from_mbuf(m: NonNull<dpdk_sys::rte_mbuf>) -> Option<PktBuf> {
+        let p = m.as_ptr() as *const u8;
+        // SAFETY (caller): m is valid; the offsets are those of DPDK's struct (asserted).
+        let (buf_addr, data_off, nb_segs, data_len, buf_len) = unsafe {
+            (
+                std::ptr::read(p.add(mbuf_field::BUF_ADDR) as *const *mut u8),
+                std::ptr::read(p.add(mbuf_field::DATA_OFF) as *const u16) as usize,
+                std::ptr::read(p.add(mbuf_field::NB_SEGS) as *const u16),
+                std::ptr::read(p.add(mbuf_field::DATA_LEN) as *const u16) as usize,
+                std::ptr::read(p.add(mbuf_field::BUF_LEN) as *const u16) as usize,
+            )
+        };
+        let base = NonNull::new(buf_addr)?;
+        let b = PktBuf {
+            base,
+            cap: buf_len,
+            head: data_off.min(buf_len),
+            len: data_len.min(buf_len.saturating_sub(data_off)),
+            outer_tos: 0,
+            owner: Owner::Mbuf(m),
+        };
+        // Chained mbufs are not handled: the caller drops (and counts) them; dropping `b`
+        // frees the whole chain.
+        (nb_segs == 1).then_some(b)
+    }
+
+    /// The mbuf behind this buffer with its offsets written back, ready for `rte_eth_tx_burst`
+    /// (no copy); `Err(self)` for a heap buffer, which the port must copy.
+    #[cfg(feature = "dpdk")]
+    pub fn into_mbuf(self) -> Result<NonNull<dpdk_sys::rte_mbuf>, PktBuf> {
+        let Owner::Mbuf(m) = self.owner else {
+            return Err(self);
+        };
+        let p = m.as_ptr() as *mut u8;
+        // SAFETY: m is the valid mbuf this value owns; head <= cap <= u16::MAX and len <= cap
+        // (buf_len is a u16), so the casts are exact.
+        unsafe {
+            std::ptr::write(p.add(mbuf_field::DATA_OFF) as *mut u16, self.head as u16);
+            std::ptr::write(p.add(mbuf_field::DATA_LEN) as *mut u16, self.len as u16);
+            std::ptr::write(p.add(mbuf_field::PKT_LEN) as *mut u32, self.len as u32);
+        }
+        std::mem::forget(self);
+        Ok(m)
     }
 
     /// A buffer holding a copy of `data` after the default headroom (tests and tools).
@@ -127,6 +246,16 @@ impl PktBuf {
         let mut b = PktBuf::new(DEFAULT_HEADROOM + data.len() + 256);
         b.load(data);
         b
+    }
+
+    /// Whether the bytes live in a DPDK mbuf.
+    pub fn is_mbuf(&self) -> bool {
+        !matches!(self.owner, Owner::Heap(_))
+    }
+
+    /// Where the storage starts (tests use it to show a buffer was not copied).
+    pub fn storage_addr(&self) -> usize {
+        self.base.as_ptr() as usize
     }
 
     /// Empties the buffer and restores the headroom.
@@ -138,7 +267,7 @@ impl PktBuf {
     /// Empties the buffer with a given headroom.
     #[inline]
     pub fn reset_with_headroom(&mut self, headroom: usize) {
-        self.head = headroom.min(self.storage.len());
+        self.head = headroom.min(self.cap);
         self.len = 0;
         self.outer_tos = 0;
     }
@@ -159,18 +288,20 @@ impl PktBuf {
 
     /// Total capacity.
     pub fn capacity(&self) -> usize {
-        self.storage.len()
+        self.cap
     }
 }
 
 impl PacketBuf for PktBuf {
     #[inline(always)]
     fn data(&self) -> &[u8] {
-        &self.storage[self.head..self.head + self.len]
+        let (h, l) = (self.head, self.len);
+        &self.storage()[h..h + l]
     }
     #[inline(always)]
     fn data_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.head..self.head + self.len]
+        let (h, l) = (self.head, self.len);
+        &mut self.storage_mut()[h..h + l]
     }
     #[inline(always)]
     fn headroom(&self) -> usize {
@@ -178,7 +309,7 @@ impl PacketBuf for PktBuf {
     }
     #[inline(always)]
     fn tailroom(&self) -> usize {
-        self.storage.len() - self.head - self.len
+        self.cap - self.head - self.len
     }
     #[inline(always)]
     fn prepend(&mut self, n: usize) -> Option<&mut [u8]> {
@@ -187,7 +318,8 @@ impl PacketBuf for PktBuf {
         }
         self.head -= n;
         self.len += n;
-        Some(&mut self.storage[self.head..self.head + n])
+        let h = self.head;
+        Some(&mut self.storage_mut()[h..h + n])
     }
     #[inline(always)]
     fn append(&mut self, n: usize) -> Option<&mut [u8]> {
@@ -196,7 +328,7 @@ impl PacketBuf for PktBuf {
         }
         let at = self.head + self.len;
         self.len += n;
-        Some(&mut self.storage[at..at + n])
+        Some(&mut self.storage_mut()[at..at + n])
     }
     #[inline(always)]
     fn adj(&mut self, n: usize) -> bool {

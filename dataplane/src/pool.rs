@@ -65,11 +65,15 @@ impl Pool {
 /// How many buffers move between a cache and the shared ring at once.
 pub const CACHE_BULK: usize = 64;
 
-/// A worker's private cache in front of the shared pool.
+/// A worker's private cache in front of the shared pool; with DPDK ports, the buffers it hands
+/// out are mbufs from the port's mempool instead (bulk-allocated and bulk-freed), so a packet
+/// the worker makes (the traffic generator's, an ARP reply) is sent in place too.
 #[derive(Debug)]
 pub struct PoolCache {
     pool: Arc<Pool>,
     local: Vec<PktBuf>,
+    #[cfg(feature = "dpdk")]
+    mbufs: Option<crate::port::dpdk::MbufCache>,
 }
 
 impl PoolCache {
@@ -78,12 +82,36 @@ impl PoolCache {
         PoolCache {
             pool,
             local: Vec::with_capacity(CACHE_BULK * 2),
+            #[cfg(feature = "dpdk")]
+            mbufs: None,
+        }
+    }
+
+    /// Hands out mbufs from `mp` from now on (heap buffers still come back to the pool).
+    #[cfg(feature = "dpdk")]
+    pub fn use_mbufs(&mut self, mp: Arc<crate::port::dpdk::MbufPool>) {
+        self.mbufs = Some(crate::port::dpdk::MbufCache::new(mp));
+    }
+
+    /// Whether this cache hands out mbufs.
+    pub fn uses_mbufs(&self) -> bool {
+        #[cfg(feature = "dpdk")]
+        {
+            self.mbufs.is_some()
+        }
+        #[cfg(not(feature = "dpdk"))]
+        {
+            false
         }
     }
 
     /// A free buffer, reset to the default headroom; `None` when the pool is empty.
     #[inline]
     pub fn get(&mut self) -> Option<PktBuf> {
+        #[cfg(feature = "dpdk")]
+        if let Some(m) = &mut self.mbufs {
+            return m.get();
+        }
         if self.local.is_empty() {
             for _ in 0..CACHE_BULK {
                 match self.pool.free.pop() {
@@ -100,6 +128,12 @@ impl PoolCache {
     /// Returns a buffer.
     #[inline]
     pub fn put(&mut self, b: PktBuf) {
+        #[cfg(feature = "dpdk")]
+        let b = match (b.is_mbuf(), &mut self.mbufs) {
+            (true, Some(m)) => return m.put(b),
+            (true, None) => return drop(b), // frees the mbuf
+            (false, _) => b,
+        };
         if self.local.len() >= CACHE_BULK * 2 {
             for _ in 0..CACHE_BULK {
                 if let Some(x) = self.local.pop() {
@@ -115,6 +149,10 @@ impl PoolCache {
     pub fn flush(&mut self) {
         while let Some(x) = self.local.pop() {
             let _ = self.pool.free.push(x);
+        }
+        #[cfg(feature = "dpdk")]
+        if let Some(m) = &mut self.mbufs {
+            m.flush();
         }
     }
 

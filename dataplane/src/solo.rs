@@ -347,6 +347,7 @@ pub fn run(
             if let Some(id) = core {
                 core_affinity::set_for_current(id);
             }
+            worker.thread_start();
             spin(&mut worker, &stop2);
             worker.finish();
             worker

@@ -277,6 +277,18 @@ impl Worker {
     ) -> Result<Worker, espada_sadb::db::DbError> {
         let sas = CoreSas::new(core, shared.sadb.load(), 0)?;
         let macs = [red.mac(), black.mac()];
+        // DPDK ports: the worker's own packets come from the port's mempool too, so every
+        // packet it sends leaves in place (no copy at transmit).
+        #[cfg(feature = "dpdk")]
+        let pool = {
+            let mut pool = pool;
+            if let Some(mp) = black.mbuf_pool().or_else(|| red.mbuf_pool()) {
+                if !pool.uses_mbufs() {
+                    pool.use_mbufs(mp);
+                }
+            }
+            pool
+        };
         Ok(Worker {
             core,
             icmp_tokens: shared.icmp_rate,
@@ -346,8 +358,18 @@ impl Worker {
         (&*self.red, &*self.black)
     }
 
+    /// Call first on the thread that will poll this worker: with DPDK buffers, the thread
+    /// gets a DPDK lcore id (`rte_thread_register`) so the mempool's per-lcore cache serves it.
+    pub fn thread_start(&mut self) {
+        #[cfg(feature = "dpdk")]
+        if self.pool.uses_mbufs() {
+            crate::port::dpdk::register_thread();
+        }
+    }
+
     /// Runs until the stop flag is set, then finishes the burst in flight and returns.
     pub fn run(&mut self) {
+        self.thread_start();
         let mut idle = 0u32;
         while !self.shared.stop.load(Ordering::Relaxed) {
             if self.poll() == 0 {

@@ -1,3 +1,4 @@
+#include <stddef.h>
 #include "espada_dpdk.h"
 #include <rte_eth_ring.h>
 #include <rte_ring.h>
@@ -9,6 +10,19 @@ uint16_t espada_rx_burst(uint16_t p, uint16_t q, struct rte_mbuf **pkts, uint16_
 uint16_t espada_tx_burst(uint16_t p, uint16_t q, struct rte_mbuf **pkts, uint16_t n) { return rte_eth_tx_burst(p, q, pkts, n); }
 struct rte_mbuf *espada_mbuf_alloc(struct rte_mempool *mp) { return rte_pktmbuf_alloc(mp); }
 void espada_mbuf_free(struct rte_mbuf *m) { rte_pktmbuf_free(m); }
+int espada_mbuf_alloc_bulk(struct rte_mempool *mp, struct rte_mbuf **m, unsigned n) { return rte_pktmbuf_alloc_bulk(mp, m, n); }
+void espada_mbuf_free_bulk(struct rte_mbuf **m, unsigned n) { rte_pktmbuf_free_bulk(m, n); }
+int espada_thread_register(void) { return rte_thread_register(); }
+void espada_mbuf_reset(struct rte_mbuf *m) { rte_pktmbuf_reset(m); }
+void espada_thread_unregister(void) { rte_thread_unregister(); }
+/* espada reads and writes these fields of the first cache line directly (dataplane's
+ * pktbuf.rs mirrors them): the build fails here if DPDK moves them. */
+_Static_assert(offsetof(struct rte_mbuf, buf_addr) == 0, "rte_mbuf.buf_addr moved");
+_Static_assert(offsetof(struct rte_mbuf, data_off) == 16, "rte_mbuf.data_off moved");
+_Static_assert(offsetof(struct rte_mbuf, nb_segs) == 20, "rte_mbuf.nb_segs moved");
+_Static_assert(offsetof(struct rte_mbuf, pkt_len) == 36, "rte_mbuf.pkt_len moved");
+_Static_assert(offsetof(struct rte_mbuf, data_len) == 40, "rte_mbuf.data_len moved");
+_Static_assert(offsetof(struct rte_mbuf, buf_len) == 54, "rte_mbuf.buf_len moved");
 uint8_t *espada_mbuf_data(struct rte_mbuf *m) { return rte_pktmbuf_mtod(m, uint8_t *); }
 uint32_t espada_mbuf_pkt_len(const struct rte_mbuf *m) { return rte_pktmbuf_pkt_len(m); }
 uint16_t espada_mbuf_data_len(const struct rte_mbuf *m) { return rte_pktmbuf_data_len(m); }

@@ -16,6 +16,14 @@ uint16_t espada_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, 
 uint16_t espada_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
 struct rte_mbuf *espada_mbuf_alloc(struct rte_mempool *mp);
 void espada_mbuf_free(struct rte_mbuf *m);
+/* rte_pktmbuf_alloc_bulk / rte_pktmbuf_free_bulk. */
+int espada_mbuf_alloc_bulk(struct rte_mempool *mp, struct rte_mbuf **m, unsigned n);
+void espada_mbuf_free_bulk(struct rte_mbuf **m, unsigned n);
+/* rte_thread_register / unregister: a worker thread gets an lcore id, so mempool caches work. */
+int espada_thread_register(void);
+/* rte_pktmbuf_reset: back to an empty one-segment mbuf with the default headroom. */
+void espada_mbuf_reset(struct rte_mbuf *m);
+void espada_thread_unregister(void);
 uint8_t *espada_mbuf_data(struct rte_mbuf *m);
 uint32_t espada_mbuf_pkt_len(const struct rte_mbuf *m);
 uint16_t espada_mbuf_data_len(const struct rte_mbuf *m);

@@ -2,8 +2,10 @@
 //! queue per worker, bounded transmit retries with leftovers counted, link state, the PMD's
 //! counters, and `rte_flow` rules steering each per-CPU SA's UDP source port to its queue.
 //!
-//! Frames are copied between the mbuf and the worker's pool buffer on receive and transmit:
-//! the ESP code runs on [`PktBuf`]s today, not in place in the mbuf.
+//! Zero copy: a received mbuf becomes a [`PktBuf`] that views its data room (no copy), the
+//! pipeline works on it in place, and transmit hands the same mbuf to the PMD. Buffers the
+//! worker makes itself come from the same mempool ([`MbufCache`]). Only a heap buffer (none on
+//! a DPDK-only worker) is copied into an mbuf at transmit, counted as `tx_copied`.
 //!
 //! Every `unsafe` block here calls into DPDK through `dpdk-sys`; each says why it is sound.
 #![allow(unsafe_code)]
@@ -79,6 +81,122 @@ pub struct MbufPool {
 unsafe impl Send for MbufPool {}
 // SAFETY: as above.
 unsafe impl Sync for MbufPool {}
+
+/// A worker's mbufs: allocated and freed in bulks of [`MBUF_BULK`] (DPDK's
+/// `rte_pktmbuf_alloc_bulk` / `free_bulk`), so the mempool is touched once per bulk.
+pub struct MbufCache {
+    pool: std::sync::Arc<MbufPool>,
+    ready: [*mut sys::rte_mbuf; MBUF_BULK],
+    n_ready: usize,
+    done: [*mut sys::rte_mbuf; MBUF_BULK],
+    n_done: usize,
+}
+
+/// mbufs per bulk allocation or free.
+pub const MBUF_BULK: usize = 32;
+
+impl std::fmt::Debug for MbufCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MbufCache({} ready, {} to free)",
+            self.n_ready, self.n_done
+        )
+    }
+}
+
+// SAFETY: the mbufs held are owned by this cache; a cache belongs to one worker at a time.
+unsafe impl Send for MbufCache {}
+
+impl MbufCache {
+    /// An empty cache over `pool`.
+    pub fn new(pool: std::sync::Arc<MbufPool>) -> MbufCache {
+        MbufCache {
+            pool,
+            ready: [std::ptr::null_mut(); MBUF_BULK],
+            n_ready: 0,
+            done: [std::ptr::null_mut(); MBUF_BULK],
+            n_done: 0,
+        }
+    }
+
+    /// A fresh mbuf (default headroom, empty) as a buffer; `None` when the mempool is empty.
+    #[inline]
+    pub fn get(&mut self) -> Option<PktBuf> {
+        if self.n_ready == 0 {
+            // Reuse what is waiting to be freed first (already ours), else ask the mempool.
+            if self.n_done > 0 {
+                for i in 0..self.n_done {
+                    // SAFETY: these mbufs are ours; reset puts them back to the state
+                    // rte_pktmbuf_alloc returns (headroom restored, one empty segment).
+                    unsafe { sys::espada_mbuf_reset(self.done[i]) };
+                }
+                self.ready[..self.n_done].copy_from_slice(&self.done[..self.n_done]);
+                self.n_ready = self.n_done;
+                self.n_done = 0;
+            } else {
+                // SAFETY: ready has room for MBUF_BULK pointers; the pool is live.
+                let r = unsafe {
+                    sys::espada_mbuf_alloc_bulk(
+                        self.pool.pool,
+                        self.ready.as_mut_ptr(),
+                        MBUF_BULK as u32,
+                    )
+                };
+                if r != 0 {
+                    return None;
+                }
+                self.n_ready = MBUF_BULK;
+            }
+        }
+        self.n_ready -= 1;
+        let m = std::ptr::NonNull::new(self.ready[self.n_ready])?;
+        // SAFETY: a fresh one-segment mbuf, owned by us, handed to the buffer.
+        unsafe { PktBuf::from_mbuf(m) }
+    }
+
+    /// Takes back an mbuf buffer (freed with the next bulk).
+    #[inline]
+    pub fn put(&mut self, b: PktBuf) {
+        let Ok(m) = b.into_mbuf() else { return };
+        if self.n_done == MBUF_BULK {
+            self.flush_done();
+        }
+        self.done[self.n_done] = m.as_ptr();
+        self.n_done += 1;
+    }
+
+    fn flush_done(&mut self) {
+        if self.n_done > 0 {
+            // SAFETY: the first n_done entries are mbufs we own, freed once.
+            unsafe { sys::espada_mbuf_free_bulk(self.done.as_mut_ptr(), self.n_done as u32) };
+            self.n_done = 0;
+        }
+    }
+
+    /// Frees everything held (at shutdown).
+    pub fn flush(&mut self) {
+        self.flush_done();
+        if self.n_ready > 0 {
+            // SAFETY: as above.
+            unsafe { sys::espada_mbuf_free_bulk(self.ready.as_mut_ptr(), self.n_ready as u32) };
+            self.n_ready = 0;
+        }
+    }
+}
+
+impl Drop for MbufCache {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Gives the calling thread a DPDK lcore id (`rte_thread_register`) so the mempool's per-lcore
+/// cache serves it; returns whether DPDK accepted. Threads that are EAL lcores already are fine.
+pub fn register_thread() -> bool {
+    // SAFETY: plain call; EAL is initialised when mbufs exist.
+    unsafe { sys::espada_thread_register() == 0 }
+}
 
 impl MbufPool {
     /// `n` mbufs with `data_room` bytes each (headroom included) on NUMA `socket`.
@@ -251,38 +369,22 @@ impl PortQueue for DpdkQueue {
         let got =
             unsafe { sys::espada_rx_burst(self.port, self.q, self.rx.as_mut_ptr(), n) } as usize;
         let mut delivered = 0;
+        let _ = pool;
         for &m in &self.rx[..got] {
-            // SAFETY: m is a valid mbuf just received; freed exactly once below.
-            let (data, len, segs) = unsafe {
-                (
-                    sys::espada_mbuf_data(m),
-                    sys::espada_mbuf_data_len(m) as usize,
-                    sys::espada_mbuf_nb_segs(m),
-                )
+            let Some(m) = std::ptr::NonNull::new(m) else {
+                continue;
             };
-            match (segs, pool.get()) {
-                (1, Some(mut b)) => {
-                    if let Some(d) = b.append(len) {
-                        // SAFETY: data points to len readable bytes of the mbuf's first segment.
-                        d.copy_from_slice(unsafe { std::slice::from_raw_parts(data, len) });
-                        self.stats.rx_packets += 1;
-                        self.stats.rx_bytes += len as u64;
-                        out.push(b);
-                        delivered += 1;
-                    } else {
-                        self.stats.rx_dropped += 1;
-                        pool.put(b);
-                    }
+            // SAFETY: m is a valid mbuf the PMD just handed us; the buffer takes it over.
+            match unsafe { PktBuf::from_mbuf(m) } {
+                Some(b) => {
+                    self.stats.rx_packets += 1;
+                    self.stats.rx_bytes += b.len() as u64;
+                    out.push(b);
+                    delivered += 1;
                 }
-                (_, Some(b)) => {
-                    // Chained mbufs (jumbo frames on some PMDs) are not handled yet: counted.
-                    self.stats.rx_dropped += 1;
-                    pool.put(b);
-                }
-                (_, None) => self.stats.rx_dropped += 1,
+                // Chained mbufs (jumbo frames on some PMDs) are not handled: freed, counted.
+                None => self.stats.rx_dropped += 1,
             }
-            // SAFETY: m came from rx_burst and is not used again.
-            unsafe { sys::espada_mbuf_free(m) };
         }
         delivered
     }
@@ -290,6 +392,18 @@ impl PortQueue for DpdkQueue {
     fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
         self.tx.clear();
         for b in pkts.drain(..) {
+            let len = b.len();
+            // In place: the buffer is an mbuf (received, or made from the mempool).
+            let b = match b.into_mbuf() {
+                Ok(m) => {
+                    self.stats.tx_bytes += len as u64;
+                    self.tx.push(m.as_ptr());
+                    continue;
+                }
+                Err(b) => b,
+            };
+            // A heap buffer: copied into an mbuf (counted; none on a DPDK-only worker).
+            self.stats.tx_copied += 1;
             // SAFETY: the pool is live for the port's lifetime.
             let m = unsafe { sys::espada_mbuf_alloc(self.pool.pool) };
             if m.is_null() {
@@ -297,7 +411,6 @@ impl PortQueue for DpdkQueue {
                 pool.put(b);
                 continue;
             }
-            let len = b.len();
             // SAFETY: m is a fresh mbuf; append returns NULL if it lacks tailroom.
             let dst = unsafe { sys::espada_mbuf_append(m, len as u16) };
             if dst.is_null() || len > u16::MAX as usize {
@@ -347,5 +460,9 @@ impl PortQueue for DpdkQueue {
 
     fn describe(&self) -> String {
         format!("dpdk:port{}/q{}", self.port, self.q)
+    }
+
+    fn mbuf_pool(&self) -> Option<std::sync::Arc<MbufPool>> {
+        Some(self.pool.clone())
     }
 }

@@ -46,6 +46,9 @@ pub struct PortStats {
     pub tx_oversize: u64,
     /// Times the transmit ring was found stuck and rebuilt.
     pub tx_resets: u64,
+    /// Frames the port had to copy into buffers of its own to send them (zero on a worker
+    /// whose buffers are the port's own).
+    pub tx_copied: u64,
     /// Frames refused at receive because they are not for this gateway at layer 2 (a VLAN
     /// tag the kernel had stripped: espada runs on no VLAN).
     pub rx_filtered: u64,
@@ -66,4 +69,10 @@ pub trait PortQueue: Send {
     fn describe(&self) -> String;
     /// Called once when the worker stops (flush buffered records, merge histograms).
     fn finish(&mut self) {}
+    /// The DPDK mempool this port receives into, if it is a DPDK port: the worker then makes
+    /// its own packets from it too, so everything it sends goes out in place.
+    #[cfg(feature = "dpdk")]
+    fn mbuf_pool(&self) -> Option<std::sync::Arc<dpdk::MbufPool>> {
+        None
+    }
 }
