@@ -325,6 +325,19 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         "af-packet" => {
             let mut r = Vec::new();
             let mut b = Vec::new();
+            for (name, iface) in [("red", &red_if), ("black", &black_if)] {
+                let rxq = espada_dataplane::port::af_packet::rx_queues(iface);
+                eprintln!(
+                    "espada run: {name} {iface}: {rxq} RX queue(s) for {n} worker(s): {}",
+                    if n == 1 {
+                        "one socket".to_string()
+                    } else if rxq >= n {
+                        "queue-mapped fanout (the NIC's queue picks the worker)".to_string()
+                    } else {
+                        "hash fanout (packets for another core's SA are handed off)".to_string()
+                    }
+                );
+            }
             for i in 0..n {
                 r.push(open_queue(&red_if, i, n, fanout, None)?);
                 b.push(open_queue(

@@ -1,6 +1,7 @@
 //! Linux AF_PACKET port: a TPACKET_V3 receive ring and a mapped TPACKET_V3 transmit ring per
-//! worker queue, the queues of one interface joined in a `PACKET_FANOUT` group (the kernel
-//! hashes flows across them, like RSS), `PACKET_QDISC_BYPASS` on transmit and
+//! worker queue, the queues of one interface joined in a `PACKET_FANOUT` group (queue-mapped
+//! when the NIC has a receive queue per worker, so its ntuple rules pick the worker; hashed
+//! otherwise), `PACKET_QDISC_BYPASS` on transmit and
 //! `PACKET_IGNORE_OUTGOING` so a queue never reads back what it sent.
 //!
 //! Receive copies each frame once from the ring into a pool buffer (the ring is the kernel's
@@ -44,6 +45,7 @@ const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 const TPACKET_V3: libc::c_int = 2;
 const PACKET_FANOUT_HASH: u32 = 0;
+const PACKET_FANOUT_QM: u32 = 5;
 const PACKET_FANOUT_FLAG_DEFRAG: u32 = 0x8000;
 
 const TP_STATUS_KERNEL: u32 = 0;
@@ -308,6 +310,18 @@ fn map_ring(fd: libc::c_int, len: usize) -> io::Result<*mut u8> {
     Err(io::Error::last_os_error())
 }
 
+/// Receive queues of an interface (sysfs `queues/rx-*`), 1 when unknown.
+pub fn rx_queues(iface: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
 fn device_mtu(iface: &str) -> Option<usize> {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
         .ok()?
@@ -335,6 +349,7 @@ pub struct AfPacketQueue {
     mac: MacAddr,
     name: String,
     stats: PortStats,
+    fanout: &'static str,
 }
 
 // SAFETY: the mappings and the sockets are owned by this value only; moving it to another
@@ -408,14 +423,32 @@ impl AfPacketQueue {
             mac,
             name: format!("af_packet:{iface}/q{queue}"),
             stats: PortStats::default(),
+            fanout: "none",
         };
         cvt(r)?; // q's Drop closes the sockets and unmaps on error
+        let mut q = q;
         if queues > 1 {
-            let arg: u32 =
-                fanout_id as u32 | ((PACKET_FANOUT_HASH | PACKET_FANOUT_FLAG_DEFRAG) << 16);
+            // Queue-mapped fanout when the NIC has a receive queue per worker: the packet goes
+            // to the socket of the queue the NIC put it on (socket i joined i-th), so the
+            // ntuple rule `espada pin` installs for a per-CPU SA (UDP source port -> queue i)
+            // also picks the worker, and no handoff is needed. Otherwise the kernel hashes.
+            let mode = if rx_queues(iface) >= queues {
+                q.fanout = "queue-mapped";
+                PACKET_FANOUT_QM
+            } else {
+                q.fanout = "hash";
+                PACKET_FANOUT_HASH
+            };
+            let arg: u32 = fanout_id as u32 | ((mode | PACKET_FANOUT_FLAG_DEFRAG) << 16);
             setsockopt(fd, SOL_PACKET, PACKET_FANOUT, &arg)?;
         }
         Ok(q)
+    }
+
+    /// How the kernel spreads received frames over the queues of this interface: `none` (one
+    /// queue), `queue-mapped` (the NIC's receive queue picks the socket) or `hash`.
+    pub fn fanout_mode(&self) -> &'static str {
+        self.fanout
     }
 
     /// Counts every queued frame as lost and rebuilds the TX socket and ring (fault path only:

@@ -1,0 +1,192 @@
+//! Black → red: outer IPv4/UDP 4500 to us, one SPI lookup (the tunnel comes with the SA) or a
+//! handoff to the owning core, open in place, the inner packet against the SPD entry, ECN,
+//! TTL and the red MTU, then out on red.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn black_stage(&mut self, burst: &mut Vec<PktBuf>) {
+        let black_ip = self.shared.black.ip;
+        let black_mac = self.black.mac();
+        for b in burst.drain(..) {
+            let Some(mut b) = self.ipv4_frame(b, black_ip, black_mac, false) else {
+                continue;
+            };
+            // Outer IPv4 + UDP/4500 to us, or nothing.
+            let strip = {
+                let Ok(ip) = ipv4::Packet::new_checked(&b.data()[ethernet::HEADER_LEN..]) else {
+                    self.drop_pkt(b, DropReason::Malformed);
+                    continue;
+                };
+                if ip.version() != 4 || !ip.verify_checksum() {
+                    self.drop_pkt(b, DropReason::Malformed);
+                    continue;
+                }
+                if ip.dst_addr() == black_ip
+                    && ip.protocol() == espada_wire::ip_proto::UDP
+                    && ip.is_fragment()
+                {
+                    self.drop_pkt(b, DropReason::Fragment);
+                    continue;
+                }
+                if ip.dst_addr() != black_ip || ip.protocol() != espada_wire::ip_proto::UDP {
+                    // Not ESP for us: forwarded in the clear only if a bypass policy covers it
+                    // (checked with the flow reversed, as the SPD is written for our side).
+                    let bypass =
+                        FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..]).and_then(|f| {
+                            self.sas
+                                .db()
+                                .spd
+                                .lookup(&f.reversed())
+                                .map(|p| (p.action, f))
+                        });
+                    match bypass {
+                        Some((Action::Bypass, f)) => self.forward_clear_to_red(b, f),
+                        _ => self.drop_pkt(b, DropReason::NotForUs),
+                    }
+                    continue;
+                }
+                let hl = ip.header_len() as usize;
+                let outer_tos = ip.tos();
+                let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
+                    self.drop_pkt(b, DropReason::Malformed);
+                    continue;
+                };
+                if u.dst_port() != esp::UDP_ENCAP_PORT {
+                    self.drop_pkt(b, DropReason::NotForUs);
+                    continue;
+                }
+                // RFC 3948 §2.1: a non-zero checksum is verified; zero is accepted.
+                if !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())) {
+                    self.drop_pkt(b, DropReason::Malformed);
+                    continue;
+                }
+                let udp_len = u.len() as usize;
+                (
+                    ethernet::HEADER_LEN + hl + udp::HEADER_LEN,
+                    ethernet::HEADER_LEN + hl + udp_len,
+                    outer_tos,
+                )
+            };
+            let (hdr, end, outer_tos) = strip;
+            b.outer_tos = outer_tos;
+            let tail = b.len() - end;
+            b.trim(tail);
+            b.adj(hdr);
+            self.inbound_esp(b);
+        }
+    }
+
+    /// A bypassed packet from the black side: TTL, then out of the red port.
+    pub(super) fn forward_clear_to_red(&mut self, mut b: PktBuf, f: FlowKey) {
+        b.adj(ethernet::HEADER_LEN);
+        let IpAddr::V4(dst) = f.dst else {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        };
+        let Ok(mut ip) = ipv4::Packet::new_checked(b.data_mut()) else {
+            return self.drop_pkt(b, DropReason::Malformed);
+        };
+        if ip.ttl() <= 1 {
+            return self.drop_pkt(b, DropReason::TtlExpired);
+        }
+        ip.decrement_ttl();
+        let len = ip.total_len() as usize;
+        let extra = b.len() - len;
+        b.trim(extra);
+        let nh = self.shared.red.next_hop(dst);
+        if self.send_ip(b, nh, true) {
+            self.stats.bypass_packets += 1;
+        }
+    }
+
+    /// A UDP/4500 payload: classify, one SPI lookup, decapsulate here or hand off.
+    #[inline]
+    pub(super) fn inbound_esp(&mut self, mut b: PktBuf) {
+        if let esp::UdpEncap::Esp = esp::classify_udp_payload(b.data()) {
+            let d = b.data();
+            if d.len() >= esp::HEADER_LEN {
+                let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+                // The fast path: an SA this core owns (the tunnel comes with it).
+                if let Some((sa, t)) = self.sas.inbound_local(spi) {
+                    let r = decapsulate(sa, &mut b);
+                    return self.deliver(b, r, t);
+                }
+                match self.sas.route(spi) {
+                    Route::Handoff(c) => {
+                        match self.shared.handoff.get(c) {
+                            Some(q) => match q.push(b) {
+                                Ok(()) => self.stats.handoff_out += 1,
+                                Err(b) => self.drop_pkt(b, DropReason::HandoffFull),
+                            },
+                            // The owner is a core this gateway does not run: no SA here can
+                            // take the packet (counted, and the buffer goes back).
+                            None => self.drop_pkt(b, DropReason::NoSa),
+                        }
+                        return;
+                    }
+                    Route::Expired => return self.drop_pkt(b, DropReason::SaExpired),
+                    Route::Unknown | Route::Local => return self.drop_pkt(b, DropReason::NoSa),
+                }
+            }
+        }
+        // IKE, keepalives and runts: the ESP module classifies and counts them.
+        let r = decapsulate(&mut self.sas, &mut b);
+        self.deliver(b, r, usize::MAX)
+    }
+
+    /// What follows decapsulation: the inner packet against tunnel `t`'s selectors, TTL, and
+    /// out on red; or the control path; or a counted drop.
+    #[inline]
+    pub(super) fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
+        match r {
+            Decap::Inner { .. } => {
+                // RFC 4301 §5.2: the inner packet must match the SPD entry that protects this
+                // tunnel (the SPD is written for our outbound side, hence the reversed flow):
+                // addresses, protocol and ports, so a UDP-only policy lets no ICMP in.
+                let Some(flow) = FlowKey::from_packet(b.data()) else {
+                    return self.drop_pkt(b, DropReason::InnerMalformed);
+                };
+                let ok = matches!(
+                    self.sas.db().spd.lookup(&flow.reversed()).map(|p| p.action),
+                    Some(Action::Protect(pt)) if pt == t
+                );
+                if !ok {
+                    return self.drop_pkt(b, DropReason::PolicyMismatch);
+                }
+                let IpAddr::V4(dst) = flow.dst else {
+                    return self.drop_pkt(b, DropReason::NotForUs);
+                };
+                let outer_ecn = b.outer_tos & 3;
+                let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
+                if ip.ttl() <= 1 {
+                    return self.drop_pkt(b, DropReason::TtlExpired);
+                }
+                // RFC 6040 §4.2 (normal mode): CE outside marks the inner packet CE, or drops
+                // it when it is not ECN-capable; ECT(1) outside upgrades an inner ECT(0).
+                let inner_ecn = ip.tos() & 3;
+                match (outer_ecn, inner_ecn) {
+                    (3, 0) => return self.drop_pkt(b, DropReason::EcnNotEct),
+                    (3, 1 | 2) => ip.update_ecn(3),
+                    (1, 2) => ip.update_ecn(1),
+                    _ => {}
+                }
+                ip.decrement_ttl();
+                let len = b.len();
+                // The red link's MTU (issue 12: decapsulated packets were sent unchecked).
+                if len > self.shared.red.mtu as usize {
+                    return self.drop_pkt(b, DropReason::MtuExceeded);
+                }
+                let nh = self.shared.red.next_hop(dst);
+                if self.send_ip(b, nh, true) {
+                    self.stats.decap_packets += 1;
+                    self.stats.decap_bytes += len as u64;
+                }
+            }
+            Decap::Control => match self.shared.control.push(b) {
+                Ok(()) => self.stats.to_control += 1,
+                Err(b) => self.drop_pkt(b, DropReason::ControlFull),
+            },
+            Decap::Drop(r) => self.drop_pkt(b, r),
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! The worker: one per core, pinned, polling its red and black queues and its handoff queue,
+//! run to completion in bursts. Data flows one way on each side:
+//!
+//! ```text
+//! red   rx_burst → Ethernet/ARP → SPD → per-CPU SA → ESP encap → Ethernet → black tx_burst
+//! black rx_burst → Ethernet/ARP → IPv4/UDP 4500 → SPI route ─┬→ ESP decap → policy check → red tx_burst
+//!                                                          └→ handoff to the owning core
+//! ```
+//!
+//! Nothing here allocates, locks or makes a syscall per packet: buffers come from the pool,
+//! the burst vectors are allocated once, the SA snapshot is checked once per burst.
+
+use crate::drop::{DropCounters, DropReason};
+use crate::esp::{
+    decapsulate, encapsulate_parsed, iv_from_seq, Decap, Encap, InboundLookup, InnerInfo,
+};
+use crate::neighbor::{emit_arp, NeighborCache, NeighborTable};
+use crate::pktbuf::{PacketBuf, PktBuf};
+use crate::pool::PoolCache;
+use crate::port::PortQueue;
+use crossbeam_queue::ArrayQueue;
+use espada_sadb::db::{CoreSas, EventQueue, Route, SaDbHandle};
+use espada_sadb::selector::{Action, FlowKey, Prefix};
+use espada_sadb::InboundSa;
+use espada_wire::ethernet::{self, MacAddr};
+use espada_wire::{arp, esp, icmpv4, ipv4, udp};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+mod inbound;
+mod l2;
+mod outbound;
+
+impl InboundLookup for CoreSas {
+    #[inline(always)]
+    fn lookup(&mut self, spi: u32) -> Option<&mut InboundSa> {
+        self.inbound_mut(spi)
+    }
+}
+
+/// One side (red or black) of a gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct Side {
+    /// The gateway's address on this side.
+    pub ip: Ipv4Addr,
+    /// The connected subnet.
+    pub prefix: Prefix,
+    /// MTU (IP bytes).
+    pub mtu: u32,
+    /// Next hop for destinations outside the subnet.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl Side {
+    /// The next hop for `dst`: itself if on-link, else the configured gateway.
+    #[inline]
+    pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        if self.prefix.contains(IpAddr::V4(dst)) {
+            Some(dst)
+        } else {
+            self.gateway
+        }
+    }
+}
+
+/// Everything a worker needs that is the same for all workers of a gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayShared {
+    /// Cleartext side.
+    pub red: Side,
+    /// ESP side.
+    pub black: Side,
+    /// SA database.
+    pub sadb: Arc<SaDbHandle>,
+    /// ARP table.
+    pub neighbors: Arc<NeighborTable>,
+    /// One handoff queue per worker (index = worker).
+    pub handoff: Arc<Vec<ArrayQueue<PktBuf>>>,
+    /// IKE messages for the control plane (never decrypted here).
+    pub control: Arc<ArrayQueue<PktBuf>>,
+    /// Lifetime events.
+    pub events: Arc<EventQueue>,
+    /// Set to stop the workers.
+    pub stop: Arc<AtomicBool>,
+    /// ICMP "fragmentation needed" messages per second per worker (0 = never send).
+    pub icmp_rate: u32,
+    /// After 256 empty polls in a row, sleep this many microseconds before polling again
+    /// (0: pure busy polling, for dedicated cores). Lets a shared host's kernel breathe.
+    pub idle_sleep_us: u32,
+}
+
+/// Counters of one worker. Plain integers while a burst runs; published to a [`StatsCell`] once
+/// per burst.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Frames received on red.
+    pub red_rx: u64,
+    /// Frames received on black.
+    pub black_rx: u64,
+    /// Frames sent on red.
+    pub red_tx: u64,
+    /// Frames sent on black.
+    pub black_tx: u64,
+    /// Packets encapsulated.
+    pub encap_packets: u64,
+    /// Inner bytes encapsulated.
+    pub encap_bytes: u64,
+    /// Packets decapsulated (authentic, delivered to red).
+    pub decap_packets: u64,
+    /// Inner bytes decapsulated.
+    pub decap_bytes: u64,
+    /// Packets forwarded in the clear by bypass policies.
+    pub bypass_packets: u64,
+    /// Packets handed to another core's SA.
+    pub handoff_out: u64,
+    /// Packets taken from the handoff queue.
+    pub handoff_in: u64,
+    /// IKE messages passed to the control plane.
+    pub to_control: u64,
+    /// ARP replies sent.
+    pub arp_replies: u64,
+    /// ARP requests sent.
+    pub arp_requests: u64,
+    /// ICMP errors sent.
+    pub icmp_sent: u64,
+    /// Bursts that carried at least one packet.
+    pub bursts: u64,
+    /// Nanoseconds spent in those bursts.
+    pub busy_ns: u64,
+    /// Drops by reason.
+    pub drops: DropCounters,
+}
+
+const N_FIELDS: usize = 17;
+
+/// Lock-free published copy of a worker's [`WorkerStats`] (written by its worker only).
+#[derive(Debug)]
+pub struct StatsCell {
+    vals: [AtomicU64; N_FIELDS],
+    drops: [AtomicU64; DropReason::COUNT],
+    /// Per-SA counters, refreshed every few hundred bursts: (direction, SPI, packets, bytes).
+    pub sas: Mutex<Vec<SaStat>>,
+    /// The red and black port queues' counters, refreshed with the SA counters.
+    pub ports: Mutex<[crate::port::PortStats; 2]>,
+}
+
+/// Counters of one SA as a worker saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaStat {
+    /// `true` for outbound.
+    pub outbound: bool,
+    /// SPI.
+    pub spi: u32,
+    /// UDP source port (outbound).
+    pub port: u16,
+    /// Packets.
+    pub packets: u64,
+    /// Inner bytes.
+    pub bytes: u64,
+}
+
+impl Default for StatsCell {
+    fn default() -> Self {
+        StatsCell {
+            vals: Default::default(),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            sas: Mutex::new(Vec::new()),
+            ports: Mutex::new(Default::default()),
+        }
+    }
+}
+
+impl WorkerStats {
+    fn fields(&self) -> [u64; N_FIELDS] {
+        [
+            self.red_rx,
+            self.black_rx,
+            self.red_tx,
+            self.black_tx,
+            self.encap_packets,
+            self.encap_bytes,
+            self.decap_packets,
+            self.decap_bytes,
+            self.bypass_packets,
+            self.handoff_out,
+            self.handoff_in,
+            self.to_control,
+            self.arp_replies,
+            self.arp_requests,
+            self.icmp_sent,
+            self.bursts,
+            self.busy_ns,
+        ]
+    }
+}
+
+impl StatsCell {
+    #[inline]
+    fn publish(&self, s: &WorkerStats) {
+        for (a, v) in self.vals.iter().zip(s.fields()) {
+            a.store(v, Ordering::Relaxed);
+        }
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            self.drops[i].store(s.drops.get(*r), Ordering::Relaxed);
+        }
+    }
+
+    /// A consistent-enough copy for reports.
+    pub fn read(&self) -> WorkerStats {
+        let v: Vec<u64> = self
+            .vals
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let mut d = DropCounters::default();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            d.add(*r, self.drops[i].load(Ordering::Relaxed));
+        }
+        WorkerStats {
+            red_rx: v[0],
+            black_rx: v[1],
+            red_tx: v[2],
+            black_tx: v[3],
+            encap_packets: v[4],
+            encap_bytes: v[5],
+            decap_packets: v[6],
+            decap_bytes: v[7],
+            bypass_packets: v[8],
+            handoff_out: v[9],
+            handoff_in: v[10],
+            to_control: v[11],
+            arp_replies: v[12],
+            arp_requests: v[13],
+            icmp_sent: v[14],
+            bursts: v[15],
+            busy_ns: v[16],
+            drops: d,
+        }
+    }
+}
+
+/// Packets per burst (per queue).
+pub const BURST: usize = 32;
+
+/// A worker: one core's share of a gateway.
+pub struct Worker {
+    core: usize,
+    shared: GatewayShared,
+    sas: CoreSas,
+    red: Box<dyn PortQueue>,
+    black: Box<dyn PortQueue>,
+    pool: PoolCache,
+    rx: Vec<PktBuf>,
+    protect: Vec<(PktBuf, usize, InnerInfo)>,
+    red_tx: Vec<PktBuf>,
+    black_tx: Vec<PktBuf>,
+    stats: WorkerStats,
+    cell: Arc<StatsCell>,
+    epoch: Instant,
+    polls: u64,
+    icmp_tokens: u32,
+    icmp_refill_s: u64,
+    arp_last: [(Ipv4Addr, u64); 8],
+    neigh: NeighborCache,
+    /// The red and black ports' MACs (asked once, not through the port per packet).
+    macs: [MacAddr; 2],
+    /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
+    latency: hdrhistogram::Histogram<u64>,
+}
+
+impl Worker {
+    /// A worker for core index `core` with its two queues.
+    pub fn new(
+        core: usize,
+        shared: GatewayShared,
+        red: Box<dyn PortQueue>,
+        black: Box<dyn PortQueue>,
+        pool: PoolCache,
+    ) -> Result<Worker, espada_sadb::db::DbError> {
+        let sas = CoreSas::new(core, shared.sadb.load(), 0)?;
+        let macs = [red.mac(), black.mac()];
+        // DPDK ports: the worker's own packets come from the port's mempool too, so every
+        // packet it sends leaves in place (no copy at transmit).
+        #[cfg(feature = "dpdk")]
+        let pool = {
+            let mut pool = pool;
+            if let Some(mp) = black.mbuf_pool().or_else(|| red.mbuf_pool()) {
+                if !pool.uses_mbufs() {
+                    pool.use_mbufs(mp);
+                }
+            }
+            pool
+        };
+        Ok(Worker {
+            core,
+            icmp_tokens: shared.icmp_rate,
+            shared,
+            sas,
+            red,
+            black,
+            pool,
+            rx: Vec::with_capacity(BURST),
+            protect: Vec::with_capacity(BURST),
+            red_tx: Vec::with_capacity(BURST * 3),
+            black_tx: Vec::with_capacity(BURST * 3),
+            stats: WorkerStats::default(),
+            cell: Arc::new(StatsCell::default()),
+            epoch: Instant::now(),
+            polls: 0,
+            icmp_refill_s: 0,
+            arp_last: [(Ipv4Addr::UNSPECIFIED, 0); 8],
+            neigh: NeighborCache::default(),
+            macs,
+            // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
+                .expect("valid bounds"),
+        })
+    }
+
+    /// The published counters (for reporters on other threads).
+    pub fn stats_cell(&self) -> Arc<StatsCell> {
+        self.cell.clone()
+    }
+
+    /// Burst latency percentiles in microseconds (p50, p99, p99.9, max): time from the first
+    /// receive to the last transmit of a poll, sampled every 16th busy poll.
+    pub fn burst_latency_us(&self) -> Option<[f64; 4]> {
+        let h = &self.latency;
+        if h.is_empty() {
+            return None;
+        }
+        Some(
+            [
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.value_at_quantile(0.999),
+                h.max(),
+            ]
+            .map(|v| v as f64 / 1000.0),
+        )
+    }
+
+    /// This worker's core index.
+    pub fn core(&self) -> usize {
+        self.core
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// The worker's runtime SAs (reports, tests).
+    pub fn sas(&self) -> &CoreSas {
+        &self.sas
+    }
+
+    /// The two port queues (red, black), for their counters.
+    pub fn ports(&self) -> (&dyn PortQueue, &dyn PortQueue) {
+        (&*self.red, &*self.black)
+    }
+
+    /// Call first on the thread that will poll this worker: with DPDK buffers, the thread
+    /// gets a DPDK lcore id (`rte_thread_register`) so the mempool's per-lcore cache serves it.
+    pub fn thread_start(&mut self) {
+        #[cfg(feature = "dpdk")]
+        if self.pool.uses_mbufs() {
+            crate::port::dpdk::register_thread();
+        }
+    }
+
+    /// Runs until the stop flag is set, then finishes the burst in flight and returns.
+    pub fn run(&mut self) {
+        self.thread_start();
+        let mut idle = 0u32;
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            if self.poll() == 0 {
+                idle += 1;
+                if self.shared.idle_sleep_us > 0 && idle >= 256 {
+                    // Only when nothing arrived for 256 polls: never between packets of a burst.
+                    std::thread::sleep(std::time::Duration::from_micros(
+                        self.shared.idle_sleep_us as u64,
+                    ));
+                } else {
+                    std::hint::spin_loop();
+                }
+            } else {
+                idle = 0;
+            }
+        }
+        // Drain what is already queued for us, so nothing in flight is lost at shutdown.
+        for _ in 0..4 {
+            self.poll();
+        }
+        self.finish();
+    }
+
+    /// Publishes the final counters and lets the ports flush (call once, after the last poll).
+    pub fn finish(&mut self) {
+        self.cell.publish(&self.stats);
+        self.publish_sa_stats();
+        self.red.finish();
+        self.black.finish();
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// One poll: at most one burst from red, one from black, one from the handoff queue.
+    /// Returns the number of packets handled.
+    pub fn poll(&mut self) -> usize {
+        let t0 = Instant::now();
+        let now_s = t0.duration_since(self.epoch).as_secs();
+        self.polls += 1;
+        if self.polls % 64 == 1 {
+            // A control-plane change (snapshot) is picked up here, between bursts.
+            let _ = self.sas.sync(&self.shared.sadb, now_s);
+        }
+        self.neigh.sync(&self.shared.neighbors);
+        let mut n = 0;
+
+        // Red: cleartext in, ESP out.
+        self.rx.clear();
+        n += self.red.rx_burst(&mut self.pool, &mut self.rx, BURST);
+        self.stats.red_rx += self.rx.len() as u64;
+        let mut burst = std::mem::take(&mut self.rx);
+        self.red_stage(&mut burst);
+        self.rx = burst;
+
+        // Black: ESP in, cleartext out.
+        self.rx.clear();
+        n += self.black.rx_burst(&mut self.pool, &mut self.rx, BURST);
+        self.stats.black_rx += self.rx.len() as u64;
+        let mut burst = std::mem::take(&mut self.rx);
+        self.black_stage(&mut burst);
+        self.rx = burst;
+
+        // Packets other cores handed to the SAs this core owns.
+        self.rx.clear();
+        let q = &self.shared.handoff[self.core];
+        while self.rx.len() < BURST {
+            match q.pop() {
+                Some(b) => self.rx.push(b),
+                None => break,
+            }
+        }
+        self.stats.handoff_in += self.rx.len() as u64;
+        n += self.rx.len();
+        let mut burst = std::mem::take(&mut self.rx);
+        for b in burst.drain(..) {
+            self.inbound_esp(b);
+        }
+        self.rx = burst;
+
+        // Transmit.
+        if !self.red_tx.is_empty() {
+            let want = self.red_tx.len();
+            let sent = self.red.tx_burst(&mut self.pool, &mut self.red_tx);
+            self.stats.red_tx += sent as u64;
+            for _ in sent..want {
+                self.stats.drops.inc(DropReason::TxFull);
+            }
+        }
+        if !self.black_tx.is_empty() {
+            let want = self.black_tx.len();
+            let sent = self.black.tx_burst(&mut self.pool, &mut self.black_tx);
+            self.stats.black_tx += sent as u64;
+            for _ in sent..want {
+                self.stats.drops.inc(DropReason::TxFull);
+            }
+        }
+
+        if n > 0 {
+            self.stats.bursts += 1;
+            let dt = t0.elapsed().as_nanos() as u64;
+            self.stats.busy_ns += dt;
+            if self.stats.bursts.is_multiple_of(16) {
+                let _ = self.latency.record(dt.max(1));
+            }
+        }
+        if self.polls.is_multiple_of(256) {
+            self.sas.check_lifetimes(now_s, &self.shared.events);
+            self.publish_sa_stats();
+        }
+        // Reporters read a few times a second: publishing every 16th poll keeps the stores
+        // (and the cache line traffic to the reader) off most bursts.
+        if self.polls.is_multiple_of(16) || n == 0 {
+            self.cell.publish(&self.stats);
+        }
+        n
+    }
+
+    fn publish_sa_stats(&self) {
+        if let Ok(mut p) = self.cell.ports.try_lock() {
+            *p = [self.red.stats(), self.black.stats()];
+        }
+        if let Ok(mut v) = self.cell.sas.try_lock() {
+            v.clear();
+            for o in self.sas.outbound_sas() {
+                v.push(SaStat {
+                    outbound: true,
+                    spi: o.spi,
+                    port: o.tunnel.src_port,
+                    packets: o.counters.packets,
+                    bytes: o.counters.bytes,
+                });
+            }
+            for i in self.sas.inbound_sas() {
+                v.push(SaStat {
+                    outbound: false,
+                    spi: i.spi,
+                    port: 0,
+                    packets: i.counters.packets,
+                    bytes: i.counters.bytes,
+                });
+            }
+        }
+    }
+
+    #[inline]
+    fn drop_pkt(&mut self, b: PktBuf, r: DropReason) {
+        self.stats.drops.inc(r);
+        self.pool.put(b);
+    }
+}

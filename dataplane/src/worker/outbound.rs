@@ -1,0 +1,218 @@
+//! Red → black: classify each frame of the burst (one parse of the inner header: flow key,
+//! TTL, length, TOS, DF), look up the SPD and the core's SA for the tunnel, reserve the burst's
+//! sequence numbers per tunnel, seal in place, prepend the Ethernet header.
+
+use super::*;
+
+impl Worker {
+    pub(super) fn red_stage(&mut self, burst: &mut Vec<PktBuf>) {
+        let red_ip = self.shared.red.ip;
+        let red_mac = self.red.mac();
+        for b in burst.drain(..) {
+            let Some(mut b) = self.ipv4_frame(b, red_ip, red_mac, true) else {
+                continue;
+            };
+            b.adj(ethernet::HEADER_LEN);
+            // The one parse of the inner header: flow key, TTL and what the outer header copies.
+            let (flow, ttl, dst, info) = match ipv4::Packet::new_checked(b.data()) {
+                Ok(ip) if ip.version() == 4 && ip.verify_checksum() => {
+                    let (hl, tl) = (ip.header_len() as usize, ip.total_len() as usize);
+                    let proto = ip.protocol();
+                    let l4 = &b.data()[hl..tl];
+                    let (src_port, dst_port) = match proto {
+                        6 | 17 | 132 if l4.len() >= 4 && ip.frag_offset() == 0 => (
+                            u16::from_be_bytes([l4[0], l4[1]]),
+                            u16::from_be_bytes([l4[2], l4[3]]),
+                        ),
+                        _ => (0, 0),
+                    };
+                    let flow = FlowKey {
+                        src: IpAddr::V4(ip.src_addr()),
+                        dst: IpAddr::V4(ip.dst_addr()),
+                        proto,
+                        src_port,
+                        dst_port,
+                    };
+                    let info = InnerInfo {
+                        len: tl,
+                        tos: ip.tos(),
+                        dont_frag: ip.dont_frag(),
+                        next_header: espada_wire::ip_proto::IPV4,
+                    };
+                    (flow, ip.ttl(), ip.dst_addr(), info)
+                }
+                _ => {
+                    self.drop_pkt(b, DropReason::InnerMalformed);
+                    continue;
+                }
+            };
+            let len = info.len;
+            if dst == red_ip {
+                self.drop_pkt(b, DropReason::NotForUs);
+                continue;
+            }
+            // Ethernet padding of short frames is not part of the packet.
+            let extra = b.len() - len;
+            b.trim(extra);
+            let db = self.sas.db();
+            let action = db.spd.lookup(&flow).map(|p| p.action);
+            match action {
+                None => self.drop_pkt(b, DropReason::NoPolicy),
+                Some(Action::Discard) => self.drop_pkt(b, DropReason::PolicyDiscard),
+                Some(Action::Bypass) => {
+                    if ttl <= 1 {
+                        self.drop_pkt(b, DropReason::TtlExpired);
+                        continue;
+                    }
+                    ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
+                    let nh = self.shared.black.next_hop(dst);
+                    if self.send_ip(b, nh, false) {
+                        self.stats.bypass_packets += 1;
+                    }
+                }
+                Some(Action::Protect(t)) => {
+                    if ttl <= 1 {
+                        self.drop_pkt(b, DropReason::TtlExpired);
+                        continue;
+                    }
+                    self.prepare_protect(b, t, info);
+                }
+            }
+        }
+        self.encap_burst();
+    }
+
+    /// First half of the outbound path: SA present, MTU fits, TTL decremented. The packet
+    /// joins the burst's protect list.
+    #[inline]
+    pub(super) fn prepare_protect(&mut self, mut b: PktBuf, t: usize, info: InnerInfo) {
+        let (len, df) = (info.len, info.dont_frag);
+        let Some(sa) = self.sas.outbound(t) else {
+            return self.drop_pkt(b, DropReason::NoOutboundSa);
+        };
+        let overhead = sa.tunnel.outer_len()
+            + esp::HEADER_LEN
+            + esp::IV_LEN
+            + esp::pad_len(len)
+            + esp::TRAILER_LEN
+            + esp::ICV_LEN;
+        if len + overhead > self.shared.black.mtu as usize {
+            // RFC 4301 §8.2: tell the sender what fits.
+            let fits = (self.shared.black.mtu as usize).saturating_sub(overhead + 3) & !3;
+            if df {
+                self.icmp_frag_needed(&b, fits as u16);
+            }
+            return self.drop_pkt(b, DropReason::MtuExceeded);
+        }
+        ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
+        self.protect.push((b, t, info));
+    }
+
+    /// Second half: sequence numbers reserved once per tunnel per burst (DPDK's
+    /// `esn_outb_update_sqn` style), then one AEAD call per packet in arrival order, then the
+    /// Ethernet header.
+    pub(super) fn encap_burst(&mut self) {
+        const MAX_T: usize = 8;
+        // (tunnel, packets, next sequence number, numbers granted, refused for want of a
+        // durable reservation)
+        let mut res = [(usize::MAX, 0u32, 0u64, 0u32, false); MAX_T];
+        let mut list = std::mem::take(&mut self.protect);
+        for (_, t, _) in list.iter() {
+            if let Some(e) = res.iter_mut().find(|e| e.0 == *t || e.0 == usize::MAX) {
+                e.0 = *t;
+                e.1 += 1;
+            }
+        }
+        for e in res.iter_mut().filter(|e| e.0 != usize::MAX) {
+            if let Some(sa) = self.sas.outbound(e.0) {
+                let r = sa.reserve(e.1);
+                e.2 = r.first;
+                e.3 = r.count;
+                e.4 = r.unreserved;
+            }
+        }
+        for (mut b, t, info) in list.drain(..) {
+            let len = info.len;
+            // More than MAX_T tunnels in one burst: the rest reserve one number at a time.
+            let mut unreserved = false;
+            let seq = match res.iter_mut().find(|e| e.0 == t) {
+                Some(e) if e.3 > 0 => {
+                    e.3 -= 1;
+                    e.2 += 1;
+                    Some(e.2 - 1)
+                }
+                Some(e) => {
+                    unreserved = e.4;
+                    None
+                }
+                None => self.sas.outbound(t).map(|sa| sa.reserve(1)).and_then(|r| {
+                    unreserved = r.unreserved;
+                    (r.count == 1).then_some(r.first)
+                }),
+            };
+            let Some(sa) = self.sas.outbound(t) else {
+                self.drop_pkt(b, DropReason::NoOutboundSa);
+                continue;
+            };
+            let Some(seq) = seq else {
+                let r = if unreserved {
+                    DropReason::SeqUnreserved
+                } else {
+                    DropReason::SeqCycled
+                };
+                self.drop_pkt(b, r);
+                continue;
+            };
+            let nh = match sa.tunnel.remote {
+                IpAddr::V4(a) => self.shared.black.next_hop(a),
+                IpAddr::V6(_) => None,
+            };
+            match encapsulate_parsed(sa, seq, &iv_from_seq(seq), &mut b, info) {
+                Encap::Done => {
+                    if self.send_ip(b, nh, false) {
+                        self.stats.encap_packets += 1;
+                        self.stats.encap_bytes += len as u64;
+                    }
+                }
+                Encap::Drop(r) => self.drop_pkt(b, r),
+            }
+        }
+        self.protect = list;
+    }
+
+    /// ICMP type 3 code 4 back to the sender of `inner` (rate-limited).
+    pub(super) fn icmp_frag_needed(&mut self, inner: &PktBuf, mtu: u16) {
+        let now_s = self.epoch.elapsed().as_secs();
+        if now_s != self.icmp_refill_s {
+            self.icmp_refill_s = now_s;
+            self.icmp_tokens = self.shared.icmp_rate;
+        }
+        if self.icmp_tokens == 0 {
+            return;
+        }
+        let Ok(ip) = ipv4::Packet::new_checked(inner.data()) else {
+            return;
+        };
+        // RFC 1812 §4.3.2.7: no ICMP error about a non-first fragment or an ICMP error.
+        if ip.frag_offset() != 0 {
+            return;
+        }
+        if ip.protocol() == espada_wire::ip_proto::ICMP
+            && matches!(ip.payload().first(), Some(3 | 4 | 5 | 11 | 12))
+        {
+            return;
+        }
+        let src = ip.src_addr();
+        let quote = (ip.header_len() as usize + 8).min(inner.len());
+        let Some(mut b) = self.pool.get() else { return };
+        let Some(d) = b.append(icmpv4::frag_needed_len(quote)) else {
+            return self.pool.put(b);
+        };
+        icmpv4::emit_frag_needed(d, self.shared.red.ip, src, mtu, &inner.data()[..quote]);
+        self.icmp_tokens -= 1;
+        let nh = self.shared.red.next_hop(src);
+        if self.send_ip(b, nh, true) {
+            self.stats.icmp_sent += 1;
+        }
+    }
+}
