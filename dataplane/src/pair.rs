@@ -185,6 +185,15 @@ impl Pair {
         // than the caches keeps every packet cold (measured: ~2x slower). A generator that finds
         // the pool empty just waits (back-pressure), it does not drop.
         let pool = Pool::new(n * 384 + 256, spec.size.max(1518) + 512);
+        // One pool per queue pair (west worker i and east worker i): in the shared layout both
+        // run on core i, so their buffers never leave that core's caches.
+        let pools: Vec<Arc<Pool>> = if n > 1 {
+            (0..n)
+                .map(|_| Pool::new(384 + 256, spec.size.max(1518) + 512))
+                .collect()
+        } else {
+            vec![pool.clone()]
+        };
         let link = MemoryLink::new(n, spec.ring_depth);
         let stop = Arc::new(AtomicBool::new(false));
         let sunset = host(&west.red, 10);
@@ -236,7 +245,7 @@ impl Pair {
                 w_sh.clone(),
                 gen,
                 wb,
-                PoolCache::new(pool.clone()),
+                PoolCache::new(pools[q].clone()),
             )?);
             let sink: Box<dyn PortQueue> =
                 Box::new(Sink::new(mac::SUNRISE, sunrise, q as u16, received.clone()));
@@ -249,7 +258,7 @@ impl Pair {
                 e_sh.clone(),
                 sink,
                 eb,
-                PoolCache::new(pool.clone()),
+                PoolCache::new(pools[q].clone()),
             )?);
         }
         let wc = ww.iter().map(|w| w.stats_cell()).collect();

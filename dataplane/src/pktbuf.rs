@@ -8,7 +8,7 @@
 
 use crate::pool::Pool;
 use std::ptr::NonNull;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 /// A packet in a buffer with room in front and behind.
 pub trait PacketBuf {
@@ -66,6 +66,8 @@ pub struct PktBuf {
     /// on the inbound path (its ECN field is combined with the inner one after decryption,
     /// also on a core the packet was handed to).
     pub outer_tos: u8,
+    /// Set when a cache hands a buffer of another pool back to its own (not a leak).
+    going_home: bool,
     owner: Owner,
 }
 
@@ -107,10 +109,11 @@ impl Drop for PktBuf {
                         head: 0,
                         len: 0,
                         outer_tos: 0,
+                        going_home: false,
                         owner: Owner::Heap(std::mem::take(home)),
                     };
                     self.cap = 0;
-                    pool.reclaim(back);
+                    pool.reclaim(back, !self.going_home);
                 } else {
                     // SAFETY: base/cap came from Box::into_raw of a boxed slice of this length
                     // (see `new`) and are released exactly once (cap is zeroed when moved on).
@@ -167,8 +170,33 @@ impl PktBuf {
             head: DEFAULT_HEADROOM.min(capacity),
             len: 0,
             outer_tos: 0,
+            going_home: false,
             owner: Owner::Heap(Weak::new()),
         }
+    }
+
+    /// Whether this buffer belongs to `pool` (a pointer comparison, no atomic operation).
+    #[inline]
+    pub(crate) fn belongs_to(&self, pool: &Arc<Pool>) -> bool {
+        match &self.owner {
+            Owner::Heap(home) => std::ptr::eq(home.as_ptr(), Arc::as_ptr(pool)),
+            #[cfg(feature = "dpdk")]
+            Owner::Mbuf(_) => false,
+        }
+    }
+
+    /// Forgets the pool this buffer belongs to: dropping it then frees its memory.
+    pub(crate) fn orphan(mut self) {
+        if let Owner::Heap(home) = &mut self.owner {
+            *home = Weak::new();
+        }
+    }
+
+    /// Sends a buffer of another pool back to its own (handoffs and steering move buffers
+    /// between workers whose caches sit on different pools).
+    pub(crate) fn go_home(mut self) {
+        self.going_home = true;
+        drop(self);
     }
 
     /// A buffer of `capacity` bytes that returns to `home` when dropped.
@@ -215,6 +243,7 @@ impl PktBuf {
             head: data_off.min(buf_len),
             len: data_len.min(buf_len.saturating_sub(data_off)),
             outer_tos: 0,
+            going_home: false,
             owner: Owner::Mbuf(m),
         };
         // Chained mbufs are not handled: the caller drops (and counts) them; dropping `b`

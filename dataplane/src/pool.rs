@@ -34,10 +34,15 @@ impl Pool {
     }
 
     /// Takes back a buffer that was dropped instead of returned (see [`PktBuf`]'s `Drop`).
-    pub(crate) fn reclaim(&self, b: PktBuf) {
-        self.reclaimed.fetch_add(1, Ordering::Relaxed);
-        // The ring holds every buffer of the pool, so it has room for this one.
-        let _ = self.free.push(b);
+    pub(crate) fn reclaim(&self, b: PktBuf, count: bool) {
+        if count {
+            self.reclaimed.fetch_add(1, Ordering::Relaxed);
+        }
+        // The ring has room for every buffer of the pool, and only this pool's buffers go in.
+        // Should that ever not hold, the buffer's memory is freed rather than recursing.
+        if let Err(b) = self.free.push(b) {
+            b.orphan();
+        }
     }
 
     /// Buffers that came back by being dropped rather than returned: each one a path that
@@ -128,10 +133,16 @@ impl PoolCache {
     /// Returns a buffer.
     #[inline]
     pub fn put(&mut self, b: PktBuf) {
+        // A buffer of another pool (handed off, or steered to this worker) goes home.
+        #[cfg(not(feature = "dpdk"))]
+        if !b.belongs_to(&self.pool) {
+            return b.go_home();
+        }
         #[cfg(feature = "dpdk")]
         let b = match (b.is_mbuf(), &mut self.mbufs) {
             (true, Some(m)) => return m.put(b),
             (true, None) => return drop(b), // frees the mbuf
+            (false, _) if !b.belongs_to(&self.pool) => return b.go_home(),
             (false, _) => b,
         };
         if self.local.len() >= CACHE_BULK * 2 {
