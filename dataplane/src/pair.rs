@@ -233,7 +233,7 @@ impl Pair {
         };
         let mut ww = Vec::new();
         let mut ew = Vec::new();
-        for q in 0..n {
+        for (q, qpool) in pools.iter().enumerate() {
             let gen: Box<dyn PortQueue> =
                 Box::new(Generator::new(tspec, mac::WEST_RED, q as u16, sent.clone()));
             let wb: Box<dyn PortQueue> = match west_black.get_mut(q).and_then(Option::take) {
@@ -245,7 +245,7 @@ impl Pair {
                 w_sh.clone(),
                 gen,
                 wb,
-                PoolCache::new(pools[q].clone()),
+                PoolCache::new(qpool.clone()),
             )?);
             let sink: Box<dyn PortQueue> =
                 Box::new(Sink::new(mac::SUNRISE, sunrise, q as u16, received.clone()));
@@ -258,7 +258,7 @@ impl Pair {
                 e_sh.clone(),
                 sink,
                 eb,
-                PoolCache::new(pools[q].clone()),
+                PoolCache::new(qpool.clone()),
             )?);
         }
         let wc = ww.iter().map(|w| w.stats_cell()).collect();

@@ -186,6 +186,7 @@ impl PktBuf {
     }
 
     /// Forgets the pool this buffer belongs to: dropping it then frees its memory.
+    #[allow(irrefutable_let_patterns)] // one variant without the `dpdk` feature
     pub(crate) fn orphan(mut self) {
         if let Owner::Heap(home) = &mut self.owner {
             *home = Weak::new();
