@@ -163,6 +163,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         let b = &mut self.buffer.as_mut()[field::DSCP_ECN];
         *b = (*b & !3) | (ecn & 3);
     }
+    /// Sets the fragment offset (bytes, a multiple of 8) and the MF flag, clearing DF.
+    pub fn set_fragment(&mut self, offset: usize, more: bool) {
+        let v = ((offset / 8) as u16 & 0x1fff) | if more { FLAG_MF } else { 0 };
+        put16(self.buffer.as_mut(), field::FLG_OFF, v)
+    }
     /// Sets the total length.
     pub fn set_total_len(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::LENGTH, v)

@@ -656,3 +656,112 @@ fn decapsulated_packets_respect_the_red_mtu() {
     assert_eq!(e.decap_packets, 0);
     assert_eq!(p.received.packets.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
+    // Issue 12 item 9 (RFC 4301 §8.1): west's black MTU is 600; a 1000-byte inner packet with
+    // DF clear leaves as two ESP packets that each fit, and east delivers two IPv4 fragments
+    // that together are the original payload.
+    use crate::port::memory::MemoryLink;
+    use crate::worker::Worker;
+    let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (mut ws, es) = lab::sides();
+    ws.black.mtu = 600;
+    let pool = Pool::new(256, 2048);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (red_w, black, red_e) = (
+        MemoryLink::new(1, 64),
+        MemoryLink::new(1, 64),
+        MemoryLink::new(1, 64),
+    );
+    let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
+    let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
+    let w_sh = shared(
+        ws,
+        wdb,
+        1,
+        &[(sunset, mac::SUNSET), (es.black.ip, mac::EAST_BLACK)],
+        stop.clone(),
+    );
+    let e_sh = shared(
+        es,
+        edb,
+        1,
+        &[(sunrise, mac::SUNRISE), (ws.black.ip, mac::WEST_BLACK)],
+        stop,
+    );
+    let mut west = Worker::new(
+        0,
+        w_sh,
+        Box::new(red_w.end_b(0, mac::WEST_RED, Steering::Rss)),
+        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
+        PoolCache::new(pool.clone()),
+    )
+    .unwrap();
+    let mut east = Worker::new(
+        0,
+        e_sh,
+        Box::new(red_e.end_b(0, mac::EAST_RED, Steering::Rss)),
+        Box::new(black.end_b(0, mac::EAST_BLACK, Steering::Rss)),
+        PoolCache::new(pool.clone()),
+    )
+    .unwrap();
+    let mut pc = PoolCache::new(pool.clone());
+    let payload: Vec<u8> = (0..972u32).map(|i| (i * 7) as u8).collect();
+    let frame = espada_wire::udp::build_packet(
+        espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
+            src: sunset,
+            dst: sunrise,
+            protocol: 17,
+            payload_len: 0,
+            ttl: 64,
+            tos: 0,
+            ident: 7,
+            dont_frag: false,
+        }),
+        1234,
+        5678,
+        &payload,
+    );
+    let mut f = mac::WEST_RED.0.to_vec();
+    f.extend_from_slice(&mac::SUNSET.0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&frame);
+    let mut b = pc.get().unwrap();
+    b.append(f.len()).unwrap().copy_from_slice(&f);
+    let mut into = red_w.end_a(0, mac::SUNSET, Steering::Rss);
+    into.tx_burst(&mut pc, &mut vec![b]);
+    for _ in 0..4 {
+        west.poll();
+    }
+    assert_eq!(west.stats().encap_packets, 2, "{:?}", west.stats().drops);
+    for _ in 0..4 {
+        east.poll();
+    }
+    let mut out = Vec::new();
+    red_e
+        .end_a(0, mac::SUNRISE, Steering::Rss)
+        .rx_burst(&mut pc, &mut out, 8);
+    assert_eq!(out.len(), 2, "{:?}", east.stats().drops);
+    let mut got = vec![0u8; 8 + payload.len()];
+    let mut mf = Vec::new();
+    for o in &out {
+        let ip = espada_wire::ipv4::Packet::new_checked(&o.data()[14..]).unwrap();
+        assert!(ip.verify_checksum());
+        let off = ip.frag_offset() as usize;
+        let body = ip.payload();
+        got[off..off + body.len()].copy_from_slice(body);
+        mf.push((off, ip.more_frags()));
+    }
+    mf.sort();
+    assert_eq!(mf[0], (0, true));
+    assert!(!mf[1].1 && mf[1].0 > 0);
+    assert_eq!(
+        &got[8..],
+        &payload[..],
+        "the fragments carry the whole datagram"
+    );
+    for o in out {
+        pc.put(o);
+    }
+}

@@ -302,7 +302,8 @@ impl Worker {
             black,
             pool,
             rx: Vec::with_capacity(BURST),
-            protect: Vec::with_capacity(BURST),
+            // Room for a burst whose packets are fragmented (DF clear, too big for black).
+            protect: Vec::with_capacity(BURST * 4),
             red_tx: Vec::with_capacity(BURST * 3),
             black_tx: Vec::with_capacity(BURST * 3),
             stats: WorkerStats::default(),

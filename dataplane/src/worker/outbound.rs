@@ -101,11 +101,90 @@ impl Worker {
             let fits = (self.shared.black.mtu as usize).saturating_sub(overhead + 3) & !3;
             if df {
                 self.icmp_frag_needed(&b, fits as u16);
+                return self.drop_pkt(b, DropReason::MtuExceeded);
             }
-            return self.drop_pkt(b, DropReason::MtuExceeded);
+            // RFC 4301 §8.1: DF clear, so fragment before encapsulating; each fragment
+            // travels in an ESP packet of its own and the receiving host reassembles.
+            let fixed = sa.tunnel.outer_len()
+                + esp::HEADER_LEN
+                + esp::IV_LEN
+                + 3
+                + esp::TRAILER_LEN
+                + esp::ICV_LEN;
+            let max_inner = (self.shared.black.mtu as usize).saturating_sub(fixed);
+            return self.fragment_and_protect(b, t, info, max_inner);
         }
         ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
         self.protect.push((b, t, info));
+    }
+
+    /// Splits an IPv4 packet (DF clear) into fragments of at most `max_len` bytes and queues
+    /// each for encapsulation. The first fragment stays in the packet's buffer; the others are
+    /// copied into pool buffers (a slow path: only packets that do not fit take it). The header
+    /// is copied whole into every fragment (options included).
+    fn fragment_and_protect(&mut self, mut b: PktBuf, t: usize, info: InnerInfo, max_len: usize) {
+        const MAX_FRAGMENTS: usize = 16;
+        let (hl, tl, off0, mf0) = {
+            let ip = ipv4::Packet::new_unchecked(b.data());
+            (
+                ip.header_len() as usize,
+                info.len,
+                ip.frag_offset() as usize,
+                ip.more_frags(),
+            )
+        };
+        let chunk = max_len.saturating_sub(hl) & !7;
+        let n = if chunk == 0 {
+            usize::MAX
+        } else {
+            (tl - hl).div_ceil(chunk)
+        };
+        if n > MAX_FRAGMENTS || self.protect.len() + n > self.protect.capacity() {
+            return self.drop_pkt(b, DropReason::MtuExceeded);
+        }
+        // The tail fragments, copied out before the first is cut short.
+        let mut tails: [Option<PktBuf>; MAX_FRAGMENTS] = Default::default();
+        for (k, slot) in tails.iter_mut().enumerate().take(n).skip(1) {
+            let (start, end) = (hl + k * chunk, (hl + (k + 1) * chunk).min(tl));
+            let Some(mut f) = self.pool.get() else {
+                for x in tails.iter_mut().filter_map(Option::take) {
+                    self.pool.put(x);
+                }
+                return self.drop_pkt(b, DropReason::NoBuffer);
+            };
+            let Some(d) = f.append(hl + end - start) else {
+                self.pool.put(f);
+                for x in tails.iter_mut().filter_map(Option::take) {
+                    self.pool.put(x);
+                }
+                return self.drop_pkt(b, DropReason::NoBuffer);
+            };
+            d[..hl].copy_from_slice(&b.data()[..hl]);
+            d[hl..].copy_from_slice(&b.data()[start..end]);
+            let mut ip = ipv4::Packet::new_unchecked(&mut d[..]);
+            ip.set_total_len((hl + end - start) as u16);
+            ip.set_fragment(off0 + k * chunk, end < tl || mf0);
+            ip.fill_checksum();
+            ip.decrement_ttl();
+            *slot = Some(f);
+        }
+        b.trim(tl - (hl + chunk));
+        {
+            let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
+            ip.set_total_len((hl + chunk) as u16);
+            ip.set_fragment(off0, true);
+            ip.fill_checksum();
+            ip.decrement_ttl();
+        }
+        let first = InnerInfo {
+            len: hl + chunk,
+            ..info
+        };
+        self.protect.push((b, t, first));
+        for f in tails.iter_mut().filter_map(Option::take) {
+            let len = f.len();
+            self.protect.push((f, t, InnerInfo { len, ..info }));
+        }
     }
 
     /// Second half: sequence numbers reserved once per tunnel per burst (DPDK's
