@@ -29,6 +29,7 @@ A = None
 
 def west_cmd(extra=()):
     return ["ip", "netns", "exec", ns("west"), A.espada, "run", "-c", A.west_config, "--state-dir", os.path.join(A.dir, "state"),
+            "--control", os.path.join(A.dir, "west.sock"),
             "--idle-sleep-us", "50", "--interval", "1", "--stats-json", os.path.join(A.dir, "west.jsonl"), *extra]
 
 

@@ -100,6 +100,8 @@ struct RawGateway {
     sa_mode: Option<Spanned<String>>,
     #[serde(default)]
     crypto: Option<Spanned<String>>,
+    #[serde(default)]
+    control_socket: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +287,8 @@ pub struct Config {
     pub workers: usize,
     /// Explicit worker cores.
     pub cores: Option<Vec<usize>>,
+    /// Control socket path (`[gateway] control_socket`; default /run/espada/NAME.sock).
+    pub control_socket: Option<PathBuf>,
     /// Per-CPU or shared SAs.
     pub sa_mode: SaMode,
     /// Crypto backend; `None` = `auto` (the fastest available, measured at start-up).
@@ -974,6 +978,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         name: g.name.clone(),
         workers,
         cores,
+        control_socket: g.control_socket.as_ref().map(|p| {
+            let p = PathBuf::from(p);
+            if p.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(p)
+            } else {
+                p
+            }
+        }),
         sa_mode,
         crypto,
         red,

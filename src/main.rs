@@ -37,6 +37,9 @@ enum Command {
     Xfrm(cli::xfrm::XfrmArgs),
     /// Print the Wireshark/tshark `esp_sa` entries that decrypt espada's traffic.
     Wireshark(cli::wireshark::WiresharkArgs),
+    /// Ask a running gateway (its control socket): SAs, counters, drops, workers, neighbors,
+    /// policies.
+    Show(cli::show::ShowArgs),
     /// Plan, apply or check core/IRQ/flow-rule pinning for a gateway.
     #[command(subcommand)]
     Pin(cli::pin::PinCmd),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Pin(c) => cli::pin::run(c),
         Command::Xfrm(a) => cli::xfrm::run(a),
         Command::Wireshark(a) => cli::wireshark::run(a),
+        Command::Show(a) => cli::show::run(a),
     };
     match r {
         Ok(code) => code,

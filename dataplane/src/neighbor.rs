@@ -230,6 +230,18 @@ impl NeighborTable {
         old.len()
     }
 
+    /// Every entry (address, MAC, configured?) for reports, sorted by address.
+    pub fn entries(&self) -> Vec<(Ipv4Addr, MacAddr, bool)> {
+        let mut v: Vec<_> = self
+            .map
+            .load()
+            .iter()
+            .map(|(ip, m)| (*ip, *m, self.statics.contains_key(ip)))
+            .collect();
+        v.sort_by_key(|e| e.0);
+        v
+    }
+
     /// Increases with every change: a worker's [`NeighborCache`] checks it once per burst.
     #[inline]
     pub fn generation(&self) -> u64 {

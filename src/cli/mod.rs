@@ -7,6 +7,7 @@ pub mod demo;
 pub mod pin;
 pub mod report;
 pub mod run;
+pub mod show;
 pub mod vectors;
 pub mod wireshark;
 pub mod xfrm;

@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// is refused).
     #[arg(long, default_value = "/run/espada", value_name = "DIR")]
     lock_dir: PathBuf,
+    /// Control socket for `espada show` (default: `[gateway] control_socket`, else
+    /// /run/espada/NAME.sock); `none` serves none.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Sequence numbers reserved per SA per state-file write; a restart skips at most this many.
     #[arg(long, default_value_t = espada_dataplane::seqstore::DEFAULT_BLOCK, value_name = "N")]
     seq_block: u64,
@@ -392,6 +396,43 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .collect::<std::io::Result<_>>()?;
 
     let start = Instant::now();
+    let control_path = a
+        .control
+        .clone()
+        .or_else(|| c.control_socket.clone())
+        .unwrap_or_else(|| espada_control::default_socket(&c.name));
+    let _control = if control_path.as_os_str() == "none" {
+        None
+    } else {
+        let gw = Arc::new(espada_control::server::Gateway {
+            name: c.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started: start,
+            cores: (0..n)
+                .map(|i| (!a.no_pin).then(|| cores[i % cores.len()]))
+                .collect(),
+            cells: cells.clone(),
+            shared: shared.clone(),
+        });
+        match espada_control::server::ControlServer::start(&control_path, gw) {
+            Ok(s) => {
+                eprintln!(
+                    "espada run: control socket {} (espada show sa --socket {})",
+                    s.path().display(),
+                    s.path().display()
+                );
+                Some(s)
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                eprintln!("error: control socket: {e} (--control PATH, or --control none)");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    };
     let mut json = match &a.stats_json {
         Some(p) => Some(
             std::fs::OpenOptions::new()

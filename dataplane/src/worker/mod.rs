@@ -159,6 +159,12 @@ pub struct SaStat {
     pub packets: u64,
     /// Inner bytes.
     pub bytes: u64,
+    /// Outbound: last sequence number used; inbound: top of the replay window.
+    pub seq: u64,
+    /// Inbound: replay window size (0: anti-replay off); outbound: 0.
+    pub window: u32,
+    /// Extended sequence numbers.
+    pub esn: bool,
 }
 
 impl Default for StatsCell {
@@ -507,6 +513,9 @@ impl Worker {
                     port: o.tunnel.src_port,
                     packets: o.counters.packets,
                     bytes: o.counters.bytes,
+                    seq: o.last_seq(),
+                    window: 0,
+                    esn: o.esn,
                 });
             }
             for i in self.sas.inbound_sas() {
@@ -516,6 +525,9 @@ impl Worker {
                     port: 0,
                     packets: i.counters.packets,
                     bytes: i.counters.bytes,
+                    seq: i.window.top(),
+                    window: i.window.size(),
+                    esn: i.esn(),
                 });
             }
         }

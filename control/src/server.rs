@@ -1,0 +1,341 @@
+//! The gateway side: a thread serving the control socket, reading what the workers publish.
+
+use crate::{Request, Response, SHOW};
+use espada_dataplane::worker::{GatewayShared, StatsCell, WorkerStats};
+use espada_dataplane::DropReason;
+use espada_sadb::db::SaSpec;
+use espada_sadb::selector::Action;
+use serde_json::{json, Value};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the control plane can see of a running gateway.
+pub struct Gateway {
+    /// The gateway's name (`[gateway] name`).
+    pub name: String,
+    /// `espada version` text.
+    pub version: String,
+    /// When it started.
+    pub started: Instant,
+    /// The CPU each worker is pinned to (index = worker), when pinned.
+    pub cores: Vec<Option<usize>>,
+    /// Each worker's published counters.
+    pub cells: Vec<Arc<StatsCell>>,
+    /// The gateway's shared state (SA database, neighbors).
+    pub shared: GatewayShared,
+}
+
+/// A served control socket; dropping it stops the thread and removes the socket file.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds `path` (mode 0600) and serves `gw` on a thread of its own. A live gateway already
+    /// on `path` is an error; a stale socket file is replaced.
+    pub fn start(path: &Path, gw: Arc<Gateway>) -> io::Result<ControlServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{}: another gateway serves this control socket",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        l.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("espada-control".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let _ = serve_one(s, &gw);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_one(s: UnixStream, gw: &Gateway) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut w = s.try_clone()?;
+    let r = BufReader::new(s);
+    // A few requests per connection at most: the client sends one and reads one.
+    for line in r.lines().take(64) {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => answer(gw, &req),
+            Err(e) => err(format!(
+                "not a request ({e}); send e.g. {{\"cmd\":\"show\",\"what\":\"sa\"}}"
+            )),
+        };
+        let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+        out.push('\n');
+        w.write_all(out.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn err(msg: String) -> Response {
+    Response {
+        ok: false,
+        error: Some(msg),
+        data: Value::Null,
+    }
+}
+
+fn ok(data: Value) -> Response {
+    Response {
+        ok: true,
+        error: None,
+        data,
+    }
+}
+
+/// Answers one request (the socket thread calls it; tests call it directly).
+pub fn answer(gw: &Gateway, req: &Request) -> Response {
+    match (req.cmd.as_str(), req.what.as_str()) {
+        ("version", _) => ok(json!({ "version": gw.version })),
+        ("show", "sa") => ok(show_sa(gw)),
+        ("show", "stats") => ok(show_stats(gw)),
+        ("show", "errors") => ok(show_errors(gw)),
+        ("show", "workers") => ok(show_workers(gw)),
+        ("show", "neighbors") => ok(show_neighbors(gw)),
+        ("show", "policy") => ok(show_policy(gw)),
+        ("show", w) => err(format!("cannot show \"{w}\"; one of: {}", SHOW.join(", "))),
+        (c, _) => err(format!("unknown command \"{c}\"; commands: show, version")),
+    }
+}
+
+fn limits(s: &SaSpec) -> Value {
+    let l = &s.lifetimes;
+    json!({
+        "soft_seconds": l.soft.seconds, "hard_seconds": l.hard.seconds,
+        "soft_bytes": l.soft.bytes, "hard_bytes": l.hard.bytes,
+        "soft_packets": l.soft.packets, "hard_packets": l.hard.packets,
+    })
+}
+
+fn show_sa(gw: &Gateway) -> Value {
+    let db = gw.shared.sadb.load();
+    // What each worker published about each SA it holds.
+    let mut rt: Vec<(usize, espada_dataplane::worker::SaStat)> = Vec::new();
+    for (core, c) in gw.cells.iter().enumerate() {
+        if let Ok(v) = c.sas.lock() {
+            rt.extend(v.iter().map(|s| (core, *s)));
+        }
+    }
+    let mut rows = Vec::new();
+    for t in &db.tunnels {
+        for (dir, group) in [("out", &t.outbound), ("in", &t.inbound)] {
+            for s in group.all().chain(if dir == "in" {
+                t.draining.iter()
+            } else {
+                [].iter()
+            }) {
+                let held: Vec<&(usize, espada_dataplane::worker::SaStat)> = rt
+                    .iter()
+                    .filter(|(_, r)| r.spi == s.spi && r.outbound == (dir == "out"))
+                    .collect();
+                let packets: u64 = held.iter().map(|(_, r)| r.packets).sum();
+                let bytes: u64 = held.iter().map(|(_, r)| r.bytes).sum();
+                let seq = held.iter().map(|(_, r)| r.seq).max().unwrap_or(0);
+                rows.push(json!({
+                    "tunnel": t.name,
+                    "dir": dir,
+                    "spi": format!("{:#010x}", s.spi),
+                    "cpu": s.cpu,
+                    "udp_src_port": s.endpoints.src_port,
+                    "local": s.endpoints.local.to_string(),
+                    "remote": s.endpoints.remote.to_string(),
+                    "esn": s.esn,
+                    "replay_window": if dir == "in" { Some(s.replay_window) } else { None },
+                    "owner_cores": held.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+                    "packets": packets,
+                    "bytes": bytes,
+                    if dir == "out" { "seq" } else { "replay_top" }: seq,
+                    "draining": dir == "in" && t.draining.iter().any(|d| d.spi == s.spi),
+                    "lifetime": limits(s),
+                }));
+            }
+        }
+    }
+    json!({ "gateway": gw.name, "mode": db.mode.name(), "workers": db.workers, "sas": rows })
+}
+
+fn stats_json(s: &WorkerStats) -> Value {
+    let drops: serde_json::Map<String, Value> = s
+        .drops
+        .nonzero()
+        .map(|(r, n)| (r.label().to_string(), json!(n)))
+        .collect();
+    json!({
+        "red_rx": s.red_rx, "black_rx": s.black_rx, "red_tx": s.red_tx, "black_tx": s.black_tx,
+        "encap_packets": s.encap_packets, "encap_bytes": s.encap_bytes,
+        "decap_packets": s.decap_packets, "decap_bytes": s.decap_bytes,
+        "bypass_packets": s.bypass_packets, "handoff_out": s.handoff_out, "handoff_in": s.handoff_in,
+        "to_control": s.to_control, "arp_replies": s.arp_replies, "arp_requests": s.arp_requests,
+        "icmp_sent": s.icmp_sent, "bursts": s.bursts, "busy_ns": s.busy_ns,
+        "drops": s.drops.total(), "drops_by_reason": drops,
+    })
+}
+
+fn sum(gw: &Gateway) -> (Vec<WorkerStats>, WorkerStats) {
+    let per: Vec<WorkerStats> = gw.cells.iter().map(|c| c.read()).collect();
+    let mut t = WorkerStats::default();
+    for s in &per {
+        t.red_rx += s.red_rx;
+        t.black_rx += s.black_rx;
+        t.red_tx += s.red_tx;
+        t.black_tx += s.black_tx;
+        t.encap_packets += s.encap_packets;
+        t.encap_bytes += s.encap_bytes;
+        t.decap_packets += s.decap_packets;
+        t.decap_bytes += s.decap_bytes;
+        t.bypass_packets += s.bypass_packets;
+        t.handoff_out += s.handoff_out;
+        t.handoff_in += s.handoff_in;
+        t.to_control += s.to_control;
+        t.arp_replies += s.arp_replies;
+        t.arp_requests += s.arp_requests;
+        t.icmp_sent += s.icmp_sent;
+        t.bursts += s.bursts;
+        t.busy_ns += s.busy_ns;
+        t.drops.merge(&s.drops);
+    }
+    (per, t)
+}
+
+fn show_stats(gw: &Gateway) -> Value {
+    let (per, total) = sum(gw);
+    json!({
+        "gateway": gw.name,
+        "uptime_seconds": gw.started.elapsed().as_secs_f64(),
+        "workers": per.iter().enumerate().map(|(i, s)| { let mut v = stats_json(s); v["worker"] = json!(i); v }).collect::<Vec<_>>(),
+        "total": stats_json(&total),
+    })
+}
+
+fn show_errors(gw: &Gateway) -> Value {
+    let (per, total) = sum(gw);
+    let rows: Vec<Value> = DropReason::ALL
+        .iter()
+        .filter(|r| total.drops.get(**r) > 0)
+        .map(|r| {
+            json!({
+                "reason": r.label(),
+                "total": total.drops.get(*r),
+                "per_worker": per.iter().map(|s| s.drops.get(*r)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "gateway": gw.name, "errors": rows })
+}
+
+fn show_workers(gw: &Gateway) -> Value {
+    let rows: Vec<Value> = gw
+        .cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let s = c.read();
+            let ports = c.ports.lock().map(|p| *p).unwrap_or_default();
+            let port = |p: &espada_dataplane::port::PortStats| {
+                json!({ "rx_packets": p.rx_packets, "tx_packets": p.tx_packets, "rx_dropped": p.rx_dropped,
+                        "tx_dropped": p.tx_dropped, "tx_lost": p.tx_lost, "tx_resets": p.tx_resets,
+                        "tx_oversize": p.tx_oversize, "rx_filtered": p.rx_filtered, "tx_copied": p.tx_copied })
+            };
+            json!({
+                "worker": i,
+                "cpu": gw.cores.get(i).copied().flatten(),
+                "bursts": s.bursts,
+                "busy_ns": s.busy_ns,
+                "ns_per_packet": if s.red_rx + s.black_rx + s.handoff_in > 0 { s.busy_ns as f64 / (s.red_rx + s.black_rx + s.handoff_in) as f64 } else { 0.0 },
+                "handoff_out": s.handoff_out, "handoff_in": s.handoff_in,
+                "red": port(&ports[0]), "black": port(&ports[1]),
+            })
+        })
+        .collect();
+    json!({ "gateway": gw.name, "workers": rows })
+}
+
+fn show_neighbors(gw: &Gateway) -> Value {
+    let n = &gw.shared.neighbors;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "gateway": gw.name,
+        "entries": n.entries().iter().map(|(ip, mac, st)| json!({"ip": ip.to_string(), "mac": mac.to_string(), "configured": st})).collect::<Vec<_>>(),
+        "learned": l(&n.counters.learned), "expired": l(&n.counters.expired),
+        "refused_unsolicited": l(&n.counters.unsolicited), "refused_configured": l(&n.counters.static_kept),
+        "refused_too_soon": l(&n.counters.too_soon), "refused_full": l(&n.counters.full),
+    })
+}
+
+fn show_policy(gw: &Gateway) -> Value {
+    let db = gw.shared.sadb.load();
+    let rows: Vec<Value> = db
+        .spd
+        .policies
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "selector": p.selector.to_string(),
+                "action": match p.action {
+                    Action::Protect(t) => format!("protect via tunnel {}", db.tunnels.get(t).map_or("?", |t| t.name.as_str())),
+                    Action::Bypass => "bypass".into(),
+                    Action::Discard => "discard".into(),
+                },
+            })
+        })
+        .collect();
+    json!({ "gateway": gw.name, "policies": rows })
+}

@@ -1,0 +1,98 @@
+//! The control socket against an in-process west gateway that carried traffic: every answer
+//! comes over a real Unix socket and is checked against the workers' own counters.
+
+use espada_control::server::{ControlServer, Gateway};
+use espada_control::{client, Request};
+use espada_dataplane::pair::{lab, Pair, PairSpec};
+use espada_sadb::db::SaMode;
+use espada_sadb::lifetime::Lifetimes;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn req(what: &str) -> Request {
+    Request {
+        cmd: "show".into(),
+        what: what.into(),
+    }
+}
+
+#[test]
+fn show_over_the_socket_matches_the_workers() {
+    let (w, e) = lab::dbs(2, 2, SaMode::PerCpu, Lifetimes::default());
+    let (ws, es) = lab::sides();
+    let mut p = Pair::new(
+        w,
+        e,
+        ws,
+        es,
+        PairSpec {
+            workers: 2,
+            size: 300,
+            limit: Some(500),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.drain();
+    for wk in p.west.workers.iter_mut() {
+        wk.finish(); // publish the SA counters now
+    }
+    let gw = Arc::new(Gateway {
+        name: "west".into(),
+        version: "test".into(),
+        started: Instant::now(),
+        cores: vec![Some(0), Some(1)],
+        cells: p.west.cells.clone(),
+        shared: p.west.shared.clone(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("west.sock");
+    let srv = ControlServer::start(&path, gw.clone()).unwrap();
+    // A second gateway on the same socket is refused while the first serves it.
+    let e = ControlServer::start(&path, gw.clone()).err().unwrap();
+    assert!(e.to_string().contains("another gateway"), "{e}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let sa = client::request(&path, &req("sa")).unwrap();
+    assert!(sa.ok, "{sa:?}");
+    let rows = sa.data["sas"].as_array().unwrap();
+    let out: Vec<_> = rows.iter().filter(|r| r["dir"] == "out").collect();
+    // Fallback + two per-CPU SAs out, the same in: the per-CPU ones carried 500 each.
+    assert_eq!(out.len(), 3);
+    for (spi, core) in [("0x00001001", 0), ("0x00001002", 1)] {
+        let r = out.iter().find(|r| r["spi"] == spi).unwrap();
+        assert_eq!(r["packets"], 500, "{r}");
+        assert_eq!(r["seq"], 500, "{r}");
+        assert_eq!(r["owner_cores"], serde_json::json!([core]), "{r}");
+        assert_eq!(r["cpu"], core);
+    }
+    assert!(
+        !sa.data.to_string().contains("key"),
+        "no key material in answers"
+    );
+
+    let st = client::request(&path, &req("stats")).unwrap();
+    let enc: u64 = p.west.workers.iter().map(|w| w.stats().encap_packets).sum();
+    assert_eq!(st.data["total"]["encap_packets"], enc);
+    assert_eq!(enc, 1000);
+
+    for what in ["errors", "workers", "neighbors", "policy"] {
+        let r = client::request(&path, &req(what)).unwrap();
+        assert!(r.ok, "{what}: {r:?}");
+    }
+    let pol = client::request(&path, &req("policy")).unwrap();
+    assert!(pol.data["policies"][0]["action"]
+        .as_str()
+        .unwrap()
+        .starts_with("protect"));
+    let bad = client::request(&path, &req("nothing")).unwrap();
+    assert!(!bad.ok && bad.error.unwrap().contains("one of: sa, stats"));
+    drop(srv);
+    assert!(!path.exists(), "the socket goes with the server");
+    let gone = client::request(&path, &req("sa")).unwrap_err();
+    assert!(gone.contains("cannot reach a gateway"), "{gone}");
+}

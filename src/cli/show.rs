@@ -1,0 +1,272 @@
+//! `espada show sa|stats|errors|workers|neighbors|policy`: ask a running gateway over its
+//! control socket and print the answer as a table, or as JSON with `--json`.
+
+use crate::config;
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use espada_control::{client, Request};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum What {
+    /// Every SA: direction, SPI, RFC 9611 CPU, UDP port, owner worker(s), packets, bytes,
+    /// sequence number (out) or replay window top (in), lifetimes.
+    Sa,
+    /// Counters per worker and in total, drops by reason.
+    Stats,
+    /// Drops by reason, per worker.
+    Errors,
+    /// Per worker: CPU, bursts, ns per packet, handoffs, port counters.
+    Workers,
+    /// The ARP table and what ARP was refused.
+    Neighbors,
+    /// The security policy database in order.
+    Policy,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// What to show.
+    #[arg(value_enum)]
+    what: What,
+    /// The gateway's control socket (default: from the configuration's gateway name,
+    /// /run/espada/NAME.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The gateway's configuration (to find its control socket).
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Print the gateway's JSON answer as it is.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: ShowArgs) -> Result<ExitCode> {
+    let socket = match (&a.socket, &a.config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(c)) => match config::load(c) {
+            Ok(c) => c
+                .control_socket
+                .clone()
+                .unwrap_or_else(|| espada_control::default_socket(&c.name)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        },
+        (None, None) => bail!("give the gateway's --socket PATH or its configuration with -c FILE"),
+    };
+    let what = match a.what {
+        What::Sa => "sa",
+        What::Stats => "stats",
+        What::Errors => "errors",
+        What::Workers => "workers",
+        What::Neighbors => "neighbors",
+        What::Policy => "policy",
+    };
+    let r = match client::request(
+        &socket,
+        &Request {
+            cmd: "show".into(),
+            what: what.into(),
+        },
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if !r.ok {
+        eprintln!("error: {}", r.error.unwrap_or_default());
+        return Ok(ExitCode::from(1));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r.data)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d = &r.data;
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    match a.what {
+        What::Sa => {
+            println!(
+                "gateway {}: {} mode, {} worker(s)",
+                s(&d["gateway"]),
+                s(&d["mode"]),
+                s(&d["workers"])
+            );
+            println!(
+                "{:<16} {:<3} {:<10} {:>4} {:>6} {:>7} {:>12} {:>14} {:>12} {:>7} {:>4}",
+                "tunnel",
+                "dir",
+                "spi",
+                "cpu",
+                "port",
+                "owner",
+                "packets",
+                "bytes",
+                "seq/top",
+                "window",
+                "esn"
+            );
+            for r in d["sas"].as_array().into_iter().flatten() {
+                let owner = r["owner_cores"]
+                    .as_array()
+                    .map(|v| v.iter().map(s).collect::<Vec<_>>().join(","))
+                    .filter(|x| !x.is_empty())
+                    .unwrap_or_else(|| "-".into());
+                let seq = if r["dir"] == "out" {
+                    &r["seq"]
+                } else {
+                    &r["replay_top"]
+                };
+                println!(
+                    "{:<16} {:<3} {:<10} {:>4} {:>6} {:>7} {:>12} {:>14} {:>12} {:>7} {:>4}{}",
+                    s(&r["tunnel"]),
+                    s(&r["dir"]),
+                    s(&r["spi"]),
+                    s(&r["cpu"]),
+                    if r["dir"] == "out" {
+                        s(&r["udp_src_port"])
+                    } else {
+                        "-".into()
+                    },
+                    owner,
+                    s(&r["packets"]),
+                    s(&r["bytes"]),
+                    s(seq),
+                    s(&r["replay_window"]),
+                    if r["esn"] == true { "yes" } else { "no" },
+                    if r["draining"] == true {
+                        "  (draining)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        What::Stats => {
+            println!(
+                "gateway {}: up {:.0} s",
+                s(&d["gateway"]),
+                d["uptime_seconds"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+                "worker",
+                "red rx",
+                "black rx",
+                "encap",
+                "decap",
+                "red tx",
+                "black tx",
+                "handoffs",
+                "drops"
+            );
+            let row = |name: String, v: &Value| {
+                println!(
+                    "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+                    name,
+                    s(&v["red_rx"]),
+                    s(&v["black_rx"]),
+                    s(&v["encap_packets"]),
+                    s(&v["decap_packets"]),
+                    s(&v["red_tx"]),
+                    s(&v["black_tx"]),
+                    s(&v["handoff_out"]),
+                    s(&v["drops"])
+                )
+            };
+            for w in d["workers"].as_array().into_iter().flatten() {
+                row(s(&w["worker"]), w);
+            }
+            row("all".into(), &d["total"]);
+        }
+        What::Errors => {
+            let rows = d["errors"].as_array().cloned().unwrap_or_default();
+            if rows.is_empty() {
+                println!("gateway {}: no drops", s(&d["gateway"]));
+            }
+            for r in rows {
+                println!(
+                    "{:<20} {:>12}   per worker {}",
+                    s(&r["reason"]),
+                    s(&r["total"]),
+                    s(&r["per_worker"])
+                );
+            }
+        }
+        What::Workers => {
+            println!(
+                "{:<7} {:>4} {:>12} {:>8} {:>10} {:>10} {:>10} {:>10}",
+                "worker",
+                "cpu",
+                "bursts",
+                "ns/pkt",
+                "handoff→",
+                "handoff←",
+                "red drop",
+                "black drop"
+            );
+            for w in d["workers"].as_array().into_iter().flatten() {
+                let pd = |p: &Value| {
+                    p["rx_dropped"].as_u64().unwrap_or(0)
+                        + p["tx_dropped"].as_u64().unwrap_or(0)
+                        + p["tx_lost"].as_u64().unwrap_or(0)
+                };
+                println!(
+                    "{:<7} {:>4} {:>12} {:>8.0} {:>10} {:>10} {:>10} {:>10}",
+                    s(&w["worker"]),
+                    s(&w["cpu"]),
+                    s(&w["bursts"]),
+                    w["ns_per_packet"].as_f64().unwrap_or(0.0),
+                    s(&w["handoff_out"]),
+                    s(&w["handoff_in"]),
+                    pd(&w["red"]),
+                    pd(&w["black"])
+                );
+            }
+        }
+        What::Neighbors => {
+            for e in d["entries"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {}{}",
+                    s(&e["ip"]),
+                    s(&e["mac"]),
+                    if e["configured"] == true {
+                        "  (configured)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            println!(
+                "learned {}, expired {}; refused: {} unsolicited, {} for configured entries, {} too soon, {} table full",
+                s(&d["learned"]),
+                s(&d["expired"]),
+                s(&d["refused_unsolicited"]),
+                s(&d["refused_configured"]),
+                s(&d["refused_too_soon"]),
+                s(&d["refused_full"])
+            );
+        }
+        What::Policy => {
+            for (i, p) in d["policies"].as_array().into_iter().flatten().enumerate() {
+                println!(
+                    "{:>3} {:<20} {:<60} {}",
+                    i + 1,
+                    s(&p["name"]),
+                    s(&p["selector"]),
+                    s(&p["action"])
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
