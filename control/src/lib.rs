@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod metrics;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

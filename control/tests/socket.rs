@@ -91,6 +91,72 @@ fn show_over_the_socket_matches_the_workers() {
         .starts_with("protect"));
     let bad = client::request(&path, &req("nothing")).unwrap();
     assert!(!bad.ok && bad.error.unwrap().contains("one of: sa, stats"));
+
+    // Metrics over real HTTP (curl), validated by Prometheus' own promtool, agreeing with
+    // `show stats`.
+    let m = espada_control::metrics::MetricsServer::start("127.0.0.1:0", gw.clone()).unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://{}/metrics", m.addr())])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    for w in 0..2 {
+        let line = format!("espada_packets_total{{worker=\"{w}\",direction=\"encap\"}} ");
+        let v: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(v, st.data["workers"][w]["encap_packets"], "worker {w}");
+    }
+    assert!(
+        text.contains(
+            "espada_sa_packets_total{worker=\"0\",spi=\"0x00001001\",direction=\"out\"} 500"
+        ),
+        "{text}"
+    );
+    if std::env::var("ESPADA_SKIP_PROMTOOL").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_PROMTOOL=1: promtool was NOT run");
+    } else {
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus; scripts/test installs it)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let r = child.wait_with_output().unwrap();
+        assert!(
+            r.status.success(),
+            "promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    let nf = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{}/", m.addr()),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&nf.stdout), "404");
+    drop(m);
+
     drop(srv);
     assert!(!path.exists(), "the socket goes with the server");
     let gone = client::request(&path, &req("sa")).unwrap_err();

@@ -65,6 +65,9 @@ pub struct RunArgs {
     /// is refused).
     #[arg(long, default_value = "/run/espada", value_name = "DIR")]
     lock_dir: PathBuf,
+    /// Serve Prometheus metrics over HTTP at ADDR (`GET /metrics`), e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Control socket for `espada show` (default: `[gateway] control_socket`, else
     /// /run/espada/NAME.sock); `none` serves none.
     #[arg(long, value_name = "PATH")]
@@ -401,20 +404,37 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .clone()
         .or_else(|| c.control_socket.clone())
         .unwrap_or_else(|| espada_control::default_socket(&c.name));
+    let gw = Arc::new(espada_control::server::Gateway {
+        name: c.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started: start,
+        cores: (0..n)
+            .map(|i| (!a.no_pin).then(|| cores[i % cores.len()]))
+            .collect(),
+        cells: cells.clone(),
+        shared: shared.clone(),
+    });
+    let _metrics = match &a.metrics {
+        None => None,
+        Some(addr) => match espada_control::metrics::MetricsServer::start(addr, gw.clone()) {
+            Ok(m) => {
+                eprintln!("espada run: metrics on http://{}/metrics", m.addr());
+                Some(m)
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        },
+    };
     let _control = if control_path.as_os_str() == "none" {
         None
     } else {
-        let gw = Arc::new(espada_control::server::Gateway {
-            name: c.name.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            started: start,
-            cores: (0..n)
-                .map(|i| (!a.no_pin).then(|| cores[i % cores.len()]))
-                .collect(),
-            cells: cells.clone(),
-            shared: shared.clone(),
-        });
-        match espada_control::server::ControlServer::start(&control_path, gw) {
+        match espada_control::server::ControlServer::start(&control_path, gw.clone()) {
             Ok(s) => {
                 eprintln!(
                     "espada run: control socket {} (espada show sa --socket {})",
