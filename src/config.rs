@@ -162,6 +162,8 @@ struct RawTunnel {
     keys: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     lifetime: Option<RawLifetime>,
+    #[serde(default)]
+    lab_rekey: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -255,6 +257,8 @@ pub struct TunnelConfig {
     /// Why these keys are not fit for real traffic, if they are not (derived from the lab
     /// secret shipped with espada, or from a short one).
     pub key_warning: Option<String>,
+    /// Rekey without IKE (`lab_rekey = true`, lab_secret keys): see [`Config::generation`].
+    pub lab_rekey: Option<LabRekey>,
 }
 
 impl TunnelConfig {
@@ -400,6 +404,38 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     parse(path, &text)
 }
+
+/// Keys and SPIs that change by generation: generation `g` covers the wall-clock interval
+/// `[g·S, (g+1)·S)` of `S = soft_seconds`, so both gateways, started apart and restarted at
+/// will, agree on it without talking. Generation `g`'s SAs use the configured SPIs plus
+/// `(g mod 64) · 0x10000` and keys derived from the lab secret with `g` in the HKDF info, so no
+/// two generations share a (key, SPI). Each gateway sends on generation `g` and accepts
+/// `g−1`, `g` and `g+1`: the switch at a boundary is make-before-break on both sides, whatever
+/// the clock skew (up to `S`).
+#[derive(Clone)]
+pub struct LabRekey {
+    secret: zeroize::Zeroizing<Vec<u8>>,
+    /// The generation length (the soft lifetime).
+    pub seconds: u64,
+}
+
+impl std::fmt::Debug for LabRekey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LabRekey(every {} s)", self.seconds)
+    }
+}
+
+/// Seconds since the UNIX epoch (the generation clock).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// SPI offset between generation slots.
+pub const GENERATION_SPI_STRIDE: u32 = 0x1_0000;
+/// Generation slots before SPIs repeat (with new keys).
+pub const GENERATION_SLOTS: u64 = 64;
 
 /// The lab secret in the shipped configurations (`configs/west.toml`, `east.toml`).
 pub const SHIPPED_LAB_SECRET: &str = "espada-lab-secret-change-me";
@@ -749,6 +785,31 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut keys = BTreeMap::new();
         let key_source;
         let mut key_warning = None;
+        let lab_rekey = match (&t.lab_rekey, &t.lab_secret, lifetimes.soft.seconds) {
+            (None, _, _) => None,
+            (Some(r), _, _) if !r.get_ref() => None,
+            (Some(r), None, _) => {
+                return Err(ctx.at(r, "lab_rekey derives new keys from lab_secret: give lab_secret (with key_file or [tunnel.keys], rekey through IKE)"))
+            }
+            (Some(r), _, None) => {
+                return Err(ctx.at(r, "lab_rekey rekeys every [tunnel.lifetime] soft_seconds: give soft_seconds"))
+            }
+            (Some(r), _, Some(s)) if s < 2 => {
+                return Err(ctx.at(r, "lab_rekey needs soft_seconds of at least 2"))
+            }
+            (Some(r), Some(sec), Some(s)) => {
+                let top = (out_spi.max(in_spi) as u64)
+                    + pcpu.max(peer_pcpu) as u64
+                    + (GENERATION_SLOTS - 1) * GENERATION_SPI_STRIDE as u64;
+                if top > u32::MAX as u64 {
+                    return Err(ctx.at(r, format!("lab_rekey moves SPIs up by up to {:#x}: out_spi and in_spi must leave that room", (GENERATION_SLOTS - 1) * GENERATION_SPI_STRIDE as u64)));
+                }
+                Some(LabRekey {
+                    secret: zeroize::Zeroizing::new(sec.get_ref().as_bytes().to_vec()),
+                    seconds: s,
+                })
+            }
+        };
         let all_spis: Vec<u32> = in_spis.iter().chain(out_spis.iter()).copied().collect();
         if let Some(secret) = &t.lab_secret {
             if secret.get_ref().len() < 8 {
@@ -865,6 +926,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             keys,
             key_source,
             key_warning,
+            lab_rekey,
         });
     }
 
@@ -1088,47 +1150,19 @@ impl Config {
 
     /// Builds the SA database snapshot for `workers` worker cores.
     pub fn sadb(&self, workers: usize) -> Result<SaDb, espada_sadb::db::DbError> {
-        let mut tunnels = Vec::new();
-        for t in &self.tunnels {
-            let spec = |spi: u32, cpu: Option<usize>, sport: u16, dport: u16| {
-                let mut ep = TunnelEndpoints::new(t.local, t.remote);
-                ep.src_port = sport;
-                ep.dst_port = dport;
-                ep.ttl = t.ttl;
-                ep.df = t.df;
-                SaSpec::new(
-                    spi,
-                    t.keys[&spi].clone(),
-                    t.esn,
-                    t.replay_window,
-                    t.lifetimes,
-                    ep,
-                    cpu,
-                )
-            };
-            let (pcpu, peer_pcpu) = match self.sa_mode {
-                SaMode::PerCpu => (t.pcpu, t.peer_pcpu),
-                SaMode::Shared => (0, 0),
-            };
-            tunnels.push(TunnelSas {
-                name: t.name.clone(),
-                local_subnets: t.local_subnets.clone(),
-                remote_subnets: t.remote_subnets.clone(),
-                outbound: PerCpuSaGroup {
-                    fallback: spec(t.out_spi_of(None), None, t.out_port_of(None), 4500),
-                    per_cpu: (0..pcpu)
-                        .map(|i| spec(t.out_spi_of(Some(i)), Some(i), t.out_port_of(Some(i)), 4500))
-                        .collect(),
-                },
-                inbound: PerCpuSaGroup {
-                    fallback: spec(t.in_spi_of(None), None, t.in_port_of(None), 4500),
-                    per_cpu: (0..peer_pcpu)
-                        .map(|i| spec(t.in_spi_of(Some(i)), Some(i), t.in_port_of(Some(i)), 4500))
-                        .collect(),
-                },
-                draining: vec![],
-            });
-        }
+        self.sadb_at(workers, None)
+    }
+
+    /// The SA database a running gateway uses at UNIX time `now`: with `lab_rekey`, the
+    /// generation of that moment (see [`LabRekey`]); [`Config::sadb`] is the configured SAs.
+    pub fn sadb_at(
+        &self,
+        workers: usize,
+        now: Option<u64>,
+    ) -> Result<SaDb, espada_sadb::db::DbError> {
+        let tunnels = (0..self.tunnels.len())
+            .map(|t| self.tunnel_sas(t, now.and_then(|n| self.generation(t, n))))
+            .collect();
         SaDb::new(
             self.sa_mode,
             workers,
@@ -1136,6 +1170,88 @@ impl Config {
             tunnels,
             self.spd.clone(),
         )
+    }
+
+    /// The generation tunnel `t` is in at UNIX time `now` (`None` without `lab_rekey`).
+    pub fn generation(&self, t: usize, now: u64) -> Option<u64> {
+        self.tunnels[t].lab_rekey.as_ref().map(|r| now / r.seconds)
+    }
+
+    /// Tunnel `t`'s SAs: as configured, or for generation `gen` (send on `gen`; accept
+    /// `gen−1`, `gen`, `gen+1`; see [`LabRekey`]).
+    pub fn tunnel_sas(&self, t: usize, gen: Option<u64>) -> TunnelSas {
+        let t = &self.tunnels[t];
+        let (pcpu, peer_pcpu) = match self.sa_mode {
+            SaMode::PerCpu => (t.pcpu, t.peer_pcpu),
+            SaMode::Shared => (0, 0),
+        };
+        // Under lab_rekey the control plane retires generations itself: no soft event (the
+        // switch comes first), the hard limit stays as a safety net on what is sent, and what is
+        // received ends when its generation leaves the window.
+        let (out_life, in_life) = match gen {
+            None => (t.lifetimes, t.lifetimes),
+            Some(_) => (
+                Lifetimes {
+                    soft: Limits::default(),
+                    hard: t.lifetimes.hard,
+                },
+                Lifetimes::default(),
+            ),
+        };
+        let spec = |base: u32, g: Option<u64>, cpu: Option<usize>, sport: u16, life: Lifetimes| {
+            let mut ep = TunnelEndpoints::new(t.local, t.remote);
+            ep.src_port = sport;
+            ep.dst_port = 4500;
+            ep.ttl = t.ttl;
+            ep.df = t.df;
+            let (spi, key) = match (g, &t.lab_rekey) {
+                (Some(g), Some(r)) => {
+                    let spi = base + (g % GENERATION_SLOTS) as u32 * GENERATION_SPI_STRIDE;
+                    let km = derive_lab_key(
+                        t.cipher,
+                        &r.secret,
+                        &format!("{}|{spi:#010x}|generation {g}", t.name),
+                    );
+                    (spi, km)
+                }
+                _ => (base, t.keys[&base].clone()),
+            };
+            SaSpec::new(spi, key, t.esn, t.replay_window, life, ep, cpu)
+        };
+        let group = |out: bool, g: Option<u64>, life: Lifetimes| {
+            let n = if out { pcpu } else { peer_pcpu };
+            let sa = |c: Option<usize>| {
+                let (spi, port) = if out {
+                    (t.out_spi_of(c), t.out_port_of(c))
+                } else {
+                    (t.in_spi_of(c), t.in_port_of(c))
+                };
+                spec(spi, g, c, port, life)
+            };
+            PerCpuSaGroup {
+                fallback: sa(None),
+                per_cpu: (0..n).map(|i| sa(Some(i))).collect(),
+            }
+        };
+        let draining = match gen {
+            None => vec![],
+            Some(g) => [g.checked_sub(1), Some(g + 1)]
+                .into_iter()
+                .flatten()
+                .flat_map(|x| {
+                    let gr = group(false, Some(x), in_life);
+                    std::iter::once(gr.fallback).chain(gr.per_cpu)
+                })
+                .collect(),
+        };
+        TunnelSas {
+            name: t.name.clone(),
+            local_subnets: t.local_subnets.clone(),
+            remote_subnets: t.remote_subnets.clone(),
+            outbound: group(true, gen, out_life),
+            inbound: group(false, gen, in_life),
+            draining,
+        }
     }
 
     /// Checks that `peer` is the mirror of this configuration: for every tunnel of the same

@@ -275,7 +275,20 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
     }
     // Durable sequence reservations: resume above whatever the previous run could have sent.
-    let mut db = c.sadb(n)?;
+    let now0 = config::unix_now();
+    let mut db = c.sadb_at(n, Some(now0))?;
+    let mut gens: Vec<Option<u64>> = (0..c.tunnels.len())
+        .map(|t| c.generation(t, now0))
+        .collect();
+    for (t, g) in gens.iter().enumerate() {
+        if let Some(g) = g {
+            eprintln!(
+                "espada run: tunnel \"{}\" rekeys every {} s without IKE (lab_rekey): generation {g} now",
+                c.tunnels[t].name,
+                c.tunnels[t].lab_rekey.as_ref().map_or(0, |r| r.seconds)
+            );
+        }
+    }
     let mut seq_store =
         match espada_dataplane::seqstore::SeqStore::open(&a.state_dir, &c.name, a.seq_block) {
             Ok(s) => s,
@@ -479,6 +492,44 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             drop(b); // the buffer goes back to its pool
         }
         shared.neighbors.expire(Instant::now());
+        // lab_rekey: at a generation boundary, send on the new generation (the peer already
+        // accepts it) and keep accepting the one before.
+        let now_unix = config::unix_now();
+        for (t, cur) in gens.iter_mut().enumerate() {
+            let Some(g) = c.generation(t, now_unix) else {
+                continue;
+            };
+            if *cur == Some(g) {
+                continue;
+            }
+            let mut ts = c.tunnel_sas(t, Some(g));
+            let g_ = &mut ts.outbound;
+            for s in std::iter::once(&mut g_.fallback).chain(g_.per_cpu.iter_mut()) {
+                s.seq_guard =
+                    Some(seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }));
+            }
+            if let Err(e) = seq_store.advance() {
+                eprintln!("espada run: ERROR: tunnel \"{}\": cannot reserve sequence numbers for generation {g} ({e}); staying on the current one", c.tunnels[t].name);
+                continue;
+            }
+            let spis: Vec<String> = ts
+                .outbound
+                .all()
+                .map(|s| format!("{:#010x}", s.spi))
+                .collect();
+            match shared.sadb.update(|db| db.tunnels[t] = ts) {
+                Ok(_) => eprintln!(
+                    "espada run: tunnel \"{}\" rekeyed to generation {g}: sending on {}",
+                    c.tunnels[t].name,
+                    spis.join(", ")
+                ),
+                Err(e) => eprintln!(
+                    "espada run: ERROR: tunnel \"{}\": generation {g} refused: {e}",
+                    c.tunnels[t].name
+                ),
+            }
+            *cur = Some(g);
+        }
         if let Err(e) = seq_store.advance() {
             if seq_store.write_errors() == 1 || seq_store.write_errors().is_multiple_of(100) {
                 eprintln!("espada run: ERROR: cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)");

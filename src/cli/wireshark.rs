@@ -27,7 +27,12 @@ pub fn run(a: WiresharkArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let db = c.sadb(c.resolved_workers())?;
+    // What a running gateway uses now: with lab_rekey, the current generations (the entries
+    // change every soft_seconds).
+    let db = c.sadb_at(c.resolved_workers(), Some(config::unix_now()))?;
+    if c.tunnels.iter().any(|t| t.lab_rekey.is_some()) {
+        eprintln!("# espada wireshark: lab_rekey is on: these entries cover the generations in use now (they change every soft_seconds)");
+    }
     let opts = options(&c, &db);
     if a.options_only {
         eprintln!("# espada wireshark: the output contains keys");
@@ -64,6 +69,7 @@ pub fn options(c: &Config, db: &SaDb) -> Vec<String> {
             .all()
             .map(|s| (s, t.local, t.remote))
             .chain(tun.inbound.all().map(|s| (s, t.remote, t.local)))
+            .chain(tun.draining.iter().map(|s| (s, t.remote, t.local)))
         {
             out.push(format!(
                 "uat:esp_sa:\"{fam}\",\"{src}\",\"{dst}\",\"{:#010x}\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x{}\",\"NULL\",\"\"",
