@@ -13,7 +13,7 @@ use std::process::ExitCode;
 /// `sunset — west == east — sunrise`.
 #[derive(Parser)]
 #[command(name = "espada", version, about, long_about)]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +40,12 @@ enum Command {
     /// Ask a running gateway (its control socket): SAs, counters, drops, workers, neighbors,
     /// policies.
     Show(cli::show::ShowArgs),
+    /// Version, git revision, features, crypto backends and DPDK version of this binary.
+    Version,
+    /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
+    Completions(cli::meta::CompletionsArgs),
+    /// Man pages for espada and every subcommand, written into a directory.
+    Man(cli::meta::ManArgs),
     /// Plan, apply or check core/IRQ/flow-rule pinning for a gateway.
     #[command(subcommand)]
     Pin(cli::pin::PinCmd),
@@ -72,6 +78,9 @@ fn main() -> ExitCode {
         Command::Xfrm(a) => cli::xfrm::run(a),
         Command::Wireshark(a) => cli::wireshark::run(a),
         Command::Show(a) => cli::show::run(a),
+        Command::Version => cli::meta::version(),
+        Command::Completions(a) => cli::meta::completions(a),
+        Command::Man(a) => cli::meta::man(a),
     };
     match r {
         Ok(code) => code,

@@ -22,10 +22,10 @@ const EAST: &str = include_str!("../../configs/east.toml");
 
 #[derive(Args, Clone)]
 pub struct DemoArgs {
-    /// West configuration (default: the built-in configs/west.toml).
+    /// West configuration (default: configs/west.toml here, else the copy built in).
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
-    /// East configuration (default: the built-in configs/east.toml).
+    /// East configuration (default: configs/east.toml here, else the copy built in).
     #[arg(long)]
     peer: Option<PathBuf>,
     /// Worker cores per gateway (default: every online core). West worker i and east worker i
@@ -103,13 +103,23 @@ fn dpdk_black(
     bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
 }
 
+/// The given file; else `configs/NAME.toml` of the working directory when there is one (what a
+/// user edits); else the copy built into the binary, and the demo says which it used.
 fn load(path: &Option<PathBuf>, builtin: &str, name: &str) -> Result<config::Config> {
+    let on_disk = PathBuf::from(format!("configs/{name}.toml"));
     let r = match path {
         Some(p) => config::load(p),
-        None => config::parse(
-            Path::new(&format!("(built-in) configs/{name}.toml")),
-            builtin,
-        ),
+        None if on_disk.is_file() => {
+            eprintln!("espada demo: {name} from {}", on_disk.display());
+            config::load(&on_disk)
+        }
+        None => {
+            eprintln!("espada demo: {name} from the configuration built into this binary (no configs/{name}.toml here)");
+            config::parse(
+                Path::new(&format!("(built-in) configs/{name}.toml")),
+                builtin,
+            )
+        }
     };
     r.map_err(|e| anyhow::anyhow!("{e}"))
 }

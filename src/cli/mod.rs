@@ -4,6 +4,7 @@ pub mod ab;
 pub mod bench;
 pub mod check;
 pub mod demo;
+pub mod meta;
 pub mod pin;
 pub mod report;
 pub mod run;

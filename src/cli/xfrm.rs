@@ -30,6 +30,9 @@ pub fn run(a: XfrmArgs) -> Result<ExitCode> {
         }
     };
     let db = c.sadb(c.resolved_workers())?;
+    for t in c.tunnels.iter().filter(|t| t.lab_rekey.is_some()) {
+        eprintln!("# espada xfrm: tunnel \"{}\" has lab_rekey: espada moves to new keys and SPIs every soft_seconds and a kernel peer does not; these are the configured SAs (set lab_rekey = false on both sides to pair with the kernel)", t.name);
+    }
     let out = render(&c, &db, !a.no_pcpu);
     if let Err(e) = parse_back(&out) {
         anyhow::bail!("internal error: generated an invalid ip xfrm command: {e}");

@@ -1,0 +1,24 @@
+//! Records the git revision and (with the `dpdk` feature) the DPDK version for `espada version`.
+fn main() {
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    if let Ok(o) = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+    {
+        if o.status.success() {
+            let h = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            println!("cargo:rustc-env=ESPADA_GIT_HASH={h}");
+        }
+    }
+    if std::env::var_os("CARGO_FEATURE_DPDK").is_some() {
+        if let Ok(o) = std::process::Command::new("pkg-config")
+            .args(["--modversion", "libdpdk"])
+            .output()
+        {
+            if o.status.success() {
+                let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                println!("cargo:rustc-env=ESPADA_DPDK_VERSION={v}");
+            }
+        }
+    }
+}
