@@ -765,3 +765,74 @@ fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
         pc.put(o);
     }
 }
+
+#[test]
+fn no_icmp_error_about_an_icmp_error() {
+    // Issue 12 item 9 (RFC 1812 §4.3.2.7): a too-big packet with DF set earns sunset an ICMP
+    // "fragmentation needed", unless it is itself an ICMP error.
+    use crate::port::memory::MemoryLink;
+    use crate::worker::Worker;
+    let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (mut ws, es) = lab::sides();
+    ws.black.mtu = 600;
+    let pool = Pool::new(128, 2048);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (red, black) = (MemoryLink::new(1, 64), MemoryLink::new(1, 64));
+    let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
+    let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
+    let sh = shared(
+        ws,
+        wdb,
+        1,
+        &[(sunset, mac::SUNSET), (es.black.ip, mac::EAST_BLACK)],
+        stop,
+    );
+    let mut west = Worker::new(
+        0,
+        sh,
+        Box::new(red.end_b(0, mac::WEST_RED, Steering::Rss)),
+        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
+        PoolCache::new(pool.clone()),
+    )
+    .unwrap();
+    let mut pc = PoolCache::new(pool.clone());
+    let mut sunset_q = red.end_a(0, mac::SUNSET, Steering::Rss);
+    let mut send = |proto: u8, first: u8| {
+        let mut ip = vec![0u8; 1000];
+        espada_wire::ipv4::Repr {
+            src: sunset,
+            dst: sunrise,
+            protocol: proto,
+            payload_len: 980,
+            ttl: 64,
+            tos: 0,
+            ident: 1,
+            dont_frag: true,
+        }
+        .emit(&mut espada_wire::ipv4::Packet::new_unchecked(&mut ip[..]));
+        ip[20] = first; // ICMP type, or the first byte of a UDP source port
+        let mut f = mac::WEST_RED.0.to_vec();
+        f.extend_from_slice(&mac::SUNSET.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        let mut b = pc.get().unwrap();
+        b.append(f.len()).unwrap().copy_from_slice(&f);
+        sunset_q.tx_burst(&mut pc, &mut vec![b]);
+    };
+    send(1, 3); // an ICMP destination-unreachable, too big, DF set
+    for _ in 0..4 {
+        west.poll();
+    }
+    assert_eq!(west.stats().drops.get(DropReason::MtuExceeded), 1);
+    assert_eq!(
+        west.stats().icmp_sent,
+        0,
+        "no ICMP error about an ICMP error"
+    );
+    send(17, 0x27); // a UDP datagram, too big, DF set
+    for _ in 0..4 {
+        west.poll();
+    }
+    assert_eq!(west.stats().drops.get(DropReason::MtuExceeded), 2);
+    assert_eq!(west.stats().icmp_sent, 1, "but one about the UDP datagram");
+}
