@@ -269,6 +269,9 @@ pub struct SaDb {
     pub tunnels: Vec<TunnelSas>,
     /// Policies.
     pub spd: Spd,
+    /// The policies compiled for IPv4: rebuilt by [`SaDb::new`], [`SaDbHandle::new`] and
+    /// [`SaDbHandle::update`], the only ways a snapshot reaches the workers.
+    pub spd_v4: crate::selector::SpdV4,
     /// Fraction of the sequence-number space after which an outbound SA raises a soft event
     /// (once per SA and core). Default 0.9.
     pub seq_warn: f64,
@@ -320,6 +323,7 @@ impl SaDb {
             backend,
             tunnels,
             spd,
+            spd_v4: Default::default(),
             seq_warn: 0.9,
             inbound_index: HashMap::default(),
         };
@@ -331,6 +335,7 @@ impl SaDb {
         if self.workers == 0 {
             return Err(DbError::NoWorkers);
         }
+        self.spd_v4 = crate::selector::SpdV4::compile(&self.spd);
         let mut idx = HashMap::default();
         for (t, tun) in self.tunnels.iter().enumerate() {
             for s in tun.inbound.all().chain(tun.draining.iter()) {
@@ -401,7 +406,9 @@ pub struct SaDbHandle {
 
 impl SaDbHandle {
     /// Starts with `db`.
-    pub fn new(db: SaDb) -> Arc<SaDbHandle> {
+    pub fn new(mut db: SaDb) -> Arc<SaDbHandle> {
+        // The policies may have been edited since the snapshot was made: compile them now.
+        db.spd_v4 = crate::selector::SpdV4::compile(&db.spd);
         Arc::new(SaDbHandle {
             current: ArcSwap::from_pointee(db),
             publish_lock: Mutex::new(()),

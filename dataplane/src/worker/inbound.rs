@@ -146,10 +146,20 @@ impl Worker {
                 let Some(flow) = FlowKey::from_packet(b.data()) else {
                     return self.drop_pkt(b, DropReason::InnerMalformed);
                 };
-                let ok = matches!(
-                    self.sas.db().spd.lookup(&flow.reversed()).map(|p| p.action),
-                    Some(Action::Protect(pt)) if pt == t
-                );
+                let db = self.sas.db();
+                let action = match (flow.src, flow.dst) {
+                    // Reversed: the SPD's source is our side.
+                    (IpAddr::V4(s), IpAddr::V4(d)) => db.spd_v4.lookup(
+                        u32::from(d),
+                        u32::from(s),
+                        flow.proto,
+                        flow.dst_port,
+                        flow.src_port,
+                    ),
+                    _ => None,
+                }
+                .unwrap_or_else(|| db.spd.lookup(&flow.reversed()).map(|p| p.action));
+                let ok = matches!(action, Some(Action::Protect(pt)) if pt == t);
                 if !ok {
                     return self.drop_pkt(b, DropReason::PolicyMismatch);
                 }

@@ -55,7 +55,17 @@ impl Worker {
             let extra = b.len() - len;
             b.trim(extra);
             let db = self.sas.db();
-            let action = db.spd.lookup(&flow).map(|p| p.action);
+            let action = match (flow.src, flow.dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => db.spd_v4.lookup(
+                    u32::from(s),
+                    u32::from(d),
+                    flow.proto,
+                    flow.src_port,
+                    flow.dst_port,
+                ),
+                _ => None,
+            }
+            .unwrap_or_else(|| db.spd.lookup(&flow).map(|p| p.action));
             match action {
                 None => self.drop_pkt(b, DropReason::NoPolicy),
                 Some(Action::Discard) => self.drop_pkt(b, DropReason::PolicyDiscard),
