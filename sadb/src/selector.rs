@@ -398,7 +398,7 @@ impl SpdV4 {
     pub fn compile(spd: &Spd) -> SpdV4 {
         let v4 = |p: &Prefix| match p.addr() {
             IpAddr::V4(a) => {
-                let m = if p.len() == 0 {
+                let m = if p.is_empty() {
                     0
                 } else {
                     u32::MAX << (32 - p.len().min(32) as u32)
