@@ -1,7 +1,7 @@
 //! `espada`: a userspace, poll-mode IPsec (ESP-in-UDP, AES-GCM) gateway with per-CPU SAs.
 
 mod cli;
-mod config;
+pub(crate) use espada_config as config;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -22,7 +22,7 @@ lab_secret = "0123456789"
 
 #[test]
 fn lab_configs_load_and_mirror() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let w = load(&root.join("configs/west.toml")).unwrap();
     let e = load(&root.join("configs/east.toml")).unwrap();
     assert!(
@@ -194,7 +194,7 @@ tunnel = "t"
 
 #[test]
 fn mirror_mismatch_is_reported() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let w = load(&root.join("configs/west.toml")).unwrap();
     let text = std::fs::read_to_string(root.join("configs/east.toml"))
         .unwrap()
@@ -304,7 +304,7 @@ fn keys_in_a_configuration_others_can_read_are_refused_and_lab_secrets_flagged()
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(load(&cfg).unwrap().tunnels[0].key_warning.is_none());
     // The shipped lab secret loads (it is meant for the lab) but is flagged.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let w = load(&root.join("configs/west.toml")).unwrap();
     assert!(w.tunnels[0]
         .key_warning
