@@ -40,6 +40,9 @@ enum Command {
     /// Ask a running gateway (its control socket): SAs, counters, drops, workers, neighbors,
     /// policies.
     Show(cli::show::ShowArgs),
+    /// Ask a running gateway to re-read its configuration (as SIGHUP does): tunnels, keys and
+    /// policies change make-before-break.
+    Reload(cli::show::ReloadArgs),
     /// Version, git revision, features, crypto backends and DPDK version of this binary.
     Version,
     /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Xfrm(a) => cli::xfrm::run(a),
         Command::Wireshark(a) => cli::wireshark::run(a),
         Command::Show(a) => cli::show::run(a),
+        Command::Reload(a) => cli::show::reload(a),
         Command::Version => cli::meta::version(),
         Command::Completions(a) => cli::meta::completions(a),
         Command::Man(a) => cli::meta::man(a),

@@ -189,6 +189,36 @@ fn namespace_lab_rekeys_without_ike_under_traffic() {
     assert!(c.contains("rekey checks passed"));
 }
 
+/// `espada reload` (SIGHUP's twin) under a steady stream: nothing lost, the new policy in
+/// force at once, a broken configuration refused with the gateway still forwarding.
+#[test]
+fn namespace_lab_reloads_under_traffic() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the reload lab was NOT run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let west = dir.path().join("west.toml");
+    std::fs::copy(format!("{root}/configs/west.toml"), &west).unwrap();
+    let w = west.display().to_string();
+    let lab = Lab {
+        prefix: format!("l{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![("ESPADA_WEST", Box::leak(w.clone().into_boxed_str()))],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up");
+    let c = run(
+        Command::new("python3")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["scripts/lab_reload.py", "--prefix", &lab.prefix, "--dir"])
+            .arg(lab.dir.path())
+            .args(["--espada", env!("CARGO_BIN_EXE_espada"), "--west", &w]),
+        "scripts/lab_reload.py",
+    );
+    assert!(c.contains("reload checks passed"));
+}
+
 /// The same lab with west on DPDK (net_af_packet PMD on the veths, `configs/lab/west-dpdk.toml`)
 /// and east on AF_PACKET: ping, UDP and TCP both ways.
 #[cfg(feature = "dpdk")]

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Commands: `show` with `what` = `sa` | `stats` | `errors` | `workers` | `neighbors` |
-//! `policy`, and `version`. The data a worker publishes is read from its [`StatsCell`]: the
+//! `policy`; `reload` (re-read the configuration, as SIGHUP does); and `version`. The data a worker publishes is read from its [`StatsCell`]: the
 //! counters every 16th poll, the SA and port counters every 256th, so a reply is at most a few
 //! milliseconds old and no worker ever waits for the control plane.
 //!

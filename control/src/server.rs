@@ -28,6 +28,8 @@ pub struct Gateway {
     pub cells: Vec<Arc<StatsCell>>,
     /// The gateway's shared state (SA database, neighbors).
     pub shared: GatewayShared,
+    /// Set to ask the gateway to reload its configuration (as SIGHUP does).
+    pub reload: Arc<AtomicBool>,
 }
 
 /// A served control socket; dropping it stops the thread and removes the socket file.
@@ -144,6 +146,10 @@ fn ok(data: Value) -> Response {
 pub fn answer(gw: &Gateway, req: &Request) -> Response {
     match (req.cmd.as_str(), req.what.as_str()) {
         ("version", _) => ok(json!({ "version": gw.version })),
+        ("reload", _) => {
+            gw.reload.store(true, Ordering::Relaxed);
+            ok(json!({ "reload": "requested: the gateway logs the outcome" }))
+        }
         ("show", "sa") => ok(show_sa(gw)),
         ("show", "stats") => ok(show_stats(gw)),
         ("show", "errors") => ok(show_errors(gw)),
@@ -151,7 +157,9 @@ pub fn answer(gw: &Gateway, req: &Request) -> Response {
         ("show", "neighbors") => ok(show_neighbors(gw)),
         ("show", "policy") => ok(show_policy(gw)),
         ("show", w) => err(format!("cannot show \"{w}\"; one of: {}", SHOW.join(", "))),
-        (c, _) => err(format!("unknown command \"{c}\"; commands: show, version")),
+        (c, _) => err(format!(
+            "unknown command \"{c}\"; commands: show, reload, version"
+        )),
     }
 }
 

@@ -44,6 +44,7 @@ fn show_over_the_socket_matches_the_workers() {
         cores: vec![Some(0), Some(1)],
         cells: p.west.cells.clone(),
         shared: p.west.shared.clone(),
+        reload: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("west.sock");
@@ -89,6 +90,15 @@ fn show_over_the_socket_matches_the_workers() {
         .as_str()
         .unwrap()
         .starts_with("protect"));
+    let r = client::request(
+        &path,
+        &Request {
+            cmd: "reload".into(),
+            what: String::new(),
+        },
+    )
+    .unwrap();
+    assert!(r.ok && gw.reload.load(std::sync::atomic::Ordering::Relaxed));
     let bad = client::request(&path, &req("nothing")).unwrap();
     assert!(!bad.ok && bad.error.unwrap().contains("one of: sa, stats"));
 

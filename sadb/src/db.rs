@@ -103,6 +103,9 @@ pub struct SaSpec {
     /// Tests: make this SA's key schedule fail.
     #[cfg(test)]
     pub(crate) fail_key_schedule: bool,
+    /// A fingerprint of the key (equality only, never shown): a worker keeps an SA's runtime
+    /// state across snapshots only while SPI *and* key stay the same.
+    key_id: u64,
     shared: Arc<SharedState>,
 }
 
@@ -117,6 +120,12 @@ impl SaSpec {
         endpoints: TunnelEndpoints,
         cpu: Option<usize>,
     ) -> Self {
+        let key_id = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.expose_key_and_salt().hash(&mut h);
+            h.finish()
+        };
         SaSpec {
             spi,
             key,
@@ -127,6 +136,7 @@ impl SaSpec {
             cpu,
             seq_guard: None,
             start_seq: 0,
+            key_id,
             #[cfg(test)]
             fail_key_schedule: false,
             shared: Arc::new(SharedState {
@@ -477,12 +487,14 @@ struct OutRt {
     life: LifetimeTracker,
     seq_warned: bool,
     _claim: Option<Claim>,
+    key_id: u64,
 }
 
 struct InRt {
     sa: InboundSa,
     life: LifetimeTracker,
     tunnel: usize,
+    key_id: u64,
 }
 
 /// Where an inbound SPI is processed, seen from one worker.
@@ -550,9 +562,14 @@ impl CoreSas {
     fn rebuild(&mut self, db: Arc<SaDb>, now: u64) -> Result<(), DbError> {
         let key_err = |spi| move |err| DbError::Key { spi, err };
         // Phase 1 (may fail, changes nothing).
-        let have_out: HashSet<u32> = self.outbound.iter().flatten().map(|o| o.sa.spi).collect();
+        let have_out: HashSet<(u32, u64)> = self
+            .outbound
+            .iter()
+            .flatten()
+            .map(|o| (o.sa.spi, o.key_id))
+            .collect();
         let mut fresh_out: HashMap<u32, OutRt> = HashMap::default();
-        let mut out_plan: Vec<Option<u32>> = Vec::with_capacity(db.tunnels.len());
+        let mut out_plan: Vec<Option<(u32, u64)>> = Vec::with_capacity(db.tunnels.len());
         for t in 0..db.tunnels.len() {
             let mut spec = db.outbound_for(t, self.core);
             if self.expired.contains(&spec.spi) {
@@ -562,8 +579,8 @@ impl CoreSas {
                 out_plan.push(None);
                 continue;
             }
-            out_plan.push(Some(spec.spi));
-            if !have_out.contains(&spec.spi) && !fresh_out.contains_key(&spec.spi) {
+            out_plan.push(Some((spec.spi, spec.key_id)));
+            if !have_out.contains(&(spec.spi, spec.key_id)) && !fresh_out.contains_key(&spec.spi) {
                 let shared = db.outbound_is_shared(spec);
                 // (A claim taken here and then abandoned by a later failure is released when
                 // `fresh_out` is dropped.)
@@ -582,20 +599,25 @@ impl CoreSas {
                         life: LifetimeTracker::new(spec.lifetimes, now),
                         seq_warned: false,
                         _claim: claim,
+                        key_id: spec.key_id,
                     },
                 );
             }
         }
         let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
-        let mut in_plan: Vec<(u32, usize)> = Vec::new();
+        let mut in_plan: Vec<(u32, usize, u64)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
             for s in tun.inbound.all().chain(tun.draining.iter()) {
                 let owner = db.owner_of(s);
                 if owner != Owner::Core(self.core) && owner != Owner::Any {
                     continue;
                 }
-                in_plan.push((s.spi, t));
-                if !self.inbound.contains_key(&s.spi) && !fresh_in.contains_key(&s.spi) {
+                in_plan.push((s.spi, t, s.key_id));
+                let same = self
+                    .inbound
+                    .get(&s.spi)
+                    .is_some_and(|r| r.key_id == s.key_id);
+                if !same && !fresh_in.contains_key(&s.spi) {
                     let sa = s
                         .inbound(db.backend, owner == Owner::Any)
                         .map_err(key_err(s.spi))?;
@@ -605,6 +627,7 @@ impl CoreSas {
                             sa,
                             life: LifetimeTracker::new(s.lifetimes, now),
                             tunnel: t,
+                            key_id: s.key_id,
                         },
                     );
                 }
@@ -618,12 +641,19 @@ impl CoreSas {
             .map(|o| (o.sa.spi, o))
             .collect();
         for p in out_plan {
-            let rt = p.and_then(|spi| old_out.remove(&spi).or_else(|| fresh_out.remove(&spi)));
+            // The live state moves on only under the same key (a new key is a new SA).
+            let rt = p.and_then(|(spi, k)| {
+                old_out
+                    .remove(&spi)
+                    .filter(|o| o.key_id == k)
+                    .or_else(|| fresh_out.remove(&spi))
+            });
             self.outbound.push(rt);
         }
         let mut old_in = std::mem::take(&mut self.inbound);
-        for (spi, t) in in_plan {
-            if let Some(mut rt) = old_in.remove(&spi).or_else(|| fresh_in.remove(&spi)) {
+        for (spi, t, k) in in_plan {
+            let kept = old_in.remove(&spi).filter(|r| r.key_id == k);
+            if let Some(mut rt) = kept.or_else(|| fresh_in.remove(&spi)) {
                 rt.tunnel = t; // tunnels may have moved in the new snapshot
                 self.inbound.insert(spi, rt);
             }
@@ -759,6 +789,7 @@ impl CoreSas {
                     life: LifetimeTracker::new(fb.lifetimes, now),
                     seq_warned: false,
                     _claim: None,
+                    key_id: fb.key_id,
                 })
             };
         }

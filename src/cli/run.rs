@@ -208,7 +208,7 @@ fn dpdk_queues(_c: &config::Config, _n: usize, _cores: &[usize]) -> Result<Queue
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
-    let c = match config::load(&a.config) {
+    let mut c = match config::load(&a.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -317,12 +317,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
-    // SIGHUP stops the gateway cleanly (totals printed) until configuration reload exists.
-    for sig in [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ] {
+    // SIGHUP (or `espada reload`) re-reads the configuration; see the run loop.
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())
+        .context("installing signal handlers")?;
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
     let shared = GatewayShared {
@@ -426,6 +425,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             .collect(),
         cells: cells.clone(),
         shared: shared.clone(),
+        reload: reload.clone(),
     });
     let _metrics = match &a.metrics {
         None => None,
@@ -492,6 +492,25 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             drop(b); // the buffer goes back to its pool
         }
         shared.neighbors.expire(Instant::now());
+        if reload.swap(false, Ordering::Relaxed) {
+            match reload_config(&a.config, &c, n, &shared, &mut seq_store) {
+                Ok((c2, g)) => {
+                    eprintln!(
+                        "espada run: reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows",
+                        a.config.display(),
+                        c2.tunnels.len(),
+                        c2.spd.policies.len()
+                    );
+                    gens = (0..c2.tunnels.len())
+                        .map(|t| c2.generation(t, config::unix_now()))
+                        .collect();
+                    c = c2;
+                }
+                Err(e) => eprintln!(
+                    "espada run: reload refused, still running the previous configuration: {e}"
+                ),
+            }
+        }
         // lab_rekey: at a generation boundary, send on the new generation (the peer already
         // accepts it) and keep accepting the one before.
         let now_unix = config::unix_now();
@@ -687,4 +706,44 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Re-reads the configuration and publishes its tunnels and policies as a new snapshot
+/// (make-before-break: SAs whose SPI and key stay keep their runtime state). What a running
+/// gateway cannot change (name, interfaces, addresses, SA mode) is refused with the reason.
+fn reload_config(
+    path: &std::path::Path,
+    old: &config::Config,
+    n: usize,
+    shared: &GatewayShared,
+    seq_store: &mut espada_dataplane::seqstore::SeqStore,
+) -> Result<(config::Config, u64)> {
+    let c = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let side =
+        |p: &Option<config::PortConfig>| p.as_ref().map(|p| (p.interface.clone(), p.address));
+    if c.name != old.name {
+        bail!(
+            "the gateway name changed ({} -> {}): restart to rename",
+            old.name,
+            c.name
+        );
+    }
+    if side(&c.red) != side(&old.red) || side(&c.black) != side(&old.black) {
+        bail!("interfaces or addresses changed: restart to move the gateway");
+    }
+    if c.sa_mode != old.sa_mode {
+        bail!("sa_mode changed: restart to change it");
+    }
+    let mut db = c.sadb_at(n, Some(config::unix_now()))?;
+    db.attach_seq_guards(|s| {
+        seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 })
+    });
+    seq_store
+        .advance()
+        .map_err(|e| anyhow::anyhow!("cannot reserve sequence numbers: {e}"))?;
+    let g = shared.sadb.update(|cur| {
+        cur.tunnels = db.tunnels;
+        cur.spd = db.spd;
+    })?;
+    Ok((c, g))
 }

@@ -43,6 +43,63 @@ pub struct ShowArgs {
     json: bool,
 }
 
+#[derive(Args)]
+pub struct ReloadArgs {
+    /// The gateway's control socket (default: from the configuration's gateway name).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The gateway's configuration (the file it re-reads; also finds its control socket).
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+}
+
+/// Asks a running gateway to re-read its configuration (as SIGHUP does).
+pub fn reload(a: ReloadArgs) -> Result<ExitCode> {
+    let socket = match socket_of(&a.socket, &a.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    match client::request(
+        &socket,
+        &Request {
+            cmd: "reload".into(),
+            what: String::new(),
+        },
+    ) {
+        Ok(r) if r.ok => {
+            println!("reload requested; the gateway's log says what it did");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(r) => {
+            eprintln!("error: {}", r.error.unwrap_or_default());
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn socket_of(socket: &Option<PathBuf>, cfg: &Option<PathBuf>) -> Result<PathBuf, String> {
+    match (socket, cfg) {
+        (Some(s), _) => Ok(s.clone()),
+        (None, Some(c)) => config::load(c)
+            .map(|c| {
+                c.control_socket
+                    .clone()
+                    .unwrap_or_else(|| espada_control::default_socket(&c.name))
+            })
+            .map_err(|e| e.to_string()),
+        (None, None) => {
+            Err("give the gateway's --socket PATH or its configuration with -c FILE".into())
+        }
+    }
+}
+
 pub fn run(a: ShowArgs) -> Result<ExitCode> {
     let socket = match (&a.socket, &a.config) {
         (Some(s), _) => s.clone(),

@@ -306,3 +306,33 @@ fn a_per_cpu_sa_is_held_by_one_worker_only() {
     drop(a);
     CoreSas::new(0, h.load(), 0).unwrap();
 }
+
+#[test]
+fn a_new_key_under_the_same_spi_is_a_new_sa() {
+    // Reload with changed keys: runtime state (counter, window) moves on only when SPI and key
+    // are both unchanged.
+    let h = SaDbHandle::new(db(SaMode::PerCpu, 1, 1));
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().reserve(10).first, 1);
+    // Same SPIs and keys, new objects (what a reload builds): the counter goes on.
+    h.update(|db| db.tunnels[0] = tunnel(1, Lifetimes::default()))
+        .unwrap();
+    c.sync(&h, 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().reserve(1).first, 11);
+    // A new key for the same SPI: a new SA (its own counter, its own window).
+    h.update(|db| {
+        let s = &mut db.tunnels[0].outbound.per_cpu[0];
+        *s = SaSpec::new(
+            s.spi,
+            key(0x77),
+            true,
+            4096,
+            Lifetimes::default(),
+            s.endpoints,
+            s.cpu,
+        );
+    })
+    .unwrap();
+    c.sync(&h, 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().reserve(1).first, 1);
+}
