@@ -104,5 +104,9 @@ fn bad_options_are_refused_clearly() {
         "{err}"
     );
     let (_, _, err) = espada(&["bench", "--sweep", "moons"]);
-    assert!(err.contains("--sweep must be cores or flows"), "{err}");
+    assert!(
+        err.contains("invalid value 'moons' for '--sweep <SWEEP>'")
+            && err.contains("[possible values: cores, flows]"),
+        "{err}"
+    );
 }

@@ -47,27 +47,27 @@ pub struct BenchArgs {
     /// shape DPDK ipsec-secgw's single lcore measures. Decrypted packets go to a null port that
     /// frees them, as ipsec-secgw's `net_null` does (the tests check them). Decrypt runs with anti-replay off, as
     /// ipsec-secgw does by default.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "split", "shared", "one-core"])]
     layout: String,
     /// With `--layout one-core`: `encrypt`, `decrypt` or `both`.
-    #[arg(long, default_value = "both")]
+    #[arg(long, default_value = "both", value_parser = ["encrypt", "decrypt", "both"])]
     direction: String,
     /// `pcpu` (one SA per core, RFC 9611) or `shared` (one SA for all cores, like one kernel SA).
-    #[arg(long, default_value = "pcpu")]
+    #[arg(long, default_value = "pcpu", value_parser = ["pcpu", "shared"])]
     sa_mode: String,
     /// `ipsec`, or `loop` (plain forwarding through both gateways, no ESP: the baseline).
-    #[arg(long, default_value = "ipsec")]
+    #[arg(long, default_value = "ipsec", value_parser = ["ipsec", "loop"])]
     mode: String,
     /// Crypto backend: auto (the fastest, measured first), ring, aes-gcm, aws-lc, ipsec-mb (if
     /// built), or `all` (one run per backend, side by side).
     #[arg(long, default_value = "auto")]
     backend: String,
     /// Cipher: aes-gcm-128 or aes-gcm-256.
-    #[arg(long, default_value = "aes-gcm-128")]
+    #[arg(long, default_value = "aes-gcm-128", value_parser = ["aes-gcm-128", "aes-gcm-256"])]
     cipher: String,
     /// Sweep `cores` (1..=--max-cores) or `flows` (1, 2, 4, 16, 64, 256) for pcpu, shared and
     /// loop modes, writing table, CSV, JSON and plots to --out.
-    #[arg(long)]
+    #[arg(long, value_parser = ["cores", "flows"])]
     sweep: Option<String>,
     /// Largest core count of a cores sweep (default: every online core, shared layout).
     #[arg(long)]

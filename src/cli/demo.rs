@@ -43,14 +43,14 @@ pub struct DemoArgs {
     flows: u16,
     /// Steering on east's black side: `flow` (one rule per per-CPU SA source port, as
     /// `espada pin` installs) or `rss` (hash only: SAs landing on another core are handed off).
-    #[arg(long, default_value = "flow")]
+    #[arg(long, default_value = "flow", value_parser = ["flow", "rss"])]
     steering: String,
     /// Write the final report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Black link: `memory` (lock-free rings) or `dpdk` (two DPDK ethdevs joined by rte_rings,
     /// EAL without hugepages; needs a build with `--features dpdk`).
-    #[arg(long, default_value = "memory")]
+    #[arg(long, default_value = "memory", value_parser = ["memory", "dpdk"])]
     port: String,
     /// Extra EAL arguments for `--port dpdk` (default: no hugepages, no PCI).
     #[arg(long, allow_hyphen_values = true)]

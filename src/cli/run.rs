@@ -45,7 +45,7 @@ pub struct RunArgs {
     /// How to reach the NICs: `af-packet` (kernel driver stays in charge), `af-xdp` (XSK
     /// sockets, one per queue; needs `--features af-xdp`) or `dpdk` (poll-mode driver; ports and
     /// EAL arguments from the `[dpdk]` section; needs `--features dpdk`).
-    #[arg(long, default_value = "af-packet")]
+    #[arg(long, default_value = "af-packet", value_parser = ["af-packet", "af-xdp", "dpdk"])]
     port: String,
     /// When a worker finds nothing for 256 polls in a row, sleep this many microseconds (0: pure
     /// busy polling, for cores dedicated to espada; a few tens of µs keeps a shared host's
