@@ -18,6 +18,29 @@ pub(crate) struct Cli {
     command: Command,
 }
 
+/// Logs on stderr with a timestamp and a level (`tracing`): the gateway's events (start-up,
+/// generation switches, reloads, lifetime and sequence-space warnings). The live table and
+/// the totals stay plain output.
+pub(crate) fn init_logs(verbose: u8, quiet: bool, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (_, 0) => "info",
+        (_, 1) => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// A/B against kernel XFRM in the namespace lab (needs a kernel with ESP).
@@ -69,6 +92,10 @@ fn restore_sigpipe() {
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = Cli::parse();
+    // `espada run` sets its own level (-v/-q/--log-json); every other command logs at info.
+    if !matches!(cli.command, Command::Run(_)) {
+        init_logs(0, false, false);
+    }
     let r = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Bench(a) => cli::bench::run(a),

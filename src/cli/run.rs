@@ -65,6 +65,15 @@ pub struct RunArgs {
     /// is refused).
     #[arg(long, default_value = "/run/espada", value_name = "DIR")]
     lock_dir: PathBuf,
+    /// More detail in the log (-v debug, -vv trace); RUST_LOG, when set, decides instead.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors in the log.
+    #[arg(short, long, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log as JSON lines (one object per event, with a timestamp and a level).
+    #[arg(long)]
+    log_json: bool,
     /// Serve Prometheus metrics over HTTP at ADDR (`GET /metrics`), e.g. 127.0.0.1:9100.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -154,20 +163,20 @@ fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize]) -> Result<Queues> 
             refused = Some(e);
             break;
         }
-        eprintln!(
-            "espada run: rte_flow on {}: udp src {} dst 4500 -> queue {}",
+        tracing::info!(
+            "rte_flow on {}: udp src {} dst 4500 -> queue {}",
             d.black_port,
             t.in_port_of(Some(i)),
             i % n
         );
     }
     if let Some(e) = refused {
-        eprintln!("espada run: {} refuses rte_flow rules ({e}); RSS spreads the SAs and espada hands packets to the owning core", d.black_port);
+        tracing::info!("{} refuses rte_flow rules ({e}); RSS spreads the SAs and espada hands packets to the owning core", d.black_port);
     }
     for (p, name) in [(&red, &d.red_port), (&black, &d.black_port)] {
         let (speed, up) = p.link();
-        eprintln!(
-            "espada run: dpdk port {name}: link {} {speed} Mbit/s",
+        tracing::info!(
+            "dpdk port {name}: link {} {speed} Mbit/s",
             if up { "up" } else { "DOWN" }
         );
     }
@@ -193,7 +202,7 @@ fn af_xdp_queues(red: &str, black: &str, n: usize) -> Result<Queues> {
             AfXdpQueue::open(black, q, 4096).map_err(|e| anyhow::anyhow!(e))?,
         ));
     }
-    eprintln!("espada run: AF_XDP sockets on {red} and {black}, queues 0..{} (steer per-CPU SAs with `espada pin apply`)", n - 1);
+    tracing::info!("AF_XDP sockets on {red} and {black}, queues 0..{} (steer per-CPU SAs with `espada pin apply`)", n - 1);
     Ok((r, b, PortsAlive::None))
 }
 
@@ -208,6 +217,7 @@ fn dpdk_queues(_c: &config::Config, _n: usize, _cores: &[usize]) -> Result<Queue
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
+    crate::init_logs(a.verbose, a.quiet, a.log_json);
     let mut c = match config::load(&a.config) {
         Ok(c) => c,
         Err(e) => {
@@ -228,10 +238,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             match crate::cli::pin::make_plan(&c2, std::path::Path::new("/"), true) {
                 Ok((_, p)) => p.worker_cores,
                 Err(e) => {
-                    eprintln!(
-                        "espada run: no pinning plan ({e:#}); workers on cores 0..{}",
-                        n - 1
-                    );
+                    tracing::info!("no pinning plan ({e:#}); workers on cores 0..{}", n - 1);
                     (0..n).map(|i| i % ids.len().max(1)).collect()
                 }
             }
@@ -260,7 +267,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .collect();
     for t in &c.tunnels {
         if let Some(w) = &t.key_warning {
-            eprintln!("espada run: WARNING: {w}");
+            tracing::warn!("{w}");
         }
     }
     // Two gateways on one interface would both answer ARP and both forward.
@@ -282,8 +289,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .collect();
     for (t, g) in gens.iter().enumerate() {
         if let Some(g) = g {
-            eprintln!(
-                "espada run: tunnel \"{}\" rekeys every {} s without IKE (lab_rekey): generation {g} now",
+            tracing::info!(
+                "tunnel \"{}\" rekeys every {} s without IKE (lab_rekey): generation {g} now",
                 c.tunnels[t].name,
                 c.tunnels[t].lab_rekey.as_ref().map_or(0, |r| r.seconds)
             );
@@ -310,8 +317,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .map(|s| format!("{:#010x} after {}", s.spi, seq_store.resumes_after(s.spi)))
         .collect();
     if !resumed.is_empty() {
-        eprintln!(
-            "espada run: outbound sequence numbers resume above the previous run's reservations ({}): {}",
+        tracing::info!(
+            "outbound sequence numbers resume above the previous run's reservations ({}): {}",
             seq_store.path().display(),
             resumed.join(", ")
         );
@@ -346,8 +353,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             let mut b = Vec::new();
             for (name, iface) in [("red", &red_if), ("black", &black_if)] {
                 let rxq = espada_dataplane::port::af_packet::rx_queues(iface);
-                eprintln!(
-                    "espada run: {name} {iface}: {rxq} RX queue(s) for {n} worker(s): {}",
+                tracing::info!(
+                    "{name} {iface}: {rxq} RX queue(s) for {n} worker(s): {}",
                     if n == 1 {
                         "one socket".to_string()
                     } else if rxq >= n {
@@ -383,8 +390,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         )?);
     }
     let cells: Vec<Arc<StatsCell>> = workers.iter().map(|w| w.stats_cell()).collect();
-    eprintln!(
-        "espada run: gateway \"{}\" red {} ({}) black {} ({}), {n} worker(s) on cores {}, sa_mode {}, crypto {}",
+    tracing::info!(
+        "gateway \"{}\" red {} ({}) black {} ({}), {n} worker(s) on cores {}, sa_mode {}, crypto {}",
         c.name, red_if, gw.red.ip, black_if, gw.black.ip, espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]), c.sa_mode.name(), c.backend_report()
     );
     let handles: Vec<_> = workers
@@ -431,7 +438,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         None => None,
         Some(addr) => match espada_control::metrics::MetricsServer::start(addr, gw.clone()) {
             Ok(m) => {
-                eprintln!("espada run: metrics on http://{}/metrics", m.addr());
+                tracing::info!("metrics on http://{}/metrics", m.addr());
                 Some(m)
             }
             Err(e) => {
@@ -449,8 +456,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     } else {
         match espada_control::server::ControlServer::start(&control_path, gw.clone()) {
             Ok(s) => {
-                eprintln!(
-                    "espada run: control socket {} (espada show sa --socket {})",
+                tracing::info!(
+                    "control socket {} (espada show sa --socket {})",
                     s.path().display(),
                     s.path().display()
                 );
@@ -495,8 +502,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         if reload.swap(false, Ordering::Relaxed) {
             match reload_config(&a.config, &c, n, &shared, &mut seq_store) {
                 Ok((c2, g)) => {
-                    eprintln!(
-                        "espada run: reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows",
+                    tracing::info!(
+                        "reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows",
                         a.config.display(),
                         c2.tunnels.len(),
                         c2.spd.policies.len()
@@ -506,9 +513,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                         .collect();
                     c = c2;
                 }
-                Err(e) => eprintln!(
-                    "espada run: reload refused, still running the previous configuration: {e}"
-                ),
+                Err(e) => {
+                    tracing::info!("reload refused, still running the previous configuration: {e}")
+                }
             }
         }
         // lab_rekey: at a generation boundary, send on the new generation (the peer already
@@ -528,7 +535,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                     Some(seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }));
             }
             if let Err(e) = seq_store.advance() {
-                eprintln!("espada run: ERROR: tunnel \"{}\": cannot reserve sequence numbers for generation {g} ({e}); staying on the current one", c.tunnels[t].name);
+                tracing::error!("tunnel \"{}\": cannot reserve sequence numbers for generation {g} ({e}); staying on the current one", c.tunnels[t].name);
                 continue;
             }
             let spis: Vec<String> = ts
@@ -537,13 +544,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 .map(|s| format!("{:#010x}", s.spi))
                 .collect();
             match shared.sadb.update(|db| db.tunnels[t] = ts) {
-                Ok(_) => eprintln!(
-                    "espada run: tunnel \"{}\" rekeyed to generation {g}: sending on {}",
+                Ok(_) => tracing::info!(
+                    "tunnel \"{}\" rekeyed to generation {g}: sending on {}",
                     c.tunnels[t].name,
                     spis.join(", ")
                 ),
-                Err(e) => eprintln!(
-                    "espada run: ERROR: tunnel \"{}\": generation {g} refused: {e}",
+                Err(e) => tracing::error!(
+                    "tunnel \"{}\": generation {g} refused: {e}",
                     c.tunnels[t].name
                 ),
             }
@@ -551,19 +558,22 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         if let Err(e) = seq_store.advance() {
             if seq_store.write_errors() == 1 || seq_store.write_errors().is_multiple_of(100) {
-                eprintln!("espada run: ERROR: cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)");
+                tracing::error!("cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)");
             }
         }
         while let Some(e) = shared.events.pop() {
             if e.seq_space {
-                eprintln!(
-                    "espada: WARNING: outbound SA {:#010x} on core {} has used {:.0}% of its sequence-number space; rekey it before it runs out (then it stops sending: drop reason seq-cycled)",
+                tracing::warn!(
+                    "outbound SA {:#010x} on core {} has used {:.0}% of its sequence-number space; rekey it before it runs out (then it stops sending: drop reason seq-cycled)",
                     e.spi, e.core, 100.0 * shared.sadb.load().seq_warn
                 );
             } else {
-                eprintln!(
-                    "espada: SA {:#010x} ({:?}) reached its {:?} lifetime on core {}",
-                    e.spi, e.dir, e.stage, e.core
+                tracing::info!(
+                    "SA {:#010x} ({:?}) reached its {:?} lifetime on core {}",
+                    e.spi,
+                    e.dir,
+                    e.stage,
+                    e.core
                 );
             }
         }
