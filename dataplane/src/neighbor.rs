@@ -155,12 +155,23 @@ impl NeighborTable {
             return Learn::Full;
         }
         b.asked.remove(&ip);
+        self.insert_learned(&mut b, ip, mac, now)
+    }
+
+    /// Publishes a learned entry (a new snapshot; workers see the new generation).
+    fn insert_learned(
+        &self,
+        b: &mut Bookkeeping,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+        now: Instant,
+    ) -> Learn {
         b.learned.insert(ip, (now, now));
         let mut m = (**self.map.load()).clone();
         m.insert(ip, mac);
         self.map.store(Arc::new(m));
         self.generation.fetch_add(1, Ordering::Release);
-        c.learned.fetch_add(1, Ordering::Relaxed);
+        self.counters.learned.fetch_add(1, Ordering::Relaxed);
         Learn::Learned
     }
 
@@ -190,15 +201,7 @@ impl NeighborTable {
                 self.counters.full.fetch_add(1, Ordering::Relaxed);
                 Learn::Full
             }
-            None => {
-                b.learned.insert(ip, (now, now));
-                let mut m = (**self.map.load()).clone();
-                m.insert(ip, mac);
-                self.map.store(Arc::new(m));
-                self.generation.fetch_add(1, Ordering::Release);
-                self.counters.learned.fetch_add(1, Ordering::Relaxed);
-                Learn::Learned
-            }
+            None => self.insert_learned(&mut b, ip, mac, now),
         }
     }
 

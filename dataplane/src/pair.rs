@@ -487,6 +487,65 @@ impl Pair {
     }
 }
 
+/// Which gateway of the in-process lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabGateway {
+    /// West (sunset behind its red side).
+    West,
+    /// East (sunrise behind its red side).
+    East,
+}
+
+/// One lab gateway as a single worker whose red and black ports are the `b` ends of `red` and
+/// the `a` (west) or `b` (east) end of `black`, so a test or a fuzz target can put frames on
+/// either side by hand; `sides` as from [`lab::sides`] (a test may shrink an MTU). Neighbors: the host behind red and the other gateway, at the lab MACs.
+pub fn lab_worker(
+    gw: LabGateway,
+    db: SaDb,
+    (ws, es): (GatewaySides, GatewaySides),
+    red: &MemoryLink,
+    black: &MemoryLink,
+    pool: &Arc<Pool>,
+) -> Result<Worker, espada_sadb::db::DbError> {
+    let (me, peer, host_mac, red_mac, black_mac, peer_mac) = match gw {
+        LabGateway::West => (
+            ws,
+            es,
+            mac::SUNSET,
+            mac::WEST_RED,
+            mac::WEST_BLACK,
+            mac::EAST_BLACK,
+        ),
+        LabGateway::East => (
+            es,
+            ws,
+            mac::SUNRISE,
+            mac::EAST_RED,
+            mac::EAST_BLACK,
+            mac::WEST_BLACK,
+        ),
+    };
+    let host_ip = host(&me.red, 10);
+    let sh = shared(
+        me,
+        db,
+        1,
+        &[(host_ip, host_mac), (peer.black.ip, peer_mac)],
+        Arc::new(AtomicBool::new(false)),
+    );
+    let black_q = match gw {
+        LabGateway::West => black.end_a(0, black_mac, Steering::Rss),
+        LabGateway::East => black.end_b(0, black_mac, Steering::Rss),
+    };
+    Worker::new(
+        0,
+        sh,
+        Box::new(red.end_b(0, red_mac, Steering::Rss)),
+        Box::new(black_q),
+        PoolCache::new(pool.clone()),
+    )
+}
+
 /// Mirrored SA databases and addresses for the in-process lab without a configuration file
 /// (tests and benchmarks; `espada demo` builds them from `configs/west.toml` and `east.toml`).
 pub mod lab {

@@ -11,14 +11,19 @@ use espada_sadb::lifetime::Lifetimes;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-#[test]
-fn west_east_over_dpdk_ring_ports() {
+/// EAL without hugepages on lcore 0 (once per process; both tests share it).
+fn eal() {
     let args: Vec<String> = NO_HUGE_ARGS
         .iter()
         .map(|s| s.to_string())
         .chain(["-l".to_string(), "0".to_string()])
         .collect();
     eal_init(&args).expect("EAL");
+}
+
+#[test]
+fn west_east_over_dpdk_ring_ports() {
+    eal();
     let pool = Arc::new(MbufPool::new("test_pool", 8191, 2048 + 128, 0).expect("mbuf pool"));
     let (mut a, b) = DpdkPort::ring_pair("blk", 2, pool).expect("ring pair");
     // Virtual ports refuse flow rules: the refusal is a clear message, not a crash.
@@ -80,12 +85,7 @@ fn the_buffer_sent_is_the_buffer_received() {
     use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
     use espada_dataplane::worker::Worker;
     use espada_dataplane::PacketBuf;
-    let args: Vec<String> = NO_HUGE_ARGS
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["-l".to_string(), "0".to_string()])
-        .collect();
-    eal_init(&args).expect("EAL");
+    eal();
     let mp = Arc::new(MbufPool::new("zc_pool", 4095, 2048 + 128, 0).expect("mbuf pool"));
     let (red_gw, red_host) = DpdkPort::ring_pair("zcr", 1, mp.clone()).expect("ring pair");
     let (blk_gw, blk_peer) = DpdkPort::ring_pair("zcb", 1, mp.clone()).expect("ring pair");

@@ -6,40 +6,21 @@
 //! pool buffer must come home at the end.
 #![no_main]
 
-use espada_dataplane::pair::{lab, mac, shared};
+use espada_dataplane::pair::{lab, lab_worker, mac, LabGateway};
 use espada_dataplane::pool::{Pool, PoolCache};
 use espada_dataplane::port::memory::{MemoryLink, Steering};
 use espada_dataplane::port::PortQueue;
-use espada_dataplane::worker::Worker;
 use espada_dataplane::{PacketBuf, PktBuf};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use libfuzzer_sys::fuzz_target;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 fuzz_target!(|data: &[u8]| {
     let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
-    let (ws, es) = lab::sides();
     let pool = Pool::new(256, 2048);
     let red = MemoryLink::new(1, 64);
     let black = MemoryLink::new(1, 64);
-    let sunset = "10.1.0.10".parse().unwrap();
-    let sh = shared(
-        ws,
-        wdb,
-        1,
-        &[(sunset, mac::SUNSET), (es.black.ip, mac::EAST_BLACK)],
-        Arc::new(AtomicBool::new(false)),
-    );
-    let mut w = Worker::new(
-        0,
-        sh,
-        Box::new(red.end_b(0, mac::WEST_RED, Steering::Rss)),
-        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
-        PoolCache::new(pool.clone()),
-    )
-    .unwrap();
+    let mut w = lab_worker(LabGateway::West, wdb, lab::sides(), &red, &black, &pool).unwrap();
     let mut pc = PoolCache::new(pool.clone());
     let mut into_red = red.end_a(0, mac::SUNSET, Steering::Rss);
     let mut into_black = black.end_b(0, mac::EAST_BLACK, Steering::Rss);

@@ -663,12 +663,10 @@ fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
     // DF clear leaves as two ESP packets that each fit, and east delivers two IPv4 fragments
     // that together are the original payload.
     use crate::port::memory::MemoryLink;
-    use crate::worker::Worker;
     let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let (mut ws, es) = lab::sides();
     ws.black.mtu = 600;
     let pool = Pool::new(256, 2048);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (red_w, black, red_e) = (
         MemoryLink::new(1, 64),
         MemoryLink::new(1, 64),
@@ -676,36 +674,8 @@ fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
     );
     let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
     let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
-    let w_sh = shared(
-        ws,
-        wdb,
-        1,
-        &[(sunset, mac::SUNSET), (es.black.ip, mac::EAST_BLACK)],
-        stop.clone(),
-    );
-    let e_sh = shared(
-        es,
-        edb,
-        1,
-        &[(sunrise, mac::SUNRISE), (ws.black.ip, mac::WEST_BLACK)],
-        stop,
-    );
-    let mut west = Worker::new(
-        0,
-        w_sh,
-        Box::new(red_w.end_b(0, mac::WEST_RED, Steering::Rss)),
-        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
-        PoolCache::new(pool.clone()),
-    )
-    .unwrap();
-    let mut east = Worker::new(
-        0,
-        e_sh,
-        Box::new(red_e.end_b(0, mac::EAST_RED, Steering::Rss)),
-        Box::new(black.end_b(0, mac::EAST_BLACK, Steering::Rss)),
-        PoolCache::new(pool.clone()),
-    )
-    .unwrap();
+    let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
+    let mut east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
     let mut pc = PoolCache::new(pool.clone());
     let payload: Vec<u8> = (0..972u32).map(|i| (i * 7) as u8).collect();
     let frame = espada_wire::udp::build_packet(
@@ -771,30 +741,14 @@ fn no_icmp_error_about_an_icmp_error() {
     // Issue 12 item 9 (RFC 1812 §4.3.2.7): a too-big packet with DF set earns sunset an ICMP
     // "fragmentation needed", unless it is itself an ICMP error.
     use crate::port::memory::MemoryLink;
-    use crate::worker::Worker;
     let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let (mut ws, es) = lab::sides();
     ws.black.mtu = 600;
     let pool = Pool::new(128, 2048);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (red, black) = (MemoryLink::new(1, 64), MemoryLink::new(1, 64));
     let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
     let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
-    let sh = shared(
-        ws,
-        wdb,
-        1,
-        &[(sunset, mac::SUNSET), (es.black.ip, mac::EAST_BLACK)],
-        stop,
-    );
-    let mut west = Worker::new(
-        0,
-        sh,
-        Box::new(red.end_b(0, mac::WEST_RED, Steering::Rss)),
-        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
-        PoolCache::new(pool.clone()),
-    )
-    .unwrap();
+    let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red, &black, &pool).unwrap();
     let mut pc = PoolCache::new(pool.clone());
     let mut sunset_q = red.end_a(0, mac::SUNSET, Steering::Rss);
     let mut send = |proto: u8, first: u8| {
