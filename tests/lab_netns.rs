@@ -270,4 +270,22 @@ fn namespace_lab_with_west_on_af_xdp() {
         log.contains("AF_XDP sockets on west-red and west-black"),
         "{log}"
     );
+    // Zero copy (issue 11): west forwarded every packet from the UMEM frame it arrived in;
+    // the only frames its ports copied are the ones the worker made itself (ARP, ICMP).
+    let ask = |what: &str| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_espada"));
+        cmd.args(["show", what, "--json", "--socket"])
+            .arg(lab.dir.path().join("west.sock"));
+        serde_json::from_str(&run(&mut cmd, &format!("espada show {what}"))).unwrap()
+    };
+    let (w, st) = (ask("workers"), ask("stats"));
+    let p = &w["workers"][0];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap();
+    let copied = n(&p["red"]["tx_copied"]) + n(&p["black"]["tx_copied"]);
+    let t = &st["total"];
+    let own = n(&t["arp_replies"]) + n(&t["arp_requests"]) + n(&t["icmp_sent"]);
+    let forwarded = n(&t["encap_packets"]) + n(&t["decap_packets"]);
+    println!("west on AF_XDP: {forwarded} packets forwarded, {copied} frames copied, {own} made by the worker");
+    assert!(forwarded >= 20, "{st}");
+    assert!(copied <= own, "forwarded packets were copied: {w} {st}");
 }

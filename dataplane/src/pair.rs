@@ -498,7 +498,7 @@ pub enum LabGateway {
 
 /// One lab gateway as a single worker whose red and black ports are the `b` ends of `red` and
 /// the `a` (west) or `b` (east) end of `black`, so a test or a fuzz target can put frames on
-/// either side by hand; `sides` as from [`lab::sides`] (a test may shrink an MTU). Neighbors: the host behind red and the other gateway, at the lab MACs.
+/// either side by hand; `sides` as from [`lab::sides`] (a test may shrink an MTU).
 pub fn lab_worker(
     gw: LabGateway,
     db: SaDb,
@@ -507,23 +507,38 @@ pub fn lab_worker(
     black: &MemoryLink,
     pool: &Arc<Pool>,
 ) -> Result<Worker, espada_sadb::db::DbError> {
-    let (me, peer, host_mac, red_mac, black_mac, peer_mac) = match gw {
-        LabGateway::West => (
-            ws,
-            es,
-            mac::SUNSET,
-            mac::WEST_RED,
-            mac::WEST_BLACK,
-            mac::EAST_BLACK,
-        ),
-        LabGateway::East => (
-            es,
-            ws,
-            mac::SUNRISE,
-            mac::EAST_RED,
-            mac::EAST_BLACK,
-            mac::WEST_BLACK,
-        ),
+    let (red_mac, black_mac) = match gw {
+        LabGateway::West => (mac::WEST_RED, mac::WEST_BLACK),
+        LabGateway::East => (mac::EAST_RED, mac::EAST_BLACK),
+    };
+    let black_q = match gw {
+        LabGateway::West => black.end_a(0, black_mac, Steering::Rss),
+        LabGateway::East => black.end_b(0, black_mac, Steering::Rss),
+    };
+    lab_worker_on(
+        gw,
+        db,
+        (ws, es),
+        Box::new(red.end_b(0, red_mac, Steering::Rss)),
+        Box::new(black_q),
+        pool,
+    )
+}
+
+/// [`lab_worker`] on any two port queues (red, black): the AF_XDP and DPDK tests put a lab
+/// gateway on real sockets this way. Neighbors: the host behind red and the other gateway,
+/// at the lab MACs.
+pub fn lab_worker_on(
+    gw: LabGateway,
+    db: SaDb,
+    (ws, es): (GatewaySides, GatewaySides),
+    red: Box<dyn PortQueue>,
+    black: Box<dyn PortQueue>,
+    pool: &Arc<Pool>,
+) -> Result<Worker, espada_sadb::db::DbError> {
+    let (me, peer, host_mac, peer_mac) = match gw {
+        LabGateway::West => (ws, es, mac::SUNSET, mac::EAST_BLACK),
+        LabGateway::East => (es, ws, mac::SUNRISE, mac::WEST_BLACK),
     };
     let host_ip = host(&me.red, 10);
     let sh = shared(
@@ -533,17 +548,7 @@ pub fn lab_worker(
         &[(host_ip, host_mac), (peer.black.ip, peer_mac)],
         Arc::new(AtomicBool::new(false)),
     );
-    let black_q = match gw {
-        LabGateway::West => black.end_a(0, black_mac, Steering::Rss),
-        LabGateway::East => black.end_b(0, black_mac, Steering::Rss),
-    };
-    Worker::new(
-        0,
-        sh,
-        Box::new(red.end_b(0, red_mac, Steering::Rss)),
-        Box::new(black_q),
-        PoolCache::new(pool.clone()),
-    )
+    Worker::new(0, sh, red, black, PoolCache::new(pool.clone()))
 }
 
 /// Mirrored SA databases and addresses for the in-process lab without a configuration file

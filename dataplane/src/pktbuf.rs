@@ -77,6 +77,10 @@ enum Owner {
     /// An mbuf owned by this value (one segment).
     #[cfg(feature = "dpdk")]
     Mbuf(NonNull<dpdk_sys::rte_mbuf>),
+    /// A frame of an AF_XDP UMEM (feature `af-xdp`): `base` is the frame's first byte; the
+    /// frame goes back to the UMEM's free frames when this value is dropped.
+    #[cfg(feature = "af-xdp")]
+    Umem(NonNull<crate::port::af_xdp::XdpUmem>),
 }
 
 // SAFETY: the storage (a boxed slice, or an mbuf taken off a queue) is owned by this value
@@ -130,6 +134,12 @@ impl Drop for PktBuf {
                 // SAFETY: the mbuf is owned by this value and freed exactly once.
                 unsafe { dpdk_sys::espada_mbuf_free(m.as_ptr()) }
             }
+            #[cfg(feature = "af-xdp")]
+            Owner::Umem(u) => {
+                // SAFETY: a UMEM outlives every buffer of its frames (it is leaked rather than
+                // unmapped while any is out: see `XdpUmem`), and this frame is given back once.
+                unsafe { crate::port::af_xdp::XdpUmem::give_back(*u, self.base.as_ptr()) }
+            }
         }
     }
 }
@@ -182,11 +192,13 @@ impl PktBuf {
             Owner::Heap(home) => std::ptr::eq(home.as_ptr(), Arc::as_ptr(pool)),
             #[cfg(feature = "dpdk")]
             Owner::Mbuf(_) => false,
+            #[cfg(feature = "af-xdp")]
+            Owner::Umem(_) => false,
         }
     }
 
     /// Forgets the pool this buffer belongs to: dropping it then frees its memory.
-    #[allow(irrefutable_let_patterns)] // one variant without the `dpdk` feature
+    #[allow(irrefutable_let_patterns)] // one variant without the `dpdk`/`af-xdp` features
     pub(crate) fn orphan(mut self) {
         if let Owner::Heap(home) = &mut self.owner {
             *home = Weak::new();
@@ -280,7 +292,53 @@ impl PktBuf {
 
     /// Whether the bytes live in a DPDK mbuf.
     pub fn is_mbuf(&self) -> bool {
-        !matches!(self.owner, Owner::Heap(_))
+        #[cfg(feature = "dpdk")]
+        if let Owner::Mbuf(_) = self.owner {
+            return true;
+        }
+        false
+    }
+
+    /// Wraps a UMEM frame just received (no copy): `frame` is its first byte, `size` its size,
+    /// the packet `len` bytes at `offset`.
+    ///
+    /// # Safety
+    /// `frame` is a frame of `umem` that the caller owns (taken off an RX ring) and hands over.
+    #[cfg(feature = "af-xdp")]
+    pub(crate) unsafe fn from_umem(
+        umem: NonNull<crate::port::af_xdp::XdpUmem>,
+        frame: NonNull<u8>,
+        size: usize,
+        offset: usize,
+        len: usize,
+    ) -> PktBuf {
+        PktBuf {
+            base: frame,
+            cap: size,
+            head: offset.min(size),
+            len: len.min(size - offset.min(size)),
+            outer_tos: 0,
+            going_home: false,
+            owner: Owner::Umem(umem),
+        }
+    }
+
+    /// The UMEM frame behind this buffer (its first byte), the packet's offset in it and its
+    /// length, if the buffer is a frame of `umem`; `Err(self)` otherwise. The caller takes the
+    /// frame over (it is not given back).
+    #[cfg(feature = "af-xdp")]
+    pub(crate) fn into_umem(
+        self,
+        umem: NonNull<crate::port::af_xdp::XdpUmem>,
+    ) -> Result<(NonNull<u8>, usize, usize), PktBuf> {
+        match self.owner {
+            Owner::Umem(u) if u == umem => {
+                let r = (self.base, self.head, self.len);
+                std::mem::forget(self);
+                Ok(r)
+            }
+            _ => Err(self),
+        }
     }
 
     /// Where the storage starts (tests use it to show a buffer was not copied).

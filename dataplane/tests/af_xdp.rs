@@ -31,6 +31,17 @@ fn child() {
     }
     p.drain();
     let got = p.received.packets.load(Ordering::Relaxed);
+    for (side, half) in [("west", &p.west), ("east", &p.east)] {
+        for w in &half.workers {
+            let (r, b) = w.ports();
+            println!(
+                "{side}: drops {:?}\n  black {:?}\n  red {:?}",
+                w.stats().drops,
+                b.stats(),
+                r.stats()
+            );
+        }
+    }
     println!(
         "af_xdp: sent {}, received {got}",
         p.sent.packets.load(Ordering::Relaxed)
@@ -101,4 +112,138 @@ fn west_east_over_af_xdp_on_veth() {
     println!("{text}");
     assert!(out.status.success(), "child failed:\n{text}");
     assert!(text.contains("af_xdp: sent 3000, received 3000"), "{text}");
+}
+
+/// Issue 11: a lab gateway whose red and black queues are AF_XDP sockets on one UMEM forwards
+/// every packet from the frame it arrived in: the black port copied nothing
+/// (`tx_copied` = 0), and each transmitted ESP frame left from a frame the red side received.
+fn zero_copy_child() {
+    use espada_dataplane::pair::{lab_worker_on, LabGateway};
+    use espada_dataplane::pktbuf::PacketBuf;
+    use espada_dataplane::pool::{Pool, PoolCache};
+    use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
+    const N: u64 = 2000;
+    let (red, black) = AfXdpQueue::open_pair("zra", "zba", 0, 4096).expect("AF_XDP pair");
+    let red_mac = red.mac();
+    let mut sunset = AfXdpQueue::open("zrb", 0, 4096).expect("sunset's socket");
+    let mut east = AfXdpQueue::open("zbb", 0, 4096).expect("east's socket");
+    let (w, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let pool = Pool::new(512, 4096);
+    let mut gw = lab_worker_on(
+        LabGateway::West,
+        w,
+        lab::sides(),
+        Box::new(red),
+        Box::new(black),
+        &pool,
+    )
+    .unwrap();
+    // sunset and sunrise: host 10 of each red subnet (10.1.0.0/24, 10.2.0.0/24).
+    let spec = TrafficSpec {
+        src: "10.1.0.10".parse().unwrap(),
+        dst: "10.2.0.10".parse().unwrap(),
+        src_mac: espada_dataplane::pair::mac::SUNSET,
+        size: 700,
+        flows: 4,
+        limit: Some(N),
+        rate: Some(50_000.0),
+        imix: false,
+    };
+    let mut generator = Generator::new(
+        spec,
+        red_mac,
+        0,
+        std::sync::Arc::new(TrafficCounters::default()),
+    );
+    let mut pc = PoolCache::new(pool.clone());
+    let (mut v, mut got) = (Vec::new(), Vec::new());
+    let mut esp = 0u64;
+    let t = std::time::Instant::now();
+    while esp < N && t.elapsed().as_secs() < 20 {
+        generator.rx_burst(&mut pc, &mut v, 32);
+        sunset.tx_burst(&mut pc, &mut v);
+        gw.poll();
+        east.rx_burst(&mut pc, &mut got, 64);
+        for f in got.drain(..) {
+            let d = f.data();
+            // Ethernet / IPv4 / UDP to 4500.
+            if d.len() > 42 && d[12..14] == [8, 0] && d[23] == 17 && d[36..38] == [0x11, 0x94] {
+                esp += 1;
+            }
+            pc.put(f);
+        }
+    }
+    let (r, b) = gw.ports();
+    let (r, b) = (r.stats(), b.stats());
+    println!(
+        "zero copy: {esp} ESP frames on east's side; red {r:?}; black {b:?}; drops {:?}",
+        gw.stats().drops
+    );
+    assert_eq!(esp, N, "every packet was encapsulated and sent");
+    assert_eq!(r.rx_packets, N);
+    assert_eq!(b.tx_packets, N);
+    assert_eq!(
+        b.tx_copied, 0,
+        "the black socket sent every ESP frame from the UMEM frame red received it in"
+    );
+    println!("af_xdp zero copy: {N} packets forwarded in place, tx_copied 0");
+}
+
+#[test]
+fn af_xdp_forwards_in_place() {
+    if std::env::var("ESPADA_XDP_CHILD").is_ok() {
+        return zero_copy_child();
+    }
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the AF_XDP zero-copy test was NOT run");
+        return;
+    }
+    let ns = Ns(format!("xzc{}", std::process::id() % 100_000));
+    let sh = |c: &str| {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(c)
+                .status()
+                .unwrap()
+                .success(),
+            "{c}"
+        )
+    };
+    sh(&format!("ip netns add {}", ns.0));
+    sh(&format!(
+        "ip -n {} link add zra type veth peer name zrb",
+        ns.0
+    ));
+    sh(&format!(
+        "ip -n {} link add zba type veth peer name zbb",
+        ns.0
+    ));
+    for d in ["zra", "zrb", "zba", "zbb"] {
+        sh(&format!(
+            "ip netns exec {} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1",
+            ns.0
+        ));
+        sh(&format!("ip -n {} link set {d} up", ns.0));
+    }
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "af_xdp_forwards_in_place",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ESPADA_XDP_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(text.contains("forwarded in place, tx_copied 0"), "{text}");
 }

@@ -195,14 +195,14 @@ fn af_xdp_queues(red: &str, black: &str, n: usize) -> Result<Queues> {
     let mut r: Vec<Box<dyn PortQueue>> = Vec::new();
     let mut b: Vec<Box<dyn PortQueue>> = Vec::new();
     for q in 0..n as u32 {
-        r.push(Box::new(
-            AfXdpQueue::open(red, q, 4096).map_err(|e| anyhow::anyhow!(e))?,
-        ));
-        b.push(Box::new(
-            AfXdpQueue::open(black, q, 4096).map_err(|e| anyhow::anyhow!(e))?,
-        ));
+        // One UMEM per worker, shared by its red and black sockets: packets go out from the
+        // frame they arrived in.
+        let (rq, bq) =
+            AfXdpQueue::open_pair(red, black, q, 4096).map_err(|e| anyhow::anyhow!(e))?;
+        r.push(Box::new(rq));
+        b.push(Box::new(bq));
     }
-    tracing::info!("AF_XDP sockets on {red} and {black}, queues 0..{} (steer per-CPU SAs with `espada pin apply`)", n - 1);
+    tracing::info!("AF_XDP sockets on {red} and {black}, queues 0..{}, one shared UMEM per worker (zero copy; steer per-CPU SAs with `espada pin apply`)", n - 1);
     Ok((r, b, PortsAlive::None))
 }
 
