@@ -242,6 +242,10 @@ fn namespace_lab_with_west_on_dpdk() {
     assert_eq!(t.matches(" OK").count(), 4, "UDP and TCP both ways");
     let log = std::fs::read_to_string(lab.dir.path().join("west.log")).unwrap();
     assert!(log.contains("dpdk port net_af_packet1: link up"), "{log}");
+    assert!(
+        log.contains("EAL main lcore off the worker cores; 1 mbuf pool(s), one per NUMA socket"),
+        "{log}"
+    );
 }
 
 /// The lab with west on espada's own AF_XDP port (one worker: veth has one queue) and east on

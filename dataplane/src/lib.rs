@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod affinity;
 pub mod drop;
 pub mod esp;
 pub mod neighbor;

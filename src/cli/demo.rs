@@ -59,14 +59,22 @@ pub struct DemoArgs {
 
 #[cfg(feature = "dpdk")]
 fn dpdk_black(workers: usize, eal: &Option<String>) -> Result<espada_dataplane::pair::BlackQueues> {
-    use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
+    use espada_dataplane::port::dpdk::{
+        eal_init, main_lcore_args, DpdkPort, MbufPool, NO_HUGE_ARGS,
+    };
     use espada_dataplane::port::PortQueue;
     let mut args: Vec<String> = match eal {
         Some(e) => e.split_whitespace().map(str::to_string).collect(),
         None => NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect(),
     };
     if !args.iter().any(|a| a == "-l" || a.starts_with("--lcores")) {
-        args.extend(["-l".to_string(), "0".to_string()]);
+        // The main lcore floats over every CPU: the demo pins its own threads.
+        let online: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        args.extend(main_lcore_args(&online, &[]));
     }
     eal_init(&args).map_err(|e| anyhow::anyhow!(e))?;
     let pool = std::sync::Arc::new(

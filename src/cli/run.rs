@@ -130,8 +130,10 @@ enum PortsAlive {
 type Queues = (Vec<Box<dyn PortQueue>>, Vec<Box<dyn PortQueue>>, PortsAlive);
 
 #[cfg(feature = "dpdk")]
-fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize]) -> Result<Queues> {
-    use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
+fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize], online: &[usize]) -> Result<Queues> {
+    use espada_dataplane::port::dpdk::{
+        eal_init, main_lcore_args, port_socket, DpdkPort, SocketPools, NO_HUGE_ARGS,
+    };
     let d = c.dpdk.as_ref().with_context(|| {
         format!(
             "{}: --port dpdk needs a [dpdk] section (red_port, black_port, eal)",
@@ -144,17 +146,24 @@ fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize]) -> Result<Queues> 
         d.eal.clone()
     };
     if !args.iter().any(|x| x == "-l" || x.starts_with("--lcores")) {
-        args.extend(["-l".to_string(), espada_pinning::format_cpu_list(cores)]);
+        // The EAL main lcore (this thread: control socket, reports) floats over the CPUs no
+        // worker uses; the workers are registered threads on their own cores.
+        args.extend(main_lcore_args(online, &cores[..n.min(cores.len())]));
     }
     eal_init(&args).map_err(|e| anyhow::anyhow!(e))?;
-    let pool = Arc::new(
-        MbufPool::new("espada_run", (n as u32 * 16384).max(16383), 2048 + 256, -1)
-            .map_err(|e| anyhow::anyhow!(e))?,
+    // One mbuf pool per NUMA socket the two ports sit on.
+    let mut pools = SocketPools::new("espada_run", (n as u32 * 16384).max(16383), 2048 + 256);
+    let mut open = |name: &str| -> Result<DpdkPort> {
+        let (_, socket) = port_socket(name).map_err(|e| anyhow::anyhow!(e))?;
+        let pool = pools.for_socket(socket).map_err(|e| anyhow::anyhow!(e))?;
+        DpdkPort::open(name, n as u16, pool).map_err(|e| anyhow::anyhow!(e))
+    };
+    let red = open(&d.red_port)?;
+    let mut black = open(&d.black_port)?;
+    tracing::info!(
+        "dpdk: EAL main lcore off the worker cores; {} mbuf pool(s), one per NUMA socket",
+        pools.len()
     );
-    let red =
-        DpdkPort::open(&d.red_port, n as u16, pool.clone()).map_err(|e| anyhow::anyhow!(e))?;
-    let mut black =
-        DpdkPort::open(&d.black_port, n as u16, pool).map_err(|e| anyhow::anyhow!(e))?;
     // One rte_flow rule per per-CPU SA of the peer: its UDP source port -> the owning queue.
     let t = &c.tunnels[0];
     let mut refused = None;
@@ -212,7 +221,12 @@ fn af_xdp_queues(_red: &str, _black: &str, _n: usize) -> Result<Queues> {
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn dpdk_queues(_c: &config::Config, _n: usize, _cores: &[usize]) -> Result<Queues> {
+fn dpdk_queues(
+    _c: &config::Config,
+    _n: usize,
+    _cores: &[usize],
+    _online: &[usize],
+) -> Result<Queues> {
     bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
 }
 
@@ -228,6 +242,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let gw = sides(&c)?;
     let n = a.workers.unwrap_or_else(|| c.resolved_workers()).max(1);
     let ids = core_affinity::get_core_ids().unwrap_or_default();
+    // Every CPU this process may use, read before DPDK binds the main thread to its lcore.
+    let online: Vec<usize> = ids.iter().map(|c| c.id).collect();
     // Worker cores come from the same plan `espada pin` prints (isolated cores first, the NIC's
     // NUMA node, no SMT siblings); if the host cannot be read, cores 0..n.
     let cores: Vec<usize> = match &c.cores {
@@ -376,7 +392,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             }
             (r, b, PortsAlive::None)
         }
-        "dpdk" => dpdk_queues(&c, n, &cores)?,
+        "dpdk" => dpdk_queues(&c, n, &cores, &online)?,
         "af-xdp" => af_xdp_queues(&red_if, &black_if, n)?,
         p => bail!("--port must be af-packet, af-xdp or dpdk, got {p}"),
     };
@@ -405,11 +421,19 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                     .find(|id| id.id == cores[i % cores.len()])
                     .copied()
             };
+            let online = online.clone();
             std::thread::Builder::new()
                 .name(format!("espada-w{i}"))
                 .spawn(move || {
-                    if let Some(id) = pin {
-                        core_affinity::set_for_current(id);
+                    match pin {
+                        Some(id) => {
+                            core_affinity::set_for_current(id);
+                        }
+                        // Unpinned: free to run on every CPU, not on the one the main
+                        // thread was bound to (EAL binds it to its main lcore).
+                        None => {
+                            let _ = espada_dataplane::affinity::run_on_any(&online);
+                        }
                     }
                     w.run();
                     w

@@ -215,6 +215,93 @@ impl MbufPool {
     }
 }
 
+/// The DPDK port id and NUMA socket of the port named `name` (a vdev, or a PCI address);
+/// socket -1 when DPDK does not know it (virtual devices).
+pub fn port_socket(name: &str) -> Result<(u16, i32), String> {
+    let c = CString::new(name).map_err(|_| "port name contains NUL".to_string())?;
+    let mut id = 0u16;
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { sys::rte_eth_dev_get_port_by_name(c.as_ptr(), &mut id) } != 0 {
+        return Err(format!(
+            "no DPDK port named {name} (is its --vdev/--allow in the EAL arguments?)"
+        ));
+    }
+    // SAFETY: id names an existing port.
+    Ok((id, unsafe { sys::rte_eth_dev_socket_id(id) }))
+}
+
+/// EAL arguments that keep DPDK's main lcore off the worker cores: lcore 0 floats over the
+/// online CPUs no worker uses (all of them when every CPU runs a worker), and the workers are
+/// registered threads pinned by espada. Without this, `-l <worker cores>` puts the main thread
+/// (control socket, reports) on worker 0's core, and every thread it starts inherits that core.
+pub fn main_lcore_args(online: &[usize], workers: &[usize]) -> Vec<String> {
+    let mut free: Vec<usize> = online
+        .iter()
+        .copied()
+        .filter(|c| !workers.contains(c))
+        .collect();
+    if free.is_empty() {
+        free = online.to_vec();
+    }
+    let set = free
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    vec!["--lcores".to_string(), format!("0@({set})")]
+}
+
+/// One mbuf pool per NUMA socket, made on first use: a port's queues receive into the pool of
+/// the socket its device sits on.
+pub struct SocketPools {
+    name: String,
+    n: u32,
+    data_room: u16,
+    pools: Vec<(i32, std::sync::Arc<MbufPool>)>,
+}
+
+impl SocketPools {
+    /// Pools called `name` + socket, of `n` mbufs with `data_room` bytes each.
+    pub fn new(name: &str, n: u32, data_room: u16) -> SocketPools {
+        SocketPools {
+            name: name.to_string(),
+            n,
+            data_room,
+            pools: Vec::new(),
+        }
+    }
+
+    /// The pool of NUMA `socket` (-1: any).
+    pub fn for_socket(&mut self, socket: i32) -> Result<std::sync::Arc<MbufPool>, String> {
+        if let Some((_, p)) = self.pools.iter().find(|(s, _)| *s == socket) {
+            return Ok(p.clone());
+        }
+        let tag = if socket < 0 {
+            "any".to_string()
+        } else {
+            socket.to_string()
+        };
+        let p = std::sync::Arc::new(MbufPool::new(
+            &format!("{}_s{tag}", self.name),
+            self.n,
+            self.data_room,
+            socket,
+        )?);
+        self.pools.push((socket, p.clone()));
+        Ok(p)
+    }
+
+    /// How many pools exist (one per socket used).
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// Whether no pool was made yet.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+}
+
 /// One ethdev port, configured with `nq` queue pairs and started.
 pub struct DpdkPort {
     /// DPDK port id.
@@ -464,5 +551,22 @@ impl PortQueue for DpdkQueue {
 
     fn mbuf_pool(&self) -> Option<std::sync::Arc<MbufPool>> {
         Some(self.pool.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::main_lcore_args;
+
+    #[test]
+    fn the_main_lcore_stays_off_the_worker_cores() {
+        assert_eq!(
+            main_lcore_args(&[0, 1, 2, 3], &[2, 3]),
+            ["--lcores", "0@(0,1)"]
+        );
+        // Every CPU runs a worker: the main lcore floats over all of them rather than
+        // sitting on worker 0's.
+        assert_eq!(main_lcore_args(&[0, 1], &[0, 1]), ["--lcores", "0@(0,1)"]);
+        assert_eq!(main_lcore_args(&[0, 1, 2], &[1]), ["--lcores", "0@(0,2)"]);
     }
 }
