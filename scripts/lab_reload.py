@@ -34,10 +34,13 @@ tunnel = "sunset-sunrise"
 '''
 
 
-def reload(a):
+def reload(a, ok=True):
     r = subprocess.run([a.espada, "reload", "--socket", os.path.join(a.dir, "west.sock")], capture_output=True, text=True)
-    if r.returncode != 0:
+    if ok and r.returncode != 0:
         fail(f"espada reload: {r.stdout}{r.stderr}")
+    if not ok and r.returncode == 0:
+        fail(f"espada reload accepted a broken configuration: {r.stdout}")
+    return (r.stdout + r.stderr).strip()
 
 
 def main():
@@ -79,7 +82,8 @@ def main():
     # 3. A broken configuration is refused; west keeps going.
     with open(a.west, "w") as f:
         f.write(original.replace("replay_window = 4096", "replay_window = 7"))
-    reload(a)
+    said = reload(a, ok=False)
+    print(f"espada reload answered: {said}")
     time.sleep(1)
     log = open(os.path.join(a.dir, "west.log")).read()
     if "reload refused" not in log:

@@ -33,6 +33,8 @@ pub(crate) fn init_logs(verbose: u8, quiet: bool, json: bool) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colors only on a terminal: a log file or journald gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     if json {
         b.json().init();
@@ -66,6 +68,9 @@ enum Command {
     /// Ask a running gateway to re-read its configuration (as SIGHUP does): tunnels, keys and
     /// policies change make-before-break.
     Reload(cli::show::ReloadArgs),
+    /// Change a running gateway's SAs: add, delete or update one, delete or re-add a tunnel,
+    /// rekey lab_secret tunnels now (through its control socket, make-before-break).
+    Sa(cli::sa::SaArgs),
     /// Version, git revision, features, crypto backends and DPDK version of this binary.
     Version,
     /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
         Command::Wireshark(a) => cli::wireshark::run(a),
         Command::Show(a) => cli::show::run(a),
         Command::Reload(a) => cli::show::reload(a),
+        Command::Sa(a) => cli::sa::run(a),
         Command::Version => cli::meta::version(),
         Command::Completions(a) => cli::meta::completions(a),
         Command::Man(a) => cli::meta::man(a),

@@ -219,6 +219,32 @@ fn namespace_lab_reloads_under_traffic() {
     assert!(c.contains("reload checks passed"));
 }
 
+/// Issue 13: the lab steered through the control socket under traffic: `sa rekey` on both
+/// gateways (3000/3000 of a stream), a tunnel deleted (its traffic discarded and counted) and
+/// re-added, an SA's lifetime updated, and clear refusals.
+#[test]
+fn namespace_lab_sa_commands_under_traffic() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the SA-command lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("s{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up");
+    let c = run(
+        Command::new("python3")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["scripts/lab_sa.py", "--prefix", &lab.prefix, "--dir"])
+            .arg(lab.dir.path())
+            .args(["--espada", env!("CARGO_BIN_EXE_espada")]),
+        "scripts/lab_sa.py",
+    );
+    assert!(c.contains("sa command checks passed"));
+}
+
 /// The same lab with west on DPDK (net_af_packet PMD on the veths, `configs/lab/west-dpdk.toml`)
 /// and east on AF_PACKET: ping, UDP and TCP both ways.
 #[cfg(feature = "dpdk")]

@@ -11,7 +11,19 @@
 //! ```
 //!
 //! Commands: `show` with `what` = `sa` | `stats` | `errors` | `workers` | `neighbors` |
-//! `policy`; `reload` (re-read the configuration, as SIGHUP does); and `version`. The data a worker publishes is read from its [`StatsCell`]: the
+//! `policy`; `reload` (re-read the configuration, as SIGHUP does; the answer says what
+//! happened); `sa` with `what` = `add` | `del` | `update` | `rekey` and `args` (see
+//! [`supervisor`]); and `version`.
+//!
+//! ```text
+//! → {"cmd":"sa","what":"rekey","args":{"tunnel":"west-east"}}
+//! → {"cmd":"sa","what":"del","args":{"tunnel":"west-east"}}
+//! → {"cmd":"sa","what":"add","args":{"tunnel":"west-east"}}
+//! → {"cmd":"sa","what":"add","args":{"tunnel":"west-east","dir":"in","spi":8193,"cpu":0,"key":"<hex>"}}
+//! → {"cmd":"sa","what":"update","args":{"spi":4097,"hard_seconds":7200}}
+//! ```
+//!
+//! Keys travel only over this socket (mode 0600) and are never logged or echoed. The data a worker publishes is read from its [`StatsCell`]: the
 //! counters every 16th poll, the SA and port counters every 256th, so a reply is at most a few
 //! milliseconds old and no worker ever waits for the control plane.
 //!
@@ -22,6 +34,7 @@
 pub mod client;
 pub mod metrics;
 pub mod server;
+pub mod supervisor;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,9 +43,24 @@ use serde::{Deserialize, Serialize};
 pub struct Request {
     /// `show` or `version`.
     pub cmd: String,
-    /// What to show.
+    /// What to show, or the `sa` subcommand (`add`, `del`, `update`, `rekey`).
     #[serde(default)]
     pub what: String,
+    /// Arguments of an `sa` command (an object: `tunnel`, `spi`, `dir`, `cpu`, `key`, `port`,
+    /// `soft_seconds`, ...).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub args: serde_json::Value,
+}
+
+impl Request {
+    /// A request without arguments.
+    pub fn new(cmd: &str, what: &str) -> Request {
+        Request {
+            cmd: cmd.into(),
+            what: what.into(),
+            args: serde_json::Value::Null,
+        }
+    }
 }
 
 /// One response.

@@ -30,6 +30,10 @@ pub struct Gateway {
     pub shared: GatewayShared,
     /// Set to ask the gateway to reload its configuration (as SIGHUP does).
     pub reload: Arc<AtomicBool>,
+    /// Where commands that change the gateway (`reload`, `sa ...`) go: the gateway's
+    /// [`Supervisor`](crate::supervisor::Supervisor), which answers each. `None`: this gateway
+    /// takes none (a reload is then only requested, as SIGHUP does).
+    pub commands: Option<std::sync::mpsc::Sender<crate::supervisor::Command>>,
 }
 
 /// A served control socket; dropping it stops the thread and removes the socket file.
@@ -146,10 +150,26 @@ fn ok(data: Value) -> Response {
 pub fn answer(gw: &Gateway, req: &Request) -> Response {
     match (req.cmd.as_str(), req.what.as_str()) {
         ("version", _) => ok(json!({ "version": gw.version })),
+        ("reload", _) | ("sa", _) if gw.commands.is_some() => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sent = gw.commands.as_ref().is_some_and(|c| {
+                c.send(crate::supervisor::Command {
+                    req: req.clone(),
+                    reply: tx,
+                })
+                .is_ok()
+            });
+            if !sent {
+                return err("the gateway is stopping".into());
+            }
+            rx.recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| err("the gateway did not answer within 10 s".into()))
+        }
         ("reload", _) => {
             gw.reload.store(true, Ordering::Relaxed);
             ok(json!({ "reload": "requested: the gateway logs the outcome" }))
         }
+        ("sa", _) => err("this gateway takes no SA commands".into()),
         ("show", "sa") => ok(show_sa(gw)),
         ("show", "stats") => ok(show_stats(gw)),
         ("show", "errors") => ok(show_errors(gw)),
@@ -158,7 +178,7 @@ pub fn answer(gw: &Gateway, req: &Request) -> Response {
         ("show", "policy") => ok(show_policy(gw)),
         ("show", w) => err(format!("cannot show \"{w}\"; one of: {}", SHOW.join(", "))),
         (c, _) => err(format!(
-            "unknown command \"{c}\"; commands: show, reload, version"
+            "unknown command \"{c}\"; commands: show, sa, reload, version"
         )),
     }
 }

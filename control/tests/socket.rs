@@ -10,10 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn req(what: &str) -> Request {
-    Request {
-        cmd: "show".into(),
-        what: what.into(),
-    }
+    Request::new("show", what)
 }
 
 #[test]
@@ -45,6 +42,7 @@ fn show_over_the_socket_matches_the_workers() {
         cells: p.west.cells.clone(),
         shared: p.west.shared.clone(),
         reload: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        commands: None,
     });
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("west.sock");
@@ -90,14 +88,7 @@ fn show_over_the_socket_matches_the_workers() {
         .as_str()
         .unwrap()
         .starts_with("protect"));
-    let r = client::request(
-        &path,
-        &Request {
-            cmd: "reload".into(),
-            what: String::new(),
-        },
-    )
-    .unwrap();
+    let r = client::request(&path, &Request::new("reload", "")).unwrap();
     assert!(r.ok && gw.reload.load(std::sync::atomic::Ordering::Relaxed));
     let bad = client::request(&path, &req("nothing")).unwrap();
     assert!(!bad.ok && bad.error.unwrap().contains("one of: sa, stats"));

@@ -569,7 +569,7 @@ impl CoreSas {
             .map(|o| (o.sa.spi, o.key_id))
             .collect();
         let mut fresh_out: HashMap<u32, OutRt> = HashMap::default();
-        let mut out_plan: Vec<Option<(u32, u64)>> = Vec::with_capacity(db.tunnels.len());
+        let mut out_plan: Vec<Option<(u32, u64, Lifetimes)>> = Vec::with_capacity(db.tunnels.len());
         for t in 0..db.tunnels.len() {
             let mut spec = db.outbound_for(t, self.core);
             if self.expired.contains(&spec.spi) {
@@ -579,7 +579,7 @@ impl CoreSas {
                 out_plan.push(None);
                 continue;
             }
-            out_plan.push(Some((spec.spi, spec.key_id)));
+            out_plan.push(Some((spec.spi, spec.key_id, spec.lifetimes)));
             if !have_out.contains(&(spec.spi, spec.key_id)) && !fresh_out.contains_key(&spec.spi) {
                 let shared = db.outbound_is_shared(spec);
                 // (A claim taken here and then abandoned by a later failure is released when
@@ -605,14 +605,14 @@ impl CoreSas {
             }
         }
         let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
-        let mut in_plan: Vec<(u32, usize, u64)> = Vec::new();
+        let mut in_plan: Vec<(u32, usize, u64, Lifetimes)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
             for s in tun.inbound.all().chain(tun.draining.iter()) {
                 let owner = db.owner_of(s);
                 if owner != Owner::Core(self.core) && owner != Owner::Any {
                     continue;
                 }
-                in_plan.push((s.spi, t, s.key_id));
+                in_plan.push((s.spi, t, s.key_id, s.lifetimes));
                 let same = self
                     .inbound
                     .get(&s.spi)
@@ -642,19 +642,23 @@ impl CoreSas {
             .collect();
         for p in out_plan {
             // The live state moves on only under the same key (a new key is a new SA).
-            let rt = p.and_then(|(spi, k)| {
-                old_out
+            let rt = p.and_then(|(spi, k, life)| {
+                let mut rt = old_out
                     .remove(&spi)
                     .filter(|o| o.key_id == k)
-                    .or_else(|| fresh_out.remove(&spi))
+                    .or_else(|| fresh_out.remove(&spi))?;
+                // Limits may have changed (`espada sa update`, a reload); the clock stays.
+                rt.life.set_limits(life);
+                Some(rt)
             });
             self.outbound.push(rt);
         }
         let mut old_in = std::mem::take(&mut self.inbound);
-        for (spi, t, k) in in_plan {
+        for (spi, t, k, life) in in_plan {
             let kept = old_in.remove(&spi).filter(|r| r.key_id == k);
             if let Some(mut rt) = kept.or_else(|| fresh_in.remove(&spi)) {
                 rt.tunnel = t; // tunnels may have moved in the new snapshot
+                rt.life.set_limits(life);
                 self.inbound.insert(spi, rt);
             }
         }

@@ -66,6 +66,17 @@ impl LifetimeTracker {
         }
     }
 
+    /// New limits for an SA that stays (`espada sa update`, a reload): the clock and the
+    /// stage reached so far are kept; the new limits apply from the next check.
+    pub fn set_limits(&mut self, limits: Lifetimes) {
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Lifetimes {
+        self.limits
+    }
+
     /// The current stage.
     pub fn stage(&self) -> Stage {
         self.stage

@@ -8,6 +8,7 @@ pub mod meta;
 pub mod pin;
 pub mod report;
 pub mod run;
+pub mod sa;
 pub mod show;
 pub mod vectors;
 pub mod wireshark;

@@ -232,7 +232,7 @@ fn dpdk_queues(
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     crate::init_logs(a.verbose, a.quiet, a.log_json);
-    let mut c = match config::load(&a.config) {
+    let c = match config::load(&a.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -300,11 +300,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // Durable sequence reservations: resume above whatever the previous run could have sent.
     let now0 = config::unix_now();
     let mut db = c.sadb_at(n, Some(now0))?;
-    let mut gens: Vec<Option<u64>> = (0..c.tunnels.len())
-        .map(|t| c.generation(t, now0))
-        .collect();
-    for (t, g) in gens.iter().enumerate() {
-        if let Some(g) = g {
+    for t in 0..c.tunnels.len() {
+        if let Some(g) = c.generation(t, now0) {
             tracing::info!(
                 "tunnel \"{}\" rekeys every {} s without IKE (lab_rekey): generation {g} now",
                 c.tunnels[t].name,
@@ -442,6 +439,17 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .collect::<std::io::Result<_>>()?;
 
     let start = Instant::now();
+    // Everything that changes the running gateway's SAs goes through the supervisor, owned by
+    // this thread: lab_rekey generations, reloads, and the control socket's `sa` commands.
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<espada_control::supervisor::Command>();
+    let mut sup = espada_control::supervisor::Supervisor::new(
+        c.clone(),
+        a.config.clone(),
+        n,
+        shared.clone(),
+        seq_store,
+        now0,
+    );
     let control_path = a
         .control
         .clone()
@@ -457,6 +465,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         cells: cells.clone(),
         shared: shared.clone(),
         reload: reload.clone(),
+        commands: Some(cmd_tx),
     });
     let _metrics = match &a.metrics {
         None => None,
@@ -523,67 +532,36 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             drop(b); // the buffer goes back to its pool
         }
         shared.neighbors.expire(Instant::now());
+        let now_unix = config::unix_now();
         if reload.swap(false, Ordering::Relaxed) {
-            match reload_config(&a.config, &c, n, &shared, &mut seq_store) {
-                Ok((c2, g)) => {
-                    tracing::info!(
-                        "reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows",
-                        a.config.display(),
-                        c2.tunnels.len(),
-                        c2.spd.policies.len()
-                    );
-                    gens = (0..c2.tunnels.len())
-                        .map(|t| c2.generation(t, config::unix_now()))
-                        .collect();
-                    c = c2;
-                }
+            match sup.reload(now_unix) {
+                Ok(m) => tracing::info!("{m}"),
                 Err(e) => {
                     tracing::info!("reload refused, still running the previous configuration: {e}")
                 }
             }
         }
+        while let Ok(cmd) = cmd_rx.try_recv() {
+            let what = format!("{} {}", cmd.req.cmd, cmd.req.what);
+            let r = sup.execute(&cmd.req, now_unix);
+            match (cmd.req.cmd.as_str(), r.ok, &r.error) {
+                ("reload", true, _) => tracing::info!(
+                    "{} (asked on the control socket)",
+                    r.data["reload"].as_str().unwrap_or("reloaded")
+                ),
+                ("reload", false, Some(e)) => {
+                    tracing::info!("reload refused, still running the previous configuration: {e}")
+                }
+                (_, true, _) => tracing::info!("control: {}: {}", what.trim(), r.data),
+                (_, false, Some(e)) => tracing::info!("control: {} refused: {e}", what.trim()),
+                _ => {}
+            }
+            let _ = cmd.reply.send(r);
+        }
         // lab_rekey: at a generation boundary, send on the new generation (the peer already
         // accepts it) and keep accepting the one before.
-        let now_unix = config::unix_now();
-        for (t, cur) in gens.iter_mut().enumerate() {
-            let Some(g) = c.generation(t, now_unix) else {
-                continue;
-            };
-            if *cur == Some(g) {
-                continue;
-            }
-            let mut ts = c.tunnel_sas(t, Some(g));
-            let g_ = &mut ts.outbound;
-            for s in std::iter::once(&mut g_.fallback).chain(g_.per_cpu.iter_mut()) {
-                s.seq_guard =
-                    Some(seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }));
-            }
-            if let Err(e) = seq_store.advance() {
-                tracing::error!("tunnel \"{}\": cannot reserve sequence numbers for generation {g} ({e}); staying on the current one", c.tunnels[t].name);
-                continue;
-            }
-            let spis: Vec<String> = ts
-                .outbound
-                .all()
-                .map(|s| format!("{:#010x}", s.spi))
-                .collect();
-            match shared.sadb.update(|db| db.tunnels[t] = ts) {
-                Ok(_) => tracing::info!(
-                    "tunnel \"{}\" rekeyed to generation {g}: sending on {}",
-                    c.tunnels[t].name,
-                    spis.join(", ")
-                ),
-                Err(e) => tracing::error!(
-                    "tunnel \"{}\": generation {g} refused: {e}",
-                    c.tunnels[t].name
-                ),
-            }
-            *cur = Some(g);
-        }
-        if let Err(e) = seq_store.advance() {
-            if seq_store.write_errors() == 1 || seq_store.write_errors().is_multiple_of(100) {
-                tracing::error!("cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)");
-            }
+        for line in sup.tick(now_unix) {
+            tracing::info!("{line}");
         }
         while let Some(e) = shared.events.pop() {
             if e.seq_space {
@@ -740,44 +718,4 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Re-reads the configuration and publishes its tunnels and policies as a new snapshot
-/// (make-before-break: SAs whose SPI and key stay keep their runtime state). What a running
-/// gateway cannot change (name, interfaces, addresses, SA mode) is refused with the reason.
-fn reload_config(
-    path: &std::path::Path,
-    old: &config::Config,
-    n: usize,
-    shared: &GatewayShared,
-    seq_store: &mut espada_dataplane::seqstore::SeqStore,
-) -> Result<(config::Config, u64)> {
-    let c = config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let side =
-        |p: &Option<config::PortConfig>| p.as_ref().map(|p| (p.interface.clone(), p.address));
-    if c.name != old.name {
-        bail!(
-            "the gateway name changed ({} -> {}): restart to rename",
-            old.name,
-            c.name
-        );
-    }
-    if side(&c.red) != side(&old.red) || side(&c.black) != side(&old.black) {
-        bail!("interfaces or addresses changed: restart to move the gateway");
-    }
-    if c.sa_mode != old.sa_mode {
-        bail!("sa_mode changed: restart to change it");
-    }
-    let mut db = c.sadb_at(n, Some(config::unix_now()))?;
-    db.attach_seq_guards(|s| {
-        seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 })
-    });
-    seq_store
-        .advance()
-        .map_err(|e| anyhow::anyhow!("cannot reserve sequence numbers: {e}"))?;
-    let g = shared.sadb.update(|cur| {
-        cur.tunnels = db.tunnels;
-        cur.spd = db.spd;
-    })?;
-    Ok((c, g))
 }

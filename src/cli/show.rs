@@ -2,7 +2,7 @@
 //! control socket and print the answer as a table, or as JSON with `--json`.
 
 use crate::config;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 use espada_control::{client, Request};
 use serde_json::Value;
@@ -62,15 +62,12 @@ pub fn reload(a: ReloadArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    match client::request(
-        &socket,
-        &Request {
-            cmd: "reload".into(),
-            what: String::new(),
-        },
-    ) {
+    match client::request(&socket, &Request::new("reload", "")) {
         Ok(r) if r.ok => {
-            println!("reload requested; the gateway's log says what it did");
+            match r.data.get("reload").and_then(Value::as_str) {
+                Some(m) => println!("{m}"),
+                None => println!("reload requested; the gateway's log says what it did"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Ok(r) => {
@@ -84,7 +81,10 @@ pub fn reload(a: ReloadArgs) -> Result<ExitCode> {
     }
 }
 
-fn socket_of(socket: &Option<PathBuf>, cfg: &Option<PathBuf>) -> Result<PathBuf, String> {
+pub(crate) fn socket_of(
+    socket: &Option<PathBuf>,
+    cfg: &Option<PathBuf>,
+) -> Result<PathBuf, String> {
     match (socket, cfg) {
         (Some(s), _) => Ok(s.clone()),
         (None, Some(c)) => config::load(c)
@@ -101,19 +101,12 @@ fn socket_of(socket: &Option<PathBuf>, cfg: &Option<PathBuf>) -> Result<PathBuf,
 }
 
 pub fn run(a: ShowArgs) -> Result<ExitCode> {
-    let socket = match (&a.socket, &a.config) {
-        (Some(s), _) => s.clone(),
-        (None, Some(c)) => match config::load(c) {
-            Ok(c) => c
-                .control_socket
-                .clone()
-                .unwrap_or_else(|| espada_control::default_socket(&c.name)),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(ExitCode::from(1));
-            }
-        },
-        (None, None) => bail!("give the gateway's --socket PATH or its configuration with -c FILE"),
+    let socket = match socket_of(&a.socket, &a.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
     };
     let what = match a.what {
         What::Sa => "sa",
@@ -123,13 +116,7 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
         What::Neighbors => "neighbors",
         What::Policy => "policy",
     };
-    let r = match client::request(
-        &socket,
-        &Request {
-            cmd: "show".into(),
-            what: what.into(),
-        },
-    ) {
+    let r = match client::request(&socket, &Request::new("show", what)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

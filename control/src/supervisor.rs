@@ -1,0 +1,608 @@
+//! The gateway's control loop, off the fast path: everything that changes a running gateway's
+//! SA database goes through one [`Supervisor`], owned by the gateway's main thread. The socket
+//! thread hands it requests ([`Command`]) and waits for the answer; the main thread calls
+//! [`Supervisor::tick`] a few times a second and [`Supervisor::execute`] for each command.
+//!
+//! What it does:
+//! * `lab_rekey` generations at their time boundaries (send on generation g, accept g±1);
+//! * `reload` (also SIGHUP): re-read the configuration, publish it make-before-break;
+//! * `sa rekey`: move `lab_rekey` tunnels one generation ahead now (the peer accepts g+1
+//!   already; rekey it too and both sides send on the new keys, with no packet lost);
+//! * `sa add` / `sa del`: a whole tunnel (deleted: its SAs go and its policies turn into
+//!   discard placeholders, so its traffic is dropped and counted, never sent in the clear; added
+//!   back: from the configuration), or one SA given by SPI and key (an inbound SA replaced this
+//!   way keeps being accepted until deleted: make-before-break);
+//! * `sa update`: new lifetimes for an SA (its clock and counters stay).
+//!
+//! Every change is published through [`SaDbHandle::update`](espada_sadb::db::SaDbHandle): the
+//! workers pick it up at their next burst, keeping the runtime state of every SA whose SPI and
+//! key stay. A reload returns the gateway to its file (runtime SA changes and tunnel deletions
+//! are dropped) but keeps `sa rekey`'s generation offsets, which must stay in step with the peer.
+
+use crate::{Request, Response};
+use espada_config as config;
+use espada_crypto::KeyMaterial;
+use espada_dataplane::seqstore::SeqStore;
+use espada_dataplane::worker::GatewayShared;
+use espada_sadb::db::{SaDb, SaSpec, TunnelSas};
+use espada_sadb::lifetime::{Lifetimes, Limits};
+use espada_sadb::selector::Action;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+/// A request the socket thread passes to the supervisor, with where to send the answer.
+pub struct Command {
+    /// The request.
+    pub req: Request,
+    /// Where the answer goes.
+    pub reply: mpsc::Sender<Response>,
+}
+
+/// The running gateway's control state.
+pub struct Supervisor {
+    /// The configuration in force.
+    pub config: config::Config,
+    path: PathBuf,
+    workers: usize,
+    shared: GatewayShared,
+    seq: SeqStore,
+    /// Per configured tunnel: the generation in force (`lab_rekey`).
+    gens: Vec<Option<u64>>,
+    /// Per tunnel name: generations moved ahead by `sa rekey`.
+    bump: HashMap<String, u64>,
+    /// Deleted tunnels: name → the names of the policies turned into placeholders.
+    deleted: BTreeMap<String, Vec<String>>,
+}
+
+fn ok(data: Value) -> Response {
+    Response {
+        ok: true,
+        error: None,
+        data,
+    }
+}
+
+fn err(msg: impl Into<String>) -> Response {
+    Response {
+        ok: false,
+        error: Some(msg.into()),
+        data: Value::Null,
+    }
+}
+
+const PLACEHOLDER: &str = " [tunnel deleted]";
+
+impl Supervisor {
+    /// Takes over a gateway whose SA database was built from `config` (read from `path`) for
+    /// `workers` workers at UNIX time `now`.
+    pub fn new(
+        config: config::Config,
+        path: PathBuf,
+        workers: usize,
+        shared: GatewayShared,
+        seq: SeqStore,
+        now: u64,
+    ) -> Supervisor {
+        let gens = (0..config.tunnels.len())
+            .map(|t| config.generation(t, now))
+            .collect();
+        Supervisor {
+            config,
+            path,
+            workers,
+            shared,
+            seq,
+            gens,
+            bump: HashMap::new(),
+            deleted: BTreeMap::new(),
+        }
+    }
+
+    /// The sequence-number reservations (for the gateway's reports).
+    pub fn seq_store(&self) -> &SeqStore {
+        &self.seq
+    }
+
+    fn generation(&self, t: usize, now: u64) -> Option<u64> {
+        let b = self
+            .bump
+            .get(&self.config.tunnels[t].name)
+            .copied()
+            .unwrap_or(0);
+        self.config.generation(t, now).map(|g| g + b)
+    }
+
+    fn guard(&mut self, ts: &mut TunnelSas) -> Result<(), String> {
+        let g = &mut ts.outbound;
+        for s in std::iter::once(&mut g.fallback).chain(g.per_cpu.iter_mut()) {
+            s.seq_guard = Some(
+                self.seq
+                    .guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }),
+            );
+        }
+        self.seq
+            .advance()
+            .map(|_| ())
+            .map_err(|e| format!("cannot reserve sequence numbers: {e}"))
+    }
+
+    /// Publishes configured tunnel `t` at generation `g`; returns the SPIs it now sends on.
+    fn install_generation(&mut self, t: usize, g: u64) -> Result<Vec<u32>, String> {
+        let name = self.config.tunnels[t].name.clone();
+        if self.deleted.contains_key(&name) {
+            self.gens[t] = Some(g);
+            return Ok(vec![]);
+        }
+        let mut ts = self.config.tunnel_sas(t, Some(g));
+        self.guard(&mut ts)?;
+        let spis: Vec<u32> = ts.outbound.all().map(|s| s.spi).collect();
+        let mut missing = false;
+        self.shared
+            .sadb
+            .update(|db| match db.tunnel(&name) {
+                Some(i) => db.tunnels[i] = ts,
+                None => missing = true,
+            })
+            .map_err(|e| e.to_string())?;
+        if missing {
+            return Err(format!("tunnel \"{name}\" is not in the SA database"));
+        }
+        self.gens[t] = Some(g);
+        Ok(spis)
+    }
+
+    /// Housekeeping, a few times a second: `lab_rekey` generation boundaries, and the
+    /// sequence-number reservations. Returns what it did, for the log.
+    pub fn tick(&mut self, now: u64) -> Vec<String> {
+        let mut log = Vec::new();
+        for t in 0..self.config.tunnels.len() {
+            let Some(g) = self.generation(t, now) else {
+                continue;
+            };
+            if self.gens[t] == Some(g) {
+                continue;
+            }
+            let name = self.config.tunnels[t].name.clone();
+            match self.install_generation(t, g) {
+                Ok(spis) if !spis.is_empty() => log.push(format!(
+                    "tunnel \"{name}\" rekeyed to generation {g}: sending on {}",
+                    hexes(&spis)
+                )),
+                Ok(_) => {}
+                Err(e) => {
+                    // Tried again at the next tick.
+                    log.push(format!(
+                        "tunnel \"{name}\": generation {g} not installed ({e}); staying on the current one"
+                    ));
+                }
+            }
+        }
+        if let Err(e) = self.seq.advance() {
+            let n = self.seq.write_errors();
+            if n == 1 || n.is_multiple_of(100) {
+                log.push(format!("cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)"));
+            }
+        }
+        log
+    }
+
+    /// Re-reads the configuration file and publishes it (make-before-break). What a running
+    /// gateway cannot change (name, interfaces, addresses, SA mode) is refused with the reason.
+    pub fn reload(&mut self, now: u64) -> Result<String, String> {
+        let c = config::load(&self.path).map_err(|e| e.to_string())?;
+        let old = &self.config;
+        let side =
+            |p: &Option<config::PortConfig>| p.as_ref().map(|p| (p.interface.clone(), p.address));
+        if c.name != old.name {
+            return Err(format!(
+                "the gateway name changed ({} -> {}): restart to rename",
+                old.name, c.name
+            ));
+        }
+        if side(&c.red) != side(&old.red) || side(&c.black) != side(&old.black) {
+            return Err("interfaces or addresses changed: restart to move the gateway".into());
+        }
+        if c.sa_mode != old.sa_mode {
+            return Err("sa_mode changed: restart to change it".into());
+        }
+        let mut db = c
+            .sadb_at(self.workers, Some(now))
+            .map_err(|e| e.to_string())?;
+        // Generations moved ahead by `sa rekey` stay ahead (the peer is there too).
+        let mut gens = Vec::with_capacity(c.tunnels.len());
+        for (t, tc) in c.tunnels.iter().enumerate() {
+            let b = self.bump.get(&tc.name).copied().unwrap_or(0);
+            let g = c.generation(t, now).map(|g| g + b);
+            if b > 0 {
+                db.tunnels[t] = c.tunnel_sas(t, g);
+            }
+            gens.push(g);
+        }
+        let seq = &mut self.seq;
+        db.attach_seq_guards(|s| seq.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }));
+        seq.advance()
+            .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;
+        let g = self
+            .shared
+            .sadb
+            .update(|cur| {
+                cur.tunnels = db.tunnels;
+                cur.spd = db.spd;
+            })
+            .map_err(|e| e.to_string())?;
+        let msg = format!(
+            "reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows",
+            self.path.display(),
+            c.tunnels.len(),
+            c.spd.policies.len()
+        );
+        self.gens = gens;
+        self.deleted.clear();
+        self.config = c;
+        Ok(msg)
+    }
+
+    /// Answers a command that changes the gateway (`reload`, `sa ...`).
+    pub fn execute(&mut self, req: &Request, now: u64) -> Response {
+        let a = &req.args;
+        let r = match (req.cmd.as_str(), req.what.as_str()) {
+            ("reload", _) => self.reload(now).map(|m| json!({ "reload": m })),
+            ("sa", "rekey") => self.rekey(a.get("tunnel").and_then(Value::as_str), now),
+            ("sa", "add") => self.add(a),
+            ("sa", "del") => self.del(a),
+            ("sa", "update") => self.update(a),
+            ("sa", w) => Err(format!(
+                "unknown sa command \"{w}\"; one of: add, del, update, rekey"
+            )),
+            (c, _) => Err(format!("the supervisor does not take \"{c}\"")),
+        };
+        match r {
+            Ok(v) => ok(v),
+            Err(e) => err(e),
+        }
+    }
+
+    fn tunnel_index(&self, name: &str) -> Result<usize, String> {
+        self.config
+            .tunnels
+            .iter()
+            .position(|t| t.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "no tunnel \"{name}\" in {}; tunnels: {}",
+                    self.path.display(),
+                    self.config
+                        .tunnels
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+
+    fn rekey(&mut self, tunnel: Option<&str>, now: u64) -> Result<Value, String> {
+        let ts: Vec<usize> = match tunnel {
+            Some(n) => vec![self.tunnel_index(n)?],
+            None => (0..self.config.tunnels.len()).collect(),
+        };
+        let mut done = Vec::new();
+        for t in ts {
+            let name = self.config.tunnels[t].name.clone();
+            if self.config.tunnels[t].lab_rekey.is_none() {
+                if tunnel.is_some() {
+                    return Err(format!(
+                        "tunnel \"{name}\" has static keys: no key can be derived for it. Install the new SAs with `espada sa add --tunnel {name} --dir in|out --spi SPI --key-file FILE` on both gateways (inbound first), then remove the old inbound ones with `espada sa del --spi SPI`"
+                    ));
+                }
+                continue;
+            }
+            *self.bump.entry(name.clone()).or_insert(0) += 1;
+            let g = self.generation(t, now).expect("lab_rekey tunnel");
+            match self.install_generation(t, g) {
+                Ok(spis) => done.push(json!({"tunnel": name, "generation": g, "sending_on": spis})),
+                Err(e) => {
+                    *self.bump.get_mut(&name).expect("just set") -= 1;
+                    return Err(format!("tunnel \"{name}\": {e}"));
+                }
+            }
+        }
+        if done.is_empty() {
+            return Err("no tunnel derives its keys from lab_secret with lab_rekey: nothing can be rekeyed without new keys (see `espada sa add`)".into());
+        }
+        Ok(json!({ "rekeyed": done }))
+    }
+
+    fn add(&mut self, a: &Value) -> Result<Value, String> {
+        let name = a
+            .get("tunnel")
+            .and_then(Value::as_str)
+            .ok_or("sa add needs a tunnel")?
+            .to_string();
+        match a.get("spi") {
+            None => self.add_tunnel(&name),
+            Some(_) => self.add_sa(&name, a),
+        }
+    }
+
+    /// Puts a deleted tunnel back, as the configuration defines it.
+    fn add_tunnel(&mut self, name: &str) -> Result<Value, String> {
+        let t = self.tunnel_index(name)?;
+        let Some(placeholders) = self.deleted.get(name).cloned() else {
+            return Err(format!(
+                "tunnel \"{name}\" is up already (to replace one of its SAs, give --spi and --key-file)"
+            ));
+        };
+        let g = self.gens[t];
+        let mut ts = self.config.tunnel_sas(t, g);
+        self.guard(&mut ts)?;
+        let spis: Vec<u32> = ts.outbound.all().map(|s| s.spi).collect();
+        self.shared
+            .sadb
+            .update(|db| {
+                db.tunnels.push(ts);
+                let i = db.tunnels.len() - 1;
+                for p in db.spd.policies.iter_mut() {
+                    if let Some(orig) = p.name.strip_suffix(PLACEHOLDER) {
+                        if placeholders.iter().any(|n| n == orig) {
+                            p.name = orig.to_string();
+                            p.action = Action::Protect(i);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        self.deleted.remove(name);
+        Ok(json!({"tunnel": name, "added": true, "sending_on": spis, "policies": placeholders}))
+    }
+
+    fn add_sa(&mut self, name: &str, a: &Value) -> Result<Value, String> {
+        let spi = a
+            .get("spi")
+            .and_then(Value::as_u64)
+            .filter(|s| *s >= 256 && *s <= u32::MAX as u64)
+            .ok_or(
+                "spi must be a number from 256 to 2^32-1 (SPIs 1-255 are reserved, RFC 4303 §2.1)",
+            )? as u32;
+        let inbound = match a.get("dir").and_then(Value::as_str) {
+            Some("in") => true,
+            Some("out") => false,
+            _ => return Err("dir must be \"in\" or \"out\"".into()),
+        };
+        let cpu = a.get("cpu").and_then(Value::as_u64).map(|c| c as usize);
+        let key_hex = a
+            .get("key")
+            .and_then(Value::as_str)
+            .ok_or("sa add with an SPI needs the key (hex: key then 4-byte salt)")?;
+        let db = self.shared.sadb.load();
+        let i = db
+            .tunnel(name)
+            .ok_or_else(|| format!("tunnel \"{name}\" is not up (add it first)"))?;
+        let tun = &db.tunnels[i];
+        let group = if inbound { &tun.inbound } else { &tun.outbound };
+        let template = match cpu {
+            Some(c) => group.per_cpu.get(c).ok_or_else(|| {
+                format!(
+                    "tunnel \"{name}\" has {} {} per-CPU SA(s): cpu {c} is not one of them",
+                    group.per_cpu.len(),
+                    if inbound { "inbound" } else { "outbound" }
+                )
+            })?,
+            None => &group.fallback,
+        };
+        let alg = template.key.algorithm();
+        let key = KeyMaterial::from_hex(alg, key_hex)
+            .map_err(|e| format!("key for SPI {spi:#010x}: {e} ({alg:?})"))?;
+        let mut ep = template.endpoints;
+        if let Some(p) = a.get("port").and_then(Value::as_u64) {
+            ep.src_port = u16::try_from(p).map_err(|_| "port must be 1-65535")?;
+        }
+        let mut spec = SaSpec::new(
+            spi,
+            key,
+            template.esn,
+            template.replay_window,
+            template.lifetimes,
+            ep,
+            cpu,
+        );
+        if !inbound {
+            spec.seq_guard = Some(
+                self.seq
+                    .guard(spi, if spec.esn { u64::MAX } else { u32::MAX as u64 }),
+            );
+            self.seq
+                .advance()
+                .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;
+        }
+        let replaced = template.spi;
+        drop(db);
+        self.shared
+            .sadb
+            .update(|db| {
+                let t = &mut db.tunnels[i];
+                let g = if inbound {
+                    &mut t.inbound
+                } else {
+                    &mut t.outbound
+                };
+                let slot = match cpu {
+                    Some(c) => &mut g.per_cpu[c],
+                    None => &mut g.fallback,
+                };
+                let old = std::mem::replace(slot, spec);
+                // Make-before-break: the replaced inbound SA is still accepted until deleted.
+                if inbound && old.spi != spi {
+                    t.draining.push(old);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(json!({
+            "tunnel": name, "dir": if inbound { "in" } else { "out" }, "spi": spi, "cpu": cpu,
+            "replaced": replaced,
+            "note": if inbound { "the replaced SA is still accepted until `espada sa del` removes it" } else { "sent on from the next burst" },
+        }))
+    }
+
+    fn del(&mut self, a: &Value) -> Result<Value, String> {
+        match (
+            a.get("tunnel").and_then(Value::as_str),
+            a.get("spi").and_then(Value::as_u64),
+        ) {
+            (Some(t), None) => self.del_tunnel(t),
+            (_, Some(spi)) => self.del_sa(spi as u32),
+            (None, None) => Err("sa del needs --tunnel NAME or --spi SPI".into()),
+        }
+    }
+
+    fn del_tunnel(&mut self, name: &str) -> Result<Value, String> {
+        let db = self.shared.sadb.load();
+        let Some(i) = db.tunnel(name) else {
+            return Err(if self.deleted.contains_key(name) {
+                format!("tunnel \"{name}\" is deleted already")
+            } else {
+                format!("no tunnel \"{name}\" is up")
+            });
+        };
+        let spis: Vec<u32> = {
+            let t = &db.tunnels[i];
+            t.outbound
+                .all()
+                .chain(t.inbound.all())
+                .chain(t.draining.iter())
+                .map(|s| s.spi)
+                .collect()
+        };
+        drop(db);
+        let mut names = Vec::new();
+        self.shared
+            .sadb
+            .update(|db| {
+                db.tunnels.remove(i);
+                for p in db.spd.policies.iter_mut() {
+                    match p.action {
+                        // Its traffic is dropped (counted), never sent in the clear.
+                        Action::Protect(t) if t == i => {
+                            names.push(p.name.clone());
+                            p.name.push_str(PLACEHOLDER);
+                            p.action = Action::Discard;
+                        }
+                        Action::Protect(t) if t > i => p.action = Action::Protect(t - 1),
+                        _ => {}
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        self.deleted.insert(name.to_string(), names.clone());
+        Ok(
+            json!({"tunnel": name, "deleted": true, "sas_removed": spis, "policies_now_discard": names}),
+        )
+    }
+
+    fn del_sa(&mut self, spi: u32) -> Result<Value, String> {
+        let db = self.shared.sadb.load();
+        for (i, t) in db.tunnels.iter().enumerate() {
+            if t.draining.iter().any(|s| s.spi == spi) {
+                drop(db);
+                self.publish(|db| db.tunnels[i].draining.retain(|s| s.spi != spi))?;
+                return Ok(json!({"spi": spi, "deleted": "inbound (replaced) SA"}));
+            }
+            if let Some(c) = t.inbound.per_cpu.iter().position(|s| s.spi == spi) {
+                if c + 1 != t.inbound.per_cpu.len() {
+                    return Err(format!("inbound SA {spi:#010x} is the peer's per-CPU SA for CPU {c} of {}: only the last one can go (replace it with `espada sa add --cpu {c}`, or delete the tunnel)", t.inbound.per_cpu.len()));
+                }
+                drop(db);
+                self.publish(|db| {
+                    db.tunnels[i].inbound.per_cpu.pop();
+                })?;
+                return Ok(json!({"spi": spi, "deleted": "inbound per-CPU SA"}));
+            }
+            if t.inbound.fallback.spi == spi {
+                return Err(format!("SA {spi:#010x} is tunnel \"{}\"'s inbound fallback SA: it goes with the tunnel (`espada sa del --tunnel {}`) or is replaced (`espada sa add`)", t.name, t.name));
+            }
+            if t.outbound.all().any(|s| s.spi == spi) {
+                return Err(format!("SA {spi:#010x} is an outbound SA of tunnel \"{}\": replace it (`espada sa add --dir out`) or delete the tunnel; a gateway always has an SA to send a protected packet with, or drops it", t.name));
+            }
+        }
+        Err(format!("no SA with SPI {spi:#010x}"))
+    }
+
+    fn publish(&self, f: impl FnOnce(&mut SaDb)) -> Result<u64, String> {
+        self.shared.sadb.update(f).map_err(|e| e.to_string())
+    }
+
+    fn update(&mut self, a: &Value) -> Result<Value, String> {
+        let spi = a
+            .get("spi")
+            .and_then(Value::as_u64)
+            .ok_or("sa update needs --spi")? as u32;
+        let num = |k: &str| a.get(k).and_then(Value::as_u64);
+        let keys = [
+            "soft_seconds",
+            "hard_seconds",
+            "soft_bytes",
+            "hard_bytes",
+            "soft_packets",
+            "hard_packets",
+        ];
+        if !keys.iter().any(|k| a.get(*k).is_some()) {
+            return Err(format!(
+                "sa update changes lifetimes: give one of {}",
+                keys.join(", ")
+            ));
+        }
+        let apply = |l: &mut Lifetimes| {
+            let set = |lim: &mut Limits, p: &str| {
+                if let Some(v) = num(&format!("{p}_seconds")) {
+                    lim.seconds = (v > 0).then_some(v);
+                }
+                if let Some(v) = num(&format!("{p}_bytes")) {
+                    lim.bytes = (v > 0).then_some(v);
+                }
+                if let Some(v) = num(&format!("{p}_packets")) {
+                    lim.packets = (v > 0).then_some(v);
+                }
+            };
+            set(&mut l.soft, "soft");
+            set(&mut l.hard, "hard");
+        };
+        let mut found = None;
+        self.publish(|db| {
+            for t in db.tunnels.iter_mut() {
+                let TunnelSas {
+                    outbound,
+                    inbound,
+                    draining,
+                    ..
+                } = t;
+                for s in outbound
+                    .all_mut()
+                    .chain(inbound.all_mut())
+                    .chain(draining.iter_mut())
+                {
+                    if s.spi == spi {
+                        apply(&mut s.lifetimes);
+                        found = Some(s.lifetimes);
+                    }
+                }
+            }
+        })?;
+        match found {
+            Some(l) => Ok(json!({"spi": spi, "soft": limits(&l.soft), "hard": limits(&l.hard)})),
+            None => Err(format!("no SA with SPI {spi:#010x}")),
+        }
+    }
+}
+
+fn limits(l: &Limits) -> Value {
+    json!({"seconds": l.seconds, "bytes": l.bytes, "packets": l.packets})
+}
+
+fn hexes(spis: &[u32]) -> String {
+    spis.iter()
+        .map(|s| format!("{s:#010x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
