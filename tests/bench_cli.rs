@@ -110,3 +110,21 @@ fn bad_options_are_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn an_unwritable_output_is_refused_before_anything_is_measured() {
+    let (code, _, err) = espada(&["bench", "--duration", "30", "--json", "/nonexistent/b.json"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot write /nonexistent/b.json"), "{err}");
+    assert!(
+        !err.contains("measuring"),
+        "refused before measuring: {err}"
+    );
+    let (code, _, err) = espada(&["demo", "--duration", "30", "--json", "/nonexistent/d.json"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot write /nonexistent/d.json"), "{err}");
+    assert!(
+        !err.contains("sunset sent"),
+        "refused before running: {err}"
+    );
+}

@@ -24,8 +24,8 @@ use espada_config as config;
 use espada_crypto::KeyMaterial;
 use espada_dataplane::seqstore::SeqStore;
 use espada_dataplane::worker::GatewayShared;
-use espada_sadb::db::{SaDb, SaSpec, TunnelSas};
-use espada_sadb::lifetime::{Lifetimes, Limits};
+use espada_sadb::db::{Direction, SaDb, SaEvent, SaSpec, TunnelSas};
+use espada_sadb::lifetime::{Lifetimes, Limits, Stage};
 use espada_sadb::selector::Action;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -261,6 +261,55 @@ impl Supervisor {
         match r {
             Ok(v) => ok(v),
             Err(e) => err(e),
+        }
+    }
+
+    /// A lifetime event as a person can act on it; `true` when it deserves a warning.
+    pub fn describe_event(&self, e: &SaEvent) -> (bool, String) {
+        let db = self.shared.sadb.load();
+        let t = db.tunnels.get(e.tunnel);
+        let name = t.map_or("?", |t| t.name.as_str());
+        let lab = self
+            .config
+            .tunnels
+            .iter()
+            .any(|c| c.name == name && c.lab_rekey.is_some());
+        let how = if lab {
+            "`espada sa rekey` (lab_secret keys)"
+        } else {
+            "new keys: `espada sa add` on both gateways, or a reload with new [tunnel.keys]"
+        };
+        let spi = e.spi;
+        if e.seq_space {
+            return (true, format!(
+                "outbound SA {spi:#010x} of tunnel \"{name}\" on core {} has used {:.0}% of its sequence-number space; rekey it before it runs out ({how}), or it stops sending (drop reason seq-cycled)",
+                e.core, 100.0 * db.seq_warn
+            ));
+        }
+        let fallback = t.map(|t| t.outbound.fallback.spi);
+        match (e.dir, e.stage) {
+            (Direction::Outbound, Stage::Hard) => match fallback {
+                Some(f) if f != spi => (true, format!(
+                    "per-CPU SA {spi:#010x} of tunnel \"{name}\" on core {c} expired (hard lifetime); core {c} now sends on fallback SA {f:#010x}",
+                    c = e.core
+                )),
+                _ => (true, format!(
+                    "outbound SA {spi:#010x} of tunnel \"{name}\" expired on core {} (hard lifetime): its packets are dropped (no-outbound-sa), never sent in the clear, until it gets new keys: {how}",
+                    e.core
+                )),
+            },
+            (Direction::Outbound, _) => (true, format!(
+                "outbound SA {spi:#010x} of tunnel \"{name}\" on core {} reached its soft lifetime: rekey it now with {how}; at the hard lifetime it stops sending",
+                e.core
+            )),
+            (Direction::Inbound, Stage::Hard) => (true, format!(
+                "inbound SA {spi:#010x} of tunnel \"{name}\" expired on core {} (hard lifetime): packets on it are dropped (sa-expired)",
+                e.core
+            )),
+            (Direction::Inbound, _) => (false, format!(
+                "inbound SA {spi:#010x} of tunnel \"{name}\" reached its soft lifetime on core {}: the peer should rekey it",
+                e.core
+            )),
         }
     }
 

@@ -591,6 +591,13 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if a.layout == "one-core" && (a.sweep.is_some() || a.mode != "ipsec" || compare_all) {
         bail!("--layout one-core measures one ipsec run: no --sweep, --mode loop or --backend all");
     }
+    // Where the results go must be writable before anything is measured.
+    if let Some(j) = &a.json {
+        crate::cli::report::check_writable(j)?;
+    }
+    if a.sweep.is_some() {
+        crate::cli::report::check_dir_writable(&a.out)?;
+    }
     let size_for_ceiling = if a.imix { 594 } else { a.size };
     eprintln!(
         "espada bench: measuring the raw {} {} ceiling on one core at {} B...",

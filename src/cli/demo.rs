@@ -159,6 +159,9 @@ pub fn sides(c: &config::Config) -> Result<GatewaySides> {
 }
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
+    if let Some(j) = &a.json {
+        crate::cli::report::check_writable(j)?;
+    }
     let west = load(&a.config, WEST, "west")?;
     let east = load(&a.peer, EAST, "east")?;
     let mm = west.mirror_mismatches(&east);

@@ -43,14 +43,23 @@ pub fn core_report(
     } else {
         (s.decap_packets, s.decap_bytes)
     };
+    // The SA of this direction: the one this core sends with, or the inbound SA that
+    // carried most of what it received.
     let out_sa = cell
         .sas
         .lock()
         .map(|v| {
-            v.iter()
-                .find(|x| x.outbound)
-                .map(|x| format!("{:#010x}:{}", x.spi, x.port))
-                .unwrap_or_default()
+            if encap {
+                v.iter()
+                    .find(|x| x.outbound)
+                    .map(|x| format!("{:#010x}:{}", x.spi, x.port))
+            } else {
+                v.iter()
+                    .filter(|x| !x.outbound)
+                    .max_by_key(|x| x.packets)
+                    .map(|x| format!("{:#010x}", x.spi))
+            }
+            .unwrap_or_default()
         })
         .unwrap_or_default();
     CoreReport {
@@ -100,7 +109,18 @@ impl Report {
     }
 }
 
-pub fn rows(s: &mut String, who: &str, what: &str, v: &[CoreReport]) {
+/// The column header of [`rows`] (`who` and `sa` name the first and third columns).
+pub fn header(s: &mut String, who: &str, sa: &str) {
+    let _ = writeln!(
+        s,
+        "{:<5} {:>4}  {:<17} {:>12} {:>8} {:>8} {:>8} {:>19} {:>7}",
+        who, "core", sa, "packets", "Mpps", "Gbit/s", "ns/pkt", "handoff out/in", "drops"
+    );
+}
+
+/// One row per core and a total; with `drops`, each core's drops by reason under its row (a
+/// worker's drops are counted once: give them to one direction's rows only).
+pub fn rows(s: &mut String, who: &str, what: &str, v: &[CoreReport], drops: bool) {
     let (mut p, mut m, mut g, mut d) = (0u64, 0f64, 0f64, 0u64);
     for c in v {
         let _ = writeln!(
@@ -114,16 +134,27 @@ pub fn rows(s: &mut String, who: &str, what: &str, v: &[CoreReport]) {
             c.ns_per_packet,
             c.handoff_out,
             c.handoff_in,
-            c.drops_total
+            if drops {
+                c.drops_total.to_string()
+            } else {
+                "-".to_string()
+            }
         );
-        for (r, n) in &c.drops {
-            let _ = writeln!(s, "{:>12} drop {r}: {n}", "");
+        if drops {
+            for (r, n) in &c.drops {
+                let _ = writeln!(s, "{:>12} drop {r}: {n}", "");
+            }
         }
         p += c.packets;
         m += c.mpps;
         g += c.gbps_inner;
         d += c.drops_total;
     }
+    let d = if drops {
+        d.to_string()
+    } else {
+        "-".to_string()
+    };
     let _ = writeln!(
         s,
         "{who:<5} {:>4}  {:<17} {p:>12} {m:>8.3} {g:>8.2} {:>8} {:>19} {d:>7}   ({what})",
@@ -133,21 +164,32 @@ pub fn rows(s: &mut String, who: &str, what: &str, v: &[CoreReport]) {
 
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<5} {:>4}  {:<17} {:>12} {:>8} {:>8} {:>8} {:>19} {:>7}",
-        "gw",
-        "core",
-        "out SA:port",
-        "packets",
-        "Mpps",
-        "Gbit/s",
-        "ns/pkt",
-        "handoff out/in",
-        "drops"
-    );
-    rows(&mut s, "west", "encapsulated", &r.west);
-    rows(&mut s, "east", "decapsulated", &r.east);
+    header(&mut s, "gw", "SA:port");
+    rows(&mut s, "west", "encapsulated", &r.west, true);
+    rows(&mut s, "east", "decapsulated", &r.east, true);
     let _ = writeln!(s, "Gbit/s counts inner IP bytes; ns/pkt is busy time per packet handled by that gateway's worker (west and east share each core).");
     s
+}
+
+/// Fails before a measurement starts when `file` could not be written at its end (a missing
+/// directory, no permission), instead of after minutes of work.
+pub fn check_writable(file: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let existed = file.exists();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(file);
+    }
+    Ok(())
+}
+
+/// As [`check_writable`] for a directory the results go into (made when missing).
+pub fn check_dir_writable(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    check_writable(&dir.join(".espada-write-check"))
 }

@@ -2,7 +2,7 @@
 //! a live per-core table once a second, JSON lines on request, totals on exit (SIGINT/SIGTERM).
 
 use crate::cli::demo::sides;
-use crate::cli::report::{core_report, rows, CoreReport};
+use crate::cli::report::{core_report, header, rows, CoreReport};
 use crate::config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -564,19 +564,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             tracing::info!("{line}");
         }
         while let Some(e) = shared.events.pop() {
-            if e.seq_space {
-                tracing::warn!(
-                    "outbound SA {:#010x} on core {} has used {:.0}% of its sequence-number space; rekey it before it runs out (then it stops sending: drop reason seq-cycled)",
-                    e.spi, e.core, 100.0 * shared.sadb.load().seq_warn
-                );
+            let (loud, text) = sup.describe_event(&e);
+            if loud {
+                tracing::warn!("{text}");
             } else {
-                tracing::info!(
-                    "SA {:#010x} ({:?}) reached its {:?} lifetime on core {}",
-                    e.spi,
-                    e.dir,
-                    e.stage,
-                    e.core
-                );
+                tracing::info!("{text}");
             }
         }
         if last.elapsed() < interval {
@@ -608,9 +600,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             ));
             let by_reason: std::collections::BTreeMap<&str, u64> =
                 s.drops.nonzero().map(|(r, n)| (r.label(), n)).collect();
-            js.push(serde_json::json!({"core": i, "encap_pps": enc, "decap_pps": dec, "gbps_inner": gb, "drops": dr,
-                "handoff_out": s.handoff_out - p.handoff_out, "red_rx": s.red_rx, "black_rx": s.black_rx,
-                "encap_packets": s.encap_packets, "decap_packets": s.decap_packets, "to_control": s.to_control, "black_tx_lost": bp.tx_lost, "black_tx_resets": bp.tx_resets, "black_tx_oversize": bp.tx_oversize, "drops_total": s.drops.total(), "drops_by_reason": by_reason}));
+            // Counters are cumulative since start (rates are over the last interval).
+            js.push(serde_json::json!({"core": i, "encap_pps": enc, "decap_pps": dec, "gbps_inner": gb,
+                "handoff_out": s.handoff_out, "handoff_in": s.handoff_in, "red_rx": s.red_rx, "black_rx": s.black_rx,
+                "encap_packets": s.encap_packets, "decap_packets": s.decap_packets, "encap_bytes": s.encap_bytes, "decap_bytes": s.decap_bytes,
+                "to_control": s.to_control, "black_tx_lost": bp.tx_lost, "black_tx_resets": bp.tx_resets, "black_tx_oversize": bp.tx_oversize,
+                "drops_total": s.drops.total(), "drops_by_reason": by_reason}));
         }
         if a.interval > 0.0 {
             eprintln!("{line}");
@@ -619,7 +614,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             let _ = writeln!(
                 f,
                 "{}",
-                serde_json::json!({"t": start.elapsed().as_secs_f64(), "gateway": c.name, "cores": js})
+                serde_json::json!({"t": start.elapsed().as_secs_f64(), "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()), "interval_s": dt, "gateway": c.name, "cores": js})
             );
         }
         prev = now;
@@ -641,8 +636,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .map(|(w, c)| core_report(w.core(), w.stats(), c, secs, false))
         .collect();
     let mut s = String::new();
-    rows(&mut s, "out", "encapsulated", &enc);
-    rows(&mut s, "in", "decapsulated", &dec);
+    header(&mut s, "dir", "SA:port");
+    rows(&mut s, "out", "encapsulated", &enc, false);
+    rows(&mut s, "in", "decapsulated", &dec, true);
     println!(
         "espada run: gateway \"{}\" stopped after {secs:.1} s; totals:",
         c.name
