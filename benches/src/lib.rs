@@ -1,6 +1,11 @@
-//! Shared fixtures for the micro-benchmarks in `benches/benches/` (run with
-//! `cargo bench -p espada-benches`, summarise with `scripts/bench-ratios`).
+//! espada's measurements: the harness behind `espada bench` ([`harness`]), the per-core
+//! reports of `espada demo`/`run` ([`report`]), and the shared fixtures of the criterion
+//! micro-benchmarks in `benches/benches/` (run with `cargo bench -p espada-benches`,
+//! summarise with `scripts/bench-ratios`).
 #![forbid(unsafe_code)]
+
+pub mod harness;
+pub mod report;
 
 use espada_crypto::{Algorithm, Backend, Cipher, KeyMaterial};
 use espada_sadb::{InboundSa, OutboundSa, TunnelEndpoints};

@@ -11,6 +11,7 @@
 pub mod affinity;
 pub mod drop;
 pub mod esp;
+pub mod gateway;
 pub mod neighbor;
 pub mod pair;
 pub mod pktbuf;

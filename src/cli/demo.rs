@@ -4,10 +4,10 @@
 //! source port, the black "NIC" steering each SA to its core. Sunset generates traffic, sunrise
 //! checks every packet; the table shows per-core throughput and every drop.
 
-use crate::cli::report::{self, Report};
 use crate::config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use espada_benches::report::{self, Report};
 use espada_dataplane::pair::{GatewaySides, Pair, PairSpec};
 use espada_dataplane::port::memory::Steering;
 use espada_dataplane::worker::Side;
@@ -160,7 +160,7 @@ pub fn sides(c: &config::Config) -> Result<GatewaySides> {
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if let Some(j) = &a.json {
-        crate::cli::report::check_writable(j)?;
+        espada_benches::report::check_writable(j)?;
     }
     let west = load(&a.config, WEST, "west")?;
     let east = load(&a.peer, EAST, "east")?;

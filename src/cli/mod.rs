@@ -6,7 +6,6 @@ pub mod check;
 pub mod demo;
 pub mod meta;
 pub mod pin;
-pub mod report;
 pub mod run;
 pub mod sa;
 pub mod show;

@@ -2,16 +2,14 @@
 //! a live per-core table once a second, JSON lines on request, totals on exit (SIGINT/SIGTERM).
 
 use crate::cli::demo::sides;
-use crate::cli::report::{core_report, header, rows, CoreReport};
 use crate::config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use crossbeam_queue::ArrayQueue;
+use espada_benches::report::{core_report, header, rows, CoreReport};
+use espada_dataplane::gateway::{DpdkPorts, PortKind, PortsSpec};
 use espada_dataplane::neighbor::NeighborTable;
 use espada_dataplane::pool::{Pool, PoolCache};
-use espada_dataplane::port::af_packet::{AfPacketQueue, RingConfig};
-use espada_dataplane::port::pcap::Tap;
-use espada_dataplane::port::PortQueue;
 use espada_dataplane::worker::{GatewayShared, StatsCell, Worker, WorkerStats};
 use espada_sadb::db::{EventQueue, SaDbHandle};
 use std::io::Write;
@@ -84,150 +82,6 @@ pub struct RunArgs {
     /// Sequence numbers reserved per SA per state-file write; a restart skips at most this many.
     #[arg(long, default_value_t = espada_dataplane::seqstore::DEFAULT_BLOCK, value_name = "N")]
     seq_block: u64,
-}
-
-fn open_queue(
-    iface: &str,
-    q: usize,
-    n: usize,
-    fanout: u16,
-    tap: Option<&PathBuf>,
-) -> Result<Box<dyn PortQueue>> {
-    let mut last = None;
-    // A socket of a previous run may still be going away: retry briefly.
-    for _ in 0..20 {
-        match AfPacketQueue::open(iface, q, n, fanout, RingConfig::default()) {
-            Ok(p) => {
-                return Ok(match tap {
-                    Some(base) => Box::new(Tap::new(
-                        p,
-                        &PathBuf::from(format!("{}-q{q}.pcap", base.display())),
-                    )?),
-                    None => Box::new(p),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("interface {iface}: {e}"),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                bail!("interface {iface}: {e} (AF_PACKET needs root or CAP_NET_RAW)")
-            }
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(last
-        .map(|e| anyhow::anyhow!("interface {iface} queue {q}: {e}"))
-        .unwrap_or_else(|| anyhow::anyhow!("interface {iface}: cannot open")))
-}
-
-/// Keeps DPDK ports (and their flow rules) alive until the workers are done.
-#[allow(dead_code)]
-enum PortsAlive {
-    None,
-    #[cfg(feature = "dpdk")]
-    Dpdk(Vec<espada_dataplane::port::dpdk::DpdkPort>),
-}
-
-type Queues = (Vec<Box<dyn PortQueue>>, Vec<Box<dyn PortQueue>>, PortsAlive);
-
-#[cfg(feature = "dpdk")]
-fn dpdk_queues(c: &config::Config, n: usize, cores: &[usize], online: &[usize]) -> Result<Queues> {
-    use espada_dataplane::port::dpdk::{
-        eal_init, main_lcore_args, port_socket, DpdkPort, SocketPools, NO_HUGE_ARGS,
-    };
-    let d = c.dpdk.as_ref().with_context(|| {
-        format!(
-            "{}: --port dpdk needs a [dpdk] section (red_port, black_port, eal)",
-            c.file.display()
-        )
-    })?;
-    let mut args = if d.eal.is_empty() {
-        NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect()
-    } else {
-        d.eal.clone()
-    };
-    if !args.iter().any(|x| x == "-l" || x.starts_with("--lcores")) {
-        // The EAL main lcore (this thread: control socket, reports) floats over the CPUs no
-        // worker uses; the workers are registered threads on their own cores.
-        args.extend(main_lcore_args(online, &cores[..n.min(cores.len())]));
-    }
-    eal_init(&args).map_err(|e| anyhow::anyhow!(e))?;
-    // One mbuf pool per NUMA socket the two ports sit on.
-    let mut pools = SocketPools::new("espada_run", (n as u32 * 16384).max(16383), 2048 + 256);
-    let mut open = |name: &str| -> Result<DpdkPort> {
-        let (_, socket) = port_socket(name).map_err(|e| anyhow::anyhow!(e))?;
-        let pool = pools.for_socket(socket).map_err(|e| anyhow::anyhow!(e))?;
-        DpdkPort::open(name, n as u16, pool).map_err(|e| anyhow::anyhow!(e))
-    };
-    let red = open(&d.red_port)?;
-    let mut black = open(&d.black_port)?;
-    tracing::info!(
-        "dpdk: EAL main lcore off the worker cores; {} mbuf pool(s), one per NUMA socket",
-        pools.len()
-    );
-    // One rte_flow rule per per-CPU SA of the peer: its UDP source port -> the owning queue.
-    let t = &c.tunnels[0];
-    let mut refused = None;
-    for i in 0..t.peer_pcpu {
-        if let Err(e) = black.steer_udp_source_port(t.in_port_of(Some(i)), 4500, (i % n) as u16) {
-            refused = Some(e);
-            break;
-        }
-        tracing::info!(
-            "rte_flow on {}: udp src {} dst 4500 -> queue {}",
-            d.black_port,
-            t.in_port_of(Some(i)),
-            i % n
-        );
-    }
-    if let Some(e) = refused {
-        tracing::info!("{} refuses rte_flow rules ({e}); RSS spreads the SAs and espada hands packets to the owning core", d.black_port);
-    }
-    for (p, name) in [(&red, &d.red_port), (&black, &d.black_port)] {
-        let (speed, up) = p.link();
-        tracing::info!(
-            "dpdk port {name}: link {} {speed} Mbit/s",
-            if up { "up" } else { "DOWN" }
-        );
-    }
-    let r: Vec<Box<dyn PortQueue>> = (0..n)
-        .map(|q| Box::new(red.queue(q as u16)) as Box<dyn PortQueue>)
-        .collect();
-    let b: Vec<Box<dyn PortQueue>> = (0..n)
-        .map(|q| Box::new(black.queue(q as u16)) as Box<dyn PortQueue>)
-        .collect();
-    Ok((r, b, PortsAlive::Dpdk(vec![red, black])))
-}
-
-#[cfg(feature = "af-xdp")]
-fn af_xdp_queues(red: &str, black: &str, n: usize) -> Result<Queues> {
-    use espada_dataplane::port::af_xdp::AfXdpQueue;
-    let mut r: Vec<Box<dyn PortQueue>> = Vec::new();
-    let mut b: Vec<Box<dyn PortQueue>> = Vec::new();
-    for q in 0..n as u32 {
-        // One UMEM per worker, shared by its red and black sockets: packets go out from the
-        // frame they arrived in.
-        let (rq, bq) =
-            AfXdpQueue::open_pair(red, black, q, 4096).map_err(|e| anyhow::anyhow!(e))?;
-        r.push(Box::new(rq));
-        b.push(Box::new(bq));
-    }
-    tracing::info!("AF_XDP sockets on {red} and {black}, queues 0..{}, one shared UMEM per worker (zero copy; steer per-CPU SAs with `espada pin apply`)", n - 1);
-    Ok((r, b, PortsAlive::None))
-}
-
-#[cfg(not(feature = "af-xdp"))]
-fn af_xdp_queues(_red: &str, _black: &str, _n: usize) -> Result<Queues> {
-    bail!("this espada was built without AF_XDP: cargo build --release --features af-xdp (needs clang, libelf-dev, zlib1g-dev, m4)")
-}
-
-#[cfg(not(feature = "dpdk"))]
-fn dpdk_queues(
-    _c: &config::Config,
-    _n: usize,
-    _cores: &[usize],
-    _online: &[usize],
-) -> Result<Queues> {
-    bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
@@ -358,41 +212,52 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     };
     let mtu = gw.red.mtu.max(gw.black.mtu) as usize;
     let pool = Pool::new(n * 8192, mtu + 14 + 256);
-    let fanout = (std::process::id() as u16) ^ 0x5a00;
     let mut workers = Vec::new();
-    let (red_qs, black_qs, keep_ports) = match a.port.as_str() {
-        "af-packet" => {
-            let mut r = Vec::new();
-            let mut b = Vec::new();
-            for (name, iface) in [("red", &red_if), ("black", &black_if)] {
-                let rxq = espada_dataplane::port::af_packet::rx_queues(iface);
-                tracing::info!(
-                    "{name} {iface}: {rxq} RX queue(s) for {n} worker(s): {}",
-                    if n == 1 {
-                        "one socket".to_string()
-                    } else if rxq >= n {
-                        "queue-mapped fanout (the NIC's queue picks the worker)".to_string()
-                    } else {
-                        "hash fanout (packets for another core's SA are handed off)".to_string()
-                    }
-                );
-            }
-            for i in 0..n {
-                r.push(open_queue(&red_if, i, n, fanout, None)?);
-                b.push(open_queue(
-                    &black_if,
-                    i,
-                    n,
-                    fanout.wrapping_add(1),
-                    a.pcap_black.as_ref(),
-                )?);
-            }
-            (r, b, PortsAlive::None)
-        }
-        "dpdk" => dpdk_queues(&c, n, &cores, &online)?,
-        "af-xdp" => af_xdp_queues(&red_if, &black_if, n)?,
+    let kind = match a.port.as_str() {
+        "af-packet" => PortKind::AfPacket,
+        "af-xdp" => PortKind::AfXdp,
+        "dpdk" => PortKind::Dpdk,
         p => bail!("--port must be af-packet, af-xdp or dpdk, got {p}"),
     };
+    let dpdk = c.dpdk.as_ref().map(|d| {
+        // One rte_flow rule per per-CPU SA of the peer: its UDP source port -> the owning queue.
+        let t = &c.tunnels[0];
+        DpdkPorts {
+            red_port: d.red_port.clone(),
+            black_port: d.black_port.clone(),
+            eal: d.eal.clone(),
+            steer: (0..t.peer_pcpu)
+                .map(|i| (t.in_port_of(Some(i)), (i % n) as u16))
+                .collect(),
+        }
+    });
+    if kind == PortKind::Dpdk && dpdk.is_none() {
+        bail!(
+            "{}: --port dpdk needs a [dpdk] section (red_port, black_port, eal)",
+            c.file.display()
+        );
+    }
+    let ports = espada_dataplane::gateway::open(&PortsSpec {
+        kind,
+        red: &red_if,
+        black: &black_if,
+        workers: n,
+        cores: &cores,
+        online: &online,
+        pcap_black: a.pcap_black.as_deref(),
+        dpdk: dpdk.as_ref(),
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    for note in &ports.notes {
+        tracing::info!("{note}");
+    }
+    let espada_dataplane::gateway::Ports {
+        red: red_qs,
+        black: black_qs,
+        #[cfg(feature = "dpdk")]
+            dpdk: keep_ports,
+        ..
+    } = ports;
     for (i, (red, black)) in red_qs.into_iter().zip(black_qs).enumerate() {
         workers.push(Worker::new(
             i,
@@ -677,8 +542,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
     }
     #[cfg(feature = "dpdk")]
-    if let PortsAlive::Dpdk(ports) = &keep_ports {
-        for p in ports {
+    {
+        for p in &keep_ports {
             let s = p.pmd_stats();
             println!(
                 "dpdk port {}: PMD rx {} tx {} rx-bytes {} tx-bytes {} missed {} tx-errors {}",
@@ -687,7 +552,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
     }
     // The ports (and their flow rules) go away only now, after the workers stopped.
-    let _ = &keep_ports;
+    #[cfg(feature = "dpdk")]
+    drop(keep_ports);
     {
         let n = &shared.neighbors.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
