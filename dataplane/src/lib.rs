@@ -12,6 +12,7 @@ pub mod affinity;
 pub mod drop;
 pub mod esp;
 pub mod gateway;
+pub mod kernel;
 pub mod neighbor;
 pub mod pair;
 pub mod pktbuf;

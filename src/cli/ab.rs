@@ -365,6 +365,7 @@ pub fn setup(
             ));
             let db = cfg.sadb(cfg.resolved_workers())?;
             for l in xfrm::render(cfg, &db, pcpu)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.file.display()))?
                 .lines()
                 .filter(|l| l.starts_with("ip xfrm"))
             {

@@ -6,23 +6,44 @@ use crate::config::{self, Config};
 use anyhow::Result;
 use clap::Args;
 use espada_sadb::db::{SaDb, SaSpec};
-use espada_sadb::selector::{Action, Policy};
+use espada_sadb::selector::{Action, Policy, PortRange};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Args)]
 pub struct XfrmArgs {
     /// Configuration file.
-    #[arg(short = 'c', long = "config")]
-    config: PathBuf,
-    /// Emit one SA per tunnel and direction instead of per-CPU SAs (kernels before 6.13).
+    #[arg(short = 'c', long = "config", required_unless_present = "encap_socket")]
+    config: Option<PathBuf>,
+    /// Send on one SA per tunnel (the fallback SA) instead of per-CPU SAs with `pcpu-num`
+    /// (kernels before 6.13, iproute2 before 7.0). The inbound SAs always cover every SPI the
+    /// peer may send on, per-CPU ones included.
     #[arg(long)]
     no_pcpu: bool,
+    /// Print the commands that remove these SAs and policies again (policies first; give
+    /// --no-pcpu again if the setup had it).
+    #[arg(long)]
+    delete: bool,
+    /// Instead of printing commands: hold a UDP socket on port 4500 with UDP_ENCAP_ESPINUDP
+    /// until killed. The kernel decapsulates inbound ESP-in-UDP only while such a socket exists
+    /// (normally the IKE daemon's); run this in the background next to the loaded SAs.
+    #[arg(long)]
+    encap_socket: bool,
 }
 
 pub fn run(a: XfrmArgs) -> Result<ExitCode> {
-    let c = match config::load(&a.config) {
+    if a.encap_socket {
+        eprintln!("espada xfrm: holding UDP port 4500 with UDP_ENCAP_ESPINUDP (inbound ESP-in-UDP reaches the kernel's SAs) until killed");
+        if let Err(e) = espada_dataplane::kernel::hold_udp_encap_socket(4500) {
+            eprintln!("error: UDP port 4500: {e} (is an IKE daemon holding it already? then nothing is needed)");
+            return Ok(ExitCode::from(1));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = a.config.expect("clap requires it");
+    let c = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -33,63 +54,139 @@ pub fn run(a: XfrmArgs) -> Result<ExitCode> {
     for t in c.tunnels.iter().filter(|t| t.lab_rekey.is_some()) {
         eprintln!("# espada xfrm: tunnel \"{}\" has lab_rekey: espada moves to new keys and SPIs every soft_seconds and a kernel peer does not; these are the configured SAs (set lab_rekey = false on both sides to pair with the kernel)", t.name);
     }
-    let out = render(&c, &db, !a.no_pcpu);
+    let out = match if a.delete {
+        render_delete(&c, &db, !a.no_pcpu)
+    } else {
+        render(&c, &db, !a.no_pcpu)
+    } {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
     if let Err(e) = parse_back(&out) {
         anyhow::bail!("internal error: generated an invalid ip xfrm command: {e}");
     }
-    eprintln!("# espada xfrm: the output contains keys; treat it like the key file");
+    if !a.delete {
+        eprintln!("# espada xfrm: the output contains keys; treat it like the key file");
+    }
     print!("{out}");
     Ok(ExitCode::SUCCESS)
 }
 
-fn state(
-    s: &SaSpec,
-    src: std::net::IpAddr,
-    dst: std::net::IpAddr,
-    reqid: usize,
-    bits: usize,
-    pcpu: bool,
-) -> String {
+/// The largest anti-replay window the kernel takes (XFRMA_REPLAY_ESN_MAX, in packets).
+const KERNEL_MAX_REPLAY: u32 = 4096;
+/// Port ranges up to this many ports become one policy per port (iproute2 has no port masks).
+const MAX_EXPANDED_PORTS: usize = 64;
+
+fn state(s: &SaSpec, src: IpAddr, dst: IpAddr, reqid: usize, pcpu_num: Option<usize>) -> String {
     let mut l = format!(
         "ip xfrm state add src {src} dst {dst} proto esp spi {:#010x} reqid {reqid} mode tunnel replay-window {}{} aead 'rfc4106(gcm(aes))' 0x{} 128 encap espinudp {} {} 0.0.0.0",
         s.spi,
-        s.replay_window,
+        s.replay_window.min(KERNEL_MAX_REPLAY),
         if s.esn { " flag esn" } else { "" },
         hex::encode(s.key.expose_key_and_salt()),
         s.endpoints.src_port,
         s.endpoints.dst_port,
     );
-    let _ = bits;
-    if let (true, Some(cpu)) = (pcpu, s.cpu) {
+    let l2 = &s.lifetimes;
+    for (k, v) in [
+        ("time-soft", l2.soft.seconds),
+        ("time-hard", l2.hard.seconds),
+        ("byte-soft", l2.soft.bytes),
+        ("byte-hard", l2.hard.bytes),
+        ("packet-soft", l2.soft.packets),
+        ("packet-hard", l2.hard.packets),
+    ] {
+        if let Some(v) = v {
+            let _ = write!(l, " limit {k} {v}");
+        }
+    }
+    if let Some(cpu) = pcpu_num {
         let _ = write!(l, " pcpu-num {cpu}");
     }
     l
 }
 
-fn policy_sel(p: &Policy) -> String {
+fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".to_string(),
+        17 => "udp".to_string(),
+        1 => "icmp".to_string(),
+        58 => "ipv6-icmp".to_string(),
+        n => n.to_string(),
+    }
+}
+
+/// The ports of a range as iproute2 can say them: any, or a list of single ports.
+fn ports(r: &PortRange, what: &str, policy: &str) -> Result<Vec<Option<u16>>, String> {
+    if r.is_any() {
+        return Ok(vec![None]);
+    }
+    let n = r.hi as usize - r.lo as usize + 1;
+    if n > MAX_EXPANDED_PORTS {
+        return Err(format!(
+            "policy \"{policy}\": {what} range {}-{} has {n} ports; iproute2 takes one port per policy (no masks), and more than {MAX_EXPANDED_PORTS} policies for one range are not emitted: narrow the range or drop the port selector",
+            r.lo, r.hi
+        ));
+    }
+    Ok((r.lo..=r.hi).map(Some).collect())
+}
+
+/// The `src .. dst .. [proto .. [sport ..] [dport ..]]` selectors of a policy (several when a
+/// port range is expanded); empty when src and dst are of different families (no such
+/// packet exists, and iproute2 refuses the policy).
+fn policy_sels(p: &Policy) -> Result<Vec<String>, String> {
     let sel = &p.selector;
-    let mut l = format!("src {} dst {}", sel.src, sel.dst);
-    if let Some(proto) = sel.proto {
-        let name = match proto {
-            6 => "tcp".to_string(),
-            17 => "udp".to_string(),
-            1 => "icmp".to_string(),
-            58 => "ipv6-icmp".to_string(),
-            n => n.to_string(),
-        };
-        let _ = write!(l, " proto {name}");
-        if !sel.src_ports.is_any() {
-            let _ = write!(l, " sport {}", sel.src_ports.lo);
-        }
-        if !sel.dst_ports.is_any() {
-            let _ = write!(l, " dport {}", sel.dst_ports.lo);
+    if sel.src.addr().is_ipv4() != sel.dst.addr().is_ipv4() {
+        return Ok(vec![]);
+    }
+    let mut out = Vec::new();
+    let base = format!("src {} dst {}", sel.src, sel.dst);
+    let Some(proto) = sel.proto else {
+        return Ok(vec![base]);
+    };
+    let ported = matches!(proto, 6 | 17 | 132 | 33);
+    let (sp, dp) = if ported {
+        (
+            ports(&sel.src_ports, "source port", &p.name)?,
+            ports(&sel.dst_ports, "destination port", &p.name)?,
+        )
+    } else {
+        (vec![None], vec![None])
+    };
+    if sp.len() * dp.len() > MAX_EXPANDED_PORTS {
+        return Err(format!(
+            "policy \"{}\": its source and destination port ranges make {} policies; narrow them",
+            p.name,
+            sp.len() * dp.len()
+        ));
+    }
+    for s in &sp {
+        for d in &dp {
+            let mut l = format!("{base} proto {}", proto_name(proto));
+            if let Some(s) = s {
+                let _ = write!(l, " sport {s}");
+            }
+            if let Some(d) = d {
+                let _ = write!(l, " dport {d}");
+            }
+            out.push(l);
         }
     }
-    l
+    Ok(out)
+}
+
+fn reversed(p: &Policy) -> Policy {
+    let mut r = p.clone();
+    std::mem::swap(&mut r.selector.src, &mut r.selector.dst);
+    std::mem::swap(&mut r.selector.src_ports, &mut r.selector.dst_ports);
+    r
 }
 
 /// The commands, in the order to run them (states first, then policies).
-pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> String {
+pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -98,22 +195,38 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> String {
         c.file.display(),
         db.mode.name()
     );
+    let _ = writeln!(s, "# Inbound ESP-in-UDP reaches these SAs only while a UDP socket on port 4500 has UDP_ENCAP_ESPINUDP set (an IKE daemon's, or `espada xfrm --encap-socket &`).");
+    if pcpu && db.tunnels.iter().any(|t| !t.outbound.per_cpu.is_empty()) {
+        let _ = writeln!(s, "# Per-CPU SAs (`pcpu-num`, RFC 9611) need Linux >= 6.13 and iproute2 >= 7.0; with older ones use `espada xfrm --no-pcpu`.");
+    }
     for (ti, t) in c.tunnels.iter().enumerate() {
         let tun = &db.tunnels[ti];
         let reqid = ti + 1;
-        let bits = t.cipher.key_bits();
-        let note = if pcpu {
-            " (per-CPU SAs carry pcpu-num, the fallback SA does not)"
-        } else {
-            " (one SA per direction)"
-        };
-        let _ = writeln!(s, "# tunnel \"{}\": outbound SAs{note}", t.name);
-        for o in tun.outbound.all().filter(|o| pcpu || o.cpu.is_none()) {
-            let _ = writeln!(s, "{}", state(o, t.local, t.remote, reqid, bits, pcpu));
+        if tun.outbound.fallback.replay_window > KERNEL_MAX_REPLAY {
+            let _ = writeln!(s, "# tunnel \"{}\": replay_window {} is above the kernel's limit; the kernel's SAs get {KERNEL_MAX_REPLAY}", t.name, tun.outbound.fallback.replay_window);
         }
-        let _ = writeln!(s, "# tunnel \"{}\": inbound SAs", t.name);
-        for i in tun.inbound.all().filter(|o| pcpu || o.cpu.is_none()) {
-            let _ = writeln!(s, "{}", state(i, t.remote, t.local, reqid, bits, pcpu));
+        let note = if pcpu {
+            "per-CPU SAs carry pcpu-num, the fallback SA does not"
+        } else {
+            "the fallback SA only: the kernel sends on one SA"
+        };
+        let _ = writeln!(s, "# tunnel \"{}\": outbound SAs ({note})", t.name);
+        let outs: Vec<&SaSpec> = if pcpu {
+            tun.outbound.all().collect()
+        } else {
+            vec![&tun.outbound.fallback]
+        };
+        for o in outs {
+            let cpu = if pcpu { o.cpu } else { None };
+            let _ = writeln!(s, "{}", state(o, t.local, t.remote, reqid, cpu));
+        }
+        let _ = writeln!(
+            s,
+            "# tunnel \"{}\": inbound SAs (every SPI the peer sends on, per-CPU ones included; no pcpu-num: inbound SAs need none)",
+            t.name
+        );
+        for i in tun.inbound.all() {
+            let _ = writeln!(s, "{}", state(i, t.remote, t.local, reqid, None));
         }
     }
     let _ = writeln!(
@@ -122,43 +235,93 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> String {
     );
     for (i, p) in db.spd.policies.iter().enumerate() {
         let prio = 1000 + i * 10;
+        let fwd = policy_sels(p)?;
+        if fwd.is_empty() {
+            let _ = writeln!(s, "# policy \"{}\" ({} -> {}) mixes IPv4 and IPv6: no packet matches it, nothing to emit", p.name, p.selector.src, p.selector.dst);
+            continue;
+        }
         match p.action {
             Action::Protect(ti) => {
                 let t = &c.tunnels[ti];
                 let reqid = ti + 1;
-                let fwd = policy_sel(p);
-                let rev = {
-                    let mut r = p.clone();
-                    std::mem::swap(&mut r.selector.src, &mut r.selector.dst);
-                    std::mem::swap(&mut r.selector.src_ports, &mut r.selector.dst_ports);
-                    policy_sel(&r)
+                for sel in &fwd {
+                    let _ = writeln!(s, "ip xfrm policy add {sel} dir out priority {prio} tmpl src {} dst {} proto esp reqid {reqid} mode tunnel", t.local, t.remote);
+                }
+                for rev in policy_sels(&reversed(p))? {
+                    for dir in ["in", "fwd"] {
+                        let _ = writeln!(s, "ip xfrm policy add {rev} dir {dir} priority {prio} tmpl src {} dst {} proto esp reqid {reqid} mode tunnel", t.remote, t.local);
+                    }
+                }
+            }
+            Action::Bypass | Action::Discard => {
+                let what = if p.action == Action::Bypass {
+                    "allow"
+                } else {
+                    "block"
                 };
-                let _ = writeln!(s, "ip xfrm policy add {fwd} dir out priority {prio} tmpl src {} dst {} proto esp reqid {reqid} mode tunnel", t.local, t.remote);
-                for dir in ["in", "fwd"] {
-                    let _ = writeln!(s, "ip xfrm policy add {rev} dir {dir} priority {prio} tmpl src {} dst {} proto esp reqid {reqid} mode tunnel", t.remote, t.local);
-                }
-            }
-            Action::Bypass => {
-                for dir in ["out", "fwd"] {
-                    let _ = writeln!(
-                        s,
-                        "ip xfrm policy add {} dir {dir} priority {prio} action allow",
-                        policy_sel(p)
-                    );
-                }
-            }
-            Action::Discard => {
-                for dir in ["out", "fwd"] {
-                    let _ = writeln!(
-                        s,
-                        "ip xfrm policy add {} dir {dir} priority {prio} action block",
-                        policy_sel(p)
-                    );
+                for sel in &fwd {
+                    for dir in ["out", "fwd"] {
+                        let _ = writeln!(
+                            s,
+                            "ip xfrm policy add {sel} dir {dir} priority {prio} action {what}"
+                        );
+                    }
                 }
             }
         }
     }
-    s
+    Ok(s)
+}
+
+/// The commands that remove what [`render`] with the same `pcpu` sets up: policies first, then
+/// the SAs.
+pub fn render_delete(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# remove the ip xfrm setup of espada gateway \"{}\" ({})",
+        c.name,
+        c.file.display()
+    );
+    for p in &db.spd.policies {
+        let dirs: &[(&str, bool)] = match p.action {
+            Action::Protect(_) => &[("out", false), ("in", true), ("fwd", true)],
+            _ => &[("out", false), ("fwd", false)],
+        };
+        for (dir, rev) in dirs {
+            let sels = if *rev {
+                policy_sels(&reversed(p))?
+            } else {
+                policy_sels(p)?
+            };
+            for sel in sels {
+                let _ = writeln!(s, "ip xfrm policy delete {sel} dir {dir}");
+            }
+        }
+    }
+    for (ti, t) in c.tunnels.iter().enumerate() {
+        let tun = &db.tunnels[ti];
+        let outs: Vec<&SaSpec> = if pcpu {
+            tun.outbound.all().collect()
+        } else {
+            vec![&tun.outbound.fallback]
+        };
+        for o in outs {
+            let _ = writeln!(
+                s,
+                "ip xfrm state delete src {} dst {} proto esp spi {:#010x}",
+                t.local, t.remote, o.spi
+            );
+        }
+        for i in tun.inbound.all() {
+            let _ = writeln!(
+                s,
+                "ip xfrm state delete src {} dst {} proto esp spi {:#010x}",
+                t.remote, t.local, i.spi
+            );
+        }
+    }
+    Ok(s)
 }
 
 /// Checks that every command line is well-formed for `ip xfrm` (the subset espada emits): the
@@ -176,9 +339,15 @@ pub fn parse_back(text: &str) -> Result<usize, String> {
         match t.get(..4) {
             Some(["ip", "xfrm", "state", "add"]) => check_state(&t[4..]).map_err(|m| err(&m))?,
             Some(["ip", "xfrm", "policy", "add"]) => check_policy(&t[4..]).map_err(|m| err(&m))?,
+            Some(["ip", "xfrm", "policy", "delete"]) => {
+                check_policy_delete(&t[4..]).map_err(|m| err(&m))?
+            }
+            Some(["ip", "xfrm", "state", "delete"]) => {
+                check_state_delete(&t[4..]).map_err(|m| err(&m))?
+            }
             _ => {
                 return Err(err(
-                    "not an `ip xfrm state add` or `ip xfrm policy add` command",
+                    "not an `ip xfrm state add|delete` or `ip xfrm policy add|delete` command",
                 ))
             }
         }
@@ -239,6 +408,27 @@ fn check_state(t: &[&str]) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
     while i < t.len() {
         let k = t[i];
+        if k == "limit" {
+            let what = t.get(i + 1).copied().unwrap_or("");
+            if ![
+                "time-soft",
+                "time-hard",
+                "byte-soft",
+                "byte-hard",
+                "packet-soft",
+                "packet-hard",
+            ]
+            .contains(&what)
+            {
+                return Err(format!("unknown limit `{what}`"));
+            }
+            if !seen.insert(what) {
+                return Err(format!("limit `{what}` given twice"));
+            }
+            want_num(t.get(i + 2), what)?;
+            i += 3;
+            continue;
+        }
         if !seen.insert(k) {
             return Err(format!("`{k}` given twice"));
         }
@@ -310,6 +500,26 @@ fn check_state(t: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+fn check_state_delete(t: &[&str]) -> Result<(), String> {
+    match t {
+        ["src", a, "dst", b, "proto", "esp", "spi", spi] => {
+            want_addr(Some(a), "src")?;
+            want_addr(Some(b), "dst")?;
+            want_num(Some(spi), "spi").map(|_| ())
+        }
+        _ => Err("expected: src ADDR dst ADDR proto esp spi SPI".into()),
+    }
+}
+
+fn check_policy_delete(t: &[&str]) -> Result<(), String> {
+    if t.iter().any(|k| ["tmpl", "action", "priority"].contains(k)) {
+        return Err("a policy is deleted by its selector and dir only".into());
+    }
+    let mut with = t.to_vec();
+    with.extend(["action", "allow"]);
+    check_policy(&with)
+}
+
 fn check_policy(t: &[&str]) -> Result<(), String> {
     let mut i = 0;
     let mut has_tmpl_or_action = false;
@@ -368,7 +578,89 @@ fn check_policy(t: &[&str]) -> Result<(), String> {
 
 #[cfg(test)]
 mod test {
-    use super::parse_back;
+    use super::{parse_back, render, render_delete};
+    use crate::config;
+
+    fn east() -> config::Config {
+        config::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/configs/east.toml"
+        )))
+        .unwrap()
+    }
+
+    fn lines<'a>(out: &'a str, has: &str) -> Vec<&'a str> {
+        out.lines().filter(|l| l.contains(has)).collect()
+    }
+
+    #[test]
+    fn inbound_sas_cover_every_peer_spi_and_carry_no_pcpu_num() {
+        let c = east();
+        let db = c.sadb(c.resolved_workers()).unwrap();
+        for pcpu in [true, false] {
+            let out = render(&c, &db, pcpu).unwrap();
+            parse_back(&out).unwrap();
+            let inbound = lines(
+                &out,
+                "state add src 192.168.100.1 dst 192.168.100.2 proto esp",
+            );
+            // The peer (west) sends on its fallback SA and its two per-CPU SAs.
+            assert_eq!(inbound.len(), 3, "{out}");
+            assert!(inbound.iter().all(|l| !l.contains("pcpu-num")), "{out}");
+            let outbound = lines(
+                &out,
+                "state add src 192.168.100.2 dst 192.168.100.1 proto esp",
+            );
+            if pcpu {
+                assert_eq!(outbound.len(), 3);
+                assert_eq!(
+                    outbound.iter().filter(|l| l.contains("pcpu-num")).count(),
+                    2
+                );
+            } else {
+                assert_eq!(outbound.len(), 1, "--no-pcpu sends on the fallback SA");
+                assert!(outbound.iter().all(|l| !l.contains("pcpu-num")));
+            }
+            // Lifetimes reach the kernel.
+            assert!(inbound[0].contains("limit time-soft 3300 limit time-hard 3600"));
+            // --delete removes exactly what was added.
+            let del = render_delete(&c, &db, pcpu).unwrap();
+            parse_back(&del).unwrap();
+            assert_eq!(
+                lines(&del, "state delete").len(),
+                inbound.len() + outbound.len()
+            );
+            assert_eq!(lines(&del, "policy delete").len(), 3);
+        }
+    }
+
+    #[test]
+    fn kernel_limits_families_and_port_ranges() {
+        let mut c = east();
+        c.tunnels[0].replay_window = 8192;
+        let mut v6 = c.spd.policies[0].clone();
+        v6.name = "mixed".into();
+        v6.selector.dst = "fd00:2::/64".parse().unwrap();
+        c.spd.policies.push(v6);
+        let mut ports = c.spd.policies[0].clone();
+        ports.name = "ports".into();
+        ports.selector.proto = Some(17);
+        ports.selector.dst_ports = espada_sadb::selector::PortRange { lo: 5000, hi: 5003 };
+        c.spd.policies.insert(0, ports);
+        let db = c.sadb(c.resolved_workers()).unwrap();
+        let out = render(&c, &db, false).unwrap();
+        parse_back(&out).unwrap();
+        assert!(!out.contains("replay-window 8192") && out.contains("replay-window 4096"));
+        assert!(out.contains("mixes IPv4 and IPv6"), "{out}");
+        assert!(!out.contains("fd00:2::/64 dir"), "{out}");
+        for p in 5000..=5003 {
+            assert!(out.contains(&format!("dport {p} dir out")), "{out}");
+        }
+        c.spd.policies[0].selector.dst_ports.hi = 6000;
+        let db = c.sadb(c.resolved_workers()).unwrap();
+        let e = render(&c, &db, false).unwrap_err();
+        assert!(e.contains("5000-6000 has 1001 ports"), "{e}");
+    }
 
     const GOOD: &str = "ip xfrm state add src 10.0.0.1 dst 10.0.0.2 proto esp spi 0x00001001 reqid 1 mode tunnel replay-window 4096 flag esn aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128 encap espinudp 4501 4500 0.0.0.0 pcpu-num 0\nip xfrm policy add src 10.1.0.0/24 dst 10.2.0.0/24 dir out priority 1000 tmpl src 10.0.0.1 dst 10.0.0.2 proto esp reqid 1 mode tunnel\n";
 
