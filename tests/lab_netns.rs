@@ -119,6 +119,60 @@ fn namespace_lab_end_to_end() {
     for what in ["errors", "workers", "neighbors", "policy"] {
         show("east", what, false);
     }
+    readme_wireshark_recipe_decrypts(&lab);
+}
+
+/// Issue 15: the README's Wireshark recipe, copied from the README into a shell as a user
+/// would (only the binary and the namespace prefix substituted), decrypts live traffic.
+fn readme_wireshark_recipe_decrypts(lab: &Lab) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let block = readme
+        .split("<!-- wireshark-recipe -->")
+        .nth(1)
+        .and_then(|b| b.split("<!-- /wireshark-recipe -->").next())
+        .expect("README has the wireshark recipe");
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("```"))
+        .map(|l| {
+            l.replace(
+                "espada wireshark",
+                &format!("{} wireshark", env!("CARGO_BIN_EXE_espada")),
+            )
+            .replace("espada-east", &format!("{}east", lab.prefix))
+                + "\n"
+        })
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(format!("{root}/configs"), work.path().join("configs")).unwrap();
+    // Traffic for the capture to see while it runs.
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &format!("{}sunset", lab.prefix)])
+        .args(["ping", "-c", "40", "-i", "0.1", "10.2.0.10"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Command::new("timeout")
+        .args(["60", "bash", "-euo", "pipefail", "-c", &script])
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let _ = ping.wait_with_output();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("README wireshark recipe:\n{script}{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.contains("10.1.0.10") && l.contains("10.2.0.10") && l.contains("ICMP"))
+            .count()
+            >= 5,
+        "tshark did not show the decrypted inner packets: {text}"
+    );
 }
 
 /// Faults that used to stop a gateway for good (issue 12), against the lab with the shipped

@@ -34,6 +34,9 @@ pub fn run(a: WiresharkArgs) -> Result<ExitCode> {
         eprintln!("# espada wireshark: lab_rekey is on: these entries cover the generations in use now (they change every soft_seconds)");
     }
     let opts = options(&c, &db);
+    if c.tunnels.iter().any(|t| t.esn) {
+        eprintln!("# espada wireshark: ESN is on: Wireshark leaves the ESN high bits out of the AES-GCM ICV check (wireshark issue 19658), so it would flag every ICV as incorrect although it decrypts correctly; the options turn its ICV check off (esp.enable_authentication_check:FALSE)");
+    }
     if a.options_only {
         eprintln!("# espada wireshark: the output contains keys");
         for o in opts {
@@ -45,8 +48,8 @@ pub fn run(a: WiresharkArgs) -> Result<ExitCode> {
             "# tshark options to decrypt gateway \"{}\" traffic (both directions, every SA):",
             c.name
         );
-        let mut cmd = String::from("tshark -o esp.enable_encryption_decode:TRUE");
-        for o in &opts[1..] {
+        let mut cmd = String::from("tshark");
+        for o in &opts {
             let _ = write!(
                 cmd,
                 " \\\n  -o '{}'",
@@ -58,9 +61,13 @@ pub fn run(a: WiresharkArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `-o` options: the decode switch, then one `uat:esp_sa` record per SA.
+/// `-o` options: the decode switch (and, with ESN, the ICV check off), then one `uat:esp_sa`
+/// record per SA.
 pub fn options(c: &Config, db: &SaDb) -> Vec<String> {
     let mut out = vec!["esp.enable_encryption_decode:TRUE".to_string()];
+    if c.tunnels.iter().any(|t| t.esn) {
+        out.push("esp.enable_authentication_check:FALSE".to_string());
+    }
     for (ti, t) in c.tunnels.iter().enumerate() {
         let fam = if t.local.is_ipv4() { "IPv4" } else { "IPv6" };
         let tun = &db.tunnels[ti];

@@ -205,6 +205,9 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
         if tun.outbound.fallback.replay_window > KERNEL_MAX_REPLAY {
             let _ = writeln!(s, "# tunnel \"{}\": replay_window {} is above the kernel's limit; the kernel's SAs get {KERNEL_MAX_REPLAY}", t.name, tun.outbound.fallback.replay_window);
         }
+        for r in &t.remote_subnets {
+            let _ = writeln!(s, "# tunnel \"{}\": the kernel routes before it applies a policy: it needs a route to {r}, e.g. `ip route add {r} via {}`", t.name, t.remote);
+        }
         let note = if pcpu {
             "per-CPU SAs carry pcpu-num, the fallback SA does not"
         } else {

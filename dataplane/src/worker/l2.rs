@@ -110,7 +110,7 @@ impl Worker {
     /// Prepends an Ethernet header towards `next_hop` on one side and queues the frame; `false`
     /// when it was dropped (and counted) instead, so callers count only what really leaves.
     #[inline]
-    pub(super) fn send_ip(&mut self, mut b: PktBuf, next_hop: Option<Ipv4Addr>, red: bool) -> bool {
+    pub(super) fn send_ip(&mut self, b: PktBuf, next_hop: Option<Ipv4Addr>, red: bool) -> bool {
         let Some(nh) = next_hop else {
             self.drop_pkt(b, DropReason::NotForUs);
             return false;
@@ -120,6 +120,31 @@ impl Worker {
             self.drop_pkt(b, DropReason::NoNeighbor);
             return false;
         };
+        self.send_to_mac(b, dst, red)
+    }
+
+    /// The next hop's MAC for a packet to `remote` on black, or why there is none (an ARP
+    /// request goes out when the neighbor is unknown).
+    #[inline]
+    pub(super) fn black_next_hop_mac(&mut self, remote: IpAddr) -> Result<MacAddr, DropReason> {
+        let IpAddr::V4(a) = remote else {
+            return Err(DropReason::NotForUs);
+        };
+        let Some(nh) = self.shared.black.next_hop(a) else {
+            return Err(DropReason::NotForUs);
+        };
+        match self.neigh.get(&self.shared.neighbors, nh) {
+            Some(m) => Ok(m),
+            None => {
+                self.arp_request(nh, false);
+                Err(DropReason::NoNeighbor)
+            }
+        }
+    }
+
+    /// Adds the Ethernet header towards `dst` and queues the frame on red or black.
+    #[inline]
+    pub(super) fn send_to_mac(&mut self, mut b: PktBuf, dst: MacAddr, red: bool) -> bool {
         let src = if red { self.macs[0] } else { self.macs[1] };
         let Some(h) = b.prepend(ethernet::HEADER_LEN) else {
             self.drop_pkt(b, DropReason::NoHeadroom);

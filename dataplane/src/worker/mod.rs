@@ -259,7 +259,7 @@ pub struct Worker {
     black: Box<dyn PortQueue>,
     pool: PoolCache,
     rx: Vec<PktBuf>,
-    protect: Vec<(PktBuf, usize, InnerInfo)>,
+    protect: Vec<(PktBuf, usize, InnerInfo, MacAddr)>,
     red_tx: Vec<PktBuf>,
     black_tx: Vec<PktBuf>,
     stats: WorkerStats,

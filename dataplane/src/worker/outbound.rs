@@ -100,7 +100,14 @@ impl Worker {
         let Some(sa) = self.sas.outbound(t) else {
             return self.drop_pkt(b, DropReason::NoOutboundSa);
         };
-        let overhead = sa.tunnel.outer_len()
+        let (outer_len, remote) = (sa.tunnel.outer_len(), sa.tunnel.remote);
+        // The next hop is resolved before a sequence number is spent: a packet that cannot
+        // leave never counts on the SA (the peer's counters stay equal to ours).
+        let mac = match self.black_next_hop_mac(remote) {
+            Ok(m) => m,
+            Err(r) => return self.drop_pkt(b, r),
+        };
+        let overhead = outer_len
             + esp::HEADER_LEN
             + esp::IV_LEN
             + esp::pad_len(len)
@@ -115,24 +122,27 @@ impl Worker {
             }
             // RFC 4301 §8.1: DF clear, so fragment before encapsulating; each fragment
             // travels in an ESP packet of its own and the receiving host reassembles.
-            let fixed = sa.tunnel.outer_len()
-                + esp::HEADER_LEN
-                + esp::IV_LEN
-                + 3
-                + esp::TRAILER_LEN
-                + esp::ICV_LEN;
+            let fixed =
+                outer_len + esp::HEADER_LEN + esp::IV_LEN + 3 + esp::TRAILER_LEN + esp::ICV_LEN;
             let max_inner = (self.shared.black.mtu as usize).saturating_sub(fixed);
-            return self.fragment_and_protect(b, t, info, max_inner);
+            return self.fragment_and_protect(b, t, info, max_inner, mac);
         }
         ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
-        self.protect.push((b, t, info));
+        self.protect.push((b, t, info, mac));
     }
 
     /// Splits an IPv4 packet (DF clear) into fragments of at most `max_len` bytes and queues
     /// each for encapsulation. The first fragment stays in the packet's buffer; the others are
     /// copied into pool buffers (a slow path: only packets that do not fit take it). The header
     /// is copied whole into every fragment (options included).
-    fn fragment_and_protect(&mut self, mut b: PktBuf, t: usize, info: InnerInfo, max_len: usize) {
+    fn fragment_and_protect(
+        &mut self,
+        mut b: PktBuf,
+        t: usize,
+        info: InnerInfo,
+        max_len: usize,
+        mac: MacAddr,
+    ) {
         const MAX_FRAGMENTS: usize = 16;
         let (hl, tl, off0, mf0) = {
             let ip = ipv4::Packet::new_unchecked(b.data());
@@ -190,10 +200,10 @@ impl Worker {
             len: hl + chunk,
             ..info
         };
-        self.protect.push((b, t, first));
+        self.protect.push((b, t, first, mac));
         for f in tails.iter_mut().filter_map(Option::take) {
             let len = f.len();
-            self.protect.push((f, t, InnerInfo { len, ..info }));
+            self.protect.push((f, t, InnerInfo { len, ..info }, mac));
         }
     }
 
@@ -206,7 +216,7 @@ impl Worker {
         // durable reservation)
         let mut res = [(usize::MAX, 0u32, 0u64, 0u32, false); MAX_T];
         let mut list = std::mem::take(&mut self.protect);
-        for (_, t, _) in list.iter() {
+        for (_, t, _, _) in list.iter() {
             if let Some(e) = res.iter_mut().find(|e| e.0 == *t || e.0 == usize::MAX) {
                 e.0 = *t;
                 e.1 += 1;
@@ -220,7 +230,7 @@ impl Worker {
                 e.4 = r.unreserved;
             }
         }
-        for (mut b, t, info) in list.drain(..) {
+        for (mut b, t, info, mac) in list.drain(..) {
             let len = info.len;
             // More than MAX_T tunnels in one burst: the rest reserve one number at a time.
             let mut unreserved = false;
@@ -252,13 +262,9 @@ impl Worker {
                 self.drop_pkt(b, r);
                 continue;
             };
-            let nh = match sa.tunnel.remote {
-                IpAddr::V4(a) => self.shared.black.next_hop(a),
-                IpAddr::V6(_) => None,
-            };
             match encapsulate_parsed(sa, seq, &iv_from_seq(seq), &mut b, info) {
                 Encap::Done => {
-                    if self.send_ip(b, nh, false) {
+                    if self.send_to_mac(b, mac, false) {
                         self.stats.encap_packets += 1;
                         self.stats.encap_bytes += len as u64;
                     }
