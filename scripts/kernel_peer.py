@@ -75,9 +75,10 @@ def nsx(n, *cmd, check=True, **kw):
 class Guest:
     """The QEMU guest, driven over its serial console (a shell on ttyS0)."""
 
-    def __init__(self, gdir, log):
+    def __init__(self, gdir, log, cpus=1):
         self.log = open(log, "w")
-        args = ["ip", "netns", "exec", ns("east"), "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "384",
+        args = ["ip", "netns", "exec", ns("east"), "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "512",
+                "-smp", str(cpus),
                 "-kernel", os.path.join(gdir, "vmlinuz"), "-initrd", os.path.join(gdir, "initrd.gz"),
                 "-append", "console=ttyS0 quiet panic=-1", "-display", "none", "-serial", "stdio",
                 "-monitor", "none", "-nodefaults", "-no-reboot",
@@ -333,7 +334,41 @@ def west_drops():
     return tot
 
 
-def variant(g, name, cipher, esn, flags, east_pcpu):
+PERCPU_CHECK = r'''
+import socket, sys, time
+iface, secs, path = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); s.bind((iface, 0)); s.settimeout(0.2)
+print("ready", flush=True)
+seen = {}; end = time.time() + secs
+while time.time() < end:
+    try: f = s.recv(65535)
+    except socket.timeout: continue
+    if len(f) > 50 and f[12:14] == b"\x08\x00" and f[23] == 17 and f[36:38] == b"\x11\x94" and socket.inet_ntoa(f[30:34]) == "192.168.100.1":
+        k = (int.from_bytes(f[42:46], "big"), int.from_bytes(f[34:36], "big"))
+        seen[k] = seen.get(k, 0) + 1
+print(repr(seen), flush=True)
+'''
+
+
+def percpu_on_the_wire(g):
+    """The kernel's own per-CPU SAs: pings from the guest pinned to CPU 0 and to CPU 1 leave on
+    the SA with pcpu-num 0 and 1 (SPI and UDP source port), as seen on the wire."""
+    cap = subprocess.Popen(["ip", "netns", "exec", ns("east"), sys.executable, "-c", PERCPU_CHECK, "e-black", "8", "-"],
+                           stdout=subprocess.PIPE, text=True)
+    assert cap.stdout.readline().strip() == "ready"
+    for cpu in (0, 1):
+        g.run(f"taskset -c {cpu} ping -c 5 -i 0.3 -W 3 10.1.0.10 >/dev/null", ok=False, timeout=60)
+    out, _ = cap.communicate(timeout=60)
+    seen = eval(out.strip())
+    by_cpu = {0: (0x2001, 4501), 1: (0x2002, 4502)}
+    print("kernel per-CPU SAs on the wire (SPI, UDP source port: frames): " +
+          ", ".join(f"({spi:#010x}, {sp}): {n}" for (spi, sp), n in sorted(seen.items())))
+    for cpu, key in by_cpu.items():
+        if seen.get(key, 0) < 5:
+            fail(f"pings from guest CPU {cpu} did not leave on per-CPU SA {key[0]:#010x} (port {key[1]}): {seen}")
+
+
+def variant(g, name, cipher, esn, flags, east_pcpu, percpu=False):
     print(f"\n== {name}", flush=True)
     cfg = configs(cipher, esn, east_pcpu)
     start_west(cfg["west"])
@@ -375,6 +410,8 @@ def variant(g, name, cipher, esn, flags, east_pcpu):
     if compared < 2 or any(s not in {int(r["spi"], 16) for r in es} for s in used_by_kernel):
         fail(f"SA counters: compared {compared}; kernel SAs in use {[hex(s) for s in used_by_kernel]}")
     print(f"SA counters agree on {compared} SAs: " + ", ".join(f"{r['spi']} {r['dir']} {r['packets']}" for r in es if r["packets"]))
+    if percpu:
+        percpu_on_the_wire(g)
     # Replays and forgeries, both ways.
     to_k = capture_esp("east", "e-black", "192.168.100.2", "to-kernel")
     before = xfrm_stat(g)
@@ -415,6 +452,7 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--prefix", default="k-")
     ap.add_argument("--variants", default="all", choices=["all", "quick"])
+    ap.add_argument("--no-pcpu-kernel", action="store_true", help="skip the per-CPU kernel (Linux >= 6.13)")
     A = ap.parse_args()
     os.makedirs(A.dir, exist_ok=True)
     sh([os.path.join(HERE, "kernel-guest"), "build"], timeout=900)
@@ -422,33 +460,46 @@ def main():
     topology()
     g = None
     try:
-        g = Guest(gdir, os.path.join(A.dir, "guest.log"))
-        A.guest = g
-        attach_taps()
-        _, ver = g.run("uname -r")
-        print(f"kernel guest: Linux {ver.strip()} booted in {g.boot_s:.1f} s (QEMU TCG)")
-        for cmd in ("ip link set eth0 up", "ip link set eth1 up", "ip addr add 192.168.100.2/24 dev eth0",
-                    "ip addr add 10.2.0.1/24 dev eth1",
-                    # The kernel routes before it looks at the policy: west's red subnet is
-                    # reached through west.
-                    "ip route add 10.1.0.0/24 via 192.168.100.1 dev eth0"):
-            g.run(cmd)
-        # The UDP_ENCAP_ESPINUDP socket on 4500 (an IKE daemon's job): without it the kernel
-        # answers ESP-in-UDP with port-unreachable.
-        g.run("(setsid /sbin/encap4500 </dev/null >/dev/null 2>&1 &)")
-        time.sleep(0.5)
-        _, ns4500 = g.run("netstat -uln")
-        if ":4500" not in ns4500:
-            fail(f"no UDP_ENCAP socket on 4500 in the guest: {ns4500}")
+        g = boot(gdir, 1, "guest.log")
         vs = VARIANTS if A.variants == "all" else VARIANTS[:2]
         for v in vs:
             variant(g, *v)
+        if not A.no_pcpu_kernel:
+            g.stop()
+            sh([os.path.join(HERE, "kernel-guest"), "build", "--pcpu"], timeout=1800)
+            pdir = sh([os.path.join(HERE, "kernel-guest"), "path", "--pcpu"]).stdout.strip()
+            g = boot(pdir, 2, "guest-pcpu.log")
+            variant(g, "aes-gcm-128, ESN, per-CPU SAs on both sides (espada xfrm with pcpu-num)",
+                    "aes-gcm-128", True, [], 2, percpu=True)
         print("\nkernel peer checks passed")
     finally:
         stop_west()
         if g:
             g.stop()
         down()
+
+
+def boot(gdir, cpus, log):
+    g = Guest(gdir, os.path.join(A.dir, log), cpus)
+    A.guest = g
+    attach_taps()
+    _, ver = g.run("uname -r")
+    _, ipv = g.run("ip -V")
+    print(f"kernel guest: Linux {ver.strip()} on {cpus} CPU(s), {ipv.strip()}, booted in {g.boot_s:.1f} s (QEMU TCG)")
+    for cmd in ("ip link set eth0 up", "ip link set eth1 up", "ip addr add 192.168.100.2/24 dev eth0",
+                "ip addr add 10.2.0.1/24 dev eth1",
+                # The kernel routes before it looks at the policy: west's red subnet is reached
+                # through west (from 10.2.0.1, so the guest's own packets match the policy).
+                "ip route add 10.1.0.0/24 via 192.168.100.1 dev eth0 src 10.2.0.1"):
+        g.run(cmd)
+    # The UDP_ENCAP_ESPINUDP socket on 4500 (an IKE daemon's job): without it the kernel
+    # answers ESP-in-UDP with port-unreachable.
+    g.run("(setsid /sbin/encap4500 </dev/null >/dev/null 2>&1 &)")
+    time.sleep(0.5)
+    _, ns4500 = g.run("netstat -uln")
+    if ":4500" not in ns4500:
+        fail(f"no UDP_ENCAP socket on 4500 in the guest: {ns4500}")
+    return g
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 //! `espada xfrm` / `espada xfrm --no-pcpu`; west is espada. For AES-GCM-128 and -256, ESN on and
 //! off: ping, UDP and TCP both ways with payloads compared, SA counters equal on both sides,
 //! replayed and tampered packets dropped and counted by each side, and `espada xfrm --delete`
-//! leaving nothing behind. See scripts/kernel_peer.py (needs root; scripts/kernel-guest fetches
-//! the kernel, busybox and QEMU).
+//! leaving nothing behind. Then a kernel with RFC 9611 per-CPU SAs (Debian trixie-backports,
+//! iproute2 7.x from unstable) on 2 vCPUs: `espada xfrm` with `pcpu-num` loaded verbatim, and
+//! the guest's traffic from CPU 0 and CPU 1 leaving on the two per-CPU SAs. See
+//! scripts/kernel_peer.py (needs root; scripts/kernel-guest fetches the kernels, busybox,
+//! iproute2 and QEMU).
 
 use std::process::Command;
 
@@ -43,5 +46,7 @@ fn a_linux_kernel_gateway_interoperates_with_espada() {
         "scripts/kernel_peer.py failed:\n{text}"
     );
     assert!(text.contains("kernel peer checks passed"));
-    assert_eq!(text.matches("SA counters agree").count(), 4, "{text}");
+    // Four Linux 6.1 variants, then Linux >= 6.13 with per-CPU SAs on both sides.
+    assert_eq!(text.matches("SA counters agree").count(), 5, "{text}");
+    assert!(text.contains("kernel per-CPU SAs on the wire"), "{text}");
 }

@@ -81,10 +81,17 @@ const KERNEL_MAX_REPLAY: u32 = 4096;
 const MAX_EXPANDED_PORTS: usize = 64;
 
 fn state(s: &SaSpec, src: IpAddr, dst: IpAddr, reqid: usize, pcpu_num: Option<usize>) -> String {
+    // A per-CPU SA must say its direction (Linux: "SA_PCPU only supported with SA_DIR"), and an
+    // SA marked `dir out` must have no replay window. Other SAs stay without `dir`, which
+    // kernels before 6.10 and iproute2 before 6.10 do not know.
+    let (dir, window) = match pcpu_num {
+        Some(_) => (" dir out", 0),
+        None => ("", s.replay_window.min(KERNEL_MAX_REPLAY)),
+    };
     let mut l = format!(
-        "ip xfrm state add src {src} dst {dst} proto esp spi {:#010x} reqid {reqid} mode tunnel replay-window {}{} aead 'rfc4106(gcm(aes))' 0x{} 128 encap espinudp {} {} 0.0.0.0",
+        "ip xfrm state add src {src} dst {dst} proto esp spi {:#010x} reqid {reqid} mode tunnel{dir} replay-window {}{} aead 'rfc4106(gcm(aes))' 0x{} 128 encap espinudp {} {} 0.0.0.0",
         s.spi,
-        s.replay_window.min(KERNEL_MAX_REPLAY),
+        window,
         if s.esn { " flag esn" } else { "" },
         hex::encode(s.key.expose_key_and_salt()),
         s.endpoints.src_port,
@@ -197,7 +204,7 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
     );
     let _ = writeln!(s, "# Inbound ESP-in-UDP reaches these SAs only while a UDP socket on port 4500 has UDP_ENCAP_ESPINUDP set (an IKE daemon's, or `espada xfrm --encap-socket &`).");
     if pcpu && db.tunnels.iter().any(|t| !t.outbound.per_cpu.is_empty()) {
-        let _ = writeln!(s, "# Per-CPU SAs (`pcpu-num`, RFC 9611) need Linux >= 6.13 and iproute2 >= 7.0; with older ones use `espada xfrm --no-pcpu`.");
+        let _ = writeln!(s, "# Per-CPU SAs (`pcpu-num`, RFC 9611, with `dir out`) need Linux >= 6.13 and iproute2 >= 7.0; with older ones use `espada xfrm --no-pcpu`.");
     }
     for (ti, t) in c.tunnels.iter().enumerate() {
         let tun = &db.tunnels[ti];
@@ -453,6 +460,12 @@ fn check_state(t: &[&str]) -> Result<(), String> {
             "mode" => {
                 if t.get(i + 1) != Some(&"tunnel") {
                     return Err("mode must be tunnel".into());
+                }
+                i += 2;
+            }
+            "dir" => {
+                if !["in", "out"].contains(t.get(i + 1).unwrap_or(&"")) {
+                    return Err("an SA's dir is in or out".into());
                 }
                 i += 2;
             }
