@@ -353,11 +353,11 @@ print(repr(seen), flush=True)
 def percpu_on_the_wire(g):
     """The kernel's own per-CPU SAs: pings from the guest pinned to CPU 0 and to CPU 1 leave on
     the SA with pcpu-num 0 and 1 (SPI and UDP source port), as seen on the wire."""
-    cap = subprocess.Popen(["ip", "netns", "exec", ns("east"), sys.executable, "-c", PERCPU_CHECK, "e-black", "8", "-"],
+    cap = subprocess.Popen(["ip", "netns", "exec", ns("east"), sys.executable, "-c", PERCPU_CHECK, "e-black", "15", "-"],
                            stdout=subprocess.PIPE, text=True)
     assert cap.stdout.readline().strip() == "ready"
     for cpu in (0, 1):
-        g.run(f"taskset -c {cpu} ping -c 5 -i 0.3 -W 3 10.1.0.10 >/dev/null", ok=False, timeout=60)
+        g.run(f"taskset -c {cpu} ping -c 6 -i 0.2 -W 2 10.1.0.10 >/dev/null", ok=False, timeout=60)
     out, _ = cap.communicate(timeout=60)
     seen = eval(out.strip())
     by_cpu = {0: (0x2001, 4501), 1: (0x2002, 4502)}
