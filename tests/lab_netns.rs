@@ -27,6 +27,26 @@ impl Lab {
         }
         c
     }
+
+    /// Runs `scripts/NAME` against this lab with `--espada` and `extra` arguments; its output.
+    fn script(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["--espada", env!("CARGO_BIN_EXE_espada")];
+        args.extend_from_slice(extra);
+        self.script_without_espada(name, &args)
+    }
+
+    /// Runs `scripts/NAME --prefix P --dir D` with `extra` arguments; its output.
+    fn script_without_espada(&self, name: &str, extra: &[&str]) -> String {
+        run(
+            Command::new("python3")
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .arg(format!("scripts/{name}"))
+                .args(["--prefix", &self.prefix, "--dir"])
+                .arg(self.dir.path())
+                .args(extra),
+            &format!("scripts/{name}"),
+        )
+    }
 }
 
 impl Drop for Lab {
@@ -73,14 +93,7 @@ fn namespace_lab_end_to_end() {
     let t = run(&mut lab.cmd("traffic"), "scripts/lab traffic");
     assert!(t.contains("5 packets transmitted, 5 received"), "ping");
     assert_eq!(t.matches(" OK").count(), 4, "UDP and TCP both ways");
-    let c = run(
-        Command::new("python3")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["scripts/lab_check.py", "--prefix", &lab.prefix, "--dir"])
-            .arg(lab.dir.path())
-            .args(["--espada", env!("CARGO_BIN_EXE_espada")]),
-        "scripts/lab_check.py",
-    );
+    let c = lab.script("lab_check.py", &[]);
     assert!(c.contains("lab checks passed"));
     // The running gateways answer on their control sockets: every per-CPU SA carried traffic,
     // and the counters agree with what the gateways report.
@@ -191,14 +204,7 @@ fn namespace_lab_survives_faults() {
         env: vec![],
     };
     run(&mut lab.cmd("up"), "scripts/lab up");
-    let c = run(
-        Command::new("python3")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["scripts/lab_faults.py", "--prefix", &lab.prefix, "--dir"])
-            .arg(lab.dir.path())
-            .args(["--espada", env!("CARGO_BIN_EXE_espada")]),
-        "scripts/lab_faults.py",
-    );
+    let c = lab.script("lab_faults.py", &[]);
     assert!(c.contains("fault checks passed"));
 }
 
@@ -232,14 +238,7 @@ fn namespace_lab_rekeys_without_ike_under_traffic() {
         ],
     };
     run(&mut lab.cmd("up"), "scripts/lab up (soft 4 s, hard 8 s)");
-    let c = run(
-        Command::new("python3")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["scripts/lab_rekey.py", "--prefix", &lab.prefix, "--dir"])
-            .arg(lab.dir.path())
-            .args(["--seconds", "40"]),
-        "scripts/lab_rekey.py",
-    );
+    let c = lab.script_without_espada("lab_rekey.py", &["--seconds", "40"]);
     assert!(c.contains("rekey checks passed"));
 }
 
@@ -262,14 +261,7 @@ fn namespace_lab_reloads_under_traffic() {
         env: vec![("ESPADA_WEST", Box::leak(w.clone().into_boxed_str()))],
     };
     run(&mut lab.cmd("up"), "scripts/lab up");
-    let c = run(
-        Command::new("python3")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["scripts/lab_reload.py", "--prefix", &lab.prefix, "--dir"])
-            .arg(lab.dir.path())
-            .args(["--espada", env!("CARGO_BIN_EXE_espada"), "--west", &w]),
-        "scripts/lab_reload.py",
-    );
+    let c = lab.script("lab_reload.py", &["--west", &w]);
     assert!(c.contains("reload checks passed"));
 }
 
@@ -288,14 +280,7 @@ fn namespace_lab_sa_commands_under_traffic() {
         env: vec![],
     };
     run(&mut lab.cmd("up"), "scripts/lab up");
-    let c = run(
-        Command::new("python3")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["scripts/lab_sa.py", "--prefix", &lab.prefix, "--dir"])
-            .arg(lab.dir.path())
-            .args(["--espada", env!("CARGO_BIN_EXE_espada")]),
-        "scripts/lab_sa.py",
-    );
+    let c = lab.script("lab_sa.py", &[]);
     assert!(c.contains("sa command checks passed"));
 }
 

@@ -59,16 +59,15 @@ impl Drop for Ns {
     }
 }
 
-#[test]
-fn west_east_over_af_xdp_on_veth() {
-    if std::env::var("ESPADA_XDP_CHILD").is_ok() {
-        return child();
-    }
+/// Runs this test binary's test `name` again inside a fresh network namespace holding the veth
+/// pairs `links` (up, IPv6 off), with ESPADA_XDP_CHILD set; returns what it printed. `None`
+/// when ESPADA_SKIP_NETNS=1 (said on stderr).
+fn in_netns(tag: &str, name: &str, links: &[(&str, &str)]) -> Option<String> {
     if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("ESPADA_SKIP_NETNS=1: the AF_XDP port test was NOT run");
-        return;
+        eprintln!("ESPADA_SKIP_NETNS=1: {name} was NOT run");
+        return None;
     }
-    let ns = Ns(format!("xdp{}", std::process::id() % 100_000));
+    let ns = Ns(format!("{tag}{}", std::process::id() % 100_000));
     let sh = |c: &str| {
         assert!(
             Command::new("sh")
@@ -81,26 +80,23 @@ fn west_east_over_af_xdp_on_veth() {
         )
     };
     sh(&format!("ip netns add {}", ns.0));
-    sh(&format!(
-        "ip -n {} link add xsa type veth peer name xsb",
-        ns.0
-    ));
-    for d in ["xsa", "xsb"] {
+    for (a, b) in links {
         sh(&format!(
-            "ip netns exec {} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1",
+            "ip -n {} link add {a} type veth peer name {b}",
             ns.0
         ));
-        sh(&format!("ip -n {} link set {d} up", ns.0));
+        for d in [a, b] {
+            sh(&format!(
+                "ip netns exec {} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1",
+                ns.0
+            ));
+            sh(&format!("ip -n {} link set {d} up", ns.0));
+        }
     }
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.0])
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "west_east_over_af_xdp_on_veth",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env("ESPADA_XDP_CHILD", "1")
         .output()
         .unwrap();
@@ -111,7 +107,17 @@ fn west_east_over_af_xdp_on_veth() {
     );
     println!("{text}");
     assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("af_xdp: sent 3000, received 3000"), "{text}");
+    Some(text)
+}
+
+#[test]
+fn west_east_over_af_xdp_on_veth() {
+    if std::env::var("ESPADA_XDP_CHILD").is_ok() {
+        return child();
+    }
+    if let Some(text) = in_netns("xdp", "west_east_over_af_xdp_on_veth", &[("xsa", "xsb")]) {
+        assert!(text.contains("af_xdp: sent 3000, received 3000"), "{text}");
+    }
 }
 
 /// Issue 11: a lab gateway whose red and black queues are AF_XDP sockets on one UMEM forwards
@@ -194,56 +200,11 @@ fn af_xdp_forwards_in_place() {
     if std::env::var("ESPADA_XDP_CHILD").is_ok() {
         return zero_copy_child();
     }
-    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("ESPADA_SKIP_NETNS=1: the AF_XDP zero-copy test was NOT run");
-        return;
+    if let Some(text) = in_netns(
+        "xzc",
+        "af_xdp_forwards_in_place",
+        &[("zra", "zrb"), ("zba", "zbb")],
+    ) {
+        assert!(text.contains("forwarded in place, tx_copied 0"), "{text}");
     }
-    let ns = Ns(format!("xzc{}", std::process::id() % 100_000));
-    let sh = |c: &str| {
-        assert!(
-            Command::new("sh")
-                .arg("-c")
-                .arg(c)
-                .status()
-                .unwrap()
-                .success(),
-            "{c}"
-        )
-    };
-    sh(&format!("ip netns add {}", ns.0));
-    sh(&format!(
-        "ip -n {} link add zra type veth peer name zrb",
-        ns.0
-    ));
-    sh(&format!(
-        "ip -n {} link add zba type veth peer name zbb",
-        ns.0
-    ));
-    for d in ["zra", "zrb", "zba", "zbb"] {
-        sh(&format!(
-            "ip netns exec {} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1",
-            ns.0
-        ));
-        sh(&format!("ip -n {} link set {d} up", ns.0));
-    }
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "af_xdp_forwards_in_place",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("ESPADA_XDP_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(out.status.success(), "child failed:\n{text}");
-    assert!(text.contains("forwarded in place, tx_copied 0"), "{text}");
 }

@@ -265,17 +265,7 @@ impl TxRing {
 
     fn kick(&self) {
         // EAGAIN/ENOBUFS/ENETDOWN leave the frames queued for the next kick.
-        // SAFETY: sendto with a null buffer is the documented TX-ring kick.
-        unsafe {
-            libc::sendto(
-                self.fd,
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
+        kick_tx_ring(self.fd);
     }
 }
 
@@ -677,4 +667,20 @@ impl PortQueue for AfPacketQueue {
     fn describe(&self) -> String {
         self.name.clone()
     }
+}
+
+/// Asks the kernel to process a socket's mapped TX ring (AF_PACKET, AF_XDP): a zero-length,
+/// non-blocking `sendto`. EAGAIN/ENOBUFS/ENETDOWN leave the frames queued for the next kick.
+pub(crate) fn kick_tx_ring(fd: i32) {
+    // SAFETY: sendto with a null buffer and no address is the documented TX-ring kick.
+    unsafe {
+        libc::sendto(
+            fd,
+            std::ptr::null(),
+            0,
+            libc::MSG_DONTWAIT,
+            std::ptr::null(),
+            0,
+        )
+    };
 }

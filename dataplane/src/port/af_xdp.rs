@@ -441,17 +441,7 @@ impl AfXdpQueue {
     }
 
     fn kick(&mut self) {
-        // SAFETY: a zero-length send on our own socket asks the kernel to process the TX ring.
-        unsafe {
-            libc::sendto(
-                self.fd,
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
+        super::af_packet::kick_tx_ring(self.fd);
     }
 }
 
