@@ -458,7 +458,7 @@ pub struct IpsecMbGcm {
 
 #[cfg(feature = "ipsec-mb")]
 impl IpsecMbGcm {
-    /// Expands the key and precomputes the GHASH table (a manager per key, never per packet).
+    /// Expands the key and precomputes the GHASH table (the manager is the process's, shared by every key).
     pub fn new(km: &KeyMaterial) -> Result<Self, KeyError> {
         let key = ipsec_mb_sys::GcmKey::new(km.key()).map_err(|_| KeyError::Backend("ipsec-mb"))?;
         Ok(IpsecMbGcm {

@@ -2,8 +2,12 @@
 //! reached through a small C shim (the library's GCM API is macros over a function table) whose
 //! bindings bindgen generates at build time.
 //!
-//! [`GcmKey`] is the safe face: a manager allocated once per key (control path), an expanded
-//! key and GHASH table, and one-shot in-place seal/open. All `unsafe` of this crate is here.
+//! [`GcmKey`] is the safe face: an expanded key and GHASH table, and one-shot in-place
+//! seal/open through **one manager for the whole process** (allocated and initialised once,
+//! on first use). The GCM direct API only reads the manager's function table (the pointers to
+//! the code path picked for this CPU), so every thread and key shares it: no manager per key
+//! (tens of kilobytes each, per SA and core) and no per-thread set-up. All `unsafe` of this
+//! crate is here.
 
 #[allow(non_camel_case_types, dead_code, missing_docs)]
 mod ffi {
@@ -22,7 +26,29 @@ pub enum Error {
     KeyLength,
 }
 
-/// An AES-GCM key for intel-ipsec-mb with its own manager.
+/// The process's manager: initialised once, then only read (its function table).
+struct Manager(*mut ffi::espada_imb);
+
+// SAFETY: after `init_mb_mgr_auto` the GCM macros only read the manager's function table;
+// nothing writes it again until the process ends (it is never freed).
+unsafe impl Send for Manager {}
+// SAFETY: as above.
+unsafe impl Sync for Manager {}
+
+static MANAGER: std::sync::OnceLock<Option<Manager>> = std::sync::OnceLock::new();
+
+fn manager() -> Option<*mut ffi::espada_imb> {
+    MANAGER
+        .get_or_init(|| {
+            // SAFETY: plain constructor call; NULL is checked.
+            let m = unsafe { ffi::espada_imb_new() };
+            (!m.is_null()).then_some(Manager(m))
+        })
+        .as_ref()
+        .map(|m| m.0)
+}
+
+/// An AES-GCM key for intel-ipsec-mb (the manager is the process's, see the crate docs).
 pub struct GcmKey {
     mgr: *mut ffi::espada_imb,
     key: *mut u8,
@@ -44,19 +70,13 @@ impl GcmKey {
             32 => 256,
             _ => return Err(Error::KeyLength),
         };
-        // SAFETY: plain constructor call; NULL is checked.
-        let mgr = unsafe { ffi::espada_imb_new() };
-        if mgr.is_null() {
-            return Err(Error::Manager);
-        }
+        let mgr = manager().ok_or(Error::Manager)?;
         // SAFETY: pure functions returning constants.
         let (size, align) = unsafe { (ffi::espada_imb_key_size(), ffi::espada_imb_key_align()) };
         let layout = Layout::from_size_align(size, align).map_err(|_| Error::Manager)?;
         // SAFETY: layout has non-zero size (sizeof(struct gcm_key_data)).
         let kd = unsafe { alloc_zeroed(layout) };
         if kd.is_null() {
-            // SAFETY: mgr came from espada_imb_new and is freed once.
-            unsafe { ffi::espada_imb_free(mgr) };
             return Err(Error::Manager);
         }
         let k = GcmKey {
@@ -132,12 +152,11 @@ impl GcmKey {
 
 impl Drop for GcmKey {
     fn drop(&mut self) {
-        // SAFETY: wipe then free the key data allocated in `new` with the same layout; free the
-        // manager once.
+        // SAFETY: wipe then free the key data allocated in `new` with the same layout (the
+        // manager is the process's and stays).
         unsafe {
             std::ptr::write_bytes(self.key, 0, self.layout.size());
             dealloc(self.key, self.layout);
-            ffi::espada_imb_free(self.mgr);
         }
     }
 }
@@ -145,6 +164,28 @@ impl Drop for GcmKey {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn every_key_shares_the_process_manager() {
+        let a = GcmKey::new(&[1u8; 16]).unwrap();
+        let b = GcmKey::new(&[2u8; 32]).unwrap();
+        assert_eq!(a.mgr, b.mgr);
+        // Keys made and used on other threads work with it too.
+        let t = std::thread::spawn(|| {
+            let k = GcmKey::new(&[3u8; 16]).unwrap();
+            let mut buf = [7u8; 64];
+            let mut tag = [0u8; 16];
+            k.seal(&[0; 12], b"aad", &mut buf, &mut tag);
+            let mut t2 = [0u8; 16];
+            k.open(&[0; 12], b"aad", &mut buf, &mut t2);
+            (buf, tag == t2, k.mgr as usize)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(t.0, [7u8; 64]);
+        assert!(t.1);
+        assert_eq!(t.2, a.mgr as usize);
+    }
 
     #[test]
     fn gcm_spec_test_case_3() {
