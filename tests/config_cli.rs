@@ -137,23 +137,26 @@ fn xfrm_output_is_pinned_and_parses() {
         out.lines()
             .filter(|l| l.starts_with("ip xfrm state") && l.contains("pcpu-num"))
             .count(),
-        4,
-        "per-CPU SAs carry pcpu-num"
+        2,
+        "our per-CPU SAs carry pcpu-num (and dir out); inbound SAs need none"
     );
     assert_eq!(
         out.lines()
             .filter(|l| l.starts_with("ip xfrm state") && !l.contains("pcpu-num"))
             .count(),
-        2,
-        "the fallback SAs do not"
+        4,
+        "the fallback SA and every inbound SA do not"
     );
     let (_, out, _) = espada(&["xfrm", "-c", "configs/west.toml", "--no-pcpu"]);
-    assert!(!out.contains("pcpu-num"));
+    assert!(!out
+        .lines()
+        .any(|l| l.starts_with("ip xfrm") && l.contains("pcpu-num")));
+    // One SA to send on, and every SPI the peer may send on (its per-CPU SAs included).
     assert_eq!(
         out.lines()
             .filter(|l| l.starts_with("ip xfrm state"))
             .count(),
-        2
+        4
     );
 }
 
@@ -163,18 +166,20 @@ fn wireshark_entries_cover_every_sa() {
     assert_eq!(code, 0);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "esp.enable_encryption_decode:TRUE");
+    // ESN is on: Wireshark's ICV check (blind to the ESN high bits) is turned off.
+    assert_eq!(lines[1], "esp.enable_authentication_check:FALSE");
     // lab_rekey: the 3 SAs out and in of the current generation, and the 3 in of the
     // generations before and after (accepted during a switch).
-    assert_eq!(lines.len(), 1 + 3 + 3 + 6);
+    assert_eq!(lines.len(), 2 + 3 + 3 + 6);
     assert!(
-        lines[2].starts_with("uat:esp_sa:\"IPv4\",\"192.168.100.1\",\"192.168.100.2\",\"0x00"),
+        lines[3].starts_with("uat:esp_sa:\"IPv4\",\"192.168.100.1\",\"192.168.100.2\",\"0x00"),
         "{}",
-        lines[2]
+        lines[3]
     );
     assert!(
-        lines[2].contains("1001\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x"),
+        lines[3].contains("1001\",\"AES-GCM with 16 octet ICV [RFC4106]\",\"0x"),
         "{}",
-        lines[2]
+        lines[3]
     );
 }
 
