@@ -1,6 +1,9 @@
 //! Gateway configuration: TOML in, a validated [`Config`] and an [`SaDb`] out.
 //!
 //! Every error names the file, the line and column, what is wrong and what is expected.
+//! [`export`] renders the same SAs for the Linux kernel (`ip xfrm`) and for Wireshark.
+
+pub mod export;
 
 use espada_crypto::{derive_lab_key, Algorithm, Backend, KeyMaterial};
 use espada_sadb::db::{PerCpuSaGroup, SaDb, SaMode, SaSpec, TunnelSas};

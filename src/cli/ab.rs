@@ -7,10 +7,10 @@
 //! and exits 1; `--espada-only` still measures the espada half, and `--print-setup kernel|espada`
 //! shows the exact commands either half runs.
 
-use crate::cli::xfrm;
 use crate::config::{self, Config};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use espada_config::export::xfrm;
 use serde::Serialize;
 use std::net::{IpAddr, UdpSocket};
 use std::path::{Path, PathBuf};
