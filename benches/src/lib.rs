@@ -4,6 +4,7 @@
 //! summarise with `scripts/bench-ratios`).
 #![forbid(unsafe_code)]
 
+pub mod ab;
 pub mod harness;
 pub mod report;
 
