@@ -103,65 +103,33 @@ pub fn probe_kernel_esp(prefix: &str) -> Result<bool, String> {
         ));
     }
     let key = format!("0x{}", "11".repeat(20));
-    let r = Command::new("ip")
-        .args([
-            "-n",
-            &ns,
-            "xfrm",
-            "state",
-            "add",
-            "src",
-            "192.0.2.1",
-            "dst",
-            "192.0.2.2",
-            "proto",
-            "esp",
-            "spi",
-            "0x101",
-            "reqid",
-            "1",
-            "mode",
-            "tunnel",
-            "aead",
-            "rfc4106(gcm(aes))",
-            &key,
-            "128",
-            "encap",
-            "espinudp",
-            "4500",
-            "4500",
-            "0.0.0.0",
-        ])
-        .output();
-    let pcpu = Command::new("ip")
-        .args([
-            "-n",
-            &ns,
-            "xfrm",
-            "state",
-            "add",
-            "src",
-            "192.0.2.1",
-            "dst",
-            "192.0.2.2",
-            "proto",
-            "esp",
-            "spi",
-            "0x102",
-            "reqid",
-            "1",
-            "mode",
-            "tunnel",
-            "aead",
-            "rfc4106(gcm(aes))",
-            &key,
-            "128",
-            "pcpu-num",
-            "0",
-        ])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    // One ESP SA, and one per-CPU SA (Linux >= 6.13 and iproute2 >= 7.0; the kernel takes
+    // `pcpu-num` only on an SA with a direction).
+    let state_add = |spi: &str, extra: &[&str]| {
+        Command::new("ip")
+            .args([
+                "-n",
+                &ns,
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                "192.0.2.1",
+                "dst",
+                "192.0.2.2",
+            ])
+            .args(["proto", "esp", "spi", spi, "reqid", "1", "mode", "tunnel"])
+            .args(extra)
+            .args(["aead", "rfc4106(gcm(aes))", &key, "128"])
+            .output()
+    };
+    let r = state_add("0x101", &["encap", "espinudp", "4500", "4500", "0.0.0.0"]);
+    let pcpu = state_add(
+        "0x102",
+        &["dir", "out", "replay-window", "0", "pcpu-num", "0"],
+    )
+    .map(|o| o.status.success())
+    .unwrap_or(false);
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     match r {
         Ok(o) if o.status.success() => Ok(pcpu),
