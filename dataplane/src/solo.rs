@@ -152,7 +152,11 @@ impl PortQueue for ReplayPort {
             }
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += f.len() as u64;
-            self.next = (self.next + 1) % self.frames.len();
+            // No division per packet: the replay wraps with a compare.
+            self.next += 1;
+            if self.next == self.frames.len() {
+                self.next = 0;
+            }
             out.push(b);
             n += 1;
         }

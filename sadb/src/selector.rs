@@ -424,6 +424,35 @@ impl SpdV4 {
         SpdV4 { rules }
     }
 
+    /// The first matching rule's action for the reversed flow of an IPv4 packet (an inbound
+    /// packet against the SPD written for our outbound side), read straight from its bytes:
+    /// no [`FlowKey`] is built. `None` when the SPD could not be compiled or `pkt` is not a
+    /// well-formed IPv4 packet; use [`FlowKey::from_packet`] and [`Spd::lookup`] then.
+    #[inline]
+    pub fn lookup_reversed_ipv4(&self, pkt: &[u8]) -> Option<Option<Action>> {
+        self.rules.as_ref()?;
+        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+            return None;
+        }
+        let hl = ((pkt[0] & 0x0f) as usize) * 4;
+        let tl = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+        if hl < 20 || tl < hl || tl > pkt.len() {
+            return None;
+        }
+        let src = u32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
+        let dst = u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
+        let proto = pkt[9];
+        let first_fragment = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff == 0;
+        let (sport, dport) = match proto {
+            6 | 17 | 132 if first_fragment && tl - hl >= 4 => (
+                u16::from_be_bytes([pkt[hl], pkt[hl + 1]]),
+                u16::from_be_bytes([pkt[hl + 2], pkt[hl + 3]]),
+            ),
+            _ => (0, 0),
+        };
+        self.lookup(dst, src, proto, dport, sport)
+    }
+
     /// The first matching rule's action: `Some(None)` for no match, `None` when the SPD could
     /// not be compiled (use [`Spd::lookup`]).
     #[inline]
@@ -692,5 +721,50 @@ mod test {
             action: Action::Bypass,
         });
         assert_eq!(SpdV4::compile(&spd).lookup(1, 2, 17, 1, 2), None);
+    }
+
+    proptest::proptest! {
+        /// The byte-level IPv4 lookup agrees with FlowKey + Spd::lookup on the reversed flow,
+        /// for any header bytes (fragments, short payloads, bad lengths included).
+        #[test]
+        fn reversed_ipv4_lookup_agrees_with_the_flow_key_path(
+            hdr in proptest::collection::vec(proptest::prelude::any::<u8>(), 20..40),
+            ihl in 5u8..7, proto in proptest::sample::select(vec![1u8, 6, 17, 132, 50]),
+            frag in proptest::prelude::any::<bool>(), src_last in 0u8..4, dst_last in 0u8..4,
+        ) {
+            let mut pkt = hdr.clone();
+            pkt[0] = 0x40 | ihl;
+            let tl = pkt.len() as u16;
+            pkt[2..4].copy_from_slice(&tl.to_be_bytes());
+            pkt[6..8].copy_from_slice(&(if frag { 0x0010u16 } else { 0x4000 }).to_be_bytes());
+            pkt[9] = proto;
+            pkt[12..16].copy_from_slice(&[10, 2, 0, src_last]);
+            pkt[16..20].copy_from_slice(&[10, 1, 0, dst_last]);
+            let pol = |name: &str, sel: &str, dports: &str, action| Policy {
+                name: name.into(),
+                selector: Selector {
+                    src: "10.1.0.0/30".parse().unwrap(),
+                    dst: sel.parse().unwrap(),
+                    proto: (dports != "any").then_some(17),
+                    src_ports: PortRange::ANY,
+                    dst_ports: if dports == "any" { PortRange::ANY } else { dports.parse().unwrap() },
+                },
+                action,
+            };
+            let spd = Spd {
+                policies: vec![
+                    pol("udp", "10.2.0.0/31", "1000-40000", Action::Protect(1)),
+                    pol("all", "10.2.0.0/30", "any", Action::Protect(0)),
+                ],
+            };
+            let fast = SpdV4::compile(&spd).lookup_reversed_ipv4(&pkt);
+            match FlowKey::from_packet(&pkt) {
+                Some(f) => proptest::prop_assert_eq!(
+                    fast,
+                    Some(spd.lookup(&f.reversed()).map(|p| p.action))
+                ),
+                None => proptest::prop_assert_eq!(fast, None),
+            }
+        }
     }
 }

@@ -143,29 +143,26 @@ impl Worker {
                 // RFC 4301 §5.2: the inner packet must match the SPD entry that protects this
                 // tunnel (the SPD is written for our outbound side, hence the reversed flow):
                 // addresses, protocol and ports, so a UDP-only policy lets no ICMP in.
-                let Some(flow) = FlowKey::from_packet(b.data()) else {
-                    return self.drop_pkt(b, DropReason::InnerMalformed);
-                };
+                // IPv4 against a compiled SPD: read from the bytes, no FlowKey built.
                 let db = self.sas.db();
-                let action = match (flow.src, flow.dst) {
-                    // Reversed: the SPD's source is our side.
-                    (IpAddr::V4(s), IpAddr::V4(d)) => db.spd_v4.lookup(
-                        u32::from(d),
-                        u32::from(s),
-                        flow.proto,
-                        flow.dst_port,
-                        flow.src_port,
-                    ),
-                    _ => None,
-                }
-                .unwrap_or_else(|| db.spd.lookup(&flow.reversed()).map(|p| p.action));
+                let action = match db.spd_v4.lookup_reversed_ipv4(b.data()) {
+                    Some(a) => a,
+                    None => {
+                        let Some(flow) = FlowKey::from_packet(b.data()) else {
+                            return self.drop_pkt(b, DropReason::InnerMalformed);
+                        };
+                        db.spd.lookup(&flow.reversed()).map(|p| p.action)
+                    }
+                };
                 let ok = matches!(action, Some(Action::Protect(pt)) if pt == t);
                 if !ok {
                     return self.drop_pkt(b, DropReason::PolicyMismatch);
                 }
-                let IpAddr::V4(dst) = flow.dst else {
+                let d = b.data();
+                if d.len() < ipv4::HEADER_LEN || d[0] >> 4 != 4 {
                     return self.drop_pkt(b, DropReason::NotForUs);
-                };
+                }
+                let dst = Ipv4Addr::new(d[16], d[17], d[18], d[19]);
                 let outer_ecn = b.outer_tos & 3;
                 let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
                 if ip.ttl() <= 1 {
