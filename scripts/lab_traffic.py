@@ -9,9 +9,10 @@ import sys
 
 SERVER = r'''
 import socket, sys, hashlib
-proto, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+proto, port, n, fam = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+af, any_ = (socket.AF_INET6, "::") if fam == "6" else (socket.AF_INET, "0.0.0.0")
 if proto == "udp":
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port)); s.settimeout(5)
+    s = socket.socket(af, socket.SOCK_DGRAM); s.bind((any_, port)); s.settimeout(5)
     print("ready", flush=True)
     got = set()
     try:
@@ -24,7 +25,7 @@ if proto == "udp":
         pass
     print(len(got), flush=True)
 else:
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", port)); s.listen(1); s.settimeout(20)
+    s = socket.socket(af); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((any_, port)); s.listen(1); s.settimeout(20)
     print("ready", flush=True)
     c, _ = s.accept(); c.settimeout(20)
     h = hashlib.sha256(); total = 0
@@ -40,7 +41,7 @@ CLIENT = r'''
 import socket, sys, hashlib, os, time
 proto, dst, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if proto == "udp":
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
     ok = 0
     for i in range(n):
         d = i.to_bytes(4, "big"); d = d + hashlib.sha256(d).digest() * (1 + i % 40)
@@ -63,7 +64,8 @@ else:
 
 
 def run(ns_srv, ns_cli, dst, proto, port, n):
-    srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-c", SERVER, proto, str(port), str(n)], stdout=subprocess.PIPE, text=True)
+    fam = "6" if ":" in dst else "4"
+    srv = subprocess.Popen(["ip", "netns", "exec", ns_srv, sys.executable, "-c", SERVER, proto, str(port), str(n), fam], stdout=subprocess.PIPE, text=True)
     assert srv.stdout.readline().strip() == "ready"
     cli = subprocess.run(["ip", "netns", "exec", ns_cli, sys.executable, "-c", CLIENT, proto, dst, str(port), str(n)], capture_output=True, text=True, timeout=120)
     out, _ = srv.communicate(timeout=60)

@@ -70,6 +70,201 @@ fn run(c: &mut Command, what: &str) -> String {
     text
 }
 
+/// Dual stack: IPv6 on red and black, the tunnel's outer header IPv6, inner packets IPv4 and
+/// IPv6. The hosts reach their gateways through neighbor discovery (espada answers and asks),
+/// the hop limit drops by one per gateway, and path MTU discovery works through the tunnel:
+/// a packet too big for it gets an ICMPv6 "packet too big" with the MTU that fits.
+#[test]
+fn namespace_lab_dual_stack() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the dual-stack namespace lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("d{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![
+            ("ESPADA_WEST", "configs/lab/west-dual.toml"),
+            ("ESPADA_EAST", "configs/lab/east-dual.toml"),
+        ],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up (dual stack)");
+    let t = run(&mut lab.cmd("traffic"), "scripts/lab traffic (dual stack)");
+    assert_eq!(
+        t.matches("5 packets transmitted, 5 received").count(),
+        2,
+        "ping over IPv4 and IPv6"
+    );
+    assert!(
+        t.contains("from fd00:2::10: icmp_seq=1 ttl=62"),
+        "hop limit 64 - 2: {t}"
+    );
+    assert_eq!(
+        t.matches(" OK").count(),
+        8,
+        "UDP and TCP both ways, IPv4 and IPv6"
+    );
+    let ns = |n: &str| format!("{}{n}", lab.prefix);
+    let sh = |ns: &str, args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // The black link carries IPv6 ESP-in-UDP from the per-CPU ports, IPv4 and IPv6 inside,
+    // and nothing in the clear (captured where it arrives, on east).
+    let (sunset, sunrise) = (ns("sunset"), ns("sunrise"));
+    let cap = Command::new("ip")
+        .args(["netns", "exec", &ns("east")])
+        .args([
+            "tshark",
+            "-n",
+            "-i",
+            "east-black",
+            "-a",
+            "duration:4",
+            "-T",
+            "fields",
+        ])
+        .args([
+            "-e",
+            "ipv6.src",
+            "-e",
+            "ipv6.dst",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "udp.dstport",
+        ])
+        .args(["-e", "_ws.col.Protocol"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    sh(
+        &sunset,
+        &["ping", "-6", "-c", "5", "-i", "0.2", "fd00:2::10"],
+    );
+    sh(&sunset, &["ping", "-c", "5", "-i", "0.2", "10.2.0.10"]);
+    let cap = cap.wait_with_output().unwrap();
+    let wire = String::from_utf8_lossy(&cap.stdout);
+    println!("== east-black (ipv6.src ipv6.dst udp.srcport udp.dstport protocol)\n{wire}");
+    let esp: Vec<&str> = wire
+        .lines()
+        .filter(|l| l.starts_with("fd00:100::1\tfd00:100::2\t450") && l.contains("\t4500\t"))
+        .collect();
+    assert!(
+        esp.len() >= 10,
+        "IPv6 ESP-in-UDP from west's per-CPU ports: {wire}"
+    );
+    assert!(
+        !wire
+            .lines()
+            .any(|l| l.ends_with("ICMPv6") && l.contains("fd00:1::10")
+                || l.contains("ICMP\t")
+                || l.ends_with("\tICMP")),
+        "cleartext on black: {wire}"
+    );
+    // Path MTU: with 1500-byte host links, a full-size packet does not fit the tunnel (IPv6
+    // outer header + UDP + ESP): west answers with "packet too big", sunset learns the MTU and
+    // fragments, and the replies come back the same way through east.
+    for h in [&sunset, &sunrise] {
+        sh(h, &["ip", "link", "set", "s0", "mtu", "1500"]);
+    }
+    let df = sh(
+        &sunset,
+        &[
+            "ping",
+            "-6",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-s",
+            "1452",
+            "-M",
+            "do",
+            "fd00:2::10",
+        ],
+    );
+    println!("== ping -M do, 1500 bytes\n{df}");
+    let route = sh(&sunset, &["ip", "-6", "route", "get", "fd00:2::10"]);
+    println!("== ip -6 route get\n{route}");
+    let mtu: u32 = route
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("sunset learned no path MTU: {route}"));
+    assert!(
+        (1280..1500).contains(&mtu) && mtu.is_multiple_of(4),
+        "{route}"
+    );
+    let big = sh(
+        &sunset,
+        &[
+            "ping",
+            "-6",
+            "-c",
+            "4",
+            "-i",
+            "0.3",
+            "-W",
+            "1",
+            "-s",
+            "1452",
+            "fd00:2::10",
+        ],
+    );
+    println!("== ping, 1500 bytes, fragmented by sunset\n{big}");
+    let received: u32 = big
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received").and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    assert!(received >= 2, "{big}");
+    let stats = |gw: &str| -> serde_json::Value {
+        let out = run(
+            Command::new(env!("CARGO_BIN_EXE_espada"))
+                .args(["show", "stats", "--json", "--socket"])
+                .arg(lab.dir.path().join(format!("{gw}.sock"))),
+            &format!("espada show stats ({gw})"),
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    for gw in ["west", "east"] {
+        let t = &stats(gw)["total"];
+        assert!(
+            t["icmp_sent"].as_u64().unwrap() >= 1,
+            "{gw} sent packet too big: {t}"
+        );
+        assert!(
+            t["nd_adverts"].as_u64().unwrap() >= 1,
+            "{gw} answered NS: {t}"
+        );
+        assert!(
+            t["nd_solicits"].as_u64().unwrap() >= 1,
+            "{gw} asked NS: {t}"
+        );
+    }
+    let neigh = run(
+        Command::new(env!("CARGO_BIN_EXE_espada"))
+            .args(["show", "neighbors", "--socket"])
+            .arg(lab.dir.path().join("west.sock")),
+        "espada show neighbors (west)",
+    );
+    assert!(
+        neigh.contains("fd00:100::2") && neigh.contains("fd00:1::10"),
+        "{neigh}"
+    );
+}
+
 #[test]
 fn namespace_lab_end_to_end() {
     if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {

@@ -118,6 +118,10 @@ struct RawPort {
     mac: Option<Spanned<String>>,
     #[serde(default)]
     gateway: Option<Spanned<String>>,
+    #[serde(default)]
+    address6: Option<Spanned<String>>,
+    #[serde(default)]
+    gateway6: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +216,10 @@ pub struct PortConfig {
     pub mtu: u32,
     /// Next hop for traffic beyond the connected subnet (optional).
     pub gateway: Option<IpAddr>,
+    /// The gateway's IPv6 address and subnet on this side (dual stack), if any.
+    pub address6: Option<(std::net::Ipv6Addr, Prefix)>,
+    /// IPv6 next hop for traffic beyond the IPv6 subnet (optional).
+    pub gateway6: Option<std::net::Ipv6Addr>,
 }
 
 /// One tunnel as configured.
@@ -350,6 +358,47 @@ fn ip(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<IpAddr, ConfigError>
             format!("{what}: `{}` is not an IPv4 or IPv6 address", s.get_ref()),
         )
     })
+}
+
+fn addr_prefix(
+    ctx: &Ctx,
+    s: &Spanned<String>,
+    what: &str,
+) -> Result<(IpAddr, Prefix), ConfigError> {
+    let (a, l) = s.get_ref().split_once('/').ok_or_else(|| {
+        ctx.at(
+            s,
+            format!("{what} must be an address with its prefix length, like 10.1.0.1/24"),
+        )
+    })?;
+    let address: IpAddr = a
+        .parse()
+        .map_err(|_| ctx.at(s, format!("{what}: `{a}` is not an IP address")))?;
+    let len: u8 = l
+        .parse()
+        .map_err(|_| ctx.at(s, format!("{what}: `{l}` is not a prefix length")))?;
+    let net = match address {
+        IpAddr::V4(a) => IpAddr::V4(
+            (u32::from(a)
+                & if len == 0 {
+                    0
+                } else {
+                    !0u32 << (32 - len.min(32) as u32)
+                })
+            .into(),
+        ),
+        IpAddr::V6(a) => IpAddr::V6(
+            (u128::from(a)
+                & if len == 0 {
+                    0
+                } else {
+                    !0u128 << (128 - len.min(128) as u32)
+                })
+            .into(),
+        ),
+    };
+    let prefix = Prefix::new(net, len).map_err(|e| ctx.at(s, format!("{what}: {e}")))?;
+    Ok((address, prefix))
 }
 
 fn prefix(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<Prefix, ConfigError> {
@@ -502,48 +551,42 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let port = |p: &Option<RawPort>, side: &str| -> Result<Option<PortConfig>, ConfigError> {
         let Some(p) = p else { return Ok(None) };
-        let (a, l) = p.address.get_ref().split_once('/').ok_or_else(|| {
-            ctx.at(
-                &p.address,
-                format!(
-                    "[{side}] address must be an address with its prefix length, like 10.1.0.1/24"
-                ),
-            )
-        })?;
-        let address: IpAddr = a.parse().map_err(|_| {
-            ctx.at(
-                &p.address,
-                format!("[{side}] address: `{a}` is not an IP address"),
-            )
-        })?;
-        let len: u8 = l.parse().map_err(|_| {
-            ctx.at(
-                &p.address,
-                format!("[{side}] address: `{l}` is not a prefix length"),
-            )
-        })?;
-        let net = match address {
-            IpAddr::V4(a) => IpAddr::V4(
-                (u32::from(a)
-                    & if len == 0 {
-                        0
-                    } else {
-                        !0u32 << (32 - len.min(32) as u32)
-                    })
-                .into(),
-            ),
-            IpAddr::V6(a) => IpAddr::V6(
-                (u128::from(a)
-                    & if len == 0 {
-                        0
-                    } else {
-                        !0u128 << (128 - len.min(128) as u32)
-                    })
-                .into(),
-            ),
+        let (address, prefix) = addr_prefix(&ctx, &p.address, &format!("[{side}] address"))?;
+        let address6 = match &p.address6 {
+            None => None,
+            Some(s) => match addr_prefix(&ctx, s, &format!("[{side}] address6"))? {
+                (IpAddr::V6(a), pf) => Some((a, pf)),
+                (IpAddr::V4(_), _) => {
+                    return Err(ctx.at(
+                        s,
+                        format!(
+                            "[{side}] address6 must be an IPv6 address with its prefix length, like fd00:1::1/64"
+                        ),
+                    ))
+                }
+            },
         };
-        let prefix = Prefix::new(net, len)
-            .map_err(|e| ctx.at(&p.address, format!("[{side}] address: {e}")))?;
+        let gateway6 = match &p.gateway6 {
+            None => None,
+            Some(s) => match (ip(&ctx, s, &format!("[{side}] gateway6"))?, &address6) {
+                (IpAddr::V6(g), Some((_, pf))) if pf.contains(IpAddr::V6(g)) => Some(g),
+                (IpAddr::V6(_), Some((_, pf))) => {
+                    return Err(ctx.at(
+                        s,
+                        format!("[{side}] gateway6 must be on the IPv6 subnet {pf}"),
+                    ))
+                }
+                (IpAddr::V6(_), None) => {
+                    return Err(ctx.at(
+                        s,
+                        format!("[{side}] gateway6 needs address6 (the side's IPv6 address)"),
+                    ))
+                }
+                (IpAddr::V4(_), _) => {
+                    return Err(ctx.at(s, format!("[{side}] gateway6 must be an IPv6 address")))
+                }
+            },
+        };
         let mtu = match &p.mtu {
             None => 1500,
             Some(m) if (576..=9216).contains(m.get_ref()) => *m.get_ref(),
@@ -557,6 +600,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 ))
             }
         };
+        if let (Some(s), true) = (&p.address6, mtu < 1280) {
+            return Err(ctx.at(
+                s,
+                format!("[{side}] address6: IPv6 needs an mtu of at least 1280 (RFC 8200 §5), got {mtu}"),
+            ));
+        }
         if let Some(m) = &p.mac {
             espada_wire::ethernet::MacAddr::parse(m.get_ref()).ok_or_else(|| {
                 ctx.at(
@@ -578,6 +627,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             prefix,
             mtu,
             gateway,
+            address6,
+            gateway6,
         }))
     };
     let red = port(&raw.red, "red")?;
@@ -938,7 +989,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     if raw.policy.is_empty() {
         for (i, t) in tunnels.iter().enumerate() {
             for l in &t.local_subnets {
-                for r in &t.remote_subnets {
+                // IPv4 to IPv6 can match no packet: a dual-stack tunnel gets one policy per
+                // pair of the same version.
+                for r in t
+                    .remote_subnets
+                    .iter()
+                    .filter(|r| r.addr().is_ipv4() == l.addr().is_ipv4())
+                {
                     spd.policies.push(Policy {
                         name: format!("{}:{l}->{r}", t.name),
                         selector: Selector {

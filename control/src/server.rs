@@ -251,6 +251,7 @@ fn stats_json(s: &WorkerStats) -> Value {
         "decap_packets": s.decap_packets, "decap_bytes": s.decap_bytes,
         "bypass_packets": s.bypass_packets, "handoff_out": s.handoff_out, "handoff_in": s.handoff_in,
         "to_control": s.to_control, "arp_replies": s.arp_replies, "arp_requests": s.arp_requests,
+        "nd_adverts": s.nd_adverts, "nd_solicits": s.nd_solicits,
         "icmp_sent": s.icmp_sent, "bursts": s.bursts, "busy_ns": s.busy_ns,
         "drops": s.drops.total(), "drops_by_reason": drops,
     })
@@ -274,6 +275,8 @@ fn sum(gw: &Gateway) -> (Vec<WorkerStats>, WorkerStats) {
         t.to_control += s.to_control;
         t.arp_replies += s.arp_replies;
         t.arp_requests += s.arp_requests;
+        t.nd_adverts += s.nd_adverts;
+        t.nd_solicits += s.nd_solicits;
         t.icmp_sent += s.icmp_sent;
         t.bursts += s.bursts;
         t.busy_ns += s.busy_ns;
@@ -336,14 +339,29 @@ fn show_workers(gw: &Gateway) -> Value {
 }
 
 fn show_neighbors(gw: &Gateway) -> Value {
-    let n = &gw.shared.neighbors;
+    // IPv4 (ARP) and IPv6 (neighbor discovery) entries in one list; counters of both.
+    let (n, n6) = (&gw.shared.neighbors, &gw.shared.neighbors6);
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let c =
+        |f: fn(&espada_dataplane::neighbor::NeighborCounters) -> &std::sync::atomic::AtomicU64| {
+            l(f(&n.counters)) + l(f(&n6.counters))
+        };
+    let mut entries: Vec<Value> = n
+        .entries()
+        .iter()
+        .map(
+            |(ip, mac, st)| json!({"ip": ip.to_string(), "mac": mac.to_string(), "configured": st}),
+        )
+        .collect();
+    entries.extend(n6.entries().iter().map(
+        |(ip, mac, st)| json!({"ip": ip.to_string(), "mac": mac.to_string(), "configured": st}),
+    ));
     json!({
         "gateway": gw.name,
-        "entries": n.entries().iter().map(|(ip, mac, st)| json!({"ip": ip.to_string(), "mac": mac.to_string(), "configured": st})).collect::<Vec<_>>(),
-        "learned": l(&n.counters.learned), "expired": l(&n.counters.expired),
-        "refused_unsolicited": l(&n.counters.unsolicited), "refused_configured": l(&n.counters.static_kept),
-        "refused_too_soon": l(&n.counters.too_soon), "refused_full": l(&n.counters.full),
+        "entries": entries,
+        "learned": c(|x| &x.learned), "expired": c(|x| &x.expired),
+        "refused_unsolicited": c(|x| &x.unsolicited), "refused_configured": c(|x| &x.static_kept),
+        "refused_too_soon": c(|x| &x.too_soon), "refused_full": c(|x| &x.full),
     })
 }
 

@@ -12,7 +12,9 @@ use arc_swap::ArcSwap;
 use espada_wire::arp;
 use espada_wire::ethernet::{self, MacAddr};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,28 +64,72 @@ pub struct NeighborCounters {
     pub expired: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Bookkeeping {
-    /// Outstanding requests: address → when we last asked.
-    asked: HashMap<Ipv4Addr, Instant>,
-    /// Learned entries: address → (last confirmed, last changed).
-    learned: HashMap<Ipv4Addr, (Instant, Instant)>,
+/// An address family the neighbor table holds: IPv4 (learned through ARP) or IPv6 (through
+/// neighbor discovery, RFC 4861). The same rules hold for both.
+pub trait NeighborAddr: Copy + Eq + Hash + Ord + Debug + Send + Sync + 'static {
+    /// The key of a worker's cache slot; the unspecified address (never a next hop) maps to
+    /// zero, which marks an empty slot.
+    fn key(self) -> u128;
 }
 
-/// IPv4 → MAC, shared by every worker of a gateway.
-#[derive(Debug, Default)]
-pub struct NeighborTable {
-    map: ArcSwap<HashMap<Ipv4Addr, MacAddr>>,
-    statics: HashMap<Ipv4Addr, MacAddr>,
-    book: Mutex<Bookkeeping>,
+impl NeighborAddr for Ipv4Addr {
+    #[inline(always)]
+    fn key(self) -> u128 {
+        u32::from(self) as u128
+    }
+}
+
+impl NeighborAddr for Ipv6Addr {
+    #[inline(always)]
+    fn key(self) -> u128 {
+        u128::from(self)
+    }
+}
+
+#[derive(Debug)]
+struct Bookkeeping<A> {
+    /// Outstanding requests: address → when we last asked.
+    asked: HashMap<A, Instant>,
+    /// Learned entries: address → (last confirmed, last changed).
+    learned: HashMap<A, (Instant, Instant)>,
+}
+
+impl<A> Default for Bookkeeping<A> {
+    fn default() -> Self {
+        Bookkeeping {
+            asked: HashMap::new(),
+            learned: HashMap::new(),
+        }
+    }
+}
+
+/// IP → MAC, shared by every worker of a gateway: `NeighborTable` (IPv4, ARP) or
+/// `NeighborTable<Ipv6Addr>` (IPv6, neighbor discovery).
+#[derive(Debug)]
+pub struct NeighborTable<A = Ipv4Addr> {
+    map: ArcSwap<HashMap<A, MacAddr>>,
+    statics: HashMap<A, MacAddr>,
+    book: Mutex<Bookkeeping<A>>,
     generation: AtomicU64,
     /// What became of the ARP replies seen.
     pub counters: NeighborCounters,
 }
 
-impl NeighborTable {
+impl<A: NeighborAddr> Default for NeighborTable<A> {
+    fn default() -> Self {
+        NeighborTable {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            statics: HashMap::new(),
+            book: Mutex::new(Bookkeeping::default()),
+            generation: AtomicU64::new(0),
+            counters: NeighborCounters::default(),
+        }
+    }
+}
+
+impl<A: NeighborAddr> NeighborTable<A> {
     /// A table with configured entries (never overridden).
-    pub fn new(static_entries: &[(Ipv4Addr, MacAddr)]) -> Arc<NeighborTable> {
+    pub fn new(static_entries: &[(A, MacAddr)]) -> Arc<NeighborTable<A>> {
         let statics: HashMap<_, _> = static_entries.iter().copied().collect();
         let t = NeighborTable {
             statics: statics.clone(),
@@ -95,17 +141,17 @@ impl NeighborTable {
 
     /// Looks up a MAC.
     #[inline]
-    pub fn get(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+    pub fn get(&self, ip: A) -> Option<MacAddr> {
         self.map.load().get(&ip).copied()
     }
 
-    fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping> {
+    fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping<A>> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Notes that this gateway asked for `ip` (a worker sent an ARP request; rate-limited
     /// there, so this lock is taken at most a few times a second per address).
-    pub fn asked(&self, ip: Ipv4Addr, now: Instant) {
+    pub fn asked(&self, ip: A, now: Instant) {
         let mut b = self.book();
         if b.asked.len() >= MAX_ENTRIES {
             b.asked
@@ -117,7 +163,7 @@ impl NeighborTable {
     }
 
     /// An ARP reply from `ip` at `mac` (control path: the table is copied only on a change).
-    pub fn learn_reply(&self, ip: Ipv4Addr, mac: MacAddr, now: Instant) -> Learn {
+    pub fn learn_reply(&self, ip: A, mac: MacAddr, now: Instant) -> Learn {
         let c = &self.counters;
         if mac.is_multicast() || mac == MacAddr::ZERO {
             return Learn::BadMac;
@@ -159,13 +205,7 @@ impl NeighborTable {
     }
 
     /// Publishes a learned entry (a new snapshot; workers see the new generation).
-    fn insert_learned(
-        &self,
-        b: &mut Bookkeeping,
-        ip: Ipv4Addr,
-        mac: MacAddr,
-        now: Instant,
-    ) -> Learn {
+    fn insert_learned(&self, b: &mut Bookkeeping<A>, ip: A, mac: MacAddr, now: Instant) -> Learn {
         b.learned.insert(ip, (now, now));
         let mut m = (**self.map.load()).clone();
         m.insert(ip, mac);
@@ -178,7 +218,7 @@ impl NeighborTable {
     /// An ARP request for one of our addresses from `ip` at `mac`: as RFC 826 has it, the
     /// asker is created when it has no entry yet (so the reply to its traffic needs no lookup
     /// of our own), but a request never *changes* an entry, and never a configured one.
-    pub fn learn_request(&self, ip: Ipv4Addr, mac: MacAddr, now: Instant) -> Learn {
+    pub fn learn_request(&self, ip: A, mac: MacAddr, now: Instant) -> Learn {
         if mac.is_multicast() || mac == MacAddr::ZERO {
             return Learn::BadMac;
         }
@@ -211,7 +251,7 @@ impl NeighborTable {
         let mut b = self.book();
         b.asked
             .retain(|_, t| now.duration_since(*t) < SOLICIT_WINDOW);
-        let old: Vec<Ipv4Addr> = b
+        let old: Vec<A> = b
             .learned
             .iter()
             .filter(|(_, (seen, _))| now.duration_since(*seen) >= MAX_AGE)
@@ -234,7 +274,7 @@ impl NeighborTable {
     }
 
     /// Every entry (address, MAC, configured?) for reports, sorted by address.
-    pub fn entries(&self) -> Vec<(Ipv4Addr, MacAddr, bool)> {
+    pub fn entries(&self) -> Vec<(A, MacAddr, bool)> {
         let mut v: Vec<_> = self
             .map
             .load()
@@ -266,39 +306,41 @@ impl NeighborTable {
 /// snapshot nor hashes per packet: a few direct-mapped slots, emptied whenever the shared
 /// table's generation moves (checked once per burst).
 #[derive(Debug)]
-pub struct NeighborCache {
-    slots: [(u32, MacAddr); Self::SLOTS],
+pub struct NeighborCache<A = Ipv4Addr> {
+    slots: [(u128, MacAddr); NEIGHBOR_CACHE_SLOTS],
     generation: u64,
+    _family: std::marker::PhantomData<A>,
 }
 
-impl Default for NeighborCache {
+const NEIGHBOR_CACHE_SLOTS: usize = 16;
+
+impl<A> Default for NeighborCache<A> {
     fn default() -> Self {
         NeighborCache {
-            slots: [(0, MacAddr::ZERO); Self::SLOTS],
+            slots: [(0, MacAddr::ZERO); NEIGHBOR_CACHE_SLOTS],
             generation: u64::MAX,
+            _family: std::marker::PhantomData,
         }
     }
 }
 
-impl NeighborCache {
-    const SLOTS: usize = 16;
-
+impl<A: NeighborAddr> NeighborCache<A> {
     /// Forgets everything if `table` changed since the last call.
     #[inline]
-    pub fn sync(&mut self, table: &NeighborTable) {
+    pub fn sync(&mut self, table: &NeighborTable<A>) {
         let g = table.generation();
         if g != self.generation {
-            self.slots = [(0, MacAddr::ZERO); Self::SLOTS];
+            self.slots = [(0, MacAddr::ZERO); NEIGHBOR_CACHE_SLOTS];
             self.generation = g;
         }
     }
 
     /// The MAC of `ip`, from the cache or else from `table` (then cached).
     #[inline]
-    pub fn get(&mut self, table: &NeighborTable, ip: Ipv4Addr) -> Option<MacAddr> {
-        let k = u32::from(ip);
-        // 0.0.0.0 is never a next hop, so it marks an empty slot.
-        let slot = (k ^ (k >> 8)) as usize % Self::SLOTS;
+    pub fn get(&mut self, table: &NeighborTable<A>, ip: A) -> Option<MacAddr> {
+        let k = ip.key();
+        // 0.0.0.0 and :: are never next hops, so zero marks an empty slot.
+        let slot = ((k ^ (k >> 8)) as usize) % NEIGHBOR_CACHE_SLOTS;
         let e = &mut self.slots[slot];
         if e.0 == k && k != 0 {
             return Some(e.1);

@@ -142,6 +142,7 @@ pub fn shared(
         black: sides.black,
         sadb: SaDbHandle::new(db),
         neighbors: NeighborTable::new(neigh),
+        neighbors6: NeighborTable::new(&[]),
         handoff: Arc::new((0..workers).map(|_| ArrayQueue::new(1024)).collect()),
         control: Arc::new(ArrayQueue::new(64)),
         events: Arc::new(EventQueue::new(1024)),
@@ -568,6 +569,7 @@ pub mod lab {
             prefix: p.parse().unwrap(),
             mtu: 9000,
             gateway: gw.map(|g| g.parse().unwrap()),
+            v6: None,
         };
         (
             GatewaySides {

@@ -387,14 +387,14 @@ pub struct V4Rule {
     pub action: Action,
 }
 
-/// The SPD compiled for IPv4 (`None` when a policy is not IPv4: then [`Spd::lookup`]).
+/// The IPv4 policies of an SPD, compiled (IPv6 policies left out: they match no IPv4 packet).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpdV4 {
     rules: Option<Vec<V4Rule>>,
 }
 
 impl SpdV4 {
-    /// Compiles `spd` (when every policy is IPv4).
+    /// Compiles the IPv4 policies of `spd`, in order.
     pub fn compile(spd: &Spd) -> SpdV4 {
         let v4 = |p: &Prefix| match p.addr() {
             IpAddr::V4(a) => {
@@ -407,10 +407,12 @@ impl SpdV4 {
             }
             IpAddr::V6(_) => None,
         };
+        // An IPv6 (or mixed) policy matches no IPv4 packet: leaving it out keeps the first
+        // match of every IPv4 flow the same, so a dual-stack SPD still has its fast form.
         let rules = spd
             .policies
             .iter()
-            .map(|p| {
+            .filter_map(|p| {
                 Some(V4Rule {
                     src: v4(&p.selector.src)?,
                     dst: v4(&p.selector.dst)?,
@@ -421,7 +423,7 @@ impl SpdV4 {
                 })
             })
             .collect();
-        SpdV4 { rules }
+        SpdV4 { rules: Some(rules) }
     }
 
     /// The first matching rule's action for the reversed flow of an IPv4 packet (an inbound
@@ -707,7 +709,7 @@ mod test {
     }
 
     #[test]
-    fn a_v6_policy_keeps_the_generic_lookup() {
+    fn v6_policies_leave_the_v4_form_to_the_v4_policies() {
         let mut spd = Spd::default();
         spd.policies.push(Policy {
             name: "v6".into(),
@@ -720,7 +722,23 @@ mod test {
             },
             action: Action::Bypass,
         });
-        assert_eq!(SpdV4::compile(&spd).lookup(1, 2, 17, 1, 2), None);
+        // Only IPv6: no IPv4 packet matches.
+        assert_eq!(SpdV4::compile(&spd).lookup(1, 2, 17, 1, 2), Some(None));
+        spd.policies.push(Policy {
+            name: "v4".into(),
+            selector: Selector {
+                src: "0.0.0.0/0".parse().unwrap(),
+                dst: "0.0.0.0/0".parse().unwrap(),
+                proto: None,
+                src_ports: PortRange::ANY,
+                dst_ports: PortRange::ANY,
+            },
+            action: Action::Protect(3),
+        });
+        assert_eq!(
+            SpdV4::compile(&spd).lookup(1, 2, 17, 1, 2),
+            Some(Some(Action::Protect(3)))
+        );
     }
 
     proptest::proptest! {
@@ -753,6 +771,17 @@ mod test {
             };
             let spd = Spd {
                 policies: vec![
+                    Policy {
+                        name: "v6".into(),
+                        selector: Selector {
+                            src: "::/0".parse().unwrap(),
+                            dst: "::/0".parse().unwrap(),
+                            proto: None,
+                            src_ports: PortRange::ANY,
+                            dst_ports: PortRange::ANY,
+                        },
+                        action: Action::Discard,
+                    },
                     pol("udp", "10.2.0.0/31", "1000-40000", Action::Protect(1)),
                     pol("all", "10.2.0.0/30", "any", Action::Protect(0)),
                 ],

@@ -99,12 +99,16 @@ pub fn render(c: &Config, db: &SaDb) -> String {
         if let Some(p) = p {
             let _ = writeln!(
                 s,
-                "  {side:<5} {} {}/{} mtu {}{}",
+                "  {side:<5} {} {}/{}{} mtu {}{}{}",
                 p.interface,
                 p.address,
                 p.prefix.len(),
+                p.address6
+                    .map(|(a, pf)| format!(" {a}/{}", pf.len()))
+                    .unwrap_or_default(),
                 p.mtu,
-                p.gateway.map(|g| format!(" via {g}")).unwrap_or_default()
+                p.gateway.map(|g| format!(" via {g}")).unwrap_or_default(),
+                p.gateway6.map(|g| format!(" via {g}")).unwrap_or_default()
             );
         }
     }

@@ -10,7 +10,7 @@ use clap::Args;
 use espada_benches::report::{self, Report};
 use espada_dataplane::pair::{GatewaySides, Pair, PairSpec};
 use espada_dataplane::port::memory::Steering;
-use espada_dataplane::worker::Side;
+use espada_dataplane::worker::{Side, Side6};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -138,7 +138,7 @@ pub fn sides(c: &config::Config) -> Result<GatewaySides> {
             .as_ref()
             .with_context(|| format!("{}: the [{what}] section is needed", c.file.display()))?;
         let (IpAddr::V4(ip), gateway) = (p.address, p.gateway) else {
-            bail!("{}: [{what}] address must be IPv4 for the gateway (IPv6 outer and inner packets are supported by the ESP core, not yet by the gateway's neighbor discovery)", c.file.display())
+            bail!("{}: [{what}] address must be IPv4; give the side's IPv6 address as address6 (dual stack)", c.file.display())
         };
         let gateway = match gateway {
             Some(IpAddr::V4(g)) => Some(g),
@@ -150,6 +150,11 @@ pub fn sides(c: &config::Config) -> Result<GatewaySides> {
             prefix: p.prefix,
             mtu: p.mtu,
             gateway,
+            v6: p.address6.map(|(ip, prefix)| Side6 {
+                ip,
+                prefix,
+                gateway: p.gateway6,
+            }),
         })
     };
     Ok(GatewaySides {

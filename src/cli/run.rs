@@ -135,6 +135,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             }
         })
         .collect();
+    let neigh6: Vec<_> = c
+        .neighbors
+        .iter()
+        .filter_map(|(ip, m)| match ip {
+            IpAddr::V6(v) => Some((*v, *m)),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
     for t in &c.tunnels {
         if let Some(w) = &t.key_warning {
             tracing::warn!("{w}");
@@ -203,6 +211,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         black: gw.black,
         sadb: SaDbHandle::new(db),
         neighbors: NeighborTable::new(&neigh),
+        neighbors6: NeighborTable::new(&neigh6),
         handoff: Arc::new((0..n).map(|_| ArrayQueue::new(4096)).collect()),
         control: Arc::new(ArrayQueue::new(256)),
         events: Arc::new(EventQueue::new(1024)),
@@ -397,6 +406,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             drop(b); // the buffer goes back to its pool
         }
         shared.neighbors.expire(Instant::now());
+        shared.neighbors6.expire(Instant::now());
         let now_unix = config::unix_now();
         if reload.swap(false, Ordering::Relaxed) {
             match sup.reload(now_unix) {
@@ -555,12 +565,19 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     #[cfg(feature = "dpdk")]
     drop(keep_ports);
     {
-        let n = &shared.neighbors.counters;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        println!(
-            "neighbors: {} learned, {} expired; ARP refused: {} unsolicited, {} for configured entries, {} too soon after a change, {} table full",
-            l(&n.learned), l(&n.expired), l(&n.unsolicited), l(&n.static_kept), l(&n.too_soon), l(&n.full)
-        );
+        for (family, n) in [
+            ("ARP", &shared.neighbors.counters),
+            ("IPv6 ND", &shared.neighbors6.counters),
+        ] {
+            if family == "IPv6 ND" && l(&n.learned) + l(&n.unsolicited) == 0 {
+                continue;
+            }
+            println!(
+                "neighbors ({family}): {} learned, {} expired; refused: {} unsolicited, {} for configured entries, {} too soon after a change, {} table full",
+                l(&n.learned), l(&n.expired), l(&n.unsolicited), l(&n.static_kept), l(&n.too_soon), l(&n.full)
+            );
+        }
     }
     if pool.reclaimed() > 0 {
         println!(

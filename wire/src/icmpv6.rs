@@ -177,9 +177,14 @@ fn emit_nd(
     kind: u8,
     flags: u8,
     target: Ipv6Addr,
-    opt: u8,
     mac: MacAddr,
 ) {
+    // A solicitation carries the sender's address, an advertisement the target's.
+    let opt = if kind == NEIGHBOR_SOLICIT {
+        OPT_SLLA
+    } else {
+        OPT_TLLA
+    };
     let buf = &mut buf[..NDP_PACKET_LEN];
     emit_ipv6(buf, src, dst, NDP_LEN, 255);
     let m = &mut buf[ipv6::HEADER_LEN..];
@@ -197,22 +202,13 @@ fn emit_nd(
 /// target's solicited-node address. `buf` is at least [`NDP_PACKET_LEN`] long.
 pub fn emit_ns(buf: &mut [u8], src: Ipv6Addr, target: Ipv6Addr, our_mac: MacAddr) {
     let dst = solicited_node(target);
-    emit_nd(buf, src, dst, NEIGHBOR_SOLICIT, 0, target, OPT_SLLA, our_mac);
+    emit_nd(buf, src, dst, NEIGHBOR_SOLICIT, 0, target, our_mac);
 }
 
 /// Writes IPv6 + a solicited neighbor advertisement (S and O set) of `target` at `our_mac`,
 /// from `target` to `dst`. `buf` is at least [`NDP_PACKET_LEN`] long.
 pub fn emit_na(buf: &mut [u8], target: Ipv6Addr, dst: Ipv6Addr, our_mac: MacAddr) {
-    emit_nd(
-        buf,
-        target,
-        dst,
-        NEIGHBOR_ADVERT,
-        0x60,
-        target,
-        OPT_TLLA,
-        our_mac,
-    );
+    emit_nd(buf, target, dst, NEIGHBOR_ADVERT, 0x60, target, our_mac);
 }
 
 /// How many bytes of the offending packet a "packet too big" quotes: as much as fits in the
@@ -264,7 +260,10 @@ mod test {
     fn solicited_node_and_its_mac() {
         let t = a("fd00:100::2");
         assert_eq!(solicited_node(t), a("ff02::1:ff00:2"));
-        assert_eq!(multicast_mac(solicited_node(t)).0, [0x33, 0x33, 0xff, 0, 0, 2]);
+        assert_eq!(
+            multicast_mac(solicited_node(t)).0,
+            [0x33, 0x33, 0xff, 0, 0, 2]
+        );
     }
 
     #[test]

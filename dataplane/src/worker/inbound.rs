@@ -9,9 +9,16 @@ impl Worker {
         let black_ip = self.shared.black.ip;
         let black_mac = self.black.mac();
         for b in burst.drain(..) {
-            let Some(mut b) = self.ipv4_frame(b, black_ip, black_mac, false) else {
+            let Some(mut b) = self.ip_frame(b, black_ip, black_mac, false) else {
                 continue;
             };
+            if b.data()
+                .get(ethernet::HEADER_LEN)
+                .is_some_and(|v| v >> 4 == 6)
+            {
+                self.black_ipv6(b);
+                continue;
+            }
             // Outer IPv4 + UDP/4500 to us, or nothing.
             let strip = {
                 let Ok(ip) = ipv4::Packet::new_checked(&b.data()[ethernet::HEADER_LEN..]) else {
@@ -74,6 +81,80 @@ impl Worker {
             b.trim(tail);
             b.adj(hdr);
             self.inbound_esp(b);
+        }
+    }
+
+    /// An IPv6 frame on black: ESP-in-UDP to our IPv6 address (RFC 3948 over IPv6, as Linux
+    /// sends it: UDP checksum computed), or a packet a bypass policy lets through.
+    fn black_ipv6(&mut self, mut b: PktBuf) {
+        let Some(v6) = self.shared.black.v6 else {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        };
+        let strip = {
+            let Ok(ip) = ipv6::Packet::new_checked(&b.data()[ethernet::HEADER_LEN..]) else {
+                return self.drop_pkt(b, DropReason::Malformed);
+            };
+            if ip.version() != 6 {
+                return self.drop_pkt(b, DropReason::Malformed);
+            }
+            let (src, dst) = (ip.src_addr(), ip.dst_addr());
+            if dst != v6.ip {
+                let Some(f) = FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..]) else {
+                    return self.drop_pkt(b, DropReason::Malformed);
+                };
+                return match self.sas.db().spd.lookup(&f.reversed()).map(|p| p.action) {
+                    Some(Action::Bypass) => self.forward_clear_to_red6(b),
+                    _ => self.drop_pkt(b, DropReason::NotForUs),
+                };
+            }
+            match ip.next_header() {
+                espada_wire::ip_proto::UDP => {}
+                // The fragment header: ESP-in-UDP is never reassembled here.
+                44 => return self.drop_pkt(b, DropReason::Fragment),
+                _ => return self.drop_pkt(b, DropReason::NotForUs),
+            }
+            let outer_tos = ip.traffic_class();
+            let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
+                return self.drop_pkt(b, DropReason::Malformed);
+            };
+            if u.dst_port() != esp::UDP_ENCAP_PORT {
+                return self.drop_pkt(b, DropReason::NotForUs);
+            }
+            if !u.verify_checksum(IpAddr::V6(src), IpAddr::V6(dst)) {
+                return self.drop_pkt(b, DropReason::Malformed);
+            }
+            let udp_len = u.len() as usize;
+            (
+                ethernet::HEADER_LEN + ipv6::HEADER_LEN + udp::HEADER_LEN,
+                ethernet::HEADER_LEN + ipv6::HEADER_LEN + udp_len,
+                outer_tos,
+            )
+        };
+        let (hdr, end, outer_tos) = strip;
+        b.outer_tos = outer_tos;
+        let tail = b.len() - end;
+        b.trim(tail);
+        b.adj(hdr);
+        self.inbound_esp(b);
+    }
+
+    /// A bypassed IPv6 packet from the black side: hop limit, then out of the red port.
+    fn forward_clear_to_red6(&mut self, mut b: PktBuf) {
+        b.adj(ethernet::HEADER_LEN);
+        let Ok(mut ip) = ipv6::Packet::new_checked(b.data_mut()) else {
+            return self.drop_pkt(b, DropReason::Malformed);
+        };
+        let hop = ip.hop_limit();
+        if hop <= 1 {
+            return self.drop_pkt(b, DropReason::TtlExpired);
+        }
+        ip.set_hop_limit(hop - 1);
+        let (dst, len) = (ip.dst_addr(), ip.total_len());
+        let extra = b.len() - len;
+        b.trim(extra);
+        let nh = self.shared.red.next_hop6(dst);
+        if self.send_ip6(b, nh, true) {
+            self.stats.bypass_packets += 1;
         }
     }
 
@@ -159,6 +240,9 @@ impl Worker {
                     return self.drop_pkt(b, DropReason::PolicyMismatch);
                 }
                 let d = b.data();
+                if d.first().is_some_and(|v| v >> 4 == 6) {
+                    return self.deliver_ipv6(b);
+                }
                 if d.len() < ipv4::HEADER_LEN || d[0] >> 4 != 4 {
                     return self.drop_pkt(b, DropReason::NotForUs);
                 }
@@ -194,6 +278,39 @@ impl Worker {
                 Err(b) => self.drop_pkt(b, DropReason::ControlFull),
             },
             Decap::Drop(r) => self.drop_pkt(b, r),
+        }
+    }
+
+    /// An authentic inner IPv6 packet that matched its tunnel's policy: ECN (RFC 6040), hop
+    /// limit and the red MTU, then out on red through neighbor discovery.
+    fn deliver_ipv6(&mut self, mut b: PktBuf) {
+        if self.shared.red.v6.is_none() {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        }
+        let outer_ecn = b.outer_tos & 3;
+        // The ESP module checked the IPv6 header's length against the payload.
+        let mut ip = ipv6::Packet::new_unchecked(b.data_mut());
+        let hop = ip.hop_limit();
+        if hop <= 1 {
+            return self.drop_pkt(b, DropReason::TtlExpired);
+        }
+        let inner_ecn = ip.traffic_class() & 3;
+        match (outer_ecn, inner_ecn) {
+            (3, 0) => return self.drop_pkt(b, DropReason::EcnNotEct),
+            (3, 1 | 2) => ip.set_ecn(3),
+            (1, 2) => ip.set_ecn(1),
+            _ => {}
+        }
+        ip.set_hop_limit(hop - 1);
+        let dst = ip.dst_addr();
+        let len = b.len();
+        if len > self.shared.red.mtu as usize {
+            return self.drop_pkt(b, DropReason::MtuExceeded);
+        }
+        let nh = self.shared.red.next_hop6(dst);
+        if self.send_ip6(b, nh, true) {
+            self.stats.decap_packets += 1;
+            self.stats.decap_bytes += len as u64;
         }
     }
 }

@@ -124,21 +124,162 @@ impl Worker {
     }
 
     /// The next hop's MAC for a packet to `remote` on black, or why there is none (an ARP
-    /// request goes out when the neighbor is unknown).
+    /// request or a neighbor solicitation goes out when the neighbor is unknown).
     #[inline]
     pub(super) fn black_next_hop_mac(&mut self, remote: IpAddr) -> Result<MacAddr, DropReason> {
-        let IpAddr::V4(a) = remote else {
-            return Err(DropReason::NotForUs);
-        };
-        let Some(nh) = self.shared.black.next_hop(a) else {
-            return Err(DropReason::NotForUs);
-        };
-        match self.neigh.get(&self.shared.neighbors, nh) {
-            Some(m) => Ok(m),
-            None => {
-                self.arp_request(nh, false);
-                Err(DropReason::NoNeighbor)
+        match remote {
+            IpAddr::V4(a) => {
+                let Some(nh) = self.shared.black.next_hop(a) else {
+                    return Err(DropReason::NotForUs);
+                };
+                match self.neigh.get(&self.shared.neighbors, nh) {
+                    Some(m) => Ok(m),
+                    None => {
+                        self.arp_request(nh, false);
+                        Err(DropReason::NoNeighbor)
+                    }
+                }
             }
+            IpAddr::V6(a) => {
+                let Some(nh) = self.shared.black.next_hop6(a) else {
+                    return Err(DropReason::NotForUs);
+                };
+                match self.neigh6.get(&self.shared.neighbors6, nh) {
+                    Some(m) => Ok(m),
+                    None => {
+                        self.nd_request(nh, false);
+                        Err(DropReason::NoNeighbor)
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::send_ip`] for IPv6: the next hop's MAC from neighbor discovery.
+    #[inline]
+    pub(super) fn send_ip6(&mut self, b: PktBuf, next_hop: Option<Ipv6Addr>, red: bool) -> bool {
+        let Some(nh) = next_hop else {
+            self.drop_pkt(b, DropReason::NotForUs);
+            return false;
+        };
+        let Some(dst) = self.neigh6.get(&self.shared.neighbors6, nh) else {
+            self.nd_request(nh, red);
+            self.drop_pkt(b, DropReason::NoNeighbor);
+            return false;
+        };
+        self.send_to_mac(b, dst, red)
+    }
+
+    /// Sends a neighbor solicitation for `ip` on one side, at most every 100 ms per address.
+    pub(super) fn nd_request(&mut self, ip: Ipv6Addr, red: bool) {
+        let now = self.now_ns();
+        let k = u128::from(ip);
+        let slot = ((k ^ (k >> 64)) as usize) % self.nd_last.len();
+        let (last_ip, last_t) = self.nd_last[slot];
+        if last_ip == ip && now.saturating_sub(last_t) < 100_000_000 {
+            return;
+        }
+        let (side, mac) = if red {
+            (self.shared.red, self.red.mac())
+        } else {
+            (self.shared.black, self.black.mac())
+        };
+        let Some(v6) = side.v6 else { return };
+        self.nd_last[slot] = (ip, now);
+        self.shared.neighbors6.asked(ip, Instant::now());
+        let Some(mut b) = self.pool.get() else { return };
+        let Some(d) = b.append(ethernet::HEADER_LEN + icmpv6::NDP_PACKET_LEN) else {
+            return self.pool.put(b);
+        };
+        let dst_mac = icmpv6::multicast_mac(icmpv6::solicited_node(ip));
+        emit_eth(d, mac, dst_mac, ethernet::ethertype::IPV6);
+        icmpv6::emit_ns(&mut d[ethernet::HEADER_LEN..], v6.ip, ip, mac);
+        self.stats.nd_solicits += 1;
+        if red {
+            self.red_tx.push(b)
+        } else {
+            self.black_tx.push(b)
+        }
+    }
+
+    /// A neighbor solicitation or advertisement for one side: solicitations for our address
+    /// are answered (and the asker learned, as an ARP request is); advertisements teach only
+    /// when they answer our own solicitation (see `neighbor`). Invalid ones are counted.
+    pub(super) fn nd(&mut self, b: PktBuf, red: bool) {
+        let side = if red {
+            self.shared.red
+        } else {
+            self.shared.black
+        };
+        let Some(v6) = side.v6 else {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        };
+        let (msg, src, eth_src) = {
+            let d = b.data();
+            let Some(m) = icmpv6::parse_ndp(&d[ethernet::HEADER_LEN..]) else {
+                return self.drop_pkt(b, DropReason::Malformed);
+            };
+            let ip = ipv6::Packet::new_unchecked(&d[ethernet::HEADER_LEN..]);
+            let eth = ethernet::Frame::new_unchecked(d);
+            (m, ip.src_addr(), eth.src_addr())
+        };
+        let our_mac = if red { self.macs[0] } else { self.macs[1] };
+        match msg {
+            icmpv6::Ndp::Solicit { target, source_mac } if target == v6.ip => {
+                if src.is_unspecified() {
+                    // Duplicate address detection of our own address by another host: it
+                    // will not take it once we answer nothing; nothing to learn.
+                    self.shared
+                        .neighbors6
+                        .counters
+                        .unsolicited
+                        .fetch_add(1, Ordering::Relaxed);
+                    return self.pool.put(b);
+                }
+                let reply_mac = source_mac.unwrap_or(eth_src);
+                if let Some(m) = source_mac {
+                    let _ = self.shared.neighbors6.learn_request(src, m, Instant::now());
+                }
+                let mut out = b;
+                out.reset();
+                let Some(d) = out.append(ethernet::HEADER_LEN + icmpv6::NDP_PACKET_LEN) else {
+                    return self.drop_pkt(out, DropReason::NoBuffer);
+                };
+                emit_eth(d, our_mac, reply_mac, ethernet::ethertype::IPV6);
+                icmpv6::emit_na(&mut d[ethernet::HEADER_LEN..], v6.ip, src, our_mac);
+                self.stats.nd_adverts += 1;
+                if red {
+                    self.red_tx.push(out)
+                } else {
+                    self.black_tx.push(out)
+                }
+            }
+            icmpv6::Ndp::Advert {
+                target,
+                target_mac,
+                solicited,
+                ..
+            } => {
+                let mac = target_mac.unwrap_or(eth_src);
+                let on_link = v6.prefix.contains(IpAddr::V6(target))
+                    || Some(target) == v6.gateway
+                    || target.is_unicast_link_local();
+                if solicited && on_link {
+                    let _ = self
+                        .shared
+                        .neighbors6
+                        .learn_reply(target, mac, Instant::now());
+                } else {
+                    self.shared
+                        .neighbors6
+                        .counters
+                        .unsolicited
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                self.pool.put(b);
+            }
+            // Solicitations for other hosts' addresses: consumed (not a drop).
+            icmpv6::Ndp::Solicit { .. } => self.pool.put(b),
         }
     }
 
@@ -146,14 +287,17 @@ impl Worker {
     #[inline]
     pub(super) fn send_to_mac(&mut self, mut b: PktBuf, dst: MacAddr, red: bool) -> bool {
         let src = if red { self.macs[0] } else { self.macs[1] };
+        // The IP version is the first nibble of the packet the header goes in front of.
+        let ethertype = if b.data().first().is_some_and(|v| v >> 4 == 6) {
+            ethernet::ethertype::IPV6
+        } else {
+            ethernet::ethertype::IPV4
+        };
         let Some(h) = b.prepend(ethernet::HEADER_LEN) else {
             self.drop_pkt(b, DropReason::NoHeadroom);
             return false;
         };
-        let mut eth = ethernet::Frame::new_unchecked(h);
-        eth.set_dst_addr(dst);
-        eth.set_src_addr(src);
-        eth.set_ethertype(ethernet::ethertype::IPV4);
+        emit_eth(h, src, dst, ethertype);
         if red {
             self.red_tx.push(b)
         } else {
@@ -162,10 +306,10 @@ impl Worker {
         true
     }
 
-    /// Layer 2 of either side: IPv4 frames are returned; ARP is answered or learned from;
-    /// anything else is dropped and counted.
+    /// Layer 2 of either side: IPv4 and IPv6 frames are returned; ARP and IPv6 neighbor
+    /// discovery are answered or learned from; anything else is dropped and counted.
     #[inline]
-    pub(super) fn ipv4_frame(
+    pub(super) fn ip_frame(
         &mut self,
         b: PktBuf,
         our_ip: Ipv4Addr,
@@ -180,10 +324,12 @@ impl Worker {
             }
         };
         // Layer-2 admission: IP only in frames to our MAC (not another host's, not broadcast
-        // or multicast); ARP to us or broadcast. VLAN-tagged frames have an EtherType of their
-        // own and fall to the last arm: espada runs on no VLAN.
+        // or multicast); ARP to us or broadcast; IPv6 also to our solicited-node multicast
+        // group (neighbor solicitations). VLAN-tagged frames have an EtherType of their own
+        // and fall to the last arm: espada runs on no VLAN.
         match ethertype {
             ethernet::ethertype::IPV4 if dst == our_mac => Some(b),
+            ethernet::ethertype::IPV6 => self.ipv6_frame(b, dst == our_mac, dst, red),
             ethernet::ethertype::ARP if dst == our_mac || dst == MacAddr::BROADCAST => {
                 self.arp(b, our_ip, our_mac, red);
                 None
@@ -194,4 +340,46 @@ impl Worker {
             }
         }
     }
+
+    /// An IPv6 frame: neighbor discovery goes to [`Self::nd`]; other packets are returned
+    /// when sent to our MAC on a side with IPv6.
+    #[inline]
+    fn ipv6_frame(&mut self, b: PktBuf, to_us: bool, dst: MacAddr, red: bool) -> Option<PktBuf> {
+        let side = if red {
+            &self.shared.red
+        } else {
+            &self.shared.black
+        };
+        let Some(v6) = side.v6 else {
+            self.drop_pkt(b, DropReason::NotForUs);
+            return None;
+        };
+        let d = &b.data()[ethernet::HEADER_LEN..];
+        // NS/NA: ICMPv6 right after the fixed header, type 135 or 136.
+        let is_nd = d.len() > ipv6::HEADER_LEN
+            && d[6] == espada_wire::ip_proto::ICMPV6
+            && matches!(
+                d[ipv6::HEADER_LEN],
+                icmpv6::NEIGHBOR_SOLICIT | icmpv6::NEIGHBOR_ADVERT
+            );
+        let solicited_group = icmpv6::multicast_mac(icmpv6::solicited_node(v6.ip));
+        if is_nd && (to_us || dst == solicited_group) {
+            self.nd(b, red);
+            return None;
+        }
+        if to_us {
+            return Some(b);
+        }
+        self.drop_pkt(b, DropReason::NotForUs);
+        None
+    }
+}
+
+/// Writes an Ethernet header into the first 14 bytes of `buf`.
+#[inline]
+fn emit_eth(buf: &mut [u8], src: MacAddr, dst: MacAddr, ethertype: u16) {
+    let mut eth = ethernet::Frame::new_unchecked(buf);
+    eth.set_dst_addr(dst);
+    eth.set_src_addr(src);
+    eth.set_ethertype(ethertype);
 }

@@ -23,8 +23,8 @@ use espada_sadb::db::{CoreSas, EventQueue, Route, SaDbHandle};
 use espada_sadb::selector::{Action, FlowKey, Prefix};
 use espada_sadb::InboundSa;
 use espada_wire::ethernet::{self, MacAddr};
-use espada_wire::{arp, esp, icmpv4, ipv4, udp};
-use std::net::{IpAddr, Ipv4Addr};
+use espada_wire::{arp, esp, icmpv4, icmpv6, ipv4, ipv6, udp};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -51,9 +51,34 @@ pub struct Side {
     pub mtu: u32,
     /// Next hop for destinations outside the subnet.
     pub gateway: Option<Ipv4Addr>,
+    /// IPv6 on this side (dual stack), if configured.
+    pub v6: Option<Side6>,
+}
+
+/// A side's IPv6 address, subnet and next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side6 {
+    /// The gateway's address on this side.
+    pub ip: Ipv6Addr,
+    /// The connected subnet.
+    pub prefix: Prefix,
+    /// Next hop for destinations outside the subnet.
+    pub gateway: Option<Ipv6Addr>,
 }
 
 impl Side {
+    /// The IPv6 next hop for `dst`: itself if on-link, else the configured IPv6 gateway.
+    /// `None` when this side has no IPv6.
+    #[inline]
+    pub fn next_hop6(&self, dst: Ipv6Addr) -> Option<Ipv6Addr> {
+        let v6 = self.v6.as_ref()?;
+        if v6.prefix.contains(IpAddr::V6(dst)) {
+            Some(dst)
+        } else {
+            v6.gateway
+        }
+    }
+
     /// The next hop for `dst`: itself if on-link, else the configured gateway.
     #[inline]
     pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
@@ -76,6 +101,8 @@ pub struct GatewayShared {
     pub sadb: Arc<SaDbHandle>,
     /// ARP table.
     pub neighbors: Arc<NeighborTable>,
+    /// IPv6 neighbor table (neighbor discovery).
+    pub neighbors6: Arc<NeighborTable<Ipv6Addr>>,
     /// One handoff queue per worker (index = worker).
     pub handoff: Arc<Vec<ArrayQueue<PktBuf>>>,
     /// IKE messages for the control plane (never decrypted here).
@@ -123,8 +150,12 @@ pub struct WorkerStats {
     pub arp_replies: u64,
     /// ARP requests sent.
     pub arp_requests: u64,
-    /// ICMP errors sent.
+    /// ICMP and ICMPv6 errors sent.
     pub icmp_sent: u64,
+    /// IPv6 neighbor advertisements sent (answers to solicitations for our addresses).
+    pub nd_adverts: u64,
+    /// IPv6 neighbor solicitations sent (address resolution of next hops).
+    pub nd_solicits: u64,
     /// Bursts that carried at least one packet.
     pub bursts: u64,
     /// Nanoseconds spent in those bursts.
@@ -133,7 +164,7 @@ pub struct WorkerStats {
     pub drops: DropCounters,
 }
 
-const N_FIELDS: usize = 17;
+const N_FIELDS: usize = 19;
 
 /// Lock-free published copy of a worker's [`WorkerStats`] (written by its worker only).
 #[derive(Debug)]
@@ -198,6 +229,8 @@ impl WorkerStats {
             self.icmp_sent,
             self.bursts,
             self.busy_ns,
+            self.nd_adverts,
+            self.nd_solicits,
         ]
     }
 }
@@ -242,6 +275,8 @@ impl StatsCell {
             icmp_sent: v[14],
             bursts: v[15],
             busy_ns: v[16],
+            nd_adverts: v[17],
+            nd_solicits: v[18],
             drops: d,
         }
     }
@@ -269,7 +304,9 @@ pub struct Worker {
     icmp_tokens: u32,
     icmp_refill_s: u64,
     arp_last: [(Ipv4Addr, u64); 8],
+    nd_last: [(Ipv6Addr, u64); 8],
     neigh: NeighborCache,
+    neigh6: NeighborCache<Ipv6Addr>,
     /// The red and black ports' MACs (asked once, not through the port per packet).
     macs: [MacAddr; 2],
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
@@ -318,7 +355,9 @@ impl Worker {
             polls: 0,
             icmp_refill_s: 0,
             arp_last: [(Ipv4Addr::UNSPECIFIED, 0); 8],
+            nd_last: [(Ipv6Addr::UNSPECIFIED, 0); 8],
             neigh: NeighborCache::default(),
+            neigh6: NeighborCache::default(),
             macs,
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
@@ -427,6 +466,7 @@ impl Worker {
             let _ = self.sas.sync(&self.shared.sadb, now_s);
         }
         self.neigh.sync(&self.shared.neighbors);
+        self.neigh6.sync(&self.shared.neighbors6);
         let mut n = 0;
 
         // Red: cleartext in, ESP out.

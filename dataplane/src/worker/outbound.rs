@@ -9,10 +9,14 @@ impl Worker {
         let red_ip = self.shared.red.ip;
         let red_mac = self.red.mac();
         for b in burst.drain(..) {
-            let Some(mut b) = self.ipv4_frame(b, red_ip, red_mac, true) else {
+            let Some(mut b) = self.ip_frame(b, red_ip, red_mac, true) else {
                 continue;
             };
             b.adj(ethernet::HEADER_LEN);
+            if b.data().first().is_some_and(|v| v >> 4 == 6) {
+                self.red_ipv6(b);
+                continue;
+            }
             // The one parse of the inner header: flow key, TTL and what the outer header copies.
             let (flow, ttl, dst, info) = match ipv4::Packet::new_checked(b.data()) {
                 Ok(ip) if ip.version() == 4 && ip.verify_checksum() => {
@@ -92,6 +96,50 @@ impl Worker {
         self.encap_burst();
     }
 
+    /// An IPv6 packet from red (dual stack): the SPD, then out through its tunnel (its outer
+    /// header IPv4 or IPv6, as the tunnel's endpoints are) or in the clear by a bypass policy.
+    /// The hop limit is decremented; a packet too big for the tunnel gets an ICMPv6 "packet
+    /// too big" (IPv6 routers never fragment, RFC 8200 §5).
+    fn red_ipv6(&mut self, mut b: PktBuf) {
+        let Some(v6) = self.shared.red.v6 else {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        };
+        let (flow, hop, dst, info) = match ipv6::Packet::new_checked(b.data()) {
+            Ok(ip) if ip.version() == 6 => {
+                let Some(flow) = FlowKey::from_packet(b.data()) else {
+                    return self.drop_pkt(b, DropReason::InnerMalformed);
+                };
+                let info = InnerInfo {
+                    len: ip.total_len(),
+                    tos: ip.traffic_class(),
+                    dont_frag: true,
+                    next_header: espada_wire::ip_proto::IPV6,
+                };
+                (flow, ip.hop_limit(), ip.dst_addr(), info)
+            }
+            _ => return self.drop_pkt(b, DropReason::InnerMalformed),
+        };
+        if dst == v6.ip || dst.is_multicast() {
+            return self.drop_pkt(b, DropReason::NotForUs);
+        }
+        let extra = b.len() - info.len;
+        b.trim(extra);
+        let action = self.sas.db().spd.lookup(&flow).map(|p| p.action);
+        match action {
+            None => self.drop_pkt(b, DropReason::NoPolicy),
+            Some(Action::Discard) => self.drop_pkt(b, DropReason::PolicyDiscard),
+            Some(_) if hop <= 1 => self.drop_pkt(b, DropReason::TtlExpired),
+            Some(Action::Bypass) => {
+                ipv6::Packet::new_unchecked(b.data_mut()).set_hop_limit(hop - 1);
+                let nh = self.shared.black.next_hop6(dst);
+                if self.send_ip6(b, nh, false) {
+                    self.stats.bypass_packets += 1;
+                }
+            }
+            Some(Action::Protect(t)) => self.prepare_protect(b, t, info),
+        }
+    }
+
     /// First half of the outbound path: SA present, MTU fits, TTL decremented. The packet
     /// joins the burst's protect list.
     #[inline]
@@ -113,9 +161,16 @@ impl Worker {
             + esp::pad_len(len)
             + esp::TRAILER_LEN
             + esp::ICV_LEN;
+        let v6 = info.next_header == espada_wire::ip_proto::IPV6;
         if len + overhead > self.shared.black.mtu as usize {
             // RFC 4301 §8.2: tell the sender what fits.
             let fits = (self.shared.black.mtu as usize).saturating_sub(overhead + 3) & !3;
+            if v6 {
+                // Never below the IPv6 minimum MTU: the sender would ignore it (RFC 8201
+                // §4); a tunnel that cannot carry 1280 bytes drops and counts.
+                self.icmp6_too_big(&b, fits.max(icmpv6::MIN_MTU) as u32);
+                return self.drop_pkt(b, DropReason::MtuExceeded);
+            }
             if df {
                 self.icmp_frag_needed(&b, fits as u16);
                 return self.drop_pkt(b, DropReason::MtuExceeded);
@@ -127,7 +182,13 @@ impl Worker {
             let max_inner = (self.shared.black.mtu as usize).saturating_sub(fixed);
             return self.fragment_and_protect(b, t, info, max_inner, mac);
         }
-        ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
+        if v6 {
+            let mut ip = ipv6::Packet::new_unchecked(b.data_mut());
+            let h = ip.hop_limit();
+            ip.set_hop_limit(h - 1);
+        } else {
+            ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
+        }
         self.protect.push((b, t, info, mac));
     }
 
@@ -307,6 +368,43 @@ impl Worker {
         self.icmp_tokens -= 1;
         let nh = self.shared.red.next_hop(src);
         if self.send_ip(b, nh, true) {
+            self.stats.icmp_sent += 1;
+        }
+    }
+
+    /// ICMPv6 "packet too big" back to the sender of `inner` (rate-limited with the ICMP
+    /// errors; never about an ICMPv6 error, RFC 4443 §2.4 (e)).
+    pub(super) fn icmp6_too_big(&mut self, inner: &PktBuf, mtu: u32) {
+        let Some(v6) = self.shared.red.v6 else { return };
+        let now_s = self.epoch.elapsed().as_secs();
+        if now_s != self.icmp_refill_s {
+            self.icmp_refill_s = now_s;
+            self.icmp_tokens = self.shared.icmp_rate;
+        }
+        if self.icmp_tokens == 0 {
+            return;
+        }
+        let Ok(ip) = ipv6::Packet::new_checked(inner.data()) else {
+            return;
+        };
+        let src = ip.src_addr();
+        if src.is_unspecified() || src.is_multicast() {
+            return;
+        }
+        if ip.next_header() == espada_wire::ip_proto::ICMPV6
+            && ip.payload().first().is_some_and(|t| icmpv6::is_error(*t))
+        {
+            return;
+        }
+        let quote = icmpv6::too_big_quote_len(inner.len());
+        let Some(mut b) = self.pool.get() else { return };
+        let Some(d) = b.append(icmpv6::too_big_len(quote)) else {
+            return self.pool.put(b);
+        };
+        icmpv6::emit_packet_too_big(d, v6.ip, src, mtu, &inner.data()[..quote]);
+        self.icmp_tokens -= 1;
+        let nh = self.shared.red.next_hop6(src);
+        if self.send_ip6(b, nh, true) {
             self.stats.icmp_sent += 1;
         }
     }
