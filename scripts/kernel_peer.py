@@ -5,13 +5,15 @@ loaded verbatim.
 
     sunset —red— west (espada) ==black== east (Linux 6.1, QEMU) —red— sunrise
 
-For each variant (cipher, ESN, `espada xfrm` with or without --no-pcpu) it checks:
-  * ping, UDP and a TCP transfer both ways, payloads compared (scripts/lab_traffic.py);
+For each variant (cipher, ESN, `espada xfrm` with or without --no-pcpu, IPv4 or IPv6 outer
+header, IPv4 and IPv6 inner packets) it checks:
+  * ping, UDP and a TCP transfer both ways, payloads compared (scripts/lab_traffic.py), over
+    IPv4 and, in the dual-stack variants, over IPv6;
   * espada's SA counters equal the kernel's (`ip -s xfrm state`), SA by SA;
   * replayed and tampered ESP packets are dropped and counted by each side;
   * `espada xfrm --delete` removes everything it set up.
 
-    kernel_peer.py --espada BIN --dir DIR [--prefix P] [--variants all|quick]
+    kernel_peer.py --espada BIN --dir DIR [--prefix P] [--variants all|quick|ipv6]
 
 Needs root (namespaces, taps), qemu-system-x86 (scripts/kernel-guest installs it). The guest is
 emulated (TCG): tens of Mbit/s, so the transfers are small; this is about interoperability."""
@@ -31,11 +33,15 @@ ROOT = os.path.dirname(HERE)
 A = None
 
 VARIANTS = [
-    # (name, cipher, esn, xfrm flags, east pcpu)
-    ("aes-gcm-128, ESN, espada xfrm", "aes-gcm-128", True, [], 0),
-    ("aes-gcm-256, no ESN, espada xfrm --no-pcpu", "aes-gcm-256", False, ["--no-pcpu"], 2),
-    ("aes-gcm-128, no ESN, espada xfrm --no-pcpu", "aes-gcm-128", False, ["--no-pcpu"], 2),
-    ("aes-gcm-256, ESN, espada xfrm", "aes-gcm-256", True, [], 0),
+    # (name, cipher, esn, xfrm flags, east pcpu, family)
+    # family: "v4" (IPv4 inside and out), "v6" (IPv6 outer header; IPv4 and IPv6 inside:
+    # configs/lab/*-dual.toml), "v6in4" (IPv4 outer header; IPv4 and IPv6 inside).
+    ("aes-gcm-128, ESN, espada xfrm", "aes-gcm-128", True, [], 0, "v4"),
+    ("aes-gcm-256, no ESN, espada xfrm --no-pcpu", "aes-gcm-256", False, ["--no-pcpu"], 2, "v4"),
+    ("aes-gcm-128, no ESN, espada xfrm --no-pcpu", "aes-gcm-128", False, ["--no-pcpu"], 2, "v4"),
+    ("aes-gcm-256, ESN, espada xfrm", "aes-gcm-256", True, [], 0, "v4"),
+    ("IPv6 outer, IPv4 + IPv6 inner, aes-gcm-128, ESN, espada xfrm --no-pcpu", "aes-gcm-128", True, ["--no-pcpu"], 2, "v6"),
+    ("IPv4 outer, IPv4 + IPv6 inner, aes-gcm-256, no ESN, espada xfrm", "aes-gcm-256", False, [], 0, "v6in4"),
 ]
 
 
@@ -167,6 +173,12 @@ def topology():
     nsx("sunset", "ip", "route", "add", "default", "via", "10.1.0.1")
     nsx("sunrise", "ip", "addr", "add", "10.2.0.10/24", "dev", "s0")
     nsx("sunrise", "ip", "route", "add", "default", "via", "10.2.0.1")
+    # IPv6 on the hosts (used by the dual-stack variants; the gateways' links stay IPv4 until
+    # their configs give them address6).
+    for n, net in (("sunset", "fd00:1"), ("sunrise", "fd00:2")):
+        nsx(n, "sysctl", "-qw", "net.ipv6.conf.s0.disable_ipv6=0")
+        nsx(n, "ip", "-6", "addr", "add", f"{net}::10/64", "dev", "s0", "nodad")
+        nsx(n, "ip", "-6", "route", "add", "default", "via", f"{net}::1", "dev", "s0")
     for br in ("brb", "brr"):
         nsx("east", "ip", "link", "add", br, "type", "bridge")
         nsx("east", "ip", "link", "set", br, "up")
@@ -194,10 +206,14 @@ def down():
         sh(["ip", "netns", "del", ns(n)], check=False)
 
 
-def configs(cipher, esn, east_pcpu):
+def configs(cipher, esn, east_pcpu, family="v4"):
     out = {}
     for side in ("west", "east"):
-        t = open(os.path.join(ROOT, "configs", f"{side}.toml")).read()
+        base = f"{side}.toml" if family == "v4" else f"lab/{side}-dual.toml"
+        t = open(os.path.join(ROOT, "configs", base)).read()
+        if family == "v6in4":
+            # The dual-stack configs with the tunnel's endpoints back on IPv4.
+            t = re.sub(r'\n(local|remote) = "fd00:100::(\d)"', r'\n\1 = "192.168.100.\2"', t)
         t = t.replace('cipher = "aes-gcm-128"', f'cipher = "{cipher}"')
         t = re.sub(r"esn = (true|false)", f"esn = {'true' if esn else 'false'}", t)
         t = re.sub(r"lab_rekey = true", "lab_rekey = false", t)
@@ -271,10 +287,13 @@ iface, dst, secs, path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); s.bind((iface, 0)); s.settimeout(0.2)
 print("ready", flush=True)
 out = []; end = time.time() + secs
+v6 = ":" in dst
 while time.time() < end:
     try: f = s.recv(65535)
     except socket.timeout: continue
-    if len(f) > 50 and f[12:14] == b"\x08\x00" and f[23] == 17 and f[36:38] == b"\x11\x94" and socket.inet_ntoa(f[30:34]) == dst and f[42:46] != b"\0\0\0\0":
+    if not v6 and len(f) > 50 and f[12:14] == b"\x08\x00" and f[23] == 17 and f[36:38] == b"\x11\x94" and socket.inet_ntoa(f[30:34]) == dst and f[42:46] != b"\0\0\0\0":
+        out.append(f.hex())
+    if v6 and len(f) > 70 and f[12:14] == b"\x86\xdd" and f[20] == 17 and f[56:58] == b"\x11\x94" and f[38:54] == socket.inet_pton(socket.AF_INET6, dst) and f[62:66] != b"\0\0\0\0":
         out.append(f.hex())
 open(path, "w").write("\n".join(out))
 print(len(out), flush=True)
@@ -305,17 +324,35 @@ def capture_esp(where, iface, dst, tag):
     return frames
 
 
+def udp6_checksum(f):
+    """Recomputes the UDP checksum of an Ethernet + IPv6 + UDP frame (mandatory over IPv6)."""
+    b = bytearray(f)
+    n = int.from_bytes(b[58:60], "big")
+    b[60:62] = b"\0\0"
+    data = bytes(b[22:54]) + n.to_bytes(4, "big") + b"\0\0\0\x11" + bytes(b[54:54 + n])
+    if len(data) % 2:
+        data += b"\0"
+    c = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while c >> 16:
+        c = (c & 0xffff) + (c >> 16)
+    c = (~c) & 0xffff
+    b[60:62] = (c or 0xffff).to_bytes(2, "big")
+    return bytes(b)
+
+
 def forge(frames):
-    """10 replays and 5 tampered copies (fresh sequence numbers, a flipped ciphertext byte)."""
+    """10 replays and 5 tampered copies (fresh sequence numbers, a flipped ciphertext byte;
+    over IPv6 with the UDP checksum made right again, so the receiver gets to the ESP checks)."""
     out = [f for f in frames[:10]]
-    at = 14 + 20 + 8 + 4
+    v6 = frames[0][12:14] == b"\x86\xdd"
+    at = 14 + (40 if v6 else 20) + 8 + 4
     # Fresh sequence numbers, above anything sent: the receiver gets to the ICV check.
     top = max(int.from_bytes(f[at:at + 4], "big") for f in frames)
     for i, f in enumerate(frames[10:15]):
         b = bytearray(f)
         b[-20] ^= 0x55
         b[at:at + 4] = ((top + 1000 + i) & 0xffffffff).to_bytes(4, "big")
-        out.append(bytes(b))
+        out.append(udp6_checksum(b) if v6 else bytes(b))
     path = os.path.join(A.dir, "inject.hex")
     with open(path, "w") as f:
         f.write("\n".join(x.hex() for x in out))
@@ -368,9 +405,9 @@ def percpu_on_the_wire(g):
             fail(f"pings from guest CPU {cpu} did not leave on per-CPU SA {key[0]:#010x} (port {key[1]}): {seen}")
 
 
-def variant(g, name, cipher, esn, flags, east_pcpu, percpu=False):
+def variant(g, name, cipher, esn, flags, east_pcpu, family="v4", percpu=False):
     print(f"\n== {name}", flush=True)
-    cfg = configs(cipher, esn, east_pcpu)
+    cfg = configs(cipher, esn, east_pcpu, family)
     start_west(cfg["west"])
     xf = sh([A.espada, "xfrm", "-c", cfg["east"], *flags]).stdout
     n = 0
@@ -392,6 +429,21 @@ def variant(g, name, cipher, esn, flags, east_pcpu, percpu=False):
     print(t.stdout.strip())
     if t.returncode != 0 or t.stdout.count(" OK") != 4:
         fail("UDP/TCP through the kernel peer")
+    if family != "v4":
+        # IPv6 inside: neighbor discovery on both sides first (the first packet to an unknown
+        # neighbor starts it), then ping, UDP and TCP both ways.
+        nsx("sunset", "ping", "-6", "-c", "3", "-i", "0.5", "-W", "3", "fd00:2::10", check=False)
+        r = nsx("sunset", "ping", "-6", "-c", "5", "-i", "0.3", "-W", "5", "fd00:2::10", check=False)
+        got = re.search(r"(\d+) received", r.stdout)
+        hop = re.search(r"ttl=(\d+)", r.stdout)
+        print(f"IPv6 ping sunset -> sunrise: {got.group(1) if got else 0}/5, hop limit at sunset {hop.group(1) if hop else '?'}")
+        if not got or got.group(1) != "5":
+            fail(f"IPv6 ping through the kernel peer: {r.stdout}{r.stderr}")
+        t = sh([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", ns("sunset"), "--sunrise", ns("sunrise"),
+                "--src", "fd00:1::10", "--dst", "fd00:2::10", "--udp", "50", "--tcp", str(256 << 10)], check=False, timeout=600)
+        print("IPv6: " + t.stdout.strip().replace("\n", "\nIPv6: "))
+        if t.returncode != 0 or t.stdout.count(" OK") != 4:
+            fail("IPv6 UDP/TCP through the kernel peer")
     # Counters, SA by SA: what espada sent on an SA the kernel received on it, and back.
     time.sleep(1.5)
     es, ks = espada_sa(), kernel_sa(g)
@@ -413,7 +465,8 @@ def variant(g, name, cipher, esn, flags, east_pcpu, percpu=False):
     if percpu:
         percpu_on_the_wire(g)
     # Replays and forgeries, both ways.
-    to_k = capture_esp("east", "e-black", "192.168.100.2", "to-kernel")
+    kaddr, waddr = ("fd00:100::2", "fd00:100::1") if family == "v6" else ("192.168.100.2", "192.168.100.1")
+    to_k = capture_esp("east", "e-black", kaddr, "to-kernel")
     before = xfrm_stat(g)
     kb = kernel_sa(g)
     nsx("west", sys.executable, "-c", INJECT, "west-black", forge(to_k))
@@ -427,7 +480,7 @@ def variant(g, name, cipher, esn, flags, east_pcpu, percpu=False):
     print(f"kernel: 10 replays, 5 tampered -> XfrmInStateSeqError +{seq}, XfrmInStateProtoError +{proto} (SA stats: replay +{rep}, failed +{bad})")
     if seq < 10 or proto < 5:
         fail("the kernel did not drop and count every replay and tampered packet")
-    to_w = capture_esp("east", "e-black", "192.168.100.1", "to-west")
+    to_w = capture_esp("east", "e-black", waddr, "to-west")
     d0 = west_drops()
     nsx("east", sys.executable, "-c", INJECT, "e-black", forge(to_w))
     d1 = west_drops()
@@ -451,7 +504,8 @@ def main():
     ap.add_argument("--espada", required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--prefix", default="k-")
-    ap.add_argument("--variants", default="all", choices=["all", "quick"])
+    ap.add_argument("--variants", default="all", choices=["all", "quick", "ipv6"],
+                    help="all; quick: the first two; ipv6: the dual-stack ones")
     ap.add_argument("--no-pcpu-kernel", action="store_true", help="skip the per-CPU kernel (Linux >= 6.13)")
     A = ap.parse_args()
     os.makedirs(A.dir, exist_ok=True)
@@ -461,7 +515,7 @@ def main():
     g = None
     try:
         g = boot(gdir, 1, "guest.log")
-        vs = VARIANTS if A.variants == "all" else VARIANTS[:2]
+        vs = {"all": VARIANTS, "quick": VARIANTS[:2], "ipv6": [v for v in VARIANTS if v[5] != "v4"]}[A.variants]
         for v in vs:
             variant(g, *v)
         if not A.no_pcpu_kernel:
@@ -470,7 +524,7 @@ def main():
             pdir = sh([os.path.join(HERE, "kernel-guest"), "path", "--pcpu"]).stdout.strip()
             g = boot(pdir, 2, "guest-pcpu.log")
             variant(g, "aes-gcm-128, ESN, per-CPU SAs on both sides (espada xfrm with pcpu-num)",
-                    "aes-gcm-128", True, [], 2, percpu=True)
+                    "aes-gcm-128", True, [], 2, "v4", percpu=True)
         print("\nkernel peer checks passed")
     finally:
         stop_west()
@@ -490,7 +544,10 @@ def boot(gdir, cpus, log):
                 "ip addr add 10.2.0.1/24 dev eth1",
                 # The kernel routes before it looks at the policy: west's red subnet is reached
                 # through west (from 10.2.0.1, so the guest's own packets match the policy).
-                "ip route add 10.1.0.0/24 via 192.168.100.1 dev eth0 src 10.2.0.1"):
+                "ip route add 10.1.0.0/24 via 192.168.100.1 dev eth0 src 10.2.0.1",
+                # IPv6 (the dual-stack variants): the same, on fd00:100::/64 and fd00:2::/64.
+                "ip -6 addr add fd00:100::2/64 dev eth0 nodad", "ip -6 addr add fd00:2::1/64 dev eth1 nodad",
+                "ip -6 route add fd00:1::/64 via fd00:100::1 dev eth0 src fd00:2::1"):
         g.run(cmd)
     # The UDP_ENCAP_ESPINUDP socket on 4500 (an IKE daemon's job): without it the kernel
     # answers ESP-in-UDP with port-unreachable.

@@ -3,7 +3,8 @@
 //! `espada xfrm` / `espada xfrm --no-pcpu`; west is espada. For AES-GCM-128 and -256, ESN on and
 //! off: ping, UDP and TCP both ways with payloads compared, SA counters equal on both sides,
 //! replayed and tampered packets dropped and counted by each side, and `espada xfrm --delete`
-//! leaving nothing behind. Then a kernel with RFC 9611 per-CPU SAs (Debian trixie-backports,
+//! leaving nothing behind; with an IPv6 outer header (IPv4 and IPv6 inside) and with IPv6
+//! inner packets in an IPv4 tunnel, over the dual-stack gateway. Then a kernel with RFC 9611 per-CPU SAs (Debian trixie-backports,
 //! iproute2 7.x from unstable) on 2 vCPUs: `espada xfrm` with `pcpu-num` loaded verbatim, and
 //! the guest's traffic from CPU 0 and CPU 1 leaving on the two per-CPU SAs. See
 //! scripts/kernel_peer.py (needs root; scripts/kernel-guest fetches the kernels, busybox,
@@ -46,7 +47,14 @@ fn a_linux_kernel_gateway_interoperates_with_espada() {
         "scripts/kernel_peer.py failed:\n{text}"
     );
     assert!(text.contains("kernel peer checks passed"));
-    // Four Linux 6.1 variants, then Linux >= 6.13 with per-CPU SAs on both sides.
-    assert_eq!(text.matches("SA counters agree").count(), 5, "{text}");
+    // Six Linux 6.1 variants (two with an IPv6 outer header or IPv6 inner packets), then
+    // Linux >= 6.13 with per-CPU SAs on both sides.
+    assert_eq!(text.matches("SA counters agree").count(), 7, "{text}");
+    assert_eq!(
+        text.matches("IPv6 ping sunset -> sunrise: 5/5").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(text.matches("IPv6: TCP").count(), 4, "{text}");
     assert!(text.contains("kernel per-CPU SAs on the wire"), "{text}");
 }

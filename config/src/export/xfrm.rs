@@ -14,7 +14,13 @@ const KERNEL_MAX_REPLAY: u32 = 4096;
 /// Port ranges up to this many ports become one policy per port (iproute2 has no port masks).
 const MAX_EXPANDED_PORTS: usize = 64;
 
-fn state(s: &SaSpec, src: IpAddr, dst: IpAddr, reqid: usize, pcpu_num: Option<usize>) -> String {
+fn state(
+    s: &SaSpec,
+    (src, dst): (IpAddr, IpAddr),
+    reqid: usize,
+    pcpu_num: Option<usize>,
+    mixed: bool,
+) -> String {
     // A per-CPU SA must say its direction (Linux: "SA_PCPU only supported with SA_DIR"), and an
     // SA marked `dir out` must have no replay window. Other SAs stay without `dir`, which
     // kernels before 6.10 and iproute2 before 6.10 do not know.
@@ -23,13 +29,23 @@ fn state(s: &SaSpec, src: IpAddr, dst: IpAddr, reqid: usize, pcpu_num: Option<us
         None => ("", s.replay_window.min(KERNEL_MAX_REPLAY)),
     };
     let mut l = format!(
-        "ip xfrm state add src {src} dst {dst} proto esp spi {:#010x} reqid {reqid} mode tunnel{dir} replay-window {}{} aead 'rfc4106(gcm(aes))' 0x{} 128 encap espinudp {} {} 0.0.0.0",
+        "ip xfrm state add src {src} dst {dst} proto esp spi {:#010x} reqid {reqid} mode tunnel{dir} replay-window {}{} aead 'rfc4106(gcm(aes))' 0x{} 128 encap espinudp {} {} {}",
         s.spi,
         window,
-        if s.esn { " flag esn" } else { "" },
+        // af-unspec: the SA carries inner packets of both families (an IPv4 subnet through an
+        // IPv6 tunnel or the other way round); without it Linux checks every inner packet
+        // against a selector of the outer family and drops the others (XfrmInStateMismatch).
+        match (s.esn, mixed) {
+            (true, true) => " flag esn af-unspec",
+            (true, false) => " flag esn",
+            (false, true) => " flag af-unspec",
+            (false, false) => "",
+        },
         hex::encode(s.key.expose_key_and_salt()),
         s.endpoints.src_port,
         s.endpoints.dst_port,
+        // The original address (NAT-OA), unused in tunnel mode: of the tunnel's family.
+        if dst.is_ipv6() { "::" } else { "0.0.0.0" },
     );
     let l2 = &s.lifetimes;
     for (k, v) in [
@@ -147,13 +163,25 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
             let _ = writeln!(s, "# tunnel \"{}\": replay_window {} is above the kernel's limit; the kernel's SAs get {KERNEL_MAX_REPLAY}", t.name, tun.outbound.fallback.replay_window);
         }
         for r in &t.remote_subnets {
-            let _ = writeln!(s, "# tunnel \"{}\": the kernel routes before it applies a policy: it needs a route to {r}, e.g. `ip route add {r} via {}`", t.name, t.remote);
+            // An IPv4 subnet behind an IPv6 tunnel (or the other way round): a route through
+            // a next hop of the other family (Linux >= 5.2: `via inet6`).
+            let via = match (r.addr().is_ipv4(), t.remote.is_ipv4()) {
+                (true, false) => "via inet6",
+                (false, true) => "via inet",
+                _ => "via",
+            };
+            let _ = writeln!(s, "# tunnel \"{}\": the kernel routes before it applies a policy: it needs a route to {r}, e.g. `ip route add {r} {via} {}`", t.name, t.remote);
         }
         let note = if pcpu {
             "per-CPU SAs carry pcpu-num, the fallback SA does not"
         } else {
             "the fallback SA only: the kernel sends on one SA"
         };
+        let mixed = t
+            .local_subnets
+            .iter()
+            .chain(&t.remote_subnets)
+            .any(|p| p.addr().is_ipv4() != t.remote.is_ipv4());
         let _ = writeln!(s, "# tunnel \"{}\": outbound SAs ({note})", t.name);
         let outs: Vec<&SaSpec> = if pcpu {
             tun.outbound.all().collect()
@@ -162,7 +190,7 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
         };
         for o in outs {
             let cpu = if pcpu { o.cpu } else { None };
-            let _ = writeln!(s, "{}", state(o, t.local, t.remote, reqid, cpu));
+            let _ = writeln!(s, "{}", state(o, (t.local, t.remote), reqid, cpu, mixed));
         }
         let _ = writeln!(
             s,
@@ -170,7 +198,7 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
             t.name
         );
         for i in tun.inbound.all() {
-            let _ = writeln!(s, "{}", state(i, t.remote, t.local, reqid, None));
+            let _ = writeln!(s, "{}", state(i, (t.remote, t.local), reqid, None, mixed));
         }
     }
     let _ = writeln!(
@@ -404,10 +432,16 @@ fn check_state(t: &[&str]) -> Result<(), String> {
                 i += 2;
             }
             "flag" => {
-                if t.get(i + 1) != Some(&"esn") {
-                    return Err("only flag esn is emitted".into());
+                i += 1;
+                let mut n = 0;
+                while let Some(f) = t.get(i).filter(|f| ["esn", "af-unspec"].contains(f)) {
+                    let _ = f;
+                    i += 1;
+                    n += 1;
                 }
-                i += 2;
+                if n == 0 {
+                    return Err("only flags esn and af-unspec are emitted".into());
+                }
             }
             "aead" => {
                 if t.get(i + 1) != Some(&"rfc4106(gcm(aes))") {
@@ -612,6 +646,54 @@ mod test {
     }
 
     const GOOD: &str = "ip xfrm state add src 10.0.0.1 dst 10.0.0.2 proto esp spi 0x00001001 reqid 1 mode tunnel replay-window 4096 flag esn aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128 encap espinudp 4501 4500 0.0.0.0 pcpu-num 0\nip xfrm policy add src 10.1.0.0/24 dst 10.2.0.0/24 dir out priority 1000 tmpl src 10.0.0.1 dst 10.0.0.2 proto esp reqid 1 mode tunnel\n";
+
+    #[test]
+    fn an_ipv6_tunnel_with_both_families_inside() {
+        let c = crate::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../configs/lab/east-dual.toml"
+        )))
+        .unwrap();
+        let db = c.sadb(c.resolved_workers()).unwrap();
+        let out = render(&c, &db, false).unwrap();
+        parse_back(&out).unwrap();
+        let states = lines(&out, "ip xfrm state add");
+        assert_eq!(states.len(), 4, "{out}");
+        for l in &states {
+            // IPv4 and IPv6 inner packets on one SA: its selector must not be of one family.
+            assert!(l.contains("flag esn af-unspec"), "{l}");
+            // The NAT-OA of an IPv6 SA is an IPv6 address.
+            assert!(
+                l.contains("encap espinudp 450") && l.contains(" :: "),
+                "{l}"
+            );
+        }
+        // One policy set per family; none mixes them.
+        assert_eq!(
+            lines(&out, "ip xfrm policy add src 10.2.0.0/24 dst 10.1.0.0/24").len(),
+            1
+        );
+        assert_eq!(
+            lines(&out, "ip xfrm policy add src fd00:2::/64 dst fd00:1::/64").len(),
+            1
+        );
+        assert!(lines(&out, "ip xfrm policy add src 10.").iter().all(|l| !l
+            .split(" dir ")
+            .next()
+            .unwrap()
+            .contains("fd00")));
+        assert!(
+            out.contains("ip route add 10.1.0.0/24 via inet6 fd00:100::1"),
+            "{out}"
+        );
+        // An IPv4-only tunnel keeps its plain flags.
+        let v4 = east();
+        let out = render(&v4, &v4.sadb(v4.resolved_workers()).unwrap(), false).unwrap();
+        assert!(
+            !out.contains("af-unspec") && out.contains(" 0.0.0.0"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn accepts_good_and_rejects_broken_lines() {
