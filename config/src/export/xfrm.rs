@@ -66,6 +66,27 @@ fn state(
     l
 }
 
+/// The outbound SAs this gateway really sends on, as `espada check` lists them: the fallback
+/// SA and the per-CPU SAs of the cores it runs (with pcpu > workers, the SAs of CPUs it does not
+/// run carry nothing and are left out), or the fallback SA alone without `pcpu`. Also how many
+/// per-CPU SAs were left out.
+fn outbound_sas(db: &SaDb, ti: usize, pcpu: bool) -> (Vec<&SaSpec>, usize) {
+    let tun = &db.tunnels[ti];
+    if !pcpu {
+        return (vec![&tun.outbound.fallback], 0);
+    }
+    let used: Vec<u32> = (0..db.workers)
+        .map(|core| db.outbound_for(ti, core).spi)
+        .collect();
+    let outs: Vec<&SaSpec> = tun
+        .outbound
+        .all()
+        .filter(|o| o.cpu.is_none() || used.contains(&o.spi))
+        .collect();
+    let unused = tun.outbound.per_cpu.len() + 1 - outs.len();
+    (outs, unused)
+}
+
 fn proto_name(proto: u8) -> String {
     match proto {
         6 => "tcp".to_string(),
@@ -183,11 +204,10 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
             .chain(&t.remote_subnets)
             .any(|p| p.addr().is_ipv4() != t.remote.is_ipv4());
         let _ = writeln!(s, "# tunnel \"{}\": outbound SAs ({note})", t.name);
-        let outs: Vec<&SaSpec> = if pcpu {
-            tun.outbound.all().collect()
-        } else {
-            vec![&tun.outbound.fallback]
-        };
+        let (outs, unused) = outbound_sas(db, ti, pcpu);
+        if unused > 0 {
+            let _ = writeln!(s, "# tunnel \"{}\": pcpu = {} but the gateway runs {} worker(s): the {unused} per-CPU SA(s) of the CPUs it does not run send nothing and are left out (as in `espada check`)", t.name, tun.outbound.per_cpu.len(), db.workers);
+        }
         for o in outs {
             let cpu = if pcpu { o.cpu } else { None };
             let _ = writeln!(s, "{}", state(o, (t.local, t.remote), reqid, cpu, mixed));
@@ -273,11 +293,7 @@ pub fn render_delete(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String
     }
     for (ti, t) in c.tunnels.iter().enumerate() {
         let tun = &db.tunnels[ti];
-        let outs: Vec<&SaSpec> = if pcpu {
-            tun.outbound.all().collect()
-        } else {
-            vec![&tun.outbound.fallback]
-        };
+        let (outs, _) = outbound_sas(db, ti, pcpu);
         for o in outs {
             let _ = writeln!(
                 s,
@@ -646,6 +662,47 @@ mod test {
     }
 
     const GOOD: &str = "ip xfrm state add src 10.0.0.1 dst 10.0.0.2 proto esp spi 0x00001001 reqid 1 mode tunnel replay-window 4096 flag esn aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128 encap espinudp 4501 4500 0.0.0.0 pcpu-num 0\nip xfrm policy add src 10.1.0.0/24 dst 10.2.0.0/24 dir out priority 1000 tmpl src 10.0.0.1 dst 10.0.0.2 proto esp reqid 1 mode tunnel\n";
+
+    #[test]
+    fn pcpu_above_workers_emits_what_check_lists() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/east.toml"))
+                .unwrap();
+        let text = text.replace("\npcpu = 2", "\npcpu = 4");
+        let path = std::env::temp_dir().join(format!("espada-xfrm-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let c = crate::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(c.tunnels[0].pcpu, 4);
+        let db = c.sadb(2).unwrap();
+        let out = render(&c, &db, true).unwrap();
+        parse_back(&out).unwrap();
+        // What `espada check` lists for the two cores, and the fallback SA.
+        let mut want: Vec<u32> = (0..2).map(|core| db.outbound_for(0, core).spi).collect();
+        want.push(db.tunnels[0].outbound.fallback.spi);
+        want.sort();
+        let mut got: Vec<u32> = lines(&out, "ip xfrm state add")
+            .iter()
+            .filter(|l| l.contains("src 192.168.100.2 "))
+            .map(|l| {
+                let spi = l.split(" spi ").nth(1).unwrap().split(' ').next().unwrap();
+                u32::from_str_radix(spi.trim_start_matches("0x"), 16).unwrap()
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "{out}");
+        assert!(
+            out.contains("pcpu = 4 but the gateway runs 2 worker(s)"),
+            "{out}"
+        );
+        // --delete removes the same set.
+        let del = render_delete(&c, &db, true).unwrap();
+        assert_eq!(
+            lines(&del, "state delete src 192.168.100.2 ").len(),
+            want.len(),
+            "{del}"
+        );
+    }
 
     #[test]
     fn an_ipv6_tunnel_with_both_families_inside() {
