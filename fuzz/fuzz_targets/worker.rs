@@ -2,14 +2,17 @@
 //! The input is a list of frames: `[side] [len] [bytes...]`, side bit 0 = black, bit 1 = write
 //! our MAC as the destination (so frames pass layer-2 admission and reach the parsers), bit 2 =
 //! write the IPv4 EtherType, bit 3 = fill in a valid IPv4 header checksum (so the fuzzer gets
-//! past the checks into SPD, encapsulation, decapsulation and ARP). The worker polls after every frame. It must never panic, and every
-//! pool buffer must come home at the end.
+//! past the checks into SPD, encapsulation, decapsulation and ARP), bit 4 = write the IPv6
+//! EtherType instead (both sides have IPv6 too: neighbor discovery, IPv6 forwarding, packet too
+//! big). The worker polls after every frame. It must never panic, and every pool buffer must
+//! come home at the end.
 #![no_main]
 
 use espada_dataplane::pair::{lab, lab_worker, mac, LabGateway};
 use espada_dataplane::pool::{Pool, PoolCache};
 use espada_dataplane::port::memory::{MemoryLink, Steering};
 use espada_dataplane::port::PortQueue;
+use espada_dataplane::worker::Side6;
 use espada_dataplane::{PacketBuf, PktBuf};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
@@ -20,7 +23,26 @@ fuzz_target!(|data: &[u8]| {
     let pool = Pool::new(256, 2048);
     let red = MemoryLink::new(1, 64);
     let black = MemoryLink::new(1, 64);
-    let mut w = lab_worker(LabGateway::West, wdb, lab::sides(), &red, &black, &pool).unwrap();
+    let (mut sides, _) = lab::sides();
+    sides.red.v6 = Some(Side6 {
+        ip: "fd00:1::1".parse().unwrap(),
+        prefix: "fd00:1::/64".parse().unwrap(),
+        gateway: None,
+    });
+    sides.black.v6 = Some(Side6 {
+        ip: "fd00:100::1".parse().unwrap(),
+        prefix: "fd00:100::/64".parse().unwrap(),
+        gateway: Some("fd00:100::2".parse().unwrap()),
+    });
+    let mut w = lab_worker(
+        LabGateway::West,
+        wdb,
+        (sides, lab::sides().1),
+        &red,
+        &black,
+        &pool,
+    )
+    .unwrap();
     let mut pc = PoolCache::new(pool.clone());
     let mut into_red = red.end_a(0, mac::SUNSET, Steering::Rss);
     let mut into_black = black.end_b(0, mac::EAST_BLACK, Steering::Rss);
@@ -47,6 +69,9 @@ fuzz_target!(|data: &[u8]| {
         }
         if side & 4 != 0 && d.len() >= 14 {
             d[12..14].copy_from_slice(&[0x08, 0x00]);
+        }
+        if side & 16 != 0 && d.len() >= 14 {
+            d[12..14].copy_from_slice(&[0x86, 0xdd]);
         }
         if side & 8 != 0 && d.len() >= 34 && d[14] >> 4 == 4 {
             let hl = ((d[14] & 15) as usize * 4).max(20);
