@@ -226,7 +226,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
     /// Decrements the TTL and patches the checksum incrementally (RFC 1624).
     /// The caller checks `ttl() > 1` first.
-    #[inline]
+    #[inline(always)]
     pub fn decrement_ttl(&mut self) {
         let b = self.buffer.as_mut();
         let old = be16(b, field::TTL);

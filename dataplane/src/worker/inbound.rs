@@ -86,6 +86,7 @@ impl Worker {
 
     /// An IPv6 frame on black: ESP-in-UDP to our IPv6 address (RFC 3948 over IPv6, as Linux
     /// sends it: UDP checksum computed), or a packet a bypass policy lets through.
+    #[inline(never)]
     fn black_ipv6(&mut self, mut b: PktBuf) {
         let Some(v6) = self.shared.black.v6 else {
             return self.drop_pkt(b, DropReason::NotForUs);
@@ -283,6 +284,7 @@ impl Worker {
 
     /// An authentic inner IPv6 packet that matched its tunnel's policy: ECN (RFC 6040), hop
     /// limit and the red MTU, then out on red through neighbor discovery.
+    #[inline(never)]
     fn deliver_ipv6(&mut self, mut b: PktBuf) {
         if self.shared.red.v6.is_none() {
             return self.drop_pkt(b, DropReason::NotForUs);

@@ -308,7 +308,7 @@ impl Worker {
 
     /// Layer 2 of either side: IPv4 and IPv6 frames are returned; ARP and IPv6 neighbor
     /// discovery are answered or learned from; anything else is dropped and counted.
-    #[inline]
+    #[inline(always)]
     pub(super) fn ip_frame(
         &mut self,
         b: PktBuf,
@@ -342,8 +342,9 @@ impl Worker {
     }
 
     /// An IPv6 frame: neighbor discovery goes to [`Self::nd`]; other packets are returned
-    /// when sent to our MAC on a side with IPv6.
-    #[inline]
+    /// when sent to our MAC on a side with IPv6. Kept out of line: the IPv4 fast path stays
+    /// small enough to inline.
+    #[inline(never)]
     fn ipv6_frame(&mut self, b: PktBuf, to_us: bool, dst: MacAddr, red: bool) -> Option<PktBuf> {
         let side = if red {
             &self.shared.red

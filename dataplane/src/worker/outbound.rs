@@ -100,6 +100,7 @@ impl Worker {
     /// header IPv4 or IPv6, as the tunnel's endpoints are) or in the clear by a bypass policy.
     /// The hop limit is decremented; a packet too big for the tunnel gets an ICMPv6 "packet
     /// too big" (IPv6 routers never fragment, RFC 8200 §5).
+    #[inline(never)]
     fn red_ipv6(&mut self, mut b: PktBuf) {
         let Some(v6) = self.shared.red.v6 else {
             return self.drop_pkt(b, DropReason::NotForUs);
@@ -142,7 +143,7 @@ impl Worker {
 
     /// First half of the outbound path: SA present, MTU fits, TTL decremented. The packet
     /// joins the burst's protect list.
-    #[inline]
+    #[inline(always)]
     pub(super) fn prepare_protect(&mut self, mut b: PktBuf, t: usize, info: InnerInfo) {
         let (len, df) = (info.len, info.dont_frag);
         let Some(sa) = self.sas.outbound(t) else {
