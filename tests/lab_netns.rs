@@ -265,6 +265,76 @@ fn namespace_lab_dual_stack() {
     );
 }
 
+/// Issue 14, the punt path: with `--ike-tun`, IKE reaches a daemon's sockets in the
+/// gateway's namespace and what the daemon sends leaves on black. A program in west's
+/// namespace talks IKE-shaped UDP (port 500, port 4500 with the non-ESP marker, a NAT-T
+/// keepalive) with one in east's, through both gateways, each message seen once; ESP still
+/// flows.
+#[test]
+fn namespace_lab_ike_reaches_the_daemon() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the IKE punt lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("i{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![
+            ("ESPADA_WEST_ARGS", "--ike-tun espada-ike0"),
+            ("ESPADA_EAST_ARGS", "--ike-tun espada-ike0"),
+        ],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up (--ike-tun)");
+    let ns = |n: &str| format!("{}{n}", lab.prefix);
+    let script = format!("{}/scripts/lab_ike_echo.py", env!("CARGO_MANIFEST_DIR"));
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns("east"),
+            "python3",
+            &script,
+            "server",
+            "8",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let client = run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns("west"),
+            "python3",
+            &script,
+            "client",
+            "192.168.100.2",
+        ]),
+        "IKE-shaped UDP west -> east",
+    );
+    let served = String::from_utf8_lossy(&server.wait_with_output().unwrap().stdout).to_string();
+    println!("== server\n{served}");
+    assert!(client.contains("3/3 answered"), "{client}");
+    assert_eq!(
+        served.lines().last(),
+        Some("3"),
+        "each message reached east's daemon once: {served}"
+    );
+    let t = run(&mut lab.cmd("traffic"), "scripts/lab traffic (--ike-tun)");
+    assert!(
+        t.contains("5 packets transmitted, 5 received"),
+        "ESP still flows: {t}"
+    );
+    let down = run(&mut lab.cmd("down"), "scripts/lab down");
+    assert_eq!(
+        down.matches("IKE daemon (--ike-tun): 3 packet(s) to it, 3 from it")
+            .count(),
+        2,
+        "{down}"
+    );
+}
+
 #[test]
 fn namespace_lab_end_to_end() {
     if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {

@@ -18,6 +18,7 @@ pub mod pair;
 pub mod pktbuf;
 pub mod pool;
 pub mod port;
+pub mod punt;
 pub mod seqstore;
 pub mod solo;
 pub mod worker;

@@ -145,6 +145,8 @@ pub fn shared(
         neighbors6: NeighborTable::new(&[]),
         handoff: Arc::new((0..workers).map(|_| ArrayQueue::new(1024)).collect()),
         control: Arc::new(ArrayQueue::new(64)),
+        punt: false,
+        from_daemon: Arc::new(ArrayQueue::new(64)),
         events: Arc::new(EventQueue::new(1024)),
         stop,
         icmp_rate: 100,

@@ -50,6 +50,13 @@ pub struct RunArgs {
     /// kernel, e.g. a veth lab on a 2-core VM, from starving).
     #[arg(long, default_value_t = 0)]
     idle_sleep_us: u32,
+    /// Hand IKE to a daemon (strongSwan's charon) through TUN interface NAME, created in
+    /// espada's network namespace with the black addresses: the daemon binds UDP 500/4500
+    /// there as on a real interface. IKE arriving on black (UDP 500; UDP 4500 with the non-ESP
+    /// marker; NAT-T keepalives) is written into it, and the daemon's IKE packets leave on
+    /// black. Without it IKE is counted and dropped. Needs CAP_NET_ADMIN and `ip`.
+    #[arg(long, value_name = "NAME")]
+    ike_tun: Option<String>,
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
@@ -214,6 +221,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         neighbors6: NeighborTable::new(&neigh6),
         handoff: Arc::new((0..n).map(|_| ArrayQueue::new(4096)).collect()),
         control: Arc::new(ArrayQueue::new(256)),
+        punt: a.ike_tun.is_some(),
+        from_daemon: Arc::new(ArrayQueue::new(256)),
         events: Arc::new(EventQueue::new(1024)),
         stop: stop.clone(),
         icmp_rate: 100,
@@ -221,6 +230,35 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     };
     let mtu = gw.red.mtu.max(gw.black.mtu) as usize;
     let pool = Pool::new(n * 8192, mtu + 14 + 256);
+    // IKE to the daemon: the TUN is up before any worker punts to it.
+    let punt_counters = Arc::new(espada_dataplane::punt::PuntCounters::default());
+    let punt_thread = match &a.ike_tun {
+        None => None,
+        Some(name) => {
+            let tun = espada_dataplane::punt::IkeTun::open(name)
+                .with_context(|| format!("--ike-tun {name}: creating the TUN interface"))?;
+            // The kernel sees black's frames only on AF_PACKET (AF_XDP and DPDK take them).
+            let kernel_sees = (a.port == "af-packet").then_some(black_if.as_str());
+            tun.configure(&shared.black, kernel_sees)
+                .map_err(|e| anyhow::anyhow!("--ike-tun {name}: {e}"))?;
+            tracing::info!(
+                "IKE goes to the daemon through TUN {name} (it carries {}; the daemon binds UDP 500/4500 there)",
+                shared.black.ip
+            );
+            let (sh, pl, st, pc) = (
+                shared.clone(),
+                pool.clone(),
+                stop.clone(),
+                punt_counters.clone(),
+            );
+            Some(
+                std::thread::Builder::new()
+                    .name("espada-punt".into())
+                    .spawn(move || espada_dataplane::punt::run(&tun, &sh, &pl, &st, &pc))
+                    .context("starting the IKE punt thread")?,
+            )
+        }
+    };
     let mut workers = Vec::new();
     let kind = match a.port.as_str() {
         "af-packet" => PortKind::AfPacket,
@@ -401,9 +439,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         {
             stop.store(true, Ordering::Relaxed);
         }
-        while let Some(b) = shared.control.pop() {
-            ike += 1;
-            drop(b); // the buffer goes back to its pool
+        // Without a daemon, IKE is counted and dropped here; with one, the punt thread
+        // takes it.
+        if !shared.punt {
+            while let Some(b) = shared.control.pop() {
+                ike += 1;
+                drop(b); // the buffer goes back to its pool
+            }
         }
         shared.neighbors.expire(Instant::now());
         shared.neighbors6.expire(Instant::now());
@@ -587,6 +629,15 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     if ike > 0 {
         println!("{ike} IKE message(s) reached the control path (no IKE daemon is attached: dropped there)");
+    }
+    if let Some(t) = punt_thread {
+        let _ = t.join();
+        let l = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
+        let c = &punt_counters;
+        println!(
+            "IKE daemon (--ike-tun): {} packet(s) to it, {} from it; dropped: {} not IKE from our black address, {} queue full, {} write errors",
+            l(&c.to_daemon), l(&c.from_daemon), l(&c.not_ike), l(&c.queue_full), l(&c.write_errors)
+        );
     }
     if let Some(p) = &a.stats_json {
         let mut f = std::fs::OpenOptions::new().append(true).open(p)?;

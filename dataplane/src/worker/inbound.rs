@@ -59,6 +59,15 @@ impl Worker {
                     self.drop_pkt(b, DropReason::Malformed);
                     continue;
                 };
+                if self.shared.punt && is_ike(u.dst_port(), u.payload()) {
+                    if !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())) {
+                        self.drop_pkt(b, DropReason::Malformed);
+                        continue;
+                    }
+                    let l = ip.total_len() as usize;
+                    self.punt_ike(b, l);
+                    continue;
+                }
                 if u.dst_port() != esp::UDP_ENCAP_PORT {
                     self.drop_pkt(b, DropReason::NotForUs);
                     continue;
@@ -118,6 +127,13 @@ impl Worker {
             let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
                 return self.drop_pkt(b, DropReason::Malformed);
             };
+            if self.shared.punt && is_ike(u.dst_port(), u.payload()) {
+                if !u.verify_checksum(IpAddr::V6(src), IpAddr::V6(dst)) {
+                    return self.drop_pkt(b, DropReason::Malformed);
+                }
+                let l = ip.total_len();
+                return self.punt_ike(b, l);
+            }
             if u.dst_port() != esp::UDP_ENCAP_PORT {
                 return self.drop_pkt(b, DropReason::NotForUs);
             }
@@ -156,6 +172,43 @@ impl Worker {
         let nh = self.shared.red.next_hop6(dst);
         if self.send_ip6(b, nh, true) {
             self.stats.bypass_packets += 1;
+        }
+    }
+
+    /// An IKE message (or NAT-T keepalive) for the daemon: the whole IP packet goes to the
+    /// control queue (see `punt`), bounded and counted.
+    #[inline(never)]
+    fn punt_ike(&mut self, mut b: PktBuf, ip_len: usize) {
+        b.adj(ethernet::HEADER_LEN);
+        let extra = b.len().saturating_sub(ip_len);
+        b.trim(extra);
+        match self.shared.control.push(b) {
+            Ok(()) => self.stats.to_control += 1,
+            Err(b) => self.drop_pkt(b, DropReason::ControlFull),
+        }
+    }
+
+    /// An IP packet the IKE daemon sent (from the punt thread): out on black to its next hop.
+    pub(super) fn send_from_daemon(&mut self, b: PktBuf) {
+        let dst = match b.data().first().map(|v| v >> 4) {
+            Some(4) => ipv4::Packet::new_checked(b.data())
+                .ok()
+                .map(|p| IpAddr::V4(p.dst_addr())),
+            Some(6) => ipv6::Packet::new_checked(b.data())
+                .ok()
+                .map(|p| IpAddr::V6(p.dst_addr())),
+            _ => None,
+        };
+        match dst {
+            Some(IpAddr::V4(d)) => {
+                let nh = self.shared.black.next_hop(d);
+                self.send_ip(b, nh, false);
+            }
+            Some(IpAddr::V6(d)) => {
+                let nh = self.shared.black.next_hop6(d);
+                self.send_ip6(b, nh, false);
+            }
+            None => self.drop_pkt(b, DropReason::Malformed),
         }
     }
 
@@ -315,4 +368,16 @@ impl Worker {
             self.stats.decap_bytes += len as u64;
         }
     }
+}
+
+/// IKE for the daemon: UDP 500, or UDP 4500 carrying the non-ESP marker or a NAT-T keepalive
+/// (RFC 3948 §2.2).
+#[inline]
+fn is_ike(dst_port: u16, payload: &[u8]) -> bool {
+    dst_port == crate::punt::IKE_PORT
+        || (dst_port == esp::UDP_ENCAP_PORT
+            && matches!(
+                esp::classify_udp_payload(payload),
+                esp::UdpEncap::Ike | esp::UdpEncap::Keepalive
+            ))
 }

@@ -107,6 +107,12 @@ pub struct GatewayShared {
     pub handoff: Arc<Vec<ArrayQueue<PktBuf>>>,
     /// IKE messages for the control plane (never decrypted here).
     pub control: Arc<ArrayQueue<PktBuf>>,
+    /// Whether IKE goes to a daemon (`espada run --ike-tun`): the control queue then carries
+    /// whole IP packets (UDP 500 to us, UDP 4500 with the non-ESP marker, NAT-T keepalives),
+    /// and `from_daemon` what the daemon sends (see `punt`).
+    pub punt: bool,
+    /// IP packets from the IKE daemon for black (worker 0 sends them).
+    pub from_daemon: Arc<ArrayQueue<PktBuf>>,
     /// Lifetime events.
     pub events: Arc<EventQueue>,
     /// Set to stop the workers.
@@ -501,6 +507,17 @@ impl Worker {
             self.inbound_esp(b);
         }
         self.rx = burst;
+
+        // IKE the daemon sent (`espada run --ike-tun`): worker 0 sends it on black.
+        if self.core == 0 && self.shared.punt {
+            while self.black_tx.len() < BURST {
+                let Some(b) = self.shared.from_daemon.pop() else {
+                    break;
+                };
+                n += 1;
+                self.send_from_daemon(b);
+            }
+        }
 
         // Transmit.
         if !self.red_tx.is_empty() {
