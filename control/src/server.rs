@@ -170,7 +170,7 @@ pub fn answer(gw: &Gateway, req: &Request) -> Response {
             ok(json!({ "reload": "requested: the gateway logs the outcome" }))
         }
         ("sa", _) => err("this gateway takes no SA commands".into()),
-        ("show", "sa") => ok(show_sa(gw)),
+        ("show", "sa") => ok(show_sa(gw, req.args.get("spi").and_then(Value::as_u64))),
         ("show", "stats") => ok(show_stats(gw)),
         ("show", "errors") => ok(show_errors(gw)),
         ("show", "workers") => ok(show_workers(gw)),
@@ -192,7 +192,8 @@ fn limits(s: &SaSpec) -> Value {
     })
 }
 
-fn show_sa(gw: &Gateway) -> Value {
+/// Every SA, or only those with SPI `only` (an IKE daemon's `query_sa`).
+fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
     let db = gw.shared.sadb.load();
     // What each worker published about each SA it holds.
     let mut rt: Vec<(usize, espada_dataplane::worker::SaStat)> = Vec::new();
@@ -204,11 +205,15 @@ fn show_sa(gw: &Gateway) -> Value {
     let mut rows = Vec::new();
     for t in &db.tunnels {
         for (dir, group) in [("out", &t.outbound), ("in", &t.inbound)] {
-            for s in group.all().chain(if dir == "in" {
-                t.draining.iter()
-            } else {
-                [].iter()
-            }) {
+            for s in group
+                .all()
+                .chain(if dir == "in" {
+                    t.draining.iter()
+                } else {
+                    [].iter()
+                })
+                .filter(|s| only.is_none_or(|o| o == s.spi as u64))
+            {
                 let held: Vec<&(usize, espada_dataplane::worker::SaStat)> = rt
                     .iter()
                     .filter(|(_, r)| r.spi == s.spi && r.outbound == (dir == "out"))

@@ -364,12 +364,30 @@ impl Supervisor {
         Ok(json!({ "rekeyed": done }))
     }
 
+    /// The tunnel an `sa add` names, or (as an IKE daemon's kernel interface gives it) the
+    /// one whose black endpoints are `local` and `remote`.
+    fn tunnel_of(&self, a: &Value) -> Result<String, String> {
+        if let Some(t) = a.get("tunnel").and_then(Value::as_str) {
+            return Ok(t.to_string());
+        }
+        let addr = |k: &str| {
+            a.get(k)
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+        };
+        let (Some(l), Some(r)) = (addr("local"), addr("remote")) else {
+            return Err("sa add needs a tunnel (or its local and remote addresses)".into());
+        };
+        self.config
+            .tunnels
+            .iter()
+            .find(|t| t.local == l && t.remote == r)
+            .map(|t| t.name.clone())
+            .ok_or_else(|| format!("no tunnel from {l} to {r} in {}", self.path.display()))
+    }
+
     fn add(&mut self, a: &Value) -> Result<Value, String> {
-        let name = a
-            .get("tunnel")
-            .and_then(Value::as_str)
-            .ok_or("sa add needs a tunnel")?
-            .to_string();
+        let name = self.tunnel_of(a)?;
         match a.get("spi") {
             None => self.add_tunnel(&name),
             Some(_) => self.add_sa(&name, a),
@@ -448,15 +466,19 @@ impl Supervisor {
         if let Some(p) = a.get("port").and_then(Value::as_u64) {
             ep.src_port = u16::try_from(p).map_err(|_| "port must be 1-65535")?;
         }
-        let mut spec = SaSpec::new(
-            spi,
-            key,
-            template.esn,
-            template.replay_window,
-            template.lifetimes,
-            ep,
-            cpu,
-        );
+        // An IKE daemon says what it negotiated: ESN and the replay window.
+        let esn = a
+            .get("esn")
+            .and_then(Value::as_bool)
+            .unwrap_or(template.esn);
+        let window = match a.get("replay_window").and_then(Value::as_u64) {
+            None => template.replay_window,
+            Some(w) => u32::try_from(w)
+                .ok()
+                .filter(|w| (64..=65536).contains(w))
+                .ok_or("replay_window must be between 64 and 65536")?,
+        };
+        let mut spec = SaSpec::new(spi, key, esn, window, template.lifetimes, ep, cpu);
         if !inbound {
             spec.seq_guard = Some(
                 self.seq

@@ -1,0 +1,385 @@
+/*
+ * kernel-espada: a charon kernel-ipsec plugin that programs the espada dataplane (issue 14).
+ *
+ * charon negotiates; espada carries. Each kernel-ipsec call becomes one JSON line on espada's
+ * control socket (mode 0600; `espada run --control PATH`):
+ *   add_sa    -> {"cmd":"sa","what":"add","args":{"local","remote","dir","spi","key","esn",
+ *                 "replay_window"[,"cpu"]}}   (the tunnel is the one with these endpoints)
+ *   query_sa  -> {"cmd":"show","what":"sa"}   (packets and bytes of the SPI)
+ *   del_sa    -> {"cmd":"sa","what":"del","args":{"spi"}}
+ * Policies stay with espada's configuration (its SPD); addresses and routes with charon's
+ * kernel-netlink plugin; IKE reaches charon through `espada run --ike-tun`. espada carries
+ * ESP-in-UDP with AES-GCM only: the plugin says so (KERNEL_REQUIRE_UDP_ENCAPSULATION) and
+ * refuses anything else with a log line.
+ *
+ * Settings: charon.plugins.kernel-espada.socket (default /run/espada/espada.sock).
+ * Built against a strongSwan build tree by scripts/strongswan (out of tree, config.h included).
+ */
+#include <daemon.h>
+#include <plugins/plugin.h>
+#include <kernel/kernel_ipsec.h>
+#include <crypto/rngs/rng.h>
+#include <threading/mutex.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+
+typedef struct private_kernel_espada_ipsec_t {
+	kernel_ipsec_t public;
+	char *socket;
+	rng_t *rng;
+	mutex_t *mutex;
+} private_kernel_espada_ipsec_t;
+
+/* One request, one answer line, on a fresh connection (control path: a few per rekey). */
+static bool request(private_kernel_espada_ipsec_t *this, const char *req, char *resp, size_t len)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	size_t got = 0;
+	int fd;
+
+	if (strlen(this->socket) >= sizeof(a.sun_path))
+	{
+		DBG1(DBG_KNL, "kernel-espada: socket path too long: %s", this->socket);
+		return FALSE;
+	}
+	strcpy(a.sun_path, this->socket);
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || connect(fd, (struct sockaddr*)&a, sizeof(a)) < 0)
+	{
+		DBG1(DBG_KNL, "kernel-espada: cannot reach espada at %s: %s (is `espada run "
+			 "--control %s` running?)", this->socket, strerror(errno), this->socket);
+		if (fd >= 0)
+		{
+			close(fd);
+		}
+		return FALSE;
+	}
+	if (write(fd, req, strlen(req)) != (ssize_t)strlen(req) || write(fd, "\n", 1) != 1)
+	{
+		close(fd);
+		return FALSE;
+	}
+	while (got + 1 < len)
+	{
+		ssize_t n = read(fd, resp + got, len - 1 - got);
+		if (n <= 0)
+		{
+			break;
+		}
+		got += n;
+		if (memchr(resp + got - n, '\n', n))
+		{
+			break;
+		}
+	}
+	resp[got] = '\0';
+	close(fd);
+	return got > 0;
+}
+
+/* The printable address of a host (no printf hook: plain inet_ntop). */
+static void addr_str(host_t *h, char *buf, size_t len)
+{
+	chunk_t a = h->get_address(h);
+
+	if (!inet_ntop(h->get_family(h), a.ptr, buf, len))
+	{
+		snprintf(buf, len, "?");
+	}
+}
+
+static bool answer_ok(const char *resp)
+{
+	return strstr(resp, "\"ok\":true") != NULL;
+}
+
+/* The "error" of an answer, for the log (never the request: it may hold a key). */
+static const char *answer_error(const char *resp)
+{
+	const char *e = strstr(resp, "\"error\":");
+	return e ? e : resp;
+}
+
+METHOD(kernel_ipsec_t, get_features, kernel_feature_t,
+	private_kernel_espada_ipsec_t *this)
+{
+	return KERNEL_REQUIRE_UDP_ENCAPSULATION;
+}
+
+METHOD(kernel_ipsec_t, get_spi, status_t,
+	private_kernel_espada_ipsec_t *this, host_t *src, host_t *dst,
+	uint8_t protocol, uint32_t *spi)
+{
+	uint32_t r;
+
+	if (protocol != IPPROTO_ESP || !this->rng->get_bytes(this->rng, sizeof(r), (uint8_t*)&r))
+	{
+		return FAILED;
+	}
+	r = KERNEL_SPI_MIN | (r & (KERNEL_SPI_MAX - KERNEL_SPI_MIN));
+	*spi = htonl(r);
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, get_cpi, status_t,
+	private_kernel_espada_ipsec_t *this, host_t *src, host_t *dst,
+	uint16_t *cpi)
+{
+	return NOT_SUPPORTED;
+}
+
+METHOD(kernel_ipsec_t, add_sa, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
+	kernel_ipsec_add_sa_t *data)
+{
+	char req[1024], resp[4096], cpu[32] = "", key[2 * 64 + 1], l[64], r[64];
+	host_t *local = data->inbound ? id->dst : id->src;
+	host_t *remote = data->inbound ? id->src : id->dst;
+	uint32_t window = data->replay_window;
+	size_t i;
+
+	if (id->proto != IPPROTO_ESP || data->mode != MODE_TUNNEL || !data->encap ||
+		data->enc_alg != ENCR_AES_GCM_ICV16 || data->enc_key.len > 64 || data->ipcomp)
+	{
+		DBG1(DBG_KNL, "kernel-espada: espada carries ESP-in-UDP tunnel mode with "
+			 "AES-GCM-16 only (SPI %.8x refused)", ntohl(id->spi));
+		return NOT_SUPPORTED;
+	}
+	for (i = 0; i < data->enc_key.len; i++)
+	{
+		snprintf(key + 2 * i, 3, "%02x", data->enc_key.ptr[i]);
+	}
+	key[2 * data->enc_key.len] = '\0';
+	if (data->cpu != CPU_ID_MAX)
+	{
+		snprintf(cpu, sizeof(cpu), ",\"cpu\":%u", data->cpu);
+	}
+	window = max(64, min(window, 65536));
+	addr_str(local, l, sizeof(l));
+	addr_str(remote, r, sizeof(r));
+	snprintf(req, sizeof(req),
+			 "{\"cmd\":\"sa\",\"what\":\"add\",\"args\":{\"local\":\"%s\",\"remote\":\"%s\","
+			 "\"dir\":\"%s\",\"spi\":%u,\"key\":\"%s\",\"esn\":%s,\"replay_window\":%u%s}}",
+			 l, r, data->inbound ? "in" : "out", ntohl(id->spi), key,
+			 data->esn ? "true" : "false", window, cpu);
+	memwipe(key, sizeof(key));
+	this->mutex->lock(this->mutex);
+	if (!request(this, req, resp, sizeof(resp)) || !answer_ok(resp))
+	{
+		this->mutex->unlock(this->mutex);
+		memwipe(req, sizeof(req));
+		DBG1(DBG_KNL, "kernel-espada: adding %s SA %.8x failed: %s",
+			 data->inbound ? "inbound" : "outbound", ntohl(id->spi), answer_error(resp));
+		return FAILED;
+	}
+	this->mutex->unlock(this->mutex);
+	memwipe(req, sizeof(req));
+	DBG1(DBG_KNL, "kernel-espada: %s SA %.8x installed in espada%s",
+		 data->inbound ? "inbound" : "outbound", ntohl(id->spi), cpu);
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, update_sa, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
+	kernel_ipsec_update_sa_t *data)
+{
+	/* MOBIKE / NAT changes of the endpoints: espada's tunnels have fixed endpoints. */
+	return NOT_SUPPORTED;
+}
+
+METHOD(kernel_ipsec_t, query_sa, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
+	kernel_ipsec_query_sa_t *data, uint64_t *bytes, uint64_t *packets,
+	time_t *time)
+{
+	char req[128], resp[4096];
+	const char *p;
+
+	/* Only this SA's row: its own "bytes" and "packets" (the lifetime limits inside it are
+	 * "soft_bytes", "hard_packets", ...: the leading quote keeps them apart). */
+	snprintf(req, sizeof(req), "{\"cmd\":\"show\",\"what\":\"sa\",\"args\":{\"spi\":%u}}",
+			 ntohl(id->spi));
+	this->mutex->lock(this->mutex);
+	if (!request(this, req, resp, sizeof(resp)) || !answer_ok(resp) ||
+		!strstr(resp, "\"spi\":\"0x"))
+	{
+		this->mutex->unlock(this->mutex);
+		return NOT_FOUND;
+	}
+	this->mutex->unlock(this->mutex);
+	if (bytes)
+	{
+		p = strstr(resp, "\"bytes\":");
+		*bytes = p ? strtoull(p + 8, NULL, 10) : 0;
+	}
+	if (packets)
+	{
+		p = strstr(resp, "\"packets\":");
+		*packets = p ? strtoull(p + 10, NULL, 10) : 0;
+	}
+	if (time)
+	{
+		*time = 0;
+	}
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, del_sa, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
+	kernel_ipsec_del_sa_t *data)
+{
+	char req[128], resp[1024];
+
+	snprintf(req, sizeof(req), "{\"cmd\":\"sa\",\"what\":\"del\",\"args\":{\"spi\":%u}}",
+			 ntohl(id->spi));
+	this->mutex->lock(this->mutex);
+	if (request(this, req, resp, sizeof(resp)) && !answer_ok(resp))
+	{
+		/* An outbound SA replaced by its successor is gone already; espada keeps a
+		 * tunnel's last SAs until the tunnel goes: both are fine for charon. */
+		DBG2(DBG_KNL, "kernel-espada: SA %.8x: %s", ntohl(id->spi), answer_error(resp));
+	}
+	this->mutex->unlock(this->mutex);
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, flush_sas, status_t,
+	private_kernel_espada_ipsec_t *this)
+{
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, add_policy, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_policy_id_t *id,
+	kernel_ipsec_manage_policy_t *data)
+{
+	/* espada's SPD comes from its configuration. */
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, query_policy, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_policy_id_t *id,
+	kernel_ipsec_query_policy_t *data, time_t *use_time)
+{
+	return NOT_SUPPORTED;
+}
+
+METHOD(kernel_ipsec_t, del_policy, status_t,
+	private_kernel_espada_ipsec_t *this, kernel_ipsec_policy_id_t *id,
+	kernel_ipsec_manage_policy_t *data)
+{
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, flush_policies, status_t,
+	private_kernel_espada_ipsec_t *this)
+{
+	return SUCCESS;
+}
+
+METHOD(kernel_ipsec_t, bypass_socket, bool,
+	private_kernel_espada_ipsec_t *this, int fd, int family)
+{
+	/* IKE reaches charon through espada's TUN, never through an IPsec policy. */
+	return TRUE;
+}
+
+METHOD(kernel_ipsec_t, enable_udp_decap, bool,
+	private_kernel_espada_ipsec_t *this, int fd, int family, uint16_t port)
+{
+	/* espada decapsulates; the socket sees only IKE (non-ESP marker) and keepalives. */
+	return TRUE;
+}
+
+METHOD(kernel_ipsec_t, ipsec_destroy, void,
+	private_kernel_espada_ipsec_t *this)
+{
+	DESTROY_IF(this->rng);
+	this->mutex->destroy(this->mutex);
+	free(this->socket);
+	free(this);
+}
+
+static kernel_ipsec_t *kernel_espada_ipsec_create()
+{
+	private_kernel_espada_ipsec_t *this;
+
+	INIT(this,
+		.public = {
+			.get_features = _get_features,
+			.get_spi = _get_spi,
+			.get_cpi = _get_cpi,
+			.add_sa = _add_sa,
+			.update_sa = _update_sa,
+			.query_sa = _query_sa,
+			.del_sa = _del_sa,
+			.flush_sas = _flush_sas,
+			.add_policy = _add_policy,
+			.query_policy = _query_policy,
+			.del_policy = _del_policy,
+			.flush_policies = _flush_policies,
+			.bypass_socket = _bypass_socket,
+			.enable_udp_decap = _enable_udp_decap,
+			.destroy = _ipsec_destroy,
+		},
+		.socket = strdup(lib->settings->get_str(lib->settings,
+						"%s.plugins.kernel-espada.socket", "/run/espada/espada.sock",
+						lib->ns)),
+		.rng = lib->crypto->create_rng(lib->crypto, RNG_WEAK),
+		.mutex = mutex_create(MUTEX_TYPE_DEFAULT),
+	);
+	if (!this->rng)
+	{
+		ipsec_destroy(this);
+		return NULL;
+	}
+	DBG1(DBG_KNL, "kernel-espada: SAs go to espada at %s", this->socket);
+	return &this->public;
+}
+
+typedef struct {
+	plugin_t plugin;
+} private_kernel_espada_plugin_t;
+
+METHOD(plugin_t, get_name, char*,
+	private_kernel_espada_plugin_t *this)
+{
+	return "kernel-espada";
+}
+
+METHOD(plugin_t, plugin_get_features, int,
+	private_kernel_espada_plugin_t *this, plugin_feature_t *features[])
+{
+	static plugin_feature_t f[] = {
+		PLUGIN_CALLBACK(kernel_ipsec_register, kernel_espada_ipsec_create),
+			PLUGIN_PROVIDE(CUSTOM, "kernel-ipsec"),
+	};
+	*features = f;
+	return countof(f);
+}
+
+METHOD(plugin_t, destroy, void,
+	private_kernel_espada_plugin_t *this)
+{
+	free(this);
+}
+
+PLUGIN_DEFINE(kernel_espada)
+{
+	private_kernel_espada_plugin_t *this;
+
+	INIT(this,
+		.plugin = {
+			.get_name = _get_name,
+			.get_features = _plugin_get_features,
+			.destroy = _destroy,
+		},
+	);
+	return &this->plugin;
+}
