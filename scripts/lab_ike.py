@@ -208,6 +208,25 @@ def main():
         print(f"rekeyed: west sends on {out_spi:08x} -> {new[0]['out']:08x}", flush=True)
         traffic(udp=20, tcp=64 << 10)
         agree("after the rekey")
+        # Rekey of the IKE SA under a UDP stream: the Child SAs stay; nothing lost.
+        stream = subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
+                                   "--sunrise", A.prefix + "sunrise", "--src", "10.1.0.10", "--dst", "10.2.0.10",
+                                   "--udp", "200", "--tcp", "1"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        before = swanctl("west", "--list-sas").stdout
+        swanctl("west", "--rekey", "--ike", "lab")
+        out, _ = stream.communicate(timeout=300)
+        udp = [l for l in out.splitlines() if l.startswith("UDP")]
+        print("during swanctl --rekey --ike lab:\n" + "\n".join(udp), flush=True)
+        if sum(" OK" in l for l in udp) != 2:
+            fail("datagrams lost across the IKE SA rekey")
+        time.sleep(1)
+        after = swanctl("west", "--list-sas").stdout
+        spis = lambda t: re.findall(r"ESTABLISHED, IKEv2, ([0-9a-f]+)_i", t)
+        if spis(before) == spis(after) or "ESTABLISHED" not in after:
+            fail(f"the IKE SA was not rekeyed:\n{before}\n{after}")
+        print(f"IKE SA rekeyed: {spis(before)} -> {spis(after)}", flush=True)
+        agree("after the IKE SA rekey")
         print("\nIKE lab checks passed", flush=True)
     finally:
         for p in charons:

@@ -49,6 +49,7 @@ fn strongswan_negotiates_and_espada_carries() {
         text.contains("ping sunset -> sunrise over charon's SAs: 5/5"),
         "{text}"
     );
-    assert_eq!(text.matches("charon and espada agree").count(), 4, "{text}");
+    assert_eq!(text.matches("charon and espada agree").count(), 6, "{text}");
     assert!(text.contains("rekeyed: west sends on"), "{text}");
+    assert!(text.contains("IKE SA rekeyed"), "{text}");
 }
