@@ -1,10 +1,12 @@
 //! Issue 14: strongSwan negotiates, espada carries. Both lab gateways run `espada run
 //! --ike-tun` (IKE reaches charon through a TUN holding the black address) and charon 6.1 with
 //! the kernel-espada plugin (`ike/strongswan/`), which installs every Child SA into espada over
-//! its control socket. `swanctl --initiate` brings the tunnel up; ping, UDP and TCP pass both
-//! ways with payloads compared; charon's `query_sa` counters (swanctl --list-sas) equal
+//! its control socket. The tunnel has `ike = true`: the first packets raise acquires in the
+//! workers, charon (start_action = trap, per_cpu_sas = encap) negotiates the fallback SA and
+//! then one per-CPU Child SA per worker (RFC 9611), each worker sends on its own from its own
+//! UDP source port; ping, UDP and TCP pass both ways with payloads compared; charon's `query_sa` counters (swanctl --list-sas) equal
 //! espada's; `swanctl --rekey` of the Child SA under a UDP stream loses nothing and espada sends
-//! on the new SPI. See scripts/lab_ike.py (needs root; scripts/strongswan builds charon,
+//! on the new SPIs; so does an IKE SA rekey. See scripts/lab_ike.py (needs root; scripts/strongswan builds charon,
 //! swanctl and the plugin once into ~/.cache/espada).
 
 use std::process::Command;

@@ -171,6 +171,8 @@ struct RawTunnel {
     lifetime: Option<RawLifetime>,
     #[serde(default)]
     lab_rekey: Option<Spanned<bool>>,
+    #[serde(default)]
+    ike: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -270,6 +272,10 @@ pub struct TunnelConfig {
     pub key_warning: Option<String>,
     /// Rekey without IKE (`lab_rekey = true`, lab_secret keys): see [`Config::generation`].
     pub lab_rekey: Option<LabRekey>,
+    /// An IKE daemon negotiates the SAs (`ike = true`, through the kernel-espada plugin):
+    /// until it installs them, the configured ones are placeholders nothing is sent or
+    /// received with, and workers raise acquires (see `espada_sadb::db::Acquire`).
+    pub ike: bool,
 }
 
 impl TunnelConfig {
@@ -839,6 +845,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut keys = BTreeMap::new();
         let key_source;
         let mut key_warning = None;
+        let ike = t.ike.as_ref().is_some_and(|i| *i.get_ref());
+        if let (Some(i), Some(r)) = (&t.ike, &t.lab_rekey) {
+            if *i.get_ref() && *r.get_ref() {
+                return Err(ctx.at(
+                    r,
+                    "lab_rekey and ike = true exclude each other: with ike the IKE daemon rekeys",
+                ));
+            }
+        }
         let lab_rekey = match (&t.lab_rekey, &t.lab_secret, lifetimes.soft.seconds) {
             (None, _, _) => None,
             (Some(r), _, _) if !r.get_ref() => None,
@@ -981,6 +996,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             key_source,
             key_warning,
             lab_rekey,
+            ike,
         });
     }
 
@@ -1304,14 +1320,20 @@ impl Config {
                 })
                 .collect(),
         };
-        TunnelSas {
+        let mut ts = TunnelSas {
             name: t.name.clone(),
             local_subnets: t.local_subnets.clone(),
             remote_subnets: t.remote_subnets.clone(),
             outbound: group(true, gen, out_life),
             inbound: group(false, gen, in_life),
             draining,
+        };
+        if t.ike {
+            for s in ts.outbound.all_mut().chain(ts.inbound.all_mut()) {
+                s.awaiting_ike = true;
+            }
         }
+        ts
     }
 
     /// Checks that `peer` is the mirror of this configuration: for every tunnel of the same

@@ -316,3 +316,52 @@ fn keys_in_a_configuration_others_can_read_are_refused_and_lab_secrets_flagged()
         .as_deref()
         .is_some_and(|m| m.contains("10 characters")));
 }
+
+#[test]
+fn every_shipped_lab_config_loads_and_mirrors() {
+    let root = &Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (w, e) in [
+        ("configs/lab/west-dual.toml", "configs/lab/east-dual.toml"),
+        ("configs/lab/west-ike.toml", "configs/lab/east-ike.toml"),
+    ] {
+        let w = load(&root.join(w)).unwrap();
+        let e = load(&root.join(e)).unwrap();
+        assert!(
+            w.mirror_mismatches(&e).is_empty(),
+            "{:?}",
+            w.mirror_mismatches(&e)
+        );
+    }
+    // ike = true: every configured SA is a placeholder until the IKE daemon installs one.
+    let w = load(&root.join("configs/lab/west-ike.toml")).unwrap();
+    assert!(w.tunnels[0].ike);
+    let db = w.sadb(2).unwrap();
+    let t = &db.tunnels[0];
+    assert!(t
+        .outbound
+        .all()
+        .chain(t.inbound.all())
+        .all(|s| s.awaiting_ike));
+    assert!(load(&root.join("configs/west.toml"))
+        .unwrap()
+        .sadb(2)
+        .unwrap()
+        .tunnels[0]
+        .outbound
+        .all()
+        .all(|s| !s.awaiting_ike));
+}
+
+#[test]
+fn ike_and_lab_rekey_exclude_each_other() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/west.toml"))
+            .unwrap()
+            .replace("lab_rekey = true", "lab_rekey = true\nike = true");
+    let e = err(&text);
+    assert!(
+        e.contains("lab_rekey and ike = true exclude each other"),
+        "{e}"
+    );
+    assert!(e.starts_with("test.toml:"), "{e}");
+}

@@ -54,6 +54,9 @@ pub struct Supervisor {
     bump: HashMap<String, u64>,
     /// Deleted tunnels: name → the names of the policies turned into placeholders.
     deleted: BTreeMap<String, Vec<String>>,
+    /// Acquires raised by workers and not yet taken by the IKE daemon (`sa acquires`):
+    /// (tunnel index, CPU), each once.
+    acquires: Vec<(usize, Option<usize>)>,
 }
 
 fn ok(data: Value) -> Response {
@@ -97,6 +100,7 @@ impl Supervisor {
             gens,
             bump: HashMap::new(),
             deleted: BTreeMap::new(),
+            acquires: Vec::new(),
         }
     }
 
@@ -244,6 +248,40 @@ impl Supervisor {
         Ok(msg)
     }
 
+    /// A worker's acquire (an SA the IKE daemon has not negotiated yet): kept until the
+    /// daemon asks (`sa acquires`), once per tunnel and CPU. Returns a line for the log the
+    /// first time.
+    pub fn note_acquire(&mut self, a: espada_sadb::db::Acquire) -> Option<String> {
+        if self.acquires.contains(&(a.tunnel, a.cpu)) || self.acquires.len() >= 1024 {
+            return None;
+        }
+        self.acquires.push((a.tunnel, a.cpu));
+        let db = self.shared.sadb.load();
+        let name = db.tunnels.get(a.tunnel).map_or("?", |t| t.name.as_str());
+        Some(match a.cpu {
+            Some(c) => format!("acquire: tunnel \"{name}\" wants its per-CPU SA {c} (core {} sends on the fallback SA meanwhile)", a.core),
+            None => format!("acquire: tunnel \"{name}\" has no SA yet (core {} drops its packets until the IKE daemon installs one)", a.core),
+        })
+    }
+
+    /// The pending acquires, for the IKE daemon's kernel interface; they are taken.
+    fn take_acquires(&mut self) -> Value {
+        let db = self.shared.sadb.load();
+        let list: Vec<Value> = self
+            .acquires
+            .drain(..)
+            .filter_map(|(t, cpu)| {
+                let t = db.tunnels.get(t)?;
+                let ep = t.outbound.fallback.endpoints;
+                Some(json!({
+                    "tunnel": t.name, "cpu": cpu,
+                    "local": ep.local.to_string(), "remote": ep.remote.to_string(),
+                }))
+            })
+            .collect();
+        json!({ "acquires": list })
+    }
+
     /// Answers a command that changes the gateway (`reload`, `sa ...`).
     pub fn execute(&mut self, req: &Request, now: u64) -> Response {
         let a = &req.args;
@@ -253,8 +291,9 @@ impl Supervisor {
             ("sa", "add") => self.add(a),
             ("sa", "del") => self.del(a),
             ("sa", "update") => self.update(a),
+            ("sa", "acquires") => Ok(self.take_acquires()),
             ("sa", w) => Err(format!(
-                "unknown sa command \"{w}\"; one of: add, del, update, rekey"
+                "unknown sa command \"{w}\"; one of: add, del, update, rekey, acquires"
             )),
             (c, _) => Err(format!("the supervisor does not take \"{c}\"")),
         };
@@ -504,8 +543,9 @@ impl Supervisor {
                     None => &mut g.fallback,
                 };
                 let old = std::mem::replace(slot, spec);
-                // Make-before-break: the replaced inbound SA is still accepted until deleted.
-                if inbound && old.spi != spi {
+                // Make-before-break: the replaced inbound SA is still accepted until deleted
+                // (a placeholder an IKE daemon's first SA replaces never was).
+                if inbound && old.spi != spi && !old.awaiting_ike {
                     t.draining.push(old);
                 }
             })

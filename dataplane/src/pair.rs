@@ -148,6 +148,7 @@ pub fn shared(
         punt: false,
         from_daemon: Arc::new(ArrayQueue::new(64)),
         events: Arc::new(EventQueue::new(1024)),
+        acquires: Arc::new(espada_sadb::db::AcquireQueue::new(64)),
         stop,
         icmp_rate: 100,
         idle_sleep_us: 0,

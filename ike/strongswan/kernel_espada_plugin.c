@@ -20,6 +20,7 @@
 #include <kernel/kernel_ipsec.h>
 #include <crypto/rngs/rng.h>
 #include <threading/mutex.h>
+#include <processing/jobs/callback_job.h>
 
 #include <errno.h>
 #include <stdio.h>
@@ -29,11 +30,24 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 
+/* A tunnel charon routes (trap policy): its endpoints and reqid, so a worker's acquire from
+ * espada finds the CHILD_SA config it is for. */
+typedef struct {
+	char local[64];
+	char remote[64];
+	uint32_t reqid;
+} trap_t;
+
+#define MAX_TRAPS 32
+
 typedef struct private_kernel_espada_ipsec_t {
 	kernel_ipsec_t public;
 	char *socket;
 	rng_t *rng;
 	mutex_t *mutex;
+	trap_t traps[MAX_TRAPS];
+	int ntraps;
+	bool polling;
 } private_kernel_espada_ipsec_t;
 
 /* One request, one answer line, on a fresh connection (control path: a few per rekey). */
@@ -160,6 +174,11 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	{
 		snprintf(cpu, sizeof(cpu), ",\"cpu\":%u", data->cpu);
 	}
+	if (!data->inbound && id->src->get_port(id->src))
+	{	/* the UDP source port charon chose (per_cpu_sas = encap: one per per-CPU SA) */
+		snprintf(cpu + strlen(cpu), sizeof(cpu) - strlen(cpu), ",\"port\":%u",
+				 id->src->get_port(id->src));
+	}
 	window = max(64, min(window, 65536));
 	addr_str(local, l, sizeof(l));
 	addr_str(remote, r, sizeof(r));
@@ -259,8 +278,109 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 	private_kernel_espada_ipsec_t *this, kernel_ipsec_policy_id_t *id,
 	kernel_ipsec_manage_policy_t *data)
 {
-	/* espada's SPD comes from its configuration. */
+	char l[64], r[64];
+	int i;
+
+	/* espada's SPD comes from its configuration; what the plugin keeps is the reqid of each
+	 * outbound IPsec policy, for the acquires espada's workers raise. */
+	if (id->dir != POLICY_OUT || data->type != POLICY_IPSEC || !data->sa || !data->src ||
+		!data->dst)
+	{
+		return SUCCESS;
+	}
+	addr_str(data->src, l, sizeof(l));
+	addr_str(data->dst, r, sizeof(r));
+	this->mutex->lock(this->mutex);
+	for (i = 0; i < this->ntraps; i++)
+	{
+		if (streq(this->traps[i].local, l) && streq(this->traps[i].remote, r))
+		{
+			break;
+		}
+	}
+	if (i < MAX_TRAPS)
+	{
+		snprintf(this->traps[i].local, sizeof(this->traps[i].local), "%s", l);
+		snprintf(this->traps[i].remote, sizeof(this->traps[i].remote), "%s", r);
+		this->traps[i].reqid = data->sa->reqid;
+		this->ntraps = max(this->ntraps, i + 1);
+	}
+	this->mutex->unlock(this->mutex);
 	return SUCCESS;
+}
+
+/* Copies the string value of "key":"..." found at or after p into out; the position after it. */
+static const char *json_str(const char *p, const char *key, char *out, size_t len)
+{
+	const char *s = strstr(p, key), *e;
+
+	if (!s)
+	{
+		return NULL;
+	}
+	s += strlen(key);
+	e = strchr(s, '"');
+	if (!e || (size_t)(e - s) >= len)
+	{
+		return NULL;
+	}
+	memcpy(out, s, e - s);
+	out[e - s] = '\0';
+	return e;
+}
+
+/* Every 200 ms: the acquires espada's workers raised (`sa acquires`), handed to charon as the
+ * kernel's acquires are, with their CPU ID. */
+static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
+{
+	char resp[8192], l[64], r[64];
+	const char *p;
+	int i;
+
+	this->mutex->lock(this->mutex);
+	if (!request(this, "{\"cmd\":\"sa\",\"what\":\"acquires\"}", resp, sizeof(resp)) ||
+		!answer_ok(resp))
+	{
+		this->mutex->unlock(this->mutex);
+		return JOB_RESCHEDULE_MS(1000);
+	}
+	this->mutex->unlock(this->mutex);
+	/* {"acquires":[{"cpu":0|null,"local":"..","remote":"..","tunnel":".."},...]} */
+	for (p = strstr(resp, "\"cpu\":"); p; p = strstr(p, "\"cpu\":"))
+	{
+		kernel_acquire_data_t data = { .cpu = CPU_ID_MAX };
+		uint32_t reqid = 0;
+
+		p += 6;
+		if (strncmp(p, "null", 4) != 0)
+		{
+			data.cpu = strtoul(p, NULL, 10);
+		}
+		if (!json_str(p, "\"local\":\"", l, sizeof(l)) ||
+			!json_str(p, "\"remote\":\"", r, sizeof(r)))
+		{
+			break;
+		}
+		this->mutex->lock(this->mutex);
+		for (i = 0; i < this->ntraps; i++)
+		{
+			if (streq(this->traps[i].local, l) && streq(this->traps[i].remote, r))
+			{
+				reqid = this->traps[i].reqid;
+			}
+		}
+		this->mutex->unlock(this->mutex);
+		if (!reqid)
+		{
+			DBG1(DBG_KNL, "kernel-espada: acquire for %s...%s: no routed connection "
+				 "(start_action = trap) has these endpoints", l, r);
+			continue;
+		}
+		DBG1(DBG_KNL, "kernel-espada: acquire from espada for reqid %u, CPU %s", reqid,
+			 data.cpu == CPU_ID_MAX ? "none (fallback SA)" : "given");
+		charon->kernel->acquire(charon->kernel, reqid, &data);
+	}
+	return JOB_RESCHEDULE_MS(200);
 }
 
 METHOD(kernel_ipsec_t, query_policy, status_t,
@@ -340,6 +460,9 @@ static kernel_ipsec_t *kernel_espada_ipsec_create()
 		return NULL;
 	}
 	DBG1(DBG_KNL, "kernel-espada: SAs go to espada at %s", this->socket);
+	lib->scheduler->schedule_job_ms(lib->scheduler, (job_t*)callback_job_create(
+			(callback_job_cb_t)poll_acquires, this, NULL, (callback_job_cancel_t)return_false),
+			1000);
 	return &this->public;
 }
 

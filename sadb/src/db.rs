@@ -100,6 +100,11 @@ pub struct SaSpec {
     /// Outbound: the last sequence number counted as used before the first packet (0: the
     /// first packet carries 1). For tests of the sequence-space events and ESN wrap.
     pub start_seq: u64,
+    /// A slot an IKE daemon has not filled yet (a tunnel with `ike = true`): never used to
+    /// send or receive. A worker that would send on it raises an acquire instead (see
+    /// [`Acquire`]) and sends on the fallback SA meanwhile, or drops when that one is waiting
+    /// too.
+    pub awaiting_ike: bool,
     /// Tests: make this SA's key schedule fail.
     #[cfg(test)]
     pub(crate) fail_key_schedule: bool,
@@ -136,6 +141,7 @@ impl SaSpec {
             cpu,
             seq_guard: None,
             start_seq: 0,
+            awaiting_ike: false,
             key_id,
             #[cfg(test)]
             fail_key_schedule: false,
@@ -482,6 +488,22 @@ pub struct SaEvent {
 /// Events flow from workers to the control plane through a bounded lock-free queue.
 pub type EventQueue = ArrayQueue<SaEvent>;
 
+/// A worker's request for an SA the IKE daemon has not negotiated yet (RFC 9611 per-CPU
+/// acquires, as the Linux kernel raises them): `cpu` names the per-CPU SA wanted, `None` the
+/// fallback SA. Raised off the fast path, at most once a second per tunnel and worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquire {
+    /// Tunnel index.
+    pub tunnel: usize,
+    /// The per-CPU SA wanted, or `None` for the fallback SA.
+    pub cpu: Option<usize>,
+    /// The worker that raised it.
+    pub core: usize,
+}
+
+/// Acquires on their way to the control plane.
+pub type AcquireQueue = ArrayQueue<Acquire>;
+
 struct OutRt {
     sa: OutboundSa,
     life: LifetimeTracker,
@@ -518,6 +540,13 @@ pub struct CoreSas {
     inbound: HashMap<u32, InRt>,
     expired: HashSet<u32>,
     events_lost: u64,
+    /// Per tunnel: the acquire this worker would raise (`Some(cpu)`), when the SA it should
+    /// send on is still awaiting the IKE daemon.
+    acquire: Vec<Option<Option<usize>>>,
+    /// Per tunnel: a packet wanted that SA since the last [`CoreSas::raise_acquires`].
+    acquire_hit: Vec<bool>,
+    /// Per tunnel: when the last acquire went (seconds).
+    acquire_last: Vec<u64>,
 }
 
 impl CoreSas {
@@ -530,6 +559,9 @@ impl CoreSas {
             inbound: HashMap::default(),
             expired: HashSet::default(),
             events_lost: 0,
+            acquire: Vec::new(),
+            acquire_hit: Vec::new(),
+            acquire_last: Vec::new(),
         };
         c.rebuild(db, now)?;
         Ok(c)
@@ -570,8 +602,22 @@ impl CoreSas {
             .collect();
         let mut fresh_out: HashMap<u32, OutRt> = HashMap::default();
         let mut out_plan: Vec<Option<(u32, u64, Lifetimes)>> = Vec::with_capacity(db.tunnels.len());
+        let mut acquire = Vec::with_capacity(db.tunnels.len());
         for t in 0..db.tunnels.len() {
             let mut spec = db.outbound_for(t, self.core);
+            let mut want = None;
+            // A slot the IKE daemon has not filled: ask for it, and send on the fallback SA
+            // meanwhile (or drop, when that one is waiting too).
+            if spec.awaiting_ike {
+                want = Some(spec.cpu);
+                spec = &db.tunnels[t].outbound.fallback;
+            }
+            if spec.awaiting_ike {
+                acquire.push(Some(None));
+                out_plan.push(None);
+                continue;
+            }
+            acquire.push(want);
             if self.expired.contains(&spec.spi) {
                 spec = &db.tunnels[t].outbound.fallback;
             }
@@ -607,7 +653,12 @@ impl CoreSas {
         let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
         let mut in_plan: Vec<(u32, usize, u64, Lifetimes)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
-            for s in tun.inbound.all().chain(tun.draining.iter()) {
+            for s in tun
+                .inbound
+                .all()
+                .chain(tun.draining.iter())
+                .filter(|s| !s.awaiting_ike)
+            {
                 let owner = db.owner_of(s);
                 if owner != Owner::Core(self.core) && owner != Owner::Any {
                     continue;
@@ -662,8 +713,45 @@ impl CoreSas {
                 self.inbound.insert(spi, rt);
             }
         }
+        self.acquire_hit.resize(acquire.len(), false);
+        self.acquire_last.resize(acquire.len(), 0);
+        self.acquire = acquire;
         self.db = db;
         Ok(())
+    }
+
+    /// A packet wants tunnel `t`'s SA (the fast path: one load and a branch). Notes it when
+    /// that SA is still awaiting the IKE daemon.
+    #[inline(always)]
+    pub fn note_use(&mut self, t: usize) {
+        if let Some(Some(_)) = self.acquire.get(t) {
+            self.acquire_hit[t] = true;
+        }
+    }
+
+    /// Raises the acquires of tunnels whose SA packets wanted since the last call, at most once
+    /// a second per tunnel (call every few hundred polls). Returns how many went.
+    pub fn raise_acquires(&mut self, now: u64, q: &AcquireQueue) -> usize {
+        let mut n = 0;
+        for t in 0..self.acquire.len() {
+            let Some(cpu) = self.acquire[t] else { continue };
+            if !self.acquire_hit[t] || (self.acquire_last[t] != 0 && now < self.acquire_last[t] + 1)
+            {
+                continue;
+            }
+            self.acquire_hit[t] = false;
+            self.acquire_last[t] = now.max(1);
+            if q.push(Acquire {
+                tunnel: t,
+                cpu,
+                core: self.core,
+            })
+            .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// The SA this worker sends with on tunnel `t` (`None`: none left, drop the packet and

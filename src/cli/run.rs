@@ -224,6 +224,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         punt: a.ike_tun.is_some(),
         from_daemon: Arc::new(ArrayQueue::new(256)),
         events: Arc::new(EventQueue::new(1024)),
+        acquires: Arc::new(espada_sadb::db::AcquireQueue::new(256)),
         stop: stop.clone(),
         icmp_rate: 100,
         idle_sleep_us: a.idle_sleep_us,
@@ -479,6 +480,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         // accepts it) and keep accepting the one before.
         for line in sup.tick(now_unix) {
             tracing::info!("{line}");
+        }
+        while let Some(a) = shared.acquires.pop() {
+            if let Some(line) = sup.note_acquire(a) {
+                tracing::info!("{line}");
+            }
         }
         while let Some(e) = shared.events.pop() {
             let (loud, text) = sup.describe_event(&e);

@@ -19,7 +19,7 @@ use crate::pktbuf::{PacketBuf, PktBuf};
 use crate::pool::PoolCache;
 use crate::port::PortQueue;
 use crossbeam_queue::ArrayQueue;
-use espada_sadb::db::{CoreSas, EventQueue, Route, SaDbHandle};
+use espada_sadb::db::{AcquireQueue, CoreSas, EventQueue, Route, SaDbHandle};
 use espada_sadb::selector::{Action, FlowKey, Prefix};
 use espada_sadb::InboundSa;
 use espada_wire::ethernet::{self, MacAddr};
@@ -115,6 +115,8 @@ pub struct GatewayShared {
     pub from_daemon: Arc<ArrayQueue<PktBuf>>,
     /// Lifetime events.
     pub events: Arc<EventQueue>,
+    /// Acquires for SAs an IKE daemon has not negotiated yet (tunnels with `ike = true`).
+    pub acquires: Arc<AcquireQueue>,
     /// Set to stop the workers.
     pub stop: Arc<AtomicBool>,
     /// ICMP "fragmentation needed" messages per second per worker (0 = never send).
@@ -547,6 +549,7 @@ impl Worker {
         }
         if self.polls.is_multiple_of(256) {
             self.sas.check_lifetimes(now_s, &self.shared.events);
+            self.sas.raise_acquires(now_s, &self.shared.acquires);
             self.publish_sa_stats();
         }
         // Reporters read a few times a second: publishing every 16th poll keeps the stores

@@ -146,6 +146,7 @@ impl Worker {
     #[inline(always)]
     pub(super) fn prepare_protect(&mut self, mut b: PktBuf, t: usize, info: InnerInfo) {
         let (len, df) = (info.len, info.dont_frag);
+        self.sas.note_use(t);
         let Some(sa) = self.sas.outbound(t) else {
             return self.drop_pkt(b, DropReason::NoOutboundSa);
         };

@@ -336,3 +336,60 @@ fn a_new_key_under_the_same_spi_is_a_new_sa() {
     c.sync(&h, 0).unwrap();
     assert_eq!(c.outbound(0).unwrap().reserve(1).first, 1);
 }
+
+#[test]
+fn slots_awaiting_ike_raise_acquires_and_are_never_used() {
+    // Everything awaiting the IKE daemon: nothing sent or received; a packet raises an
+    // acquire for the fallback SA, at most once a second.
+    let mut d = db(SaMode::PerCpu, 2, 2);
+    let t = &mut d.tunnels[0];
+    for s in t.outbound.all_mut().chain(t.inbound.all_mut()) {
+        s.awaiting_ike = true;
+    }
+    let q = AcquireQueue::new(16);
+    let mut c0 = CoreSas::new(0, Arc::new(d.clone()), 0).unwrap();
+    assert!(c0.outbound(0).is_none());
+    let in_spi = d.tunnels[0].inbound.fallback.spi;
+    assert!(
+        c0.inbound_local(in_spi).is_none(),
+        "a placeholder accepts nothing"
+    );
+    assert_eq!(c0.raise_acquires(10, &q), 0, "no packet wanted it yet");
+    c0.note_use(0);
+    assert_eq!(c0.raise_acquires(10, &q), 1);
+    assert_eq!(
+        q.pop(),
+        Some(Acquire {
+            tunnel: 0,
+            cpu: None,
+            core: 0
+        })
+    );
+    c0.note_use(0);
+    assert_eq!(c0.raise_acquires(10, &q), 0, "rate-limited");
+    assert_eq!(c0.raise_acquires(11, &q), 1);
+    q.pop();
+    // The daemon installed the fallback SA: core 1 sends on it and asks for its per-CPU SA.
+    d.tunnels[0].outbound.fallback.awaiting_ike = false;
+    let mut c1 = CoreSas::new(1, Arc::new(d.clone()), 0).unwrap();
+    assert_eq!(
+        c1.outbound(0).unwrap().spi,
+        d.tunnels[0].outbound.fallback.spi
+    );
+    c1.note_use(0);
+    assert_eq!(c1.raise_acquires(20, &q), 1);
+    assert_eq!(
+        q.pop(),
+        Some(Acquire {
+            tunnel: 0,
+            cpu: Some(1),
+            core: 1
+        })
+    );
+    // And its per-CPU SA: no more acquires.
+    d.tunnels[0].outbound.per_cpu[1].awaiting_ike = false;
+    let mut c1 = CoreSas::new(1, Arc::new(d), 0).unwrap();
+    assert_eq!(c1.outbound(0).unwrap().spi, 0x102);
+    c1.note_use(0);
+    assert_eq!(c1.raise_acquires(30, &q), 0);
+}
