@@ -57,6 +57,9 @@ pub struct Supervisor {
     /// Acquires raised by workers and not yet taken by the IKE daemon (`sa acquires`):
     /// (tunnel index, CPU), each once.
     acquires: Vec<(usize, Option<usize>)>,
+    /// This run of the gateway (nanoseconds since the epoch at start): the IKE daemon's
+    /// plugin sees it change when espada restarted and lost the SAs it had installed.
+    boot: u64,
 }
 
 fn ok(data: Value) -> Response {
@@ -101,6 +104,9 @@ impl Supervisor {
             bump: HashMap::new(),
             deleted: BTreeMap::new(),
             acquires: Vec::new(),
+            boot: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
         }
     }
 
@@ -279,7 +285,7 @@ impl Supervisor {
                 }))
             })
             .collect();
-        json!({ "acquires": list })
+        json!({ "acquires": list, "boot": self.boot })
     }
 
     /// Answers a command that changes the gateway (`reload`, `sa ...`).
@@ -613,7 +619,57 @@ impl Supervisor {
     }
 
     fn del_sa(&mut self, spi: u32) -> Result<Value, String> {
+        // An IKE-keyed tunnel: the slot goes back to awaiting the daemon (nothing is sent or
+        // received on it; a worker sends on the fallback SA and raises an acquire, or drops),
+        // as the kernel does when the daemon deletes an SA.
         let db = self.shared.sadb.load();
+        let mut hit = None;
+        for (i, t) in db.tunnels.iter().enumerate() {
+            let ike = self
+                .config
+                .tunnels
+                .iter()
+                .any(|c| c.name == t.name && c.ike);
+            if !ike || t.draining.iter().any(|s| s.spi == spi) {
+                continue;
+            }
+            for (inbound, g) in [(false, &t.outbound), (true, &t.inbound)] {
+                let which = if g.fallback.spi == spi && !g.fallback.awaiting_ike {
+                    Some(None)
+                } else {
+                    g.per_cpu
+                        .iter()
+                        .position(|s| s.spi == spi && !s.awaiting_ike)
+                        .map(Some)
+                };
+                if let Some(w) = which {
+                    hit = Some((i, inbound, w));
+                }
+            }
+        }
+        if let Some((i, inbound, which)) = hit {
+            drop(db);
+            self.publish(|db| {
+                let t = &mut db.tunnels[i];
+                let g = if inbound {
+                    &mut t.inbound
+                } else {
+                    &mut t.outbound
+                };
+                match which {
+                    None => g.fallback.awaiting_ike = true,
+                    Some(c) => g.per_cpu[c].awaiting_ike = true,
+                }
+            })?;
+            let slot = match which {
+                None => "fallback".to_string(),
+                Some(c) => format!("per-CPU {c}"),
+            };
+            let dir = if inbound { "inbound" } else { "outbound" };
+            return Ok(
+                json!({"spi": spi, "deleted": format!("{dir} {slot} SA: the slot awaits the IKE daemon again")}),
+            );
+        }
         for (i, t) in db.tunnels.iter().enumerate() {
             if t.draining.iter().any(|s| s.spi == spi) {
                 drop(db);

@@ -21,6 +21,7 @@
 #include <crypto/rngs/rng.h>
 #include <threading/mutex.h>
 #include <processing/jobs/callback_job.h>
+#include <processing/jobs/delete_ike_sa_job.h>
 
 #include <errno.h>
 #include <stdio.h>
@@ -47,7 +48,12 @@ typedef struct private_kernel_espada_ipsec_t {
 	mutex_t *mutex;
 	trap_t traps[MAX_TRAPS];
 	int ntraps;
-	bool polling;
+	/* espada's run ("boot" in `sa acquires`): a new one means espada restarted and lost the
+	 * SAs charon installed. */
+	uint64_t boot;
+	/* Set by destroy: the acquire poller frees the object on its next run (it may be
+	 * scheduled still; at charon's shutdown the scheduler goes first and this is a leak). */
+	bool destroyed;
 } private_kernel_espada_ipsec_t;
 
 /* One request, one answer line, on a fresh connection (control path: a few per rekey). */
@@ -331,21 +337,75 @@ static const char *json_str(const char *p, const char *key, char *out, size_t le
 
 /* Every 200 ms: the acquires espada's workers raised (`sa acquires`), handed to charon as the
  * kernel's acquires are, with their CPU ID. */
+static void free_ipsec(private_kernel_espada_ipsec_t *this)
+{
+	DESTROY_IF(this->rng);
+	this->mutex->destroy(this->mutex);
+	free(this->socket);
+	free(this);
+}
+
+/* espada restarted: the SAs charon installed are gone from it. Every IKE_SA is deleted (the
+ * peer is told and removes its side); the routed connections stay, so the next packet's
+ * acquire negotiates everything again, as after a reboot. */
+static void restarted(private_kernel_espada_ipsec_t *this)
+{
+	enumerator_t *enumerator;
+	ike_sa_t *ike_sa;
+	linked_list_t *ids = linked_list_create();
+	ike_sa_id_t *id;
+
+	DBG1(DBG_KNL, "kernel-espada: espada restarted and lost its SAs: deleting the IKE_SAs, "
+		 "the next packets negotiate them again");
+	enumerator = charon->ike_sa_manager->create_enumerator(charon->ike_sa_manager, TRUE);
+	while (enumerator->enumerate(enumerator, &ike_sa))
+	{
+		ids->insert_last(ids, ike_sa->get_id(ike_sa)->clone(ike_sa->get_id(ike_sa)));
+	}
+	enumerator->destroy(enumerator);
+	while (ids->remove_first(ids, (void**)&id) == SUCCESS)
+	{
+		lib->processor->queue_job(lib->processor,
+								  (job_t*)delete_ike_sa_job_create(id, TRUE));
+		id->destroy(id);
+	}
+	ids->destroy(ids);
+}
+
 static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 {
 	char resp[8192], l[64], r[64];
 	const char *p;
+	bool restart = FALSE;
 	int i;
 
 	this->mutex->lock(this->mutex);
+	if (this->destroyed)
+	{
+		this->mutex->unlock(this->mutex);
+		free_ipsec(this);
+		return JOB_REQUEUE_NONE;
+	}
 	if (!request(this, "{\"cmd\":\"sa\",\"what\":\"acquires\"}", resp, sizeof(resp)) ||
 		!answer_ok(resp))
 	{
 		this->mutex->unlock(this->mutex);
 		return JOB_RESCHEDULE_MS(1000);
 	}
+	p = strstr(resp, "\"boot\":");
+	if (p)
+	{
+		uint64_t boot = strtoull(p + 7, NULL, 10);
+
+		restart = this->boot && boot != this->boot;
+		this->boot = boot;
+	}
 	this->mutex->unlock(this->mutex);
-	/* {"acquires":[{"cpu":0|null,"local":"..","remote":"..","tunnel":".."},...]} */
+	if (restart)
+	{	/* not under the mutex: threads holding IKE_SAs may be waiting for it */
+		restarted(this);
+	}
+	/* {"acquires":[{"cpu":0|null,"local":"..","remote":"..","tunnel":".."},...],"boot":N} */
 	for (p = strstr(resp, "\"cpu\":"); p; p = strstr(p, "\"cpu\":"))
 	{
 		kernel_acquire_data_t data = { .cpu = CPU_ID_MAX };
@@ -420,10 +480,10 @@ METHOD(kernel_ipsec_t, enable_udp_decap, bool,
 METHOD(kernel_ipsec_t, ipsec_destroy, void,
 	private_kernel_espada_ipsec_t *this)
 {
-	DESTROY_IF(this->rng);
-	this->mutex->destroy(this->mutex);
-	free(this->socket);
-	free(this);
+	/* The acquire poller holds a reference: it frees the object (see poll_acquires). */
+	this->mutex->lock(this->mutex);
+	this->destroyed = TRUE;
+	this->mutex->unlock(this->mutex);
 }
 
 static kernel_ipsec_t *kernel_espada_ipsec_create()
@@ -456,7 +516,7 @@ static kernel_ipsec_t *kernel_espada_ipsec_create()
 	);
 	if (!this->rng)
 	{
-		ipsec_destroy(this);
+		free_ipsec(this);
 		return NULL;
 	}
 	DBG1(DBG_KNL, "kernel-espada: SAs go to espada at %s", this->socket);
