@@ -12,9 +12,12 @@ passes until charon installs SAs. Checks:
     its own UDP source port, and each worker sends on its own (RFC 9611);
   * ping, UDP and TCP both ways through the tunnel, payloads compared;
   * charon's `query_sa` counters (swanctl --list-sas) equal espada's, SA by SA;
-  * `swanctl --rekey` of the Child SA under a UDP stream loses nothing; new SPIs on the wire.
+  * `swanctl --rekey` of the Child SAs and of the IKE SA under UDP streams lose nothing;
+  * espada killed (-9) and started again: the tunnel comes back by itself.
+With --peer libipsec, east is charon with kernel-libipsec (its own userspace ESP) on the
+namespace's kernel, no espada: a peer that is not espada (no ESN there, per-CPU SAs on port 4500).
 
-    lab_ike.py --espada BIN --dir DIR [--prefix P]
+    lab_ike.py --espada BIN --dir DIR [--prefix P] [--peer espada|libipsec]
 
 Needs root; scripts/strongswan builds charon, swanctl and the plugin (once, cached)."""
 import argparse
@@ -87,21 +90,25 @@ def flows(n=16, count=20):
     sh(["ip", "netns", "exec", A.prefix + "sunset", sys.executable, "-c", code])
 
 
-def start_charon(side):
+def start_charon(side, libipsec=False):
+    """charon in `side`'s namespace: with kernel-espada (espada carries), or with charon's own
+    userspace ESP (kernel-libipsec: a peer that is not espada; the namespace's kernel routes)."""
     conf = os.path.join(A.dir, f"{side}-strongswan.conf")
     for stale in (f"{side}-vici.sock", f"{side}-charon.log"):
         if os.path.exists(os.path.join(A.dir, stale)):
             os.remove(os.path.join(A.dir, stale))
     with open(conf, "w") as f:
         f.write(f"""charon {{
-    load = random nonce openssl pem pkcs1 x509 pubkey kdf kernel-espada kernel-netlink socket-default vici
-    install_routes = no
+    load = random nonce openssl pem pkcs1 x509 pubkey kdf {"kernel-libipsec" if libipsec else "kernel-espada"} kernel-netlink socket-default vici
+    install_routes = {"yes" if libipsec else "no"}
     install_virtual_ip = no
     filelog {{
         log {{
             path = {A.dir}/{side}-charon.log
             default = 1
             knl = 2
+            esp = {3 if os.environ.get("LAB_IKE_DEBUG") else 1}
+            net = {2 if os.environ.get("LAB_IKE_DEBUG") else 1}
             ike = 1
         }}
     }}
@@ -130,7 +137,16 @@ def start_charon(side):
         time.sleep(0.1)
     else:
         fail(f"charon ({side}) opened no VICI socket")
-    swanctl(side, "--load-all", "--file", os.path.join(ROOT, "ike", "strongswan", f"{side}.swanctl.conf"))
+    sconf = os.path.join(ROOT, "ike", "strongswan", f"{side}.swanctl.conf")
+    if A.peer == "libipsec":
+        # libipsec has no extended sequence numbers, and sends only from charon's own sockets
+        # (500/4500): both sides propose AES-GCM-16 without ESN, and per-CPU SAs on the IKE
+        # ports (per_cpu_sas = yes instead of encap).
+        text = open(sconf).read().replace("aes128gcm16-esn", "aes128gcm16").replace(
+            "per_cpu_sas = encap", "per_cpu_sas = yes")
+        sconf = os.path.join(A.dir, f"{side}.swanctl.conf")
+        open(sconf, "w").write(text)
+    swanctl(side, "--load-all", "--file", sconf)
     return p
 
 
@@ -143,10 +159,10 @@ def traffic(udp=50, tcp=256 << 10):
         fail("UDP/TCP through the IKE-keyed tunnel")
 
 
-def agree(tag):
-    """espada's counters on charon's SAs equal charon's (query_sa), both gateways."""
+def agree(tag, sides=("west", "east")):
+    """espada's counters on charon's SAs equal charon's (query_sa), on each gateway."""
     time.sleep(1.5)  # espada publishes SA counters every few hundred polls
-    for side in ("west", "east"):
+    for side in sides:
         sas, text = child_sas(side)
         if not sas:
             fail(f"{side}: no installed Child SA:\n{text}")
@@ -210,12 +226,33 @@ def restart_west():
     agree("after espada restarted")
 
 
+def libipsec_peer():
+    """East becomes charon with kernel-libipsec on the namespace's own kernel (no espada there):
+    west (espada + charon) must interoperate with it."""
+    pid = int(open(os.path.join(A.dir, "east.pid")).read())
+    os.kill(pid, 15)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.1)
+    os.remove(os.path.join(A.dir, "east.pid"))
+    e = A.prefix + "east"
+    for cmd in (["ip", "addr", "add", "192.168.100.2/24", "dev", "east-black"],
+                ["ip", "addr", "add", "10.2.0.1/24", "dev", "east-red"],
+                ["sysctl", "-qw", "net.ipv4.ip_forward=1"]):
+        sh(["ip", "netns", "exec", e, *cmd])
+    print("east: espada stopped; charon with kernel-libipsec (userspace ESP) on the namespace's kernel", flush=True)
+    return start_charon("east", libipsec=True)
+
+
 def main():
     global A
     ap = argparse.ArgumentParser()
     ap.add_argument("--espada", required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--prefix", default="ike-")
+    ap.add_argument("--peer", default="espada", choices=["espada", "libipsec"],
+                    help="east: espada + charon (default), or charon with kernel-libipsec alone")
     A = ap.parse_args()
     A.espada = os.path.abspath(A.espada)
     os.makedirs(A.dir, exist_ok=True)
@@ -226,8 +263,8 @@ def main():
         up = lab("up")
         if up.returncode != 0:
             fail(f"scripts/lab up: {up.stdout}{up.stderr}")
-        for side in ("west", "east"):
-            charons.append(start_charon(side))
+        charons.append(start_charon("west"))
+        charons.append(libipsec_peer() if A.peer == "libipsec" else start_charon("east"))
         # No SA yet: the first packets raise an acquire without CPU (the fallback SA), then
         # each worker sending on the fallback SA raises one for its own per-CPU SA.
         t0 = time.time()
@@ -235,6 +272,8 @@ def main():
             if sh(["ip", "netns", "exec", A.prefix + "sunset", "ping", "-c", "1", "-W", "1", "10.2.0.10"],
                   check=False).returncode == 0:
                 break
+        else:
+            fail("no packet passed within 30 s of the first acquire")
         print(f"first packet through after {time.time() - t0:.1f} s (acquire, IKE_SA and fallback Child SA)", flush=True)
         while time.time() - t0 < 40:
             flows()
@@ -257,9 +296,10 @@ def main():
             if not ok:
                 fail(f"core {cpu} does not send on a per-CPU Child SA charon negotiated for CPU {cpu}: {row}")
         ports = {r["udp_src_port"] for r in es if r["dir"] == "out"}
-        if len(ports) != len([r for r in es if r["dir"] == "out"]):
+        if A.peer == "espada" and len(ports) != len([r for r in es if r["dir"] == "out"]):
             fail(f"the outbound SAs do not each have their own UDP source port: {ports}")
-        print("per-CPU Child SAs: each worker sends on its own, from its own UDP source port "
+        print("per-CPU Child SAs: each worker sends on its own "
+              + ("(and from its own UDP source port) " if A.peer == "espada" else "(UDP port 4500: libipsec peer) ")
               + ", ".join(f"core {r['cpu']}: {r['spi']} port {r['udp_src_port']} ({r['packets']} packets)"
                           for r in es if r["dir"] == "out" and r["cpu"] is not None), flush=True)
         out_spis = {c["out"] for c in sas}
@@ -270,6 +310,10 @@ def main():
         if not got or got.group(1) != "5":
             fail(f"ping: {p.stdout}{p.stderr}")
         traffic()
+        if A.peer == "libipsec":
+            agree("libipsec peer", sides=("west",))
+            print("\nIKE lab checks passed (peer: charon with kernel-libipsec)", flush=True)
+            return
         agree("after traffic")
         # Rekey of the Child SA under a UDP stream: nothing lost, new SPIs.
         stream = subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",

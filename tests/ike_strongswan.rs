@@ -61,3 +61,56 @@ fn strongswan_negotiates_and_espada_carries() {
     );
     assert_eq!(text.matches("charon and espada agree").count(), 8, "{text}");
 }
+
+/// espada + charon against a peer that is not espada: charon with kernel-libipsec (strongSwan's
+/// own userspace ESP) on the namespace's kernel.
+#[test]
+fn espada_with_charon_interoperates_with_a_libipsec_peer() {
+    for (var, what) in [
+        ("ESPADA_SKIP_NETNS", "network namespaces"),
+        ("ESPADA_SKIP_STRONGSWAN", "strongSwan"),
+    ] {
+        if std::env::var(var).is_ok_and(|v| v == "1") {
+            eprintln!("{var}=1 ({what}): the libipsec peer test was NOT run");
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "scripts/lab_ike.py",
+            "--espada",
+            env!("CARGO_BIN_EXE_espada"),
+            "--dir",
+        ])
+        .arg(dir.path())
+        .args(["--prefix", &format!("l{}-", std::process::id() % 100_000)])
+        .args(["--peer", "libipsec"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "scripts/lab_ike.py --peer libipsec failed:\n{text}"
+    );
+    assert!(text.contains("IKE lab checks passed (peer: charon with kernel-libipsec)"));
+    assert!(
+        text.contains("ping sunset -> sunrise over charon's SAs: 5/5"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches(" OK").count(),
+        4,
+        "UDP and TCP both ways: {text}"
+    );
+    assert!(
+        text.contains("libipsec peer: west charon and espada agree"),
+        "{text}"
+    );
+}
