@@ -12,7 +12,8 @@ passes until charon installs SAs. Checks:
     its own UDP source port, and each worker sends on its own (RFC 9611);
   * ping, UDP and TCP both ways through the tunnel, payloads compared;
   * charon's `query_sa` counters (swanctl --list-sas) equal espada's, SA by SA;
-  * `swanctl --rekey` of the Child SAs and of the IKE SA under UDP streams lose nothing;
+  * `swanctl --rekey` of the Child SAs and of the IKE SA under UDP streams lose nothing; so
+    do rekeys driven by lifetimes (5 s), which espada's soft/hard events trigger in charon;
   * espada killed (-9) and started again: the tunnel comes back by itself.
 With --peer libipsec, east is charon with kernel-libipsec (its own userspace ESP) on the
 namespace's kernel, no espada: a peer that is not espada (no ESN there, per-CPU SAs on port 4500).
@@ -186,6 +187,57 @@ def agree(tag, sides=("west", "east")):
             f"in {c['in']:08x} {c['in_packets']} / out {c['out']:08x} {c['out_packets']} packets" for c in sas), flush=True)
 
 
+def lifetime_rekeys():
+    """Rekeys driven by lifetimes: west's Child SAs get a rekey time of 5 s (life 10 s; the
+    connection is reloaded and renegotiated so the new SAs carry it): espada counts the
+    lifetimes and reports soft and hard events to charon (the kernel's expires); a UDP stream
+    of a dozen seconds crosses several rekeys of every Child SA and loses nothing."""
+    conf = os.path.join(A.dir, "west-short.swanctl.conf")
+    text = open(os.path.join(ROOT, "ike", "strongswan", "west.swanctl.conf")).read()
+    open(conf, "w").write(text.replace("start_action = trap", "start_action = trap\n                rekey_time = 5s\n"
+                                       "                life_time = 10s\n                rand_time = 1s"))
+    # Rekeyed Child SAs and the trap keep their config: start over with the new one (the
+    # next packets negotiate with it).
+    swanctl("west", "--terminate", "--ike", "lab", "--timeout", "10", check=False)
+    swanctl("west", "--uninstall", "--child", "net", check=False)
+    swanctl("west", "--load-conns", "--file", conf)
+    swanctl("west", "--install", "--child", "net")
+    t0 = time.time()
+    while time.time() - t0 < 30:
+        flows(n=8, count=5)
+        sas = child_sas("west")[0]
+        if {c["cpu"] for c in sas} >= {None, 0, 1}:
+            break
+        time.sleep(0.5)
+    else:
+        fail(f"no Child SAs again after loading the short rekey time: {sas}")
+    first = {c["out"] for c in sas}
+    if os.environ.get("LAB_IKE_DEBUG"):
+        print(child_sas("west")[1], flush=True)
+    seen = set(first)
+    t0, sent, udp = time.time(), 0, []
+    while time.time() - t0 < 14:
+        stream = subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
+                                   "--sunrise", A.prefix + "sunrise", "--src", "10.1.0.10", "--dst", "10.2.0.10",
+                                   "--udp", "500", "--tcp", "1"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        while stream.poll() is None:
+            seen |= {c["out"] for c in child_sas("west")[0]}
+            time.sleep(0.5)
+        out, _ = stream.communicate(timeout=300)
+        udp = [l for l in out.splitlines() if l.startswith("UDP")]
+        sent += 1000
+        if sum(" OK" in l for l in udp) != 2:
+            fail(f"datagrams lost across lifetime-driven rekeys (exit {stream.returncode}):\n{out}")
+    print(f"with a 5 s rekey time: {sent} datagrams both ways over {time.time() - t0:.0f} s, every one echoed", flush=True)
+    rekeys = len(seen - first)
+    if rekeys < 3:
+        fail(f"only {rekeys} lifetime-driven rekeys happened")
+    print(f"lifetime-driven rekeys: {rekeys} new outbound Child SAs during the stream, nothing lost", flush=True)
+    # Back to the shipped lifetimes.
+    swanctl("west", "--load-conns", "--file", os.path.join(ROOT, "ike", "strongswan", "west.swanctl.conf"))
+
+
 def restart_west():
     """espada on west is killed (-9) and started again: the plugin sees espada's new run, deletes
     the IKE_SAs (the peer is told), and the next packets negotiate everything again: no manual
@@ -357,6 +409,7 @@ def main():
             fail(f"the IKE SA was not rekeyed:\n{before}\n{after}")
         print(f"IKE SA rekeyed: {spis(before)} -> {spis(after)}", flush=True)
         agree("after the IKE SA rekey")
+        lifetime_rekeys()
         restart_west()
         print("\nIKE lab checks passed", flush=True)
     finally:

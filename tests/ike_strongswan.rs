@@ -6,7 +6,8 @@
 //! then one per-CPU Child SA per worker (RFC 9611), each worker sends on its own from its own
 //! UDP source port; ping, UDP and TCP pass both ways with payloads compared; charon's `query_sa` counters (swanctl --list-sas) equal
 //! espada's; `swanctl --rekey` of the Child SA under a UDP stream loses nothing and espada sends
-//! on the new SPIs; so does an IKE SA rekey. Then espada on west is killed (-9) and started
+//! on the new SPIs; so does an IKE SA rekey, and so do rekeys driven by lifetimes (espada counts
+//! them and reports soft and hard events back, as the kernel's expires) with a 5 s rekey time. Then espada on west is killed (-9) and started
 //! again: the plugin sees its new run, deletes the IKE_SAs, and the next packets negotiate
 //! everything again without a manual step. See scripts/lab_ike.py (needs root; scripts/strongswan builds charon,
 //! swanctl and the plugin once into ~/.cache/espada).
@@ -55,6 +56,8 @@ fn strongswan_negotiates_and_espada_carries() {
     );
     assert!(text.contains("rekeyed: west sends on"), "{text}");
     assert!(text.contains("IKE SA rekeyed"), "{text}");
+    assert!(text.contains("lifetime-driven rekeys:"), "{text}");
+    assert!(text.contains("every one echoed"), "{text}");
     assert!(
         text.contains("started again: traffic passes again after"),
         "{text}"

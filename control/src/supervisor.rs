@@ -57,6 +57,9 @@ pub struct Supervisor {
     /// Acquires raised by workers and not yet taken by the IKE daemon (`sa acquires`):
     /// (tunnel index, CPU), each once.
     acquires: Vec<(usize, Option<usize>)>,
+    /// Lifetime events of SAs an IKE daemon installed, for it to rekey (soft) or delete (hard):
+    /// (SPI, outbound, hard), each once.
+    expires: Vec<(u32, bool, bool)>,
     /// This run of the gateway (nanoseconds since the epoch at start): the IKE daemon's
     /// plugin sees it change when espada restarted and lost the SAs it had installed.
     boot: u64,
@@ -104,6 +107,7 @@ impl Supervisor {
             bump: HashMap::new(),
             deleted: BTreeMap::new(),
             acquires: Vec::new(),
+            expires: Vec::new(),
             boot: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
@@ -270,6 +274,24 @@ impl Supervisor {
         })
     }
 
+    /// A lifetime event: for an SA of a tunnel an IKE daemon keys, kept until the daemon asks
+    /// (`sa acquires`), as the kernel's expire messages tell it to rekey or delete.
+    pub fn note_expire(&mut self, e: &SaEvent) {
+        let db = self.shared.sadb.load();
+        let Some(t) = db.tunnels.get(e.tunnel) else {
+            return;
+        };
+        let ike = self
+            .config
+            .tunnels
+            .iter()
+            .any(|c| c.name == t.name && c.ike);
+        let k = (e.spi, e.dir == Direction::Outbound, e.stage == Stage::Hard);
+        if ike && !e.seq_space && !self.expires.contains(&k) && self.expires.len() < 1024 {
+            self.expires.push(k);
+        }
+    }
+
     /// The pending acquires, for the IKE daemon's kernel interface; they are taken.
     fn take_acquires(&mut self) -> Value {
         let db = self.shared.sadb.load();
@@ -285,7 +307,24 @@ impl Supervisor {
                 }))
             })
             .collect();
-        json!({ "acquires": list, "boot": self.boot })
+        let expires: Vec<Value> = self
+            .expires
+            .drain(..)
+            .filter_map(|(spi, outbound, hard)| {
+                // The SA's destination, as the kernel's expire names it.
+                let t = db.tunnels.iter().find(|t| {
+                    t.outbound
+                        .all()
+                        .chain(t.inbound.all())
+                        .chain(t.draining.iter())
+                        .any(|s| s.spi == spi)
+                })?;
+                let ep = t.outbound.fallback.endpoints;
+                let dst = if outbound { ep.remote } else { ep.local };
+                Some(json!({"spi": spi, "hard": hard, "dst": dst.to_string()}))
+            })
+            .collect();
+        json!({ "acquires": list, "expires": expires, "boot": self.boot })
     }
 
     /// Answers a command that changes the gateway (`reload`, `sa ...`).
@@ -523,7 +562,33 @@ impl Supervisor {
                 .filter(|w| (64..=65536).contains(w))
                 .ok_or("replay_window must be between 64 and 65536")?,
         };
-        let mut spec = SaSpec::new(spi, key, esn, window, template.lifetimes, ep, cpu);
+        // An IKE daemon gives the lifetimes it negotiated (seconds, bytes, packets; 0 = none).
+        let mut lifetimes = template.lifetimes;
+        for (k, soft, hard) in [
+            (
+                "seconds",
+                &mut lifetimes.soft.seconds,
+                &mut lifetimes.hard.seconds,
+            ),
+            (
+                "bytes",
+                &mut lifetimes.soft.bytes,
+                &mut lifetimes.hard.bytes,
+            ),
+            (
+                "packets",
+                &mut lifetimes.soft.packets,
+                &mut lifetimes.hard.packets,
+            ),
+        ] {
+            if let Some(v) = a.get(format!("soft_{k}")).and_then(Value::as_u64) {
+                *soft = (v > 0).then_some(v);
+            }
+            if let Some(v) = a.get(format!("hard_{k}")).and_then(Value::as_u64) {
+                *hard = (v > 0).then_some(v);
+            }
+        }
+        let mut spec = SaSpec::new(spi, key, esn, window, lifetimes, ep, cpu);
         if !inbound {
             spec.seq_guard = Some(
                 self.seq

@@ -158,7 +158,7 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
 	kernel_ipsec_add_sa_t *data)
 {
-	char req[1024], resp[4096], cpu[32] = "", key[2 * 64 + 1], l[64], r[64];
+	char req[1536], resp[4096], cpu[32] = "", key[2 * 64 + 1], l[64], r[64], life[512] = "";
 	host_t *local = data->inbound ? id->dst : id->src;
 	host_t *remote = data->inbound ? id->src : id->dst;
 	uint32_t window = data->replay_window;
@@ -180,6 +180,18 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	{
 		snprintf(cpu, sizeof(cpu), ",\"cpu\":%u", data->cpu);
 	}
+	if (data->lifetime)
+	{	/* espada counts them and reports soft/hard events back (`expires` in `sa acquires`),
+		 * as the kernel's expire messages: charon rekeys or deletes on them */
+		lifetime_cfg_t *lt = data->lifetime;
+
+		snprintf(life, sizeof(life), ",\"soft_seconds\":%llu,\"hard_seconds\":%llu,"
+				 "\"soft_bytes\":%llu,\"hard_bytes\":%llu,\"soft_packets\":%llu,"
+				 "\"hard_packets\":%llu",
+				 (unsigned long long)lt->time.rekey, (unsigned long long)lt->time.life,
+				 (unsigned long long)lt->bytes.rekey, (unsigned long long)lt->bytes.life,
+				 (unsigned long long)lt->packets.rekey, (unsigned long long)lt->packets.life);
+	}
 	if (!data->inbound && id->src->get_port(id->src))
 	{	/* the UDP source port charon chose (per_cpu_sas = encap: one per per-CPU SA) */
 		snprintf(cpu + strlen(cpu), sizeof(cpu) - strlen(cpu), ",\"port\":%u",
@@ -190,9 +202,9 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	addr_str(remote, r, sizeof(r));
 	snprintf(req, sizeof(req),
 			 "{\"cmd\":\"sa\",\"what\":\"add\",\"args\":{\"local\":\"%s\",\"remote\":\"%s\","
-			 "\"dir\":\"%s\",\"spi\":%u,\"key\":\"%s\",\"esn\":%s,\"replay_window\":%u%s}}",
+			 "\"dir\":\"%s\",\"spi\":%u,\"key\":\"%s\",\"esn\":%s,\"replay_window\":%u%s%s}}",
 			 l, r, data->inbound ? "in" : "out", ntohl(id->spi), key,
-			 data->esn ? "true" : "false", window, cpu);
+			 data->esn ? "true" : "false", window, cpu, life);
 	memwipe(key, sizeof(key));
 	this->mutex->lock(this->mutex);
 	if (!request(this, req, resp, sizeof(resp)) || !answer_ok(resp))
@@ -205,8 +217,10 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	}
 	this->mutex->unlock(this->mutex);
 	memwipe(req, sizeof(req));
-	DBG1(DBG_KNL, "kernel-espada: %s SA %.8x installed in espada%s",
-		 data->inbound ? "inbound" : "outbound", ntohl(id->spi), cpu);
+	DBG1(DBG_KNL, "kernel-espada: %s SA %.8x installed in espada%s (soft %llu s, hard %llu s)",
+		 data->inbound ? "inbound" : "outbound", ntohl(id->spi), cpu,
+		 data->lifetime ? (unsigned long long)data->lifetime->time.rekey : 0ULL,
+		 data->lifetime ? (unsigned long long)data->lifetime->time.life : 0ULL);
 	return SUCCESS;
 }
 
@@ -375,7 +389,7 @@ static void restarted(private_kernel_espada_ipsec_t *this)
 static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 {
 	char resp[8192], l[64], r[64];
-	const char *p;
+	const char *p, *end;
 	bool restart = FALSE;
 	int i;
 
@@ -404,6 +418,34 @@ static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 	if (restart)
 	{	/* not under the mutex: threads holding IKE_SAs may be waiting for it */
 		restarted(this);
+	}
+	/* "expires":[{"dst":"..","hard":true|false,"spi":N},...]: soft = rekey, hard = delete. */
+	p = strstr(resp, "\"expires\":[");
+	end = p ? strchr(p, ']') : NULL;
+	while (p && end && (p = strstr(p, "\"dst\":\"")) && p < end)
+	{
+		char dst[64];
+		host_t *host;
+		bool hard;
+		uint32_t spi;
+		const char *h, *sp;
+
+		if (!json_str(p, "\"dst\":\"", dst, sizeof(dst)) ||
+			!(h = strstr(p, "\"hard\":")) || !(sp = strstr(p, "\"spi\":")))
+		{
+			break;
+		}
+		hard = strncmp(h + 7, "true", 4) == 0;
+		spi = strtoul(sp + 6, NULL, 10);
+		p = sp + 6;
+		host = host_create_from_string(dst, 0);
+		if (host)
+		{
+			DBG1(DBG_KNL, "kernel-espada: SA %.8x reached its %s lifetime in espada", spi,
+				 hard ? "hard" : "soft");
+			charon->kernel->expire(charon->kernel, IPPROTO_ESP, htonl(spi), host, hard);
+			host->destroy(host);
+		}
 	}
 	/* {"acquires":[{"cpu":0|null,"local":"..","remote":"..","tunnel":".."},...],"boot":N} */
 	for (p = strstr(resp, "\"cpu\":"); p; p = strstr(p, "\"cpu\":"))

@@ -470,6 +470,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 ("reload", false, Some(e)) => {
                     tracing::info!("reload refused, still running the previous configuration: {e}")
                 }
+                // The IKE daemon's plugin polls `sa acquires` a few times a second: logged
+                // only at debug level (each acquire is logged when a worker raises it).
+                _ if cmd.req.what == "acquires" && r.ok => {
+                    tracing::debug!("control: {}: {}", what.trim(), r.data)
+                }
                 (_, true, _) => tracing::info!("control: {}: {}", what.trim(), r.data),
                 (_, false, Some(e)) => tracing::info!("control: {} refused: {e}", what.trim()),
                 _ => {}
@@ -487,6 +492,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             }
         }
         while let Some(e) = shared.events.pop() {
+            sup.note_expire(&e);
             let (loud, text) = sup.describe_event(&e);
             if loud {
                 tracing::warn!("{text}");
