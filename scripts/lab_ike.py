@@ -160,6 +160,26 @@ def traffic(udp=50, tcp=256 << 10):
         fail("UDP/TCP through the IKE-keyed tunnel")
 
 
+def stream(udp):
+    """A UDP stream both ways (each datagram echoed and compared) in the background."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
+                             "--sunrise", A.prefix + "sunrise", "--src", "10.1.0.10", "--dst", "10.2.0.10",
+                             "--udp", str(udp), "--tcp", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def during(udp, what, action):
+    """`action` under a UDP stream of `udp` datagrams each way: every one must come back."""
+    s = stream(udp)
+    time.sleep(1)
+    action()
+    out, _ = s.communicate(timeout=300)
+    lines = [l for l in out.splitlines() if l.startswith("UDP")]
+    print(f"during {what}:\n" + "\n".join(lines), flush=True)
+    if sum(" OK" in l for l in lines) != 2:
+        fail(f"datagrams lost during {what}:\n{out}")
+
+
 def agree(tag, sides=("west", "east")):
     """espada's counters on charon's SAs equal charon's (query_sa), on each gateway."""
     time.sleep(1.5)  # espada publishes SA counters every few hundred polls
@@ -217,18 +237,15 @@ def lifetime_rekeys():
     seen = set(first)
     t0, sent, udp = time.time(), 0, []
     while time.time() - t0 < 14:
-        stream = subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
-                                   "--sunrise", A.prefix + "sunrise", "--src", "10.1.0.10", "--dst", "10.2.0.10",
-                                   "--udp", "500", "--tcp", "1"], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-        while stream.poll() is None:
+        s = stream(500)
+        while s.poll() is None:
             seen |= {c["out"] for c in child_sas("west")[0]}
             time.sleep(0.5)
-        out, _ = stream.communicate(timeout=300)
+        out, _ = s.communicate(timeout=300)
         udp = [l for l in out.splitlines() if l.startswith("UDP")]
         sent += 1000
         if sum(" OK" in l for l in udp) != 2:
-            fail(f"datagrams lost across lifetime-driven rekeys (exit {stream.returncode}):\n{out}")
+            fail(f"datagrams lost across lifetime-driven rekeys (exit {s.returncode}):\n{out}")
     print(f"with a 5 s rekey time: {sent} datagrams both ways over {time.time() - t0:.0f} s, every one echoed", flush=True)
     rekeys = len(seen - first)
     if rekeys < 3:
@@ -380,16 +397,7 @@ def main():
             return
         agree("after traffic")
         # Rekey of the Child SA under a UDP stream: nothing lost, new SPIs.
-        stream = subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
-                                   "--sunrise", A.prefix + "sunrise", "--src", "10.1.0.10", "--dst", "10.2.0.10",
-                                   "--udp", "300", "--tcp", "1"], stdout=subprocess.PIPE, text=True)
-        time.sleep(1)
-        swanctl("west", "--rekey", "--child", "net")
-        out, _ = stream.communicate(timeout=300)
-        udp = [l for l in out.splitlines() if l.startswith("UDP")]
-        print("during swanctl --rekey --child net:\n" + "\n".join(udp), flush=True)
-        if sum(" OK" in l for l in udp) != 2:
-            fail("datagrams lost across the rekey")
+        during(300, "swanctl --rekey --child net", lambda: swanctl("west", "--rekey", "--child", "net"))
         time.sleep(2)
         sas2, _ = child_sas("west")
         new = [c for c in sas2 if c["out"] not in out_spis]
@@ -403,17 +411,8 @@ def main():
         traffic(udp=20, tcp=64 << 10)
         agree("after the rekey")
         # Rekey of the IKE SA under a UDP stream: the Child SAs stay; nothing lost.
-        stream = subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
-                                   "--sunrise", A.prefix + "sunrise", "--src", "10.1.0.10", "--dst", "10.2.0.10",
-                                   "--udp", "200", "--tcp", "1"], stdout=subprocess.PIPE, text=True)
-        time.sleep(1)
         before = swanctl("west", "--list-sas").stdout
-        swanctl("west", "--rekey", "--ike", "lab")
-        out, _ = stream.communicate(timeout=300)
-        udp = [l for l in out.splitlines() if l.startswith("UDP")]
-        print("during swanctl --rekey --ike lab:\n" + "\n".join(udp), flush=True)
-        if sum(" OK" in l for l in udp) != 2:
-            fail("datagrams lost across the IKE SA rekey")
+        during(200, "swanctl --rekey --ike lab", lambda: swanctl("west", "--rekey", "--ike", "lab"))
         time.sleep(1)
         after = swanctl("west", "--list-sas").stdout
         spis = lambda t: re.findall(r"ESTABLISHED, IKEv2, ([0-9a-f]+)_i", t)

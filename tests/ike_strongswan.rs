@@ -1,28 +1,29 @@
 //! Issue 14: strongSwan negotiates, espada carries. Both lab gateways run `espada run
 //! --ike-tun` (IKE reaches charon through a TUN holding the black address) and charon 6.1 with
 //! the kernel-espada plugin (`ike/strongswan/`), which installs every Child SA into espada over
-//! its control socket. The tunnel has `ike = true`: the first packets raise acquires in the
-//! workers, charon (start_action = trap, per_cpu_sas = encap) negotiates the fallback SA and
-//! then one per-CPU Child SA per worker (RFC 9611), each worker sends on its own from its own
-//! UDP source port; ping, UDP and TCP pass both ways with payloads compared; charon's `query_sa` counters (swanctl --list-sas) equal
-//! espada's; `swanctl --rekey` of the Child SA under a UDP stream loses nothing and espada sends
-//! on the new SPIs; so does an IKE SA rekey, and so do rekeys driven by lifetimes (espada counts
-//! them and reports soft and hard events back, as the kernel's expires) with a 5 s rekey time. Then espada on west is killed (-9) and started
-//! again: the plugin sees its new run, deletes the IKE_SAs, and the next packets negotiate
-//! everything again without a manual step. See scripts/lab_ike.py (needs root; scripts/strongswan builds charon,
-//! swanctl and the plugin once into ~/.cache/espada).
+//! its control socket. The tunnel has `ike = true`. `swanctl --initiate` brings up the fallback
+//! Child SA; the workers' acquires make charon (start_action = trap, per_cpu_sas = encap)
+//! negotiate one per-CPU Child SA per worker (RFC 9611), each worker sending on its own from its
+//! own UDP source port. Ping, UDP and TCP pass both ways with payloads compared; charon's
+//! `query_sa` counters (swanctl --list-sas) equal espada's. Rekeys lose nothing: of the Child
+//! SAs, of the IKE SA, and those driven by lifetimes (espada counts them and reports soft and
+//! hard events back, as the kernel's expires) with a 5 s rekey time. espada on west killed (-9)
+//! and started again: the plugin sees its new run, deletes the IKE_SAs, and the next packets
+//! negotiate everything again without a manual step. A second test runs east as charon with
+//! kernel-libipsec (a peer that is not espada). See scripts/lab_ike.py (needs root;
+//! scripts/strongswan builds charon, swanctl and the plugin once into ~/.cache/espada).
 
 use std::process::Command;
 
-#[test]
-fn strongswan_negotiates_and_espada_carries() {
+/// Runs scripts/lab_ike.py with `extra` arguments; its output, or `None` when skipped.
+fn lab_ike(prefix: char, extra: &[&str]) -> Option<String> {
     for (var, what) in [
         ("ESPADA_SKIP_NETNS", "network namespaces"),
         ("ESPADA_SKIP_STRONGSWAN", "strongSwan"),
     ] {
         if std::env::var(var).is_ok_and(|v| v == "1") {
             eprintln!("{var}=1 ({what}): the strongSwan test was NOT run");
-            return;
+            return None;
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -35,7 +36,11 @@ fn strongswan_negotiates_and_espada_carries() {
             "--dir",
         ])
         .arg(dir.path())
-        .args(["--prefix", &format!("s{}-", std::process::id() % 100_000)])
+        .args([
+            "--prefix",
+            &format!("{prefix}{}-", std::process::id() % 100_000),
+        ])
+        .args(extra)
         .output()
         .unwrap();
     let text = format!(
@@ -44,7 +49,18 @@ fn strongswan_negotiates_and_espada_carries() {
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{text}");
-    assert!(out.status.success(), "scripts/lab_ike.py failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "scripts/lab_ike.py {extra:?} failed:\n{text}"
+    );
+    Some(text)
+}
+
+#[test]
+fn strongswan_negotiates_and_espada_carries() {
+    let Some(text) = lab_ike('s', &[]) else {
+        return;
+    };
     assert!(text.contains("IKE lab checks passed"));
     assert!(
         text.contains("INSTALLED, TUNNEL-in-UDP, ESP:AES_GCM_16-128/ESN"),
@@ -54,6 +70,22 @@ fn strongswan_negotiates_and_espada_carries() {
         text.contains("ping sunset -> sunrise over charon's SAs: 5/5"),
         "{text}"
     );
+    assert!(
+        text.contains("swanctl --initiate --child net: initiate completed successfully"),
+        "{text}"
+    );
+    // RFC 9611 through acquires: the fallback SA, then one per-CPU Child SA per worker, each
+    // worker on its own from its own UDP source port, on both gateways.
+    for cpu in ["cpu -, INSTALLED", "cpu 0, INSTALLED", "cpu 1, INSTALLED"] {
+        assert!(text.contains(cpu), "{cpu}: {text}");
+    }
+    assert!(
+        text.contains(
+            "per-CPU Child SAs: each worker sends on its own (and from its own UDP source port)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("east$ espada show sa"), "{text}");
     assert!(text.contains("rekeyed: west sends on"), "{text}");
     assert!(text.contains("IKE SA rekeyed"), "{text}");
     assert!(text.contains("lifetime-driven rekeys:"), "{text}");
@@ -69,39 +101,9 @@ fn strongswan_negotiates_and_espada_carries() {
 /// own userspace ESP) on the namespace's kernel.
 #[test]
 fn espada_with_charon_interoperates_with_a_libipsec_peer() {
-    for (var, what) in [
-        ("ESPADA_SKIP_NETNS", "network namespaces"),
-        ("ESPADA_SKIP_STRONGSWAN", "strongSwan"),
-    ] {
-        if std::env::var(var).is_ok_and(|v| v == "1") {
-            eprintln!("{var}=1 ({what}): the libipsec peer test was NOT run");
-            return;
-        }
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("python3")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "scripts/lab_ike.py",
-            "--espada",
-            env!("CARGO_BIN_EXE_espada"),
-            "--dir",
-        ])
-        .arg(dir.path())
-        .args(["--prefix", &format!("l{}-", std::process::id() % 100_000)])
-        .args(["--peer", "libipsec"])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(
-        out.status.success(),
-        "scripts/lab_ike.py --peer libipsec failed:\n{text}"
-    );
+    let Some(text) = lab_ike('l', &["--peer", "libipsec"]) else {
+        return;
+    };
     assert!(text.contains("IKE lab checks passed (peer: charon with kernel-libipsec)"));
     assert!(
         text.contains("ping sunset -> sunrise over charon's SAs: 5/5"),
