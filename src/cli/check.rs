@@ -128,14 +128,18 @@ pub fn render(c: &Config, db: &SaDb) -> String {
         let tun = &db.tunnels[ti];
         let _ = writeln!(
             s,
-            "tunnel \"{}\": {} -> {}, {}, esn {}, replay window {}, keys from {} (redacted)",
+            "tunnel \"{}\": {} -> {}, {}, esn {}, replay window {}, {}",
             t.name,
             t.local,
             t.remote,
             t.cipher,
             if t.esn { "on" } else { "off" },
             t.replay_window,
-            t.key_source
+            if t.ike {
+                "SAs from the IKE daemon (ike = true: the SAs below are placeholders until it installs them)".to_string()
+            } else {
+                format!("keys from {} (redacted)", t.key_source)
+            }
         );
         let subnets = |v: &[espada_sadb::selector::Prefix]| {
             v.iter()
