@@ -9,7 +9,7 @@ impl Worker {
         let black_ip = self.shared.black.ip;
         let black_mac = self.black.mac();
         for b in burst.drain(..) {
-            let Some(mut b) = self.ip_frame(b, black_ip, black_mac, false) else {
+            let Some(b) = self.ip_frame(b, black_ip, black_mac, false) else {
                 continue;
             };
             if b.data()
@@ -85,18 +85,14 @@ impl Worker {
                 )
             };
             let (hdr, end, outer_tos) = strip;
-            b.outer_tos = outer_tos;
-            let tail = b.len() - end;
-            b.trim(tail);
-            b.adj(hdr);
-            self.inbound_esp(b);
+            self.strip_to_esp(b, hdr, end, outer_tos);
         }
     }
 
     /// An IPv6 frame on black: ESP-in-UDP to our IPv6 address (RFC 3948 over IPv6, as Linux
     /// sends it: UDP checksum computed), or a packet a bypass policy lets through.
     #[inline(never)]
-    fn black_ipv6(&mut self, mut b: PktBuf) {
+    fn black_ipv6(&mut self, b: PktBuf) {
         let Some(v6) = self.shared.black.v6 else {
             return self.drop_pkt(b, DropReason::NotForUs);
         };
@@ -148,6 +144,13 @@ impl Worker {
             )
         };
         let (hdr, end, outer_tos) = strip;
+        self.strip_to_esp(b, hdr, end, outer_tos);
+    }
+
+    /// Cuts a frame down to its UDP/4500 payload (`hdr`..`end`), notes the outer TOS byte for
+    /// the ECN step after decryption, and hands it to the ESP path.
+    #[inline(always)]
+    fn strip_to_esp(&mut self, mut b: PktBuf, hdr: usize, end: usize, outer_tos: u8) {
         b.outer_tos = outer_tos;
         let tail = b.len() - end;
         b.trim(tail);

@@ -338,14 +338,20 @@ impl Worker {
         self.protect = list;
     }
 
-    /// ICMP type 3 code 4 back to the sender of `inner` (rate-limited).
-    pub(super) fn icmp_frag_needed(&mut self, inner: &PktBuf, mtu: u16) {
+    /// Whether an ICMP or ICMPv6 error may go now: `icmp_rate` per second per worker, shared by
+    /// both families (the caller takes the token when it sends).
+    fn icmp_token(&mut self) -> bool {
         let now_s = self.epoch.elapsed().as_secs();
         if now_s != self.icmp_refill_s {
             self.icmp_refill_s = now_s;
             self.icmp_tokens = self.shared.icmp_rate;
         }
-        if self.icmp_tokens == 0 {
+        self.icmp_tokens > 0
+    }
+
+    /// ICMP type 3 code 4 back to the sender of `inner` (rate-limited).
+    pub(super) fn icmp_frag_needed(&mut self, inner: &PktBuf, mtu: u16) {
+        if !self.icmp_token() {
             return;
         }
         let Ok(ip) = ipv4::Packet::new_checked(inner.data()) else {
@@ -378,12 +384,7 @@ impl Worker {
     /// errors; never about an ICMPv6 error, RFC 4443 §2.4 (e)).
     pub(super) fn icmp6_too_big(&mut self, inner: &PktBuf, mtu: u32) {
         let Some(v6) = self.shared.red.v6 else { return };
-        let now_s = self.epoch.elapsed().as_secs();
-        if now_s != self.icmp_refill_s {
-            self.icmp_refill_s = now_s;
-            self.icmp_tokens = self.shared.icmp_rate;
-        }
-        if self.icmp_tokens == 0 {
+        if !self.icmp_token() {
             return;
         }
         let Ok(ip) = ipv6::Packet::new_checked(inner.data()) else {
