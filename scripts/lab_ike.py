@@ -160,6 +160,20 @@ def traffic(udp=50, tcp=256 << 10):
         fail("UDP/TCP through the IKE-keyed tunnel")
 
 
+def wait_per_cpu(seconds, when):
+    """Sends flows over both workers until west has the fallback and both per-CPU Child SAs
+    (the workers' acquires); its Child SAs and swanctl's listing."""
+    t0 = time.time()
+    while True:
+        flows()
+        sas, text = child_sas("west")
+        if {c["cpu"] for c in sas} >= {None, 0, 1}:
+            return sas, text
+        if time.time() - t0 > seconds:
+            fail(f"west has no fallback and two per-CPU Child SAs {when}: {sas}")
+        time.sleep(0.5)
+
+
 def stream(udp):
     """A UDP stream both ways (each datagram echoed and compared) in the background."""
     return subprocess.Popen([sys.executable, os.path.join(HERE, "lab_traffic.py"), "--sunset", A.prefix + "sunset",
@@ -222,15 +236,7 @@ def lifetime_rekeys():
     swanctl("west", "--uninstall", "--child", "net", check=False)
     swanctl("west", "--load-conns", "--file", conf)
     swanctl("west", "--install", "--child", "net")
-    t0 = time.time()
-    while time.time() - t0 < 30:
-        flows(n=8, count=5)
-        sas = child_sas("west")[0]
-        if {c["cpu"] for c in sas} >= {None, 0, 1}:
-            break
-        time.sleep(0.5)
-    else:
-        fail(f"no Child SAs again after loading the short rekey time: {sas}")
+    sas, _ = wait_per_cpu(30, "after loading the short rekey time")
     first = {c["out"] for c in sas}
     if os.environ.get("LAB_IKE_DEBUG"):
         print(child_sas("west")[1], flush=True)
@@ -282,15 +288,7 @@ def restart_west():
         fail("the tunnel did not come back after espada restarted")
     print(f"espada (west) killed with -9 and started again: traffic passes again after {time.time() - t0:.1f} s, "
           "no manual step", flush=True)
-    t1 = time.time()
-    while time.time() - t1 < 30:
-        flows()
-        sas, text = child_sas("west")
-        if {c["cpu"] for c in sas} >= {None, 0, 1}:
-            break
-        time.sleep(1)
-    else:
-        fail(f"no per-CPU Child SAs after the restart: {sas}")
+    wait_per_cpu(30, "after the restart")
     traffic(udp=20, tcp=64 << 10)
     agree("after espada restarted")
 
@@ -350,15 +348,8 @@ def main():
         else:
             fail("no packet passed within 30 s of the first acquire")
         print(f"first packet through after {time.time() - t0:.1f} s", flush=True)
-        while time.time() - t0 < 40:
-            flows()
-            sas, text = child_sas("west")
-            if {c["cpu"] for c in sas} >= {None, 0, 1}:
-                break
-            time.sleep(1)
+        sas, text = wait_per_cpu(40 - (time.time() - t0), "after the first packets")
         print("west$ swanctl --list-sas\n" + text.strip(), flush=True)
-        if {c["cpu"] for c in sas} < {None, 0, 1}:
-            fail(f"west did not get a fallback and two per-CPU Child SAs: {sas}")
         flows()
         time.sleep(2)
         show = sh([A.espada, "show", "sa", "--socket", os.path.join(A.dir, "west.sock")]).stdout
