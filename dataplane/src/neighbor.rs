@@ -325,14 +325,16 @@ impl<A> Default for NeighborCache<A> {
 }
 
 impl<A: NeighborAddr> NeighborCache<A> {
-    /// Forgets everything if `table` changed since the last call.
+    /// Forgets everything if `table` changed since the last call; `true` when it did.
     #[inline]
-    pub fn sync(&mut self, table: &NeighborTable<A>) {
+    pub fn sync(&mut self, table: &NeighborTable<A>) -> bool {
         let g = table.generation();
         if g != self.generation {
             self.slots = [(0, MacAddr::ZERO); NEIGHBOR_CACHE_SLOTS];
             self.generation = g;
+            return true;
         }
+        false
     }
 
     /// The MAC of `ip`, from the cache or else from `table` (then cached).

@@ -105,6 +105,23 @@ impl Prefix {
         }
     }
 
+    /// [`Self::contains`] for an IPv4 address, in 32-bit arithmetic (the per-packet next-hop
+    /// check: no `IpAddr` built, no 128-bit masks).
+    #[inline(always)]
+    pub fn contains_v4(&self, a: std::net::Ipv4Addr) -> bool {
+        match self.addr {
+            IpAddr::V4(n) => {
+                let m = if self.len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.len.min(32) as u32)
+                };
+                u32::from(a) & m == u32::from(n)
+            }
+            IpAddr::V6(_) => false,
+        }
+    }
+
     /// Whether every address of `other` is inside `self`.
     pub fn covers(&self, other: &Prefix) -> bool {
         self.len <= other.len && self.contains(other.addr)
@@ -739,6 +756,24 @@ mod test {
             SpdV4::compile(&spd).lookup(1, 2, 17, 1, 2),
             Some(Some(Action::Protect(3)))
         );
+    }
+
+    proptest::proptest! {
+        /// The 32-bit containment check agrees with the general one for every IPv4 prefix
+        /// length and address, and says no for an IPv6 prefix.
+        #[test]
+        fn contains_v4_agrees_with_contains(
+            net in proptest::num::u32::ANY, len in 0u8..=32, a in proptest::num::u32::ANY,
+            near in proptest::prelude::any::<bool>(),
+        ) {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len as u32) };
+            let p = Prefix::new(IpAddr::V4((net & m).into()), len).unwrap();
+            // Half the addresses inside the prefix, so both answers are exercised.
+            let a = if near { (net & m) | (a & !m) } else { a };
+            let a = std::net::Ipv4Addr::from(a);
+            proptest::prop_assert_eq!(p.contains_v4(a), p.contains(IpAddr::V4(a)));
+            proptest::prop_assert!(!Prefix::any(true).contains_v4(a));
+        }
     }
 
     proptest::proptest! {

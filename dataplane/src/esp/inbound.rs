@@ -78,6 +78,25 @@ fn decap_inner<L: InboundLookup + ?Sized, P: PacketBuf>(
         esp::UdpEncap::Keepalive => return Err(DropReason::Keepalive),
         esp::UdpEncap::Malformed => return Err(DropReason::Malformed),
     }
+    decap_esp(sas, pkt)
+}
+
+/// [`decapsulate`] for a payload the caller has already classified as ESP
+/// ([`esp::classify_udp_payload`] said `Esp`): the worker's fast path, which classifies once to
+/// find the SPI's owner.
+#[inline]
+pub fn decapsulate_esp<L: InboundLookup + ?Sized, P: PacketBuf>(sas: &mut L, pkt: &mut P) -> Decap {
+    match decap_esp(sas, pkt) {
+        Ok(d) => d,
+        Err(r) => Decap::Drop(r),
+    }
+}
+
+#[inline(always)]
+fn decap_esp<L: InboundLookup + ?Sized, P: PacketBuf>(
+    sas: &mut L,
+    pkt: &mut P,
+) -> Result<Decap, DropReason> {
     let (spi, seq_lo, iv) = {
         let p = esp::Packet::new_checked(pkt.data()).map_err(|_| DropReason::Malformed)?;
         (p.spi(), p.seq(), p.iv())

@@ -5,7 +5,7 @@
 pub mod inbound;
 pub mod outbound;
 
-pub use inbound::{decapsulate, Decap, InboundLookup};
+pub use inbound::{decapsulate, decapsulate_esp, Decap, InboundLookup};
 pub use outbound::{
     encapsulate, encapsulate_burst, encapsulate_parsed, iv_from_seq, Encap, InnerInfo,
 };

@@ -790,3 +790,105 @@ fn no_icmp_error_about_an_icmp_error() {
     assert_eq!(west.stats().drops.get(DropReason::MtuExceeded), 2);
     assert_eq!(west.stats().icmp_sent, 1, "but one about the UDP datagram");
 }
+
+#[test]
+fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
+    // The worker resolves the tunnel's next hop once per peer, not per packet (a memo). When
+    // the neighbor table changes, the memo goes: a learned entry that expires makes the next
+    // packet wait for ARP again (counted), and a re-learned MAC is the one ESP leaves for.
+    use crate::port::memory::MemoryLink;
+    use espada_wire::ethernet::MacAddr;
+    use std::time::{Duration, Instant};
+    let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (ws, es) = lab::sides();
+    let pool = Pool::new(128, 2048);
+    let (red, black) = (MemoryLink::new(1, 64), MemoryLink::new(1, 64));
+    let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
+    let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
+    // Only sunset is configured: the peer gateway is learned.
+    let sh = shared(
+        ws,
+        wdb,
+        1,
+        &[(sunset, mac::SUNSET)],
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let table = sh.neighbors.clone();
+    let mut west = crate::worker::Worker::new(
+        0,
+        sh,
+        Box::new(red.end_b(0, mac::WEST_RED, Steering::Rss)),
+        Box::new(black.end_a(0, mac::WEST_BLACK, Steering::Rss)),
+        PoolCache::new(pool.clone()),
+    )
+    .unwrap();
+    let mut pc = PoolCache::new(pool.clone());
+    let mut sunset_q = red.end_a(0, mac::SUNSET, Steering::Rss);
+    let mut peer_q = black.end_b(0, mac::EAST_BLACK, Steering::Rss);
+    let frame = {
+        let ip = espada_wire::udp::build_packet(
+            espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
+                src: sunset,
+                dst: sunrise,
+                protocol: 17,
+                payload_len: 0,
+                ttl: 64,
+                tos: 0,
+                ident: 7,
+                dont_frag: true,
+            }),
+            1234,
+            5678,
+            &[7u8; 100],
+        );
+        let mut f = mac::WEST_RED.0.to_vec();
+        f.extend_from_slice(&mac::SUNSET.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&ip);
+        f
+    };
+    // Sends `n` packets from sunset, polls west, and returns the destination MACs of the ESP
+    // frames on black (ARP requests left out) and west's NoNeighbor drops so far.
+    let mut round = |n: usize| -> (Vec<MacAddr>, u64) {
+        for _ in 0..n {
+            let mut b = pc.get().unwrap();
+            b.append(frame.len()).unwrap().copy_from_slice(&frame);
+            sunset_q.tx_burst(&mut pc, &mut vec![b]);
+        }
+        for _ in 0..4 {
+            west.poll();
+        }
+        let mut out = Vec::new();
+        peer_q.rx_burst(&mut pc, &mut out, 64);
+        let macs = out
+            .iter()
+            .filter(|b| b.data()[12..14] == [0x08, 0x00])
+            .map(|b| MacAddr(b.data()[..6].try_into().unwrap()))
+            .collect();
+        for b in out {
+            pc.put(b);
+        }
+        (macs, west.stats().drops.get(DropReason::NoNeighbor))
+    };
+    let peer = es.black.ip;
+    assert_eq!(round(3), (vec![], 3), "no neighbor yet: nothing leaves");
+    let first = MacAddr([2, 0, 0, 0, 0xee, 1]);
+    let t0 = Instant::now();
+    table.asked(peer, t0);
+    assert_eq!(
+        table.learn_reply(peer, first, t0),
+        crate::neighbor::Learn::Learned
+    );
+    assert_eq!(round(5), (vec![first; 5], 3), "to the learned MAC");
+    // The entry ages out: the memo must not keep sending to it.
+    assert_eq!(table.expire(t0 + Duration::from_secs(24 * 3600)), 1);
+    assert_eq!(round(4), (vec![], 7), "the next hop is unknown again");
+    let second = MacAddr([2, 0, 0, 0, 0xee, 2]);
+    let t1 = Instant::now();
+    table.asked(peer, t1);
+    assert_eq!(
+        table.learn_reply(peer, second, t1),
+        crate::neighbor::Learn::Learned
+    );
+    assert_eq!(round(5), (vec![second; 5], 7), "to the MAC learned since");
+}

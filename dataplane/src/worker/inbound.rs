@@ -246,7 +246,7 @@ impl Worker {
                 let spi = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
                 // The fast path: an SA this core owns (the tunnel comes with it).
                 if let Some((sa, t)) = self.sas.inbound_local(spi) {
-                    let r = decapsulate(sa, &mut b);
+                    let r = crate::esp::decapsulate_esp(sa, &mut b);
                     return self.deliver(b, r, t);
                 }
                 match self.sas.route(spi) {
@@ -274,7 +274,7 @@ impl Worker {
 
     /// What follows decapsulation: the inner packet against tunnel `t`'s selectors, TTL, and
     /// out on red; or the control path; or a counted drop.
-    #[inline]
+    #[inline(always)]
     pub(super) fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
         match r {
             Decap::Inner { .. } => {

@@ -109,7 +109,7 @@ impl Worker {
 
     /// Prepends an Ethernet header towards `next_hop` on one side and queues the frame; `false`
     /// when it was dropped (and counted) instead, so callers count only what really leaves.
-    #[inline]
+    #[inline(always)]
     pub(super) fn send_ip(&mut self, b: PktBuf, next_hop: Option<Ipv4Addr>, red: bool) -> bool {
         let Some(nh) = next_hop else {
             self.drop_pkt(b, DropReason::NotForUs);
@@ -125,8 +125,21 @@ impl Worker {
 
     /// The next hop's MAC for a packet to `remote` on black, or why there is none (an ARP
     /// request or a neighbor solicitation goes out when the neighbor is unknown).
-    #[inline]
+    #[inline(always)]
     pub(super) fn black_next_hop_mac(&mut self, remote: IpAddr) -> Result<MacAddr, DropReason> {
+        if let Some((r, m)) = self.black_memo {
+            if r == remote {
+                return Ok(m);
+            }
+        }
+        let m = self.resolve_black(remote)?;
+        self.black_memo = Some((remote, m));
+        Ok(m)
+    }
+
+    /// [`Self::black_next_hop_mac`] without the memo.
+    #[inline(never)]
+    fn resolve_black(&mut self, remote: IpAddr) -> Result<MacAddr, DropReason> {
         match remote {
             IpAddr::V4(a) => {
                 let Some(nh) = self.shared.black.next_hop(a) else {
@@ -284,7 +297,7 @@ impl Worker {
     }
 
     /// Adds the Ethernet header towards `dst` and queues the frame on red or black.
-    #[inline]
+    #[inline(always)]
     pub(super) fn send_to_mac(&mut self, mut b: PktBuf, dst: MacAddr, red: bool) -> bool {
         let src = if red { self.macs[0] } else { self.macs[1] };
         // The IP version is the first nibble of the packet the header goes in front of.

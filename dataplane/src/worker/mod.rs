@@ -82,7 +82,7 @@ impl Side {
     /// The next hop for `dst`: itself if on-link, else the configured gateway.
     #[inline]
     pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
-        if self.prefix.contains(IpAddr::V4(dst)) {
+        if self.prefix.contains_v4(dst) {
             Some(dst)
         } else {
             self.gateway
@@ -317,6 +317,9 @@ pub struct Worker {
     neigh6: NeighborCache<Ipv6Addr>,
     /// The red and black ports' MACs (asked once, not through the port per packet).
     macs: [MacAddr; 2],
+    /// The last tunnel endpoint resolved on black and its next hop's MAC: a burst to one peer
+    /// resolves its next hop once, not per packet (cleared when a neighbor table changes).
+    black_memo: Option<(IpAddr, MacAddr)>,
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
     latency: hdrhistogram::Histogram<u64>,
 }
@@ -367,6 +370,7 @@ impl Worker {
             neigh: NeighborCache::default(),
             neigh6: NeighborCache::default(),
             macs,
+            black_memo: None,
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
                 .expect("valid bounds"),
@@ -473,8 +477,12 @@ impl Worker {
             // A control-plane change (snapshot) is picked up here, between bursts.
             let _ = self.sas.sync(&self.shared.sadb, now_s);
         }
-        self.neigh.sync(&self.shared.neighbors);
-        self.neigh6.sync(&self.shared.neighbors6);
+        // A changed neighbor table (or SA set) also voids the tunnel next-hop memo.
+        let changed =
+            self.neigh.sync(&self.shared.neighbors) | self.neigh6.sync(&self.shared.neighbors6);
+        if changed {
+            self.black_memo = None;
+        }
         let mut n = 0;
 
         // Red: cleartext in, ESP out.
