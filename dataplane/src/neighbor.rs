@@ -338,7 +338,7 @@ impl<A: NeighborAddr> NeighborCache<A> {
     }
 
     /// The MAC of `ip`, from the cache or else from `table` (then cached).
-    #[inline]
+    #[inline(always)]
     pub fn get(&mut self, table: &NeighborTable<A>, ip: A) -> Option<MacAddr> {
         let k = ip.key();
         // 0.0.0.0 and :: are never next hops, so zero marks an empty slot.

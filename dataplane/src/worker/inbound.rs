@@ -2,91 +2,197 @@
 //! handoff to the owning core, open in place, the inner packet against the SPD entry, ECN,
 //! TTL and the red MTU, then out on red.
 
+use super::l2::push_eth;
 use super::*;
 
+/// What the classify stage did with one black frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Black {
+    /// Untouched: for the full path ([`Worker::black_one`]: ARP, IKE, handoffs, bypass, IPv6
+    /// outer headers, anything malformed).
+    Full,
+    /// Decrypted, checked and given its Ethernet header: ready for red (inner bytes).
+    Ready(u32),
+    /// Decrypted, and its inner packet is IPv6 (its own path, [`Worker::deliver_ipv6`]).
+    V6,
+    /// Dropped for this reason after the buffer was changed.
+    Drop(DropReason),
+}
+
 impl Worker {
+    /// Black → red over a whole burst, in stages: classify and decrypt every frame in place,
+    /// then sort (ready packets go to red's transmit list, the rest take the full path or are
+    /// counted). When every frame of the burst is ready (the usual case) the burst becomes the
+    /// transmit list as a whole: no buffer is moved.
     pub(super) fn black_stage(&mut self, burst: &mut Vec<PktBuf>) {
-        let black_ip = self.shared.black.ip;
-        let black_mac = self.black.mac();
-        for b in burst.drain(..) {
-            let Some(b) = self.ip_frame(b, black_ip, black_mac, false) else {
-                continue;
-            };
-            if b.data()
-                .get(ethernet::HEADER_LEN)
-                .is_some_and(|v| v >> 4 == 6)
-            {
-                self.black_ipv6(b);
-                continue;
+        let mut out = [Black::Full; BURST];
+        let mut all = burst.len() <= BURST;
+        for (b, o) in burst.iter_mut().zip(out.iter_mut()) {
+            *o = self.classify_black(b);
+            all &= matches!(o, Black::Ready(_));
+        }
+        if all && self.red_tx.is_empty() {
+            let n = burst.len();
+            self.stats.decap_packets += n as u64;
+            for o in &out[..n] {
+                if let Black::Ready(len) = o {
+                    self.stats.decap_bytes += *len as u64;
+                }
             }
-            // Outer IPv4 + UDP/4500 to us, or nothing.
-            let strip = {
-                let Ok(ip) = ipv4::Packet::new_checked(&b.data()[ethernet::HEADER_LEN..]) else {
-                    self.drop_pkt(b, DropReason::Malformed);
-                    continue;
-                };
-                if ip.version() != 4 || !ip.verify_checksum() {
-                    self.drop_pkt(b, DropReason::Malformed);
-                    continue;
+            std::mem::swap(&mut self.red_tx, burst);
+            return;
+        }
+        // A port that returns more than BURST frames: the rest take the full path.
+        for (i, b) in burst.drain(..).enumerate() {
+            match out.get(i).copied().unwrap_or(Black::Full) {
+                Black::Ready(len) => {
+                    self.red_tx.push(b);
+                    self.stats.decap_packets += 1;
+                    self.stats.decap_bytes += len as u64;
                 }
-                if ip.dst_addr() == black_ip
-                    && ip.protocol() == espada_wire::ip_proto::UDP
-                    && ip.is_fragment()
-                {
-                    self.drop_pkt(b, DropReason::Fragment);
-                    continue;
+                Black::V6 => self.deliver_ipv6(b),
+                Black::Drop(r) => self.drop_pkt(b, r),
+                Black::Full => self.black_one(b),
+            }
+        }
+    }
+
+    /// The classify stage for one black frame: ESP-in-UDP over IPv4 to our MAC and address,
+    /// its headers sound, for an SA this core owns, is stripped to ESP, decrypted and made
+    /// ready for red in place; anything else is left as it came.
+    #[inline(always)]
+    fn classify_black(&mut self, b: &mut PktBuf) -> Black {
+        let d = b.data();
+        if d.len() < ethernet::HEADER_LEN
+            || d[..6] != self.macs[1].0
+            || d[12..14] != ethernet::ethertype::IPV4.to_be_bytes()
+        {
+            return Black::Full;
+        }
+        let Ok(ip) = ipv4::Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
+            return Black::Full;
+        };
+        if ip.version() != 4
+            || ip.dst_addr() != self.shared.black.ip
+            || ip.protocol() != espada_wire::ip_proto::UDP
+            || ip.is_fragment()
+            || !ip.verify_checksum()
+        {
+            return Black::Full;
+        }
+        let (hl, outer_tos) = (ip.header_len() as usize, ip.tos());
+        let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
+            return Black::Full;
+        };
+        if u.dst_port() != esp::UDP_ENCAP_PORT
+            || esp::classify_udp_payload(u.payload()) != esp::UdpEncap::Esp
+            || !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()))
+        {
+            return Black::Full;
+        }
+        let Some(spi) = u.payload().get(..4) else {
+            return Black::Full;
+        };
+        let spi = u32::from_be_bytes([spi[0], spi[1], spi[2], spi[3]]);
+        let end = ethernet::HEADER_LEN + hl + u.len() as usize;
+        let tail = d.len() - end;
+        let Some((sa, t)) = self.sas.inbound_local(spi) else {
+            return Black::Full;
+        };
+        // An SA of ours: from here on the buffer changes.
+        b.outer_tos = outer_tos;
+        b.trim(tail);
+        b.adj(ethernet::HEADER_LEN + hl + udp::HEADER_LEN);
+        match crate::esp::decapsulate_esp(sa, b) {
+            Decap::Inner { .. } => self.deliver_ready(b, t),
+            Decap::Drop(r) => Black::Drop(r),
+            // Only the full classification answers Control; counted if it ever did here.
+            Decap::Control => Black::Drop(DropReason::Malformed),
+        }
+    }
+
+    /// The full black path for one frame the classify stage left alone.
+    #[inline(never)]
+    fn black_one(&mut self, b: PktBuf) {
+        let black_ip = self.shared.black.ip;
+        let black_mac = self.macs[1];
+        let Some(b) = self.ip_frame(b, black_ip, black_mac, false) else {
+            return;
+        };
+        if b.data()
+            .get(ethernet::HEADER_LEN)
+            .is_some_and(|v| v >> 4 == 6)
+        {
+            self.black_ipv6(b);
+            return;
+        }
+        // Outer IPv4 + UDP/4500 to us, or nothing.
+        let strip = {
+            let Ok(ip) = ipv4::Packet::new_checked(&b.data()[ethernet::HEADER_LEN..]) else {
+                self.drop_pkt(b, DropReason::Malformed);
+                return;
+            };
+            if ip.version() != 4 || !ip.verify_checksum() {
+                self.drop_pkt(b, DropReason::Malformed);
+                return;
+            }
+            if ip.dst_addr() == black_ip
+                && ip.protocol() == espada_wire::ip_proto::UDP
+                && ip.is_fragment()
+            {
+                self.drop_pkt(b, DropReason::Fragment);
+                return;
+            }
+            if ip.dst_addr() != black_ip || ip.protocol() != espada_wire::ip_proto::UDP {
+                // Not ESP for us: forwarded in the clear only if a bypass policy covers it
+                // (checked with the flow reversed, as the SPD is written for our side).
+                let bypass =
+                    FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..]).and_then(|f| {
+                        self.sas
+                            .db()
+                            .spd
+                            .lookup(&f.reversed())
+                            .map(|p| (p.action, f))
+                    });
+                match bypass {
+                    Some((Action::Bypass, f)) => self.forward_clear_to_red(b, f),
+                    _ => self.drop_pkt(b, DropReason::NotForUs),
                 }
-                if ip.dst_addr() != black_ip || ip.protocol() != espada_wire::ip_proto::UDP {
-                    // Not ESP for us: forwarded in the clear only if a bypass policy covers it
-                    // (checked with the flow reversed, as the SPD is written for our side).
-                    let bypass =
-                        FlowKey::from_packet(&b.data()[ethernet::HEADER_LEN..]).and_then(|f| {
-                            self.sas
-                                .db()
-                                .spd
-                                .lookup(&f.reversed())
-                                .map(|p| (p.action, f))
-                        });
-                    match bypass {
-                        Some((Action::Bypass, f)) => self.forward_clear_to_red(b, f),
-                        _ => self.drop_pkt(b, DropReason::NotForUs),
-                    }
-                    continue;
-                }
-                let hl = ip.header_len() as usize;
-                let outer_tos = ip.tos();
-                let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
-                    self.drop_pkt(b, DropReason::Malformed);
-                    continue;
-                };
-                if self.shared.punt && is_ike(u.dst_port(), u.payload()) {
-                    if !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())) {
-                        self.drop_pkt(b, DropReason::Malformed);
-                        continue;
-                    }
-                    let l = ip.total_len() as usize;
-                    self.punt_ike(b, l);
-                    continue;
-                }
-                if u.dst_port() != esp::UDP_ENCAP_PORT {
-                    self.drop_pkt(b, DropReason::NotForUs);
-                    continue;
-                }
-                // RFC 3948 §2.1: a non-zero checksum is verified; zero is accepted.
+                return;
+            }
+            let hl = ip.header_len() as usize;
+            let outer_tos = ip.tos();
+            let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
+                self.drop_pkt(b, DropReason::Malformed);
+                return;
+            };
+            if self.shared.punt && is_ike(u.dst_port(), u.payload()) {
                 if !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())) {
                     self.drop_pkt(b, DropReason::Malformed);
-                    continue;
+                    return;
                 }
-                let udp_len = u.len() as usize;
-                (
-                    ethernet::HEADER_LEN + hl + udp::HEADER_LEN,
-                    ethernet::HEADER_LEN + hl + udp_len,
-                    outer_tos,
-                )
-            };
-            let (hdr, end, outer_tos) = strip;
-            self.strip_to_esp(b, hdr, end, outer_tos);
-        }
+                let l = ip.total_len() as usize;
+                self.punt_ike(b, l);
+                return;
+            }
+            if u.dst_port() != esp::UDP_ENCAP_PORT {
+                self.drop_pkt(b, DropReason::NotForUs);
+                return;
+            }
+            // RFC 3948 §2.1: a non-zero checksum is verified; zero is accepted.
+            if !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())) {
+                self.drop_pkt(b, DropReason::Malformed);
+                return;
+            }
+            let udp_len = u.len() as usize;
+            (
+                ethernet::HEADER_LEN + hl + udp::HEADER_LEN,
+                ethernet::HEADER_LEN + hl + udp_len,
+                outer_tos,
+            )
+        };
+        let (hdr, end, outer_tos) = strip;
+        self.strip_to_esp(b, hdr, end, outer_tos);
     }
 
     /// An IPv6 frame on black: ESP-in-UDP to our IPv6 address (RFC 3948 over IPv6, as Linux
@@ -277,64 +383,84 @@ impl Worker {
     #[inline(always)]
     pub(super) fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
         match r {
-            Decap::Inner { .. } => {
-                // RFC 4301 §5.2: the inner packet must match the SPD entry that protects this
-                // tunnel (the SPD is written for our outbound side, hence the reversed flow):
-                // addresses, protocol and ports, so a UDP-only policy lets no ICMP in.
-                // IPv4 against a compiled SPD: read from the bytes, no FlowKey built.
-                let db = self.sas.db();
-                let action = match db.spd_v4.lookup_reversed_ipv4(b.data()) {
-                    Some(a) => a,
-                    None => {
-                        let Some(flow) = FlowKey::from_packet(b.data()) else {
-                            return self.drop_pkt(b, DropReason::InnerMalformed);
-                        };
-                        db.spd.lookup(&flow.reversed()).map(|p| p.action)
-                    }
-                };
-                let ok = matches!(action, Some(Action::Protect(pt)) if pt == t);
-                if !ok {
-                    return self.drop_pkt(b, DropReason::PolicyMismatch);
-                }
-                let d = b.data();
-                if d.first().is_some_and(|v| v >> 4 == 6) {
-                    return self.deliver_ipv6(b);
-                }
-                if d.len() < ipv4::HEADER_LEN || d[0] >> 4 != 4 {
-                    return self.drop_pkt(b, DropReason::NotForUs);
-                }
-                let dst = Ipv4Addr::new(d[16], d[17], d[18], d[19]);
-                let outer_ecn = b.outer_tos & 3;
-                let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
-                if ip.ttl() <= 1 {
-                    return self.drop_pkt(b, DropReason::TtlExpired);
-                }
-                // RFC 6040 §4.2 (normal mode): CE outside marks the inner packet CE, or drops
-                // it when it is not ECN-capable; ECT(1) outside upgrades an inner ECT(0).
-                let inner_ecn = ip.tos() & 3;
-                match (outer_ecn, inner_ecn) {
-                    (3, 0) => return self.drop_pkt(b, DropReason::EcnNotEct),
-                    (3, 1 | 2) => ip.update_ecn(3),
-                    (1, 2) => ip.update_ecn(1),
-                    _ => {}
-                }
-                ip.decrement_ttl();
-                let len = b.len();
-                // The red link's MTU (issue 12: decapsulated packets were sent unchecked).
-                if len > self.shared.red.mtu as usize {
-                    return self.drop_pkt(b, DropReason::MtuExceeded);
-                }
-                let nh = self.shared.red.next_hop(dst);
-                if self.send_ip(b, nh, true) {
+            Decap::Inner { .. } => match self.deliver_ready(&mut b, t) {
+                Black::Ready(len) => {
+                    self.red_tx.push(b);
                     self.stats.decap_packets += 1;
                     self.stats.decap_bytes += len as u64;
                 }
-            }
+                Black::V6 => self.deliver_ipv6(b),
+                Black::Drop(r) => self.drop_pkt(b, r),
+                // deliver_ready never leaves a packet for the full path.
+                Black::Full => self.drop_pkt(b, DropReason::Malformed),
+            },
             Decap::Control => match self.shared.control.push(b) {
                 Ok(()) => self.stats.to_control += 1,
                 Err(b) => self.drop_pkt(b, DropReason::ControlFull),
             },
             Decap::Drop(r) => self.drop_pkt(b, r),
+        }
+    }
+
+    /// What follows decryption for an inner packet of tunnel `t`: the policy check, then, for
+    /// IPv4, ECN, TTL, the red MTU and the next hop, and the Ethernet header, in place.
+    #[inline(always)]
+    fn deliver_ready(&mut self, b: &mut PktBuf, t: usize) -> Black {
+        // RFC 4301 §5.2: the inner packet must match the SPD entry that protects this
+        // tunnel (the SPD is written for our outbound side, hence the reversed flow):
+        // addresses, protocol and ports, so a UDP-only policy lets no ICMP in.
+        // IPv4 against a compiled SPD: read from the bytes, no FlowKey built.
+        let db = self.sas.db();
+        let action = match db.spd_v4.lookup_reversed_ipv4(b.data()) {
+            Some(a) => a,
+            None => {
+                let Some(flow) = FlowKey::from_packet(b.data()) else {
+                    return Black::Drop(DropReason::InnerMalformed);
+                };
+                db.spd.lookup(&flow.reversed()).map(|p| p.action)
+            }
+        };
+        if !matches!(action, Some(Action::Protect(pt)) if pt == t) {
+            return Black::Drop(DropReason::PolicyMismatch);
+        }
+        let d = b.data();
+        if d.first().is_some_and(|v| v >> 4 == 6) {
+            return Black::V6;
+        }
+        if d.len() < ipv4::HEADER_LEN || d[0] >> 4 != 4 {
+            return Black::Drop(DropReason::NotForUs);
+        }
+        let dst = Ipv4Addr::new(d[16], d[17], d[18], d[19]);
+        let outer_ecn = b.outer_tos & 3;
+        let len = b.len();
+        let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
+        if ip.ttl() <= 1 {
+            return Black::Drop(DropReason::TtlExpired);
+        }
+        // RFC 6040 §4.2 (normal mode): CE outside marks the inner packet CE, or drops it when
+        // it is not ECN-capable; ECT(1) outside upgrades an inner ECT(0).
+        let inner_ecn = ip.tos() & 3;
+        match (outer_ecn, inner_ecn) {
+            (3, 0) => return Black::Drop(DropReason::EcnNotEct),
+            (3, 1 | 2) => ip.update_ecn(3),
+            (1, 2) => ip.update_ecn(1),
+            _ => {}
+        }
+        ip.decrement_ttl();
+        // The red link's MTU (issue 12: decapsulated packets were sent unchecked).
+        if len > self.shared.red.mtu as usize {
+            return Black::Drop(DropReason::MtuExceeded);
+        }
+        let Some(nh) = self.shared.red.next_hop(dst) else {
+            return Black::Drop(DropReason::NotForUs);
+        };
+        let Some(mac) = self.neigh.get(&self.shared.neighbors, nh) else {
+            self.arp_request(nh, true);
+            return Black::Drop(DropReason::NoNeighbor);
+        };
+        match push_eth(b, self.macs[0], mac) {
+            Ok(()) => Black::Ready(len as u32),
+            Err(r) => Black::Drop(r),
         }
     }
 

@@ -300,17 +300,10 @@ impl Worker {
     #[inline(always)]
     pub(super) fn send_to_mac(&mut self, mut b: PktBuf, dst: MacAddr, red: bool) -> bool {
         let src = if red { self.macs[0] } else { self.macs[1] };
-        // The IP version is the first nibble of the packet the header goes in front of.
-        let ethertype = if b.data().first().is_some_and(|v| v >> 4 == 6) {
-            ethernet::ethertype::IPV6
-        } else {
-            ethernet::ethertype::IPV4
-        };
-        let Some(h) = b.prepend(ethernet::HEADER_LEN) else {
-            self.drop_pkt(b, DropReason::NoHeadroom);
+        if let Err(r) = push_eth(&mut b, src, dst) {
+            self.drop_pkt(b, r);
             return false;
-        };
-        emit_eth(h, src, dst, ethertype);
+        }
         if red {
             self.red_tx.push(b)
         } else {
@@ -387,6 +380,22 @@ impl Worker {
         self.drop_pkt(b, DropReason::NotForUs);
         None
     }
+}
+
+/// Puts an Ethernet header from `src` to `dst` in front of the IP packet in `b` (its
+/// EtherType from the packet's first nibble), in place.
+#[inline(always)]
+pub(super) fn push_eth(b: &mut PktBuf, src: MacAddr, dst: MacAddr) -> Result<(), DropReason> {
+    let ethertype = if b.data().first().is_some_and(|v| v >> 4 == 6) {
+        ethernet::ethertype::IPV6
+    } else {
+        ethernet::ethertype::IPV4
+    };
+    let h = b
+        .prepend(ethernet::HEADER_LEN)
+        .ok_or(DropReason::NoHeadroom)?;
+    emit_eth(h, src, dst, ethertype);
+    Ok(())
 }
 
 /// Writes an Ethernet header into the first 14 bytes of `buf`.

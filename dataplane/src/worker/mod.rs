@@ -293,6 +293,11 @@ impl StatsCell {
 /// Packets per burst (per queue).
 pub const BURST: usize = 32;
 
+/// Capacity of every packet list of a worker (receive, protect, transmit): room for a burst
+/// whose packets are fragmented (DF clear, too big for black), and the same for all, so lists
+/// can be swapped whole without ever growing.
+const LIST_CAP: usize = BURST * 4;
+
 /// A worker: one core's share of a gateway.
 pub struct Worker {
     core: usize,
@@ -302,7 +307,13 @@ pub struct Worker {
     black: Box<dyn PortQueue>,
     pool: PoolCache,
     rx: Vec<PktBuf>,
-    protect: Vec<(PktBuf, usize, InnerInfo, MacAddr)>,
+    /// Packets ready for ESP this burst, and beside each its tunnel, inner header facts and
+    /// next hop's MAC. `rx`, `protect` and `black_tx` have one capacity, so a whole burst
+    /// changes lists by a swap of vectors, never by moving buffers one by one.
+    protect: Vec<PktBuf>,
+    protect_meta: Vec<(usize, InnerInfo, MacAddr)>,
+    /// The encapsulation stage's verdict per protect-list entry (allocated once).
+    verdicts: Vec<Result<(), DropReason>>,
     red_tx: Vec<PktBuf>,
     black_tx: Vec<PktBuf>,
     stats: WorkerStats,
@@ -355,11 +366,12 @@ impl Worker {
             red,
             black,
             pool,
-            rx: Vec::with_capacity(BURST),
-            // Room for a burst whose packets are fragmented (DF clear, too big for black).
-            protect: Vec::with_capacity(BURST * 4),
-            red_tx: Vec::with_capacity(BURST * 3),
-            black_tx: Vec::with_capacity(BURST * 3),
+            rx: Vec::with_capacity(LIST_CAP),
+            protect: Vec::with_capacity(LIST_CAP),
+            protect_meta: Vec::with_capacity(LIST_CAP),
+            verdicts: Vec::with_capacity(LIST_CAP),
+            red_tx: Vec::with_capacity(LIST_CAP),
+            black_tx: Vec::with_capacity(LIST_CAP),
             stats: WorkerStats::default(),
             cell: Arc::new(StatsCell::default()),
             epoch: Instant::now(),
