@@ -1,6 +1,7 @@
 //! Black → red: outer IPv4/UDP 4500 to us, one SPI lookup (the tunnel comes with the SA) or a
 //! handoff to the owning core, open in place, the inner packet against the SPD entry, ECN,
-//! TTL and the red MTU, then out on red.
+//! TTL and the red MTU, then out on red. The classify stage does all of it in place for SAs
+//! this core owns; the full path (`black_one`) takes everything else.
 
 use super::l2::push_eth;
 use super::*;
@@ -380,7 +381,7 @@ impl Worker {
 
     /// What follows decapsulation: the inner packet against tunnel `t`'s selectors, TTL, and
     /// out on red; or the control path; or a counted drop.
-    #[inline(always)]
+    #[inline]
     pub(super) fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
         match r {
             Decap::Inner { .. } => match self.deliver_ready(&mut b, t) {

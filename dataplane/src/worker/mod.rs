@@ -1,11 +1,17 @@
 //! The worker: one per core, pinned, polling its red and black queues and its handoff queue,
-//! run to completion in bursts. Data flows one way on each side:
+//! run to completion in bursts. Data flows one way on each side, a burst at a time, in stages:
 //!
 //! ```text
-//! red   rx_burst → Ethernet/ARP → SPD → per-CPU SA → ESP encap → Ethernet → black tx_burst
-//! black rx_burst → Ethernet/ARP → IPv4/UDP 4500 → SPI route ─┬→ ESP decap → policy check → red tx_burst
-//!                                                          └→ handoff to the owning core
+//! red   rx_burst → classify (L2, IPv4, SPD, SA, next hop, MTU) → encap (seqs, seal, Ethernet) → black tx_burst
+//!                  └→ full path: ARP, IPv6, bypass, ICMP errors, fragmentation, drops
+//! black rx_burst → classify (L2, IPv4/UDP 4500, local SPI) → decap → policy, TTL, Ethernet → red tx_burst
+//!                  └→ full path: ARP/ND, IKE, handoff to the owning core, bypass, IPv6, drops
 //! ```
+//!
+//! The classify stages change a buffer only once it is sure to take the fast path; anything
+//! else reaches the full path as it arrived. A burst whose packets all take the fast path moves
+//! from the receive list to the transmit list by swapping vectors: no buffer is moved one by
+//! one (`outbound`, `inbound`).
 //!
 //! Nothing here allocates, locks or makes a syscall per packet: buffers come from the pool,
 //! the burst vectors are allocated once, the SA snapshot is checked once per burst.

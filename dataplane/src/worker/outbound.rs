@@ -1,6 +1,8 @@
-//! Red → black: classify each frame of the burst (one parse of the inner header: flow key,
-//! TTL, length, TOS, DF), look up the SPD and the core's SA for the tunnel, reserve the burst's
-//! sequence numbers per tunnel, seal in place, prepend the Ethernet header.
+//! Red → black in stages: classify each frame of the burst in place (one parse of the inner
+//! header: flow key, TTL, length, TOS, DF; the SPD, the core's SA for the tunnel, its next hop
+//! and the MTU), then over the protect list reserve the burst's sequence numbers per tunnel,
+//! seal in place and prepend the Ethernet header. Frames the classify stage cannot ready take
+//! the full path (`red_one`).
 
 use super::l2::push_eth;
 use super::*;
