@@ -40,6 +40,11 @@ pub trait PacketBuf {
     }
 }
 
+/// [`PktBuf::hw_csum`]: the NIC found the outer IPv4 header checksum good.
+pub const HW_IP_CSUM_GOOD: u8 = 1;
+/// [`PktBuf::hw_csum`]: the NIC found the UDP/TCP checksum good.
+pub const HW_L4_CSUM_GOOD: u8 = 2;
+
 /// Default headroom: Ethernet + IPv6 + UDP + ESP + IV = 14 + 40 + 8 + 8 + 8 = 78, rounded up.
 pub const DEFAULT_HEADROOM: usize = 128;
 /// Default buffer size: a 9000-byte jumbo frame plus headroom and ESP tailroom.
@@ -66,6 +71,10 @@ pub struct PktBuf {
     /// on the inbound path (its ECN field is combined with the inner one after decryption,
     /// also on a core the packet was handed to).
     pub outer_tos: u8,
+    /// Checksums the NIC verified when the frame arrived ([`HW_IP_CSUM_GOOD`],
+    /// [`HW_L4_CSUM_GOOD`], from a DPDK mbuf's `ol_flags`): the fast path skips those software
+    /// checks. Zero (the default, and always on other ports) means every check runs.
+    pub hw_csum: u8,
     /// Set when a cache hands a buffer of another pool back to its own (not a leak).
     going_home: bool,
     owner: Owner,
@@ -113,6 +122,7 @@ impl Drop for PktBuf {
                         head: 0,
                         len: 0,
                         outer_tos: 0,
+                        hw_csum: 0,
                         going_home: false,
                         owner: Owner::Heap(std::mem::take(home)),
                     };
@@ -165,6 +175,12 @@ mod mbuf_field {
     pub const PKT_LEN: usize = 36;
     pub const DATA_LEN: usize = 40;
     pub const BUF_LEN: usize = 54;
+    pub const OL_FLAGS: usize = 24;
+    /// `RTE_MBUF_F_RX_IP_CKSUM_MASK` and `_GOOD`, `RTE_MBUF_F_RX_L4_CKSUM_MASK` and `_GOOD`.
+    pub const IP_CKSUM_MASK: u64 = (1 << 4) | (1 << 7);
+    pub const IP_CKSUM_GOOD: u64 = 1 << 7;
+    pub const L4_CKSUM_MASK: u64 = (1 << 3) | (1 << 8);
+    pub const L4_CKSUM_GOOD: u64 = 1 << 8;
 }
 
 impl PktBuf {
@@ -180,6 +196,7 @@ impl PktBuf {
             head: DEFAULT_HEADROOM.min(capacity),
             len: 0,
             outer_tos: 0,
+            hw_csum: 0,
             going_home: false,
             owner: Owner::Heap(Weak::new()),
         }
@@ -240,14 +257,25 @@ impl PktBuf {
     pub unsafe fn from_mbuf(m: NonNull<dpdk_sys::rte_mbuf>) -> Option<PktBuf> {
         let p = m.as_ptr() as *const u8;
         // SAFETY (caller): m is valid; the offsets are those of DPDK's struct (asserted).
-        let (buf_addr, data_off, nb_segs, data_len, buf_len) = unsafe {
+        let (buf_addr, data_off, nb_segs, data_len, buf_len, ol_flags) = unsafe {
             (
                 std::ptr::read(p.add(mbuf_field::BUF_ADDR) as *const *mut u8),
                 std::ptr::read(p.add(mbuf_field::DATA_OFF) as *const u16) as usize,
                 std::ptr::read(p.add(mbuf_field::NB_SEGS) as *const u16),
                 std::ptr::read(p.add(mbuf_field::DATA_LEN) as *const u16) as usize,
                 std::ptr::read(p.add(mbuf_field::BUF_LEN) as *const u16) as usize,
+                std::ptr::read(p.add(mbuf_field::OL_FLAGS) as *const u64),
             )
+        };
+        // Only GOOD counts: BAD, UNKNOWN and NONE all leave the check to software.
+        let hw_csum = if ol_flags & mbuf_field::IP_CKSUM_MASK == mbuf_field::IP_CKSUM_GOOD {
+            HW_IP_CSUM_GOOD
+        } else {
+            0
+        } | if ol_flags & mbuf_field::L4_CKSUM_MASK == mbuf_field::L4_CKSUM_GOOD {
+            HW_L4_CSUM_GOOD
+        } else {
+            0
         };
         let base = NonNull::new(buf_addr)?;
         let b = PktBuf {
@@ -256,6 +284,7 @@ impl PktBuf {
             head: data_off.min(buf_len),
             len: data_len.min(buf_len.saturating_sub(data_off)),
             outer_tos: 0,
+            hw_csum,
             going_home: false,
             owner: Owner::Mbuf(m),
         };
@@ -318,6 +347,7 @@ impl PktBuf {
             head: offset.min(size),
             len: len.min(size - offset.min(size)),
             outer_tos: 0,
+            hw_csum: 0,
             going_home: false,
             owner: Owner::Umem(umem),
         }
@@ -358,6 +388,7 @@ impl PktBuf {
         self.head = headroom.min(self.cap);
         self.len = 0;
         self.outer_tos = 0;
+        self.hw_csum = 0;
     }
 
     /// Replaces the contents with `data` after the default headroom; returns `false` (and

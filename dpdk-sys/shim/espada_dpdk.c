@@ -23,6 +23,12 @@ _Static_assert(offsetof(struct rte_mbuf, nb_segs) == 20, "rte_mbuf.nb_segs moved
 _Static_assert(offsetof(struct rte_mbuf, pkt_len) == 36, "rte_mbuf.pkt_len moved");
 _Static_assert(offsetof(struct rte_mbuf, data_len) == 40, "rte_mbuf.data_len moved");
 _Static_assert(offsetof(struct rte_mbuf, buf_len) == 54, "rte_mbuf.buf_len moved");
+_Static_assert(offsetof(struct rte_mbuf, ol_flags) == 24, "rte_mbuf.ol_flags moved");
+/* The receive checksum flags pktbuf.rs reads from ol_flags. */
+_Static_assert(RTE_MBUF_F_RX_IP_CKSUM_MASK == ((1ULL << 4) | (1ULL << 7)), "IP checksum flags moved");
+_Static_assert(RTE_MBUF_F_RX_IP_CKSUM_GOOD == (1ULL << 7), "IP checksum GOOD moved");
+_Static_assert(RTE_MBUF_F_RX_L4_CKSUM_MASK == ((1ULL << 3) | (1ULL << 8)), "L4 checksum flags moved");
+_Static_assert(RTE_MBUF_F_RX_L4_CKSUM_GOOD == (1ULL << 8), "L4 checksum GOOD moved");
 uint8_t *espada_mbuf_data(struct rte_mbuf *m) { return rte_pktmbuf_mtod(m, uint8_t *); }
 uint32_t espada_mbuf_pkt_len(const struct rte_mbuf *m) { return rte_pktmbuf_pkt_len(m); }
 uint16_t espada_mbuf_data_len(const struct rte_mbuf *m) { return rte_pktmbuf_data_len(m); }
@@ -45,6 +51,9 @@ int espada_port_setup(uint16_t port, uint16_t nq, struct rte_mempool *mp, uint16
         conf.rxmode.mq_mode = RTE_ETH_MQ_RX_RSS;
         conf.rx_adv_conf.rss_conf.rss_hf = want & info.flow_type_rss_offloads;
     }
+    /* The NIC verifies IPv4 and UDP checksums where it can; the worker then trusts its GOOD
+     * flags and checks in software only what the NIC did not (virtual PMDs: everything). */
+    conf.rxmode.offloads = info.rx_offload_capa & (RTE_ETH_RX_OFFLOAD_IPV4_CKSUM | RTE_ETH_RX_OFFLOAD_UDP_CKSUM);
     if ((r = rte_eth_dev_configure(port, nq, nq, &conf)) != 0)
         return r;
     uint16_t rxd = nb_desc, txd = nb_desc;

@@ -892,3 +892,119 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
     );
     assert_eq!(round(5), (vec![second; 5], 7), "to the MAC learned since");
 }
+
+#[test]
+fn checksums_the_nic_verified_are_not_computed_again() {
+    // A DPDK port with checksum offload marks frames whose IPv4 (and UDP) checksums the NIC
+    // found good; the fast path trusts those flags and skips its own checks. Shown with frames
+    // whose checksum is wrong: without the flag they are dropped and counted as malformed, with
+    // it they pass (a NIC would never mark them good; the point is that no check runs).
+    use crate::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
+    use crate::port::memory::MemoryLink;
+    let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (ws, es) = lab::sides();
+    let pool = Pool::new(256, 2048);
+    let (red_w, black, red_e) = (
+        MemoryLink::new(1, 64),
+        MemoryLink::new(1, 64),
+        MemoryLink::new(1, 64),
+    );
+    let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
+    let mut east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
+    let mut pc = PoolCache::new(pool.clone());
+    let ip = espada_wire::udp::build_packet(
+        espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
+            src: "10.1.0.10".parse().unwrap(),
+            dst: "10.2.0.10".parse().unwrap(),
+            protocol: 17,
+            payload_len: 0,
+            ttl: 64,
+            tos: 0,
+            ident: 7,
+            dont_frag: true,
+        }),
+        1234,
+        5678,
+        &[9u8; 200],
+    );
+    let mut frame = mac::WEST_RED.0.to_vec();
+    frame.extend_from_slice(&mac::SUNSET.0);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip);
+    let bad_ip = {
+        let mut f = frame.clone();
+        f[14 + 10] ^= 0x5a; // the inner IPv4 header checksum
+        f
+    };
+    let mut sunset = red_w.end_a(0, mac::SUNSET, Steering::Rss);
+    let mut send = |pc: &mut PoolCache, f: &[u8], hw: u8| {
+        let mut b = pc.get().unwrap();
+        b.append(f.len()).unwrap().copy_from_slice(f);
+        b.hw_csum = hw;
+        sunset.tx_burst(pc, &mut vec![b]);
+        for _ in 0..2 {
+            west.poll();
+        }
+        (
+            west.stats().encap_packets,
+            west.stats().drops.get(DropReason::InnerMalformed),
+        )
+    };
+    assert_eq!(send(&mut pc, &bad_ip, 0), (0, 1), "checked in software");
+    assert_eq!(
+        send(&mut pc, &bad_ip, HW_IP_CSUM_GOOD),
+        (1, 1),
+        "the NIC's word"
+    );
+    assert_eq!(send(&mut pc, &frame, 0), (2, 1));
+    // West's ESP frame (the good one), and copies with a wrong outer IPv4 header checksum and
+    // a wrong (non-zero) UDP checksum, fed to east with and without the NIC's flags.
+    let mut esp = Vec::new();
+    black
+        .end_b(0, mac::EAST_BLACK, Steering::Rss)
+        .rx_burst(&mut pc, &mut esp, 8);
+    assert_eq!(esp.len(), 2);
+    let esp: Vec<Vec<u8>> = esp
+        .into_iter()
+        .map(|b| {
+            let v = b.data().to_vec();
+            pc.put(b);
+            v
+        })
+        .collect();
+    let outer_bad = {
+        let mut f = esp[0].clone();
+        f[14 + 10] ^= 0x5a;
+        f
+    };
+    let udp_bad = {
+        let mut f = esp[1].clone();
+        f[14 + 20 + 6..14 + 20 + 8].copy_from_slice(&[0x12, 0x34]);
+        f
+    };
+    let mut into_east = black.end_a(0, mac::WEST_BLACK, Steering::Rss);
+    let mut feed = |pc: &mut PoolCache, f: &[u8], hw: u8| {
+        let mut b = pc.get().unwrap();
+        b.append(f.len()).unwrap().copy_from_slice(f);
+        b.hw_csum = hw;
+        into_east.tx_burst(pc, &mut vec![b]);
+        for _ in 0..2 {
+            east.poll();
+        }
+        (
+            east.stats().decap_packets,
+            east.stats().drops.get(DropReason::Malformed),
+        )
+    };
+    assert_eq!(feed(&mut pc, &outer_bad, 0), (0, 1), "outer IPv4 checked");
+    assert_eq!(
+        feed(&mut pc, &udp_bad, HW_IP_CSUM_GOOD),
+        (0, 2),
+        "UDP checked"
+    );
+    assert_eq!(feed(&mut pc, &outer_bad, HW_IP_CSUM_GOOD), (1, 2));
+    assert_eq!(
+        feed(&mut pc, &udp_bad, HW_IP_CSUM_GOOD | HW_L4_CSUM_GOOD),
+        (2, 2)
+    );
+}

@@ -5,6 +5,7 @@
 
 use super::l2::push_eth;
 use super::*;
+use crate::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
 
 /// What the classify stage did with one black frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,11 @@ impl Worker {
     /// ready for red in place; anything else is left as it came.
     #[inline(always)]
     fn classify_black(&mut self, b: &mut PktBuf) -> Black {
+        // Checksums the NIC verified are not computed again (DPDK ports with the offload).
+        let (hw_ip_ok, hw_l4_ok) = (
+            b.hw_csum & HW_IP_CSUM_GOOD != 0,
+            b.hw_csum & HW_L4_CSUM_GOOD != 0,
+        );
         let d = b.data();
         if d.len() < ethernet::HEADER_LEN
             || d[..6] != self.macs[1].0
@@ -77,7 +83,7 @@ impl Worker {
             || ip.dst_addr() != self.shared.black.ip
             || ip.protocol() != espada_wire::ip_proto::UDP
             || ip.is_fragment()
-            || !ip.verify_checksum()
+            || !(hw_ip_ok || ip.verify_checksum())
         {
             return Black::Full;
         }
@@ -87,7 +93,8 @@ impl Worker {
         };
         if u.dst_port() != esp::UDP_ENCAP_PORT
             || esp::classify_udp_payload(u.payload()) != esp::UdpEncap::Esp
-            || !u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()))
+            || !(hw_l4_ok
+                || u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())))
         {
             return Black::Full;
         }
@@ -100,8 +107,10 @@ impl Worker {
         let Some((sa, t)) = self.sas.inbound_local(spi) else {
             return Black::Full;
         };
-        // An SA of ours: from here on the buffer changes.
+        // An SA of ours: from here on the buffer changes (and the NIC's flags, about the outer
+        // headers, say nothing about what is left).
         b.outer_tos = outer_tos;
+        b.hw_csum = 0;
         b.trim(tail);
         b.adj(ethernet::HEADER_LEN + hl + udp::HEADER_LEN);
         match crate::esp::decapsulate_esp(sa, b) {

@@ -6,6 +6,7 @@
 
 use super::l2::push_eth;
 use super::*;
+use crate::pktbuf::HW_IP_CSUM_GOOD;
 
 /// What the classify stage found for one red frame: ready for ESP on tunnel `t` (its headers
 /// read once, Ethernet header and padding off, TTL down, the next hop's MAC known), or
@@ -51,6 +52,7 @@ impl Worker {
     /// it under the black MTU is made ready in place; anything else is left as it came.
     #[inline(always)]
     fn classify_red(&mut self, b: &mut PktBuf) -> Ready {
+        let hw_ip_ok = b.hw_csum & HW_IP_CSUM_GOOD != 0;
         let d = b.data();
         if d.len() < ethernet::HEADER_LEN
             || d[..6] != self.macs[0].0
@@ -59,7 +61,8 @@ impl Worker {
             return None;
         }
         let ip = ipv4::Packet::new_checked(&d[ethernet::HEADER_LEN..]).ok()?;
-        if ip.version() != 4 || ip.ttl() <= 1 || !ip.verify_checksum() {
+        // The header checksum: the NIC's word where it gave it, else checked here.
+        if ip.version() != 4 || ip.ttl() <= 1 || !(hw_ip_ok || ip.verify_checksum()) {
             return None;
         }
         let (hl, tl) = (ip.header_len() as usize, ip.total_len() as usize);
@@ -100,6 +103,7 @@ impl Worker {
         }
         let mac = self.black_next_hop_mac(remote).ok()?;
         // Ready: from here on the buffer changes.
+        b.hw_csum = 0;
         self.sas.note_use(t);
         b.adj(ethernet::HEADER_LEN);
         let extra = b.len() - tl;
