@@ -43,6 +43,48 @@ fn total(h: &GatewayHalf) -> crate::worker::WorkerStats {
     t
 }
 
+/// A UDP datagram from sunset (10.1.0.10:1234) to sunrise (10.2.0.10:5678) in an Ethernet
+/// frame to west's red MAC, as sunset would send it.
+fn sunset_frame(payload: &[u8], dont_frag: bool) -> Vec<u8> {
+    let ip = espada_wire::udp::build_packet(
+        espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
+            src: "10.1.0.10".parse().unwrap(),
+            dst: "10.2.0.10".parse().unwrap(),
+            protocol: 17,
+            payload_len: 0,
+            ttl: 64,
+            tos: 0,
+            ident: 7,
+            dont_frag,
+        }),
+        1234,
+        5678,
+        payload,
+    );
+    let mut f = mac::WEST_RED.0.to_vec();
+    f.extend_from_slice(&mac::SUNSET.0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f
+}
+
+/// Puts frame `f` (with the NIC checksum flags `hw`) on queue `q` and polls `w` twice.
+fn feed(
+    pc: &mut PoolCache,
+    q: &mut dyn PortQueue,
+    w: &mut crate::worker::Worker,
+    f: &[u8],
+    hw: u8,
+) {
+    let mut b = pc.get().unwrap();
+    b.append(f.len()).unwrap().copy_from_slice(f);
+    b.hw_csum = hw;
+    q.tx_burst(pc, &mut vec![b]);
+    for _ in 0..2 {
+        w.poll();
+    }
+}
+
 #[test]
 fn every_packet_arrives_with_per_cpu_steering() {
     let mut p = pair(
@@ -672,31 +714,11 @@ fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
         MemoryLink::new(1, 64),
         MemoryLink::new(1, 64),
     );
-    let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
-    let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
     let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
     let mut east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
     let mut pc = PoolCache::new(pool.clone());
     let payload: Vec<u8> = (0..972u32).map(|i| (i * 7) as u8).collect();
-    let frame = espada_wire::udp::build_packet(
-        espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
-            src: sunset,
-            dst: sunrise,
-            protocol: 17,
-            payload_len: 0,
-            ttl: 64,
-            tos: 0,
-            ident: 7,
-            dont_frag: false,
-        }),
-        1234,
-        5678,
-        &payload,
-    );
-    let mut f = mac::WEST_RED.0.to_vec();
-    f.extend_from_slice(&mac::SUNSET.0);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&frame);
+    let f = sunset_frame(&payload, false);
     let mut b = pc.get().unwrap();
     b.append(f.len()).unwrap().copy_from_slice(&f);
     let mut into = red_w.end_a(0, mac::SUNSET, Steering::Rss);
@@ -804,7 +826,6 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
     let pool = Pool::new(128, 2048);
     let (red, black) = (MemoryLink::new(1, 64), MemoryLink::new(1, 64));
     let sunset: std::net::Ipv4Addr = "10.1.0.10".parse().unwrap();
-    let sunrise: std::net::Ipv4Addr = "10.2.0.10".parse().unwrap();
     // Only sunset is configured: the peer gateway is learned.
     let sh = shared(
         ws,
@@ -825,28 +846,7 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
     let mut pc = PoolCache::new(pool.clone());
     let mut sunset_q = red.end_a(0, mac::SUNSET, Steering::Rss);
     let mut peer_q = black.end_b(0, mac::EAST_BLACK, Steering::Rss);
-    let frame = {
-        let ip = espada_wire::udp::build_packet(
-            espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
-                src: sunset,
-                dst: sunrise,
-                protocol: 17,
-                payload_len: 0,
-                ttl: 64,
-                tos: 0,
-                ident: 7,
-                dont_frag: true,
-            }),
-            1234,
-            5678,
-            &[7u8; 100],
-        );
-        let mut f = mac::WEST_RED.0.to_vec();
-        f.extend_from_slice(&mac::SUNSET.0);
-        f.extend_from_slice(&[0x08, 0x00]);
-        f.extend_from_slice(&ip);
-        f
-    };
+    let frame = sunset_frame(&[7u8; 100], true);
     // Sends `n` packets from sunset, polls west, and returns the destination MACs of the ESP
     // frames on black (ARP requests left out) and west's NoNeighbor drops so far.
     let mut round = |n: usize| -> (Vec<MacAddr>, u64) {
@@ -872,24 +872,24 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
     };
     let peer = es.black.ip;
     assert_eq!(round(3), (vec![], 3), "no neighbor yet: nothing leaves");
+    // The peer answers west's ARP request with `mac` (as the control path learns it).
+    let learn = |mac: MacAddr| {
+        let t = Instant::now();
+        table.asked(peer, t);
+        assert_eq!(
+            table.learn_reply(peer, mac, t),
+            crate::neighbor::Learn::Learned
+        );
+        t
+    };
     let first = MacAddr([2, 0, 0, 0, 0xee, 1]);
-    let t0 = Instant::now();
-    table.asked(peer, t0);
-    assert_eq!(
-        table.learn_reply(peer, first, t0),
-        crate::neighbor::Learn::Learned
-    );
+    let t0 = learn(first);
     assert_eq!(round(5), (vec![first; 5], 3), "to the learned MAC");
     // The entry ages out: the memo must not keep sending to it.
     assert_eq!(table.expire(t0 + Duration::from_secs(24 * 3600)), 1);
     assert_eq!(round(4), (vec![], 7), "the next hop is unknown again");
     let second = MacAddr([2, 0, 0, 0, 0xee, 2]);
-    let t1 = Instant::now();
-    table.asked(peer, t1);
-    assert_eq!(
-        table.learn_reply(peer, second, t1),
-        crate::neighbor::Learn::Learned
-    );
+    learn(second);
     assert_eq!(round(5), (vec![second; 5], 7), "to the MAC learned since");
 }
 
@@ -912,25 +912,7 @@ fn checksums_the_nic_verified_are_not_computed_again() {
     let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
     let mut east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
     let mut pc = PoolCache::new(pool.clone());
-    let ip = espada_wire::udp::build_packet(
-        espada_wire::udp::IpHeader::V4(espada_wire::ipv4::Repr {
-            src: "10.1.0.10".parse().unwrap(),
-            dst: "10.2.0.10".parse().unwrap(),
-            protocol: 17,
-            payload_len: 0,
-            ttl: 64,
-            tos: 0,
-            ident: 7,
-            dont_frag: true,
-        }),
-        1234,
-        5678,
-        &[9u8; 200],
-    );
-    let mut frame = mac::WEST_RED.0.to_vec();
-    frame.extend_from_slice(&mac::SUNSET.0);
-    frame.extend_from_slice(&[0x08, 0x00]);
-    frame.extend_from_slice(&ip);
+    let frame = sunset_frame(&[9u8; 200], true);
     let bad_ip = {
         let mut f = frame.clone();
         f[14 + 10] ^= 0x5a; // the inner IPv4 header checksum
@@ -938,13 +920,7 @@ fn checksums_the_nic_verified_are_not_computed_again() {
     };
     let mut sunset = red_w.end_a(0, mac::SUNSET, Steering::Rss);
     let mut send = |pc: &mut PoolCache, f: &[u8], hw: u8| {
-        let mut b = pc.get().unwrap();
-        b.append(f.len()).unwrap().copy_from_slice(f);
-        b.hw_csum = hw;
-        sunset.tx_burst(pc, &mut vec![b]);
-        for _ in 0..2 {
-            west.poll();
-        }
+        feed(pc, &mut sunset, &mut west, f, hw);
         (
             west.stats().encap_packets,
             west.stats().drops.get(DropReason::InnerMalformed),
@@ -983,28 +959,26 @@ fn checksums_the_nic_verified_are_not_computed_again() {
         f
     };
     let mut into_east = black.end_a(0, mac::WEST_BLACK, Steering::Rss);
-    let mut feed = |pc: &mut PoolCache, f: &[u8], hw: u8| {
-        let mut b = pc.get().unwrap();
-        b.append(f.len()).unwrap().copy_from_slice(f);
-        b.hw_csum = hw;
-        into_east.tx_burst(pc, &mut vec![b]);
-        for _ in 0..2 {
-            east.poll();
-        }
+    let mut to_east = |pc: &mut PoolCache, f: &[u8], hw: u8| {
+        feed(pc, &mut into_east, &mut east, f, hw);
         (
             east.stats().decap_packets,
             east.stats().drops.get(DropReason::Malformed),
         )
     };
-    assert_eq!(feed(&mut pc, &outer_bad, 0), (0, 1), "outer IPv4 checked");
     assert_eq!(
-        feed(&mut pc, &udp_bad, HW_IP_CSUM_GOOD),
+        to_east(&mut pc, &outer_bad, 0),
+        (0, 1),
+        "outer IPv4 checked"
+    );
+    assert_eq!(
+        to_east(&mut pc, &udp_bad, HW_IP_CSUM_GOOD),
         (0, 2),
         "UDP checked"
     );
-    assert_eq!(feed(&mut pc, &outer_bad, HW_IP_CSUM_GOOD), (1, 2));
+    assert_eq!(to_east(&mut pc, &outer_bad, HW_IP_CSUM_GOOD), (1, 2));
     assert_eq!(
-        feed(&mut pc, &udp_bad, HW_IP_CSUM_GOOD | HW_L4_CSUM_GOOD),
+        to_east(&mut pc, &udp_bad, HW_IP_CSUM_GOOD | HW_L4_CSUM_GOOD),
         (2, 2)
     );
 }

@@ -47,15 +47,26 @@ impl Worker {
         // A port that returns more than BURST frames: the rest take the full path.
         for (i, b) in burst.drain(..).enumerate() {
             match out.get(i).copied().unwrap_or(Black::Full) {
-                Black::Ready(len) => {
-                    self.red_tx.push(b);
-                    self.stats.decap_packets += 1;
-                    self.stats.decap_bytes += len as u64;
-                }
-                Black::V6 => self.deliver_ipv6(b),
-                Black::Drop(r) => self.drop_pkt(b, r),
                 Black::Full => self.black_one(b),
+                v => self.land(b, v),
             }
+        }
+    }
+
+    /// A decrypted packet's way out: to red's transmit list, the IPv6 path, or a counted drop.
+    #[inline(always)]
+    fn land(&mut self, b: PktBuf, v: Black) {
+        match v {
+            Black::Ready(len) => {
+                self.red_tx.push(b);
+                self.stats.decap_packets += 1;
+                self.stats.decap_bytes += len as u64;
+            }
+            Black::V6 => self.deliver_ipv6(b),
+            Black::Drop(r) => self.drop_pkt(b, r),
+            // Never for a decrypted packet (the classify stage sends untouched ones to the
+            // full path itself): counted, never run through the full path twice.
+            Black::Full => self.drop_pkt(b, DropReason::Malformed),
         }
     }
 
@@ -393,17 +404,10 @@ impl Worker {
     #[inline]
     pub(super) fn deliver(&mut self, mut b: PktBuf, r: Decap, t: usize) {
         match r {
-            Decap::Inner { .. } => match self.deliver_ready(&mut b, t) {
-                Black::Ready(len) => {
-                    self.red_tx.push(b);
-                    self.stats.decap_packets += 1;
-                    self.stats.decap_bytes += len as u64;
-                }
-                Black::V6 => self.deliver_ipv6(b),
-                Black::Drop(r) => self.drop_pkt(b, r),
-                // deliver_ready never leaves a packet for the full path.
-                Black::Full => self.drop_pkt(b, DropReason::Malformed),
-            },
+            Decap::Inner { .. } => {
+                let v = self.deliver_ready(&mut b, t);
+                self.land(b, v);
+            }
             Decap::Control => match self.shared.control.push(b) {
                 Ok(()) => self.stats.to_control += 1,
                 Err(b) => self.drop_pkt(b, DropReason::ControlFull),
