@@ -68,6 +68,38 @@ fn sunset_frame(payload: &[u8], dont_frag: bool) -> Vec<u8> {
     f
 }
 
+/// West and east as single hand-fed workers: sunset's link (west red), the black link and
+/// sunrise's link (east red) as memory links, and a cache of their shared pool.
+struct HandFed {
+    red_w: crate::port::memory::MemoryLink,
+    black: crate::port::memory::MemoryLink,
+    red_e: crate::port::memory::MemoryLink,
+    west: crate::worker::Worker,
+    east: crate::worker::Worker,
+    pc: PoolCache,
+}
+
+fn hand_fed((ws, es): (GatewaySides, GatewaySides)) -> HandFed {
+    use crate::port::memory::MemoryLink;
+    let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let pool = Pool::new(256, 2048);
+    let (red_w, black, red_e) = (
+        MemoryLink::new(1, 64),
+        MemoryLink::new(1, 64),
+        MemoryLink::new(1, 64),
+    );
+    let west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
+    let east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
+    HandFed {
+        red_w,
+        black,
+        red_e,
+        west,
+        east,
+        pc: PoolCache::new(pool),
+    }
+}
+
 /// Puts frame `f` (with the NIC checksum flags `hw`) on queue `q` and polls `w` twice.
 fn feed(
     pc: &mut PoolCache,
@@ -704,19 +736,16 @@ fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
     // Issue 12 item 9 (RFC 4301 §8.1): west's black MTU is 600; a 1000-byte inner packet with
     // DF clear leaves as two ESP packets that each fit, and east delivers two IPv4 fragments
     // that together are the original payload.
-    use crate::port::memory::MemoryLink;
-    let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let (mut ws, es) = lab::sides();
     ws.black.mtu = 600;
-    let pool = Pool::new(256, 2048);
-    let (red_w, black, red_e) = (
-        MemoryLink::new(1, 64),
-        MemoryLink::new(1, 64),
-        MemoryLink::new(1, 64),
-    );
-    let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
-    let mut east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
-    let mut pc = PoolCache::new(pool.clone());
+    let HandFed {
+        red_w,
+        black: _black,
+        red_e,
+        mut west,
+        mut east,
+        mut pc,
+    } = hand_fed((ws, es));
     let payload: Vec<u8> = (0..972u32).map(|i| (i * 7) as u8).collect();
     let f = sunset_frame(&payload, false);
     let mut b = pc.get().unwrap();
@@ -900,18 +929,14 @@ fn checksums_the_nic_verified_are_not_computed_again() {
     // whose checksum is wrong: without the flag they are dropped and counted as malformed, with
     // it they pass (a NIC would never mark them good; the point is that no check runs).
     use crate::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
-    use crate::port::memory::MemoryLink;
-    let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
-    let (ws, es) = lab::sides();
-    let pool = Pool::new(256, 2048);
-    let (red_w, black, red_e) = (
-        MemoryLink::new(1, 64),
-        MemoryLink::new(1, 64),
-        MemoryLink::new(1, 64),
-    );
-    let mut west = lab_worker(LabGateway::West, wdb, (ws, es), &red_w, &black, &pool).unwrap();
-    let mut east = lab_worker(LabGateway::East, edb, (ws, es), &red_e, &black, &pool).unwrap();
-    let mut pc = PoolCache::new(pool.clone());
+    let HandFed {
+        red_w,
+        black,
+        mut west,
+        mut east,
+        mut pc,
+        ..
+    } = hand_fed(lab::sides());
     let frame = sunset_frame(&[9u8; 200], true);
     let bad_ip = {
         let mut f = frame.clone();
