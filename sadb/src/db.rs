@@ -17,6 +17,7 @@ use crate::lifetime::{LifetimeTracker, Lifetimes, Stage};
 use crate::replay::ReplayWindow;
 use crate::sa::{InboundSa, OutboundSa, TunnelEndpoints};
 use crate::selector::{Prefix, Spd};
+use crate::spimap::SpiMap;
 use crate::seqguard::SeqGuard;
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
@@ -537,7 +538,7 @@ pub struct CoreSas {
     core: usize,
     db: Arc<SaDb>,
     outbound: Vec<Option<OutRt>>,
-    inbound: HashMap<u32, InRt>,
+    inbound: SpiMap<InRt>,
     expired: HashSet<u32>,
     events_lost: u64,
     /// Per tunnel: the acquire this worker would raise (`Some(cpu)`), when the SA it should
@@ -556,7 +557,7 @@ impl CoreSas {
             core,
             db: db.clone(),
             outbound: Vec::new(),
-            inbound: HashMap::default(),
+            inbound: SpiMap::default(),
             expired: HashSet::default(),
             events_lost: 0,
             acquire: Vec::new(),
@@ -666,7 +667,7 @@ impl CoreSas {
                 in_plan.push((s.spi, t, s.key_id, s.lifetimes));
                 let same = self
                     .inbound
-                    .get(&s.spi)
+                    .get(s.spi)
                     .is_some_and(|r| r.key_id == s.key_id);
                 if !same && !fresh_in.contains_key(&s.spi) {
                     let sa = s
@@ -706,7 +707,7 @@ impl CoreSas {
         }
         let mut old_in = std::mem::take(&mut self.inbound);
         for (spi, t, k, life) in in_plan {
-            let kept = old_in.remove(&spi).filter(|r| r.key_id == k);
+            let kept = old_in.remove(spi).filter(|r| r.key_id == k);
             if let Some(mut rt) = kept.or_else(|| fresh_in.remove(&spi)) {
                 rt.tunnel = t; // tunnels may have moved in the new snapshot
                 rt.life.set_limits(life);
@@ -764,7 +765,7 @@ impl CoreSas {
     /// Where to process inbound SPI `spi`.
     #[inline]
     pub fn route(&self, spi: u32) -> Route {
-        if self.inbound.contains_key(&spi) {
+        if self.inbound.contains_key(spi) {
             return Route::Local;
         }
         if self.expired.contains(&spi) {
@@ -782,13 +783,13 @@ impl CoreSas {
     /// the table holds only SAs this gateway installed).
     #[inline]
     pub fn inbound_local(&mut self, spi: u32) -> Option<(&mut InboundSa, usize)> {
-        self.inbound.get_mut(&spi).map(|r| (&mut r.sa, r.tunnel))
+        self.inbound.get_mut(spi).map(|r| (&mut r.sa, r.tunnel))
     }
 
     /// A local inbound SA by SPI.
     #[inline]
     pub fn inbound_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {
-        self.inbound.get_mut(&spi).map(|r| &mut r.sa)
+        self.inbound.get_mut(spi).map(|r| &mut r.sa)
     }
 
     /// Local inbound SAs (for reports).
@@ -854,20 +855,20 @@ impl CoreSas {
             if let Some(stage) = r.life.update(&r.sa.counters, now) {
                 push(SaEvent {
                     tunnel: r.tunnel,
-                    spi: *spi,
+                    spi,
                     dir: Direction::Inbound,
                     stage,
                     core,
                     seq_space: false,
                 });
                 if stage == Stage::Hard {
-                    gone.push(*spi);
+                    gone.push(spi);
                 }
             }
         }
         self.events_lost += lost;
         for spi in gone {
-            self.inbound.remove(&spi);
+            self.inbound.remove(spi);
             self.expired.insert(spi);
         }
         for (t, spi) in switch {

@@ -13,6 +13,7 @@ pub mod lifetime;
 pub mod replay;
 pub mod sa;
 pub mod selector;
+pub mod spimap;
 pub mod seqguard;
 
 pub use replay::{ReplayError, ReplayWindow};
