@@ -181,7 +181,12 @@ pub struct WorkerStats {
 const N_FIELDS: usize = 19;
 
 /// Lock-free published copy of a worker's [`WorkerStats`] (written by its worker only).
+///
+/// Cache-padded: each cell starts on its own 128-byte boundary (two lines, as the adjacent-line
+/// prefetcher pairs them) and no other data shares its lines, so one worker's stores never
+/// invalidate a line another worker or the reporter is using for something else.
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct StatsCell {
     vals: [AtomicU64; N_FIELDS],
     drops: [AtomicU64; DropReason::COUNT],
@@ -623,5 +628,20 @@ impl Worker {
     fn drop_pkt(&mut self, b: PktBuf, r: DropReason) {
         self.stats.drops.inc(r);
         self.pool.put(b);
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn stats_cells_never_share_a_cache_line() {
+        assert_eq!(std::mem::align_of::<StatsCell>(), 128);
+        assert_eq!(std::mem::size_of::<StatsCell>() % 128, 0);
+        let cells: Vec<Arc<StatsCell>> = (0..8).map(|_| Arc::new(StatsCell::default())).collect();
+        for c in &cells {
+            assert_eq!(Arc::as_ptr(c) as usize % 128, 0);
+        }
     }
 }
