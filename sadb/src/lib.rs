@@ -13,8 +13,8 @@ pub mod lifetime;
 pub mod replay;
 pub mod sa;
 pub mod selector;
-pub mod spimap;
 pub mod seqguard;
+pub mod spimap;
 
 pub use replay::{ReplayError, ReplayWindow};
 pub use sa::{

@@ -11,12 +11,18 @@
 //! The classify stages change a buffer only once it is sure to take the fast path; anything
 //! else reaches the full path as it arrived. A burst whose packets all take the fast path moves
 //! from the receive list to the transmit list by swapping vectors: no buffer is moved one by
-//! one (`outbound`, `inbound`).
+//! one (`red.rs`,
+//! `black.rs`).
+//!
+//! One file per stage: `red.rs` (classify, policy, SA, next hop) → `encap.rs` (sequence numbers,
+//! seal, Ethernet) on the way out; `black.rs` (classify, SPI, decrypt) → `deliver.rs` (policy,
+//! ECN, TTL, Ethernet) on the way in; `transmit.rs` for both. `red_full.rs` and `black_full.rs`
+//! are the full paths, `l2.rs` ARP/ND and next hops. This file is the loop that calls them.
 //!
 //! Nothing here allocates, locks or makes a syscall per packet: buffers come from the pool,
 //! the burst vectors are allocated once, the SA snapshot is checked once per burst.
 
-use crate::drop::{DropCounters, DropReason};
+use crate::drop::DropReason;
 use crate::esp::{
     decapsulate, encapsulate_parsed, iv_from_seq, Decap, Encap, InboundLookup, InnerInfo,
 };
@@ -31,13 +37,22 @@ use espada_sadb::InboundSa;
 use espada_wire::ethernet::{self, MacAddr};
 use espada_wire::{arp, esp, icmpv4, icmpv6, ipv4, ipv6, udp};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-mod inbound;
+// One file per stage (see the module documentation for the order).
+mod black;
+mod black_full;
+mod deliver;
+mod encap;
 mod l2;
-mod outbound;
+mod red;
+mod red_full;
+mod stats;
+mod transmit;
+
+pub use stats::{SaStat, StatsCell, WorkerStats};
 
 impl InboundLookup for CoreSas {
     #[inline(always)]
@@ -130,175 +145,6 @@ pub struct GatewayShared {
     /// After 256 empty polls in a row, sleep this many microseconds before polling again
     /// (0: pure busy polling, for dedicated cores). Lets a shared host's kernel breathe.
     pub idle_sleep_us: u32,
-}
-
-/// Counters of one worker. Plain integers while a burst runs; published to a [`StatsCell`] once
-/// per burst.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WorkerStats {
-    /// Frames received on red.
-    pub red_rx: u64,
-    /// Frames received on black.
-    pub black_rx: u64,
-    /// Frames sent on red.
-    pub red_tx: u64,
-    /// Frames sent on black.
-    pub black_tx: u64,
-    /// Packets encapsulated.
-    pub encap_packets: u64,
-    /// Inner bytes encapsulated.
-    pub encap_bytes: u64,
-    /// Packets decapsulated (authentic, delivered to red).
-    pub decap_packets: u64,
-    /// Inner bytes decapsulated.
-    pub decap_bytes: u64,
-    /// Packets forwarded in the clear by bypass policies.
-    pub bypass_packets: u64,
-    /// Packets handed to another core's SA.
-    pub handoff_out: u64,
-    /// Packets taken from the handoff queue.
-    pub handoff_in: u64,
-    /// IKE messages passed to the control plane.
-    pub to_control: u64,
-    /// ARP replies sent.
-    pub arp_replies: u64,
-    /// ARP requests sent.
-    pub arp_requests: u64,
-    /// ICMP and ICMPv6 errors sent.
-    pub icmp_sent: u64,
-    /// IPv6 neighbor advertisements sent (answers to solicitations for our addresses).
-    pub nd_adverts: u64,
-    /// IPv6 neighbor solicitations sent (address resolution of next hops).
-    pub nd_solicits: u64,
-    /// Bursts that carried at least one packet.
-    pub bursts: u64,
-    /// Nanoseconds spent in those bursts.
-    pub busy_ns: u64,
-    /// Drops by reason.
-    pub drops: DropCounters,
-}
-
-const N_FIELDS: usize = 19;
-
-/// Lock-free published copy of a worker's [`WorkerStats`] (written by its worker only).
-///
-/// Cache-padded: each cell starts on its own 128-byte boundary (two lines, as the adjacent-line
-/// prefetcher pairs them) and no other data shares its lines, so one worker's stores never
-/// invalidate a line another worker or the reporter is using for something else.
-#[derive(Debug)]
-#[repr(align(128))]
-pub struct StatsCell {
-    vals: [AtomicU64; N_FIELDS],
-    drops: [AtomicU64; DropReason::COUNT],
-    /// Per-SA counters, refreshed every few hundred bursts: (direction, SPI, packets, bytes).
-    pub sas: Mutex<Vec<SaStat>>,
-    /// The red and black port queues' counters, refreshed with the SA counters.
-    pub ports: Mutex<[crate::port::PortStats; 2]>,
-}
-
-/// Counters of one SA as a worker saw them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SaStat {
-    /// `true` for outbound.
-    pub outbound: bool,
-    /// SPI.
-    pub spi: u32,
-    /// UDP source port (outbound).
-    pub port: u16,
-    /// Packets.
-    pub packets: u64,
-    /// Inner bytes.
-    pub bytes: u64,
-    /// Outbound: last sequence number used; inbound: top of the replay window.
-    pub seq: u64,
-    /// Inbound: replay window size (0: anti-replay off); outbound: 0.
-    pub window: u32,
-    /// Extended sequence numbers.
-    pub esn: bool,
-}
-
-impl Default for StatsCell {
-    fn default() -> Self {
-        StatsCell {
-            vals: Default::default(),
-            drops: std::array::from_fn(|_| AtomicU64::new(0)),
-            sas: Mutex::new(Vec::new()),
-            ports: Mutex::new(Default::default()),
-        }
-    }
-}
-
-impl WorkerStats {
-    fn fields(&self) -> [u64; N_FIELDS] {
-        [
-            self.red_rx,
-            self.black_rx,
-            self.red_tx,
-            self.black_tx,
-            self.encap_packets,
-            self.encap_bytes,
-            self.decap_packets,
-            self.decap_bytes,
-            self.bypass_packets,
-            self.handoff_out,
-            self.handoff_in,
-            self.to_control,
-            self.arp_replies,
-            self.arp_requests,
-            self.icmp_sent,
-            self.bursts,
-            self.busy_ns,
-            self.nd_adverts,
-            self.nd_solicits,
-        ]
-    }
-}
-
-impl StatsCell {
-    #[inline]
-    fn publish(&self, s: &WorkerStats) {
-        for (a, v) in self.vals.iter().zip(s.fields()) {
-            a.store(v, Ordering::Relaxed);
-        }
-        for (i, r) in DropReason::ALL.iter().enumerate() {
-            self.drops[i].store(s.drops.get(*r), Ordering::Relaxed);
-        }
-    }
-
-    /// A consistent-enough copy for reports.
-    pub fn read(&self) -> WorkerStats {
-        let v: Vec<u64> = self
-            .vals
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect();
-        let mut d = DropCounters::default();
-        for (i, r) in DropReason::ALL.iter().enumerate() {
-            d.add(*r, self.drops[i].load(Ordering::Relaxed));
-        }
-        WorkerStats {
-            red_rx: v[0],
-            black_rx: v[1],
-            red_tx: v[2],
-            black_tx: v[3],
-            encap_packets: v[4],
-            encap_bytes: v[5],
-            decap_packets: v[6],
-            decap_bytes: v[7],
-            bypass_packets: v[8],
-            handoff_out: v[9],
-            handoff_in: v[10],
-            to_control: v[11],
-            arp_replies: v[12],
-            arp_requests: v[13],
-            icmp_sent: v[14],
-            bursts: v[15],
-            busy_ns: v[16],
-            nd_adverts: v[17],
-            nd_solicits: v[18],
-            drops: d,
-        }
-    }
 }
 
 /// Packets per burst (per queue).
@@ -525,21 +371,7 @@ impl Worker {
         self.rx = burst;
 
         // Packets other cores handed to the SAs this core owns.
-        self.rx.clear();
-        let q = &self.shared.handoff[self.core];
-        while self.rx.len() < BURST {
-            match q.pop() {
-                Some(b) => self.rx.push(b),
-                None => break,
-            }
-        }
-        self.stats.handoff_in += self.rx.len() as u64;
-        n += self.rx.len();
-        let mut burst = std::mem::take(&mut self.rx);
-        for b in burst.drain(..) {
-            self.inbound_esp(b);
-        }
-        self.rx = burst;
+        n += self.handoff_stage();
 
         // IKE the daemon sent (`espada run --ike-tun`): worker 0 sends it on black.
         if self.core == 0 && self.shared.punt {
@@ -552,23 +384,7 @@ impl Worker {
             }
         }
 
-        // Transmit.
-        if !self.red_tx.is_empty() {
-            let want = self.red_tx.len();
-            let sent = self.red.tx_burst(&mut self.pool, &mut self.red_tx);
-            self.stats.red_tx += sent as u64;
-            for _ in sent..want {
-                self.stats.drops.inc(DropReason::TxFull);
-            }
-        }
-        if !self.black_tx.is_empty() {
-            let want = self.black_tx.len();
-            let sent = self.black.tx_burst(&mut self.pool, &mut self.black_tx);
-            self.stats.black_tx += sent as u64;
-            for _ in sent..want {
-                self.stats.drops.inc(DropReason::TxFull);
-            }
-        }
+        self.transmit();
 
         if n > 0 {
             self.stats.bursts += 1;
@@ -628,20 +444,5 @@ impl Worker {
     fn drop_pkt(&mut self, b: PktBuf, r: DropReason) {
         self.stats.drops.inc(r);
         self.pool.put(b);
-    }
-}
-
-#[cfg(test)]
-mod test {
-    use super::*;
-
-    #[test]
-    fn stats_cells_never_share_a_cache_line() {
-        assert_eq!(std::mem::align_of::<StatsCell>(), 128);
-        assert_eq!(std::mem::size_of::<StatsCell>() % 128, 0);
-        let cells: Vec<Arc<StatsCell>> = (0..8).map(|_| Arc::new(StatsCell::default())).collect();
-        for c in &cells {
-            assert_eq!(Arc::as_ptr(c) as usize % 128, 0);
-        }
     }
 }

@@ -1,120 +1,15 @@
-//! Red → black in stages: classify each frame of the burst in place (one parse of the inner
-//! header: flow key, TTL, length, TOS, DF; the SPD, the core's SA for the tunnel, its next hop
-//! and the MTU), then over the protect list reserve the burst's sequence numbers per tunnel,
-//! seal in place and prepend the Ethernet header. Frames the classify stage cannot ready take
-//! the full path (`red_one`).
+//! Red, the full path: a frame the classify stage (`red.rs`) left untouched. ARP, IPv6
+//! (dual stack), the SPD's bypass and discard, TTL expiry, the black MTU with ICMP "needs
+//! fragmentation" / ICMPv6 "packet too big" and, DF clear, fragmentation before
+//! encapsulation (RFC 4301 §8.1); every drop counted by reason. Packets it readies for ESP
+//! join the protect list of the encapsulation stage (`encap.rs`).
 
-use super::l2::push_eth;
 use super::*;
-use crate::pktbuf::HW_IP_CSUM_GOOD;
-
-/// What the classify stage found for one red frame: ready for ESP on tunnel `t` (its headers
-/// read once, Ethernet header and padding off, TTL down, the next hop's MAC known), or
-/// untouched for the full path ([`Worker::red_one`]: ARP, IPv6, bypass, drops, ICMP errors,
-/// fragmentation).
-type Ready = Option<(usize, InnerInfo, MacAddr)>;
 
 impl Worker {
-    /// Red → black over a whole burst, in stages: classify every frame in place, sort (ready
-    /// packets join the protect list, the rest take the full path), then encapsulate and
-    /// transmit the protect list ([`Self::encap_burst`]). A packet's buffer is written in
-    /// place and moved only between stages, never right after a write.
-    pub(super) fn red_stage(&mut self, burst: &mut Vec<PktBuf>) {
-        let mut ready: [Ready; BURST] = [None; BURST];
-        let mut all = burst.len() <= BURST;
-        for (b, r) in burst.iter_mut().zip(ready.iter_mut()) {
-            *r = self.classify_red(b);
-            all &= r.is_some();
-        }
-        if all && self.protect.is_empty() {
-            // Every frame is ready (the usual case): the burst becomes the protect list as a
-            // whole, no buffer moves.
-            std::mem::swap(&mut self.protect, burst);
-            self.protect_meta
-                .extend(ready.iter().take(self.protect.len()).flatten());
-        } else {
-            // A port that returns more than BURST frames: the rest take the full path.
-            for (i, b) in burst.drain(..).enumerate() {
-                match ready.get(i).copied().flatten() {
-                    Some(m) => {
-                        self.protect.push(b);
-                        self.protect_meta.push(m);
-                    }
-                    None => self.red_one(b),
-                }
-            }
-        }
-        self.encap_burst();
-    }
-
-    /// The classify stage for one red frame: an IPv4 packet to our MAC whose header checks out,
-    /// whose SPD entry protects it with a tunnel that has an SA, a known next hop and room for
-    /// it under the black MTU is made ready in place; anything else is left as it came.
-    #[inline(always)]
-    fn classify_red(&mut self, b: &mut PktBuf) -> Ready {
-        let hw_ip_ok = b.hw_csum & HW_IP_CSUM_GOOD != 0;
-        let d = b.data();
-        if d.len() < ethernet::HEADER_LEN
-            || d[..6] != self.macs[0].0
-            || d[12..14] != ethernet::ethertype::IPV4.to_be_bytes()
-        {
-            return None;
-        }
-        let ip = ipv4::Packet::new_checked(&d[ethernet::HEADER_LEN..]).ok()?;
-        // The header checksum: the NIC's word where it gave it, else checked here.
-        if ip.version() != 4 || ip.ttl() <= 1 || !(hw_ip_ok || ip.verify_checksum()) {
-            return None;
-        }
-        let (hl, tl) = (ip.header_len() as usize, ip.total_len() as usize);
-        let proto = ip.protocol();
-        let l4 = &d[ethernet::HEADER_LEN + hl..ethernet::HEADER_LEN + tl];
-        let (sport, dport) = match proto {
-            6 | 17 | 132 if l4.len() >= 4 && ip.frag_offset() == 0 => (
-                u16::from_be_bytes([l4[0], l4[1]]),
-                u16::from_be_bytes([l4[2], l4[3]]),
-            ),
-            _ => (0, 0),
-        };
-        if ip.dst_addr() == self.shared.red.ip {
-            return None;
-        }
-        let info = InnerInfo {
-            len: tl,
-            tos: ip.tos(),
-            dont_frag: ip.dont_frag(),
-            next_header: espada_wire::ip_proto::IPV4,
-        };
-        let (src, dst) = (u32::from(ip.src_addr()), u32::from(ip.dst_addr()));
-        let Some(Some(Action::Protect(t))) =
-            self.sas.db().spd_v4.lookup(src, dst, proto, sport, dport)
-        else {
-            return None;
-        };
-        let sa = self.sas.outbound(t)?;
-        let (outer_len, remote) = (sa.tunnel.outer_len(), sa.tunnel.remote);
-        let overhead = outer_len
-            + esp::HEADER_LEN
-            + esp::IV_LEN
-            + esp::pad_len(tl)
-            + esp::TRAILER_LEN
-            + esp::ICV_LEN;
-        if tl + overhead > self.shared.black.mtu as usize {
-            return None;
-        }
-        let mac = self.black_next_hop_mac(remote).ok()?;
-        // Ready: from here on the buffer changes.
-        b.hw_csum = 0;
-        self.sas.note_use(t);
-        b.adj(ethernet::HEADER_LEN);
-        let extra = b.len() - tl;
-        b.trim(extra);
-        ipv4::Packet::new_unchecked(b.data_mut()).decrement_ttl();
-        Some((t, info, mac))
-    }
-
     /// The full red path for one frame the classify stage left alone.
     #[inline(never)]
-    fn red_one(&mut self, b: PktBuf) {
+    pub(super) fn red_one(&mut self, b: PktBuf) {
         let red_ip = self.shared.red.ip;
         let red_mac = self.macs[0];
         let Some(mut b) = self.ip_frame(b, red_ip, red_mac, true) else {
@@ -377,93 +272,6 @@ impl Worker {
             self.protect.push(f);
             self.protect_meta.push((t, InnerInfo { len, ..info }, mac));
         }
-    }
-
-    /// Second half: sequence numbers reserved once per tunnel per burst (DPDK's
-    /// `esn_outb_update_sqn` style), then one AEAD call per packet in arrival order, then the
-    /// Ethernet header.
-    pub(super) fn encap_burst(&mut self) {
-        const MAX_T: usize = 8;
-        // (tunnel, packets, next sequence number, numbers granted, refused for want of a
-        // durable reservation)
-        let mut res = [(usize::MAX, 0u32, 0u64, 0u32, false); MAX_T];
-        let mut list = std::mem::take(&mut self.protect);
-        let meta = std::mem::take(&mut self.protect_meta);
-        for (t, _, _) in meta.iter() {
-            if let Some(e) = res.iter_mut().find(|e| e.0 == *t || e.0 == usize::MAX) {
-                e.0 = *t;
-                e.1 += 1;
-            }
-        }
-        for e in res.iter_mut().filter(|e| e.0 != usize::MAX) {
-            if let Some(sa) = self.sas.outbound(e.0) {
-                let r = sa.reserve(e.1);
-                e.2 = r.first;
-                e.3 = r.count;
-                e.4 = r.unreserved;
-            }
-        }
-        // Seal every packet in place first; move the buffers out only afterwards, so no buffer
-        // is copied right after its header fields were written (a store-forwarding stall
-        // per packet, measured).
-        let mut verdicts = std::mem::take(&mut self.verdicts);
-        verdicts.clear();
-        let src_mac = self.macs[1];
-        for (b, (t, info, mac)) in list.iter_mut().zip(meta.iter()) {
-            // More than MAX_T tunnels in one burst: the rest reserve one number at a time.
-            let mut unreserved = false;
-            let seq = match res.iter_mut().find(|e| e.0 == *t) {
-                Some(e) if e.3 > 0 => {
-                    e.3 -= 1;
-                    e.2 += 1;
-                    Some(e.2 - 1)
-                }
-                Some(e) => {
-                    unreserved = e.4;
-                    None
-                }
-                None => self.sas.outbound(*t).map(|sa| sa.reserve(1)).and_then(|r| {
-                    unreserved = r.unreserved;
-                    (r.count == 1).then_some(r.first)
-                }),
-            };
-            let v = match (self.sas.outbound(*t), seq) {
-                (None, _) => Err(DropReason::NoOutboundSa),
-                (Some(_), None) if unreserved => Err(DropReason::SeqUnreserved),
-                (Some(_), None) => Err(DropReason::SeqCycled),
-                (Some(sa), Some(seq)) => {
-                    match encapsulate_parsed(sa, seq, &iv_from_seq(seq), b, *info) {
-                        Encap::Done => push_eth(b, src_mac, *mac),
-                        Encap::Drop(r) => Err(r),
-                    }
-                }
-            };
-            verdicts.push(v);
-        }
-        if self.black_tx.is_empty() && verdicts.iter().all(Result::is_ok) {
-            // Every packet sealed (the usual case): the protect list becomes the transmit
-            // list as a whole, no buffer moves.
-            self.stats.encap_packets += list.len() as u64;
-            self.stats.encap_bytes += meta.iter().map(|m| m.1.len as u64).sum::<u64>();
-            std::mem::swap(&mut self.black_tx, &mut list);
-        } else {
-            for ((b, (_, info, _)), v) in list.drain(..).zip(meta.iter()).zip(verdicts.iter()) {
-                match v {
-                    Ok(()) => {
-                        self.black_tx.push(b);
-                        self.stats.encap_packets += 1;
-                        self.stats.encap_bytes += info.len as u64;
-                    }
-                    Err(r) => self.drop_pkt(b, *r),
-                }
-            }
-        }
-        verdicts.clear();
-        self.verdicts = verdicts;
-        let mut meta = meta;
-        meta.clear();
-        self.protect_meta = meta;
-        self.protect = list;
     }
 
     /// Whether an ICMP or ICMPv6 error may go now: `icmp_rate` per second per worker, shared by

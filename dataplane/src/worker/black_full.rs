@@ -1,140 +1,36 @@
-//! Black → red: outer IPv4/UDP 4500 to us, one SPI lookup (the tunnel comes with the SA) or a
-//! handoff to the owning core, open in place, the inner packet against the SPD entry, ECN,
-//! TTL and the red MTU, then out on red. The classify stage does all of it in place for SAs
-//! this core owns; the full path (`black_one`) takes everything else.
+//! Black, the full path: a frame the classify stage (`black.rs`) left untouched. ARP and
+//! neighbor discovery, IKE to the control path, an SA another core owns (handoff to it),
+//! expired and unknown SPIs, bypass in the clear, IPv6 outer headers, anything malformed;
+//! every drop counted by reason. The handoff queue's packets are decrypted here too.
 
-use super::l2::push_eth;
 use super::*;
-use crate::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
-
-/// What the classify stage did with one black frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Black {
-    /// Untouched: for the full path ([`Worker::black_one`]: ARP, IKE, handoffs, bypass, IPv6
-    /// outer headers, anything malformed).
-    Full,
-    /// Decrypted, checked and given its Ethernet header: ready for red (inner bytes).
-    Ready(u32),
-    /// Decrypted, and its inner packet is IPv6 (its own path, [`Worker::deliver_ipv6`]).
-    V6,
-    /// Dropped for this reason after the buffer was changed.
-    Drop(DropReason),
-}
 
 impl Worker {
-    /// Black → red over a whole burst, in stages: classify and decrypt every frame in place,
-    /// then sort (ready packets go to red's transmit list, the rest take the full path or are
-    /// counted). When every frame of the burst is ready (the usual case) the burst becomes the
-    /// transmit list as a whole: no buffer is moved.
-    pub(super) fn black_stage(&mut self, burst: &mut Vec<PktBuf>) {
-        let mut out = [Black::Full; BURST];
-        let mut all = burst.len() <= BURST;
-        for (b, o) in burst.iter_mut().zip(out.iter_mut()) {
-            *o = self.classify_black(b);
-            all &= matches!(o, Black::Ready(_));
-        }
-        if all && self.red_tx.is_empty() {
-            let n = burst.len();
-            self.stats.decap_packets += n as u64;
-            for o in &out[..n] {
-                if let Black::Ready(len) = o {
-                    self.stats.decap_bytes += *len as u64;
-                }
-            }
-            std::mem::swap(&mut self.red_tx, burst);
-            return;
-        }
-        // A port that returns more than BURST frames: the rest take the full path.
-        for (i, b) in burst.drain(..).enumerate() {
-            match out.get(i).copied().unwrap_or(Black::Full) {
-                Black::Full => self.black_one(b),
-                v => self.land(b, v),
+    /// Packets other cores handed to the SAs this core owns: a burst from the handoff queue,
+    /// each decrypted on the full path. Returns how many.
+    #[inline]
+    pub(super) fn handoff_stage(&mut self) -> usize {
+        self.rx.clear();
+        let q = &self.shared.handoff[self.core];
+        while self.rx.len() < BURST {
+            match q.pop() {
+                Some(b) => self.rx.push(b),
+                None => break,
             }
         }
-    }
-
-    /// A decrypted packet's way out: to red's transmit list, the IPv6 path, or a counted drop.
-    #[inline(always)]
-    fn land(&mut self, b: PktBuf, v: Black) {
-        match v {
-            Black::Ready(len) => {
-                self.red_tx.push(b);
-                self.stats.decap_packets += 1;
-                self.stats.decap_bytes += len as u64;
-            }
-            Black::V6 => self.deliver_ipv6(b),
-            Black::Drop(r) => self.drop_pkt(b, r),
-            // Never for a decrypted packet (the classify stage sends untouched ones to the
-            // full path itself): counted, never run through the full path twice.
-            Black::Full => self.drop_pkt(b, DropReason::Malformed),
+        let n = self.rx.len();
+        self.stats.handoff_in += n as u64;
+        let mut burst = std::mem::take(&mut self.rx);
+        for b in burst.drain(..) {
+            self.inbound_esp(b);
         }
-    }
-
-    /// The classify stage for one black frame: ESP-in-UDP over IPv4 to our MAC and address,
-    /// its headers sound, for an SA this core owns, is stripped to ESP, decrypted and made
-    /// ready for red in place; anything else is left as it came.
-    #[inline(always)]
-    fn classify_black(&mut self, b: &mut PktBuf) -> Black {
-        // Checksums the NIC verified are not computed again (DPDK ports with the offload).
-        let (hw_ip_ok, hw_l4_ok) = (
-            b.hw_csum & HW_IP_CSUM_GOOD != 0,
-            b.hw_csum & HW_L4_CSUM_GOOD != 0,
-        );
-        let d = b.data();
-        if d.len() < ethernet::HEADER_LEN
-            || d[..6] != self.macs[1].0
-            || d[12..14] != ethernet::ethertype::IPV4.to_be_bytes()
-        {
-            return Black::Full;
-        }
-        let Ok(ip) = ipv4::Packet::new_checked(&d[ethernet::HEADER_LEN..]) else {
-            return Black::Full;
-        };
-        if ip.version() != 4
-            || ip.dst_addr() != self.shared.black.ip
-            || ip.protocol() != espada_wire::ip_proto::UDP
-            || ip.is_fragment()
-            || !(hw_ip_ok || ip.verify_checksum())
-        {
-            return Black::Full;
-        }
-        let (hl, outer_tos) = (ip.header_len() as usize, ip.tos());
-        let Ok(u) = udp::Packet::new_checked(ip.payload()) else {
-            return Black::Full;
-        };
-        if u.dst_port() != esp::UDP_ENCAP_PORT
-            || esp::classify_udp_payload(u.payload()) != esp::UdpEncap::Esp
-            || !(hw_l4_ok
-                || u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())))
-        {
-            return Black::Full;
-        }
-        let Some(spi) = u.payload().get(..4) else {
-            return Black::Full;
-        };
-        let spi = u32::from_be_bytes([spi[0], spi[1], spi[2], spi[3]]);
-        let end = ethernet::HEADER_LEN + hl + u.len() as usize;
-        let tail = d.len() - end;
-        let Some((sa, t)) = self.sas.inbound_local(spi) else {
-            return Black::Full;
-        };
-        // An SA of ours: from here on the buffer changes (and the NIC's flags, about the outer
-        // headers, say nothing about what is left).
-        b.outer_tos = outer_tos;
-        b.hw_csum = 0;
-        b.trim(tail);
-        b.adj(ethernet::HEADER_LEN + hl + udp::HEADER_LEN);
-        match crate::esp::decapsulate_esp(sa, b) {
-            Decap::Inner { .. } => self.deliver_ready(b, t),
-            Decap::Drop(r) => Black::Drop(r),
-            // Only the full classification answers Control; counted if it ever did here.
-            Decap::Control => Black::Drop(DropReason::Malformed),
-        }
+        self.rx = burst;
+        n
     }
 
     /// The full black path for one frame the classify stage left alone.
     #[inline(never)]
-    fn black_one(&mut self, b: PktBuf) {
+    pub(super) fn black_one(&mut self, b: PktBuf) {
         let black_ip = self.shared.black.ip;
         let black_mac = self.macs[1];
         let Some(b) = self.ip_frame(b, black_ip, black_mac, false) else {
@@ -413,102 +309,6 @@ impl Worker {
                 Err(b) => self.drop_pkt(b, DropReason::ControlFull),
             },
             Decap::Drop(r) => self.drop_pkt(b, r),
-        }
-    }
-
-    /// What follows decryption for an inner packet of tunnel `t`: the policy check, then, for
-    /// IPv4, ECN, TTL, the red MTU and the next hop, and the Ethernet header, in place.
-    #[inline(always)]
-    fn deliver_ready(&mut self, b: &mut PktBuf, t: usize) -> Black {
-        // RFC 4301 §5.2: the inner packet must match the SPD entry that protects this
-        // tunnel (the SPD is written for our outbound side, hence the reversed flow):
-        // addresses, protocol and ports, so a UDP-only policy lets no ICMP in.
-        // IPv4 against a compiled SPD: read from the bytes, no FlowKey built.
-        let db = self.sas.db();
-        let action = match db.spd_v4.lookup_reversed_ipv4(b.data()) {
-            Some(a) => a,
-            None => {
-                let Some(flow) = FlowKey::from_packet(b.data()) else {
-                    return Black::Drop(DropReason::InnerMalformed);
-                };
-                db.spd.lookup(&flow.reversed()).map(|p| p.action)
-            }
-        };
-        if !matches!(action, Some(Action::Protect(pt)) if pt == t) {
-            return Black::Drop(DropReason::PolicyMismatch);
-        }
-        let d = b.data();
-        if d.first().is_some_and(|v| v >> 4 == 6) {
-            return Black::V6;
-        }
-        if d.len() < ipv4::HEADER_LEN || d[0] >> 4 != 4 {
-            return Black::Drop(DropReason::NotForUs);
-        }
-        let dst = Ipv4Addr::new(d[16], d[17], d[18], d[19]);
-        let outer_ecn = b.outer_tos & 3;
-        let len = b.len();
-        let mut ip = ipv4::Packet::new_unchecked(b.data_mut());
-        if ip.ttl() <= 1 {
-            return Black::Drop(DropReason::TtlExpired);
-        }
-        // RFC 6040 §4.2 (normal mode): CE outside marks the inner packet CE, or drops it when
-        // it is not ECN-capable; ECT(1) outside upgrades an inner ECT(0).
-        let inner_ecn = ip.tos() & 3;
-        match (outer_ecn, inner_ecn) {
-            (3, 0) => return Black::Drop(DropReason::EcnNotEct),
-            (3, 1 | 2) => ip.update_ecn(3),
-            (1, 2) => ip.update_ecn(1),
-            _ => {}
-        }
-        ip.decrement_ttl();
-        // The red link's MTU (issue 12: decapsulated packets were sent unchecked).
-        if len > self.shared.red.mtu as usize {
-            return Black::Drop(DropReason::MtuExceeded);
-        }
-        let Some(nh) = self.shared.red.next_hop(dst) else {
-            return Black::Drop(DropReason::NotForUs);
-        };
-        let Some(mac) = self.neigh.get(&self.shared.neighbors, nh) else {
-            self.arp_request(nh, true);
-            return Black::Drop(DropReason::NoNeighbor);
-        };
-        match push_eth(b, self.macs[0], mac) {
-            Ok(()) => Black::Ready(len as u32),
-            Err(r) => Black::Drop(r),
-        }
-    }
-
-    /// An authentic inner IPv6 packet that matched its tunnel's policy: ECN (RFC 6040), hop
-    /// limit and the red MTU, then out on red through neighbor discovery.
-    #[inline(never)]
-    fn deliver_ipv6(&mut self, mut b: PktBuf) {
-        if self.shared.red.v6.is_none() {
-            return self.drop_pkt(b, DropReason::NotForUs);
-        }
-        let outer_ecn = b.outer_tos & 3;
-        // The ESP module checked the IPv6 header's length against the payload.
-        let mut ip = ipv6::Packet::new_unchecked(b.data_mut());
-        let hop = ip.hop_limit();
-        if hop <= 1 {
-            return self.drop_pkt(b, DropReason::TtlExpired);
-        }
-        let inner_ecn = ip.traffic_class() & 3;
-        match (outer_ecn, inner_ecn) {
-            (3, 0) => return self.drop_pkt(b, DropReason::EcnNotEct),
-            (3, 1 | 2) => ip.set_ecn(3),
-            (1, 2) => ip.set_ecn(1),
-            _ => {}
-        }
-        ip.set_hop_limit(hop - 1);
-        let dst = ip.dst_addr();
-        let len = b.len();
-        if len > self.shared.red.mtu as usize {
-            return self.drop_pkt(b, DropReason::MtuExceeded);
-        }
-        let nh = self.shared.red.next_hop6(dst);
-        if self.send_ip6(b, nh, true) {
-            self.stats.decap_packets += 1;
-            self.stats.decap_bytes += len as u64;
         }
     }
 }
