@@ -13,6 +13,7 @@ pub mod drop;
 pub mod esp;
 pub mod gateway;
 pub mod kernel;
+pub mod launch;
 pub mod neighbor;
 pub mod pair;
 pub mod pktbuf;

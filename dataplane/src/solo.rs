@@ -274,7 +274,9 @@ pub fn run(
         &[(sunset, mac::SUNSET), (east.black.ip, mac::EAST_BLACK)],
         stop.clone(),
     );
-    let mut worker = match dir {
+    // The measured worker's shared state and its two ports; the worker itself is built on its
+    // own pinned thread (see `launch`).
+    let (sh, red, black): (_, Box<dyn PortQueue>, Box<dyn PortQueue>) = match dir {
         Direction::Encrypt => {
             // Sunset's frames, made once and replayed (ipsec-secgw replays a capture the same
             // way): the measured loop pays one copy per packet, not the generator's work.
@@ -292,13 +294,11 @@ pub fn run(
                 cache.put(b);
             }
             drop(cache);
-            Worker::new(
-                0,
+            (
                 w_sh,
                 Box::new(ReplayPort::new(mac::WEST_RED, frames)),
                 Box::new(NullPort::new(mac::WEST_BLACK)),
-                PoolCache::new(pool.clone()),
-            )?
+            )
         }
         Direction::Decrypt => {
             // West encrypts the frames east will replay.
@@ -330,8 +330,7 @@ pub fn run(
                 &[(sunrise, mac::SUNRISE), (west.black.ip, mac::WEST_BLACK)],
                 stop.clone(),
             );
-            Worker::new(
-                0,
+            (
                 e_sh,
                 if check {
                     Box::new(Sink::new(mac::SUNRISE, sunrise, 0, received.clone()))
@@ -339,24 +338,30 @@ pub fn run(
                     Box::new(NullPort::new(mac::SUNRISE))
                 },
                 Box::new(ReplayPort::new(mac::EAST_BLACK, frames)),
-                PoolCache::new(pool.clone()),
-            )?
+            )
         }
     };
-    let cell = worker.stats_cell();
     let stop2 = stop.clone();
-    let h = std::thread::Builder::new()
-        .name("espada-solo".into())
-        .spawn(move || {
+    let pool2 = pool.clone();
+    let t = match crate::launch::spawn_worker(
+        "espada-solo".into(),
+        move || {
             if let Some(id) = core {
                 core_affinity::set_for_current(id);
             }
+        },
+        move || Worker::new(0, sh, red, black, PoolCache::new(pool2)),
+        move |worker| {
             worker.thread_start();
-            spin(&mut worker, &stop2);
+            spin(worker, &stop2);
             worker.finish();
-            worker
-        })
-        .expect("spawn the worker thread");
+        },
+    ) {
+        Ok(t) => t,
+        Err(crate::launch::LaunchError::Build(e)) => return Err(e),
+        Err(e) => panic!("{e}"),
+    };
+    let cell = t.cell.clone();
     let count = |s: &WorkerStats| match dir {
         Direction::Encrypt => (s.encap_packets, s.encap_bytes),
         Direction::Decrypt => (s.decap_packets, s.decap_bytes),
@@ -368,7 +373,7 @@ pub fn run(
     let (p1, b1) = count(&cell.read());
     let seconds = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let worker = h.join().expect("the worker thread panicked");
+    let worker = t.join().expect("the worker thread panicked");
     Ok(SoloResult {
         packets: p1 - p0,
         bytes: b1 - b0,

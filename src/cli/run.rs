@@ -260,7 +260,6 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             )
         }
     };
-    let mut workers = Vec::new();
     let kind = match a.port.as_str() {
         "af-packet" => PortKind::AfPacket,
         "af-xdp" => PortKind::AfXdp,
@@ -306,50 +305,51 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             dpdk: keep_ports,
         ..
     } = ports;
+    // Each worker is built on its own thread, once that thread is placed on its core: its SA
+    // state, lists and counters are first touched by the core that uses them.
+    let mut handles = Vec::with_capacity(n);
     for (i, (red, black)) in red_qs.into_iter().zip(black_qs).enumerate() {
-        workers.push(Worker::new(
-            i,
-            shared.clone(),
-            red,
-            black,
-            PoolCache::new(pool.clone()),
-        )?);
+        let pin = if a.no_pin {
+            None
+        } else {
+            ids.iter()
+                .find(|id| id.id == cores[i % cores.len()])
+                .copied()
+        };
+        let online = online.clone();
+        let (sh, pl) = (shared.clone(), pool.clone());
+        let started = espada_dataplane::launch::spawn_worker(
+            format!("espada-w{i}"),
+            move || match pin {
+                Some(id) => {
+                    core_affinity::set_for_current(id);
+                }
+                // Unpinned: free to run on every CPU, not on the one the main thread was
+                // bound to (EAL binds it to its main lcore).
+                None => {
+                    let _ = espada_dataplane::affinity::run_on_any(&online);
+                }
+            },
+            move || Worker::new(i, sh, red, black, PoolCache::new(pl)),
+            |w| w.run(),
+        );
+        match started {
+            Ok(t) => handles.push(t),
+            Err(e) => {
+                // The workers already running stop before the error is reported.
+                stop.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(anyhow::anyhow!("worker {i}: {e}"));
+            }
+        }
     }
-    let cells: Vec<Arc<StatsCell>> = workers.iter().map(|w| w.stats_cell()).collect();
+    let cells: Vec<Arc<StatsCell>> = handles.iter().map(|t| t.cell.clone()).collect();
     tracing::info!(
         "gateway \"{}\" red {} ({}) black {} ({}), {n} worker(s) on cores {}, sa_mode {}, crypto {}",
         c.name, red_if, gw.red.ip, black_if, gw.black.ip, espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]), c.sa_mode.name(), c.backend_report()
     );
-    let handles: Vec<_> = workers
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut w)| {
-            let pin = if a.no_pin {
-                None
-            } else {
-                ids.iter()
-                    .find(|id| id.id == cores[i % cores.len()])
-                    .copied()
-            };
-            let online = online.clone();
-            std::thread::Builder::new()
-                .name(format!("espada-w{i}"))
-                .spawn(move || {
-                    match pin {
-                        Some(id) => {
-                            core_affinity::set_for_current(id);
-                        }
-                        // Unpinned: free to run on every CPU, not on the one the main
-                        // thread was bound to (EAL binds it to its main lcore).
-                        None => {
-                            let _ = espada_dataplane::affinity::run_on_any(&online);
-                        }
-                    }
-                    w.run();
-                    w
-                })
-        })
-        .collect::<std::io::Result<_>>()?;
 
     let start = Instant::now();
     // Everything that changes the running gateway's SAs goes through the supervisor, owned by
