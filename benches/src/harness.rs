@@ -13,7 +13,6 @@ use espada_sadb::lifetime::Lifetimes;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The offered load of a measurement.
@@ -157,7 +156,7 @@ pub fn figures(p: &Pair, secs: f64, encap: bool, mhz: f64) -> DirFigures {
     let gbps = if by > 0 {
         by as f64 * 8.0 / secs / 1e9
     } else {
-        p.received.bytes.load(Ordering::Relaxed) as f64 * 8.0 / secs / 1e9
+        p.received.bytes() as f64 * 8.0 / secs / 1e9
     };
     DirFigures {
         mpps: pk as f64 / secs / 1e6,
@@ -244,7 +243,7 @@ pub fn one(
     let recv = pair.received.clone();
     let mut last = (0u64, Instant::now());
     let elapsed = pair.run_with(total, &pins, r.layout, |t| {
-        let n = recv.packets.load(Ordering::Relaxed);
+        let n = recv.packets();
         let rate = (n - last.0) as f64 / last.1.elapsed().as_secs_f64() / 1e6;
         last = (n, Instant::now());
         bar.set_position(t.as_millis() as u64);
@@ -287,8 +286,8 @@ pub fn one(
         backend: backend.name().into(),
         cipher: alg.name().into(),
         seconds: secs,
-        sent: pair.sent.packets.load(Ordering::Relaxed),
-        received: pair.received.packets.load(Ordering::Relaxed),
+        sent: pair.sent.packets(),
+        received: pair.received.packets(),
         core_fraction_of_seal_plus_open: ceil
             .filter(|_| !bypass && r.layout == Layout::Shared)
             .map(|c| decap.mpps / r.cores as f64 * (c.seal_ns + c.open_ns) / 1e3),

@@ -100,11 +100,8 @@ impl Report {
             packet_size: size,
             west: half(&p.west, secs, true),
             east: half(&p.east, secs, false),
-            sent: p.sent.packets.load(std::sync::atomic::Ordering::Relaxed),
-            received: p
-                .received
-                .packets
-                .load(std::sync::atomic::Ordering::Relaxed),
+            sent: p.sent.packets(),
+            received: p.received.packets(),
         }
     }
 }

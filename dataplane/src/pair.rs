@@ -302,7 +302,7 @@ impl Pair {
     /// limited ones run to their limit.
     pub fn drain(&mut self) {
         if self.limit.is_none() {
-            self.sent.stop.store(true, Ordering::Relaxed);
+            self.sent.stop();
         }
         let mut idle = 0;
         for _ in 0..100_000 {
@@ -378,12 +378,8 @@ impl Pair {
         let mut last_tick = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(5));
-            let done = limit.is_some_and(|l| {
-                sent.packets.load(Ordering::Relaxed) >= l
-                    && received.packets.load(Ordering::Relaxed)
-                        + received.bad.load(Ordering::Relaxed)
-                        >= l
-            });
+            let done = limit
+                .is_some_and(|l| sent.packets() >= l && received.packets() + received.bad() >= l);
             if start.elapsed() >= duration || done {
                 break;
             }
@@ -394,7 +390,7 @@ impl Pair {
         }
         let elapsed = start.elapsed();
         // Stop the sources first, let the pipes empty, then stop the workers.
-        self.sent.stop.store(true, Ordering::Relaxed);
+        self.sent.stop();
         std::thread::sleep(Duration::from_millis(20));
         stop.store(true, Ordering::Relaxed);
         for h in handles {
@@ -472,7 +468,7 @@ impl Pair {
             }
         }
         let elapsed = start.elapsed();
-        self.sent.stop.store(true, Ordering::Relaxed);
+        self.sent.stop();
         std::thread::sleep(Duration::from_millis(20));
         stop.store(true, Ordering::Relaxed);
         self.west.workers = wh

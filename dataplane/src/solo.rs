@@ -379,7 +379,7 @@ pub fn run(
         bytes: b1 - b0,
         seconds,
         stats: *worker.stats(),
-        bad: received.bad.load(Ordering::Relaxed),
+        bad: received.bad(),
     })
 }
 

@@ -8,7 +8,6 @@ use espada_dataplane::port::PortQueue;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 
 fn child() {
     let a = AfXdpQueue::open("xsa", 0, 4096).expect("AF_XDP socket on xsa");
@@ -26,11 +25,11 @@ fn child() {
     };
     let mut p = Pair::with_black(w, e, ws, es, spec, Some((wq, eq))).unwrap();
     let t = std::time::Instant::now();
-    while p.received.packets.load(Ordering::Relaxed) < 3000 && t.elapsed().as_secs() < 20 {
+    while p.received.packets() < 3000 && t.elapsed().as_secs() < 20 {
         p.step();
     }
     p.drain();
-    let got = p.received.packets.load(Ordering::Relaxed);
+    let got = p.received.packets();
     for (side, half) in [("west", &p.west), ("east", &p.east)] {
         for w in &half.workers {
             let (r, b) = w.ports();
@@ -42,10 +41,7 @@ fn child() {
             );
         }
     }
-    println!(
-        "af_xdp: sent {}, received {got}",
-        p.sent.packets.load(Ordering::Relaxed)
-    );
+    println!("af_xdp: sent {}, received {got}", p.sent.packets());
     assert_eq!(
         got, 3000,
         "every packet crossed the veth pair through AF_XDP"

@@ -9,7 +9,6 @@ use espada_dataplane::port::PortQueue;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 fn child(pmd: &str) {
@@ -38,13 +37,13 @@ fn child(pmd: &str) {
     };
     let mut p = Pair::with_black(w, e, ws, es, spec, Some((wq, eq))).unwrap();
     let t = std::time::Instant::now();
-    while p.received.packets.load(Ordering::Relaxed) < 3000 && t.elapsed().as_secs() < 20 {
+    while p.received.packets() < 3000 && t.elapsed().as_secs() < 20 {
         p.step();
     }
     p.drain();
-    let got = p.received.packets.load(Ordering::Relaxed);
+    let got = p.received.packets();
     println!("dpdk {pmd}: sent 3000, received {got}");
-    assert_eq!(p.sent.packets.load(Ordering::Relaxed), 3000);
+    assert_eq!(p.sent.packets(), 3000);
     assert_eq!(got, 3000, "every packet crossed the veth pair through DPDK");
 }
 

@@ -8,7 +8,6 @@ use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
 use espada_dataplane::port::PortQueue;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// EAL without hugepages on lcore 0 (once per process; both tests share it).
@@ -52,8 +51,8 @@ fn west_east_over_dpdk_ring_ports() {
     )
     .unwrap();
     p.drain();
-    let sent = p.sent.packets.load(Ordering::Relaxed);
-    let got = p.received.packets.load(Ordering::Relaxed);
+    let sent = p.sent.packets();
+    let got = p.received.packets();
     assert_eq!(sent, 10_000);
     assert_eq!(got, sent, "every packet crossed the DPDK link");
     let pmd = a.pmd_stats();

@@ -59,7 +59,7 @@ fn steady_state_allocations(mode: SaMode, steering: Steering) -> (u64, u64) {
     for _ in 0..2000 {
         p.step();
     }
-    let before = p.received.packets.load(Ordering::Relaxed);
+    let before = p.received.packets();
     ALLOCS.store(0, Ordering::Relaxed);
     COUNTING.store(true, Ordering::Relaxed);
     for _ in 0..5000 {
@@ -68,7 +68,7 @@ fn steady_state_allocations(mode: SaMode, steering: Steering) -> (u64, u64) {
     COUNTING.store(false, Ordering::Relaxed);
     (
         ALLOCS.load(Ordering::Relaxed),
-        p.received.packets.load(Ordering::Relaxed) - before,
+        p.received.packets() - before,
     )
 }
 

@@ -14,7 +14,6 @@ use espada_dataplane::worker::{Side, Side6};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 const WEST: &str = include_str!("../../configs/west.toml");
@@ -227,9 +226,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             .with_context(|| format!("cannot write {}", j.display()))?;
         println!("report written to {}", j.display());
     }
-    let sent = pair.sent.packets.load(Ordering::Relaxed);
-    let got = pair.received.packets.load(Ordering::Relaxed);
-    let bad = pair.received.bad.load(Ordering::Relaxed);
+    let sent = pair.sent.packets();
+    let got = pair.received.packets();
+    let bad = pair.received.bad();
     let dropped = rep
         .west
         .iter()

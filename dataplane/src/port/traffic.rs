@@ -39,21 +39,45 @@ pub struct TrafficSpec {
 /// IMIX pattern (7 × 64, 4 × 594, 1 × 1518), interleaved.
 const IMIX: [usize; 12] = [64, 594, 64, 64, 594, 64, 1518, 64, 594, 64, 594, 64];
 
-/// Counters shared between a generator/sink and whoever reports on it.
+/// Queues of one side with counters of their own (queue `q` counts into slot `q % SLOTS`).
+const SLOTS: usize = 64;
+
+/// One queue's counters, on cache lines of their own: generators (and sinks) on different
+/// cores never write the same line, as a real traffic generator's ports would not.
 #[derive(Debug, Default)]
+#[repr(align(128))]
+struct Slot {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    bad: AtomicU64,
+}
+
+/// The stop flag, read by every generator each burst, on a line nothing writes in between.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct StopFlag(AtomicBool);
+
+/// Counters shared between the generators (or the sinks) of one side and whoever reports on
+/// them: each queue adds to its own slot; readers sum.
+#[derive(Debug)]
 pub struct TrafficCounters {
-    /// Packets generated / received intact.
-    pub packets: AtomicU64,
-    /// Inner IP bytes.
-    pub bytes: AtomicU64,
-    /// Frames received that were not what was sent (wrong headers or tag).
-    pub bad: AtomicU64,
-    /// Set to make generators stop producing (so the pipes can drain).
-    pub stop: AtomicBool,
+    slots: Box<[Slot; SLOTS]>,
+    stop: StopFlag,
     /// One-way latency of sampled packets (generator → sink), nanoseconds.
     pub latency: Mutex<Option<Histogram<u64>>>,
     /// Time base shared by generator timestamps and sink clocks.
     pub epoch: OnceInstant,
+}
+
+impl Default for TrafficCounters {
+    fn default() -> Self {
+        TrafficCounters {
+            slots: Box::new(std::array::from_fn(|_| Slot::default())),
+            stop: StopFlag::default(),
+            latency: Mutex::new(None),
+            epoch: OnceInstant::default(),
+        }
+    }
 }
 
 /// An `Instant` fixed at creation (for timestamps in packets).
@@ -67,6 +91,52 @@ impl Default for OnceInstant {
 }
 
 impl TrafficCounters {
+    /// Packets generated / received intact, all queues.
+    pub fn packets(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|c| c.packets.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Inner IP bytes, all queues.
+    pub fn bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|c| c.bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Frames received that were not what was sent (wrong headers or tag), all queues.
+    pub fn bad(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|c| c.bad.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Adds one burst's counts to queue `queue`'s slot.
+    #[inline]
+    pub fn add(&self, queue: u16, packets: u64, bytes: u64, bad: u64) {
+        let c = &self.slots[queue as usize % SLOTS];
+        c.packets.fetch_add(packets, Ordering::Relaxed);
+        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if bad > 0 {
+            c.bad.fetch_add(bad, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes the generators stop producing (so the pipes can drain).
+    pub fn stop(&self) {
+        self.stop.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Self::stop`] was called (and not resumed since).
+    #[inline]
+    pub fn stopped(&self) -> bool {
+        self.stop.0.load(Ordering::Relaxed)
+    }
+
     /// Merged latency percentiles (p50, p90, p99, p99.9, max) in microseconds, if sampled.
     pub fn latency_us(&self) -> Option<[f64; 5]> {
         let g = self.latency.lock().ok()?;
@@ -174,7 +244,7 @@ impl Generator {
 impl PortQueue for Generator {
     fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
         let mut n = match self.spec.limit {
-            _ if self.counters.stop.load(Ordering::Relaxed) => 0,
+            _ if self.counters.stopped() => 0,
             Some(l) => (l - self.sent).min(max as u64) as usize,
             None => max,
         };
@@ -201,12 +271,7 @@ impl PortQueue for Generator {
         self.sent += made as u64;
         self.stats.rx_packets += made as u64;
         self.stats.rx_bytes += (bytes + made * 14) as u64;
-        self.counters
-            .packets
-            .fetch_add(made as u64, Ordering::Relaxed);
-        self.counters
-            .bytes
-            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters.add(self.queue, made as u64, bytes as u64, 0);
         made
     }
 
@@ -317,9 +382,7 @@ impl PortQueue for Sink {
             pool.put(b);
         }
         self.stats.tx_packets += n as u64;
-        self.counters.packets.fetch_add(ok, Ordering::Relaxed);
-        self.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.counters.bad.fetch_add(bad, Ordering::Relaxed);
+        self.counters.add(self.queue, ok, bytes, bad);
         n
     }
 
