@@ -151,6 +151,13 @@ pub const fn pad_len(payload_len: usize) -> usize {
     (ALIGN - (payload_len + TRAILER_LEN) % ALIGN) % ALIGN
 }
 
+/// Bytes a tunnel-mode ESP packet adds to an inner packet of `inner_len` bytes, outer headers
+/// of `outer_len` bytes included: ESP header, IV, padding, trailer and ICV.
+#[inline(always)]
+pub const fn overhead(outer_len: usize, inner_len: usize) -> usize {
+    outer_len + HEADER_LEN + IV_LEN + pad_len(inner_len) + TRAILER_LEN + ICV_LEN
+}
+
 /// Writes the default padding 1, 2, 3, … then pad length and next header into `buf`, which
 /// must be exactly `pad_len + 2` bytes long.
 #[inline(always)]
@@ -234,6 +241,17 @@ pub fn classify_udp_payload(payload: &[u8]) -> UdpEncap {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn overhead_counts_every_added_byte() {
+        // IPv4 + UDP outside (28), 64 B inside: 8 ESP header, 8 IV, 2 padding, 2 trailer, 16 ICV.
+        assert_eq!(overhead(28, 64), 28 + 8 + 8 + 2 + 2 + 16);
+        for inner in 20..100 {
+            let o = overhead(28, inner);
+            // What follows the outer headers and the ESP header/IV ends 4-byte aligned.
+            assert_eq!((inner + o - 28 - 8 - 8 - 16) % 4, 0, "{inner}");
+        }
+    }
 
     // From ../shared/vectors (negative/dummy-next-header-59): header, IV, ciphertext, ICV.
     static PACKET: [u8; 44] = [

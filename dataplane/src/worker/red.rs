@@ -92,13 +92,7 @@ impl Worker {
         };
         let sa = self.sas.outbound(t)?;
         let (outer_len, remote) = (sa.tunnel.outer_len(), sa.tunnel.remote);
-        let overhead = outer_len
-            + esp::HEADER_LEN
-            + esp::IV_LEN
-            + esp::pad_len(tl)
-            + esp::TRAILER_LEN
-            + esp::ICV_LEN;
-        if tl + overhead > self.shared.black.mtu as usize {
+        if tl + esp::overhead(outer_len, tl) > self.shared.black.mtu as usize {
             return None;
         }
         let mac = self.black_next_hop_mac(remote).ok()?;

@@ -158,12 +158,7 @@ impl Worker {
             Ok(m) => m,
             Err(r) => return self.drop_pkt(b, r),
         };
-        let overhead = outer_len
-            + esp::HEADER_LEN
-            + esp::IV_LEN
-            + esp::pad_len(len)
-            + esp::TRAILER_LEN
-            + esp::ICV_LEN;
+        let overhead = esp::overhead(outer_len, len);
         let v6 = info.next_header == espada_wire::ip_proto::IPV6;
         if len + overhead > self.shared.black.mtu as usize {
             // RFC 4301 §8.2: tell the sender what fits.

@@ -8,21 +8,40 @@ impl Worker {
     /// Sends red's and black's transmit lists.
     #[inline(always)]
     pub(super) fn transmit(&mut self) {
-        if !self.red_tx.is_empty() {
-            let want = self.red_tx.len();
-            let sent = self.red.tx_burst(&mut self.pool, &mut self.red_tx);
-            self.stats.red_tx += sent as u64;
-            for _ in sent..want {
-                self.stats.drops.inc(DropReason::TxFull);
-            }
-        }
-        if !self.black_tx.is_empty() {
-            let want = self.black_tx.len();
-            let sent = self.black.tx_burst(&mut self.pool, &mut self.black_tx);
-            self.stats.black_tx += sent as u64;
-            for _ in sent..want {
-                self.stats.drops.inc(DropReason::TxFull);
-            }
-        }
+        let s = &mut self.stats;
+        send(
+            &mut *self.red,
+            &mut self.pool,
+            &mut self.red_tx,
+            &mut s.red_tx,
+            &mut s.drops,
+        );
+        send(
+            &mut *self.black,
+            &mut self.pool,
+            &mut self.black_tx,
+            &mut s.black_tx,
+            &mut s.drops,
+        );
+    }
+}
+
+/// One transmit list to its port: what went counts in `sent`, the rest as `tx_full`.
+#[inline(always)]
+fn send(
+    port: &mut dyn PortQueue,
+    pool: &mut PoolCache,
+    list: &mut Vec<PktBuf>,
+    sent: &mut u64,
+    drops: &mut crate::drop::DropCounters,
+) {
+    if list.is_empty() {
+        return;
+    }
+    let want = list.len();
+    let n = port.tx_burst(pool, list);
+    *sent += n as u64;
+    for _ in n..want {
+        drops.inc(DropReason::TxFull);
     }
 }
