@@ -5,6 +5,7 @@
 use super::{PortQueue, PortStats};
 use crate::pktbuf::{PacketBuf, PktBuf};
 use crate::pool::PoolCache;
+use crossbeam_utils::CachePadded;
 use espada_wire::ethernet::{self, MacAddr};
 use espada_wire::{ipv4, udp};
 use hdrhistogram::Histogram;
@@ -42,27 +43,22 @@ const IMIX: [usize; 12] = [64, 594, 64, 64, 594, 64, 1518, 64, 594, 64, 594, 64]
 /// Queues of one side with counters of their own (queue `q` counts into slot `q % SLOTS`).
 const SLOTS: usize = 64;
 
-/// One queue's counters, on cache lines of their own: generators (and sinks) on different
-/// cores never write the same line, as a real traffic generator's ports would not.
+/// One queue's counters (cache-padded where they are kept: generators, and sinks, on
+/// different cores never write the same line, as a real traffic generator's ports would not).
 #[derive(Debug, Default)]
-#[repr(align(128))]
 struct Slot {
     packets: AtomicU64,
     bytes: AtomicU64,
     bad: AtomicU64,
 }
 
-/// The stop flag, read by every generator each burst, on a line nothing writes in between.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct StopFlag(AtomicBool);
-
 /// Counters shared between the generators (or the sinks) of one side and whoever reports on
 /// them: each queue adds to its own slot; readers sum.
 #[derive(Debug)]
 pub struct TrafficCounters {
-    slots: Box<[Slot; SLOTS]>,
-    stop: StopFlag,
+    slots: Box<[CachePadded<Slot>; SLOTS]>,
+    /// Read by every generator each burst: on a line nothing writes in between.
+    stop: CachePadded<AtomicBool>,
     /// One-way latency of sampled packets (generator → sink), nanoseconds.
     pub latency: Mutex<Option<Histogram<u64>>>,
     /// Time base shared by generator timestamps and sink clocks.
@@ -72,8 +68,8 @@ pub struct TrafficCounters {
 impl Default for TrafficCounters {
     fn default() -> Self {
         TrafficCounters {
-            slots: Box::new(std::array::from_fn(|_| Slot::default())),
-            stop: StopFlag::default(),
+            slots: Box::new(std::array::from_fn(|_| CachePadded::default())),
+            stop: CachePadded::default(),
             latency: Mutex::new(None),
             epoch: OnceInstant::default(),
         }
@@ -91,28 +87,26 @@ impl Default for OnceInstant {
 }
 
 impl TrafficCounters {
-    /// Packets generated / received intact, all queues.
-    pub fn packets(&self) -> u64 {
+    fn sum(&self, field: impl Fn(&Slot) -> &AtomicU64) -> u64 {
         self.slots
             .iter()
-            .map(|c| c.packets.load(Ordering::Relaxed))
+            .map(|c| field(c).load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Packets generated / received intact, all queues.
+    pub fn packets(&self) -> u64 {
+        self.sum(|c| &c.packets)
     }
 
     /// Inner IP bytes, all queues.
     pub fn bytes(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|c| c.bytes.load(Ordering::Relaxed))
-            .sum()
+        self.sum(|c| &c.bytes)
     }
 
     /// Frames received that were not what was sent (wrong headers or tag), all queues.
     pub fn bad(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|c| c.bad.load(Ordering::Relaxed))
-            .sum()
+        self.sum(|c| &c.bad)
     }
 
     /// Adds one burst's counts to queue `queue`'s slot.
@@ -128,13 +122,13 @@ impl TrafficCounters {
 
     /// Makes the generators stop producing (so the pipes can drain).
     pub fn stop(&self) {
-        self.stop.0.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// Whether [`Self::stop`] was called (and not resumed since).
+    /// Whether [`Self::stop`] was called.
     #[inline]
     pub fn stopped(&self) -> bool {
-        self.stop.0.load(Ordering::Relaxed)
+        self.stop.load(Ordering::Relaxed)
     }
 
     /// Merged latency percentiles (p50, p90, p99, p99.9, max) in microseconds, if sampled.
@@ -400,5 +394,27 @@ impl PortQueue for Sink {
 
     fn finish(&mut self) {
         self.merge();
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn queues_count_apart_and_readers_see_the_sum() {
+        let c = TrafficCounters::default();
+        c.add(0, 3, 300, 0);
+        c.add(1, 2, 200, 1);
+        c.add(65, 1, 100, 0); // beyond the slots: shares slot 1, still counted
+        assert_eq!((c.packets(), c.bytes(), c.bad()), (6, 600, 1));
+        let (a, b) = (&*c.slots[0] as *const Slot, &*c.slots[1] as *const Slot);
+        assert!(
+            (b as usize - a as usize) >= 128,
+            "each slot on lines of its own"
+        );
+        assert!(!c.stopped());
+        c.stop();
+        assert!(c.stopped());
     }
 }

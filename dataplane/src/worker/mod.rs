@@ -11,8 +11,7 @@
 //! The classify stages change a buffer only once it is sure to take the fast path; anything
 //! else reaches the full path as it arrived. A burst whose packets all take the fast path moves
 //! from the receive list to the transmit list by swapping vectors: no buffer is moved one by
-//! one (`red.rs`,
-//! `black.rs`).
+//! one.
 //!
 //! One file per stage: `red.rs` (classify, policy, SA, next hop) → `encap.rs` (sequence numbers,
 //! seal, Ethernet) on the way out; `black.rs` (classify, SPI, decrypt) → `deliver.rs` (policy,
