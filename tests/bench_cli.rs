@@ -68,11 +68,23 @@ fn sweep_writes_table_csv_json_and_plots() {
         "0.3",
         "--size",
         "256",
+        "--rounds",
+        "2",
         "--quiet",
         "--out",
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("round 1/2") && err.contains("round 2/2"),
+        "{err}"
+    );
+    // The scaling summary: each ratio from two measurements of the same round.
+    assert!(
+        out.contains("ipsec pcpu, 2 cores ÷ 1 core: ")
+            && out.contains("(median of 2 interleaved rounds; "),
+        "{out}"
+    );
     for ext in ["md", "csv", "json", "svg", "png"] {
         let f = dir.path().join(format!("sweep-cores.{ext}"));
         assert!(
@@ -87,6 +99,19 @@ fn sweep_writes_table_csv_json_and_plots() {
         1 + 3 * 2,
         "pcpu, shared and loop at 1 and 2 cores:\n{csv}"
     );
+    // Every point was measured twice; its ratio to the same mode's one-core point is there.
+    for l in csv.lines().skip(1) {
+        let f: Vec<&str> = l.split(',').collect();
+        assert_eq!(f[15], "2", "rounds of {l}");
+        let (lo, hi): (f64, f64) = (f[16].parse().unwrap(), f[17].parse().unwrap());
+        assert!(lo > 0.0 && lo <= hi, "{l}");
+        let ratio: f64 = f[18].parse().unwrap();
+        if f[3] == "1" {
+            assert_eq!(ratio, 1.0, "{l}");
+        } else {
+            assert!(ratio > 0.0, "{l}");
+        }
+    }
     let png = std::fs::read(dir.path().join("sweep-cores.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let svg = std::fs::read_to_string(dir.path().join("sweep-cores.svg")).unwrap();
@@ -103,6 +128,15 @@ fn bad_options_are_refused_clearly() {
         err.contains("crypto backend `nope` is not available"),
         "{err}"
     );
+    let (code, _, err) = espada(&["bench", "--rounds", "0"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("invalid value '0' for '--rounds <ROUNDS>'"),
+        "{err}"
+    );
+    let (code, _, err) = espada(&["bench", "--layout", "one-core", "--rounds", "3"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no --sweep, --rounds"), "{err}");
     let (_, _, err) = espada(&["bench", "--sweep", "moons"]);
     assert!(
         err.contains("invalid value 'moons' for '--sweep <SWEEP>'")

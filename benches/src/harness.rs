@@ -75,6 +75,75 @@ pub struct BenchResult {
     /// 1/(seal + open). 100% = nothing but crypto.
     pub core_fraction_of_seal_plus_open: Option<f64>,
     pub handoffs: u64,
+    /// Delivered Mpps of every round, in the order measured (one entry for one round). The
+    /// other figures are those of the median round.
+    pub rounds_mpps: Vec<f64>,
+    /// In a sweep: delivered rate ÷ the same mode's first point (1 core, or 1 flow), as the
+    /// median and range of one ratio per round, each from two measurements of the same round.
+    pub vs_first: Option<Spread>,
+}
+
+/// Median and range of a figure over rounds.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` for no values; the median of an even count is the mean of the middle two.
+    pub fn of(xs: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+/// Folds interleaved rounds into one result per measured point. `rounds[r][i]` is point `i`
+/// measured in round `r` (every round measures every point). Each point keeps the figures of
+/// its median round (by delivered Mpps; the lower middle one for an even count), every round's
+/// Mpps, and, where `base_of(i)` names the point it is compared with, the median and range of
+/// the per-round ratio point ÷ base: a ratio is only ever taken between two measurements of
+/// one round, so slow drift of a shared machine cancels out.
+pub fn fold_rounds(
+    rounds: &[Vec<BenchResult>],
+    base_of: impl Fn(usize) -> Option<usize>,
+) -> Vec<BenchResult> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let mpps: Vec<f64> = rounds.iter().map(|r| r[i].decap.mpps).collect();
+            let mut order: Vec<usize> = (0..rounds.len()).collect();
+            order.sort_by(|&a, &b| mpps[a].total_cmp(&mpps[b]));
+            let mut out = rounds[order[(order.len() - 1) / 2]][i].clone();
+            out.rounds_mpps = mpps;
+            out.vs_first = base_of(i).and_then(|b| {
+                let ratios: Vec<f64> = rounds
+                    .iter()
+                    .filter(|r| r[b].decap.mpps > 0.0)
+                    .map(|r| r[i].decap.mpps / r[b].decap.mpps)
+                    .collect();
+                Spread::of(&ratios)
+            });
+            out
+        })
+        .collect()
 }
 
 pub fn cpu_mhz() -> f64 {
@@ -167,6 +236,8 @@ pub fn figures(p: &Pair, secs: f64, encap: bool, mhz: f64) -> DirFigures {
     }
 }
 
+/// One point of a measurement: what runs, on how many cores, in which layout.
+#[derive(Debug, Clone)]
 pub struct Run {
     pub mode: String,
     pub sa_mode: SaMode,
@@ -298,6 +369,7 @@ pub fn one(
             .filter(|_| !bypass)
             .and_then(|c| per_core_ceiling(&decap, c.open_ns)),
         encap,
+        rounds_mpps: vec![decap.mpps],
         decap,
         drops: drops
             .nonzero()
@@ -306,15 +378,16 @@ pub fn one(
         latency_us_p50_p90_p99_p999_max: pair.received.latency_us(),
         ceiling: ceil.cloned(),
         handoffs,
+        vs_first: None,
     })
 }
 
 pub fn table(rs: &[BenchResult]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "| backend | mode | SA | layout | cores | flows | size | encap Mpps | encap Gbit/s | decap Mpps | decap Gbit/s | encap/seal | decap/open | (seal+open)/pkt | ns/pkt (enc/dec) | latency p50/p99 µs | drops |");
+    let _ = writeln!(s, "| backend | mode | SA | layout | cores | flows | size | encap Mpps | encap Gbit/s | decap Mpps | decap Gbit/s | decap Mpps range (rounds) | ÷ first point (range) | encap/seal | decap/open | (seal+open)/pkt | ns/pkt (enc/dec) | latency p50/p99 µs | drops |");
     let _ = writeln!(
         s,
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rs {
         let lat = r
@@ -325,11 +398,22 @@ pub fn table(rs: &[BenchResult]) -> String {
             f.map(|x| format!("{:.0}%", x * 100.0))
                 .unwrap_or_else(|| "-".into())
         };
+        let range = match Spread::of(&r.rounds_mpps) {
+            Some(sp) if r.rounds_mpps.len() > 1 => {
+                format!("{:.3}–{:.3} ({})", sp.min, sp.max, r.rounds_mpps.len())
+            }
+            _ => "-".into(),
+        };
+        let ratio = r
+            .vs_first
+            .map(|v| format!("{:.2}× ({:.2}–{:.2})", v.median, v.min, v.max))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
             r.backend,
             r.mode, r.sa_mode, r.layout, r.cores, r.flows, r.size, r.encap.mpps, r.encap.gbps_inner, r.decap.mpps, r.decap.gbps_inner,
+            range, ratio,
             frac(r.encap_fraction_of_seal), frac(r.decap_fraction_of_open), frac(r.core_fraction_of_seal_plus_open), r.encap.ns_per_packet, r.decap.ns_per_packet, lat, r.drops.values().sum::<u64>()
         );
     }
@@ -337,12 +421,12 @@ pub fn table(rs: &[BenchResult]) -> String {
 }
 
 pub fn csv(rs: &[BenchResult]) -> String {
-    let mut s = String::from("mode,sa_mode,layout,cores,flows,size,encap_mpps,encap_gbps,decap_mpps,decap_gbps,encap_fraction_of_seal,decap_fraction_of_open,lat_p50_us,lat_p99_us,drops\n");
+    let mut s = String::from("mode,sa_mode,layout,cores,flows,size,encap_mpps,encap_gbps,decap_mpps,decap_gbps,encap_fraction_of_seal,decap_fraction_of_open,lat_p50_us,lat_p99_us,drops,rounds,decap_mpps_min,decap_mpps_max,vs_first_median,vs_first_min,vs_first_max\n");
     for r in rs {
         let l = r.latency_us_p50_p90_p99_p999_max.unwrap_or([0.0; 5]);
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{:.4},{:.3},{:.4},{:.3},{},{},{:.1},{:.1},{}",
+            "{},{},{},{},{},{},{:.4},{:.3},{:.4},{:.3},{},{},{:.1},{:.1},{},{},{},{}",
             r.mode,
             r.sa_mode,
             r.layout,
@@ -361,7 +445,14 @@ pub fn csv(rs: &[BenchResult]) -> String {
                 .unwrap_or_default(),
             l[0],
             l[2],
-            r.drops.values().sum::<u64>()
+            r.drops.values().sum::<u64>(),
+            r.rounds_mpps.len(),
+            Spread::of(&r.rounds_mpps)
+                .map(|sp| format!("{:.4},{:.4}", sp.min, sp.max))
+                .unwrap_or_else(|| ",".into()),
+            r.vs_first
+                .map(|v| format!("{:.3},{:.3},{:.3}", v.median, v.min, v.max))
+                .unwrap_or_else(|| ",,".into()),
         );
     }
     s
@@ -602,4 +693,102 @@ pub fn one_core_table(out: &[OneCoreResult]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(cores: usize, mpps: f64, sent: u64) -> BenchResult {
+        let f = DirFigures {
+            mpps,
+            gbps_inner: 0.0,
+            ns_per_packet: 0.0,
+            cycles_per_packet: 0.0,
+            per_core_mpps: vec![mpps / cores as f64; cores],
+        };
+        BenchResult {
+            mode: "ipsec".into(),
+            sa_mode: "pcpu".into(),
+            layout: "shared".into(),
+            cores,
+            flows: 16,
+            size: "64".into(),
+            backend: "ring".into(),
+            cipher: "aes-gcm-128".into(),
+            seconds: 1.0,
+            sent,
+            received: sent,
+            encap: f.clone(),
+            decap: f,
+            drops: Default::default(),
+            latency_us_p50_p90_p99_p999_max: None,
+            ceiling: None,
+            encap_fraction_of_seal: None,
+            decap_fraction_of_open: None,
+            core_fraction_of_seal_plus_open: None,
+            handoffs: 0,
+            rounds_mpps: vec![mpps],
+            vs_first: None,
+        }
+    }
+
+    #[test]
+    fn spread_is_median_and_range() {
+        assert_eq!(Spread::of(&[]), None);
+        let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = Spread::of(&[4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
+        assert_eq!(Spread::of(&[f64::NAN, 1.0]).unwrap().median, 1.0);
+    }
+
+    #[test]
+    fn rounds_fold_into_the_median_round_and_per_round_ratios() {
+        // Round 2 is a slow moment of the machine for both points: its ratio is still 2.
+        let rounds = vec![
+            vec![point(1, 2.0, 10), point(2, 3.8, 11)],
+            vec![point(1, 1.0, 20), point(2, 2.0, 21)],
+            vec![point(1, 2.2, 30), point(2, 3.6, 31)],
+        ];
+        let out = fold_rounds(&rounds, |_| Some(0));
+        assert_eq!(out.len(), 2);
+        // The figures of each point come from its own median round.
+        assert_eq!(out[0].sent, 10);
+        assert_eq!(out[0].rounds_mpps, vec![2.0, 1.0, 2.2]);
+        assert_eq!(out[1].sent, 31);
+        let v = out[1].vs_first.unwrap();
+        assert!((v.median - 1.9).abs() < 1e-9, "{v:?}");
+        assert!((v.min - 3.6 / 2.2).abs() < 1e-9 && (v.max - 2.0).abs() < 1e-9);
+        assert_eq!(out[0].vs_first.unwrap().median, 1.0);
+        // No base: no ratio; one round: its own figures.
+        let one = fold_rounds(&rounds[..1], |_| None);
+        assert_eq!(one[1].sent, 11);
+        assert!(one[1].vs_first.is_none());
+        assert!(fold_rounds(&[], |_| None).is_empty());
+    }
+
+    #[test]
+    fn table_and_csv_show_the_rounds() {
+        let rounds = vec![
+            vec![point(1, 2.0, 10), point(2, 3.8, 11)],
+            vec![point(1, 2.1, 20), point(2, 4.0, 21)],
+        ];
+        let out = fold_rounds(&rounds, |_| Some(0));
+        let t = table(&out);
+        assert!(t.contains("3.800–4.000 (2)"), "{t}");
+        assert!(t.contains("1.90× (1.90–1.90)"), "{t}");
+        let c = csv(&out);
+        let header: Vec<&str> = c.lines().next().unwrap().split(',').collect();
+        for l in c.lines().skip(1) {
+            assert_eq!(l.split(',').count(), header.len(), "{c}");
+        }
+        assert!(
+            c.lines()
+                .nth(2)
+                .unwrap()
+                .ends_with(",2,3.8000,4.0000,1.902,1.900,1.905"),
+            "{c}"
+        );
+    }
 }

@@ -8,7 +8,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use espada_benches::harness::{
-    ceiling, csv, one, one_core, one_core_table, plot, table, BenchResult, Load, Run,
+    ceiling, csv, fold_rounds, one, one_core, one_core_table, plot, table, BenchResult, Ceiling,
+    Load, Run,
 };
 use espada_crypto::{Algorithm, Backend};
 use espada_dataplane::pair::Layout;
@@ -70,6 +71,12 @@ pub struct BenchArgs {
     /// Largest core count of a cores sweep (default: every online core, shared layout).
     #[arg(long)]
     max_cores: Option<usize>,
+    /// Measure every point this many times, interleaved (1, 2, 1, 2, ... with the order
+    /// reversed every other round so drift cancels), and report the median, the range and,
+    /// in a sweep, each point ÷ the first point as a per-round ratio. On a shared or noisy
+    /// machine use 5 or more.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Output directory of a sweep.
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
@@ -160,8 +167,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         "both" => vec![solo::Direction::Encrypt, solo::Direction::Decrypt],
         d => bail!("--direction must be encrypt, decrypt or both, got {d}"),
     };
-    if a.layout == "one-core" && (a.sweep.is_some() || a.mode != "ipsec" || compare_all) {
-        bail!("--layout one-core measures one ipsec run: no --sweep, --mode loop or --backend all");
+    if a.layout == "one-core"
+        && (a.sweep.is_some() || a.mode != "ipsec" || compare_all || a.rounds > 1)
+    {
+        bail!("--layout one-core measures one ipsec run: no --sweep, --rounds, --mode loop or --backend all (benches/peers/secgw.sh interleaves runs of it)");
     }
     // Where the results go must be writable before anything is measured.
     if let Some(j) = &a.json {
@@ -189,7 +198,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut results = Vec::new();
+    // The points to measure, each with its backend and that backend's ceiling, and the point
+    // each is compared with (a sweep's first point of the same mode).
+    let mut plan: Vec<(Run, Backend, Ceiling)> = Vec::new();
+    let mut base: Vec<Option<usize>> = Vec::new();
     match a.sweep.as_deref() {
         None => {
             let r = Run {
@@ -204,10 +216,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 for b in Backend::available() {
                     let c = ceiling(*b, alg, size_for_ceiling)?;
                     eprintln!("  {b}: seal {:.0} ns, open {:.0} ns", c.seal_ns, c.open_ns);
-                    results.push(one(&a.load(), &r, *b, alg, Some(&c))?);
+                    plan.push((r.clone(), *b, c));
+                    base.push(None);
                 }
             } else {
-                results.push(one(&a.load(), &r, backend, alg, Some(&ceil))?);
+                plan.push((r, backend, ceil.clone()));
+                base.push(None);
             }
         }
         Some(kind @ ("cores" | "flows")) => {
@@ -222,6 +236,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 ("ipsec", SaMode::Shared),
                 ("loop", SaMode::PerCpu),
             ] {
+                let first = plan.len();
                 for &x in &xs {
                     let (cores, flows) = if kind == "cores" {
                         (x, a.flows)
@@ -235,14 +250,53 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                         flows,
                         layout: Layout::Shared,
                     };
-                    results.push(one(&a.load(), &r, backend, alg, Some(&ceil))?);
+                    plan.push((r, backend, ceil.clone()));
+                    base.push(Some(first));
                 }
             }
         }
         Some(s) => bail!("--sweep must be cores or flows, got {s}"),
     }
+    let rounds = a.rounds.max(1) as usize;
+    let mut measured: Vec<Vec<BenchResult>> = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        if rounds > 1 {
+            eprintln!("espada bench: round {}/{rounds}", round + 1);
+        }
+        let mut got: Vec<Option<BenchResult>> = vec![None; plan.len()];
+        // Every other round runs the points backwards: a machine that speeds up or slows down
+        // during the run favors no point.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..plan.len()).collect()
+        } else {
+            (0..plan.len()).rev().collect()
+        };
+        for i in order {
+            let (r, b, c) = &plan[i];
+            got[i] = Some(one(&a.load(), r, *b, alg, Some(c))?);
+        }
+        measured.push(got.into_iter().flatten().collect());
+    }
+    let results = fold_rounds(&measured, |i| base[i]);
     let t = table(&results);
     print!("{t}");
+    if a.sweep.as_deref() == Some("cores") {
+        for r in results.iter().filter(|r| r.cores > 1) {
+            if let Some(v) = r.vs_first {
+                println!(
+                    "{} {}, {} cores ÷ 1 core: {:.2}× (median of {} interleaved round{}; {:.2}–{:.2})",
+                    r.mode,
+                    r.sa_mode,
+                    r.cores,
+                    v.median,
+                    r.rounds_mpps.len(),
+                    if r.rounds_mpps.len() == 1 { "" } else { "s" },
+                    v.min,
+                    v.max
+                );
+            }
+        }
+    }
     println!("Gbit/s count inner IP bytes; encap/seal and decap/open compare one core's ESP rate with the raw AEAD rate of the same backend measured in this run.");
     if let Some(r) = results.first() {
         if let Some(l) = r.latency_us_p50_p90_p99_p999_max {
