@@ -272,7 +272,11 @@ pub fn one(
         },
     );
     let (ws, es) = lab::sides();
-    let steering = if r.sa_mode == SaMode::PerCpu {
+    let steering = if bypass {
+        // No ESP source port tells the cores apart: each generator's traffic stays on its
+        // core, as the per-CPU SAs' does.
+        Steering::SameQueue
+    } else if r.sa_mode == SaMode::PerCpu {
         Steering::UdpSrcPort { base: 4501 }
     } else {
         Steering::Rss

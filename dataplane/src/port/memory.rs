@@ -22,6 +22,10 @@ pub enum Steering {
         /// Source port of queue 0.
         base: u16,
     },
+    /// Queue `i` of one end always lands on queue `i` of the other (one link per core, or a
+    /// flow rule per sender): the plain-forwarding baseline of a per-core benchmark, where no
+    /// ESP source port tells the cores apart.
+    SameQueue,
 }
 
 /// A two-ended link.
@@ -105,7 +109,10 @@ pub fn flow_hash(frame: &[u8]) -> u32 {
     h ^ (h >> 16)
 }
 
-fn steer(s: Steering, frame: &[u8], queues: usize) -> usize {
+fn steer(s: Steering, frame: &[u8], from: usize, queues: usize) -> usize {
+    if s == Steering::SameQueue {
+        return from % queues;
+    }
     if let Steering::UdpSrcPort { base } = s {
         if let Ok(eth) = ethernet::Frame::new_checked(frame) {
             if let Ok(ip) = ipv4::Packet::new_checked(eth.payload()) {
@@ -158,7 +165,7 @@ impl PortQueue for MemoryQueue {
         let nq = self.tx.len();
         let mut sent = 0;
         for b in pkts.drain(..) {
-            let q = steer(self.steer, b.data(), nq);
+            let q = steer(self.steer, b.data(), self.q, nq);
             let len = b.len() as u64;
             match self.tx[q].push(b) {
                 Ok(()) => {
@@ -237,5 +244,21 @@ mod test {
         assert_eq!(a0.tx_burst(&mut pc, &mut out), 4);
         assert_eq!(a0.stats().tx_dropped, 2);
         assert_eq!(link.in_flight(), 4);
+    }
+
+    #[test]
+    fn same_queue_steering_keeps_each_sender_on_its_queue() {
+        let pool = Pool::new(64, 256);
+        let mut pc = PoolCache::new(pool.clone());
+        let link = MemoryLink::new(2, 8);
+        let mut a1 = link.end_a(1, MacAddr([2, 0, 0, 0, 0, 1]), Steering::SameQueue);
+        let mut b0 = link.end_b(0, MacAddr([2, 0, 0, 0, 0, 2]), Steering::Rss);
+        let mut b1 = link.end_b(1, MacAddr([2, 0, 0, 0, 0, 2]), Steering::Rss);
+        // Port 4501 would pick queue 0 under UdpSrcPort; SameQueue ignores the headers.
+        let mut out = vec![frame(4501), frame(4502), frame(9)];
+        assert_eq!(a1.tx_burst(&mut pc, &mut out), 3);
+        let mut got = Vec::new();
+        assert_eq!(b0.rx_burst(&mut pc, &mut got, 32), 0);
+        assert_eq!(b1.rx_burst(&mut pc, &mut got, 32), 3);
     }
 }
