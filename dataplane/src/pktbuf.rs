@@ -90,6 +90,11 @@ enum Owner {
     /// frame goes back to the UMEM's free frames when this value is dropped.
     #[cfg(feature = "af-xdp")]
     Umem(NonNull<crate::port::af_xdp::XdpUmem>),
+    /// A slot of an AF_PACKET TPACKET_V2 receive ring, lent in place: the pointer is the
+    /// slot's `tp_status` word, and dropping the buffer hands the slot back to the kernel
+    /// (`TP_STATUS_KERNEL`). The ring stays mapped while any slot is out (see
+    /// `af_packet::RxRing`).
+    RingSlot(NonNull<std::sync::atomic::AtomicU32>),
 }
 
 // SAFETY: the storage (a boxed slice, or an mbuf taken off a queue) is owned by this value
@@ -149,6 +154,13 @@ impl Drop for PktBuf {
                 // SAFETY: a UMEM outlives every buffer of its frames (it is leaked rather than
                 // unmapped while any is out: see `XdpUmem`), and this frame is given back once.
                 unsafe { crate::port::af_xdp::XdpUmem::give_back(*u, self.base.as_ptr()) }
+            }
+            Owner::RingSlot(status) => {
+                // SAFETY: a receive ring stays mapped while any of its slots is lent (the queue
+                // leaks the mapping rather than unmapping it under a lent slot), and this value
+                // is the slot's only owner. The store is its last access to the slot: from it
+                // on, the kernel may write the slot again.
+                unsafe { crate::port::af_packet::give_back_slot(*status) }
             }
         }
     }
@@ -211,6 +223,7 @@ impl PktBuf {
             Owner::Mbuf(_) => false,
             #[cfg(feature = "af-xdp")]
             Owner::Umem(_) => false,
+            Owner::RingSlot(_) => false,
         }
     }
 
@@ -326,6 +339,63 @@ impl PktBuf {
             return true;
         }
         false
+    }
+
+    /// Wraps a slot of an AF_PACKET receive ring just taken from the kernel (no copy):
+    /// `status` is the slot's `tp_status` word, `base..base + cap` the slot's bytes the packet
+    /// may use (headroom, packet, tailroom), the packet `len` bytes at `head`.
+    ///
+    /// # Safety
+    /// The slot is the caller's (the kernel handed it over and nobody else holds it), its
+    /// bytes stay mapped until the buffer is dropped, and `head + len <= cap`.
+    pub(crate) unsafe fn from_ring_slot(
+        status: NonNull<std::sync::atomic::AtomicU32>,
+        base: NonNull<u8>,
+        cap: usize,
+        head: usize,
+        len: usize,
+    ) -> PktBuf {
+        debug_assert!(head + len <= cap);
+        PktBuf {
+            base,
+            cap,
+            head,
+            len,
+            outer_tos: 0,
+            hw_csum: 0,
+            going_home: false,
+            owner: Owner::RingSlot(status),
+        }
+    }
+
+    /// Whether this buffer is a slot of a kernel receive ring (AF_PACKET) lent in place.
+    /// Such a slot must not be held across polls: the kernel fills its ring in order and
+    /// stops at a slot still lent, so a path that keeps a buffer (a handoff to another core,
+    /// the control path) copies it out first ([`PktBuf::copy_out`]).
+    #[inline]
+    pub fn is_ring_slot(&self) -> bool {
+        matches!(self.owner, Owner::RingSlot(_))
+    }
+
+    /// A copy of this packet in a buffer of `pool` (with that buffer's headroom; `outer_tos`
+    /// and the checksum flags kept), the original handed back; `Err(self)` when the pool has
+    /// no buffer or its buffers are too small.
+    pub fn copy_out(self, pool: &mut crate::pool::PoolCache) -> Result<PktBuf, PktBuf> {
+        let Some(mut c) = pool.get() else {
+            return Err(self);
+        };
+        let head = c.head.min(c.cap.saturating_sub(self.len));
+        if head + self.len > c.cap {
+            pool.put(c);
+            return Err(self);
+        }
+        c.head = head;
+        c.len = self.len;
+        c.data_mut().copy_from_slice(self.data());
+        c.outer_tos = self.outer_tos;
+        c.hw_csum = self.hw_csum;
+        drop(self);
+        Ok(c)
     }
 
     /// Wraps a UMEM frame just received (no copy): `frame` is its first byte, `size` its size,

@@ -1,12 +1,18 @@
-//! Linux AF_PACKET port: a TPACKET_V3 receive ring and a mapped TPACKET_V3 transmit ring per
+//! Linux AF_PACKET port: a TPACKET_V2 receive ring and a mapped TPACKET_V3 transmit ring per
 //! worker queue, the queues of one interface joined in a `PACKET_FANOUT` group (queue-mapped
 //! when the NIC has a receive queue per worker, so its ntuple rules pick the worker; hashed
 //! otherwise), `PACKET_QDISC_BYPASS` on transmit and
 //! `PACKET_IGNORE_OUTGOING` so a queue never reads back what it sent.
 //!
-//! Receive copies each frame once from the ring into a pool buffer (the ring is the kernel's
-//! memory); transmit copies into a ring slot and kicks the kernel once per burst with one
-//! `sendto`. Nothing else makes a syscall on the packet path.
+//! Receive is in place: the receive ring has fixed slots sized from the device MTU, with
+//! [`RX_RESERVE`] bytes of headroom in front of each frame (`PACKET_RESERVE`) and tailroom
+//! behind it, so ESP is added or removed in the slot itself. A slot the pipeline holds is
+//! marked lent (neither the kernel's nor new), and goes back to the kernel when its buffer is
+//! dropped, wherever that happens. The kernel fills its slots in order and stops at one still
+//! lent, so the pipeline never keeps a slot beyond the poll that received it: a handoff to
+//! another core and the control path copy the packet out first. Transmit copies into a TX
+//! ring slot (the kernel's TX ring is not the RX ring) and kicks the kernel once per burst with
+//! one `sendto`. Nothing else makes a syscall on the packet path.
 //!
 //! Transmit has its own socket (bound to protocol 0, so it receives nothing) so that it can be
 //! rebuilt on its own. The kernel walks the TX ring from its own head and stops at the first
@@ -43,6 +49,8 @@ const PACKET_FANOUT: libc::c_int = 18;
 const PACKET_LOSS: libc::c_int = 14;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+const PACKET_RESERVE: libc::c_int = 12;
+const TPACKET_V2: libc::c_int = 1;
 const TPACKET_V3: libc::c_int = 2;
 const PACKET_FANOUT_HASH: u32 = 0;
 const PACKET_FANOUT_QM: u32 = 5;
@@ -55,6 +63,50 @@ const TP_STATUS_SEND_REQUEST: u32 = 1;
 const TP_STATUS_SENDING: u32 = 2;
 const TP_STATUS_WRONG_FORMAT: u32 = 4;
 const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
+/// A receive slot lent to the pipeline: not `TP_STATUS_KERNEL` (the kernel does not fill it)
+/// and without `TP_STATUS_USER` (the receive loop does not take it again). The kernel's own
+/// status bits stop at bit 8 (flags) and start again at bit 29 (timestamps).
+const TP_STATUS_LENT: u32 = 1 << 27;
+
+/// `struct tpacket2_hdr` field offsets, and `sll_pkttype` of the `sockaddr_ll` after it.
+mod tp2 {
+    pub const LEN: usize = 4;
+    pub const SNAPLEN: usize = 8;
+    pub const MAC: usize = 12;
+    pub const PKTTYPE: usize = 32 + 10;
+    /// `TPACKET2_HDRLEN`: the header (32, aligned) and the `sockaddr_ll` (20).
+    pub const HDRLEN: usize = 52;
+}
+
+/// Headroom the kernel leaves in front of each received frame (`PACKET_RESERVE`): room for the
+/// outer Ethernet, IPv6, UDP, ESP header and IV that encapsulation puts in front.
+pub const RX_RESERVE: usize = 128;
+/// Where a receive slot's buffer starts: after the kernel's header and `sockaddr_ll`, on a
+/// cache line. The bytes before it are never handed out.
+const SLOT_DATA: usize = 64;
+/// Tailroom a receive slot keeps behind the largest frame the device takes: ESP padding,
+/// trailer and ICV.
+const RX_TAILROOM: usize = 64;
+
+/// The receive slot size for a device MTU: a power of two (so slots never straddle a block)
+/// that holds the kernel's header, [`RX_RESERVE`], the largest frame and [`RX_TAILROOM`].
+pub fn rx_frame_size(mtu: usize) -> usize {
+    // The kernel's `netoff`: TPACKET_ALIGN(hdrlen + 16) + reserve; the frame starts 14 before.
+    let mac = (tp2::HDRLEN + 16).next_multiple_of(16) + RX_RESERVE - 14;
+    (mac + mtu + 14 + RX_TAILROOM).next_power_of_two().max(2048)
+}
+
+/// Hands a lent receive slot back to the kernel.
+///
+/// # Safety
+/// `status` is the `tp_status` word of a slot lent by a receive ring that is still mapped, and
+/// the caller is the slot's only holder and does not touch the slot afterwards.
+#[inline]
+pub(crate) unsafe fn give_back_slot(status: std::ptr::NonNull<AtomicU32>) {
+    // SAFETY (caller): mapped and ours; Release orders our writes to the slot before the
+    // kernel's next fill.
+    unsafe { status.as_ref() }.store(TP_STATUS_KERNEL, Ordering::Release);
+}
 
 /// `struct tpacket3_hdr` is 48 bytes; TX data starts right after it (TPACKET3_HDRLEN minus
 /// `sizeof(struct sockaddr_ll)`).
@@ -72,6 +124,14 @@ struct TpacketReq3 {
 }
 
 #[repr(C)]
+struct TpacketReq {
+    tp_block_size: u32,
+    tp_block_nr: u32,
+    tp_frame_size: u32,
+    tp_frame_nr: u32,
+}
+
+#[repr(C)]
 #[derive(Default)]
 struct TpacketStatsV3 {
     tp_packets: u32,
@@ -82,7 +142,8 @@ struct TpacketStatsV3 {
 /// Ring geometry.
 #[derive(Debug, Clone, Copy)]
 pub struct RingConfig {
-    /// RX block size (a multiple of the page size).
+    /// RX block size (a multiple of the page size; the slots are sized from the device MTU,
+    /// see [`rx_frame_size`]).
     pub rx_block_size: u32,
     /// RX blocks.
     pub rx_blocks: u32,
@@ -90,8 +151,6 @@ pub struct RingConfig {
     pub tx_frame_size: u32,
     /// TX frames.
     pub tx_frames: u32,
-    /// Milliseconds after which a partly filled RX block is handed to user space.
-    pub retire_ms: u32,
 }
 
 impl Default for RingConfig {
@@ -101,7 +160,6 @@ impl Default for RingConfig {
             rx_blocks: 16,
             tx_frame_size: 1 << 14,
             tx_frames: 512,
-            retire_ms: 1,
         }
     }
 }
@@ -326,12 +384,11 @@ pub struct AfPacketQueue {
     fd: libc::c_int,
     map: *mut u8,
     map_len: usize,
-    rx_block_size: usize,
-    rx_blocks: usize,
-    // receive cursor
-    block: usize,
-    pkt_left: u32,
-    pkt_off: usize,
+    /// Receive slot size and count (slot `i` starts at `i * frame_size`).
+    frame_size: usize,
+    frames: usize,
+    /// The next receive slot to look at.
+    next: usize,
     tx: TxRing,
     ifindex: libc::c_uint,
     iface: String,
@@ -368,21 +425,23 @@ impl AfPacketQueue {
             unsafe { libc::close(fd) };
             e
         };
-        setsockopt(fd, SOL_PACKET, PACKET_VERSION, &TPACKET_V3).map_err(close_on_err)?;
+        setsockopt(fd, SOL_PACKET, PACKET_VERSION, &TPACKET_V2).map_err(close_on_err)?;
+        let reserve = RX_RESERVE as libc::c_uint;
+        setsockopt(fd, SOL_PACKET, PACKET_RESERVE, &reserve).map_err(close_on_err)?;
         let one: libc::c_int = 1;
         // Best effort (kernel >= 4.20); the RX path also skips outgoing frames by itself.
         let _ = setsockopt(fd, SOL_PACKET, PACKET_IGNORE_OUTGOING, &one);
-        let rx = TpacketReq3 {
-            tp_block_size: rc.rx_block_size,
-            tp_block_nr: rc.rx_blocks,
-            tp_frame_size: 2048,
-            tp_frame_nr: rc.rx_block_size / 2048 * rc.rx_blocks,
-            tp_retire_blk_tov: rc.retire_ms,
-            tp_sizeof_priv: 0,
-            tp_feature_req_word: 0,
+        let frame_size = rx_frame_size(device_mtu(iface).unwrap_or(1500));
+        let block = (rc.rx_block_size as usize).max(frame_size);
+        let blocks = (rc.rx_blocks as usize).max(1);
+        let rx = TpacketReq {
+            tp_block_size: block as u32,
+            tp_block_nr: blocks as u32,
+            tp_frame_size: frame_size as u32,
+            tp_frame_nr: (block / frame_size * blocks) as u32,
         };
         setsockopt(fd, SOL_PACKET, PACKET_RX_RING, &rx).map_err(close_on_err)?;
-        let rx_len = rc.rx_block_size as usize * rc.rx_blocks as usize;
+        let rx_len = block * blocks;
         let map = map_ring(fd, rx_len).map_err(close_on_err)?;
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value we then fill in.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -401,11 +460,9 @@ impl AfPacketQueue {
             fd,
             map,
             map_len: rx_len,
-            rx_block_size: rc.rx_block_size as usize,
-            rx_blocks: rc.rx_blocks as usize,
-            block: 0,
-            pkt_left: 0,
-            pkt_off: 0,
+            frame_size,
+            frames: rx_len / frame_size,
+            next: 0,
             tx,
             ifindex: idx,
             iface: iface.to_string(),
@@ -457,13 +514,21 @@ impl AfPacketQueue {
         }
     }
 
+    /// The `tp_status` word of receive slot `i`.
     #[inline]
-    fn status(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off + 4 <= self.map_len && off.is_multiple_of(4));
-        // SAFETY: `off` is inside the mapping and 4-byte aligned (block and frame starts are
-        // page/16-byte aligned; status fields are at fixed 4-aligned offsets). The kernel
-        // writes the same word concurrently, hence an atomic view.
-        unsafe { &*(self.map.add(off) as *const AtomicU32) }
+    fn status(&self, i: usize) -> &AtomicU32 {
+        debug_assert!(i < self.frames);
+        // SAFETY: slot `i` is inside the mapping and starts on a 16-byte boundary (the slot
+        // size is a power of two >= 2048); tp_status is its first word. The kernel writes the
+        // same word concurrently, hence an atomic view.
+        unsafe { &*(self.map.add(i * self.frame_size) as *const AtomicU32) }
+    }
+
+    /// Slots lent to the pipeline right now (a scan: shutdown and tests only).
+    pub fn lent_slots(&self) -> usize {
+        (0..self.frames)
+            .filter(|&i| self.status(i).load(Ordering::Acquire) == TP_STATUS_LENT)
+            .count()
     }
 
     #[inline]
@@ -510,8 +575,29 @@ impl AfPacketQueue {
 
 impl Drop for AfPacketQueue {
     fn drop(&mut self) {
+        if self.lent_slots() > 0 {
+            // Buffers of this ring are still out (a stopping gateway's queues): keep the
+            // mapping for them rather than unmapping it under their feet. The mapping keeps
+            // the socket alive, so first unbind it (protocol 0 receives nothing, and leaves
+            // the fanout group): it must not take a share of the interface's traffic.
+            // SAFETY: sockaddr_ll is plain data; all-zero (protocol 0) is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = self.ifindex as i32;
+            // SAFETY: `sll` is a valid sockaddr_ll and we pass its size; fd is ours and closed
+            // once.
+            unsafe {
+                libc::bind(
+                    self.fd,
+                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                );
+                libc::close(self.fd);
+            }
+            return;
+        }
         // SAFETY: the RX mapping and fd are owned by self and released exactly once (the TX
-        // ring releases its own).
+        // ring releases its own); no slot is lent, so nothing points into the mapping.
         unsafe {
             libc::munmap(self.map as *mut libc::c_void, self.map_len);
             libc::close(self.fd);
@@ -520,74 +606,61 @@ impl Drop for AfPacketQueue {
 }
 
 impl PortQueue for AfPacketQueue {
-    fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
+    fn rx_burst(&mut self, _pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
         let mut n = 0;
         while n < max {
-            let base = self.block * self.rx_block_size;
-            if self.pkt_left == 0 {
-                // block_status at offset 8 of tpacket_block_desc.
-                if self.status(base + 8).load(Ordering::Acquire) & TP_STATUS_USER == 0 {
-                    break;
-                }
-                self.pkt_left = self.read_u32(base + 12);
-                self.pkt_off = self.read_u32(base + 16) as usize;
-                if self.pkt_left == 0 {
-                    self.status(base + 8)
-                        .store(TP_STATUS_KERNEL, Ordering::Release);
-                    self.block = (self.block + 1) % self.rx_blocks;
-                    continue;
-                }
+            let i = self.next;
+            let st = self.status(i).load(Ordering::Acquire);
+            // The kernel's (nothing new), or still lent to the pipeline: the kernel stops at
+            // that slot too, so nothing behind it is filled yet.
+            if st & TP_STATUS_USER == 0 {
+                break;
             }
-            let h = base + self.pkt_off;
-            let next = self.read_u32(h) as usize;
-            let snaplen = self.read_u32(h + 12) as usize;
-            let mac_off = self.read_u16(h + 24) as usize;
-            let valid = self.pkt_off + mac_off + snaplen <= self.rx_block_size;
-            // sockaddr_ll follows the header: sll_pkttype at offset 10 within it.
-            let pkttype = {
-                // SAFETY: inside the block (header + sockaddr_ll precede the frame data).
-                unsafe { *self.map.add(h + TP3_HDR_LEN + 10) }
-            };
+            self.next = if i + 1 == self.frames { 0 } else { i + 1 };
+            let f = i * self.frame_size;
+            let len = self.read_u32(f + tp2::LEN) as usize;
+            let snaplen = self.read_u32(f + tp2::SNAPLEN) as usize;
+            let mac = self.read_u16(f + tp2::MAC) as usize;
+            // SAFETY: inside slot `i` (the sockaddr_ll follows the header).
+            let pkttype = unsafe { *self.map.add(f + tp2::PKTTYPE) };
+            let give_back = |q: &Self| q.status(i).store(TP_STATUS_KERNEL, Ordering::Release);
+            if pkttype == libc::PACKET_OUTGOING {
+                give_back(self);
+                continue;
+            }
             // The kernel strips a VLAN tag into the header (tp_status VLAN_VALID, tp_vlan_tci):
             // such a frame would look untagged. espada runs on no VLAN: refuse it, counted.
-            let vlan = self.read_u32(h + 20) & TP_STATUS_VLAN_VALID != 0;
-            if vlan && pkttype != libc::PACKET_OUTGOING {
+            if st & TP_STATUS_VLAN_VALID != 0 {
                 self.stats.rx_filtered += 1;
+                give_back(self);
+                continue;
             }
-            if valid && !vlan && pkttype != libc::PACKET_OUTGOING {
-                match pool.get() {
-                    Some(mut b) => {
-                        if let Some(d) = b.append(snaplen) {
-                            // SAFETY: [h+mac_off, h+mac_off+snaplen) is inside the block (checked
-                            // by `valid`), and `d` is a distinct heap buffer of that length.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    self.map.add(h + mac_off),
-                                    d.as_mut_ptr(),
-                                    snaplen,
-                                )
-                            };
-                            self.stats.rx_packets += 1;
-                            self.stats.rx_bytes += snaplen as u64;
-                            out.push(b);
-                            n += 1;
-                        } else {
-                            self.stats.rx_dropped += 1;
-                            pool.put(b);
-                        }
-                    }
-                    None => self.stats.rx_dropped += 1,
-                }
+            // Cut short by the slot (a frame above the MTU the slots were sized for), or a
+            // layout that is not the one asked for: lost, counted.
+            if snaplen < len || mac < SLOT_DATA || mac + snaplen > self.frame_size {
+                self.stats.rx_dropped += 1;
+                give_back(self);
+                continue;
             }
-            self.pkt_left -= 1;
-            if self.pkt_left == 0 || next == 0 {
-                self.pkt_left = 0;
-                self.status(base + 8)
-                    .store(TP_STATUS_KERNEL, Ordering::Release);
-                self.block = (self.block + 1) % self.rx_blocks;
-            } else {
-                self.pkt_off += next;
-            }
+            let status = self.status(i);
+            status.store(TP_STATUS_LENT, Ordering::Relaxed);
+            // SAFETY: the kernel handed slot `i` over (TP_STATUS_USER) and it is now marked
+            // lent, so it is this buffer's alone until dropped; the mapping outlives every lent
+            // slot (see Drop); `mac - SLOT_DATA + snaplen <= frame_size - SLOT_DATA` was
+            // checked above.
+            let b = unsafe {
+                PktBuf::from_ring_slot(
+                    std::ptr::NonNull::from(status),
+                    std::ptr::NonNull::new_unchecked(self.map.add(f + SLOT_DATA)),
+                    self.frame_size - SLOT_DATA,
+                    mac - SLOT_DATA,
+                    snaplen,
+                )
+            };
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += snaplen as u64;
+            out.push(b);
+            n += 1;
         }
         n
     }

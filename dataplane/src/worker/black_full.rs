@@ -208,6 +208,7 @@ impl Worker {
         b.adj(ethernet::HEADER_LEN);
         let extra = b.len().saturating_sub(ip_len);
         b.trim(extra);
+        let Some(b) = self.keepable(b) else { return };
         match self.shared.control.push(b) {
             Ok(()) => self.stats.to_control += 1,
             Err(b) => self.drop_pkt(b, DropReason::ControlFull),
@@ -274,14 +275,15 @@ impl Worker {
                 }
                 match self.sas.route(spi) {
                     Route::Handoff(c) => {
-                        match self.shared.handoff.get(c) {
-                            Some(q) => match q.push(b) {
-                                Ok(()) => self.stats.handoff_out += 1,
-                                Err(b) => self.drop_pkt(b, DropReason::HandoffFull),
-                            },
-                            // The owner is a core this gateway does not run: no SA here can
-                            // take the packet (counted, and the buffer goes back).
-                            None => self.drop_pkt(b, DropReason::NoSa),
+                        // The owner is a core this gateway does not run: no SA here can
+                        // take the packet (counted, and the buffer goes back).
+                        if c >= self.shared.handoff.len() {
+                            return self.drop_pkt(b, DropReason::NoSa);
+                        }
+                        let Some(b) = self.keepable(b) else { return };
+                        match self.shared.handoff[c].push(b) {
+                            Ok(()) => self.stats.handoff_out += 1,
+                            Err(b) => self.drop_pkt(b, DropReason::HandoffFull),
                         }
                         return;
                     }
@@ -304,10 +306,13 @@ impl Worker {
                 let v = self.deliver_ready(&mut b, t);
                 self.land(b, v);
             }
-            Decap::Control => match self.shared.control.push(b) {
-                Ok(()) => self.stats.to_control += 1,
-                Err(b) => self.drop_pkt(b, DropReason::ControlFull),
-            },
+            Decap::Control => {
+                let Some(b) = self.keepable(b) else { return };
+                match self.shared.control.push(b) {
+                    Ok(()) => self.stats.to_control += 1,
+                    Err(b) => self.drop_pkt(b, DropReason::ControlFull),
+                }
+            }
             Decap::Drop(r) => self.drop_pkt(b, r),
         }
     }

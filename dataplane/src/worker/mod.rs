@@ -444,4 +444,28 @@ impl Worker {
         self.stats.drops.inc(r);
         self.pool.put(b);
     }
+
+    /// A buffer this worker is about to give away for longer than this poll (to another
+    /// core's handoff queue, to the control path). A slot of a kernel receive ring must not be
+    /// kept (the kernel stops at it), so its packet is copied into a pool buffer first; every
+    /// other buffer goes as it is. `None`: no buffer for the copy (counted as `no-buffer`).
+    #[inline]
+    fn keepable(&mut self, b: PktBuf) -> Option<PktBuf> {
+        if b.is_ring_slot() {
+            self.copy_slot_out(b)
+        } else {
+            Some(b)
+        }
+    }
+
+    #[cold]
+    fn copy_slot_out(&mut self, b: PktBuf) -> Option<PktBuf> {
+        match b.copy_out(&mut self.pool) {
+            Ok(c) => Some(c),
+            Err(b) => {
+                self.drop_pkt(b, DropReason::NoBuffer);
+                None
+            }
+        }
+    }
 }

@@ -1,0 +1,334 @@
+//! espada's AF_PACKET port on veth pairs inside a network namespace the test creates (needs
+//! root): frames are received in place, in slots of the kernel's TPACKET_V2 ring, with room to
+//! add ESP in front and behind; a lent slot goes back to the kernel when its buffer is dropped;
+//! a slot held too long costs counted kernel drops, not a stalled ring; a queue closed with
+//! slots still out neither crashes nor keeps a share of the traffic; and a gateway on AF_PACKET
+//! forwards every packet from the slot it arrived in.
+
+use espada_dataplane::pair::{lab, lab_worker_on, LabGateway};
+use espada_dataplane::pktbuf::{PacketBuf, PktBuf};
+use espada_dataplane::pool::{Pool, PoolCache};
+use espada_dataplane::port::af_packet::{interface_mac, AfPacketQueue, RingConfig, RX_RESERVE};
+use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
+use espada_dataplane::port::PortQueue;
+use espada_sadb::db::SaMode;
+use espada_sadb::lifetime::Lifetimes;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs this test binary's test `name` again inside a fresh network namespace holding the veth
+/// pairs `links` (up, IPv6 off), with ESPADA_AFP_CHILD set; returns what it printed. `None`
+/// when ESPADA_SKIP_NETNS=1 (said on stderr).
+fn in_netns(tag: &str, name: &str, links: &[(&str, &str)]) -> Option<String> {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: {name} was NOT run");
+        return None;
+    }
+    let ns = Ns(format!("{tag}{}", std::process::id() % 100_000));
+    let sh = |c: &str| {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(c)
+                .status()
+                .unwrap()
+                .success(),
+            "{c}"
+        )
+    };
+    sh(&format!("ip netns add {}", ns.0));
+    for (a, b) in links {
+        sh(&format!(
+            "ip -n {} link add {a} type veth peer name {b}",
+            ns.0
+        ));
+        for d in [a, b] {
+            sh(&format!(
+                "ip netns exec {} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1",
+                ns.0
+            ));
+            sh(&format!("ip -n {} link set {d} up", ns.0));
+        }
+    }
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env("ESPADA_AFP_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "child failed:\n{text}");
+    Some(text)
+}
+
+fn queue(iface: &str) -> AfPacketQueue {
+    AfPacketQueue::open(iface, 0, 1, 7, RingConfig::default())
+        .unwrap_or_else(|e| panic!("AF_PACKET queue on {iface}: {e}"))
+}
+
+/// A frame to `dst` whose bytes after the Ethernet header count from `tag`.
+fn frame(pc: &mut PoolCache, dst: [u8; 6], len: usize, tag: u8) -> PktBuf {
+    let mut b = pc.get().expect("a pool buffer");
+    let d = b.append(len).unwrap();
+    d[..6].copy_from_slice(&dst);
+    d[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x99]);
+    d[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental EtherType
+    for (i, x) in d[14..].iter_mut().enumerate() {
+        *x = tag.wrapping_add(i as u8);
+    }
+    b
+}
+
+/// Sends `n` frames from `tx` and receives them on `rx` (bounded wait), keeping them.
+fn send_and_take(
+    tx: &mut AfPacketQueue,
+    rx: &mut AfPacketQueue,
+    pc: &mut PoolCache,
+    n: usize,
+    len: usize,
+) -> Vec<PktBuf> {
+    let dst = rx.mac().0;
+    let mut got = Vec::new();
+    let mut sent = 0;
+    let t = Instant::now();
+    while got.len() < n && t.elapsed() < Duration::from_secs(10) {
+        if sent < n {
+            let k = (n - sent).min(16);
+            let mut v: Vec<PktBuf> = (0..k)
+                .map(|i| frame(pc, dst, len, (sent + i) as u8))
+                .collect();
+            sent += tx.tx_burst(pc, &mut v);
+        }
+        rx.rx_burst(pc, &mut got, 64);
+    }
+    got
+}
+
+fn in_place_child() {
+    let pool = Pool::new(512, 2048);
+    let mut pc = PoolCache::new(pool);
+    let mut tx = queue("pra");
+    let mut rx = queue("prb");
+    let got = send_and_take(&mut tx, &mut rx, &mut pc, 100, 600);
+    assert_eq!(got.len(), 100, "every frame arrived");
+    for (i, b) in got.iter().enumerate() {
+        assert!(
+            b.is_ring_slot(),
+            "frame {i} is the ring's own slot, not a copy"
+        );
+        assert_eq!(b.len(), 600);
+        assert_eq!(&b.data()[..6], &rx.mac().0);
+        assert_eq!(b.data()[14], i as u8, "in order, bytes intact");
+        assert_eq!(b.data()[599], (i as u8).wrapping_add((585 % 256) as u8));
+        assert!(
+            b.headroom() >= RX_RESERVE,
+            "room for the outer headers: {}",
+            b.headroom()
+        );
+        assert!(
+            b.tailroom() >= 64,
+            "room for the ESP trailer: {}",
+            b.tailroom()
+        );
+    }
+    assert_eq!(rx.lent_slots(), 100, "every held buffer is a lent slot");
+    // Encapsulation in place: outer headers in front, trailer and ICV behind.
+    let mut it = got.into_iter();
+    let mut b = it.next().unwrap();
+    assert!(b.prepend(78).is_some() && b.append(34).is_some());
+    assert_eq!(b.len(), 600 + 78 + 34);
+    drop(b);
+    drop(it);
+    // Every buffer dropped (above and the 99 with `got`): every slot is the kernel's again.
+    assert_eq!(rx.lent_slots(), 0);
+    // The ring goes on where it was: another 3000 frames (more than the ring's slots) pass.
+    let mut total = 0;
+    for _ in 0..30 {
+        let v = send_and_take(&mut tx, &mut rx, &mut pc, 100, 600);
+        total += v.len();
+        drop(v);
+    }
+    assert_eq!(total, 3000);
+    assert_eq!(rx.lent_slots(), 0);
+    println!("af_packet in place: 3100 frames received in ring slots, every slot returned");
+}
+
+#[test]
+fn af_packet_receives_in_place_and_gives_slots_back() {
+    if std::env::var("ESPADA_AFP_CHILD").is_ok() {
+        return in_place_child();
+    }
+    if let Some(text) = in_netns(
+        "afp",
+        "af_packet_receives_in_place_and_gives_slots_back",
+        &[("pra", "prb")],
+    ) {
+        assert!(text.contains("every slot returned"), "{text}");
+    }
+}
+
+fn held_slot_child() {
+    let pool = Pool::new(512, 2048);
+    let mut pc = PoolCache::new(pool);
+    let mut tx = queue("pha");
+    let mut rx = queue("phb");
+    // Hold one slot, then offer far more frames than the ring has slots, without receiving.
+    let held = send_and_take(&mut tx, &mut rx, &mut pc, 1, 200);
+    assert_eq!(held.len(), 1);
+    rx.poll_kernel_drops();
+    let slots = 4 << 20 >> 11; // RingConfig::default(): 4 MiB of 2 KiB slots
+    let dst = rx.mac().0;
+    let mut offered = 0;
+    while offered < slots + 500 {
+        let mut v: Vec<PktBuf> = (0..16).map(|_| frame(&mut pc, dst, 200, 1)).collect();
+        offered += tx.tx_burst(&mut pc, &mut v);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let mut got = Vec::new();
+    while rx.rx_burst(&mut pc, &mut got, 64) > 0 {
+        got.clear();
+    }
+    let drops = rx.poll_kernel_drops();
+    println!("held slot: offered {offered}, kernel drops {drops}");
+    assert!(
+        drops > 0,
+        "the kernel stopped at the held slot and counted what it could not place"
+    );
+    // Released: the ring moves again.
+    drop(held);
+    let v = send_and_take(&mut tx, &mut rx, &mut pc, 50, 200);
+    assert_eq!(
+        v.len(),
+        50,
+        "receiving resumed once the slot was given back"
+    );
+    drop(v);
+    // A queue closed with a slot still out: the buffer stays valid, and a new queue on the
+    // interface gets all of the traffic (the old socket left the interface).
+    let out = send_and_take(&mut tx, &mut rx, &mut pc, 1, 300);
+    assert_eq!(out.len(), 1);
+    drop(rx);
+    assert_eq!(out[0].len(), 300);
+    assert_eq!(out[0].data()[14], 0);
+    let mut rx2 = queue("phb");
+    let v = send_and_take(&mut tx, &mut rx2, &mut pc, 200, 300);
+    assert_eq!(v.len(), 200, "the new queue got every frame");
+    drop(out);
+    println!("held slot: counted drops, resumed, closed with a slot out safely");
+}
+
+#[test]
+fn a_held_slot_costs_counted_drops_and_the_ring_resumes() {
+    if std::env::var("ESPADA_AFP_CHILD").is_ok() {
+        return held_slot_child();
+    }
+    if let Some(text) = in_netns(
+        "afh",
+        "a_held_slot_costs_counted_drops_and_the_ring_resumes",
+        &[("pha", "phb")],
+    ) {
+        assert!(text.contains("closed with a slot out safely"), "{text}");
+    }
+}
+
+/// A west lab gateway whose red and black queues are AF_PACKET sockets: every packet sunset
+/// sends is encapsulated in the slot red received it in and leaves on black as ESP.
+fn gateway_child() {
+    const N: u64 = 3000;
+    let red = queue("gra");
+    let black = queue("gba");
+    let red_mac = interface_mac("gra").unwrap();
+    let mut sunset = queue("grb");
+    let mut east = queue("gbb");
+    let (w, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let pool = Pool::new(512, 4096);
+    let mut gw = lab_worker_on(
+        LabGateway::West,
+        w,
+        lab::sides(),
+        Box::new(red),
+        Box::new(black),
+        &pool,
+    )
+    .unwrap();
+    let spec = TrafficSpec {
+        src: "10.1.0.10".parse().unwrap(),
+        dst: "10.2.0.10".parse().unwrap(),
+        src_mac: espada_dataplane::pair::mac::SUNSET,
+        size: 1400,
+        flows: 4,
+        limit: Some(N),
+        rate: Some(50_000.0),
+        imix: false,
+    };
+    let mut generator = Generator::new(
+        spec,
+        red_mac,
+        0,
+        std::sync::Arc::new(TrafficCounters::default()),
+    );
+    let mut pc = PoolCache::new(pool.clone());
+    let (mut v, mut got) = (Vec::new(), Vec::new());
+    let mut esp = 0u64;
+    let t = Instant::now();
+    while esp < N && t.elapsed().as_secs() < 20 {
+        generator.rx_burst(&mut pc, &mut v, 32);
+        sunset.tx_burst(&mut pc, &mut v);
+        gw.poll();
+        east.rx_burst(&mut pc, &mut got, 64);
+        for f in got.drain(..) {
+            let d = f.data();
+            // Ethernet / IPv4 / UDP to 4500, longer than the inner packet.
+            if d.len() > 1400 + 42
+                && d[12..14] == [8, 0]
+                && d[23] == 17
+                && d[36..38] == [0x11, 0x94]
+            {
+                esp += 1;
+            }
+            drop(f);
+        }
+    }
+    let (r, b) = gw.ports();
+    let (r, b) = (r.stats(), b.stats());
+    println!(
+        "gateway: {esp} ESP frames on east's side; red {r:?}; black {b:?}; drops {:?}",
+        gw.stats().drops
+    );
+    assert_eq!(esp, N, "every packet was encapsulated and sent");
+    assert_eq!(r.rx_packets, N);
+    assert_eq!(b.tx_packets, N);
+    assert_eq!(gw.stats().drops.total(), 0);
+    println!("af_packet gateway: {N} packets encapsulated in their receive slots");
+}
+
+#[test]
+fn a_gateway_on_af_packet_encapsulates_in_the_receive_slot() {
+    if std::env::var("ESPADA_AFP_CHILD").is_ok() {
+        return gateway_child();
+    }
+    if let Some(text) = in_netns(
+        "afg",
+        "a_gateway_on_af_packet_encapsulates_in_the_receive_slot",
+        &[("gra", "grb"), ("gba", "gbb")],
+    ) {
+        assert!(
+            text.contains("encapsulated in their receive slots"),
+            "{text}"
+        );
+    }
+}
