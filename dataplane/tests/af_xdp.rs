@@ -7,7 +7,6 @@ use espada_dataplane::port::af_xdp::AfXdpQueue;
 use espada_dataplane::port::PortQueue;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
-use std::process::Command;
 
 fn child() {
     let a = AfXdpQueue::open("xsa", 0, 4096).expect("AF_XDP socket on xsa");
@@ -48,62 +47,11 @@ fn child() {
     );
 }
 
-struct Ns(String);
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+mod common;
 
-/// Runs this test binary's test `name` again inside a fresh network namespace holding the veth
-/// pairs `links` (up, IPv6 off), with ESPADA_XDP_CHILD set; returns what it printed. `None`
-/// when ESPADA_SKIP_NETNS=1 (said on stderr).
+/// `common::in_netns` with this file's child variable.
 fn in_netns(tag: &str, name: &str, links: &[(&str, &str)]) -> Option<String> {
-    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("ESPADA_SKIP_NETNS=1: {name} was NOT run");
-        return None;
-    }
-    let ns = Ns(format!("{tag}{}", std::process::id() % 100_000));
-    let sh = |c: &str| {
-        assert!(
-            Command::new("sh")
-                .arg("-c")
-                .arg(c)
-                .status()
-                .unwrap()
-                .success(),
-            "{c}"
-        )
-    };
-    sh(&format!("ip netns add {}", ns.0));
-    for (a, b) in links {
-        sh(&format!(
-            "ip -n {} link add {a} type veth peer name {b}",
-            ns.0
-        ));
-        for d in [a, b] {
-            sh(&format!(
-                "ip netns exec {} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1",
-                ns.0
-            ));
-            sh(&format!("ip -n {} link set {d} up", ns.0));
-        }
-    }
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env("ESPADA_XDP_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(out.status.success(), "child failed:\n{text}");
-    Some(text)
+    common::in_netns(tag, name, links, "ESPADA_XDP_CHILD", false)
 }
 
 #[test]

@@ -8,8 +8,9 @@ use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
 use espada_dataplane::port::PortQueue;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
-use std::process::Command;
 use std::sync::Arc;
+
+mod common;
 
 fn child(pmd: &str) {
     let mut args: Vec<String> = NO_HUGE_ARGS.iter().map(|s| s.to_string()).collect();
@@ -62,59 +63,13 @@ fn over_veth(pmd: &str, test: &str) {
     if std::env::var("ESPADA_DPDK_CHILD").is_ok() {
         return child(pmd);
     }
-    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
-        eprintln!("ESPADA_SKIP_NETNS=1: DPDK over af_packet was NOT run");
+    let tag = format!("dp{}", &pmd[7..9]);
+    let Some(text) = common::in_netns(&tag, test, &[("dpa", "dpb")], "ESPADA_DPDK_CHILD", true)
+    else {
         return;
-    }
-    let ns = format!("dp{}{}", &pmd[7..9], std::process::id() % 100_000);
-    let sh = |c: &str| {
-        assert!(
-            Command::new("sh")
-                .arg("-c")
-                .arg(c)
-                .status()
-                .unwrap()
-                .success(),
-            "{c}"
-        )
     };
-    sh(&format!("ip netns add {ns}"));
-    let cleanup = scopeguard(ns.clone());
-    sh(&format!("ip -n {ns} link add dpa type veth peer name dpb"));
-    for d in ["dpa", "dpb"] {
-        sh(&format!(
-            "ip netns exec {ns} sysctl -qw net.ipv6.conf.{d}.disable_ipv6=1"
-        ));
-        let _ = Command::new("sh").arg("-c").arg(format!("ip netns exec {ns} ethtool -K {d} tx off rx off tso off gso off gro off >/dev/null 2>&1")).status();
-        sh(&format!("ip -n {ns} link set {d} up"));
-    }
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("ESPADA_DPDK_CHILD", "1")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    drop(cleanup);
-    assert!(out.status.success(), "child failed:\n{text}");
     assert!(
         text.contains(&format!("dpdk {pmd}: sent 3000, received 3000")),
         "{text}"
     );
-}
-
-struct Guard(String);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-fn scopeguard(ns: String) -> Guard {
-    Guard(ns)
 }
