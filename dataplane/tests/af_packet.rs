@@ -5,14 +5,10 @@
 //! slots still out neither crashes nor keeps a share of the traffic; and a gateway on AF_PACKET
 //! forwards every packet from the slot it arrived in.
 
-use espada_dataplane::pair::{lab, lab_worker_on, LabGateway};
 use espada_dataplane::pktbuf::{PacketBuf, PktBuf};
 use espada_dataplane::pool::{Pool, PoolCache};
-use espada_dataplane::port::af_packet::{interface_mac, AfPacketQueue, RingConfig, RX_RESERVE};
-use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
+use espada_dataplane::port::af_packet::{AfPacketQueue, RingConfig, RX_RESERVE};
 use espada_dataplane::port::PortQueue;
-use espada_sadb::db::SaMode;
-use espada_sadb::lifetime::Lifetimes;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -197,60 +193,15 @@ fn a_held_slot_costs_counted_drops_and_the_ring_resumes() {
 /// sends is encapsulated in the slot red received it in and leaves on black as ESP.
 fn gateway_child() {
     const N: u64 = 3000;
-    let red = queue("gra");
-    let black = queue("gba");
-    let red_mac = interface_mac("gra").unwrap();
-    let mut sunset = queue("grb");
-    let mut east = queue("gbb");
-    let (w, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
-    let pool = Pool::new(512, 4096);
-    let mut gw = lab_worker_on(
-        LabGateway::West,
-        w,
-        lab::sides(),
-        Box::new(red),
-        Box::new(black),
-        &pool,
-    )
-    .unwrap();
-    let spec = TrafficSpec {
-        src: "10.1.0.10".parse().unwrap(),
-        dst: "10.2.0.10".parse().unwrap(),
-        src_mac: espada_dataplane::pair::mac::SUNSET,
-        size: 1400,
-        flows: 4,
-        limit: Some(N),
-        rate: Some(50_000.0),
-        imix: false,
-    };
-    let mut generator = Generator::new(
-        spec,
-        red_mac,
-        0,
-        std::sync::Arc::new(TrafficCounters::default()),
+    let (mut sunset, mut east) = (queue("grb"), queue("gbb"));
+    let (esp, gw) = common::drive_west_gateway(
+        Box::new(queue("gra")),
+        Box::new(queue("gba")),
+        &mut sunset,
+        &mut east,
+        1400,
+        N,
     );
-    let mut pc = PoolCache::new(pool.clone());
-    let (mut v, mut got) = (Vec::new(), Vec::new());
-    let mut esp = 0u64;
-    let t = Instant::now();
-    while esp < N && t.elapsed().as_secs() < 20 {
-        generator.rx_burst(&mut pc, &mut v, 32);
-        sunset.tx_burst(&mut pc, &mut v);
-        gw.poll();
-        east.rx_burst(&mut pc, &mut got, 64);
-        for f in got.drain(..) {
-            let d = f.data();
-            // Ethernet / IPv4 / UDP to 4500, longer than the inner packet.
-            if d.len() > 1400 + 42
-                && d[12..14] == [8, 0]
-                && d[23] == 17
-                && d[36..38] == [0x11, 0x94]
-            {
-                esp += 1;
-            }
-            drop(f);
-        }
-    }
     let (r, b) = gw.ports();
     let (r, b) = (r.stats(), b.stats());
     println!(

@@ -68,61 +68,18 @@ fn west_east_over_af_xdp_on_veth() {
 /// every packet from the frame it arrived in: the black port copied nothing
 /// (`tx_copied` = 0), and each transmitted ESP frame left from a frame the red side received.
 fn zero_copy_child() {
-    use espada_dataplane::pair::{lab_worker_on, LabGateway};
-    use espada_dataplane::pktbuf::PacketBuf;
-    use espada_dataplane::pool::{Pool, PoolCache};
-    use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
     const N: u64 = 2000;
     let (red, black) = AfXdpQueue::open_pair("zra", "zba", 0, 4096).expect("AF_XDP pair");
-    let red_mac = red.mac();
     let mut sunset = AfXdpQueue::open("zrb", 0, 4096).expect("sunset's socket");
     let mut east = AfXdpQueue::open("zbb", 0, 4096).expect("east's socket");
-    let (w, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
-    let pool = Pool::new(512, 4096);
-    let mut gw = lab_worker_on(
-        LabGateway::West,
-        w,
-        lab::sides(),
+    let (esp, gw) = common::drive_west_gateway(
         Box::new(red),
         Box::new(black),
-        &pool,
-    )
-    .unwrap();
-    // sunset and sunrise: host 10 of each red subnet (10.1.0.0/24, 10.2.0.0/24).
-    let spec = TrafficSpec {
-        src: "10.1.0.10".parse().unwrap(),
-        dst: "10.2.0.10".parse().unwrap(),
-        src_mac: espada_dataplane::pair::mac::SUNSET,
-        size: 700,
-        flows: 4,
-        limit: Some(N),
-        rate: Some(50_000.0),
-        imix: false,
-    };
-    let mut generator = Generator::new(
-        spec,
-        red_mac,
-        0,
-        std::sync::Arc::new(TrafficCounters::default()),
+        &mut sunset,
+        &mut east,
+        700,
+        N,
     );
-    let mut pc = PoolCache::new(pool.clone());
-    let (mut v, mut got) = (Vec::new(), Vec::new());
-    let mut esp = 0u64;
-    let t = std::time::Instant::now();
-    while esp < N && t.elapsed().as_secs() < 20 {
-        generator.rx_burst(&mut pc, &mut v, 32);
-        sunset.tx_burst(&mut pc, &mut v);
-        gw.poll();
-        east.rx_burst(&mut pc, &mut got, 64);
-        for f in got.drain(..) {
-            let d = f.data();
-            // Ethernet / IPv4 / UDP to 4500.
-            if d.len() > 42 && d[12..14] == [8, 0] && d[23] == 17 && d[36..38] == [0x11, 0x94] {
-                esp += 1;
-            }
-            pc.put(f);
-        }
-    }
     let (r, b) = gw.ports();
     let (r, b) = (r.stats(), b.stats());
     println!(

@@ -81,3 +81,72 @@ pub fn in_netns(
     assert!(out.status.success(), "child failed:\n{text}");
     Some(text)
 }
+
+/// A west lab gateway (one worker) whose red and black queues are `red` and `black`, fed by
+/// sunset: `n` frames with `size`-byte inner packets at 50 000 per second sent out of
+/// `sunset` (the far end of red's wire), and watched from `east` (the far end of black's).
+/// Returns the ESP-in-UDP frames east saw (longer than the inner packet) and the worker, for
+/// its counters. Gives up after 20 s.
+pub fn drive_west_gateway(
+    red: Box<dyn espada_dataplane::port::PortQueue>,
+    black: Box<dyn espada_dataplane::port::PortQueue>,
+    sunset: &mut dyn espada_dataplane::port::PortQueue,
+    east: &mut dyn espada_dataplane::port::PortQueue,
+    size: usize,
+    n: u64,
+) -> (u64, espada_dataplane::worker::Worker) {
+    use espada_dataplane::pair::{lab, lab_worker_on, mac, LabGateway};
+    use espada_dataplane::pktbuf::PacketBuf;
+    use espada_dataplane::pool::{Pool, PoolCache};
+    use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
+    use espada_dataplane::port::PortQueue;
+    let red_mac = red.mac();
+    let (w, _) = lab::dbs(
+        1,
+        1,
+        espada_sadb::db::SaMode::PerCpu,
+        espada_sadb::lifetime::Lifetimes::default(),
+    );
+    let pool = Pool::new(512, 4096);
+    let mut gw = lab_worker_on(LabGateway::West, w, lab::sides(), red, black, &pool).unwrap();
+    // sunset and sunrise: host 10 of each red subnet (10.1.0.0/24, 10.2.0.0/24).
+    let spec = TrafficSpec {
+        src: "10.1.0.10".parse().unwrap(),
+        dst: "10.2.0.10".parse().unwrap(),
+        src_mac: mac::SUNSET,
+        size,
+        flows: 4,
+        limit: Some(n),
+        rate: Some(50_000.0),
+        imix: false,
+    };
+    let mut generator = Generator::new(
+        spec,
+        red_mac,
+        0,
+        std::sync::Arc::new(TrafficCounters::default()),
+    );
+    let mut pc = PoolCache::new(pool.clone());
+    let (mut v, mut got) = (Vec::new(), Vec::new());
+    let mut esp = 0u64;
+    let t = std::time::Instant::now();
+    while esp < n && t.elapsed().as_secs() < 20 {
+        generator.rx_burst(&mut pc, &mut v, 32);
+        sunset.tx_burst(&mut pc, &mut v);
+        gw.poll();
+        east.rx_burst(&mut pc, &mut got, 64);
+        for f in got.drain(..) {
+            let d = f.data();
+            // Ethernet / IPv4 / UDP to 4500, longer than the inner packet.
+            if d.len() > size + 42
+                && d[12..14] == [8, 0]
+                && d[23] == 17
+                && d[36..38] == [0x11, 0x94]
+            {
+                esp += 1;
+            }
+            pc.put(f);
+        }
+    }
+    (esp, gw)
+}
