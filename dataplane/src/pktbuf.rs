@@ -93,7 +93,7 @@ enum Owner {
     /// A slot of an AF_PACKET TPACKET_V2 receive ring, lent in place: the pointer is the
     /// slot's `tp_status` word, and dropping the buffer hands the slot back to the kernel
     /// (`TP_STATUS_KERNEL`). The ring stays mapped while any slot is out (see
-    /// `af_packet::RxRing`).
+    /// `AfPacketQueue`'s `Drop`).
     RingSlot(NonNull<std::sync::atomic::AtomicU32>),
 }
 
