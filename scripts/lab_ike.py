@@ -394,10 +394,18 @@ def main():
         new = [c for c in sas2 if c["out"] not in out_spis]
         if not new:
             fail(f"no new Child SA after the rekey: {sas2}")
-        es = espada_sa("west")
-        for c in new:
-            if not any(r["dir"] == "out" and int(r["spi"], 16) == c["out"] for r in es):
-                fail(f"espada does not send on the rekeyed SA {c['out']:08x}")
+        # charon lists a Child SA once its install call returned; the gateway's listing may
+        # lag by a moment under load (seen once in CI after 2 s): wait for it, bounded.
+        t0 = time.time()
+        while True:
+            es = espada_sa("west")
+            missing = [c for c in new
+                       if not any(r["dir"] == "out" and int(r["spi"], 16) == c["out"] for r in es)]
+            if not missing:
+                break
+            if time.time() - t0 > 10:
+                fail(f"espada does not send on the rekeyed SA {missing[0]['out']:08x}")
+            time.sleep(0.5)
         print("rekeyed: west sends on " + ", ".join(f"{c['out']:08x} (cpu {c['cpu'] if c['cpu'] is not None else '-'})" for c in new), flush=True)
         traffic(udp=20, tcp=64 << 10)
         agree("after the rekey")
