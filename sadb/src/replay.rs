@@ -112,6 +112,7 @@ impl ReplayWindow {
     }
 
     /// Whether extended sequence numbers are on.
+    #[inline]
     pub fn esn(&self) -> bool {
         self.esn
     }
@@ -145,7 +146,7 @@ impl ReplayWindow {
     }
 
     /// Quick check before decryption: would `seq` be accepted?
-    #[inline]
+    #[inline(always)]
     pub fn check(&self, seq: u64) -> Result<(), ReplayError> {
         if seq == 0 {
             return Err(ReplayError::Invalid);
@@ -166,7 +167,7 @@ impl ReplayWindow {
 
     /// Records an authenticated `seq`, advancing the window if it is new. Re-checks, so a
     /// duplicate that passed `check` in the same burst is refused here.
-    #[inline]
+    #[inline(always)]
     pub fn commit(&mut self, seq: u64) -> Result<(), ReplayError> {
         self.check(seq)?;
         if !self.enabled {
@@ -174,16 +175,22 @@ impl ReplayWindow {
             return Ok(());
         }
         if seq > self.top {
-            let old = self.top >> 6;
-            let new = seq >> 6;
-            let n = (new - old).min(self.blocks.len() as u64);
-            for i in 1..=n {
-                self.blocks[((old + i) & self.mask) as usize] = 0;
-            }
-            self.top = seq;
+            self.advance(seq);
         }
         self.blocks[((seq >> 6) & self.mask) as usize] |= 1u64 << (seq & 63);
         Ok(())
+    }
+
+    /// Moves the window's top to `seq` (above it), clearing the blocks it passes.
+    #[inline]
+    fn advance(&mut self, seq: u64) {
+        let old = self.top >> 6;
+        let new = seq >> 6;
+        let n = (new - old).min(self.blocks.len() as u64);
+        for i in 1..=n {
+            self.blocks[((old + i) & self.mask) as usize] = 0;
+        }
+        self.top = seq;
     }
 }
 

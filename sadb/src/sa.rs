@@ -128,29 +128,57 @@ fn lock(m: &Mutex<ReplayWindow>) -> std::sync::MutexGuard<'_, ReplayWindow> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+#[cold]
+#[inline(never)]
+fn shared_infer(m: &Mutex<ReplayWindow>, seq_lo: u32) -> Option<u64> {
+    lock(m).infer(seq_lo)
+}
+
+#[cold]
+#[inline(never)]
+fn shared_check(m: &Mutex<ReplayWindow>, seq: u64) -> Result<(), ReplayError> {
+    lock(m).check(seq)
+}
+
+#[cold]
+#[inline(never)]
+fn shared_esn(m: &Mutex<ReplayWindow>) -> bool {
+    lock(m).esn()
+}
+
+#[cold]
+#[inline(never)]
+fn shared_commit(m: &Mutex<ReplayWindow>, seq: u64) -> Result<(), ReplayError> {
+    lock(m).commit(seq)
+}
+
 impl WindowCell {
+    // The owned window is the fast path (per-CPU SAs): inlined into the worker's decrypt
+    // stage. The shared one takes a lock anyway; it stays out of line so the lock code does
+    // not keep the owned path from being inlined.
+
     /// See [`ReplayWindow::infer`].
-    #[inline]
+    #[inline(always)]
     pub fn infer(&self, seq_lo: u32) -> Option<u64> {
         match self {
             WindowCell::Owned(w) => w.infer(seq_lo),
-            WindowCell::Shared(m) => lock(m).infer(seq_lo),
+            WindowCell::Shared(m) => shared_infer(m, seq_lo),
         }
     }
     /// See [`ReplayWindow::check`].
-    #[inline]
+    #[inline(always)]
     pub fn check(&self, seq: u64) -> Result<(), ReplayError> {
         match self {
             WindowCell::Owned(w) => w.check(seq),
-            WindowCell::Shared(m) => lock(m).check(seq),
+            WindowCell::Shared(m) => shared_check(m, seq),
         }
     }
     /// See [`ReplayWindow::commit`].
-    #[inline]
+    #[inline(always)]
     pub fn commit(&mut self, seq: u64) -> Result<(), ReplayError> {
         match self {
             WindowCell::Owned(w) => w.commit(seq),
-            WindowCell::Shared(m) => lock(m).commit(seq),
+            WindowCell::Shared(m) => shared_commit(m, seq),
         }
     }
     /// Highest authenticated number.
@@ -161,10 +189,11 @@ impl WindowCell {
         }
     }
     /// Whether ESN is on.
+    #[inline(always)]
     pub fn esn(&self) -> bool {
         match self {
             WindowCell::Owned(w) => w.esn(),
-            WindowCell::Shared(m) => lock(m).esn(),
+            WindowCell::Shared(m) => shared_esn(m),
         }
     }
     /// Window size.

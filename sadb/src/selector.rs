@@ -450,22 +450,24 @@ impl SpdV4 {
     #[inline]
     pub fn lookup_reversed_ipv4(&self, pkt: &[u8]) -> Option<Option<Action>> {
         self.rules.as_ref()?;
-        if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        // The fixed header as an array: every field below is read with no bounds check.
+        let h = pkt.first_chunk::<20>()?;
+        if h[0] >> 4 != 4 {
             return None;
         }
-        let hl = ((pkt[0] & 0x0f) as usize) * 4;
-        let tl = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+        let hl = ((h[0] & 0x0f) as usize) * 4;
+        let tl = u16::from_be_bytes([h[2], h[3]]) as usize;
         if hl < 20 || tl < hl || tl > pkt.len() {
             return None;
         }
-        let src = u32::from_be_bytes([pkt[12], pkt[13], pkt[14], pkt[15]]);
-        let dst = u32::from_be_bytes([pkt[16], pkt[17], pkt[18], pkt[19]]);
-        let proto = pkt[9];
-        let first_fragment = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff == 0;
-        let (sport, dport) = match proto {
-            6 | 17 | 132 if first_fragment && tl - hl >= 4 => (
-                u16::from_be_bytes([pkt[hl], pkt[hl + 1]]),
-                u16::from_be_bytes([pkt[hl + 2], pkt[hl + 3]]),
+        let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let dst = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+        let proto = h[9];
+        let first_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
+        let (sport, dport) = match (proto, pkt[..tl].get(hl..hl + 4)) {
+            (6 | 17 | 132, Some(p)) if first_fragment => (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
             ),
             _ => (0, 0),
         };

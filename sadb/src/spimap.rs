@@ -79,7 +79,7 @@ impl<V> SpiMap<V> {
     }
 
     /// `spi`'s value, to change.
-    #[inline]
+    #[inline(always)]
     pub fn get_mut(&mut self, spi: u32) -> Option<&mut V> {
         self.position(spi).map(|p| &mut self.vals[p])
     }
