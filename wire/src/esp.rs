@@ -50,6 +50,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Packet { buffer }
     }
     /// Wraps and checks the length.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -57,6 +58,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
     /// Ensures no accessor panics: header, IV and ICV are present. (An ESP packet too short to
     /// hold even the ICV is malformed; one whose ICV is merely wrong fails authentication later.)
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         if self.buffer.as_ref().len() < HEADER_LEN + IV_LEN + ICV_LEN {
             Err(Error::Truncated)
@@ -65,28 +67,34 @@ impl<T: AsRef<[u8]>> Packet<T> {
         }
     }
     /// Unwraps the buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
     /// SPI.
+    #[inline]
     pub fn spi(&self) -> u32 {
         be32(self.buffer.as_ref(), field::SPI)
     }
     /// Low 32 bits of the sequence number.
+    #[inline]
     pub fn seq(&self) -> u32 {
         be32(self.buffer.as_ref(), field::SEQ)
     }
     /// Explicit IV.
+    #[inline]
     pub fn iv(&self) -> [u8; IV_LEN] {
         let mut iv = [0u8; IV_LEN];
         iv.copy_from_slice(&self.buffer.as_ref()[field::IV]);
         iv
     }
     /// Ciphertext followed by the ICV.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[field::PAYLOAD..]
     }
     /// Ciphertext length (payload without the ICV).
+    #[inline]
     pub fn ciphertext_len(&self) -> usize {
         self.buffer.as_ref().len() - field::PAYLOAD - ICV_LEN
     }
@@ -94,18 +102,22 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets the SPI.
+    #[inline]
     pub fn set_spi(&mut self, v: u32) {
         put32(self.buffer.as_mut(), field::SPI, v)
     }
     /// Sets the low 32 bits of the sequence number.
+    #[inline]
     pub fn set_seq(&mut self, v: u32) {
         put32(self.buffer.as_mut(), field::SEQ, v)
     }
     /// Sets the IV.
+    #[inline]
     pub fn set_iv(&mut self, iv: &[u8; IV_LEN]) {
         self.buffer.as_mut()[field::IV].copy_from_slice(iv)
     }
     /// Ciphertext and ICV, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[field::PAYLOAD..]
     }
@@ -124,6 +136,7 @@ pub struct Repr {
 
 impl Repr {
     /// Reads the header fields of a checked packet.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<Repr> {
         p.check_len()?;
         Ok(Repr {
@@ -137,6 +150,7 @@ impl Repr {
         HEADER_LEN + IV_LEN
     }
     /// Writes SPI, sequence number and IV into the first 16 bytes of `buf`.
+    #[inline]
     pub fn emit(&self, buf: &mut [u8]) {
         put32(buf, field::SPI, self.spi);
         put32(buf, field::SEQ, self.seq);
@@ -192,19 +206,17 @@ pub enum TrailerError {
 
 /// Parses the trailer at the end of a decrypted ESP payload (`plaintext` = payload ‖ padding ‖
 /// pad length ‖ next header) and checks the default padding contents.
-#[inline]
+#[inline(always)]
 pub fn parse_trailer(plaintext: &[u8]) -> core::result::Result<Trailer, TrailerError> {
-    let n = plaintext.len();
-    if n < TRAILER_LEN {
-        return Err(TrailerError::Malformed);
-    }
-    let pad_len = plaintext[n - 2];
-    let next_header = plaintext[n - 1];
-    let Some(payload_len) = (n - TRAILER_LEN).checked_sub(pad_len as usize) else {
+    let Some((body, &[pad_len, next_header])) = plaintext.split_last_chunk::<TRAILER_LEN>() else {
         return Err(TrailerError::Malformed);
     };
-    let pad = &plaintext[payload_len..n - TRAILER_LEN];
-    if pad.iter().enumerate().any(|(i, &b)| b != (i + 1) as u8) {
+    let Some(payload_len) = body.len().checked_sub(pad_len as usize) else {
+        return Err(TrailerError::Malformed);
+    };
+    // RFC 4303 §2.4: the default padding is 1, 2, 3, ...
+    let pad = &body[payload_len..];
+    if !pad.iter().zip(1..=255u8).all(|(&b, i)| b == i) {
         return Err(TrailerError::Padding);
     }
     Ok(Trailer {
@@ -330,6 +342,15 @@ mod test {
         assert_eq!(parse_trailer(&[1, 2, 5, 4]), Err(TrailerError::Malformed));
         assert_eq!(parse_trailer(&[9, 1, 3, 2, 4]), Err(TrailerError::Padding));
         assert_eq!(parse_trailer(&[9, 1, 2, 2, 4]).unwrap().payload_len, 1);
+        // The longest padding there is (255 bytes), right and with its last byte wrong.
+        let mut b: Vec<u8> = (1..=255u8).collect();
+        b.extend([255, 4]);
+        assert_eq!(parse_trailer(&b).unwrap().payload_len, 0);
+        b[254] = 0;
+        assert_eq!(parse_trailer(&b), Err(TrailerError::Padding));
+        b.insert(0, 7);
+        b[255] = 255;
+        assert_eq!(parse_trailer(&b).unwrap().payload_len, 1);
     }
 
     #[test]

@@ -14,11 +14,13 @@ impl MacAddr {
     pub const ZERO: MacAddr = MacAddr([0; 6]);
 
     /// Whether the group bit is set (broadcast or multicast).
+    #[inline]
     pub fn is_multicast(&self) -> bool {
         self.0[0] & 1 == 1
     }
 
     /// Parses `aa:bb:cc:dd:ee:ff`.
+    #[inline]
     pub fn parse(s: &str) -> Option<MacAddr> {
         let mut out = [0u8; 6];
         let mut n = 0;
@@ -84,6 +86,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Wraps and checks the length.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Frame<T>> {
         let f = Self::new_unchecked(buffer);
         f.check_len()?;
@@ -91,6 +94,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Ensures no accessor will panic.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         if self.buffer.as_ref().len() < HEADER_LEN {
             Err(Error::Truncated)
@@ -100,11 +104,13 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Unwraps the buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
 
     /// Destination address.
+    #[inline]
     pub fn dst_addr(&self) -> MacAddr {
         let mut a = [0; 6];
         a.copy_from_slice(&self.buffer.as_ref()[field::DST]);
@@ -112,6 +118,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Source address.
+    #[inline]
     pub fn src_addr(&self) -> MacAddr {
         let mut a = [0; 6];
         a.copy_from_slice(&self.buffer.as_ref()[field::SRC]);
@@ -119,11 +126,13 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// EtherType.
+    #[inline]
     pub fn ethertype(&self) -> u16 {
         be16(self.buffer.as_ref(), field::ETHERTYPE)
     }
 
     /// The payload.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[field::PAYLOAD..]
     }
@@ -131,18 +140,22 @@ impl<T: AsRef<[u8]>> Frame<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
     /// Sets the destination address.
+    #[inline]
     pub fn set_dst_addr(&mut self, a: MacAddr) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&a.0);
     }
     /// Sets the source address.
+    #[inline]
     pub fn set_src_addr(&mut self, a: MacAddr) {
         self.buffer.as_mut()[field::SRC].copy_from_slice(&a.0);
     }
     /// Sets the EtherType.
+    #[inline]
     pub fn set_ethertype(&mut self, t: u16) {
         put16(self.buffer.as_mut(), field::ETHERTYPE, t);
     }
     /// The payload, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         &mut self.buffer.as_mut()[field::PAYLOAD..]
     }
@@ -161,6 +174,7 @@ pub struct Repr {
 
 impl Repr {
     /// Parses a checked frame.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(f: &Frame<T>) -> Result<Repr> {
         f.check_len()?;
         Ok(Repr {
@@ -174,6 +188,7 @@ impl Repr {
         HEADER_LEN
     }
     /// Writes the header.
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, f: &mut Frame<T>) {
         f.set_src_addr(self.src);
         f.set_dst_addr(self.dst);

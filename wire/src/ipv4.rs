@@ -35,6 +35,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Wraps and checks lengths.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
@@ -44,6 +45,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     /// Ensures no accessor panics: the buffer holds the fixed header, the header length is at
     /// least 20 and fits, and the total length covers the header and fits in the buffer.
     /// A buffer longer than the total length (Ethernet padding) is allowed.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
         if len < HEADER_LEN {
@@ -67,81 +69,108 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// Unwraps the buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
 
     /// Version field.
+    #[inline]
     pub fn version(&self) -> u8 {
         self.buffer.as_ref()[field::VER_IHL] >> 4
     }
     /// Header length in bytes (IHL × 4).
+    #[inline]
     pub fn header_len(&self) -> u8 {
         (self.buffer.as_ref()[field::VER_IHL] & 0x0f) * 4
     }
     /// DSCP (upper six bits of the former TOS byte).
+    #[inline]
     pub fn dscp(&self) -> u8 {
         self.buffer.as_ref()[field::DSCP_ECN] >> 2
     }
     /// ECN (lower two bits).
+    #[inline]
     pub fn ecn(&self) -> u8 {
         self.buffer.as_ref()[field::DSCP_ECN] & 3
     }
     /// The whole TOS / traffic-class byte.
+    #[inline]
     pub fn tos(&self) -> u8 {
         self.buffer.as_ref()[field::DSCP_ECN]
     }
     /// Total length.
+    #[inline]
     pub fn total_len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::LENGTH)
     }
     /// Identification.
+    #[inline]
     pub fn ident(&self) -> u16 {
         be16(self.buffer.as_ref(), field::IDENT)
     }
     /// Don't-fragment flag.
+    #[inline]
     pub fn dont_frag(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLG_OFF) & FLAG_DF != 0
     }
     /// More-fragments flag.
+    #[inline]
     pub fn more_frags(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLG_OFF) & FLAG_MF != 0
     }
     /// Fragment offset in bytes.
+    #[inline]
     pub fn frag_offset(&self) -> u16 {
         (be16(self.buffer.as_ref(), field::FLG_OFF) & 0x1fff) << 3
     }
     /// Whether this is a fragment (offset non-zero or more fragments follow).
+    #[inline]
     pub fn is_fragment(&self) -> bool {
         be16(self.buffer.as_ref(), field::FLG_OFF) & (FLAG_MF | 0x1fff) != 0
     }
     /// Time to live.
+    #[inline]
     pub fn ttl(&self) -> u8 {
         self.buffer.as_ref()[field::TTL]
     }
     /// Protocol.
+    #[inline]
     pub fn protocol(&self) -> u8 {
         self.buffer.as_ref()[field::PROTOCOL]
     }
     /// Header checksum field.
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
     /// Source address.
+    #[inline]
     pub fn src_addr(&self) -> Ipv4Addr {
         let b = &self.buffer.as_ref()[field::SRC];
         Ipv4Addr::new(b[0], b[1], b[2], b[3])
     }
     /// Destination address.
+    #[inline]
     pub fn dst_addr(&self) -> Ipv4Addr {
         let b = &self.buffer.as_ref()[field::DST];
         Ipv4Addr::new(b[0], b[1], b[2], b[3])
     }
     /// Whether the header checksum verifies.
+    #[inline]
     pub fn verify_checksum(&self) -> bool {
-        checksum::checksum(&self.buffer.as_ref()[..self.header_len() as usize]) == 0
+        let b = self.buffer.as_ref();
+        let hl = self.header_len() as usize;
+        // The usual header, without options: five words, no loop.
+        if hl == HEADER_LEN {
+            if let Some(h) = b.first_chunk::<HEADER_LEN>() {
+                return checksum::verify_header20(h);
+            }
+        }
+        verify_checksum_slow(&b[..hl])
     }
     /// The payload (after options, up to the total length).
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         let hl = self.header_len() as usize;
         let tl = self.total_len() as usize;
@@ -149,34 +178,47 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 }
 
+/// A header with options: the checksum over all of it (out of line: rare).
+#[inline(never)]
+fn verify_checksum_slow(header: &[u8]) -> bool {
+    checksum::checksum(header) == 0
+}
+
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets version 4 and the header length in bytes (a multiple of 4, 20..=60).
+    #[inline]
     pub fn set_version_and_header_len(&mut self, header_len: u8) {
         self.buffer.as_mut()[field::VER_IHL] = 0x40 | (header_len / 4);
     }
     /// Sets the whole TOS byte (DSCP and ECN).
+    #[inline]
     pub fn set_tos(&mut self, tos: u8) {
         self.buffer.as_mut()[field::DSCP_ECN] = tos;
     }
     /// Sets the ECN bits, keeping DSCP.
+    #[inline]
     pub fn set_ecn(&mut self, ecn: u8) {
         let b = &mut self.buffer.as_mut()[field::DSCP_ECN];
         *b = (*b & !3) | (ecn & 3);
     }
     /// Sets the fragment offset (bytes, a multiple of 8) and the MF flag, clearing DF.
+    #[inline]
     pub fn set_fragment(&mut self, offset: usize, more: bool) {
         let v = ((offset / 8) as u16 & 0x1fff) | if more { FLAG_MF } else { 0 };
         put16(self.buffer.as_mut(), field::FLG_OFF, v)
     }
     /// Sets the total length.
+    #[inline]
     pub fn set_total_len(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::LENGTH, v)
     }
     /// Sets the identification.
+    #[inline]
     pub fn set_ident(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::IDENT, v)
     }
     /// Sets flags and fragment offset to "not a fragment", with DF as given.
+    #[inline]
     pub fn set_unfragmented(&mut self, dont_frag: bool) {
         put16(
             self.buffer.as_mut(),
@@ -185,26 +227,32 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         )
     }
     /// Sets the TTL.
+    #[inline]
     pub fn set_ttl(&mut self, v: u8) {
         self.buffer.as_mut()[field::TTL] = v
     }
     /// Sets the protocol.
+    #[inline]
     pub fn set_protocol(&mut self, v: u8) {
         self.buffer.as_mut()[field::PROTOCOL] = v
     }
     /// Sets the checksum field.
+    #[inline]
     pub fn set_checksum(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::CHECKSUM, v)
     }
     /// Sets the source address.
+    #[inline]
     pub fn set_src_addr(&mut self, a: Ipv4Addr) {
         self.buffer.as_mut()[field::SRC].copy_from_slice(&a.octets())
     }
     /// Sets the destination address.
+    #[inline]
     pub fn set_dst_addr(&mut self, a: Ipv4Addr) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&a.octets())
     }
     /// Recomputes the header checksum.
+    #[inline]
     pub fn fill_checksum(&mut self) {
         self.set_checksum(0);
         let hl = self.header_len() as usize;
@@ -213,6 +261,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
     /// Sets the ECN field (the two low bits of the TOS byte) and patches the checksum
     /// incrementally (RFC 1624).
+    #[inline]
     pub fn update_ecn(&mut self, ecn: u8) {
         let b = self.buffer.as_mut();
         let old = be16(b, 0);
@@ -239,6 +288,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         put16(b, field::CHECKSUM, c);
     }
     /// The payload, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let hl = self.header_len() as usize;
         let tl = self.total_len() as usize;
@@ -269,6 +319,7 @@ pub struct Repr {
 
 impl Repr {
     /// Parses: version 4, lengths consistent, checksum valid, not a fragment.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<Repr> {
         p.check_len()?;
         if p.version() != 4 {
@@ -298,6 +349,7 @@ impl Repr {
     }
 
     /// Writes a 20-byte header with a valid checksum.
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, p: &mut Packet<T>) {
         p.set_version_and_header_len(HEADER_LEN as u8);
         p.set_tos(self.tos);

@@ -29,12 +29,14 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Packet { buffer }
     }
     /// Wraps and checks lengths.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
         Ok(p)
     }
     /// Ensures no accessor panics: the fixed header is there and the payload length fits.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
         if len < HEADER_LEN || len < HEADER_LEN + self.payload_len() as usize {
@@ -43,50 +45,61 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(())
     }
     /// Unwraps the buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
     /// Version field.
+    #[inline]
     pub fn version(&self) -> u8 {
         self.buffer.as_ref()[0] >> 4
     }
     /// Traffic class (DSCP << 2 | ECN).
+    #[inline]
     pub fn traffic_class(&self) -> u8 {
         (be16(self.buffer.as_ref(), field::VER_TC_FLOW) >> 4) as u8
     }
     /// Flow label.
+    #[inline]
     pub fn flow_label(&self) -> u32 {
         be32(self.buffer.as_ref(), field::VER_TC_FLOW) & 0x000f_ffff
     }
     /// Payload length.
+    #[inline]
     pub fn payload_len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::LENGTH)
     }
     /// Next header.
+    #[inline]
     pub fn next_header(&self) -> u8 {
         self.buffer.as_ref()[field::NXT_HDR]
     }
     /// Hop limit.
+    #[inline]
     pub fn hop_limit(&self) -> u8 {
         self.buffer.as_ref()[field::HOP_LIMIT]
     }
     /// Source address.
+    #[inline]
     pub fn src_addr(&self) -> Ipv6Addr {
         let mut a = [0u8; 16];
         a.copy_from_slice(&self.buffer.as_ref()[field::SRC]);
         Ipv6Addr::from(a)
     }
     /// Destination address.
+    #[inline]
     pub fn dst_addr(&self) -> Ipv6Addr {
         let mut a = [0u8; 16];
         a.copy_from_slice(&self.buffer.as_ref()[field::DST]);
         Ipv6Addr::from(a)
     }
     /// Total length: header + payload.
+    #[inline]
     pub fn total_len(&self) -> usize {
         HEADER_LEN + self.payload_len() as usize
     }
     /// The payload (up to the payload length).
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[HEADER_LEN..self.total_len()]
     }
@@ -94,37 +107,45 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets version 6, the traffic class and the flow label.
+    #[inline]
     pub fn set_version_tc_flow(&mut self, tc: u8, flow: u32) {
         let v = (6u32 << 28) | ((tc as u32) << 20) | (flow & 0x000f_ffff);
         put32(self.buffer.as_mut(), field::VER_TC_FLOW, v)
     }
     /// Sets the ECN bits of the traffic class, keeping the rest.
+    #[inline]
     pub fn set_ecn(&mut self, ecn: u8) {
         let b = self.buffer.as_mut();
         // ECN = bits 4..5 of byte 1 (the low two bits of the traffic class).
         b[1] = (b[1] & !0x30) | ((ecn & 3) << 4);
     }
     /// Sets the payload length.
+    #[inline]
     pub fn set_payload_len(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::LENGTH, v)
     }
     /// Sets the next header.
+    #[inline]
     pub fn set_next_header(&mut self, v: u8) {
         self.buffer.as_mut()[field::NXT_HDR] = v
     }
     /// Sets the hop limit.
+    #[inline]
     pub fn set_hop_limit(&mut self, v: u8) {
         self.buffer.as_mut()[field::HOP_LIMIT] = v
     }
     /// Sets the source.
+    #[inline]
     pub fn set_src_addr(&mut self, a: Ipv6Addr) {
         self.buffer.as_mut()[field::SRC].copy_from_slice(&a.octets())
     }
     /// Sets the destination.
+    #[inline]
     pub fn set_dst_addr(&mut self, a: Ipv6Addr) {
         self.buffer.as_mut()[field::DST].copy_from_slice(&a.octets())
     }
     /// The payload, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let end = self.total_len();
         &mut self.buffer.as_mut()[HEADER_LEN..end]
@@ -152,6 +173,7 @@ pub struct Repr {
 
 impl Repr {
     /// Parses: version 6 and lengths consistent.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<Repr> {
         p.check_len()?;
         if p.version() != 6 {
@@ -172,6 +194,7 @@ impl Repr {
         HEADER_LEN
     }
     /// Writes the header.
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, p: &mut Packet<T>) {
         p.set_version_tc_flow(self.traffic_class, self.flow_label);
         p.set_payload_len(self.payload_len as u16);

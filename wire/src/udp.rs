@@ -25,12 +25,14 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Packet { buffer }
     }
     /// Wraps and checks lengths.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let p = Self::new_unchecked(buffer);
         p.check_len()?;
         Ok(p)
     }
     /// Ensures no accessor panics: header present, length field ≥ 8 and within the buffer.
+    #[inline]
     pub fn check_len(&self) -> Result<()> {
         let len = self.buffer.as_ref().len();
         if len < HEADER_LEN {
@@ -46,36 +48,44 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(())
     }
     /// Unwraps the buffer.
+    #[inline]
     pub fn into_inner(self) -> T {
         self.buffer
     }
     /// Source port.
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
     /// Destination port.
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
     /// Length field (header + payload).
+    #[inline]
     pub fn len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::LENGTH)
     }
     /// Whether the length field says there is no payload.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() as usize == HEADER_LEN
     }
     /// Checksum field.
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
     /// Payload up to the length field.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.buffer.as_ref()[HEADER_LEN..self.len() as usize]
     }
     /// Verifies the checksum against the pseudo-header. Over IPv4 a zero checksum means
     /// "not computed" and verifies (RFC 768; RFC 3948 §2.1 says receivers must not require it);
     /// over IPv6 zero is invalid (RFC 8200 §8.1).
+    #[inline]
     pub fn verify_checksum(&self, src: IpAddr, dst: IpAddr) -> bool {
         let c = self.checksum();
         let data = &self.buffer.as_ref()[..self.len() as usize];
@@ -101,6 +111,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
 /// The checksum of a whole UDP datagram (header with a zero checksum field + payload) for the
 /// given addresses; zero results are sent as 0xffff (RFC 768).
+#[inline]
 pub fn compute_checksum(datagram: &[u8], src: IpAddr, dst: IpAddr) -> u16 {
     let pseudo = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -119,22 +130,27 @@ pub fn compute_checksum(datagram: &[u8], src: IpAddr, dst: IpAddr) -> u16 {
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Sets the source port.
+    #[inline]
     pub fn set_src_port(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::SRC_PORT, v)
     }
     /// Sets the destination port.
+    #[inline]
     pub fn set_dst_port(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::DST_PORT, v)
     }
     /// Sets the length field.
+    #[inline]
     pub fn set_len(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::LENGTH, v)
     }
     /// Sets the checksum field.
+    #[inline]
     pub fn set_checksum(&mut self, v: u16) {
         put16(self.buffer.as_mut(), field::CHECKSUM, v)
     }
     /// Computes and writes the checksum over header and payload (up to the length field).
+    #[inline]
     pub fn fill_checksum(&mut self, src: IpAddr, dst: IpAddr) {
         self.set_checksum(0);
         let l = self.len() as usize;
@@ -142,6 +158,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         self.set_checksum(c);
     }
     /// Payload, mutable.
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let l = self.len() as usize;
         &mut self.buffer.as_mut()[HEADER_LEN..l]
@@ -161,6 +178,7 @@ pub struct Repr {
 
 impl Repr {
     /// Parses and verifies the checksum against the addresses.
+    #[inline]
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>, src: IpAddr, dst: IpAddr) -> Result<Repr> {
         p.check_len()?;
         if !p.verify_checksum(src, dst) {
@@ -177,6 +195,7 @@ impl Repr {
         HEADER_LEN
     }
     /// Writes the header; the payload must already be in place when `checksum` is true.
+    #[inline]
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(
         &self,
         p: &mut Packet<T>,
