@@ -31,10 +31,12 @@ pub trait PacketBuf {
     /// Removes `n` bytes from the end; `false` (and no change) if the packet is shorter.
     fn trim(&mut self, n: usize) -> bool;
     /// Packet length.
+    #[inline(always)]
     fn len(&self) -> usize {
         self.data().len()
     }
     /// Whether the packet is empty.
+    #[inline(always)]
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

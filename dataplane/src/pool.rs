@@ -130,6 +130,75 @@ impl PoolCache {
         Some(b)
     }
 
+    /// Appends up to `n` free buffers, each reset to the default headroom, to `out` (a port's
+    /// receive: DPDK's `rte_pktmbuf_alloc_bulk`); returns how many. Fewer than `n` only when
+    /// the pool runs out. `out` must have room for them (burst lists do: they never grow).
+    #[inline]
+    pub fn get_burst(&mut self, out: &mut Vec<PktBuf>, n: usize) -> usize {
+        #[cfg(feature = "dpdk")]
+        if self.mbufs.is_some() {
+            let mut k = 0;
+            while k < n {
+                let Some(b) = self.get() else { break };
+                out.push(b);
+                k += 1;
+            }
+            return k;
+        }
+        if self.local.len() < n {
+            self.refill(n);
+        }
+        let k = n.min(self.local.len());
+        let start = out.len();
+        out.extend(self.local.drain(self.local.len() - k..));
+        for b in &mut out[start..] {
+            b.reset();
+        }
+        k
+    }
+
+    /// Tops the local cache up from the shared ring to at least `want` buffers (one bulk more
+    /// than asked, within the cache's room), or as many as the ring has.
+    #[cold]
+    fn refill(&mut self, want: usize) {
+        let target = (want + CACHE_BULK).min(self.local.capacity());
+        while self.local.len() < target {
+            match self.pool.free.pop() {
+                Some(b) => self.local.push(b),
+                None => break,
+            }
+        }
+    }
+
+    /// Returns every buffer of `list` (a port's transmit done, or a burst dropped whole:
+    /// DPDK's `rte_pktmbuf_free_bulk`), leaving it empty. Buffers of this pool, the usual
+    /// case, move into the cache in one copy; any other goes through [`PoolCache::put`].
+    #[inline]
+    pub fn put_burst(&mut self, list: &mut Vec<PktBuf>) {
+        let ours = list.iter().all(|b| b.belongs_to(&self.pool));
+        if ours && list.len() <= CACHE_BULK {
+            if self.local.len() + list.len() > self.local.capacity() {
+                self.spill();
+            }
+            self.local.append(list);
+            return;
+        }
+        for b in list.drain(..) {
+            self.put(b);
+        }
+    }
+
+    /// Moves one bulk of buffers from the cache to the shared ring.
+    #[cold]
+    fn spill(&mut self) {
+        for _ in 0..CACHE_BULK {
+            if let Some(x) = self.local.pop() {
+                // The ring holds every buffer of the pool, so it is never full here.
+                let _ = self.pool.free.push(x);
+            }
+        }
+    }
+
     /// Returns a buffer.
     #[inline]
     pub fn put(&mut self, b: PktBuf) {
@@ -146,12 +215,7 @@ impl PoolCache {
             (false, _) => b,
         };
         if self.local.len() >= CACHE_BULK * 2 {
-            for _ in 0..CACHE_BULK {
-                if let Some(x) = self.local.pop() {
-                    // The ring holds every buffer of the pool, so it is never full here.
-                    let _ = self.pool.free.push(x);
-                }
-            }
+            self.spill();
         }
         self.local.push(b);
     }
@@ -204,6 +268,72 @@ mod test {
         drop(a);
         drop(b);
         assert_eq!(pool.available(), 300);
+        assert_eq!(pool.reclaimed(), 0);
+    }
+
+    #[test]
+    fn bursts_come_and_go_in_bulk() {
+        let pool = Pool::new(300, 2048);
+        let other = Pool::new(4, 2048);
+        let mut c = PoolCache::new(pool.clone());
+        let mut list = Vec::with_capacity(128);
+        // Used buffers come back reset.
+        assert_eq!(c.get_burst(&mut list, 32), 32);
+        for b in &mut list {
+            b.adj(10);
+            b.append(100).unwrap();
+        }
+        c.put_burst(&mut list);
+        assert!(list.is_empty());
+        assert_eq!(c.get_burst(&mut list, 32), 32);
+        assert!(list
+            .iter()
+            .all(|b| b.is_empty() && b.headroom() == crate::pktbuf::DEFAULT_HEADROOM));
+        c.put_burst(&mut list);
+        // Everything, a burst at a time (the cache refills from the shared ring), then back
+        // in lists of every size: up to a bulk in one move, longer ones one by one.
+        let mut all: Vec<PktBuf> = Vec::new();
+        loop {
+            let got = c.get_burst(&mut list, 32);
+            if got == 0 {
+                break;
+            }
+            all.append(&mut list);
+        }
+        assert_eq!(all.len(), 300);
+        for size in [1, 64, 100, 35, 100] {
+            list.extend(all.drain(..size));
+            c.put_burst(&mut list);
+            assert!(list.is_empty());
+        }
+        drop(c);
+        assert_eq!(pool.available(), 300);
+        assert_eq!(pool.reclaimed(), 0);
+        // A buffer of another pool in a burst goes to its own pool.
+        let mut c = PoolCache::new(pool.clone());
+        let mut oc = PoolCache::new(other.clone());
+        let mut list = Vec::with_capacity(128);
+        c.get_burst(&mut list, 3);
+        list.push(oc.get().unwrap());
+        c.put_burst(&mut list);
+        drop(oc);
+        assert_eq!(other.available(), 4);
+        drop(c);
+        assert_eq!(pool.available(), 300);
+    }
+
+    #[test]
+    fn a_burst_stops_where_the_pool_ends() {
+        let pool = Pool::new(10, 2048);
+        let mut c = PoolCache::new(pool.clone());
+        let mut list = Vec::with_capacity(128);
+        assert_eq!(c.get_burst(&mut list, 32), 10);
+        assert_eq!(c.get_burst(&mut list, 32), 0);
+        c.put_burst(&mut list);
+        assert_eq!(c.get_burst(&mut list, 4), 4);
+        c.put_burst(&mut list);
+        drop(c);
+        assert_eq!(pool.available(), 10);
         assert_eq!(pool.reclaimed(), 0);
     }
 

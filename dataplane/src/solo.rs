@@ -48,10 +48,10 @@ impl PortQueue for NullPort {
     fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
         let n = pkts.len();
         self.stats.tx_packets += n as u64;
-        for b in pkts.drain(..) {
+        for b in pkts.iter() {
             self.stats.tx_bytes += b.len() as u64;
-            pool.put(b);
         }
+        pool.put_burst(pkts);
         n
     }
     fn mac(&self) -> MacAddr {
@@ -139,16 +139,15 @@ impl ReplayPort {
 
 impl PortQueue for ReplayPort {
     fn rx_burst(&mut self, pool: &mut PoolCache, out: &mut Vec<PktBuf>, max: usize) -> usize {
+        // Buffers in bulk, then one copy each (net_pcap: rte_pktmbuf_alloc_bulk, rte_memcpy).
+        let start = out.len();
+        let got = pool.get_burst(out, max);
         let mut n = 0;
-        while n < max {
-            let Some(mut b) = pool.get() else { break };
+        for b in &mut out[start..] {
             let f = &self.frames[self.next];
             match b.append(f.len()) {
                 Some(d) => d.copy_from_slice(f),
-                None => {
-                    pool.put(b);
-                    break;
-                }
+                None => break,
             }
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += f.len() as u64;
@@ -157,16 +156,19 @@ impl PortQueue for ReplayPort {
             if self.next == self.frames.len() {
                 self.next = 0;
             }
-            out.push(b);
             n += 1;
+        }
+        if n < got {
+            // A frame larger than the pool's buffers: the buffers not filled go back.
+            for b in out.drain(start + n..) {
+                pool.put(b);
+            }
         }
         n
     }
     fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
         let n = pkts.len();
-        for b in pkts.drain(..) {
-            pool.put(b);
-        }
+        pool.put_burst(pkts);
         n
     }
     fn mac(&self) -> MacAddr {

@@ -273,9 +273,7 @@ impl PortQueue for Generator {
         // Whatever the gateway sends towards sunset (ICMP errors, ARP) is accepted and freed.
         let n = pkts.len();
         self.stats.tx_packets += n as u64;
-        for b in pkts.drain(..) {
-            pool.put(b);
-        }
+        pool.put_burst(pkts);
         n
     }
 
@@ -365,7 +363,7 @@ impl PortQueue for Sink {
     fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
         let (mut ok, mut bytes, mut bad) = (0u64, 0u64, 0u64);
         let n = pkts.len();
-        for b in pkts.drain(..) {
+        for b in pkts.iter() {
             match self.intact(b.data()) {
                 Some(len) => {
                     ok += 1;
@@ -373,8 +371,8 @@ impl PortQueue for Sink {
                 }
                 None => bad += 1,
             }
-            pool.put(b);
         }
+        pool.put_burst(pkts);
         self.stats.tx_packets += n as u64;
         self.counters.add(self.queue, ok, bytes, bad);
         n

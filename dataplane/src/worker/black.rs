@@ -105,6 +105,9 @@ impl Worker {
         if u.dst_port() != esp::UDP_ENCAP_PORT
             || esp::classify_udp_payload(u.payload()) != esp::UdpEncap::Esp
             || !(hw_l4_ok
+                // RFC 3948 §2.1: a zero checksum over IPv4 is not checked (and is what a
+                // peer sends): no call for it.
+                || u.checksum() == 0
                 || u.verify_checksum(IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr())))
         {
             return Black::Full;
