@@ -779,8 +779,8 @@ impl CoreSas {
     }
 
     /// A local inbound SA by SPI with the index of its tunnel: the one lookup of the fast path
-    /// (the SPI table hashes with FxHash, not SipHash: SPIs are not attacker-chosen keys here,
-    /// the table holds only SAs this gateway installed).
+    /// (a flat open-addressing table, [`crate::spimap::SpiMap`]: no SipHash; it holds only SAs
+    /// this gateway installed).
     #[inline]
     pub fn inbound_local(&mut self, spi: u32) -> Option<(&mut InboundSa, usize)> {
         self.inbound.get_mut(spi).map(|r| (&mut r.sa, r.tunnel))
