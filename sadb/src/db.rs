@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use espada_crypto::{Backend, Cipher, KeyMaterial};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Per-CPU SAs or one shared SA.
@@ -46,19 +46,48 @@ impl SaMode {
     }
 }
 
-/// State of an SA that several workers use.
+/// The sequence counter of one outbound key, and who holds it.
+///
+/// RFC 4106 §3: the nonce is salt ‖ IV and the IV is the sequence number, so one key must
+/// never see one sequence number twice ("the same nonce ... MUST NOT be used twice with the
+/// same key", §8.1). The rule has one owner: every outbound SA built from a published snapshot
+/// counts on the one `OutState` of its key, which the [`SaDbHandle`]'s counter book hands out
+/// (see [`CounterBook`]). A per-CPU SA's counter is touched by one core only (its claim), so
+/// the atomic stays in that core's cache; the fallback SA's is shared by design.
 #[derive(Debug)]
-pub struct SharedState {
+pub struct OutState {
+    /// The last sequence number handed out under this key.
     seq: Arc<AtomicU64>,
-    window: Arc<Mutex<ReplayWindow>>,
-    /// The core that holds this SA's own (unshared) sequence counter, or `usize::MAX`: a
-    /// per-CPU SA is claimed by one worker, so two workers can never count on their own.
+    /// The core that holds this per-CPU SA, or `usize::MAX`: a per-CPU SA is used by one
+    /// worker at a time, and handed over only after that worker has let go.
     owner: AtomicUsize,
+    /// The SA reached its hard lifetime on some core: no core sends on it again.
+    expired: AtomicBool,
+}
+
+impl OutState {
+    fn new() -> Arc<OutState> {
+        Arc::new(OutState {
+            seq: Arc::new(AtomicU64::new(0)),
+            owner: AtomicUsize::new(usize::MAX),
+            expired: AtomicBool::new(false),
+        })
+    }
+
+    /// The last sequence number handed out under this key.
+    pub fn last_seq(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Whether some core saw this SA reach its hard lifetime.
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire)
+    }
 }
 
 /// A worker's claim on an outbound per-CPU SA; released when the runtime state goes.
 struct Claim {
-    state: Arc<SharedState>,
+    state: Arc<OutState>,
     core: usize,
 }
 
@@ -77,6 +106,17 @@ impl std::fmt::Debug for Claim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Claim(core {})", self.core)
     }
+}
+
+/// A fingerprint of keying material (key ‖ salt): the first 16 bytes of
+/// HMAC-SHA-256(key ‖ salt, "espada-seq"). It names a key in the SA database's counter book
+/// and in the state file without revealing it; equal fingerprints mean the same key.
+pub fn key_fingerprint(key: &KeyMaterial) -> u128 {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.expose_key_and_salt());
+    let tag = ring::hmac::sign(&k, b"espada-seq");
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&tag.as_ref()[..16]);
+    u128::from_be_bytes(b)
 }
 
 /// One SA as the control plane describes it (immutable once published).
@@ -109,10 +149,13 @@ pub struct SaSpec {
     /// Tests: make this SA's key schedule fail.
     #[cfg(test)]
     pub(crate) fail_key_schedule: bool,
-    /// A fingerprint of the key (equality only, never shown): a worker keeps an SA's runtime
-    /// state across snapshots only while SPI *and* key stay the same.
-    key_id: u64,
-    shared: Arc<SharedState>,
+    /// [`key_fingerprint`] of the key: a worker keeps an SA's runtime state across snapshots
+    /// only while SPI *and* key stay the same, and the counter book keys counters by it.
+    key_id: u128,
+    /// Outbound: the counter of this key (the counter book's, once published).
+    out: Arc<OutState>,
+    /// Inbound, when several workers use the SA: its one replay window.
+    window: Arc<Mutex<ReplayWindow>>,
 }
 
 impl SaSpec {
@@ -126,12 +169,7 @@ impl SaSpec {
         endpoints: TunnelEndpoints,
         cpu: Option<usize>,
     ) -> Self {
-        let key_id = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key.expose_key_and_salt().hash(&mut h);
-            h.finish()
-        };
+        let key_id = key_fingerprint(&key);
         SaSpec {
             spi,
             key,
@@ -146,24 +184,31 @@ impl SaSpec {
             key_id,
             #[cfg(test)]
             fail_key_schedule: false,
-            shared: Arc::new(SharedState {
-                seq: Arc::new(AtomicU64::new(0)),
-                window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
-                owner: AtomicUsize::new(usize::MAX),
-            }),
+            out: OutState::new(),
+            window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
         }
+    }
+
+    /// The key's fingerprint ([`key_fingerprint`]): what the state file and the counter book
+    /// know a key by.
+    pub fn key_fingerprint(&self) -> u128 {
+        self.key_id
+    }
+
+    /// The counter this SA sends with (outbound).
+    pub fn out_state(&self) -> &Arc<OutState> {
+        &self.out
     }
 
     /// Claims this SA's own counter for `core` (shared SAs need no claim).
     fn claim(&self, core: usize) -> Result<Claim, DbError> {
-        match self.shared.owner.compare_exchange(
-            usize::MAX,
-            core,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
+        match self
+            .out
+            .owner
+            .compare_exchange(usize::MAX, core, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => Ok(Claim {
-                state: self.shared.clone(),
+                state: self.out.clone(),
                 core,
             }),
             Err(owner) => Err(DbError::Claimed {
@@ -174,26 +219,28 @@ impl SaSpec {
         }
     }
 
-    fn outbound(
-        &self,
-        backend: Backend,
-        shared: bool,
-    ) -> Result<OutboundSa, espada_crypto::KeyError> {
+    /// The runtime SA a worker sends with. It counts on this key's one counter whether or not
+    /// other cores use it (`shared` only says whether they may). A placeholder is refused:
+    /// nothing is ever sent on a slot the IKE daemon has not filled.
+    fn outbound(&self, backend: Backend, shared: bool) -> Result<OutboundSa, DbError> {
+        if self.awaiting_ike {
+            return Err(DbError::Placeholder(self.spi));
+        }
+        let key_err = |err| DbError::Key { spi: self.spi, err };
         #[cfg(test)]
         if self.fail_key_schedule {
-            return Err(espada_crypto::KeyError::Backend("injected failure"));
+            return Err(key_err(espada_crypto::KeyError::Backend(
+                "injected failure",
+            )));
         }
         let sa = OutboundSa::new(
             self.spi,
-            Cipher::new(backend, &self.key)?,
+            Cipher::new(backend, &self.key).map_err(key_err)?,
             self.esn,
             self.endpoints,
-        );
-        let sa = if shared {
-            sa.with_shared_seq(self.shared.seq.clone())
-        } else {
-            sa
-        };
+        )
+        .with_shared_seq(self.out.seq.clone())
+        .shared_by_cores(shared);
         let sa = if self.start_seq > sa.last_seq() {
             sa.with_last_seq(self.start_seq)
         } else {
@@ -217,7 +264,7 @@ impl SaSpec {
             self.replay_window,
         );
         Ok(if shared {
-            sa.with_shared_window(self.shared.window.clone())
+            sa.with_shared_window(self.window.clone())
         } else {
             sa
         })
@@ -312,6 +359,17 @@ pub enum DbError {
     /// No workers.
     #[error("at least one worker is needed")]
     NoWorkers,
+    /// One outbound key on two live SAs (two SAs counting under one key would repeat nonces).
+    #[error("outbound SA {spi:#010x} uses the key of outbound SA {other:#010x}: every outbound SA needs its own key")]
+    KeyReuse {
+        /// The SA refused.
+        spi: u32,
+        /// The live SA that has the key.
+        other: u32,
+    },
+    /// A slot the IKE daemon has not filled was asked to send.
+    #[error("SA {0:#010x} is a placeholder awaiting the IKE daemon: nothing is sent on it")]
+    Placeholder(u32),
     /// Two workers for one per-CPU SA (two workers with one core index).
     #[error("per-CPU SA {spi:#010x} is already held by worker {owner}; worker {core} cannot hold it too (two workers with one core index?)")]
     Claimed {
@@ -414,22 +472,132 @@ impl SaDb {
     }
 }
 
-/// Publishes snapshots to workers.
+/// The one owner of every outbound key's sequence counter (and of every shared inbound SA's
+/// replay window), kept by the [`SaDbHandle`] across every snapshot it publishes.
+///
+/// Whatever builds a snapshot (a reload, `sa add`, a lab rekey, an IKE install) makes fresh
+/// [`SaSpec`]s with fresh counters; publishing swaps each for the counter the book already has
+/// for that key, so a key keeps one counter for the life of the gateway: workers that kept their
+/// runtime state, workers that build the SA afresh (a hard expiry, a lower `pcpu`, a new
+/// worker) and SAs deleted and added back all count on it. Keys no snapshot uses any more are
+/// retired to their last sequence number (16 + 8 bytes each), so a key that comes back resumes
+/// above it.
+#[derive(Debug, Default)]
+pub struct CounterBook {
+    /// Key fingerprint → (the SPI it was last published under, its counter).
+    live: HashMap<u128, (u32, Arc<OutState>)>,
+    /// Key fingerprint → the last sequence number issued, for keys no longer in use.
+    retired: HashMap<u128, u64>,
+    /// (SPI, key fingerprint) → the replay window of an inbound SA.
+    windows: HashMap<(u32, u128), Arc<Mutex<ReplayWindow>>>,
+}
+
+impl CounterBook {
+    /// Refuses a snapshot in which two live outbound SAs with different SPIs share a key.
+    fn check(db: &SaDb) -> Result<(), DbError> {
+        let mut seen: HashMap<u128, u32> = HashMap::default();
+        for s in db.outbound_specs().filter(|s| !s.awaiting_ike) {
+            if let Some(other) = seen.insert(s.key_id, s.spi) {
+                if other != s.spi {
+                    return Err(DbError::KeyReuse { spi: s.spi, other });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every SA of `db` the counter (outbound) or window (inbound) of its key. Cannot
+    /// fail: call after [`CounterBook::check`] and the snapshot's own checks.
+    fn adopt(&mut self, db: &mut SaDb) {
+        let mut used: HashSet<u128> = HashSet::default();
+        let mut windows = HashMap::default();
+        for t in db.tunnels.iter_mut() {
+            for s in t.outbound.all_mut().filter(|s| !s.awaiting_ike) {
+                let (spi, st) = self.live.entry(s.key_id).or_insert_with(|| {
+                    let st = s.out.clone();
+                    if let Some(last) = self.retired.remove(&s.key_id) {
+                        st.seq.fetch_max(last, Ordering::Relaxed);
+                    }
+                    (s.spi, st)
+                });
+                *spi = s.spi;
+                if !Arc::ptr_eq(st, &s.out) {
+                    // A counter set up on the fresh spec (a test's `start_seq`) only raises it.
+                    st.seq.fetch_max(s.out.last_seq(), Ordering::Relaxed);
+                    s.out = st.clone();
+                }
+                used.insert(s.key_id);
+            }
+            for s in t
+                .inbound
+                .all_mut()
+                .chain(t.draining.iter_mut())
+                .filter(|s| !s.awaiting_ike)
+            {
+                let k = (s.spi, s.key_id);
+                let w = self.windows.remove(&k).unwrap_or_else(|| s.window.clone());
+                s.window = w.clone();
+                windows.insert(k, w);
+            }
+        }
+        self.windows = windows;
+        // Counters no snapshot uses and no worker holds are retired to their last number.
+        let retired = &mut self.retired;
+        self.live.retain(|k, (_, st)| {
+            if used.contains(k) || Arc::strong_count(st) > 1 || Arc::strong_count(&st.seq) > 1 {
+                return true;
+            }
+            retired.insert(*k, st.last_seq());
+            false
+        });
+    }
+
+    /// The last sequence number issued under the key with fingerprint `fp`, if it was ever
+    /// published.
+    pub fn last_seq(&self, fp: u128) -> Option<u64> {
+        self.live
+            .get(&fp)
+            .map(|(_, st)| st.last_seq())
+            .or_else(|| self.retired.get(&fp).copied())
+    }
+
+    /// Keys the book knows (live and retired).
+    pub fn len(&self) -> usize {
+        self.live.len() + self.retired.len()
+    }
+
+    /// Whether the book knows no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Publishes snapshots to workers; the only way a snapshot reaches them, so every SA a worker
+/// builds counts on its key's one counter (the [`CounterBook`] it keeps).
 #[derive(Debug)]
 pub struct SaDbHandle {
     current: ArcSwap<SaDb>,
-    publish_lock: Mutex<()>,
+    book: Mutex<CounterBook>,
 }
 
 impl SaDbHandle {
-    /// Starts with `db`.
-    pub fn new(mut db: SaDb) -> Arc<SaDbHandle> {
+    /// Starts with `db`. Panics if two outbound SAs of `db` share a key: use
+    /// [`SaDbHandle::try_new`] for a database that was not checked.
+    pub fn new(db: SaDb) -> Arc<SaDbHandle> {
+        Self::try_new(db).expect("an inconsistent SA database")
+    }
+
+    /// Starts with `db`, or refuses it (two outbound SAs with one key, duplicate SPIs).
+    pub fn try_new(mut db: SaDb) -> Result<Arc<SaDbHandle>, DbError> {
+        CounterBook::check(&db)?;
         // The policies may have been edited since the snapshot was made: compile them now.
-        db.spd_v4 = crate::selector::SpdV4::compile(&db.spd);
-        Arc::new(SaDbHandle {
+        db.reindex()?;
+        let mut book = CounterBook::default();
+        book.adopt(&mut db);
+        Ok(Arc::new(SaDbHandle {
             current: ArcSwap::from_pointee(db),
-            publish_lock: Mutex::new(()),
-        })
+            book: Mutex::new(book),
+        }))
     }
 
     /// The current snapshot (lock-free).
@@ -447,14 +615,21 @@ impl SaDbHandle {
     /// Changes the database with `f` on a copy of the current snapshot and publishes it with the
     /// next generation number. Control plane only; workers pick it up at their next burst.
     pub fn update(&self, f: impl FnOnce(&mut SaDb)) -> Result<u64, DbError> {
-        let _g = self.publish_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = (*self.current.load_full()).clone();
         f(&mut next);
         next.generation += 1;
+        CounterBook::check(&next)?;
         next.reindex()?;
+        book.adopt(&mut next);
         let g = next.generation;
         self.current.store(Arc::new(next));
         Ok(g)
+    }
+
+    /// Reads the counter book (reports, tests).
+    pub fn with_book<R>(&self, f: impl FnOnce(&CounterBook) -> R) -> R {
+        f(&self.book.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -510,14 +685,15 @@ struct OutRt {
     life: LifetimeTracker,
     seq_warned: bool,
     _claim: Option<Claim>,
-    key_id: u64,
+    key_id: u128,
+    state: Arc<OutState>,
 }
 
 struct InRt {
     sa: InboundSa,
     life: LifetimeTracker,
     tunnel: usize,
-    key_id: u64,
+    key_id: u128,
 }
 
 /// Where an inbound SPI is processed, seen from one worker.
@@ -548,6 +724,18 @@ pub struct CoreSas {
     acquire_hit: Vec<bool>,
     /// Per tunnel: when the last acquire went (seconds).
     acquire_last: Vec<u64>,
+    /// A per-CPU SA this worker should hold is still held by another worker (a reload moved
+    /// it): this worker sends on the fallback SA meanwhile and tries again at each sync.
+    claim_wait: bool,
+}
+
+/// What a worker sends with on one tunnel: the one decision, used by every rebuild and every
+/// hard expiry, so that no path sends on a placeholder or an expired SA.
+enum Pick<'a> {
+    /// This SA.
+    Send(&'a SaSpec),
+    /// Nothing: drop the tunnel's packets (counted).
+    Drop,
 }
 
 impl CoreSas {
@@ -563,8 +751,9 @@ impl CoreSas {
             acquire: Vec::new(),
             acquire_hit: Vec::new(),
             acquire_last: Vec::new(),
+            claim_wait: false,
         };
-        c.rebuild(db, now)?;
+        c.rebuild(db, now, true)?;
         Ok(c)
     }
 
@@ -581,78 +770,121 @@ impl CoreSas {
     /// Picks up a newer snapshot if there is one. Cheap when nothing changed.
     #[inline]
     pub fn sync(&mut self, handle: &SaDbHandle, now: u64) -> Result<bool, DbError> {
-        if handle.generation() == self.db.generation {
+        if handle.generation() == self.db.generation && !self.claim_wait {
             return Ok(false);
         }
-        self.rebuild(handle.load(), now)?;
+        self.rebuild(handle.load(), now, false)?;
         Ok(true)
+    }
+
+    /// Whether this worker waits for another to let go of a per-CPU SA it should hold.
+    pub fn waiting_for_handover(&self) -> bool {
+        self.claim_wait
+    }
+
+    /// Whether SA `s` may still send from this core (not hard-expired here or anywhere).
+    fn alive(&self, s: &SaSpec) -> bool {
+        !self.expired.contains(&s.spi) && !s.out.expired()
+    }
+
+    /// The outbound SA this worker sends with on tunnel `t` of `db`, and the acquire to raise
+    /// (`Some(cpu)`: the per-CPU SA `cpu`, or the fallback SA for `None`). A placeholder is
+    /// never picked: a core whose SA awaits the IKE daemon sends on the fallback SA, and drops
+    /// when that one awaits the daemon too (RFC 9611 §3: the fallback SA carries traffic
+    /// until the per-CPU SA exists).
+    fn pick<'a>(&self, db: &'a SaDb, t: usize) -> (Pick<'a>, Option<Option<usize>>) {
+        let fallback = &db.tunnels[t].outbound.fallback;
+        let own = db.outbound_for(t, self.core);
+        let mut acquire = None;
+        let mut spec = own;
+        if spec.awaiting_ike {
+            acquire = Some(spec.cpu);
+            spec = fallback;
+        }
+        if !std::ptr::eq(spec, fallback) && !self.alive(spec) {
+            spec = fallback;
+        }
+        if fallback.awaiting_ike && std::ptr::eq(spec, fallback) {
+            return (Pick::Drop, Some(None));
+        }
+        if !self.alive(spec) {
+            return (Pick::Drop, acquire);
+        }
+        (Pick::Send(spec), acquire)
     }
 
     /// Moves to snapshot `db`, keeping the runtime state (counters, sequence numbers, replay
     /// windows) of every SA that stays. Transactional: everything that can fail (the key
     /// schedules of SAs this core does not hold yet) is built first; on a failure nothing of the
     /// live state has been touched, so no counter or window restarts under the same key.
-    fn rebuild(&mut self, db: Arc<SaDb>, now: u64) -> Result<(), DbError> {
+    /// `strict`: a per-CPU SA another worker holds is an error (a new worker with a core index
+    /// already in use); otherwise this worker waits for the handover on the fallback SA.
+    fn rebuild(&mut self, db: Arc<SaDb>, now: u64, strict: bool) -> Result<(), DbError> {
         let key_err = |spi| move |err| DbError::Key { spi, err };
         // Phase 1 (may fail, changes nothing).
-        let have_out: HashSet<(u32, u64)> = self
+        let have_out: HashSet<(u32, u128)> = self
             .outbound
             .iter()
             .flatten()
             .map(|o| (o.sa.spi, o.key_id))
             .collect();
         let mut fresh_out: HashMap<u32, OutRt> = HashMap::default();
-        let mut out_plan: Vec<Option<(u32, u64, Lifetimes)>> = Vec::with_capacity(db.tunnels.len());
+        let mut out_plan: Vec<Option<(u32, u128, Lifetimes)>> =
+            Vec::with_capacity(db.tunnels.len());
         let mut acquire = Vec::with_capacity(db.tunnels.len());
+        let mut claim_wait = false;
         for t in 0..db.tunnels.len() {
-            let mut spec = db.outbound_for(t, self.core);
-            let mut want = None;
-            // A slot the IKE daemon has not filled: ask for it, and send on the fallback SA
-            // meanwhile (or drop, when that one is waiting too).
-            if spec.awaiting_ike {
-                want = Some(spec.cpu);
-                spec = &db.tunnels[t].outbound.fallback;
-            }
-            if spec.awaiting_ike {
-                acquire.push(Some(None));
-                out_plan.push(None);
-                continue;
-            }
+            let (pick, want) = self.pick(&db, t);
             acquire.push(want);
-            if self.expired.contains(&spec.spi) {
-                spec = &db.tunnels[t].outbound.fallback;
-            }
-            if self.expired.contains(&spec.spi) {
+            let Pick::Send(mut spec) = pick else {
                 out_plan.push(None);
                 continue;
-            }
-            out_plan.push(Some((spec.spi, spec.key_id, spec.lifetimes)));
-            if !have_out.contains(&(spec.spi, spec.key_id)) && !fresh_out.contains_key(&spec.spi) {
-                let shared = db.outbound_is_shared(spec);
+            };
+            let mut key = (spec.spi, spec.key_id);
+            if !have_out.contains(&key) && !fresh_out.contains_key(&spec.spi) {
+                let mut shared = db.outbound_is_shared(spec);
                 // (A claim taken here and then abandoned by a later failure is released when
                 // `fresh_out` is dropped.)
                 let claim = if shared {
                     None
                 } else {
-                    Some(spec.claim(self.core)?)
+                    match spec.claim(self.core) {
+                        Ok(c) => Some(c),
+                        Err(e) if strict => return Err(e),
+                        Err(_) => {
+                            // Another worker still sends on it: the fallback SA meanwhile.
+                            claim_wait = true;
+                            let fb = &db.tunnels[t].outbound.fallback;
+                            if fb.awaiting_ike || !self.alive(fb) {
+                                out_plan.push(None);
+                                continue;
+                            }
+                            spec = fb;
+                            shared = true;
+                            key = (spec.spi, spec.key_id);
+                            None
+                        }
+                    }
                 };
-                let sa = spec
-                    .outbound(db.backend, shared)
-                    .map_err(key_err(spec.spi))?;
-                fresh_out.insert(
-                    spec.spi,
-                    OutRt {
-                        sa,
-                        life: LifetimeTracker::new(spec.lifetimes, now),
-                        seq_warned: false,
-                        _claim: claim,
-                        key_id: spec.key_id,
-                    },
-                );
+                if !have_out.contains(&key) && !fresh_out.contains_key(&spec.spi) {
+                    let sa = spec.outbound(db.backend, shared)?;
+                    fresh_out.insert(
+                        spec.spi,
+                        OutRt {
+                            sa,
+                            life: LifetimeTracker::new(spec.lifetimes, now),
+                            seq_warned: false,
+                            _claim: claim,
+                            key_id: spec.key_id,
+                            state: spec.out.clone(),
+                        },
+                    );
+                }
             }
+            out_plan.push(Some((spec.spi, spec.key_id, spec.lifetimes)));
         }
         let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
-        let mut in_plan: Vec<(u32, usize, u64, Lifetimes)> = Vec::new();
+        let mut in_plan: Vec<(u32, usize, u128, Lifetimes)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
             for s in tun
                 .inbound
@@ -717,6 +949,7 @@ impl CoreSas {
         self.acquire_hit.resize(acquire.len(), false);
         self.acquire_last.resize(acquire.len(), 0);
         self.acquire = acquire;
+        self.claim_wait = claim_wait;
         self.db = db;
         Ok(())
     }
@@ -760,6 +993,11 @@ impl CoreSas {
     #[inline]
     pub fn outbound(&mut self, t: usize) -> Option<&mut OutboundSa> {
         self.outbound.get_mut(t)?.as_mut().map(|o| &mut o.sa)
+    }
+
+    /// The key fingerprint of the SA this worker sends with on tunnel `t` (reports, tests).
+    pub fn outbound_key(&self, t: usize) -> Option<u128> {
+        self.outbound.get(t)?.as_ref().map(|o| o.key_id)
     }
 
     /// Where to process inbound SPI `spi`.
@@ -845,8 +1083,13 @@ impl CoreSas {
                         seq_space: false,
                     });
                     if stage == Stage::Hard {
+                        // Dead for every core, not only this one.
+                        o.state.expired.store(true, Ordering::Release);
                         switch.push((t, o.sa.spi));
                     }
+                } else if o.state.expired() {
+                    // Another core saw its hard lifetime.
+                    switch.push((t, o.sa.spi));
                 }
             }
         }
@@ -871,20 +1114,18 @@ impl CoreSas {
             self.inbound.remove(spi);
             self.expired.insert(spi);
         }
-        for (t, spi) in switch {
+        if switch.is_empty() {
+            return;
+        }
+        for &(_, spi) in &switch {
             self.expired.insert(spi);
-            let fb = &self.db.tunnels[t].outbound.fallback;
-            self.outbound[t] = if self.expired.contains(&fb.spi) {
-                None
-            } else {
-                fb.outbound(self.db.backend, true).ok().map(|sa| OutRt {
-                    sa,
-                    life: LifetimeTracker::new(fb.lifetimes, now),
-                    seq_warned: false,
-                    _claim: None,
-                    key_id: fb.key_id,
-                })
-            };
+        }
+        // The same decision as any snapshot change (`pick`): the fallback SA if it may send,
+        // never a placeholder; the counter stays the key's own.
+        if self.rebuild(self.db.clone(), now, false).is_err() {
+            for (t, _) in switch {
+                self.outbound[t] = None;
+            }
         }
     }
 }
@@ -898,5 +1139,7 @@ impl std::fmt::Debug for CoreSas {
     }
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

@@ -228,6 +228,8 @@ pub struct OutboundSa {
     ip_id: u16,
     /// Durable reservation (static keys): never send past its limit.
     guard: Option<Arc<SeqGuard>>,
+    /// Other cores send on this SA too.
+    shared: bool,
 }
 
 impl core::fmt::Debug for OutboundSa {
@@ -302,6 +304,7 @@ impl OutboundSa {
             outer_sum,
             ip_id: (spi as u16) ^ 0x5a5a,
             guard: None,
+            shared: false,
         }
     }
 
@@ -332,12 +335,21 @@ impl OutboundSa {
     /// kernel SA used from every CPU.
     pub fn with_shared_seq(mut self, counter: Arc<AtomicU64>) -> Self {
         self.seq = SeqCell::Shared(counter);
+        self.shared = true;
         self
     }
 
-    /// Whether the sequence counter is shared between cores.
+    /// Says whether other cores send on this SA too. An SA built from the SA database always
+    /// counts on its key's one counter (an atomic, [`crate::db::OutState`]); for a per-CPU SA
+    /// only its own core touches it.
+    pub fn shared_by_cores(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Whether other cores send on this SA too (the fallback SA, `sa_mode = "shared"`).
     pub fn is_shared(&self) -> bool {
-        matches!(self.seq, SeqCell::Shared(_))
+        self.shared
     }
 
     /// The highest sequence number this SA may ever send: 2^32−1, or 2^64−1 with ESN

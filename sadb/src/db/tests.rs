@@ -275,8 +275,17 @@ fn a_failed_rebuild_leaves_the_live_state_alone() {
         let mut t = db.tunnels[0].clone();
         t.name = "new".into();
         for (i, s) in t.outbound.all_mut().enumerate() {
-            s.spi = 0x900 + i as u32;
-            s.fail_key_schedule = true;
+            let mut n = SaSpec::new(
+                0x900 + i as u32,
+                key(0x90 + i as u8),
+                true,
+                4096,
+                Lifetimes::default(),
+                s.endpoints,
+                s.cpu,
+            );
+            n.fail_key_schedule = true;
+            *s = n;
         }
         for (i, s) in t.inbound.all_mut().enumerate() {
             s.spi = 0xa00 + i as u32;
