@@ -234,7 +234,7 @@ def start_west(cfg):
     jl = os.path.join(A.dir, "west.jsonl")
     if os.path.exists(jl):
         os.remove(jl)
-    p = subprocess.Popen(["ip", "netns", "exec", ns("west"), A.espada, "run", "-c", cfg, "--state-dir", os.path.join(A.dir, "state"),
+    p = subprocess.Popen(["ip", "netns", "exec", ns("west"), A.espada, "run", "-c", cfg, "--state-dir", os.path.join(A.dir, "state"), "--new-keys",
                           "--control", os.path.join(A.dir, "west.sock"), "--idle-sleep-us", "50", "--interval", "1",
                           "--stats-json", jl], stdout=log, stderr=subprocess.STDOUT)
     A.west = p

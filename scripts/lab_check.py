@@ -4,6 +4,7 @@ with the entries of `espada wireshark`, that injected garbage, replays and forge
 and never reach sunrise, and that a steady UDP stream loses nothing.
 
   lab_check.py --prefix P --dir D --espada BIN --west-config F --east-config F
+  lab_check.py --repeats CAPTURE [INJECTED_DIR]   (no repeated (SPI, sequence) on the black link)
 Exits non-zero with a message on the first failed check."""
 import argparse
 import json
@@ -31,6 +32,70 @@ def in_ns(n, cmd, **kw):
 def fail(msg):
     print("FAIL: " + msg, flush=True)
     sys.exit(1)
+
+
+def esp_key(frame):
+    """(outer source, SPI, sequence number) of an Ethernet frame carrying ESP-in-UDP (RFC 3948,
+    port 4500, not the non-ESP marker), or None. Reads only the headers (a short snaplen will do)."""
+    import struct
+    if len(frame) < 14:
+        return None
+    et = struct.unpack("!H", frame[12:14])[0]
+    if et == 0x0800 and len(frame) >= 34:
+        ihl = (frame[14] & 0x0f) * 4
+        if frame[23] != 17:
+            return None
+        src, udp = frame[26:30].hex(), 14 + ihl
+    elif et == 0x86dd and len(frame) >= 54:
+        if frame[20] != 17:
+            return None
+        src, udp = frame[22:38].hex(), 54
+    else:
+        return None
+    esp = frame[udp + 8:udp + 16]
+    if len(esp) < 8 or 4500 not in struct.unpack("!HH", frame[udp:udp + 4]):
+        return None
+    spi, seq = struct.unpack("!II", esp)
+    if spi == 0:
+        return None  # IKE (non-ESP marker)
+    return (src, spi, seq)
+
+
+def pcap_frames(path):
+    """The frames of a classic pcap file (dumpcap -P), as bytes."""
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 24:
+        return []
+    magic = data[:4]
+    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    out, off = [], 24
+    while off + 16 <= len(data):
+        _, _, incl, _ = struct.unpack(endian + "IIII", data[off:off + 16])
+        out.append(data[off + 16:off + 16 + incl])
+        off += 16 + incl
+    return out
+
+
+def repeated_esp(cap, injected_dir=None):
+    """The one check every lab run makes of its black-link capture: no (source, SPI, sequence
+    number) pair may appear twice, except for frames a test injected on purpose (replays),
+    listed one hex frame per line in files under `injected_dir`. Returns (ESP frames, repeats)."""
+    from collections import Counter
+    seen = Counter(k for k in map(esp_key, pcap_frames(cap)) if k)
+    allowed = Counter()
+    if injected_dir and os.path.isdir(injected_dir):
+        for name in os.listdir(injected_dir):
+            with open(os.path.join(injected_dir, name)) as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        k = esp_key(bytes.fromhex(line))
+                        if k:
+                            allowed[k] += 1
+    repeats = [(k, n) for k, n in seen.items() if n - allowed.get(k, 0) > 1]
+    return sum(seen.values()), repeats
 
 
 def last_cores(gw):
@@ -185,7 +250,9 @@ def inject(cap):
     short_esp[24:26] = (~s & 0xffff).to_bytes(2, "big")
     short_esp[14 + 20 + 4:14 + 20 + 6] = (8 + 12).to_bytes(2, "big")  # UDP length
     short_esp[14 + 20 + 6:14 + 20 + 8] = b"\0\0"
-    path = os.path.join(A.dir, "inject.hex")
+    # Listed where the black-link capture check (repeated_esp) finds the replays it must allow.
+    os.makedirs(os.path.join(A.dir, "injected"), exist_ok=True)
+    path = os.path.join(A.dir, "injected", "lab_check.hex")
     with open(path, "w") as f:
         for fr in replays + forged + garbage + [bytes(short_esp)]:
             f.write(fr.hex() + "\n")
@@ -224,8 +291,18 @@ def steady():
         fail("the gateways' counters do not account for every datagram")
 
 
+def repeats_main(cap, injected):
+    n, reps = repeated_esp(cap, injected)
+    print(f"black link: {n} ESP frames captured, {len(reps)} repeated (SPI, sequence) pairs")
+    for (src, spi, seq), k in reps[:10]:
+        print(f"  REPEATED: from {src} SPI {spi:#010x} sequence {seq} seen {k} times")
+    sys.exit(1 if reps or n == 0 and os.environ.get("ESPADA_EXPECT_ESP") == "1" else 0)
+
+
 def main():
     global A
+    if len(sys.argv) >= 3 and sys.argv[1] == "--repeats":
+        repeats_main(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--dir", required=True)

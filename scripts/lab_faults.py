@@ -9,7 +9,9 @@
   4. west is killed with SIGKILL and restarted: traffic passes at once, and no (SPI, IV) pair
      repeats on the black link (sequence numbers used to restart at 1 with the same keys);
   5. west sends a frame larger than its black device's MTU: it is refused and counted, and
-     later frames still go out (the kernel used to park it and wedge the ring).
+     later frames still go out (the kernel used to park it and wedge the ring);
+  6. with west stopped, a 0-byte state file and a new state directory are refused (static
+     keys would start again at sequence number 1).
 
   lab_faults.py --prefix P --dir D --espada BIN
 Exits non-zero with a message on the first failed check."""
@@ -82,6 +84,39 @@ def second_instance():
     if r.returncode == 0 or "held by another espada" not in out:
         fail(f"a second gateway on west's interfaces was not refused (exit {r.returncode}): {out}")
     print(f"second instance refused: {out.strip().splitlines()[-1]}")
+    # Issue 24 item 3: its own state directory, control socket and --new-keys do not help:
+    # the interface lock belongs to the network namespace.
+    other = os.path.join(A.dir, "other")
+    cmd = ["ip", "netns", "exec", ns("west"), A.espada, "run", "-c", A.west_config,
+           "--state-dir", os.path.join(other, "state"), "--new-keys",
+           "--control", os.path.join(other, "west.sock"), "--duration", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    out = r.stdout + r.stderr
+    if r.returncode == 0 or "held by another espada in this network namespace" not in out:
+        fail(f"a second gateway with its own directories was not refused (exit {r.returncode}): {out}")
+    print(f"second instance with other directories refused: {out.strip().splitlines()[-1]}")
+
+
+def lost_state():
+    """Issue 24 item 4: with west stopped, an empty state file and a new state directory are
+    refused; the kept one is taken."""
+    state = os.path.join(A.dir, "state", "west.seq")
+    saved = open(state).read()
+    open(state, "w").close()
+    r = subprocess.run(west_cmd(["--duration", "1"]), capture_output=True, text=True, timeout=30)
+    out = r.stdout + r.stderr
+    with open(state, "w") as f:
+        f.write(saved)
+    if r.returncode == 0 or "cannot be trusted" not in out:
+        fail(f"a 0-byte state file was taken as a first run (exit {r.returncode}): {out}")
+    print(f"empty state file refused: {out.strip().splitlines()[-1][:160]}")
+    cmd = west_cmd(["--duration", "1"])
+    cmd[cmd.index("--state-dir") + 1] = os.path.join(A.dir, "state-new")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    out = r.stdout + r.stderr
+    if r.returncode == 0 or "--new-keys" not in out:
+        fail(f"a new state directory with static keys was not refused (exit {r.returncode}): {out}")
+    print(f"new state directory refused: {out.strip().splitlines()[-1][:160]}")
 
 
 def mac_of(n, dev):
@@ -221,6 +256,7 @@ def main():
     link_flap()
     p = restart_kill9()
     oversize(p)
+    lost_state()
     print("fault checks passed")
 
 

@@ -50,10 +50,23 @@ impl Lab {
 }
 
 impl Drop for Lab {
+    /// `scripts/lab down`, which also checks the whole run's black-link capture: no
+    /// (SPI, sequence number) pair went out twice (issue 24). A repeat fails the test.
     fn drop(&mut self) {
         let out = self.cmd("down").output();
         if let Ok(o) = out {
-            eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            eprintln!("{text}");
+            if !std::thread::panicking() {
+                assert!(
+                    o.status.success(),
+                    "scripts/lab down (black-link capture check) failed:\n{text}"
+                );
+            }
         }
     }
 }

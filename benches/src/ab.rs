@@ -274,11 +274,11 @@ pub fn setup(
         let wf = w.file.display().to_string();
         let ef = e.file.display().to_string();
         c.push(format!(
-            "ip netns exec {} {espada} run -c {wf} --idle-sleep-us 50 --interval 0 &",
+            "ip netns exec {} {espada} run -c {wf} --new-keys --idle-sleep-us 50 --interval 0 &",
             ns("west")
         ));
         c.push(format!(
-            "ip netns exec {} {espada} run -c {ef} --idle-sleep-us 50 --interval 0 &",
+            "ip netns exec {} {espada} run -c {ef} --new-keys --idle-sleep-us 50 --interval 0 &",
             ns("east")
         ));
     }

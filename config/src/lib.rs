@@ -1160,7 +1160,9 @@ fn auto_backend(alg: Algorithm) -> (Backend, Vec<(Backend, f64)>) {
 }
 
 #[cfg(unix)]
-fn check_key_file_mode(p: &Path) -> Result<(), String> {
+/// Refuses a key file that others than its owner can read (the config and `espada sa add` apply
+/// the same rule).
+pub fn check_key_file_mode(p: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let m =
         std::fs::metadata(p).map_err(|e| format!("cannot read key file {}: {e}", p.display()))?;
@@ -1176,7 +1178,7 @@ fn check_key_file_mode(p: &Path) -> Result<(), String> {
 }
 
 #[cfg(not(unix))]
-fn check_key_file_mode(_: &Path) -> Result<(), String> {
+pub fn check_key_file_mode(_: &Path) -> Result<(), String> {
     Ok(())
 }
 

@@ -32,6 +32,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod conn;
 pub mod metrics;
 pub mod server;
 pub mod supervisor;

@@ -8,14 +8,15 @@
 //! OpenMetrics, whose counter families (`# TYPE x counter` over samples `x_total`) promtool's
 //! text-format check reads as metrics without help or type.
 
+use crate::conn::{self, ConnLimits, Slots};
 use crate::server::Gateway;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One metric family: help, type, and its samples (label set → value).
 struct Family {
@@ -237,66 +238,123 @@ pub struct MetricsServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    slots: Arc<Slots>,
+}
+
+/// A metrics listener bound and not served yet (bound before the gateway opens its ports).
+pub struct BoundMetrics {
+    l: TcpListener,
+    addr: SocketAddr,
 }
 
 impl MetricsServer {
-    /// Listens on `addr` (e.g. `127.0.0.1:9100`, port 0 for any) and serves `GET /metrics`.
-    pub fn start(addr: &str, gw: Arc<Gateway>) -> io::Result<MetricsServer> {
+    /// Listens on `addr` (e.g. `127.0.0.1:9100`, port 0 for any).
+    pub fn bind(addr: &str) -> io::Result<BoundMetrics> {
         let l = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("--metrics {addr}: {e}")))?;
         let addr = l.local_addr()?;
-        l.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("espada-metrics".into())
-            .spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((s, _)) => {
-                            let _ = serve(s, &gw);
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            })?;
-        Ok(MetricsServer {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(BoundMetrics { l, addr })
+    }
+
+    /// Listens on `addr` and serves `GET /metrics`.
+    pub fn start(addr: &str, gw: Arc<Gateway>) -> io::Result<MetricsServer> {
+        Self::bind(addr)?.serve(gw)
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Connections refused because [`ConnLimits::METRICS`] clients were being served.
+    pub fn refused(&self) -> usize {
+        self.slots.refused()
+    }
+}
+
+impl BoundMetrics {
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `GET /metrics`: a blocking accept, each client on a thread of its own, at most
+    /// [`ConnLimits::METRICS`]`.max_clients` at once, one deadline per connection, a bounded
+    /// request head.
+    pub fn serve(self, gw: Arc<Gateway>) -> io::Result<MetricsServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let slots = Arc::new(Slots::default());
+        let (st, sl, l) = (stop.clone(), slots.clone(), self.l);
+        let thread = std::thread::Builder::new()
+            .name("espada-metrics".into())
+            .spawn(move || {
+                let lim = ConnLimits::METRICS;
+                for s in l.incoming() {
+                    if st.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(mut s) = s else {
+                        continue;
+                    };
+                    let Some(slot) = sl.take(lim.max_clients) else {
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        continue;
+                    };
+                    let gw = gw.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("espada-met-conn".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            let _ = serve(s, &gw, lim);
+                        });
+                }
+            })?;
+        Ok(MetricsServer {
+            addr: self.addr,
+            stop,
+            thread: Some(thread),
+            slots,
+        })
+    }
 }
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread (an unspecified address is reached on loopback).
+        let mut a = self.addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(match a {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(s: std::net::TcpStream, gw: &Gateway) -> io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+fn serve(s: std::net::TcpStream, gw: &Gateway, lim: ConnLimits) -> io::Result<()> {
+    let deadline = Instant::now() + lim.deadline;
     let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    let mut first = String::new();
-    r.read_line(&mut first)?;
-    // Skip the headers.
-    let mut line = String::new();
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut buf = Vec::new();
+    let mut head = lim.max_request;
+    conn::read_line(&mut r, &s, &mut buf, head, deadline)?;
+    let first = String::from_utf8_lossy(&buf).into_owned();
+    head = head.saturating_sub(buf.len());
+    // Skip the headers (within the same bound and deadline).
     for _ in 0..100 {
-        line.clear();
-        if r.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+        let n = conn::read_line(&mut r, &s, &mut buf, head, deadline)?;
+        head = head.saturating_sub(n);
+        if n == 0 || buf == b"\r\n" || buf == b"\n" {
             break;
         }
     }
+    conn::arm(&s, deadline)?;
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) =

@@ -1,12 +1,13 @@
 //! The gateway side: a thread serving the control socket, reading what the workers publish.
 
+use crate::conn::{self, ConnLimits, Slots};
 use crate::{Request, Response, SHOW};
 use espada_dataplane::worker::{GatewayShared, StatsCell, WorkerStats};
 use espada_dataplane::DropReason;
 use espada_sadb::db::SaSpec;
 use espada_sadb::selector::Action;
 use serde_json::{json, Value};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -41,12 +42,20 @@ pub struct ControlServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    slots: Arc<Slots>,
+}
+
+/// A control socket bound (so no second gateway can take it) and not served yet: the gateway
+/// binds it before it opens any port, and serves it once its workers run.
+pub struct BoundControl {
+    l: UnixListener,
+    path: PathBuf,
 }
 
 impl ControlServer {
-    /// Binds `path` (mode 0600) and serves `gw` on a thread of its own. A live gateway already
-    /// on `path` is an error; a stale socket file is replaced.
-    pub fn start(path: &Path, gw: Arc<Gateway>) -> io::Result<ControlServer> {
+    /// Binds `path` (mode 0600). A live gateway already on `path` is an error; a stale socket
+    /// file is replaced.
+    pub fn bind(path: &Path) -> io::Result<BoundControl> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -65,40 +74,75 @@ impl ControlServer {
         let l = UnixListener::bind(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        l.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("espada-control".into())
-            .spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((s, _)) => {
-                            let _ = serve_one(s, &gw);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(20))
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            })?;
-        Ok(ControlServer {
+        Ok(BoundControl {
+            l,
             path: path.to_path_buf(),
-            stop,
-            thread: Some(thread),
         })
+    }
+
+    /// Binds `path` and serves `gw` ([`ControlServer::bind`] then [`BoundControl::serve`]).
+    pub fn start(path: &Path, gw: Arc<Gateway>) -> io::Result<ControlServer> {
+        Self::bind(path)?.serve(gw)
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Connections refused because [`ConnLimits::CONTROL`] clients were being served.
+    pub fn refused(&self) -> usize {
+        self.slots.refused()
+    }
+}
+
+impl BoundControl {
+    /// Serves `gw`: one thread accepts (blocking, no polling), each client is served on a
+    /// thread of its own, at most [`ConnLimits::CONTROL`]`.max_clients` at once, each within
+    /// one deadline, with bounded requests.
+    pub fn serve(self, gw: Arc<Gateway>) -> io::Result<ControlServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let slots = Arc::new(Slots::default());
+        let (st, sl, l) = (stop.clone(), slots.clone(), self.l);
+        let thread = std::thread::Builder::new()
+            .name("espada-control".into())
+            .spawn(move || {
+                let lim = ConnLimits::CONTROL;
+                for s in l.incoming() {
+                    if st.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(mut s) = s else {
+                        continue;
+                    };
+                    let Some(slot) = sl.take(lim.max_clients) else {
+                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+                        let _ = s.write_all(b"{\"ok\":false,\"error\":\"too many control clients at once; try again\",\"data\":null}\n");
+                        continue;
+                    };
+                    let gw = gw.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("espada-ctl-conn".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            let _ = serve_one(s, &gw, lim);
+                        });
+                }
+            })?;
+        Ok(ControlServer {
+            path: self.path,
+            stop,
+            thread: Some(thread),
+            slots,
+        })
+    }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accepting thread.
+        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -106,26 +150,39 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_one(s: UnixStream, gw: &Gateway) -> io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+fn serve_one(s: UnixStream, gw: &Gateway, lim: ConnLimits) -> io::Result<()> {
+    let deadline = Instant::now() + lim.deadline;
     let mut w = s.try_clone()?;
-    let r = BufReader::new(s);
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = Vec::new();
     // A few requests per connection at most: the client sends one and reads one.
-    for line in r.lines().take(64) {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(gw, &req),
-            Err(e) => err(format!(
-                "not a request ({e}); send e.g. {{\"cmd\":\"show\",\"what\":\"sa\"}}"
+    for _ in 0..64 {
+        let resp = match conn::read_line(&mut r, &s, &mut line, lim.max_request, deadline) {
+            Ok(0) => break,
+            Ok(_) => {
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                match serde_json::from_slice::<Request>(&line) {
+                    Ok(req) => answer(gw, &req),
+                    Err(e) => err(format!(
+                        "not a request ({e}); send e.g. {{\"cmd\":\"show\",\"what\":\"sa\"}}"
+                    )),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => err(format!(
+                "{e}: one JSON request per line, at most {} bytes",
+                lim.max_request
             )),
+            Err(e) => return Err(e),
         };
         let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         out.push('\n');
+        conn::arm(&s, deadline)?;
         w.write_all(out.as_bytes())?;
+        if !resp.ok && resp.error.as_deref().is_some_and(|e| e.contains("at most")) {
+            break; // the rest of an oversized line is not read
+        }
     }
     Ok(())
 }

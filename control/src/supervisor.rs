@@ -129,13 +129,7 @@ impl Supervisor {
     }
 
     fn guard(&mut self, ts: &mut TunnelSas) -> Result<(), String> {
-        let g = &mut ts.outbound;
-        for s in std::iter::once(&mut g.fallback).chain(g.per_cpu.iter_mut()) {
-            s.seq_guard = Some(
-                self.seq
-                    .guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }),
-            );
-        }
+        self.seq.attach_tunnel(ts);
         self.seq
             .advance()
             .map(|_| ())
@@ -235,7 +229,7 @@ impl Supervisor {
             gens.push(g);
         }
         let seq = &mut self.seq;
-        db.attach_seq_guards(|s| seq.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 }));
+        seq.attach(&mut db);
         seq.advance()
             .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;
         let g = self
@@ -590,10 +584,7 @@ impl Supervisor {
         }
         let mut spec = SaSpec::new(spi, key, esn, window, lifetimes, ep, cpu);
         if !inbound {
-            spec.seq_guard = Some(
-                self.seq
-                    .guard(spi, if spec.esn { u64::MAX } else { u32::MAX as u64 }),
-            );
+            spec.seq_guard = Some(self.seq.guard(&spec));
             self.seq
                 .advance()
                 .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;

@@ -163,3 +163,75 @@ fn show_over_the_socket_matches_the_workers() {
     let gone = client::request(&path, &req("sa")).unwrap_err();
     assert!(gone.contains("cannot reach a gateway"), "{gone}");
 }
+
+/// Issue 24 ("also found"): a client that never sends a newline, or one that sends an endless
+/// line, neither blocks other clients nor grows the gateway's heap; on both listeners.
+#[test]
+fn slow_and_endless_clients_do_not_block_the_others() {
+    use std::io::{Read, Write};
+    let (w, e) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
+    let (ws, es) = lab::sides();
+    let p = Pair::new(
+        w,
+        e,
+        ws,
+        es,
+        PairSpec {
+            workers: 1,
+            size: 100,
+            limit: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let gw = Arc::new(Gateway {
+        name: "west".into(),
+        version: "test".into(),
+        started: Instant::now(),
+        cores: vec![None],
+        cells: p.west.cells.clone(),
+        shared: p.west.shared.clone(),
+        reload: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        commands: None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("west.sock");
+    let _srv = ControlServer::start(&path, gw.clone()).unwrap();
+    // Three clients that say nothing, and one that sends 1 MiB without a newline.
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
+        .collect();
+    let mut big = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let flood = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..16 {
+            if big.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let mut answer = String::new();
+        let _ = big.read_to_string(&mut answer);
+        answer
+    });
+    // Meanwhile an ordinary request is answered.
+    let r = client::request(&path, &req("stats")).unwrap();
+    assert!(r.ok, "{r:?}");
+    let answer = flood.join().unwrap();
+    assert!(answer.contains("at most 65536 bytes"), "{answer}");
+    drop(idle);
+
+    let m = espada_control::metrics::MetricsServer::start("127.0.0.1:0", gw.clone()).unwrap();
+    let mut slow = std::net::TcpStream::connect(m.addr()).unwrap();
+    slow.write_all(b"GET /metr").unwrap(); // and nothing more
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "-m", "5", &format!("http://{}/metrics", m.addr())])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "a slow client blocked curl: {out:?}");
+    // A request head without end is cut at the bound.
+    let mut endless = std::net::TcpStream::connect(m.addr()).unwrap();
+    let _ = endless.write_all(&vec![b'a'; 64 * 1024]);
+    let mut rest = Vec::new();
+    let _ = endless.read_to_end(&mut rest);
+    drop(slow);
+}

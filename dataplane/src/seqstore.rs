@@ -1,25 +1,38 @@
 //! The gateway's state directory: durable sequence-number reservations for static-key SAs
-//! (see [`espada_sadb::seqguard`]) and the locks that keep two gateways off the same state and
+//! (see [`espada_sadb::seqguard`]), and the locks that keep two gateways off the same state and
 //! the same interfaces.
 //!
-//! File `<dir>/<gateway>.seq`, one line per outbound SA: `<spi in hex> <highest reserved
-//! sequence number>`. It is rewritten whole (temporary file, `fsync`, `rename`, `fsync` of the
-//! directory) *before* a new limit is granted to the workers, so after any crash the next run
-//! starts above every number the previous one could have used. A run that cannot write it does
-//! not start; a run that stops being able to write it stops sending (`seq-unreserved` drops)
-//! instead of risking a nonce.
+//! File `<dir>/<gateway>.seq`: a header line `espada-seq 2`, then one line per outbound key:
+//! `<key fingerprint, 32 hex digits> <highest reserved sequence number> <spi in hex>`. A key is
+//! named by its fingerprint ([`espada_sadb::db::key_fingerprint`], an HMAC of the key), not by
+//! SPI, and every other gateway's file in the directory is read too: a renamed gateway or a
+//! moved SPI resumes above what the key already sent. The file is rewritten whole (temporary file, `fsync`, `rename`, `fsync` of
+//! the directory) *before* a new limit is granted to the workers, so after any crash the next
+//! run starts above every number the previous one could have used. A run that cannot write it
+//! does not start; a run that stops being able to write it stops sending (`seq-unreserved`
+//! drops) instead of risking a nonce.
 //!
-//! Locks are `flock(2)` on files, released by the kernel when the process dies (`kill -9`
-//! included): `<dir>/<gateway>.lock` for the state, and `/run/espada/<netns>-<iface>.lock` per
-//! interface, `<netns>` being the network namespace's inode so that the same interface name in
-//! two namespaces (the lab) is two interfaces.
+//! A missing file means "never ran here": with static keys the gateway refuses that unless
+//! told the keys are new (`espada run --new-keys`). A file without the header (a 0-byte file
+//! included: the writer always writes one) is damage and is refused. The file holds the keys in
+//! use and at most [`RETIRED_KEPT`] keys no longer in use; files are never opened through a
+//! symbolic link.
+//!
+//! A version-1 file (by SPI, written by espada before keys had fingerprints) is recognised by
+//! its header line and carried over by SPI.
+//!
+//! Locks: `<dir>/<gateway>.lock` (`flock(2)`, released by the kernel when the process dies) for the
+//! state; for each interface an abstract unix socket `@espada/<iface>`, which the kernel scopes
+//! to the network namespace: a second espada on the same interface of the same namespace is
+//! refused whatever directories, container or gateway name it was given.
 #![allow(unsafe_code)]
 
+use espada_sadb::db::{SaDb, SaSpec, TunnelSas};
 use espada_sadb::SeqGuard;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +41,36 @@ use std::sync::Arc;
 /// SA; the writer runs every few tens of milliseconds and extends a reservation when less than
 /// half is left, so one block covers ~0.4 s of 10 Mpps on one SA.
 pub const DEFAULT_BLOCK: u64 = 1 << 22;
+
+/// Keys no longer used by any SA that the state file still remembers (the newest ones).
+pub const RETIRED_KEPT: usize = 4096;
+
+/// The state file's first line.
+pub const HEADER: &str = "espada-seq 2";
+
+/// The first line of a version-1 file.
+pub const HEADER_V1: &str =
+    "# espada: highest sequence number reserved per outbound SPI (never edit down)";
+
+fn ctx(path: &Path) -> impl Fn(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Opens `path` without following a symbolic link in its last component.
+fn open_nofollow(o: &mut OpenOptions, path: &Path) -> io::Result<File> {
+    o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: is a symbolic link; espada does not follow links for its state and locks", path.display()),
+                )
+            } else {
+                ctx(path)(e)
+            }
+        })
+}
 
 /// An exclusive advisory lock held for the life of the value.
 #[derive(Debug)]
@@ -39,14 +82,15 @@ pub struct LockFile {
 impl LockFile {
     /// Takes the lock at `path` without waiting; `what` names the thing locked in the error.
     pub fn take(path: &Path, what: &str) -> io::Result<LockFile> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let mut file = open_nofollow(
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o600),
+            path,
+        )?;
         // SAFETY: flock on a descriptor we own.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
@@ -66,7 +110,7 @@ impl LockFile {
                     ),
                 ));
             }
-            return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+            return Err(ctx(path)(e));
         }
         file.set_len(0)?;
         let _ = writeln!(file, "pid {}", std::process::id());
@@ -82,48 +126,204 @@ impl LockFile {
     }
 }
 
-/// Locks interface `iface` of this process's network namespace under `run_dir` (normally
-/// `/run/espada`): a second gateway on the same interface is refused.
-pub fn lock_interface(run_dir: &Path, iface: &str) -> io::Result<LockFile> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(run_dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", run_dir.display())))?;
-    let ns = std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
-    let safe: String = iface
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    LockFile::take(
-        &run_dir.join(format!("{ns}-{safe}.lock")),
-        &format!("interface {iface}"),
-    )
+/// The lock on one interface of this network namespace: an abstract unix socket bound for
+/// the life of the value (the kernel releases it when the process dies, `kill -9` included).
+#[derive(Debug)]
+pub struct InterfaceLock {
+    _sock: std::os::unix::net::UnixListener,
+    name: String,
 }
 
-/// The durable reservations of one gateway.
-#[derive(Debug)]
+impl InterfaceLock {
+    /// The abstract socket name (without the leading NUL).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Locks interface `iface` of this process's network namespace: a second gateway on the same
+/// interface of the same namespace is refused, whatever its directories or gateway name.
+pub fn lock_interface(iface: &str) -> io::Result<InterfaceLock> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("espada/{iface}");
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(sock) => Ok(InterfaceLock { _sock: sock, name }),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "interface {iface} is held by another espada in this network namespace (abstract socket @{name}; `ss -xlp | grep espada/` shows which process)"
+            ),
+        )),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("interface lock @{name}: {e}"),
+        )),
+    }
+}
+
+struct Reservation {
+    guard: Arc<SeqGuard>,
+    max: u64,
+    spi: u32,
+}
+
+/// The durable reservations of one state directory.
 pub struct SeqStore {
     file: PathBuf,
     _lock: LockFile,
     block: u64,
-    /// Limits from the previous run, by SPI.
-    previous: BTreeMap<u32, u64>,
-    guards: BTreeMap<u32, (Arc<SeqGuard>, u64)>,
-    /// Limits as last written.
-    written: BTreeMap<u32, u64>,
+    /// The state file did not exist: this directory never held a gateway's state.
+    fresh: bool,
+    /// Limits from the previous run, by key fingerprint.
+    previous: BTreeMap<u128, u64>,
+    /// Limits of a version-1 file (`<gateway>.seq`, by SPI), as floors.
+    legacy: BTreeMap<u32, u64>,
+    guards: BTreeMap<u128, Reservation>,
+    /// Limits as last written, by key fingerprint (with the SPI, for people).
+    written: BTreeMap<u128, (u64, u32)>,
+    /// Keys no SA uses any more, oldest first (bounded by [`RETIRED_KEPT`]).
+    retired: VecDeque<u128>,
     write_errors: u64,
 }
 
+impl std::fmt::Debug for SeqStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqStore")
+            .field("file", &self.file)
+            .field("keys", &self.guards.len())
+            .finish()
+    }
+}
+
+fn damaged(file: &Path, line: usize, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "{}:{line}: {what}; the file cannot be trusted to bound the sequence numbers already sent (remove it only if every outbound key has changed since, then start with --new-keys)",
+            file.display()
+        ),
+    )
+}
+
+fn read_nofollow(path: &Path) -> io::Result<Option<String>> {
+    match open_nofollow(OpenOptions::new().read(true), path) {
+        Ok(mut f) => {
+            let mut s = String::new();
+            f.read_to_string(&mut s).map_err(ctx(path))?;
+            Ok(Some(s))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a state file holds: limits by key fingerprint (version 2) or by SPI (version 1).
+enum Parsed {
+    V2(BTreeMap<u128, (u64, u32)>),
+    V1(BTreeMap<u32, u64>),
+}
+
+fn parse(file: &Path, text: &str) -> io::Result<Parsed> {
+    if text.lines().next().is_some_and(|l| l.trim() == HEADER_V1) {
+        return parse_v1(file, text).map(Parsed::V1);
+    }
+    parse_v2(file, text).map(Parsed::V2)
+}
+
+fn parse_v2(file: &Path, text: &str) -> io::Result<BTreeMap<u128, (u64, u32)>> {
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, l)) if l.trim() == HEADER => {}
+        Some((_, l)) => {
+            return Err(damaged(
+                file,
+                1,
+                &format!("expected the header `{HEADER}`, got {:?}", l.trim()),
+            ))
+        }
+        None => {
+            return Err(damaged(
+                file,
+                1,
+                "empty (the writer always writes a header)",
+            ))
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (i, line) in lines {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let parsed = (|| {
+            let fp = it.next().filter(|f| f.len() == 32)?;
+            let fp = u128::from_str_radix(fp, 16).ok()?;
+            let lim = it.next()?.parse::<u64>().ok()?;
+            let spi = u32::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+            it.next().is_none().then_some((fp, lim, spi))
+        })();
+        match parsed {
+            Some((fp, lim, spi)) => {
+                out.insert(fp, (lim, spi));
+            }
+            None => {
+                return Err(damaged(
+                    file,
+                    i + 1,
+                    &format!("expected `<key fingerprint: 32 hex digits> <sequence number> <spi hex>`, got {line:?}"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A version-1 file (`<spi hex> <limit>` lines after [`HEADER_V1`]): per-SPI floors.
+fn parse_v1(file: &Path, text: &str) -> io::Result<BTreeMap<u32, u64>> {
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut it = line.split_whitespace();
+        let parsed = (|| {
+            let spi = u32::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+            let lim = it.next()?.parse::<u64>().ok()?;
+            Some((spi, lim))
+        })();
+        match parsed {
+            Some((spi, lim)) => {
+                out.insert(spi, lim);
+            }
+            None => {
+                return Err(damaged(
+                    file,
+                    i + 1,
+                    &format!("expected `<spi hex> <sequence number>`, got {line:?}"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The largest sequence number of an SA.
+pub fn seq_space(s: &SaSpec) -> u64 {
+    if s.esn {
+        u64::MAX
+    } else {
+        u32::MAX as u64
+    }
+}
+
 impl SeqStore {
-    /// Opens (creating) the state of gateway `name` in `dir`, locked against a second gateway.
-    pub fn open(dir: &Path, name: &str, block: u64) -> io::Result<SeqStore> {
+    /// Opens (creating) the state of gateway `gateway` in `dir`, locked against a second
+    /// gateway of that name. Every other gateway's state file in `dir` is read as well: the
+    /// limits it holds for a key are floors for this gateway too (a renamed gateway).
+    pub fn open(dir: &Path, gateway: &str, block: u64) -> io::Result<SeqStore> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -132,98 +332,153 @@ impl SeqStore {
                 io::Error::new(e.kind(), format!("state directory {}: {e}", dir.display()))
             })?;
         let lock = LockFile::take(
-            &dir.join(format!("{name}.lock")),
-            &format!("the state of gateway {name:?} in {}", dir.display()),
+            &dir.join(format!("{gateway}.lock")),
+            &format!("the state of gateway {gateway:?} in {}", dir.display()),
         )?;
-        let file = dir.join(format!("{name}.seq"));
-        let mut previous = BTreeMap::new();
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                for (i, line) in text.lines().enumerate() {
-                    let line = line.trim();
-                    if line.is_empty() || line.starts_with('#') {
-                        continue;
-                    }
-                    let mut it = line.split_whitespace();
-                    let parsed = (|| {
-                        let spi =
-                            u32::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-                        let lim = it.next()?.parse::<u64>().ok()?;
-                        Some((spi, lim))
-                    })();
-                    match parsed {
-                        Some((spi, lim)) => {
-                            previous.insert(spi, lim);
-                        }
-                        // A damaged state file cannot be trusted to bound what was sent.
-                        None => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                format!(
-                                    "{}:{}: expected `<spi hex> <sequence number>`, got {line:?} (remove the file only if every key of this gateway has changed since)",
-                                    file.display(),
-                                    i + 1
-                                ),
-                            ))
-                        }
+        let file = dir.join(format!("{gateway}.seq"));
+        let (fresh, written, legacy) = match read_nofollow(&file)? {
+            None => (true, BTreeMap::new(), BTreeMap::new()),
+            Some(text) => match parse(&file, &text)? {
+                Parsed::V2(w) => (false, w, BTreeMap::new()),
+                Parsed::V1(l) => (false, BTreeMap::new(), l),
+            },
+        };
+        let mut previous: BTreeMap<u128, u64> =
+            written.iter().map(|(k, (l, _))| (*k, *l)).collect();
+        for other in std::fs::read_dir(dir).map_err(ctx(dir))?.flatten() {
+            let path = other.path();
+            if path == file || path.extension().is_none_or(|e| e != "seq") {
+                continue;
+            }
+            // Another gateway's keys; a damaged or version-1 file of another gateway is that
+            // gateway's to refuse.
+            if let Ok(Some(text)) = read_nofollow(&path) {
+                if let Ok(Parsed::V2(w)) = parse(&path, &text) {
+                    for (k, (l, _)) in w {
+                        let e = previous.entry(k).or_insert(0);
+                        *e = (*e).max(l);
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", file.display()))),
         }
+        // Every key of the previous run counts as retired until an SA claims it again.
+        let retired = written.keys().copied().collect();
         Ok(SeqStore {
             file,
             _lock: lock,
             block: block.max(64),
-            written: previous.clone(),
+            fresh,
             previous,
+            legacy,
             guards: BTreeMap::new(),
+            written,
+            retired,
             write_errors: 0,
         })
     }
 
-    /// The guard for outbound SA `spi` whose sequence space ends at `max` (one per SPI: SAs
-    /// sharing an SPI share it). It resumes after the previous run's limit.
-    pub fn guard(&mut self, spi: u32, max: u64) -> Arc<SeqGuard> {
-        let prev = self.previous.get(&spi).copied().unwrap_or(0);
+    /// Whether this gateway had no state file in the directory before this run.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// The guard of outbound SA `s` (one per key: SAs sharing a key share it). It resumes
+    /// after the previous run's limit for that key.
+    pub fn guard(&mut self, s: &SaSpec) -> Arc<SeqGuard> {
+        let fp = s.key_fingerprint();
+        let prev = self
+            .previous
+            .get(&fp)
+            .copied()
+            .unwrap_or(0)
+            .max(self.legacy.get(&s.spi).copied().unwrap_or(0));
+        let max = seq_space(s);
         self.guards
-            .entry(spi)
-            .or_insert_with(|| (Arc::new(SeqGuard::new(spi, prev)), max))
-            .0
+            .entry(fp)
+            .or_insert_with(|| Reservation {
+                guard: Arc::new(SeqGuard::new(s.spi, prev)),
+                max,
+                spi: s.spi,
+            })
+            .guard
             .clone()
     }
 
-    /// Where SA `spi` resumes (the previous run's limit), for reports.
-    pub fn resumes_after(&self, spi: u32) -> u64 {
-        self.previous.get(&spi).copied().unwrap_or(0)
+    /// Binds every outbound SA of `db` to its key's guard.
+    pub fn attach(&mut self, db: &mut SaDb) {
+        db.attach_seq_guards(|s| self.guard(s));
+    }
+
+    /// Binds every outbound SA of one tunnel to its key's guard.
+    pub fn attach_tunnel(&mut self, t: &mut TunnelSas) {
+        for s in t.outbound.all_mut() {
+            s.seq_guard = Some(self.guard(s));
+        }
+    }
+
+    /// Where the key of `s` resumes (the previous run's limit), for reports.
+    pub fn resumes_after(&self, s: &SaSpec) -> u64 {
+        self.previous
+            .get(&s.key_fingerprint())
+            .copied()
+            .unwrap_or(0)
+            .max(self.legacy.get(&s.spi).copied().unwrap_or(0))
+    }
+
+    /// Keys the state file holds.
+    pub fn keys(&self) -> usize {
+        self.written.len()
     }
 
     /// Extends every reservation that is within half a block of its end: writes the new limits
     /// durably, then grants them. Returns how many SAs were extended. On a write error nothing
     /// is granted (the workers stop at the old limits) and the error is returned.
+    ///
+    /// Keys no SA holds any more leave the set of reservations; the file keeps the newest
+    /// [`RETIRED_KEPT`] of them.
     pub fn advance(&mut self) -> io::Result<usize> {
-        let mut want = Vec::new();
-        for (spi, (g, max)) in &self.guards {
-            if let Some(l) = g.wants(self.block, *max) {
-                want.push((*spi, l));
+        // Guards only this store holds belong to keys no SA uses now.
+        let gone: Vec<u128> = self
+            .guards
+            .iter()
+            .filter(|(_, r)| Arc::strong_count(&r.guard) == 1)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut prune = !gone.is_empty();
+        for k in gone {
+            if let Some(r) = self.guards.remove(&k) {
+                self.previous.insert(k, r.guard.limit());
+                self.retired.push_back(k);
             }
         }
-        if want.is_empty() {
+        self.retired.retain(|k| !self.guards.contains_key(k));
+        while self.retired.len() > RETIRED_KEPT {
+            if let Some(k) = self.retired.pop_front() {
+                self.written.remove(&k);
+                prune = true;
+            }
+        }
+        let mut want = Vec::new();
+        for (fp, r) in &self.guards {
+            if let Some(l) = r.guard.wants(self.block, r.max) {
+                want.push((*fp, l, r.spi));
+            }
+        }
+        if want.is_empty() && !prune {
             return Ok(0);
         }
         let mut next = self.written.clone();
-        for (spi, l) in &want {
-            let e = next.entry(*spi).or_insert(0);
-            *e = (*e).max(*l);
+        for (fp, l, spi) in &want {
+            let e = next.entry(*fp).or_insert((0, *spi));
+            *e = (e.0.max(*l), *spi);
         }
         if let Err(e) = self.write(&next) {
             self.write_errors += 1;
             return Err(e);
         }
         self.written = next;
-        for (spi, l) in &want {
-            self.guards[spi].0.grant(*l);
+        for (fp, l, _) in &want {
+            self.guards[fp].guard.grant(*l);
         }
         Ok(want.len())
     }
@@ -238,29 +493,32 @@ impl SeqStore {
         &self.file
     }
 
-    fn write(&self, limits: &BTreeMap<u32, u64>) -> io::Result<()> {
+    fn write(&self, limits: &BTreeMap<u128, (u64, u32)>) -> io::Result<()> {
         let dir = self.file.parent().unwrap_or(Path::new("."));
         let tmp = self.file.with_extension("seq.tmp");
-        let mut text = String::from(
-            "# espada: highest sequence number reserved per outbound SPI (never edit down)\n",
+        let mut text = format!(
+            "{HEADER}\n# espada: highest sequence number reserved per outbound key (HMAC fingerprint), never edit down\n"
         );
-        for (spi, l) in limits {
-            text.push_str(&format!("{spi:#010x} {l}\n"));
+        for (fp, (l, spi)) in limits {
+            text.push_str(&format!("{fp:032x} {l} {spi:#010x}\n"));
         }
-        let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", tmp.display()));
+        let c = ctx(&tmp);
+        // A leftover (or planted) temporary file or link goes first; the new one is created
+        // afresh, never through a link.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(c(e)),
+        }
         {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(ctx)?;
-            f.write_all(text.as_bytes()).map_err(ctx)?;
-            f.sync_all().map_err(ctx)?;
+            let mut f = open_nofollow(
+                OpenOptions::new().create_new(true).write(true).mode(0o600),
+                &tmp,
+            )?;
+            f.write_all(text.as_bytes()).map_err(&c)?;
+            f.sync_all().map_err(&c)?;
         }
-        std::fs::rename(&tmp, &self.file)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.file.display())))?;
+        std::fs::rename(&tmp, &self.file).map_err(ctx(&self.file))?;
         File::open(dir).and_then(|d| d.sync_all())?;
         Ok(())
     }
@@ -269,12 +527,29 @@ impl SeqStore {
 #[cfg(test)]
 mod test {
     use super::*;
+    use espada_crypto::{Algorithm, KeyMaterial};
+    use espada_sadb::lifetime::Lifetimes;
+    use espada_sadb::sa::TunnelEndpoints;
+
+    fn sa(spi: u32, key: u8) -> SaSpec {
+        SaSpec::new(
+            spi,
+            KeyMaterial::new(Algorithm::AesGcm128, &[key; 20]).unwrap(),
+            false,
+            64,
+            Lifetimes::default(),
+            TunnelEndpoints::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()),
+            None,
+        )
+    }
 
     #[test]
     fn reservations_survive_a_restart_and_only_grow() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
-        let g = s.guard(0x1001, u32::MAX as u64);
+        assert!(s.is_fresh());
+        let spec = sa(0x1001, 1);
+        let g = s.guard(&spec);
         assert_eq!(g.limit(), 0);
         assert_eq!(s.advance().unwrap(), 1);
         assert_eq!(g.limit(), 1000);
@@ -289,26 +564,150 @@ mod test {
         drop(s);
         // The next run resumes above everything the first could have used.
         let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
-        assert_eq!(s.resumes_after(0x1001), 1700);
-        let g = s.guard(0x1001, u32::MAX as u64);
+        assert!(!s.is_fresh());
+        assert_eq!(s.resumes_after(&spec), 1700);
+        let g = s.guard(&spec);
         assert_eq!((g.used(), g.limit()), (1700, 1700));
         s.advance().unwrap();
         assert_eq!(g.limit(), 2700);
     }
 
     #[test]
+    fn reservations_follow_the_key_not_the_gateway_name_or_spi() {
+        // Issue 24 item 4: a renamed gateway, or the same key under another SPI, resumes above
+        // what the key already sent.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        let g = s.guard(&sa(0x1001, 7));
+        s.advance().unwrap();
+        g.note_used(900);
+        s.advance().unwrap();
+        drop((g, s));
+        let s = SeqStore::open(dir.path(), "renamed", 1000).unwrap();
+        assert!(s.is_fresh(), "its own file is new");
+        assert_eq!(
+            s.resumes_after(&sa(0x2002, 7)),
+            1900,
+            "the key's floor from west.seq"
+        );
+        assert_eq!(
+            s.resumes_after(&sa(0x1001, 8)),
+            0,
+            "another key is another counter"
+        );
+        let text = std::fs::read_to_string(dir.path().join("west.seq")).unwrap();
+        assert!(text.starts_with("espada-seq 2\n"), "{text}");
+        // Two gateways share a directory (each its own file and lock).
+        let _east = SeqStore::open(dir.path(), "east", 1000).unwrap();
+        assert!(
+            !text.contains(&hex(&[7; 16])),
+            "no key bytes in the file: {text}"
+        );
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn a_version_1_file_is_carried_over_by_spi() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("west.seq"),
+            format!("{HEADER_V1}\n0x00001001 5000\n"),
+        )
+        .unwrap();
+        let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        assert!(!s.is_fresh());
+        let spec = sa(0x1001, 3);
+        assert_eq!(s.resumes_after(&spec), 5000);
+        assert_eq!(s.guard(&spec).used(), 5000);
+    }
+
+    #[test]
     fn a_damaged_state_file_is_refused_with_its_line() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("east.seq"), "0x1001 5\nnonsense\n").unwrap();
-        let e = SeqStore::open(dir.path(), "east", 1000).unwrap_err();
-        assert!(e.to_string().contains("east.seq:2:"), "{e}");
+        std::fs::write(
+            dir.path().join("west.seq"),
+            format!("{HEADER}\n{:032x} 5 0x1001\nnonsense\n", 1u128),
+        )
+        .unwrap();
+        let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
+        assert!(e.to_string().contains("west.seq:3:"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_or_headless_state_file_is_damage_not_a_first_run() {
+        // Issue 24 item 4: a 0-byte file can only be damage (the writer always writes the
+        // header); it used to resume every SPI at 0.
+        for text in ["", "0x00001001 5\n", "\n\n"] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("west.seq"), text).unwrap();
+            let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{text:?}");
+            assert!(e.to_string().contains("west.seq:1:"), "{e}");
+        }
+        // Another gateway's state in the same directory is no excuse either.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("east.seq"), format!("{HEADER}\n")).unwrap();
+        std::fs::write(dir.path().join("west.seq"), "").unwrap();
+        assert!(SeqStore::open(dir.path(), "west", 1000).is_err());
+    }
+
+    #[test]
+    fn state_files_and_locks_are_never_opened_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("west.seq")).unwrap();
+        let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        std::fs::remove_file(dir.path().join("west.seq")).unwrap();
+        std::fs::remove_file(dir.path().join("west.lock")).unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("west.lock")).unwrap();
+        let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        std::fs::remove_file(dir.path().join("west.lock")).unwrap();
+        // A planted temporary file link is replaced, not written through.
+        std::os::unix::fs::symlink(&target, dir.path().join("west.seq.tmp")).unwrap();
+        let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        let _g = s.guard(&sa(1, 1));
+        s.advance().unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    }
+
+    #[test]
+    fn keys_no_longer_used_leave_the_file_beyond_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        for i in 0..(RETIRED_KEPT + 50) {
+            let mut k = [0u8; 20];
+            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let spec = SaSpec::new(
+                0x1000 + i as u32,
+                KeyMaterial::new(Algorithm::AesGcm128, &k).unwrap(),
+                false,
+                64,
+                Lifetimes::default(),
+                TunnelEndpoints::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()),
+                None,
+            );
+            let g = s.guard(&spec);
+            s.advance().unwrap();
+            drop(g); // the SA goes (a rekey, `sa del`)
+        }
+        let keep = sa(0x9999, 0x99);
+        let _g = s.guard(&keep);
+        s.advance().unwrap();
+        assert!(s.keys() <= RETIRED_KEPT + 1, "{}", s.keys());
+        assert!(s.keys() >= RETIRED_KEPT, "{}", s.keys());
     }
 
     #[test]
     fn an_unwritable_state_is_an_error_not_a_grant() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
-        let g = s.guard(7, u32::MAX as u64);
+        let g = s.guard(&sa(7, 7));
         // A directory where the file must go makes the rename fail.
         std::fs::create_dir(dir.path().join("west.seq")).unwrap();
         std::fs::write(dir.path().join("west.seq").join("x"), "").unwrap();
@@ -318,17 +717,19 @@ mod test {
     }
 
     #[test]
-    fn interfaces_are_locked_per_namespace() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = lock_interface(dir.path(), "black0").unwrap();
-        let e = lock_interface(dir.path(), "black0").unwrap_err();
+    fn interfaces_are_locked_per_namespace_whatever_the_directories() {
+        // Issue 24 item 3: the lock is an abstract socket of the network namespace; no
+        // directory decides it.
+        let name = format!("black-test-{}", std::process::id());
+        let a = lock_interface(&name).unwrap();
+        let e = lock_interface(&name).unwrap_err();
         assert!(
             e.to_string()
-                .contains("interface black0 is held by another espada"),
+                .contains(&format!("interface {name} is held by another espada")),
             "{e}"
         );
-        assert!(lock_interface(dir.path(), "red0").is_ok());
+        assert!(lock_interface(&format!("red-test-{}", std::process::id())).is_ok());
         drop(a);
-        assert!(lock_interface(dir.path(), "black0").is_ok());
+        assert!(lock_interface(&name).is_ok());
     }
 }

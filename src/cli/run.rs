@@ -60,16 +60,22 @@ pub struct RunArgs {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
-    /// State directory: durable sequence-number reservations per outbound SA
-    /// (`<gateway>.seq`), so that a restart with the same static keys never repeats an AES-GCM
-    /// nonce, and the lock that keeps a second gateway of the same name off it. The gateway
-    /// refuses to start when it cannot write here.
+    /// State directory: durable sequence-number reservations per outbound key
+    /// (`espada.seq`, keys named by an HMAC fingerprint), so that a restart with the same
+    /// static keys never repeats an AES-GCM nonce, and the lock that keeps a second gateway off
+    /// it. The gateway refuses to start when it cannot write here, when the file is damaged,
+    /// and, with static keys, when the directory holds no state (see --new-keys). Keep it on
+    /// storage that outlives the gateway (the Dockerfile's /var/lib/espada volume).
     #[arg(long, default_value = "/var/lib/espada", value_name = "DIR")]
     state_dir: PathBuf,
-    /// Directory of the per-interface locks (a second gateway on an interface this one holds
-    /// is refused).
-    #[arg(long, default_value = "/run/espada", value_name = "DIR")]
-    lock_dir: PathBuf,
+    /// The outbound keys of the configuration have never sent a packet: start with an empty
+    /// state directory. Without it a gateway with static keys (key files, hex keys,
+    /// lab_secret) refuses an empty state directory, because it cannot know which sequence
+    /// numbers, hence AES-GCM nonces, its keys already used (a lost volume, a new
+    /// --state-dir, a second copy of the gateway). Give it on the very first start only, or
+    /// after every outbound key has been replaced.
+    #[arg(long)]
+    new_keys: bool,
     /// More detail in the log (-v debug, -vv trace); RUST_LOG, when set, decides instead.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -155,10 +161,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             tracing::warn!("{w}");
         }
     }
-    // Two gateways on one interface would both answer ARP and both forward.
+    // Two gateways on one interface would both answer ARP and both forward, and count under
+    // the same keys: the lock is the network namespace's (an abstract socket), not a file in
+    // a directory a second instance could be pointed elsewhere.
     let mut _iface_locks = Vec::new();
     for i in [&red_if, &black_if] {
-        match espada_dataplane::seqstore::lock_interface(&a.lock_dir, i) {
+        match espada_dataplane::seqstore::lock_interface(i) {
             Ok(l) => _iface_locks.push(l),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -186,17 +194,31 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         };
-    db.attach_seq_guards(|s| {
-        seq_store.guard(s.spi, if s.esn { u64::MAX } else { u32::MAX as u64 })
-    });
+    if seq_store.is_fresh() && !a.new_keys {
+        let static_keys: Vec<&str> = c
+            .tunnels
+            .iter()
+            .filter(|t| !t.ike)
+            .map(|t| t.name.as_str())
+            .collect();
+        if !static_keys.is_empty() {
+            eprintln!(
+                "error: {} holds no sequence state, and tunnel(s) {} send with static keys: if these keys ever sent a packet (an earlier run, a lost or new --state-dir, another copy of this gateway), starting at sequence number 1 would repeat AES-GCM nonces. Restore the state directory, or start with --new-keys if every outbound key is new",
+                a.state_dir.display(),
+                static_keys.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+            );
+            return Ok(ExitCode::from(1));
+        }
+    }
+    seq_store.attach(&mut db);
     if let Err(e) = seq_store.advance() {
         eprintln!("error: cannot reserve sequence numbers durably: {e}; refusing to send with keys whose nonces could repeat after a restart");
         return Ok(ExitCode::from(1));
     }
     let resumed: Vec<String> = db
         .outbound_specs()
-        .filter(|s| seq_store.resumes_after(s.spi) > 0)
-        .map(|s| format!("{:#010x} after {}", s.spi, seq_store.resumes_after(s.spi)))
+        .filter(|s| seq_store.resumes_after(s) > 0)
+        .map(|s| format!("{:#010x} after {}", s.spi, seq_store.resumes_after(s)))
         .collect();
     if !resumed.is_empty() {
         tracing::info!(
@@ -205,6 +227,34 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             resumed.join(", ")
         );
     }
+    // The control socket and the metrics listener are bound before any port opens: a second
+    // instance meant for the same socket or address stops here, before it touches a NIC.
+    let control_path = a
+        .control
+        .clone()
+        .or_else(|| c.control_socket.clone())
+        .unwrap_or_else(|| espada_control::default_socket(&c.name));
+    let control_bound = if control_path.as_os_str() == "none" {
+        None
+    } else {
+        match espada_control::server::ControlServer::bind(&control_path) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("error: control socket: {e} (--control PATH, or --control none)");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    };
+    let metrics_bound = match &a.metrics {
+        None => None,
+        Some(addr) => match espada_control::metrics::MetricsServer::bind(addr) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        },
+    };
     let stop = Arc::new(AtomicBool::new(false));
     // SIGHUP (or `espada reload`) re-reads the configuration; see the run loop.
     let reload = Arc::new(AtomicBool::new(false));
@@ -363,11 +413,6 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         seq_store,
         now0,
     );
-    let control_path = a
-        .control
-        .clone()
-        .or_else(|| c.control_socket.clone())
-        .unwrap_or_else(|| espada_control::default_socket(&c.name));
     let gw = Arc::new(espada_control::server::Gateway {
         name: c.name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -380,45 +425,38 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         reload: reload.clone(),
         commands: Some(cmd_tx),
     });
-    let _metrics = match &a.metrics {
-        None => None,
-        Some(addr) => match espada_control::metrics::MetricsServer::start(addr, gw.clone()) {
-            Ok(m) => {
-                tracing::info!("metrics on http://{}/metrics", m.addr());
-                Some(m)
+    let _metrics = match metrics_bound.map(|m| m.serve(gw.clone())).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            for h in handles {
+                let _ = h.join();
             }
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                for h in handles {
-                    let _ = h.join();
-                }
-                eprintln!("error: {e}");
-                return Ok(ExitCode::from(1));
-            }
-        },
-    };
-    let _control = if control_path.as_os_str() == "none" {
-        None
-    } else {
-        match espada_control::server::ControlServer::start(&control_path, gw.clone()) {
-            Ok(s) => {
-                tracing::info!(
-                    "control socket {} (espada show sa --socket {})",
-                    s.path().display(),
-                    s.path().display()
-                );
-                Some(s)
-            }
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                for h in handles {
-                    let _ = h.join();
-                }
-                eprintln!("error: control socket: {e} (--control PATH, or --control none)");
-                return Ok(ExitCode::from(1));
-            }
+            eprintln!("error: metrics: {e}");
+            return Ok(ExitCode::from(1));
         }
     };
+    if let Some(m) = &_metrics {
+        tracing::info!("metrics on http://{}/metrics", m.addr());
+    }
+    let _control = match control_bound.map(|c| c.serve(gw.clone())).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            for h in handles {
+                let _ = h.join();
+            }
+            eprintln!("error: control socket: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    if let Some(s) = &_control {
+        tracing::info!(
+            "control socket {} (espada show sa --socket {})",
+            s.path().display(),
+            s.path().display()
+        );
+    }
     let mut json = match &a.stats_json {
         Some(p) => Some(
             std::fs::OpenOptions::new()

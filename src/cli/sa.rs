@@ -114,6 +114,8 @@ fn read_key(p: &PathBuf) -> Result<String, String> {
             .read_to_string(&mut s)
             .map_err(|e| format!("stdin: {e}"))?;
     } else {
+        // The configuration's rule: a key file only its owner can read.
+        espada_config::check_key_file_mode(p)?;
         s = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     let hex: String = s
