@@ -114,6 +114,11 @@ impl Supervisor {
         }
     }
 
+    /// The SA database this supervisor publishes to.
+    pub fn sadb(&self) -> std::sync::Arc<espada_sadb::db::SaDbHandle> {
+        self.shared.sadb.clone()
+    }
+
     /// The sequence-number reservations (for the gateway's reports).
     pub fn seq_store(&self) -> &SeqStore {
         &self.seq
