@@ -423,7 +423,7 @@ fn show_neighbors(gw: &Gateway) -> Value {
         "entries": entries,
         "learned": c(|x| &x.learned), "expired": c(|x| &x.expired),
         "refused_unsolicited": c(|x| &x.unsolicited), "refused_configured": c(|x| &x.static_kept),
-        "refused_too_soon": c(|x| &x.too_soon), "refused_full": c(|x| &x.full),
+        "refused_too_soon": c(|x| &x.too_soon), "refused_full": c(|x| &x.full), "provisional": c(|x| &x.provisional), "provisional_limited": c(|x| &x.limited), "provisional_evicted": c(|x| &x.evicted), "refreshed": c(|x| &x.refreshed),
     })
 }
 

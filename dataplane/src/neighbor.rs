@@ -6,7 +6,17 @@
 //! unsolicited ARP change nothing; configured (`[[neighbor]]`) entries are never overridden; an
 //! entry's MAC changes at most once per [`CHANGE_HOLD`]; the table holds at most [`MAX_ENTRIES`]
 //! learned entries; entries not confirmed for [`MAX_AGE`] are forgotten (the next packet to them
-//! asks again). Every refusal is counted.
+//! asks again), and entries still there [`REFRESH_BEFORE`] ahead of that are asked for again
+//! ([`NeighborTable::take_refresh`]), so a neighbor in use never ages out. Every refusal is
+//! counted.
+//!
+//! A request (ARP request, neighbor solicitation) from an on-link address only makes a
+//! *provisional* entry, kept apart from the learned ones (at most [`MAX_PROVISIONAL`], the
+//! oldest going first, at most [`PROVISIONAL_PER_SEC`] new ones a second, each for
+//! [`PROVISIONAL_AGE`]): it lets the gateway answer the asker's traffic at once (as RFC 826
+//! has it), and the gateway asks that address itself. A solicited answer always replaces a
+//! provisional entry, so requests from invented sources can neither fill the table nor keep
+//! the real neighbor's answer out.
 
 use arc_swap::ArcSwap;
 use espada_wire::arp;
@@ -27,6 +37,14 @@ pub const CHANGE_HOLD: Duration = Duration::from_secs(1);
 pub const MAX_ENTRIES: usize = 4096;
 /// Learned entries not confirmed for this long are forgotten.
 pub const MAX_AGE: Duration = Duration::from_secs(600);
+/// Learned entries are asked for again this long before they would age out.
+pub const REFRESH_BEFORE: Duration = Duration::from_secs(60);
+/// Most provisional entries (made by requests).
+pub const MAX_PROVISIONAL: usize = 256;
+/// New provisional entries a second, at most.
+pub const PROVISIONAL_PER_SEC: u32 = 64;
+/// A provisional entry lives this long unless a solicited answer makes it a learned one.
+pub const PROVISIONAL_AGE: Duration = Duration::from_secs(30);
 
 /// What became of an ARP reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +63,10 @@ pub enum Learn {
     Full,
     /// Broadcast, multicast or zero MAC: ignored.
     BadMac,
+    /// A request made a provisional entry: ask the address to confirm it.
+    Provisional,
+    /// More new provisional entries this second than [`PROVISIONAL_PER_SEC`]: ignored.
+    Limited,
 }
 
 /// Counters of the table (control path).
@@ -62,6 +84,14 @@ pub struct NeighborCounters {
     pub full: AtomicU64,
     /// Entries forgotten by age.
     pub expired: AtomicU64,
+    /// Provisional entries made by requests.
+    pub provisional: AtomicU64,
+    /// Requests that made no provisional entry (rate limit).
+    pub limited: AtomicU64,
+    /// Provisional entries pushed out by newer ones.
+    pub evicted: AtomicU64,
+    /// Learned entries asked for again before they aged out.
+    pub refreshed: AtomicU64,
 }
 
 /// An address family the neighbor table holds: IPv4 (learned through ARP) or IPv6 (through
@@ -92,6 +122,12 @@ struct Bookkeeping<A> {
     asked: HashMap<A, Instant>,
     /// Learned entries: address → (last confirmed, last changed).
     learned: HashMap<A, (Instant, Instant)>,
+    /// Provisional entries: address → (MAC, made).
+    provisional: HashMap<A, (MacAddr, Instant)>,
+    /// The second the provisional rate limit counts in, and how many were made in it.
+    prov_second: Option<(Instant, u32)>,
+    /// Learned entries due to be asked for again (taken by a worker).
+    refresh: Vec<A>,
 }
 
 impl<A> Default for Bookkeeping<A> {
@@ -99,6 +135,9 @@ impl<A> Default for Bookkeeping<A> {
         Bookkeeping {
             asked: HashMap::new(),
             learned: HashMap::new(),
+            provisional: HashMap::new(),
+            prov_second: None,
+            refresh: Vec::new(),
         }
     }
 }
@@ -108,6 +147,8 @@ impl<A> Default for Bookkeeping<A> {
 #[derive(Debug)]
 pub struct NeighborTable<A = Ipv4Addr> {
     map: ArcSwap<HashMap<A, MacAddr>>,
+    /// Provisional entries (small, apart: making one never copies the learned table).
+    prov: ArcSwap<HashMap<A, MacAddr>>,
     statics: HashMap<A, MacAddr>,
     book: Mutex<Bookkeeping<A>>,
     generation: AtomicU64,
@@ -119,6 +160,7 @@ impl<A: NeighborAddr> Default for NeighborTable<A> {
     fn default() -> Self {
         NeighborTable {
             map: ArcSwap::from_pointee(HashMap::new()),
+            prov: ArcSwap::from_pointee(HashMap::new()),
             statics: HashMap::new(),
             book: Mutex::new(Bookkeeping::default()),
             generation: AtomicU64::new(0),
@@ -139,10 +181,20 @@ impl<A: NeighborAddr> NeighborTable<A> {
         Arc::new(t)
     }
 
-    /// Looks up a MAC.
+    /// Looks up a MAC: a learned or configured entry, else a provisional one.
     #[inline]
     pub fn get(&self, ip: A) -> Option<MacAddr> {
-        self.map.load().get(&ip).copied()
+        match self.map.load().get(&ip) {
+            Some(m) => Some(*m),
+            None => self.prov.load().get(&ip).copied(),
+        }
+    }
+
+    fn publish_prov(&self, b: &Bookkeeping<A>) {
+        self.prov.store(Arc::new(
+            b.provisional.iter().map(|(a, (m, _))| (*a, *m)).collect(),
+        ));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping<A>> {
@@ -181,7 +233,12 @@ impl<A: NeighborAddr> NeighborTable<A> {
             c.unsolicited.fetch_add(1, Ordering::Relaxed);
             return Learn::Unsolicited;
         }
-        let current = self.get(ip);
+        // A solicited answer always replaces a provisional entry (a request may have come
+        // from anyone).
+        if b.provisional.remove(&ip).is_some() {
+            self.publish_prov(&b);
+        }
+        let current = self.map.load().get(&ip).copied();
         if current == Some(mac) {
             if let Some(e) = b.learned.get_mut(&ip) {
                 e.0 = now;
@@ -215,9 +272,12 @@ impl<A: NeighborAddr> NeighborTable<A> {
         Learn::Learned
     }
 
-    /// An ARP request for one of our addresses from `ip` at `mac`: as RFC 826 has it, the
-    /// asker is created when it has no entry yet (so the reply to its traffic needs no lookup
-    /// of our own), but a request never *changes* an entry, and never a configured one.
+    /// An ARP request (or neighbor solicitation) for one of our addresses from the on-link
+    /// address `ip` at `mac`. As RFC 826 has it, the asker gets an entry when it has none, so
+    /// that the answer to its traffic needs no lookup of our own, but only a provisional one
+    /// (see the module): it never changes an entry, never a configured one, never fills the
+    /// learned table, and a solicited answer replaces it. On [`Learn::Provisional`] the caller
+    /// asks `ip` itself.
     pub fn learn_request(&self, ip: A, mac: MacAddr, now: Instant) -> Learn {
         if mac.is_multicast() || mac == MacAddr::ZERO {
             return Learn::BadMac;
@@ -230,19 +290,51 @@ impl<A: NeighborAddr> NeighborTable<A> {
                 Learn::Static
             };
         }
-        let mut b = self.book();
-        match self.get(ip) {
-            Some(m) if m == mac => Learn::Confirmed,
-            Some(_) => {
+        if let Some(m) = self.get(ip) {
+            return if m == mac {
+                Learn::Confirmed
+            } else {
                 self.counters.unsolicited.fetch_add(1, Ordering::Relaxed);
                 Learn::Unsolicited
-            }
-            None if b.learned.len() >= MAX_ENTRIES => {
-                self.counters.full.fetch_add(1, Ordering::Relaxed);
-                Learn::Full
-            }
-            None => self.insert_learned(&mut b, ip, mac, now),
+            };
         }
+        let mut b = self.book();
+        let (start, n) = match b.prov_second {
+            Some((t, n)) if now.duration_since(t) < Duration::from_secs(1) => (t, n),
+            _ => (now, 0),
+        };
+        if n >= PROVISIONAL_PER_SEC {
+            self.counters.limited.fetch_add(1, Ordering::Relaxed);
+            return Learn::Limited;
+        }
+        b.prov_second = Some((start, n + 1));
+        if b.provisional.len() >= MAX_PROVISIONAL {
+            let oldest = b
+                .provisional
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(a, _)| *a);
+            if let Some(a) = oldest {
+                b.provisional.remove(&a);
+                self.counters.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        b.provisional.insert(ip, (mac, now));
+        self.publish_prov(&b);
+        self.counters.provisional.fetch_add(1, Ordering::Relaxed);
+        Learn::Provisional
+    }
+
+    /// Learned entries due to be asked for again (at most `max`; each once per round): a worker
+    /// sends them requests, and the solicited answers restart their age.
+    pub fn take_refresh(&self, max: usize) -> Vec<A> {
+        let mut b = self.book();
+        let n = b.refresh.len().min(max);
+        let out: Vec<A> = b.refresh.drain(..n).collect();
+        self.counters
+            .refreshed
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        out
     }
 
     /// Forgets learned entries not confirmed for [`MAX_AGE`] (call from the control loop).
@@ -251,6 +343,28 @@ impl<A: NeighborAddr> NeighborTable<A> {
         let mut b = self.book();
         b.asked
             .retain(|_, t| now.duration_since(*t) < SOLICIT_WINDOW);
+        let before = b.provisional.len();
+        b.provisional
+            .retain(|_, (_, t)| now.duration_since(*t) < PROVISIONAL_AGE);
+        if b.provisional.len() != before {
+            self.publish_prov(&b);
+        }
+        // Entries close to their age are asked for again (once per round: the request is
+        // outstanding until answered or the window ends).
+        let due: Vec<A> = b
+            .learned
+            .iter()
+            .filter(|(ip, (seen, _))| {
+                let age = now.duration_since(*seen);
+                age + REFRESH_BEFORE >= MAX_AGE && age < MAX_AGE && !b.asked.contains_key(*ip)
+            })
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in due {
+            if !b.refresh.contains(&ip) {
+                b.refresh.push(ip);
+            }
+        }
         let old: Vec<A> = b
             .learned
             .iter()
@@ -263,6 +377,7 @@ impl<A: NeighborAddr> NeighborTable<A> {
         let mut m = (**self.map.load()).clone();
         for ip in &old {
             b.learned.remove(ip);
+            b.refresh.retain(|r| r != ip);
             m.remove(ip);
         }
         self.map.store(Arc::new(m));
@@ -279,6 +394,7 @@ impl<A: NeighborAddr> NeighborTable<A> {
             .map
             .load()
             .iter()
+            .chain(self.prov.load().iter())
             .map(|(ip, m)| (*ip, *m, self.statics.contains_key(ip)))
             .collect();
         v.sort_by_key(|e| e.0);
@@ -291,9 +407,9 @@ impl<A: NeighborAddr> NeighborTable<A> {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Number of entries.
+    /// Number of entries (provisional ones included).
     pub fn len(&self) -> usize {
-        self.map.load().len()
+        self.map.load().len() + self.prov.load().len()
     }
 
     /// Whether the table is empty.
@@ -445,11 +561,11 @@ mod test {
         );
         assert_eq!(t.counters.static_kept.load(Ordering::Relaxed), 1);
         assert_eq!(t.counters.expired.load(Ordering::Relaxed), 1);
-        // A request creates a missing entry but never changes one.
+        // A request creates a missing entry (provisional) but never changes one.
         let r: Ipv4Addr = "10.0.0.3".parse().unwrap();
         assert_eq!(
             t.learn_request(r, MacAddr([2, 0, 0, 0, 0, 3]), now),
-            Learn::Learned
+            Learn::Provisional
         );
         assert_eq!(
             t.learn_request(r, MacAddr([2, 0, 0, 0, 6, 6]), now),
@@ -460,5 +576,85 @@ mod test {
             Learn::Static
         );
         assert_eq!(t.get(r), Some(MacAddr([2, 0, 0, 0, 0, 3])));
+    }
+
+    /// Issue 24 ("also found"): a request no longer pre-empts the real neighbor. The attacker's
+    /// request makes a provisional entry; the real neighbor's solicited answer replaces it at
+    /// once (it used to be refused as `TooSoon`).
+    #[test]
+    fn a_solicited_answer_replaces_what_a_request_made() {
+        let t = NeighborTable::new(&[]);
+        let now = Instant::now();
+        let ip: Ipv4Addr = "10.0.0.9".parse().unwrap();
+        let evil = MacAddr([2, 0, 0, 0, 0x66, 6]);
+        let real = MacAddr([2, 0, 0, 0, 0, 9]);
+        assert_eq!(t.learn_request(ip, evil, now), Learn::Provisional);
+        assert_eq!(t.get(ip), Some(evil), "usable at once (RFC 826)");
+        t.asked(ip, now);
+        assert_eq!(t.learn_reply(ip, real, now), Learn::Learned);
+        assert_eq!(t.get(ip), Some(real));
+        // And a later request from elsewhere changes nothing.
+        assert_eq!(t.learn_request(ip, evil, now), Learn::Unsolicited);
+        assert_eq!(t.get(ip), Some(real));
+    }
+
+    /// A flood of requests from invented sources (about 7 a second used to keep the table full
+    /// for good) cannot keep the next hop from being learned: provisional entries are bounded,
+    /// rate-limited, age out, and never count against the learned table.
+    #[test]
+    fn a_request_flood_never_fills_the_table() {
+        let t = NeighborTable::new(&[]);
+        let t0 = Instant::now();
+        let mut made = 0;
+        for s in 0..120u64 {
+            for i in 0..100u32 {
+                let ip = Ipv4Addr::from(0x0a00_0000 + (s as u32) * 100 + i);
+                let now = t0 + Duration::from_secs(s);
+                if t.learn_request(ip, MacAddr([2, 0, 0, 1, 0, 1]), now) == Learn::Provisional {
+                    made += 1;
+                }
+            }
+            t.expire(t0 + Duration::from_secs(s));
+            assert!(t.len() <= MAX_PROVISIONAL, "{}", t.len());
+        }
+        assert!(made <= 120 * PROVISIONAL_PER_SEC as usize);
+        assert!(t.counters.limited.load(Ordering::Relaxed) > 0);
+        // The gateway's next hop is still learned the moment it answers.
+        let hop: Ipv4Addr = "192.168.100.2".parse().unwrap();
+        let now = t0 + Duration::from_secs(120);
+        t.asked(hop, now);
+        assert_eq!(
+            t.learn_reply(hop, MacAddr([2, 0, 0, 0, 0, 2]), now),
+            Learn::Learned
+        );
+        // Provisional entries go by themselves.
+        t.expire(now + PROVISIONAL_AGE);
+        assert_eq!(t.len(), 1);
+    }
+
+    /// An entry in use is asked for again before it ages out; its answer restarts its age.
+    #[test]
+    fn learned_entries_are_refreshed_before_they_age_out() {
+        let t = NeighborTable::new(&[]);
+        let t0 = Instant::now();
+        let ip: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        t.asked(ip, t0);
+        t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 2]), t0);
+        t.expire(t0 + MAX_AGE / 2);
+        assert!(t.take_refresh(16).is_empty(), "not due yet");
+        let due = t0 + MAX_AGE - REFRESH_BEFORE / 2;
+        t.expire(due);
+        assert_eq!(t.take_refresh(16), vec![ip]);
+        t.asked(ip, due);
+        assert_eq!(
+            t.learn_reply(ip, MacAddr([2, 0, 0, 0, 0, 2]), due),
+            Learn::Confirmed
+        );
+        assert_eq!(
+            t.expire(t0 + MAX_AGE + Duration::from_secs(1)),
+            0,
+            "still there"
+        );
+        assert_eq!(t.get(ip), Some(MacAddr([2, 0, 0, 0, 0, 2])));
     }
 }

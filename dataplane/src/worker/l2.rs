@@ -26,10 +26,15 @@ impl Worker {
             && r.target_ip == our_ip
             && side.prefix.contains(IpAddr::V4(r.sender_ip))
         {
-            let _ = self
+            let l = self
                 .shared
                 .neighbors
                 .learn_request(r.sender_ip, r.sender_hw, Instant::now());
+            if l == crate::neighbor::Learn::Provisional {
+                // Anyone can send a request: ask the address ourselves; its solicited answer
+                // replaces the provisional entry.
+                self.arp_request(r.sender_ip, red);
+            }
         }
         if r.operation == arp::Operation::Reply {
             if r.target_ip == our_ip && side.prefix.contains(IpAddr::V4(r.sender_ip)) {
@@ -69,6 +74,23 @@ impl Worker {
         } else {
             // Replies and requests for others: learned from, then consumed (not a drop).
             self.pool.put(b);
+        }
+    }
+
+    /// Asks again for the learned neighbors that would soon age out (worker 0, off the fast
+    /// path), on the side whose subnet holds them.
+    pub(super) fn refresh_neighbors(&mut self) {
+        for ip in self.shared.neighbors.take_refresh(16) {
+            let red = self.shared.red.prefix.contains(IpAddr::V4(ip));
+            self.arp_request(ip, red);
+        }
+        for ip in self.shared.neighbors6.take_refresh(16) {
+            let red = self
+                .shared
+                .red
+                .v6
+                .is_some_and(|v| v.prefix.contains(IpAddr::V6(ip)));
+            self.nd_request(ip, red);
         }
     }
 
@@ -250,8 +272,13 @@ impl Worker {
                     return self.pool.put(b);
                 }
                 let reply_mac = source_mac.unwrap_or(eth_src);
-                if let Some(m) = source_mac {
-                    let _ = self.shared.neighbors6.learn_request(src, m, Instant::now());
+                // Only an on-link source makes a (provisional) entry, and it is asked itself.
+                let on_link = v6.prefix.contains(IpAddr::V6(src)) || src.is_unicast_link_local();
+                if let (Some(m), true) = (source_mac, on_link) {
+                    let l = self.shared.neighbors6.learn_request(src, m, Instant::now());
+                    if l == crate::neighbor::Learn::Provisional {
+                        self.nd_request(src, red);
+                    }
                 }
                 let mut out = b;
                 out.reset();

@@ -396,6 +396,9 @@ impl Worker {
         if self.polls.is_multiple_of(256) {
             self.sas.check_lifetimes(now_s, &self.shared.events);
             self.sas.raise_acquires(now_s, &self.shared.acquires);
+            if self.core == 0 {
+                self.refresh_neighbors();
+            }
             self.publish_sa_stats();
         }
         // Reporters read a few times a second: publishing every 16th poll keeps the stores
