@@ -4,8 +4,9 @@
 //! write the IPv4 EtherType, bit 3 = fill in a valid IPv4 header checksum (so the fuzzer gets
 //! past the checks into SPD, encapsulation, decapsulation and ARP), bit 4 = write the IPv6
 //! EtherType instead (both sides have IPv6 too: neighbor discovery, IPv6 forwarding, packet too
-//! big). The worker polls after every frame. It must never panic, and every pool buffer must
-//! come home at the end.
+//! big). The worker polls after every frame. It must never panic, every pool buffer must
+//! come home at the end, and no (SPI, sequence number) pair may leave on black twice (issue 24:
+//! one AES-GCM nonce per key).
 #![no_main]
 
 use espada_dataplane::pair::{lab, lab_worker, mac, LabGateway};
@@ -18,7 +19,25 @@ use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use libfuzzer_sys::fuzz_target;
 
+/// (SPI, sequence number) of an ESP-in-UDP frame (port 4500, not the non-ESP marker).
+fn esp_seq(f: &[u8]) -> Option<(u32, u32)> {
+    let et = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    let udp = match et {
+        0x0800 if *f.get(23)? == 17 => 14 + ((*f.get(14)? & 15) as usize) * 4,
+        0x86dd if *f.get(20)? == 17 => 54,
+        _ => return None,
+    };
+    let h = f.get(udp..udp + 16)?;
+    if u16::from_be_bytes([h[2], h[3]]) != 4500 {
+        return None;
+    }
+    let spi = u32::from_be_bytes(h[8..12].try_into().ok()?);
+    let seq = u32::from_be_bytes(h[12..16].try_into().ok()?);
+    (spi != 0).then_some((spi, seq))
+}
+
 fuzz_target!(|data: &[u8]| {
+    let mut sent = std::collections::HashSet::new();
     let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let pool = Pool::new(256, 2048);
     let red = MemoryLink::new(1, 64);
@@ -88,8 +107,19 @@ fuzz_target!(|data: &[u8]| {
         w.poll();
         // Whatever the worker sent goes back to the pool.
         into_red.rx_burst(&mut pc, &mut out, 64);
+        let from_red = out.len();
         into_black.rx_burst(&mut pc, &mut out, 64);
-        for b in out.drain(..) {
+        for (i, b) in out.drain(..).enumerate() {
+            if i >= from_red {
+                if let Some(k) = esp_seq(b.data()) {
+                    assert!(
+                        sent.insert(k),
+                        "SPI {:#x} sequence {} sent twice on black",
+                        k.0,
+                        k.1
+                    );
+                }
+            }
             pc.put(b);
         }
     }
