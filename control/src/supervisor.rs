@@ -65,6 +65,31 @@ pub struct Supervisor {
     boot: u64,
 }
 
+/// Carries the SAs an IKE daemon installed in `old` (same tunnel, previous snapshot) over to
+/// `new`, which a reload built from the file (placeholders only): slot by slot, for the slots
+/// the new configuration still has; the replaced inbound SAs still draining go along. Returns
+/// how many SAs were kept.
+fn keep_installed(new: &mut TunnelSas, old: &TunnelSas) -> usize {
+    let mut n = 0;
+    for (ng, og) in [
+        (&mut new.outbound, &old.outbound),
+        (&mut new.inbound, &old.inbound),
+    ] {
+        for (ns, os) in ng.all_mut().zip(og.all()) {
+            if !os.awaiting_ike && ns.awaiting_ike && ns.cpu == os.cpu {
+                *ns = os.clone();
+                n += 1;
+            }
+        }
+    }
+    for d in &old.draining {
+        if !new.draining.iter().any(|x| x.spi == d.spi) {
+            new.draining.push(d.clone());
+        }
+    }
+    n
+}
+
 fn ok(data: Value) -> Response {
     Response {
         ok: true,
@@ -237,19 +262,37 @@ impl Supervisor {
         seq.attach(&mut db);
         seq.advance()
             .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;
+        let ike: Vec<String> = c
+            .tunnels
+            .iter()
+            .filter(|t| t.ike)
+            .map(|t| t.name.clone())
+            .collect();
+        let mut kept = 0;
         let g = self
             .shared
             .sadb
             .update(|cur| {
+                // SAs the IKE daemon installed stay: the file only has placeholders for them.
+                for t in db.tunnels.iter_mut().filter(|t| ike.contains(&t.name)) {
+                    if let Some(old) = cur.tunnels.iter().find(|o| o.name == t.name) {
+                        kept += keep_installed(t, old);
+                    }
+                }
                 cur.tunnels = db.tunnels;
                 cur.spd = db.spd;
             })
             .map_err(|e| e.to_string())?;
         let msg = format!(
-            "reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows",
+            "reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows{}",
             self.path.display(),
             c.tunnels.len(),
-            c.spd.policies.len()
+            c.spd.policies.len(),
+            if kept > 0 {
+                format!("; {kept} SA(s) the IKE daemon installed kept")
+            } else {
+                String::new()
+            }
         );
         self.gens = gens;
         self.deleted.clear();

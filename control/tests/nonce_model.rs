@@ -308,3 +308,38 @@ fn the_model_sends_and_restarts_resume_above_the_state() {
     w.apply(&Op::Send { core: 1, n: 10 });
     assert!(w.sent >= 50, "{}", w.sent);
 }
+
+/// Issue 24 ("also found"): a reload used to put every SA the IKE daemon had installed back to
+/// a placeholder, silently (charon still believed them installed).
+#[test]
+fn a_reload_keeps_the_sas_the_ike_daemon_installed() {
+    let mut w = World::new();
+    w.apply(&Op::IkeInstall {
+        cpu: None,
+        spi: 0x3100,
+        key: 1,
+    });
+    w.apply(&Op::IkeInstall {
+        cpu: Some(1),
+        spi: 0x3101,
+        key: 2,
+    });
+    let ike = |w: &World| {
+        let db = w.gw.as_ref().unwrap().sup.sadb().load();
+        let t = db.tunnels.iter().find(|t| t.name == "ike").unwrap().clone();
+        (
+            (t.outbound.fallback.spi, t.outbound.fallback.awaiting_ike),
+            (
+                t.outbound.per_cpu[1].spi,
+                t.outbound.per_cpu[1].awaiting_ike,
+            ),
+        )
+    };
+    assert_eq!(ike(&w), ((0x3100, false), (0x3101, false)));
+    w.apply(&Op::Send { core: 1, n: 5 });
+    let r = w.gw.as_mut().unwrap().sup.reload(w.now).unwrap();
+    assert!(r.contains("2 SA(s) the IKE daemon installed kept"), "{r}");
+    assert_eq!(ike(&w), ((0x3100, false), (0x3101, false)));
+    // And the kept SA goes on counting where it was.
+    w.apply(&Op::Send { core: 1, n: 5 });
+}

@@ -15,6 +15,9 @@
  * Settings: charon.plugins.kernel-espada.socket (default /run/espada/espada.sock).
  * Built against a strongSwan build tree by scripts/strongswan (out of tree, config.h included).
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* struct ucred (SO_PEERCRED) */
+#endif
 #include <daemon.h>
 #include <plugins/plugin.h>
 #include <kernel/kernel_ipsec.h>
@@ -26,7 +29,10 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 #include <arpa/inet.h>
@@ -56,40 +62,114 @@ typedef struct private_kernel_espada_ipsec_t {
 	bool destroyed;
 } private_kernel_espada_ipsec_t;
 
-/* One request, one answer line, on a fresh connection (control path: a few per rekey). */
-static bool request(private_kernel_espada_ipsec_t *this, const char *req, char *resp, size_t len)
+/* Longest answer read (`sa acquires` after a long outage, `show sa` of many SAs). */
+#define MAX_ANSWER (4 * 1024 * 1024)
+/* Each request's whole exchange (connect, write, read) on the control socket. */
+#define IO_TIMEOUT_S 2
+
+/* Whether the listener on `path` is espada's: the socket file belongs to root or to us and
+ * nobody else may write to it (espada makes it 0600), and the process that accepted the
+ * connection runs as root or as us (SO_PEERCRED). Keys go nowhere else. */
+static bool trusted_peer(const char *path, int fd)
+{
+	struct stat st;
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	uid_t me = geteuid();
+
+	if (lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode))
+	{
+		DBG1(DBG_KNL, "kernel-espada: %s is not a socket: refusing to talk to it", path);
+		return FALSE;
+	}
+	if ((st.st_uid != 0 && st.st_uid != me) || (st.st_mode & (S_IWGRP | S_IWOTH)))
+	{
+		DBG1(DBG_KNL, "kernel-espada: %s is owned by uid %u with mode %o: espada's socket "
+			 "belongs to root (or charon's user) with mode 0600; refusing to hand it keys",
+			 path, (unsigned)st.st_uid, (unsigned)(st.st_mode & 07777));
+		return FALSE;
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+		(cred.uid != 0 && cred.uid != me))
+	{
+		DBG1(DBG_KNL, "kernel-espada: the process listening on %s runs as uid %d, not root or "
+			 "charon's user: refusing to hand it keys", path, (int)cred.uid);
+		return FALSE;
+	}
+	return TRUE;
+}
+
+/* One request, one answer line, on a fresh connection (control path: a few per rekey); no
+ * lock is held meanwhile, and every step has a timeout. Returns the answer (malloc'd, the
+ * caller frees it) or NULL, having logged why. */
+static char *request(private_kernel_espada_ipsec_t *this, const char *req)
 {
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
-	size_t got = 0;
+	struct timeval tv = { .tv_sec = IO_TIMEOUT_S };
+	size_t got = 0, cap = 4096, want = strlen(req);
+	char *resp;
 	int fd;
 
 	if (strlen(this->socket) >= sizeof(a.sun_path))
 	{
 		DBG1(DBG_KNL, "kernel-espada: socket path too long: %s", this->socket);
-		return FALSE;
+		return NULL;
 	}
 	strcpy(a.sun_path, this->socket);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0 || connect(fd, (struct sockaddr*)&a, sizeof(a)) < 0)
+	if (fd < 0)
+	{
+		DBG1(DBG_KNL, "kernel-espada: socket: %s", strerror(errno));
+		return NULL;
+	}
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	if (connect(fd, (struct sockaddr*)&a, sizeof(a)) < 0)
 	{
 		DBG1(DBG_KNL, "kernel-espada: cannot reach espada at %s: %s (is `espada run "
 			 "--control %s` running?)", this->socket, strerror(errno), this->socket);
-		if (fd >= 0)
-		{
-			close(fd);
-		}
-		return FALSE;
+		close(fd);
+		return NULL;
 	}
-	if (write(fd, req, strlen(req)) != (ssize_t)strlen(req) || write(fd, "\n", 1) != 1)
+	if (!trusted_peer(this->socket, fd))
 	{
 		close(fd);
-		return FALSE;
+		return NULL;
 	}
-	while (got + 1 < len)
+	if (write(fd, req, want) != (ssize_t)want || write(fd, "\n", 1) != 1)
 	{
-		ssize_t n = read(fd, resp + got, len - 1 - got);
+		DBG1(DBG_KNL, "kernel-espada: writing to espada at %s: %s", this->socket,
+			 strerror(errno));
+		close(fd);
+		return NULL;
+	}
+	resp = malloc(cap);
+	while (resp)
+	{
+		ssize_t n;
+
+		if (got + 1 >= cap)
+		{
+			char *more = cap * 2 <= MAX_ANSWER ? realloc(resp, cap * 2) : NULL;
+
+			if (!more)
+			{
+				DBG1(DBG_KNL, "kernel-espada: espada's answer is longer than %d bytes",
+					 MAX_ANSWER);
+				free(resp);
+				resp = NULL;
+				break;
+			}
+			resp = more;
+			cap *= 2;
+		}
+		n = read(fd, resp + got, cap - 1 - got);
 		if (n <= 0)
 		{
+			if (n < 0)
+			{
+				DBG1(DBG_KNL, "kernel-espada: reading espada's answer: %s", strerror(errno));
+			}
 			break;
 		}
 		got += n;
@@ -98,9 +178,21 @@ static bool request(private_kernel_espada_ipsec_t *this, const char *req, char *
 			break;
 		}
 	}
-	resp[got] = '\0';
 	close(fd);
-	return got > 0;
+	if (resp && (got == 0 || !memchr(resp, '\n', got)))
+	{	/* a whole line or nothing: a cut answer may have lost acquires or expires */
+		if (got)
+		{
+			DBG1(DBG_KNL, "kernel-espada: espada's answer was cut short (%zu bytes)", got);
+		}
+		free(resp);
+		return NULL;
+	}
+	if (resp)
+	{
+		resp[got] = '\0';
+	}
+	return resp;
 }
 
 /* The printable address of a host (no printf hook: plain inet_ntop). */
@@ -116,13 +208,19 @@ static void addr_str(host_t *h, char *buf, size_t len)
 
 static bool answer_ok(const char *resp)
 {
-	return strstr(resp, "\"ok\":true") != NULL;
+	return resp && strstr(resp, "\"ok\":true") != NULL;
 }
 
 /* The "error" of an answer, for the log (never the request: it may hold a key). */
 static const char *answer_error(const char *resp)
 {
-	const char *e = strstr(resp, "\"error\":");
+	const char *e;
+
+	if (!resp)
+	{
+		return "no answer (see above)";
+	}
+	e = strstr(resp, "\"error\":");
 	return e ? e : resp;
 }
 
@@ -158,7 +256,7 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
 	kernel_ipsec_add_sa_t *data)
 {
-	char req[1536], resp[4096], cpu[32] = "", key[2 * 64 + 1], l[64], r[64], life[512] = "";
+	char req[1536], *resp, cpu[32] = "", key[2 * 64 + 1], l[64], r[64], life[512] = "";
 	host_t *local = data->inbound ? id->dst : id->src;
 	host_t *remote = data->inbound ? id->src : id->dst;
 	uint32_t window = data->replay_window;
@@ -206,17 +304,16 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 			 l, r, data->inbound ? "in" : "out", ntohl(id->spi), key,
 			 data->esn ? "true" : "false", window, cpu, life);
 	memwipe(key, sizeof(key));
-	this->mutex->lock(this->mutex);
-	if (!request(this, req, resp, sizeof(resp)) || !answer_ok(resp))
+	resp = request(this, req);
+	memwipe(req, sizeof(req));
+	if (!answer_ok(resp))
 	{
-		this->mutex->unlock(this->mutex);
-		memwipe(req, sizeof(req));
 		DBG1(DBG_KNL, "kernel-espada: adding %s SA %.8x failed: %s",
 			 data->inbound ? "inbound" : "outbound", ntohl(id->spi), answer_error(resp));
+		free(resp);
 		return FAILED;
 	}
-	this->mutex->unlock(this->mutex);
-	memwipe(req, sizeof(req));
+	free(resp);
 	DBG1(DBG_KNL, "kernel-espada: %s SA %.8x installed in espada%s (soft %llu s, hard %llu s)",
 		 data->inbound ? "inbound" : "outbound", ntohl(id->spi), cpu,
 		 data->lifetime ? (unsigned long long)data->lifetime->time.rekey : 0ULL,
@@ -237,21 +334,19 @@ METHOD(kernel_ipsec_t, query_sa, status_t,
 	kernel_ipsec_query_sa_t *data, uint64_t *bytes, uint64_t *packets,
 	time_t *time)
 {
-	char req[128], resp[4096];
+	char req[128], *resp;
 	const char *p;
 
 	/* Only this SA's row: its own "bytes" and "packets" (the lifetime limits inside it are
 	 * "soft_bytes", "hard_packets", ...: the leading quote keeps them apart). */
 	snprintf(req, sizeof(req), "{\"cmd\":\"show\",\"what\":\"sa\",\"args\":{\"spi\":%u}}",
 			 ntohl(id->spi));
-	this->mutex->lock(this->mutex);
-	if (!request(this, req, resp, sizeof(resp)) || !answer_ok(resp) ||
-		!strstr(resp, "\"spi\":\"0x"))
+	resp = request(this, req);
+	if (!answer_ok(resp) || !strstr(resp, "\"spi\":\"0x"))
 	{
-		this->mutex->unlock(this->mutex);
+		free(resp);
 		return NOT_FOUND;
 	}
-	this->mutex->unlock(this->mutex);
 	if (bytes)
 	{
 		p = strstr(resp, "\"bytes\":");
@@ -266,6 +361,7 @@ METHOD(kernel_ipsec_t, query_sa, status_t,
 	{
 		*time = 0;
 	}
+	free(resp);
 	return SUCCESS;
 }
 
@@ -273,18 +369,18 @@ METHOD(kernel_ipsec_t, del_sa, status_t,
 	private_kernel_espada_ipsec_t *this, kernel_ipsec_sa_id_t *id,
 	kernel_ipsec_del_sa_t *data)
 {
-	char req[128], resp[1024];
+	char req[128], *resp;
 
 	snprintf(req, sizeof(req), "{\"cmd\":\"sa\",\"what\":\"del\",\"args\":{\"spi\":%u}}",
 			 ntohl(id->spi));
-	this->mutex->lock(this->mutex);
-	if (request(this, req, resp, sizeof(resp)) && !answer_ok(resp))
+	resp = request(this, req);
+	if (resp && !answer_ok(resp))
 	{
 		/* An outbound SA replaced by its successor is gone already; espada keeps a
 		 * tunnel's last SAs until the tunnel goes: both are fine for charon. */
 		DBG2(DBG_KNL, "kernel-espada: SA %.8x: %s", ntohl(id->spi), answer_error(resp));
 	}
-	this->mutex->unlock(this->mutex);
+	free(resp);
 	return SUCCESS;
 }
 
@@ -388,24 +484,27 @@ static void restarted(private_kernel_espada_ipsec_t *this)
 
 static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 {
-	char resp[8192], l[64], r[64];
+	char *resp, l[64], r[64];
 	const char *p, *end;
-	bool restart = FALSE;
+	bool restart = FALSE, destroyed;
 	int i;
 
 	this->mutex->lock(this->mutex);
-	if (this->destroyed)
+	destroyed = this->destroyed;
+	this->mutex->unlock(this->mutex);
+	if (destroyed)
 	{
-		this->mutex->unlock(this->mutex);
 		free_ipsec(this);
 		return JOB_REQUEUE_NONE;
 	}
-	if (!request(this, "{\"cmd\":\"sa\",\"what\":\"acquires\"}", resp, sizeof(resp)) ||
-		!answer_ok(resp))
+	/* Not under the mutex: a slow espada must not stall charon's other threads. */
+	resp = request(this, "{\"cmd\":\"sa\",\"what\":\"acquires\"}");
+	if (!answer_ok(resp))
 	{
-		this->mutex->unlock(this->mutex);
+		free(resp);
 		return JOB_RESCHEDULE_MS(1000);
 	}
+	this->mutex->lock(this->mutex);
 	p = strstr(resp, "\"boot\":");
 	if (p)
 	{
@@ -482,6 +581,7 @@ static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 			 data.cpu == CPU_ID_MAX ? "none (fallback SA)" : "given");
 		charon->kernel->acquire(charon->kernel, reqid, &data);
 	}
+	free(resp);
 	return JOB_RESCHEDULE_MS(200);
 }
 

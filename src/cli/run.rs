@@ -472,7 +472,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let mut last = Instant::now();
     let mut ike = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+        // Wakes at once for a command (an IKE daemon installing an SA waits on the answer),
+        // else every 50 ms for the housekeeping below.
+        let first = cmd_rx.recv_timeout(Duration::from_millis(50)).ok();
         if a.duration
             .is_some_and(|d| start.elapsed().as_secs_f64() >= d)
         {
@@ -497,7 +499,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 }
             }
         }
-        while let Ok(cmd) = cmd_rx.try_recv() {
+        for cmd in first
+            .into_iter()
+            .chain(std::iter::from_fn(|| cmd_rx.try_recv().ok()))
+        {
             let what = format!("{} {}", cmd.req.cmd, cmd.req.what);
             let r = sup.execute(&cmd.req, now_unix);
             match (cmd.req.cmd.as_str(), r.ok, &r.error) {
