@@ -1329,6 +1329,7 @@ impl Config {
             outbound: group(true, gen, out_life),
             inbound: group(false, gen, in_life),
             draining,
+            pcpu_acquires: true,
         };
         if t.ike {
             for s in ts.outbound.all_mut().chain(ts.inbound.all_mut()) {

@@ -63,13 +63,26 @@ pub struct Supervisor {
     /// This run of the gateway (nanoseconds since the epoch at start): the IKE daemon's
     /// plugin sees it change when espada restarted and lost the SAs it had installed.
     boot: u64,
+    /// Per tunnel: per-CPU acquires handed to the IKE daemon since it last installed a
+    /// per-CPU SA (a peer without RFC 9611 answers each with one more ordinary Child SA).
+    pcpu_asked: HashMap<String, u32>,
+    /// Tunnels whose per-CPU acquires were stopped by [`PCPU_ACQUIRES_UNANSWERED`] (reports).
+    pub pcpu_stopped: u64,
+    /// Lines for the gateway's log, taken by [`Supervisor::tick`].
+    notes: Vec<String>,
 }
+
+/// Per-CPU acquires per tunnel the IKE daemon may leave unanswered by a per-CPU SA before
+/// the tunnel stops asking for them (its peer does not do RFC 9611): the Child SAs such a
+/// peer makes stay bounded by this, whatever it does.
+pub const PCPU_ACQUIRES_UNANSWERED: u32 = 4;
 
 /// Carries the SAs an IKE daemon installed in `old` (same tunnel, previous snapshot) over to
 /// `new`, which a reload built from the file (placeholders only): slot by slot, for the slots
 /// the new configuration still has; the replaced inbound SAs still draining go along. Returns
 /// how many SAs were kept.
 fn keep_installed(new: &mut TunnelSas, old: &TunnelSas) -> usize {
+    new.pcpu_acquires = old.pcpu_acquires;
     let mut n = 0;
     for (ng, og) in [
         (&mut new.outbound, &old.outbound),
@@ -133,6 +146,9 @@ impl Supervisor {
             deleted: BTreeMap::new(),
             acquires: Vec::new(),
             expires: Vec::new(),
+            pcpu_asked: HashMap::new(),
+            pcpu_stopped: 0,
+            notes: Vec::new(),
             boot: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
@@ -194,7 +210,7 @@ impl Supervisor {
     /// Housekeeping, a few times a second: `lab_rekey` generation boundaries, and the
     /// sequence-number reservations. Returns what it did, for the log.
     pub fn tick(&mut self, now: u64) -> Vec<String> {
-        let mut log = Vec::new();
+        let mut log = std::mem::take(&mut self.notes);
         for t in 0..self.config.tunnels.len() {
             let Some(g) = self.generation(t, now) else {
                 continue;
@@ -334,8 +350,70 @@ impl Supervisor {
         }
     }
 
+    /// Per-CPU acquires on or off for a tunnel (the IKE daemon's policy says whether its peer
+    /// agreed to per-CPU SAs: `pcpu_acquires` of the kernel interface).
+    fn acquire_mode(&mut self, a: &Value) -> Result<Value, String> {
+        let name = self.tunnel_of(a)?;
+        let on = a
+            .get("pcpu")
+            .and_then(Value::as_bool)
+            .ok_or("sa acquire-mode needs \"pcpu\": true or false")?;
+        let db = self.shared.sadb.load();
+        let i = db
+            .tunnel(&name)
+            .ok_or_else(|| format!("tunnel \"{name}\" is not up"))?;
+        if db.tunnels[i].pcpu_acquires != on {
+            drop(db);
+            self.publish(|db| db.tunnels[i].pcpu_acquires = on)?;
+            self.notes.push(format!(
+                "tunnel \"{name}\": per-CPU acquires {} (the IKE daemon's policy{})",
+                if on { "on" } else { "off" },
+                if on {
+                    ""
+                } else {
+                    ": its peer did not agree to per-CPU SAs, every core sends on the fallback SA"
+                }
+            ));
+        }
+        if on {
+            self.pcpu_asked.remove(&name);
+        }
+        Ok(json!({"tunnel": name, "pcpu_acquires": on}))
+    }
+
+    /// Counts a per-CPU acquire handed to the daemon for tunnel `i`; past
+    /// [`PCPU_ACQUIRES_UNANSWERED`] without a per-CPU SA installed, the tunnel stops asking.
+    fn count_pcpu_acquire(&mut self, i: usize) {
+        let db = self.shared.sadb.load();
+        let Some(t) = db.tunnels.get(i) else { return };
+        let name = t.name.clone();
+        let n = self.pcpu_asked.entry(name.clone()).or_insert(0);
+        *n += 1;
+        if *n >= PCPU_ACQUIRES_UNANSWERED && t.pcpu_acquires {
+            drop(db);
+            if self
+                .publish(|db| db.tunnels[i].pcpu_acquires = false)
+                .is_ok()
+            {
+                self.pcpu_stopped += 1;
+                self.notes.push(format!(
+                    "tunnel \"{name}\": {PCPU_ACQUIRES_UNANSWERED} per-CPU acquires were answered without a per-CPU SA (the IKE peer does not do RFC 9611 per-CPU SAs): no more per-CPU acquires, every core sends on the fallback SA"
+                ));
+            }
+        }
+    }
+
     /// The pending acquires, for the IKE daemon's kernel interface; they are taken.
     fn take_acquires(&mut self) -> Value {
+        let pcpu: Vec<usize> = self
+            .acquires
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(t, _)| *t)
+            .collect();
+        for t in pcpu {
+            self.count_pcpu_acquire(t);
+        }
         let db = self.shared.sadb.load();
         let list: Vec<Value> = self
             .acquires
@@ -379,8 +457,9 @@ impl Supervisor {
             ("sa", "del") => self.del(a),
             ("sa", "update") => self.update(a),
             ("sa", "acquires") => Ok(self.take_acquires()),
+            ("sa", "acquire-mode") => self.acquire_mode(a),
             ("sa", w) => Err(format!(
-                "unknown sa command \"{w}\"; one of: add, del, update, rekey, acquires"
+                "unknown sa command \"{w}\"; one of: add, del, update, rekey, acquires, acquire-mode"
             )),
             (c, _) => Err(format!("the supervisor does not take \"{c}\"")),
         };
@@ -643,6 +722,10 @@ impl Supervisor {
             .sadb
             .update(|db| {
                 let t = &mut db.tunnels[i];
+                if cpu.is_some() && !inbound {
+                    // The peer does per-CPU SAs after all.
+                    t.pcpu_acquires = true;
+                }
                 let g = if inbound {
                     &mut t.inbound
                 } else {
@@ -660,6 +743,9 @@ impl Supervisor {
                 }
             })
             .map_err(|e| e.to_string())?;
+        if cpu.is_some() && !inbound {
+            self.pcpu_asked.remove(name);
+        }
         Ok(json!({
             "tunnel": name, "dir": if inbound { "in" } else { "out" }, "spi": spi, "cpu": cpu,
             "replaced": replaced,

@@ -343,3 +343,68 @@ fn a_reload_keeps_the_sas_the_ike_daemon_installed() {
     // And the kept SA goes on counting where it was.
     w.apply(&Op::Send { core: 1, n: 5 });
 }
+
+/// Issue 25 item 1: against a peer without per-CPU SAs, every per-CPU acquire was answered
+/// with one more ordinary Child SA, for as long as traffic flowed (476 on the peer in one
+/// run). Now the Child SAs stay bounded whatever the peer does, and every core carries traffic
+/// on the fallback SA.
+#[test]
+fn a_peer_without_per_cpu_sas_makes_a_bounded_number_of_child_sas() {
+    let mut w = World::new();
+    let q = espada_sadb::db::AcquireQueue::new(64);
+    let mut installs = 0u32;
+    let mut spi = 0x5000u32;
+    for sec in 0..120u64 {
+        w.now += 1;
+        let now = w.now;
+        {
+            let gw = w.gw.as_mut().unwrap();
+            let h = gw.sup.sadb();
+            for cs in gw.cores.iter_mut() {
+                let _ = cs.sync(&h, now);
+                let t = cs.db().tunnel("ike").unwrap();
+                cs.note_use(t);
+                cs.raise_acquires(now, &q);
+            }
+            while let Some(a) = q.pop() {
+                gw.sup.note_acquire(a);
+            }
+        }
+        // The daemon takes the acquires; its peer answers each with an ordinary Child SA.
+        let mut r = Request::new("sa", "acquires");
+        r.args = serde_json::Value::Null;
+        let taken = w.gw.as_mut().unwrap().sup.execute(&r, now);
+        let n = taken.data["acquires"].as_array().map_or(0, |a| a.len());
+        for _ in 0..n {
+            spi += 1;
+            installs += 1;
+            let key: String =
+                std::iter::repeat_n(format!("{:02x}", (spi & 0xff) as u8), 20).collect();
+            w.exec(
+                "sa",
+                "add",
+                json!({"tunnel": "ike", "dir": "out", "spi": spi, "key": key}),
+            );
+        }
+        let _ = sec;
+        w.apply(&Op::Send { core: 0, n: 1 });
+        w.apply(&Op::Send { core: 1, n: 1 });
+    }
+    let bound = 1 + espada_control::supervisor::PCPU_ACQUIRES_UNANSWERED + 2;
+    assert!(
+        installs <= bound,
+        "{installs} Child SAs for one tunnel in 120 s (bound {bound})"
+    );
+    let gw = w.gw.as_mut().unwrap();
+    let db = gw.sup.sadb().load();
+    let t = db.tunnel("ike").unwrap();
+    assert!(!db.tunnels[t].pcpu_acquires, "per-CPU acquires stopped");
+    assert_eq!(gw.sup.pcpu_stopped, 1);
+    for cs in gw.cores.iter_mut() {
+        assert_eq!(
+            cs.outbound(t).map(|s| s.spi),
+            Some(db.tunnels[t].outbound.fallback.spi),
+            "every core carries traffic on the fallback SA"
+        );
+    }
+}

@@ -693,6 +693,7 @@ pub mod lab {
                 outbound: group(out, pc, me, peer, life, o.alg, o.replay_window),
                 inbound: group(inb, pc, peer, me, life, o.alg, o.replay_window),
                 draining: vec![],
+                pcpu_acquires: true,
             };
             let spd = Spd {
                 policies: vec![Policy {

@@ -43,6 +43,8 @@ typedef struct {
 	char local[64];
 	char remote[64];
 	uint32_t reqid;
+	/* The last policy's pcpu_acquires (RFC 9611: whether the peer agreed to per-CPU SAs). */
+	bool pcpu;
 } trap_t;
 
 #define MAX_TRAPS 32
@@ -394,11 +396,14 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 	private_kernel_espada_ipsec_t *this, kernel_ipsec_policy_id_t *id,
 	kernel_ipsec_manage_policy_t *data)
 {
-	char l[64], r[64];
+	char l[64], r[64], req[256], *resp;
+	bool changed = FALSE;
 	int i;
 
 	/* espada's SPD comes from its configuration; what the plugin keeps is the reqid of each
-	 * outbound IPsec policy, for the acquires espada's workers raise. */
+	 * outbound IPsec policy, for the acquires espada's workers raise, and whether per-CPU
+	 * acquires are wanted (charon installs the policy with pcpu_acquires = FALSE when the
+	 * peer did not agree to per-CPU SAs): espada is told when that changes. */
 	if (id->dir != POLICY_OUT || data->type != POLICY_IPSEC || !data->sa || !data->src ||
 		!data->dst)
 	{
@@ -419,9 +424,22 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 		snprintf(this->traps[i].local, sizeof(this->traps[i].local), "%s", l);
 		snprintf(this->traps[i].remote, sizeof(this->traps[i].remote), "%s", r);
 		this->traps[i].reqid = data->sa->reqid;
+		changed = i >= this->ntraps || this->traps[i].pcpu != data->pcpu_acquires;
+		this->traps[i].pcpu = data->pcpu_acquires;
 		this->ntraps = max(this->ntraps, i + 1);
 	}
 	this->mutex->unlock(this->mutex);
+	if (changed)
+	{	/* not under the mutex */
+		snprintf(req, sizeof(req), "{\"cmd\":\"sa\",\"what\":\"acquire-mode\",\"args\":"
+				 "{\"local\":\"%s\",\"remote\":\"%s\",\"pcpu\":%s}}", l, r,
+				 data->pcpu_acquires ? "true" : "false");
+		resp = request(this, req);
+		DBG1(DBG_KNL, "kernel-espada: per-CPU acquires %s for %s...%s%s%s",
+			 data->pcpu_acquires ? "on" : "off (the peer did not agree to per-CPU SAs)", l, r,
+			 answer_ok(resp) ? "" : ": ", answer_ok(resp) ? "" : answer_error(resp));
+		free(resp);
+	}
 	return SUCCESS;
 }
 
@@ -551,6 +569,7 @@ static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 	{
 		kernel_acquire_data_t data = { .cpu = CPU_ID_MAX };
 		uint32_t reqid = 0;
+		bool pcpu = TRUE;
 
 		p += 6;
 		if (strncmp(p, "null", 4) != 0)
@@ -568,9 +587,14 @@ static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 			if (streq(this->traps[i].local, l) && streq(this->traps[i].remote, r))
 			{
 				reqid = this->traps[i].reqid;
+				pcpu = this->traps[i].pcpu;
 			}
 		}
 		this->mutex->unlock(this->mutex);
+		if (reqid && !pcpu && data.cpu != CPU_ID_MAX)
+		{	/* the policy wants no per-CPU acquires (an older espada may still raise them) */
+			continue;
+		}
 		if (!reqid)
 		{
 			DBG1(DBG_KNL, "kernel-espada: acquire for %s...%s: no routed connection "

@@ -307,6 +307,11 @@ pub struct TunnelSas {
     pub inbound: PerCpuSaGroup,
     /// Inbound SAs replaced by a rekey, kept until drained (make-before-break).
     pub draining: Vec<SaSpec>,
+    /// Whether workers may ask for per-CPU SAs (RFC 9611 per-CPU acquires). Off when the IKE
+    /// peer did not agree to per-CPU SAs (the daemon's policy says so, or the supervisor saw
+    /// per-CPU acquires answered only with ordinary Child SAs): every core then sends on the
+    /// fallback SA and asks for nothing more.
+    pub pcpu_acquires: bool,
 }
 
 /// Who processes an inbound SA.
@@ -680,6 +685,9 @@ pub struct Acquire {
 /// Acquires on their way to the control plane.
 pub type AcquireQueue = ArrayQueue<Acquire>;
 
+/// The longest a worker waits before raising the same acquire again (seconds).
+pub const ACQUIRE_BACKOFF_MAX: u64 = 32;
+
 struct OutRt {
     sa: OutboundSa,
     life: LifetimeTracker,
@@ -724,6 +732,9 @@ pub struct CoreSas {
     acquire_hit: Vec<bool>,
     /// Per tunnel: when the last acquire went (seconds).
     acquire_last: Vec<u64>,
+    /// Per tunnel: seconds until the same acquire may go again (doubles each time, up to
+    /// [`ACQUIRE_BACKOFF_MAX`]; back to 1 when the wanted SA changes).
+    acquire_backoff: Vec<u64>,
     /// A per-CPU SA this worker should hold is still held by another worker (a reload moved
     /// it): this worker sends on the fallback SA meanwhile and tries again at each sync.
     claim_wait: bool,
@@ -751,6 +762,7 @@ impl CoreSas {
             acquire: Vec::new(),
             acquire_hit: Vec::new(),
             acquire_last: Vec::new(),
+            acquire_backoff: Vec::new(),
             claim_wait: false,
         };
         c.rebuild(db, now, true)?;
@@ -798,7 +810,9 @@ impl CoreSas {
         let mut acquire = None;
         let mut spec = own;
         if spec.awaiting_ike {
-            acquire = Some(spec.cpu);
+            if spec.cpu.is_none() || db.tunnels[t].pcpu_acquires {
+                acquire = Some(spec.cpu);
+            }
             spec = fallback;
         }
         if !std::ptr::eq(spec, fallback) && !self.alive(spec) {
@@ -948,6 +962,14 @@ impl CoreSas {
         }
         self.acquire_hit.resize(acquire.len(), false);
         self.acquire_last.resize(acquire.len(), 0);
+        self.acquire_backoff.resize(acquire.len(), 1);
+        for (t, want) in acquire.iter().enumerate() {
+            if self.acquire.get(t) != Some(want) {
+                // Another SA is wanted now: ask at once, then back off again.
+                self.acquire_backoff[t] = 1;
+                self.acquire_last[t] = 0;
+            }
+        }
         self.acquire = acquire;
         self.claim_wait = claim_wait;
         self.db = db;
@@ -963,17 +985,24 @@ impl CoreSas {
         }
     }
 
-    /// Raises the acquires of tunnels whose SA packets wanted since the last call, at most once
-    /// a second per tunnel (call every few hundred polls). Returns how many went.
+    /// Raises the acquires of tunnels whose SA packets wanted since the last call (call every
+    /// few hundred polls): the first at once, the same one again after 1, 2, 4, ... seconds up
+    /// to [`ACQUIRE_BACKOFF_MAX`], whatever the IKE daemon or its peer do. Returns how many
+    /// went.
     pub fn raise_acquires(&mut self, now: u64, q: &AcquireQueue) -> usize {
         let mut n = 0;
         for t in 0..self.acquire.len() {
             let Some(cpu) = self.acquire[t] else { continue };
-            if !self.acquire_hit[t] || (self.acquire_last[t] != 0 && now < self.acquire_last[t] + 1)
+            if !self.acquire_hit[t]
+                || (self.acquire_last[t] != 0
+                    && now < self.acquire_last[t] + self.acquire_backoff[t])
             {
                 continue;
             }
             self.acquire_hit[t] = false;
+            if self.acquire_last[t] != 0 {
+                self.acquire_backoff[t] = (self.acquire_backoff[t] * 2).min(ACQUIRE_BACKOFF_MAX);
+            }
             self.acquire_last[t] = now.max(1);
             if q.push(Acquire {
                 tunnel: t,

@@ -177,6 +177,7 @@ impl World {
                 per_cpu: (1..=self.pcpu).map(inbound).collect(),
             },
             draining: vec![],
+            pcpu_acquires: true,
         }
     }
 

@@ -46,6 +46,7 @@ fn tunnel(pcpu: usize, life: Lifetimes) -> TunnelSas {
                 .collect(),
         },
         draining: vec![],
+        pcpu_acquires: true,
     }
 }
 
@@ -401,4 +402,45 @@ fn slots_awaiting_ike_raise_acquires_and_are_never_used() {
     assert_eq!(c1.outbound(0).unwrap().spi, 0x102);
     c1.note_use(0);
     assert_eq!(c1.raise_acquires(30, &q), 0);
+}
+
+#[test]
+fn acquires_back_off_and_stop_where_per_cpu_sas_are_not_allowed() {
+    // Issue 25 item 1: a peer without per-CPU SAs answers every per-CPU acquire with one more
+    // ordinary Child SA; workers used to ask once a second for as long as traffic flowed.
+    let mut d = db(SaMode::PerCpu, 2, 2);
+    d.tunnels[0].outbound.per_cpu[1].awaiting_ike = true;
+    let h = SaDbHandle::new(d);
+    let q = AcquireQueue::new(64);
+    let mut c1 = CoreSas::new(1, h.load(), 0).unwrap();
+    let mut times = Vec::new();
+    for now in 1..=100 {
+        c1.note_use(0);
+        if c1.raise_acquires(now, &q) == 1 {
+            times.push(now);
+        }
+    }
+    assert_eq!(
+        times,
+        vec![1, 2, 4, 8, 16, 32, 64, 96],
+        "1, 2, 4 ... up to 32 s apart"
+    );
+    // The daemon's policy says the peer did not agree to per-CPU SAs: no more per-CPU
+    // acquires; core 1 sends on the fallback SA.
+    h.update(|db| db.tunnels[0].pcpu_acquires = false).unwrap();
+    c1.sync(&h, 200).unwrap();
+    c1.note_use(0);
+    assert_eq!(c1.raise_acquires(300, &q), 0);
+    assert_eq!(c1.outbound(0).unwrap().spi, 0x100);
+    // A fallback SA still awaiting the daemon is asked for whatever the flag.
+    h.update(|db| db.tunnels[0].outbound.fallback.awaiting_ike = true)
+        .unwrap();
+    c1.sync(&h, 300).unwrap();
+    c1.note_use(0);
+    assert_eq!(
+        c1.raise_acquires(301, &q),
+        1,
+        "the wanted SA changed: at once"
+    );
+    while q.pop().is_some() {}
 }
