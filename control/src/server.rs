@@ -275,9 +275,29 @@ fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
                     .iter()
                     .filter(|(_, r)| r.spi == s.spi && r.outbound == (dir == "out"))
                     .collect();
-                let packets: u64 = held.iter().map(|(_, r)| r.packets).sum();
-                let bytes: u64 = held.iter().map(|(_, r)| r.bytes).sum();
-                let seq = held.iter().map(|(_, r)| r.seq).max().unwrap_or(0);
+                // Outbound: what workers that moved on sent stays counted, and the last use is
+                // the newest on any core (an IKE daemon's dead peer detection asks for it).
+                let (ret_p, ret_b, ret_use, out_seq) = if dir == "out" {
+                    let st = s.out_state();
+                    let (p, b) = st.retired_counters();
+                    (p, b, st.last_use(), st.last_seq())
+                } else {
+                    (0, 0, 0, 0)
+                };
+                let packets: u64 = held.iter().map(|(_, r)| r.packets).sum::<u64>() + ret_p;
+                let bytes: u64 = held.iter().map(|(_, r)| r.bytes).sum::<u64>() + ret_b;
+                let seq = held
+                    .iter()
+                    .map(|(_, r)| r.seq)
+                    .max()
+                    .unwrap_or(0)
+                    .max(out_seq);
+                let last_use = held
+                    .iter()
+                    .map(|(_, r)| r.last_use)
+                    .max()
+                    .unwrap_or(0)
+                    .max(ret_use);
                 rows.push(json!({
                     "tunnel": t.name,
                     "dir": dir,
@@ -291,6 +311,7 @@ fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
                     "owner_cores": held.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
                     "packets": packets,
                     "bytes": bytes,
+                    "last_use": last_use,
                     if dir == "out" { "seq" } else { "replay_top" }: seq,
                     "draining": dir == "in" && t.draining.iter().any(|d| d.spi == s.spi),
                     "lifetime": limits(s),

@@ -66,6 +66,8 @@ fn show_over_the_socket_matches_the_workers() {
         let r = out.iter().find(|r| r["spi"] == spi).unwrap();
         assert_eq!(r["packets"], 500, "{r}");
         assert_eq!(r["seq"], 500, "{r}");
+        // The newest use on any core (issue 25 item 4: DPD needs it), in UNIX seconds.
+        assert!(r["last_use"].as_u64().unwrap() > 1_700_000_000, "{r}");
         assert_eq!(r["owner_cores"], serde_json::json!([core]), "{r}");
         assert_eq!(r["cpu"], core);
     }

@@ -360,8 +360,18 @@ METHOD(kernel_ipsec_t, query_sa, status_t,
 		*packets = p ? strtoull(p + 10, NULL, 10) : 0;
 	}
 	if (time)
-	{
-		*time = 0;
+	{	/* the newest use on any core (UNIX seconds), as charon's monotonic clock has it:
+		 * dead peer detection must not fire on a tunnel that carries traffic */
+		struct timeval tv;
+		time_t now = time_monotonic(NULL), wall;
+		uint64_t used;
+
+		gettimeofday(&tv, NULL); /* the wall clock (`time` is this method's parameter) */
+		wall = tv.tv_sec;
+
+		p = strstr(resp, "\"last_use\":");
+		used = p ? strtoull(p + 11, NULL, 10) : 0;
+		*time = (used && (time_t)used <= wall) ? now - (wall - (time_t)used) : 0;
 	}
 	free(resp);
 	return SUCCESS;

@@ -63,6 +63,13 @@ pub struct OutState {
     owner: AtomicUsize,
     /// The SA reached its hard lifetime on some core: no core sends on it again.
     expired: AtomicBool,
+    /// Packets and bytes sent by workers that no longer use this SA (a core that moved to its
+    /// own per-CPU SA leaves the fallback SA's counters here), so reports keep them.
+    retired_packets: AtomicU64,
+    retired_bytes: AtomicU64,
+    /// When a worker last saw this SA carry a packet (UNIX seconds, 0: never; published a few
+    /// times a second, not per packet).
+    last_use: AtomicU64,
 }
 
 impl OutState {
@@ -71,7 +78,28 @@ impl OutState {
             seq: Arc::new(AtomicU64::new(0)),
             owner: AtomicUsize::new(usize::MAX),
             expired: AtomicBool::new(false),
+            retired_packets: AtomicU64::new(0),
+            retired_bytes: AtomicU64::new(0),
+            last_use: AtomicU64::new(0),
         })
+    }
+
+    /// Packets and bytes of workers that stopped using this SA.
+    pub fn retired_counters(&self) -> (u64, u64) {
+        (
+            self.retired_packets.load(Ordering::Relaxed),
+            self.retired_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// When a worker last saw this SA carry a packet (UNIX seconds; 0: never).
+    pub fn last_use(&self) -> u64 {
+        self.last_use.load(Ordering::Relaxed)
+    }
+
+    /// A worker saw this SA carry packets at `unix` (seconds).
+    pub fn note_use(&self, unix: u64) {
+        self.last_use.fetch_max(unix, Ordering::Relaxed);
     }
 
     /// The last sequence number handed out under this key.
@@ -697,6 +725,19 @@ struct OutRt {
     state: Arc<OutState>,
 }
 
+impl Drop for OutRt {
+    /// What this worker sent on the SA stays counted once it stops using it.
+    fn drop(&mut self) {
+        let c = &self.sa.counters;
+        self.state
+            .retired_packets
+            .fetch_add(c.packets, Ordering::Relaxed);
+        self.state
+            .retired_bytes
+            .fetch_add(c.bytes, Ordering::Relaxed);
+    }
+}
+
 struct InRt {
     sa: InboundSa,
     life: LifetimeTracker,
@@ -1067,6 +1108,11 @@ impl CoreSas {
     /// Outbound SAs in use (for reports), one per tunnel.
     pub fn outbound_sas(&self) -> impl Iterator<Item = &OutboundSa> {
         self.outbound.iter().flatten().map(|o| &o.sa)
+    }
+
+    /// Outbound SAs in use with their key's shared state (for reports: last use).
+    pub fn outbound_states(&self) -> impl Iterator<Item = (&OutboundSa, &Arc<OutState>)> {
+        self.outbound.iter().flatten().map(|o| (&o.sa, &o.state))
     }
 
     /// Events that did not fit in the queue.

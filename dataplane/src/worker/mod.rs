@@ -414,8 +414,24 @@ impl Worker {
             *p = [self.red.stats(), self.black.stats()];
         }
         if let Ok(mut v) = self.cell.sas.try_lock() {
-            v.clear();
-            for o in self.sas.outbound_sas() {
+            // Last use: now if the SA carried packets since the previous publication.
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut old = std::mem::take(&mut *v);
+            old.sort_unstable_by_key(|s| (s.outbound, s.spi));
+            let used = |outbound: bool, spi: u32, packets: u64| match old
+                .binary_search_by_key(&(outbound, spi), |s| (s.outbound, s.spi))
+            {
+                Ok(i) if old[i].packets == packets => old[i].last_use,
+                _ if packets == 0 => 0,
+                _ => unix,
+            };
+            for (o, st) in self.sas.outbound_states() {
+                let last_use = used(true, o.spi, o.counters.packets);
+                if last_use != 0 {
+                    st.note_use(last_use);
+                }
                 v.push(SaStat {
                     outbound: true,
                     spi: o.spi,
@@ -425,6 +441,7 @@ impl Worker {
                     seq: o.last_seq(),
                     window: 0,
                     esn: o.esn,
+                    last_use,
                 });
             }
             for i in self.sas.inbound_sas() {
@@ -437,6 +454,7 @@ impl Worker {
                     seq: i.window.top(),
                     window: i.window.size(),
                     esn: i.esn(),
+                    last_use: used(false, i.spi, i.counters.packets),
                 });
             }
         }

@@ -89,6 +89,8 @@ pub struct SaStat {
     pub window: u32,
     /// Extended sequence numbers.
     pub esn: bool,
+    /// When this worker last saw the SA carry a packet (UNIX seconds; 0: not yet).
+    pub last_use: u64,
 }
 
 impl Default for StatsCell {

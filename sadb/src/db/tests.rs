@@ -444,3 +444,26 @@ fn acquires_back_off_and_stop_where_per_cpu_sas_are_not_allowed() {
     );
     while q.pop().is_some() {}
 }
+
+#[test]
+fn an_sa_keeps_its_counters_after_its_workers_move_on() {
+    // Issue 25 item 4: the fallback SA showed 0 once every worker had its own SA, although it
+    // had carried traffic.
+    let mut d = db(SaMode::PerCpu, 1, 1);
+    d.tunnels[0].outbound.per_cpu[0].awaiting_ike = true;
+    let h = SaDbHandle::new(d);
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    let fb = c.outbound(0).unwrap();
+    assert_eq!(fb.spi, 0x100);
+    fb.reserve(7);
+    fb.counters.packets = 7;
+    fb.counters.bytes = 700;
+    let st = c.db().tunnels[0].outbound.fallback.out_state().clone();
+    st.note_use(1234);
+    h.update(|db| db.tunnels[0].outbound.per_cpu[0].awaiting_ike = false)
+        .unwrap();
+    c.sync(&h, 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().spi, 0x101, "on its own SA now");
+    assert_eq!(st.retired_counters(), (7, 700));
+    assert_eq!((st.last_seq(), st.last_use()), (7, 1234));
+}
