@@ -72,6 +72,9 @@ drop_reasons! {
     NotForUs => "not-for-us",
     /// The next hop's MAC address is not known yet (an ARP request went out).
     NoNeighbor => "no-neighbor",
+    /// Held for a next hop being resolved, but its hold queue was full (a few packets per
+    /// neighbor, as the kernel's `unres_qlen`).
+    NeighborHoldFull => "neighbor-hold-full",
     /// The owning core's handoff queue was full.
     HandoffFull => "handoff-full",
     /// The port did not take the packet (transmit ring full after bounded retries).

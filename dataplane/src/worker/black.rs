@@ -19,6 +19,8 @@ pub(super) enum Black {
     V6,
     /// Dropped for this reason after the buffer was changed.
     Drop(DropReason),
+    /// Decrypted and checked; its red next hop is being resolved: held until it is.
+    Hold(Ipv4Addr),
 }
 
 impl Worker {
@@ -64,6 +66,15 @@ impl Worker {
             }
             Black::V6 => self.deliver_ipv6(b),
             Black::Drop(r) => self.drop_pkt(b, r),
+            Black::Hold(nh) => {
+                // Decapsulated: counted as such; held for its next hop (a timeout is counted
+                // as no-neighbor).
+                let len = b.len() as u64;
+                if self.hold(b, hold::Held::Ip4 { nh, red: true }) {
+                    self.stats.decap_packets += 1;
+                    self.stats.decap_bytes += len;
+                }
+            }
             // Never for a decrypted packet (the classify stage sends untouched ones to the
             // full path itself): counted, never run through the full path twice.
             Black::Full => self.drop_pkt(b, DropReason::Malformed),

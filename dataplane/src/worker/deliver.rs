@@ -61,7 +61,7 @@ impl Worker {
         };
         let Some(mac) = self.neigh.get(&self.shared.neighbors, nh) else {
             self.arp_request(nh, true);
-            return Black::Drop(DropReason::NoNeighbor);
+            return Black::Hold(nh);
         };
         match push_eth(b, self.macs[0], mac) {
             Ok(()) => Black::Ready(len as u32),

@@ -138,9 +138,9 @@ impl Worker {
             return false;
         };
         let Some(dst) = self.neigh.get(&self.shared.neighbors, nh) else {
+            // Held until the answer comes (`true`: it goes out then, or is counted dropped).
             self.arp_request(nh, red);
-            self.drop_pkt(b, DropReason::NoNeighbor);
-            return false;
+            return self.hold(b, hold::Held::Ip4 { nh, red });
         };
         self.send_to_mac(b, dst, red)
     }
@@ -199,8 +199,7 @@ impl Worker {
         };
         let Some(dst) = self.neigh6.get(&self.shared.neighbors6, nh) else {
             self.nd_request(nh, red);
-            self.drop_pkt(b, DropReason::NoNeighbor);
-            return false;
+            return self.hold(b, hold::Held::Ip6 { nh, red });
         };
         self.send_to_mac(b, dst, red)
     }

@@ -45,6 +45,7 @@ mod black;
 mod black_full;
 mod deliver;
 mod encap;
+mod hold;
 mod l2;
 mod red;
 mod red_full;
@@ -187,6 +188,8 @@ pub struct Worker {
     /// The last tunnel endpoint resolved on black and its next hop's MAC: a burst to one peer
     /// resolves its next hop once, not per packet (cleared when a neighbor table changes).
     black_memo: Option<(IpAddr, MacAddr)>,
+    /// Packets waiting for their next hop ([`hold`]), made with room for [`hold::HOLD_MAX`].
+    held: Vec<(PktBuf, hold::Held, u64)>,
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
     latency: hdrhistogram::Histogram<u64>,
 }
@@ -239,6 +242,7 @@ impl Worker {
             neigh6: NeighborCache::default(),
             macs,
             black_memo: None,
+            held: Vec::with_capacity(hold::HOLD_MAX),
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
                 .expect("valid bounds"),
@@ -350,6 +354,8 @@ impl Worker {
             self.neigh.sync(&self.shared.neighbors) | self.neigh6.sync(&self.shared.neighbors6);
         if changed {
             self.black_memo = None;
+            // Held packets whose next hop is known now go out with this poll.
+            self.release_held();
         }
         let mut n = 0;
 
@@ -399,6 +405,8 @@ impl Worker {
             if self.core == 0 {
                 self.refresh_neighbors();
             }
+            // Held packets that waited too long are dropped (no-neighbor).
+            self.release_held();
             self.publish_sa_stats();
         }
         // Reporters read a few times a second: publishing every 16th poll keeps the stores

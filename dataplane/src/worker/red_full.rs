@@ -156,6 +156,11 @@ impl Worker {
         // leave never counts on the SA (the peer's counters stay equal to ours).
         let mac = match self.black_next_hop_mac(remote) {
             Ok(m) => m,
+            // Nothing spent yet: held, and prepared again when the next hop is known.
+            Err(DropReason::NoNeighbor) => {
+                self.hold(b, hold::Held::Protect { t, info, remote });
+                return;
+            }
             Err(r) => return self.drop_pkt(b, r),
         };
         let overhead = esp::overhead(outer_len, len);
