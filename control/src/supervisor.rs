@@ -345,7 +345,9 @@ impl Supervisor {
             .iter()
             .any(|c| c.name == t.name && c.ike);
         let k = (e.spi, e.dir == Direction::Outbound, e.stage == Stage::Hard);
-        if ike && !e.seq_space && !self.expires.contains(&k) && self.expires.len() < 1024 {
+        // A soft event about the sequence-number space is a soft expire too: the daemon
+        // rekeys before the space (2^32 without ESN) runs out.
+        if ike && !self.expires.contains(&k) && self.expires.len() < 1024 {
             self.expires.push(k);
         }
     }
