@@ -70,6 +70,8 @@ pub struct Supervisor {
     pub pcpu_stopped: u64,
     /// Lines for the gateway's log, taken by [`Supervisor::tick`].
     notes: Vec<String>,
+    /// The IKE daemon run the plugin last named (`daemon` in its requests; 0: none yet).
+    daemon: u64,
 }
 
 /// Per-CPU acquires per tunnel the IKE daemon may leave unanswered by a per-CPU SA before
@@ -149,6 +151,7 @@ impl Supervisor {
             pcpu_asked: HashMap::new(),
             pcpu_stopped: 0,
             notes: Vec::new(),
+            daemon: 0,
             boot: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
@@ -352,6 +355,41 @@ impl Supervisor {
         }
     }
 
+    /// The IKE daemon's plugin names its run in every request. A new run (charon restarted or
+    /// killed) means the SAs the old one installed are orphans: nobody will rekey or delete
+    /// them. They keep forwarding until the new run installs its first SA in their tunnel
+    /// (see [`Supervisor::retire_orphans`]), so traffic goes on meanwhile.
+    fn note_daemon(&mut self, d: u64) {
+        if d == 0 || d == self.daemon {
+            return;
+        }
+        if self.daemon != 0 {
+            self.notes.push(format!(
+                "a new IKE daemon run ({d:#x}, was {:#x}): the SAs the old one installed forward until the new one installs its own, then go",
+                self.daemon
+            ));
+        }
+        self.daemon = d;
+    }
+
+    /// The current daemon run installed an outbound SA in tunnel `i`: every SA an earlier run installed
+    /// there goes (its slot awaits the daemon again; a replaced inbound SA still draining is
+    /// removed). Returns how many went.
+    fn retire_orphans(db: &mut SaDb, i: usize, current: u64) -> usize {
+        let orphan = |s: &SaSpec| !s.awaiting_ike && s.daemon != 0 && s.daemon != current;
+        let t = &mut db.tunnels[i];
+        let mut n = 0;
+        for s in t.outbound.all_mut().chain(t.inbound.all_mut()) {
+            if orphan(s) {
+                s.awaiting_ike = true;
+                n += 1;
+            }
+        }
+        let before = t.draining.len();
+        t.draining.retain(|s| !orphan(s));
+        n + before - t.draining.len()
+    }
+
     /// Per-CPU acquires on or off for a tunnel (the IKE daemon's policy says whether its peer
     /// agreed to per-CPU SAs: `pcpu_acquires` of the kernel interface).
     fn acquire_mode(&mut self, a: &Value) -> Result<Value, String> {
@@ -452,6 +490,9 @@ impl Supervisor {
     /// Answers a command that changes the gateway (`reload`, `sa ...`).
     pub fn execute(&mut self, req: &Request, now: u64) -> Response {
         let a = &req.args;
+        if let Some(d) = a.get("daemon").and_then(Value::as_u64) {
+            self.note_daemon(d);
+        }
         let r = match (req.cmd.as_str(), req.what.as_str()) {
             ("reload", _) => self.reload(now).map(|m| json!({ "reload": m })),
             ("sa", "rekey") => self.rekey(a.get("tunnel").and_then(Value::as_str), now),
@@ -712,6 +753,9 @@ impl Supervisor {
             }
         }
         let mut spec = SaSpec::new(spi, key, esn, window, lifetimes, ep, cpu);
+        spec.daemon = self.daemon;
+        let current = self.daemon;
+        let mut orphans = 0;
         if !inbound {
             spec.seq_guard = Some(self.seq.guard(&spec));
             self.seq
@@ -723,6 +767,11 @@ impl Supervisor {
         self.shared
             .sadb
             .update(|db| {
+                // The new run's first Child SA is complete once its outbound half is in (charon
+                // installs the inbound one first): then the old run's SAs go.
+                if current != 0 && !inbound {
+                    orphans = Self::retire_orphans(db, i, current);
+                }
                 let t = &mut db.tunnels[i];
                 if cpu.is_some() && !inbound {
                     // The peer does per-CPU SAs after all.
@@ -747,6 +796,11 @@ impl Supervisor {
             .map_err(|e| e.to_string())?;
         if cpu.is_some() && !inbound {
             self.pcpu_asked.remove(name);
+        }
+        if orphans > 0 {
+            self.notes.push(format!(
+                "tunnel \"{name}\": the new IKE daemon run installed its first SA; {orphans} SA(s) of the old run removed"
+            ));
         }
         Ok(json!({
             "tunnel": name, "dir": if inbound { "in" } else { "out" }, "spi": spi, "cpu": cpu,

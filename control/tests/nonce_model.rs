@@ -408,3 +408,52 @@ fn a_peer_without_per_cpu_sas_makes_a_bounded_number_of_child_sas() {
         );
     }
 }
+
+/// Issue 25 item 3: `kill -9` of charon left its SAs in espada for good (nobody rekeys or
+/// deletes them). A new daemon run names itself; the old run's SAs forward until the new run's
+/// first Child SA is in, then go (their slots await the daemon again, so acquires follow).
+#[test]
+fn a_new_daemon_run_retires_the_old_runs_sas_once_its_own_are_in() {
+    let mut w = World::new();
+    let add = |w: &mut World, daemon: u64, dir: &str, spi: u32, cpu: Option<usize>, key: u8| {
+        let k: String = std::iter::repeat_n(format!("{key:02x}"), 20).collect();
+        let mut a = json!({"tunnel": "ike", "dir": dir, "spi": spi, "key": k, "daemon": daemon});
+        if let Some(c) = cpu {
+            a["cpu"] = json!(c);
+        }
+        w.exec("sa", "add", a);
+    };
+    let state = |w: &World| {
+        let db = w.gw.as_ref().unwrap().sup.sadb().load();
+        let t = db.tunnels.iter().find(|t| t.name == "ike").unwrap().clone();
+        let slot = |s: &espada_sadb::db::SaSpec| (s.spi, !s.awaiting_ike);
+        (
+            slot(&t.outbound.fallback),
+            slot(&t.outbound.per_cpu[1]),
+            slot(&t.inbound.fallback),
+        )
+    };
+    // Run A: fallback in and out, a per-CPU SA out.
+    add(&mut w, 0xa, "in", 0x4100, None, 0x21);
+    add(&mut w, 0xa, "out", 0x3100, None, 0x22);
+    add(&mut w, 0xa, "out", 0x3101, Some(1), 0x23);
+    assert_eq!(state(&w), ((0x3100, true), (0x3101, true), (0x4100, true)));
+    // charon is killed; run B starts polling: A's SAs still forward.
+    w.exec("sa", "acquires", json!({"daemon": 0xb}));
+    assert_eq!(state(&w), ((0x3100, true), (0x3101, true), (0x4100, true)));
+    w.apply(&Op::Send { core: 1, n: 3 });
+    // B's first Child SA: inbound, then outbound. Then A's go.
+    add(&mut w, 0xb, "in", 0x4200, None, 0x31);
+    assert_eq!(
+        state(&w).1,
+        (0x3101, true),
+        "still forwarding until B's outbound is in"
+    );
+    add(&mut w, 0xb, "out", 0x3200, None, 0x32);
+    assert_eq!(state(&w), ((0x3200, true), (0x3101, false), (0x4200, true)));
+    // Core 1 sends on B's fallback SA meanwhile, and asks for its per-CPU SA again.
+    w.apply(&Op::Send { core: 1, n: 3 });
+    let gw = w.gw.as_mut().unwrap();
+    let t = gw.sup.sadb().load().tunnel("ike").unwrap();
+    assert_eq!(gw.cores[1].outbound(t).map(|s| s.spi), Some(0x3200));
+}

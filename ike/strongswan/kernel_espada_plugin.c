@@ -62,6 +62,9 @@ typedef struct private_kernel_espada_ipsec_t {
 	/* Set by destroy: the acquire poller frees the object on its next run (it may be
 	 * scheduled still; at charon's shutdown the scheduler goes first and this is a leak). */
 	bool destroyed;
+	/* This charon's run (random, named in every request that installs or polls): a new run
+	 * tells espada that the SAs the old one installed are orphans (charon killed). */
+	uint64_t run;
 } private_kernel_espada_ipsec_t;
 
 /* Longest answer read (`sa acquires` after a long outage, `show sa` of many SAs). */
@@ -302,9 +305,10 @@ METHOD(kernel_ipsec_t, add_sa, status_t,
 	addr_str(remote, r, sizeof(r));
 	snprintf(req, sizeof(req),
 			 "{\"cmd\":\"sa\",\"what\":\"add\",\"args\":{\"local\":\"%s\",\"remote\":\"%s\","
-			 "\"dir\":\"%s\",\"spi\":%u,\"key\":\"%s\",\"esn\":%s,\"replay_window\":%u%s%s}}",
+			 "\"dir\":\"%s\",\"spi\":%u,\"key\":\"%s\",\"esn\":%s,\"replay_window\":%u%s%s,"
+			 "\"daemon\":%llu}}",
 			 l, r, data->inbound ? "in" : "out", ntohl(id->spi), key,
-			 data->esn ? "true" : "false", window, cpu, life);
+			 data->esn ? "true" : "false", window, cpu, life, (unsigned long long)this->run);
 	memwipe(key, sizeof(key));
 	resp = request(this, req);
 	memwipe(req, sizeof(req));
@@ -526,7 +530,14 @@ static job_requeue_t poll_acquires(private_kernel_espada_ipsec_t *this)
 		return JOB_REQUEUE_NONE;
 	}
 	/* Not under the mutex: a slow espada must not stall charon's other threads. */
-	resp = request(this, "{\"cmd\":\"sa\",\"what\":\"acquires\"}");
+	{
+		char poll[128];
+
+		snprintf(poll, sizeof(poll),
+				 "{\"cmd\":\"sa\",\"what\":\"acquires\",\"args\":{\"daemon\":%llu}}",
+				 (unsigned long long)this->run);
+		resp = request(this, poll);
+	}
 	if (!answer_ok(resp))
 	{
 		free(resp);
@@ -690,11 +701,13 @@ static kernel_ipsec_t *kernel_espada_ipsec_create()
 		.rng = lib->crypto->create_rng(lib->crypto, RNG_WEAK),
 		.mutex = mutex_create(MUTEX_TYPE_DEFAULT),
 	);
-	if (!this->rng)
+	if (!this->rng ||
+		!this->rng->get_bytes(this->rng, sizeof(this->run), (uint8_t*)&this->run))
 	{
 		free_ipsec(this);
 		return NULL;
 	}
+	this->run = (this->run >> 12) | 1; /* non-zero, and exact as a JSON number (< 2^53) */
 	DBG1(DBG_KNL, "kernel-espada: SAs go to espada at %s", this->socket);
 	lib->scheduler->schedule_job_ms(lib->scheduler, (job_t*)callback_job_create(
 			(callback_job_cb_t)poll_acquires, this, NULL, (callback_job_cancel_t)return_false),

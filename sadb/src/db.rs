@@ -174,6 +174,9 @@ pub struct SaSpec {
     /// [`Acquire`]) and sends on the fallback SA meanwhile, or drops when that one is waiting
     /// too.
     pub awaiting_ike: bool,
+    /// The IKE daemon run that installed this SA (0: the configuration): a new daemon run
+    /// (charon restarted, `kill -9` included) orphans the SAs of the old one.
+    pub daemon: u64,
     /// Tests: make this SA's key schedule fail.
     #[cfg(test)]
     pub(crate) fail_key_schedule: bool,
@@ -209,6 +212,7 @@ impl SaSpec {
             seq_guard: None,
             start_seq: 0,
             awaiting_ike: false,
+            daemon: 0,
             key_id,
             #[cfg(test)]
             fail_key_schedule: false,
