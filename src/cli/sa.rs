@@ -291,3 +291,26 @@ fn print_answer(what: &str, d: &Value) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Issue 24 item 5: `sa add --key-file` takes a key file others can read, which the
+    /// configuration refuses: the same rule everywhere now.
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.hex");
+        std::fs::write(&p, "00112233445566778899aabbccddeeff01020304\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_key(&p).unwrap_err();
+        assert!(e.contains("readable by others (mode 644)"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_key(&p).unwrap(),
+            "00112233445566778899aabbccddeeff01020304"
+        );
+    }
+}
