@@ -17,8 +17,11 @@ passes until charon installs SAs. Checks:
   * espada killed (-9) and started again: the tunnel comes back by itself.
 With --peer libipsec, east is charon with kernel-libipsec (its own userspace ESP) on the
 namespace's kernel, no espada: a peer that is not espada (no ESN there, per-CPU SAs on port 4500).
+With --peer no-pcpu, east's charon has per_cpu_sas = no (it answers like a strongSwan without
+RFC 9611): west's per-CPU acquires must not pile up Child SAs; every worker carries traffic on
+the fallback SA; rekeys lose nothing.
 
-    lab_ike.py --espada BIN --dir DIR [--prefix P] [--peer espada|libipsec]
+    lab_ike.py --espada BIN --dir DIR [--prefix P] [--peer espada|libipsec|no-pcpu]
 
 Needs root; scripts/strongswan builds charon, swanctl and the plugin (once, cached)."""
 import argparse
@@ -146,6 +149,11 @@ def start_charon(side, libipsec=False):
         text = open(sconf).read().replace("per_cpu_sas = encap", "per_cpu_sas = yes")
         sconf = os.path.join(A.dir, f"{side}.swanctl.conf")
         open(sconf, "w").write(text)
+    elif A.peer == "no-pcpu" and side == "east":
+        # A peer that does not do RFC 9611 (what most IKE peers in the field are).
+        text = open(sconf).read().replace("per_cpu_sas = encap", "per_cpu_sas = no")
+        sconf = os.path.join(A.dir, f"{side}.swanctl.conf")
+        open(sconf, "w").write(text)
     swanctl(side, "--load-all", "--file", sconf)
     return p
 
@@ -193,7 +201,7 @@ def during(udp, what, action):
         fail(f"datagrams lost during {what}:\n{out}")
 
 
-def agree(tag, sides=("west", "east")):
+def agree(tag, sides=("west", "east"), least=3):
     """espada's counters on charon's SAs equal charon's (query_sa), on each gateway."""
     time.sleep(1.5)  # espada publishes SA counters every few hundred polls
     for side in sides:
@@ -205,16 +213,15 @@ def agree(tag, sides=("west", "east")):
         for c in sas:
             for d, spi, n in (("in", c["in"], c["in_packets"]), ("out", c["out"], c["out_packets"])):
                 e = es.get((d, spi))
-                if e is None or not e["owner_cores"]:
+                if e is None:
                     # Not in espada any more: a per-CPU SA both sides negotiated at once
-                    # (RFC 9611 allows it) whose twin took its slot. Or no worker holds it: the
-                    # fallback SA once every worker has its per-CPU SA, whose counters espada
-                    # no longer reports.
+                    # (RFC 9611 allows it) whose twin took its slot. (The fallback SA once
+                    # every worker has its own is still there, with its counters.)
                     continue
                 compared += 1
                 if e["packets"] != n:
                     fail(f"{side}: SA {spi:08x} {d}: espada {e['packets']} packets, swanctl {n}:\n{text}")
-        if compared < 3:
+        if compared < least:
             fail(f"{side}: only {compared} SA(s) to compare: {sas}")
         print(f"{tag}: {side} charon and espada agree on {compared} SAs: " + ", ".join(
             f"in {c['in']:08x} {c['in_packets']} / out {c['out']:08x} {c['out_packets']} packets" for c in sas), flush=True)
@@ -292,6 +299,48 @@ def restart_west():
     agree("after espada restarted")
 
 
+def worker_encaps(side):
+    r = sh([A.espada, "show", "stats", "--json", "--socket", os.path.join(A.dir, f"{side}.sock")])
+    return [w["encap_packets"] for w in json.loads(r.stdout)["workers"]]
+
+
+def no_pcpu_peer():
+    """Against a peer without per-CPU SAs (issue 25 item 1): 30 s of flows over both workers;
+    west's and east's Child SAs stay bounded, every west worker carries traffic on the fallback
+    SA, and Child SA and IKE SA rekeys under streams lose nothing."""
+    before = worker_encaps("west")
+    t0 = time.time()
+    while time.time() - t0 < 30:
+        flows(count=5)
+        time.sleep(1)
+    west, wtext = child_sas("west")
+    east, _ = child_sas("east")
+    after = worker_encaps("west")
+    print("west$ swanctl --list-sas (after 30 s of flows over both workers)\n" + wtext.strip(), flush=True)
+    print(f"Child SAs after 30 s: west {len(west)}, east {len(east)}; per-worker packets encapsulated "
+          f"during them: {[a - b for a, b in zip(after, before)]}", flush=True)
+    if len(west) > 2 or len(east) > 2:
+        fail(f"Child SAs pile up against a peer without per-CPU SAs: west {len(west)}, east {len(east)}")
+    if any(a - b <= 0 for a, b in zip(after, before)):
+        fail(f"a west worker carried no traffic: {before} -> {after}")
+    log = open(os.path.join(A.dir, "west-charon.log")).read()
+    if "per-CPU acquires off" not in log:
+        fail("the plugin did not pass pcpu_acquires = no to espada")
+    print("west's plugin: " + [l for l in log.splitlines() if "per-CPU acquires off" in l][0].strip(), flush=True)
+    es = [r for r in espada_sa("west") if r["dir"] == "out" and r["owner_cores"]]
+    if len({r["spi"] for r in es}) != 1 or sorted(c for r in es for c in r["owner_cores"]) != [0, 1]:
+        fail(f"the workers do not all send on the one fallback SA: {es}")
+    print(f"both workers send on the fallback SA {es[0]['spi']}", flush=True)
+    traffic()
+    agree("no-pcpu peer", sides=("west", "east"), least=1)
+    during(1000, "swanctl --rekey --child net (no-pcpu peer)", lambda: swanctl("west", "--rekey", "--child", "net"))
+    during(1000, "swanctl --rekey --ike lab (no-pcpu peer)", lambda: swanctl("west", "--rekey", "--ike", "lab"))
+    west, _ = child_sas("west")
+    if len(west) > 2:
+        fail(f"Child SAs after the rekeys: {len(west)}")
+    print("\nIKE lab checks passed (peer: charon without per-CPU SAs)", flush=True)
+
+
 def libipsec_peer():
     """East becomes charon with kernel-libipsec on the namespace's own kernel (no espada there):
     west (espada + charon) must interoperate with it."""
@@ -317,8 +366,9 @@ def main():
     ap.add_argument("--espada", required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--prefix", default="ike-")
-    ap.add_argument("--peer", default="espada", choices=["espada", "libipsec"],
-                    help="east: espada + charon (default), or charon with kernel-libipsec alone")
+    ap.add_argument("--peer", default="espada", choices=["espada", "libipsec", "no-pcpu"],
+                    help="east: espada + charon (default), charon with kernel-libipsec alone, "
+                         "or espada + charon without per-CPU SAs")
     A = ap.parse_args()
     A.espada = os.path.abspath(A.espada)
     os.makedirs(A.dir, exist_ok=True)
@@ -335,7 +385,7 @@ def main():
         # sending on the fallback SA raises an acquire for its own per-CPU SA. (Without the
         # initiate, the first packets' acquire without CPU does the same: see restart_west.)
         t0 = time.time()
-        if A.peer == "espada":
+        if A.peer in ("espada", "no-pcpu"):
             r = swanctl("west", "--initiate", "--child", "net", "--timeout", "30", check=False, timeout=60)
             if r.returncode != 0:
                 fail(f"swanctl --initiate: {r.stdout}{r.stderr}")
@@ -347,6 +397,9 @@ def main():
         else:
             fail("no packet passed within 30 s of the first acquire")
         print(f"first packet through after {time.time() - t0:.1f} s", flush=True)
+        if A.peer == "no-pcpu":
+            no_pcpu_peer()
+            return
         sas, text = wait_per_cpu(40 - (time.time() - t0), "after the first packets")
         print("west$ swanctl --list-sas\n" + text.strip(), flush=True)
         flows()
@@ -431,6 +484,9 @@ def main():
                 p.kill()
         down = lab("down")
         print(down.stdout[-1500:], flush=True)
+        if down.returncode != 0 and sys.exc_info()[0] is None:
+            # The black-link capture check (scripts/lab down): a repeated (SPI, sequence).
+            fail(f"scripts/lab down: {down.stdout[-2000:]}{down.stderr[-1000:]}")
 
 
 if __name__ == "__main__":

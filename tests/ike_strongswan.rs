@@ -119,3 +119,26 @@ fn espada_with_charon_interoperates_with_a_libipsec_peer() {
         "{text}"
     );
 }
+
+/// Issue 25: espada + charon against a peer that does not do RFC 9611 per-CPU SAs (charon with
+/// `per_cpu_sas = no`, as older strongSwans and most peers answer): Child SAs stay bounded
+/// (they used to pile up: 476 on the peer in one run), every worker carries traffic on the
+/// fallback SA, rekeys lose nothing.
+#[test]
+fn espada_with_charon_against_a_peer_without_per_cpu_sas() {
+    let Some(text) = lab_ike('n', &["--peer", "no-pcpu"]) else {
+        return;
+    };
+    assert!(
+        text.contains("IKE lab checks passed (peer: charon without per-CPU SAs)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("both workers send on the fallback SA"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no-pcpu peer: west charon and espada agree"),
+        "{text}"
+    );
+}
