@@ -159,32 +159,41 @@ pub fn render(gw: &Gateway) -> String {
             s.busy_ns as f64 / 1e9,
         );
         if let Ok(v) = c.sas.lock() {
+            // One series per (SA, direction) and worker: what the worker sends on now plus
+            // what it sent before it moved on (`retired` rows), so the counter only grows.
+            let mut per: BTreeMap<(u32, bool), (u64, u64, u64)> = BTreeMap::new();
             for sa in v.iter() {
+                let e = per.entry((sa.spi, sa.outbound)).or_default();
+                e.0 += sa.packets;
+                e.1 += sa.bytes;
+                e.2 = e.2.max(sa.seq);
+            }
+            for ((spi, outbound), (packets, bytes, seq)) in per {
                 let k = vec![
                     w(),
-                    ("spi", format!("{:#010x}", sa.spi)),
-                    ("direction", if sa.outbound { "out" } else { "in" }.into()),
+                    ("spi", format!("{spi:#010x}")),
+                    ("direction", if outbound { "out" } else { "in" }.into()),
                 ];
                 e.add(
                     "espada_sa_packets_total",
                     C,
                     "Packets per SA and worker.",
                     k.clone(),
-                    sa.packets as f64,
+                    packets as f64,
                 );
                 e.add(
                     "espada_sa_inner_bytes_total",
                     C,
                     "Inner IP bytes per SA and worker.",
                     k.clone(),
-                    sa.bytes as f64,
+                    bytes as f64,
                 );
                 e.add(
                     "espada_sa_sequence_number",
                     G,
                     "Outbound: last sequence number sent; inbound: top of the replay window.",
                     k,
-                    sa.seq as f64,
+                    seq as f64,
                 );
             }
         }

@@ -277,15 +277,15 @@ fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
                     .collect();
                 // Outbound: what workers that moved on sent stays counted, and the last use is
                 // the newest on any core (an IKE daemon's dead peer detection asks for it).
-                let (ret_p, ret_b, ret_use, out_seq) = if dir == "out" {
+                let (ret_use, out_seq) = if dir == "out" {
                     let st = s.out_state();
-                    let (p, b) = st.retired_counters();
-                    (p, b, st.last_use(), st.last_seq())
+                    (st.last_use(), st.last_seq())
                 } else {
-                    (0, 0, 0, 0)
+                    (0, 0)
                 };
-                let packets: u64 = held.iter().map(|(_, r)| r.packets).sum::<u64>() + ret_p;
-                let bytes: u64 = held.iter().map(|(_, r)| r.bytes).sum::<u64>() + ret_b;
+                // Every core's rows: those using the SA and those that moved on (`retired`).
+                let packets: u64 = held.iter().map(|(_, r)| r.packets).sum();
+                let bytes: u64 = held.iter().map(|(_, r)| r.bytes).sum();
                 let seq = held
                     .iter()
                     .map(|(_, r)| r.seq)
@@ -308,7 +308,11 @@ fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
                     "remote": s.endpoints.remote.to_string(),
                     "esn": s.esn,
                     "replay_window": if dir == "in" { Some(s.replay_window) } else { None },
-                    "owner_cores": held.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+                    "owner_cores": held
+                        .iter()
+                        .filter(|(_, r)| !r.retired)
+                        .map(|(c, _)| *c)
+                        .collect::<Vec<_>>(),
                     "packets": packets,
                     "bytes": bytes,
                     "last_use": last_use,

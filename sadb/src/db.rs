@@ -15,7 +15,7 @@
 
 use crate::lifetime::{LifetimeTracker, Lifetimes, Stage};
 use crate::replay::ReplayWindow;
-use crate::sa::{InboundSa, OutboundSa, TunnelEndpoints};
+use crate::sa::{InboundSa, OutboundSa, SaCounters, TunnelEndpoints};
 use crate::selector::{Prefix, Spd};
 use crate::seqguard::SeqGuard;
 use crate::spimap::SpiMap;
@@ -63,10 +63,6 @@ pub struct OutState {
     owner: AtomicUsize,
     /// The SA reached its hard lifetime on some core: no core sends on it again.
     expired: AtomicBool,
-    /// Packets and bytes sent by workers that no longer use this SA (a core that moved to its
-    /// own per-CPU SA leaves the fallback SA's counters here), so reports keep them.
-    retired_packets: AtomicU64,
-    retired_bytes: AtomicU64,
     /// When a worker last saw this SA carry a packet (UNIX seconds, 0: never; published a few
     /// times a second, not per packet).
     last_use: AtomicU64,
@@ -78,18 +74,8 @@ impl OutState {
             seq: Arc::new(AtomicU64::new(0)),
             owner: AtomicUsize::new(usize::MAX),
             expired: AtomicBool::new(false),
-            retired_packets: AtomicU64::new(0),
-            retired_bytes: AtomicU64::new(0),
             last_use: AtomicU64::new(0),
         })
-    }
-
-    /// Packets and bytes of workers that stopped using this SA.
-    pub fn retired_counters(&self) -> (u64, u64) {
-        (
-            self.retired_packets.load(Ordering::Relaxed),
-            self.retired_bytes.load(Ordering::Relaxed),
-        )
     }
 
     /// When a worker last saw this SA carry a packet (UNIX seconds; 0: never).
@@ -729,19 +715,6 @@ struct OutRt {
     state: Arc<OutState>,
 }
 
-impl Drop for OutRt {
-    /// What this worker sent on the SA stays counted once it stops using it.
-    fn drop(&mut self) {
-        let c = &self.sa.counters;
-        self.state
-            .retired_packets
-            .fetch_add(c.packets, Ordering::Relaxed);
-        self.state
-            .retired_bytes
-            .fetch_add(c.bytes, Ordering::Relaxed);
-    }
-}
-
 struct InRt {
     sa: InboundSa,
     life: LifetimeTracker,
@@ -783,6 +756,9 @@ pub struct CoreSas {
     /// A per-CPU SA this worker should hold is still held by another worker (a reload moved
     /// it): this worker sends on the fallback SA meanwhile and tries again at each sync.
     claim_wait: bool,
+    /// Outbound SAs this worker stopped using while they stay in the database (the fallback SA
+    /// once the core has its own): what it sent on them, for reports. Pruned when the SA goes.
+    retired: Vec<(u32, u128, SaCounters)>,
 }
 
 /// What a worker sends with on one tunnel: the one decision, used by every rebuild and every
@@ -809,6 +785,7 @@ impl CoreSas {
             acquire_last: Vec::new(),
             acquire_backoff: Vec::new(),
             claim_wait: false,
+            retired: Vec::new(),
         };
         c.rebuild(db, now, true)?;
         Ok(c)
@@ -996,6 +973,23 @@ impl CoreSas {
             });
             self.outbound.push(rt);
         }
+        // What this core sent on SAs it leaves stays counted while the SA exists.
+        for (_, o) in old_out.drain() {
+            let c = o.sa.counters;
+            match self
+                .retired
+                .iter_mut()
+                .find(|(s, k, _)| *s == o.sa.spi && *k == o.key_id)
+            {
+                Some((_, _, r)) => {
+                    r.packets += c.packets;
+                    r.bytes += c.bytes;
+                }
+                None => self.retired.push((o.sa.spi, o.key_id, c)),
+            }
+        }
+        let alive: HashSet<(u32, u128)> = db.outbound_specs().map(|s| (s.spi, s.key_id)).collect();
+        self.retired.retain(|(s, k, _)| alive.contains(&(*s, *k)));
         let mut old_in = std::mem::take(&mut self.inbound);
         for (spi, t, k, life) in in_plan {
             let kept = old_in.remove(spi).filter(|r| r.key_id == k);
@@ -1112,6 +1106,12 @@ impl CoreSas {
     /// Outbound SAs in use (for reports), one per tunnel.
     pub fn outbound_sas(&self) -> impl Iterator<Item = &OutboundSa> {
         self.outbound.iter().flatten().map(|o| &o.sa)
+    }
+
+    /// Outbound SAs this worker no longer uses, still in the database, with what it sent on
+    /// them (reports).
+    pub fn retired_outbound(&self) -> impl Iterator<Item = (u32, &SaCounters)> {
+        self.retired.iter().map(|(s, _, c)| (*s, c))
     }
 
     /// Outbound SAs in use with their key's shared state (for reports: last use).

@@ -427,6 +427,7 @@ impl Worker {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let mut old = std::mem::take(&mut *v);
+            old.retain(|s| !s.retired);
             old.sort_unstable_by_key(|s| (s.outbound, s.spi));
             let used = |outbound: bool, spi: u32, packets: u64| match old
                 .binary_search_by_key(&(outbound, spi), |s| (s.outbound, s.spi))
@@ -450,6 +451,21 @@ impl Worker {
                     window: 0,
                     esn: o.esn,
                     last_use,
+                    retired: false,
+                });
+            }
+            for (spi, c) in self.sas.retired_outbound() {
+                v.push(SaStat {
+                    outbound: true,
+                    spi,
+                    port: 0,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    seq: 0,
+                    window: 0,
+                    esn: false,
+                    last_use: 0,
+                    retired: true,
                 });
             }
             for i in self.sas.inbound_sas() {
@@ -463,6 +479,7 @@ impl Worker {
                     window: i.window.size(),
                     esn: i.esn(),
                     last_use: used(false, i.spi, i.counters.packets),
+                    retired: false,
                 });
             }
         }

@@ -91,6 +91,10 @@ pub struct SaStat {
     pub esn: bool,
     /// When this worker last saw the SA carry a packet (UNIX seconds; 0: not yet).
     pub last_use: u64,
+    /// This worker no longer uses the SA (the fallback SA once the core has its own): the
+    /// counters are what it sent before. Published in the same list as the live ones, so a
+    /// reader never counts a packet twice or not at all.
+    pub retired: bool,
 }
 
 impl Default for StatsCell {
