@@ -267,6 +267,106 @@ def lifetime_rekeys():
     swanctl("west", "--load-conns", "--file", os.path.join(ROOT, "ike", "strongswan", "west.swanctl.conf"))
 
 
+PACED_SEND = r'''
+import socket, sys, time
+dst, port, n, rate, tag, flows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(flows)]
+t0 = time.time()
+for i in range(n):
+    socks[i % flows].sendto(f"{tag}-{i:07d}".encode() + b"." * 100, (dst, port))
+    delay = t0 + (i + 1) / rate - time.time()
+    if delay > 0: time.sleep(delay)
+'''
+
+PACED_RECV = r'''
+import socket, sys
+port, tag = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port)); s.settimeout(5)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+print("ready", flush=True)
+seen = set(); dup = 0
+try:
+    while True:
+        d, _ = s.recvfrom(65535)
+        k = d.split(b".")[0]
+        if k.startswith(tag.encode()):
+            if k in seen: dup += 1
+            seen.add(k)
+except socket.timeout:
+    pass
+print(len(seen), dup, flush=True)
+'''
+
+
+def paced_both_ways(seconds, rate, flows=8):
+    """`rate` datagrams a second each way for `seconds`, over `flows` UDP flows per direction
+    (spread over the workers): (received west->east, received east->west, duplicates, sent)."""
+    n = int(seconds * rate)
+    recv = {}
+    for name, ns_, port in (("fwd", "sunrise", 7100), ("rev", "sunset", 7101)):
+        p = subprocess.Popen(["ip", "netns", "exec", A.prefix + ns_, sys.executable, "-c", PACED_RECV, str(port), name],
+                             stdout=subprocess.PIPE, text=True)
+        if p.stdout.readline().strip() != "ready":
+            fail("paced stream receiver did not start")
+        recv[name] = p
+    send = [subprocess.Popen(["ip", "netns", "exec", A.prefix + ns_, sys.executable, "-c", PACED_SEND, dst, str(port),
+                              str(n), str(rate), name, str(flows)])
+            for name, ns_, dst, port in (("fwd", "sunset", "10.2.0.10", 7100), ("rev", "sunrise", "10.1.0.10", 7101))]
+    for s in send:
+        s.wait(timeout=seconds * 3 + 60)
+    got = {}
+    for name, p in recv.items():
+        out, _ = p.communicate(timeout=60)
+        g, d = map(int, out.split())
+        got[name] = (g, d)
+    return got["fwd"][0], got["rev"][0], got["fwd"][1] + got["rev"][1], n
+
+
+def long_rekeys(seconds=60, rate=1000, rekey="10s"):
+    """Issue 25: a stream of `rate` datagrams a second each way for `seconds` while every Child
+    SA rekeys every `rekey` (lifetime-driven, espada's soft events to charon): nothing lost."""
+    conf = os.path.join(A.dir, "west-long.swanctl.conf")
+    text = open(os.path.join(ROOT, "ike", "strongswan", "west.swanctl.conf")).read()
+    open(conf, "w").write(text.replace("start_action = trap", f"start_action = trap\n                rekey_time = {rekey}\n"
+                                       "                life_time = 30s\n                rand_time = 2s"))
+    swanctl("west", "--terminate", "--ike", "lab", "--timeout", "10", check=False)
+    swanctl("west", "--uninstall", "--child", "net", check=False)
+    swanctl("west", "--load-conns", "--file", conf)
+    swanctl("west", "--install", "--child", "net")
+    if A.peer == "espada":
+        sas, _ = wait_per_cpu(30, "before the long stream")
+    else:
+        t0 = time.time()
+        while not child_sas("west")[0]:
+            flows()
+            if time.time() - t0 > 30:
+                fail("no Child SA before the long stream")
+            time.sleep(0.5)
+        sas = child_sas("west")[0]
+    first = {c["out"] for c in sas}
+    seen = set(first)
+    result = {}
+
+    def run():
+        result["r"] = paced_both_ways(seconds, rate)
+    import threading
+    th = threading.Thread(target=run)
+    th.start()
+    while th.is_alive():
+        seen |= {c["out"] for c in child_sas("west")[0]}
+        time.sleep(1)
+    fwd, rev, dup, n = result["r"]
+    rekeys = len(seen - first)
+    print(f"{seconds} s at {rate} datagrams/s each way over 8 flows, rekey_time {rekey}: west->east {fwd}/{n}, "
+          f"east->west {rev}/{n} ({n - fwd} and {n - rev} lost, {dup} duplicates); {rekeys} new outbound "
+          f"Child SAs on west meanwhile", flush=True)
+    if rekeys < 3:
+        fail(f"only {rekeys} rekeys during the long stream")
+    if fwd != n or rev != n:
+        fail("datagrams lost across lifetime-driven rekeys in the long stream")
+    swanctl("west", "--load-conns", "--file", os.path.join(ROOT, "ike", "strongswan", "west.swanctl.conf"))
+
+
 def restart_west():
     """espada on west is killed (-9) and started again: the plugin sees espada's new run, deletes
     the IKE_SAs (the peer is told), and the next packets negotiate everything again: no manual
@@ -338,6 +438,11 @@ def no_pcpu_peer():
     west, _ = child_sas("west")
     if len(west) > 2:
         fail(f"Child SAs after the rekeys: {len(west)}")
+    if os.environ.get("LAB_IKE_LONG", "1") == "1":
+        long_rekeys()
+        west, _ = child_sas("west")
+        if len(west) > 2:
+            fail(f"Child SAs after the long stream: {len(west)}")
     print("\nIKE lab checks passed (peer: charon without per-CPU SAs)", flush=True)
 
 
@@ -472,6 +577,8 @@ def main():
         print(f"IKE SA rekeyed: {spis(before)} -> {spis(after)}", flush=True)
         agree("after the IKE SA rekey")
         lifetime_rekeys()
+        if os.environ.get("LAB_IKE_LONG", "1") == "1":
+            long_rekeys()
         restart_west()
         print("\nIKE lab checks passed", flush=True)
     finally:
