@@ -276,7 +276,7 @@ impl Gw {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("ESPADA_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300)
+        std::env::var("ESPADA_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
     ))]
 
     #[test]
