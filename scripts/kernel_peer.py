@@ -356,7 +356,39 @@ def forge(frames):
     path = os.path.join(A.dir, "inject.hex")
     with open(path, "w") as f:
         f.write("\n".join(x.hex() for x in out))
+    # The black-link capture check allows the replays injected on purpose.
+    inj = os.path.join(A.dir, "injected")
+    os.makedirs(inj, exist_ok=True)
+    shutil.copy(path, os.path.join(inj, f"{len(os.listdir(inj))}.hex"))
     return path
+
+
+def start_black_capture(tag):
+    """The black link (east's side of it), headers only, for the whole variant."""
+    inj = os.path.join(A.dir, "injected")
+    shutil.rmtree(inj, ignore_errors=True)
+    cap = os.path.join(A.dir, f"black-{tag}.pcap")
+    p = subprocess.Popen(["ip", "netns", "exec", ns("east"), "dumpcap", "-q", "-P", "-s", "128", "-i", "e-black",
+                          "-f", "udp port 4500", "-w", cap], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        if os.path.exists(cap) and os.path.getsize(cap) > 0:
+            break
+        time.sleep(0.1)
+    return p, cap
+
+
+def check_black_capture(p, cap):
+    """Issue 24: no (SPI, sequence number) pair on the black link twice in one variant (one set
+    of keys), from espada or from the kernel, but for the replays injected on purpose."""
+    import signal
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=20)
+    sys.path.insert(0, HERE)
+    from lab_check import repeated_esp
+    n, reps = repeated_esp(cap, os.path.join(A.dir, "injected"))
+    print(f"black link: {n} ESP frames captured, {len(reps)} repeated (SPI, sequence) pairs", flush=True)
+    if n == 0 or reps:
+        fail(f"black-link capture: {n} frames, repeats {reps[:5]}")
 
 
 def west_drops():
@@ -408,6 +440,7 @@ def percpu_on_the_wire(g):
 def variant(g, name, cipher, esn, flags, east_pcpu, family="v4", percpu=False):
     print(f"\n== {name}", flush=True)
     cfg = configs(cipher, esn, east_pcpu, family)
+    dump = start_black_capture(re.sub(r"[^a-z0-9]+", "-", name.lower()))
     start_west(cfg["west"])
     xf = sh([A.espada, "xfrm", "-c", cfg["east"], *flags]).stdout
     n = 0
@@ -488,6 +521,7 @@ def variant(g, name, cipher, esn, flags, east_pcpu, family="v4", percpu=False):
     print(f"espada: 10 replays, 5 tampered -> {dr}")
     if dr.get("replay", 0) < 10 or dr.get("integrity", 0) < 5:
         fail("espada did not drop and count every replay and tampered packet")
+    check_black_capture(*dump)
     # Teardown with espada xfrm --delete.
     for line in sh([A.espada, "xfrm", "-c", cfg["east"], "--delete", *flags]).stdout.splitlines():
         if line.startswith("ip xfrm"):
