@@ -671,8 +671,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 continue;
             }
             println!(
-                "neighbors ({family}): {} learned, {} expired; refused: {} unsolicited, {} for configured entries, {} too soon after a change, {} table full",
-                l(&n.learned), l(&n.expired), l(&n.unsolicited), l(&n.static_kept), l(&n.too_soon), l(&n.full)
+                "neighbors ({family}): {} learned, {} expired, {} refreshed; {} provisional from requests ({} rate-limited, {} pushed out); refused: {} unsolicited, {} for configured entries, {} too soon after a change, {} table full",
+                l(&n.learned), l(&n.expired), l(&n.refreshed), l(&n.provisional), l(&n.limited), l(&n.evicted), l(&n.unsolicited), l(&n.static_kept), l(&n.too_soon), l(&n.full)
             );
         }
     }

@@ -291,9 +291,13 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                 );
             }
             println!(
-                "learned {}, expired {}; refused: {} unsolicited, {} for configured entries, {} too soon, {} table full",
+                "learned {}, expired {}, refreshed {}; provisional from requests {} ({} rate-limited, {} pushed out); refused: {} unsolicited, {} for configured entries, {} too soon, {} table full",
                 s(&d["learned"]),
                 s(&d["expired"]),
+                s(&d["refreshed"]),
+                s(&d["provisional"]),
+                s(&d["provisional_limited"]),
+                s(&d["provisional_evicted"]),
                 s(&d["refused_unsolicited"]),
                 s(&d["refused_configured"]),
                 s(&d["refused_too_soon"]),

@@ -188,6 +188,8 @@ pub struct Worker {
     /// The last tunnel endpoint resolved on black and its next hop's MAC: a burst to one peer
     /// resolves its next hop once, not per packet (cleared when a neighbor table changes).
     black_memo: Option<(IpAddr, MacAddr)>,
+    /// The previous SA statistics while new ones are published (reused, never freed).
+    sa_scratch: Vec<SaStat>,
     /// Packets waiting for their next hop ([`hold`]), made with room for [`hold::HOLD_MAX`].
     held: Vec<(PktBuf, hold::Held, u64)>,
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
@@ -243,6 +245,7 @@ impl Worker {
             macs,
             black_memo: None,
             held: Vec::with_capacity(hold::HOLD_MAX),
+            sa_scratch: Vec::new(),
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
                 .expect("valid bounds"),
@@ -417,17 +420,21 @@ impl Worker {
         n
     }
 
-    fn publish_sa_stats(&self) {
+    fn publish_sa_stats(&mut self) {
         if let Ok(mut p) = self.cell.ports.try_lock() {
             *p = [self.red.stats(), self.black.stats()];
         }
         if let Ok(mut v) = self.cell.sas.try_lock() {
-            // Last use: now if the SA carried packets since the previous publication.
+            // Last use: now if the SA carried packets since the previous publication. The
+            // previous list goes into the worker's scratch vector and the new one is built in
+            // the published one: both keep their capacity (no allocation once warm).
             let unix = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let mut old = std::mem::take(&mut *v);
-            old.retain(|s| !s.retired);
+            let old = &mut self.sa_scratch;
+            old.clear();
+            old.extend(v.iter().filter(|s| !s.retired).copied());
+            v.clear();
             old.sort_unstable_by_key(|s| (s.outbound, s.spi));
             let used = |outbound: bool, spi: u32, packets: u64| match old
                 .binary_search_by_key(&(outbound, spi), |s| (s.outbound, s.spi))
