@@ -58,7 +58,7 @@ def lab(what):
     env = dict(os.environ, ESPADA_LAB_PREFIX=A.prefix, ESPADA_LAB_DIR=A.dir, ESPADA_BIN=A.espada,
                ESPADA_WEST="configs/lab/west-ike.toml", ESPADA_EAST="configs/lab/east-ike.toml",
                ESPADA_WEST_ARGS="--ike-tun espada-ike0", ESPADA_EAST_ARGS="--ike-tun espada-ike0",
-               ESPADA_LAB_WAIT="sockets")
+               ESPADA_LAB_WAIT="sockets", ESPADA_LAB_EXPECT_ESP="1")
     return subprocess.run([os.path.join(HERE, "lab"), what], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
 

@@ -21,7 +21,9 @@ impl Lab {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("ESPADA_LAB_PREFIX", &self.prefix)
             .env("ESPADA_LAB_DIR", self.dir.path())
-            .env("ESPADA_BIN", env!("CARGO_BIN_EXE_espada"));
+            .env("ESPADA_BIN", env!("CARGO_BIN_EXE_espada"))
+            // Every test sends traffic: an empty black-link capture is a broken check.
+            .env("ESPADA_LAB_EXPECT_ESP", "1");
         for (k, v) in &self.env {
             c.env(k, v);
         }

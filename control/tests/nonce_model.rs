@@ -43,6 +43,12 @@ enum Op {
     IkeDel {
         spi: u32,
     },
+    /// The IKE daemon's plugin installs an outbound SA it negotiated (a fresh key, named run:
+    /// no durable reservation).
+    IkeNegotiate {
+        cpu: Option<usize>,
+        spi: u32,
+    },
     /// The SAs core `core` sends on reach a hard limit: packets, bytes or time.
     HardLimit {
         core: usize,
@@ -62,6 +68,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (proptest::option::of(0..2usize), 0..4u32, 0..6u8)
             .prop_map(|(cpu, spi, key)| Op::IkeInstall { cpu, spi: 0x3100 + spi, key }),
         1 => (0..4u32).prop_map(|spi| Op::IkeDel { spi: 0x3100 + spi }),
+        2 => (proptest::option::of(0..2usize), 0..4u32)
+            .prop_map(|(cpu, spi)| Op::IkeNegotiate { cpu, spi: 0x3200 + spi }),
         2 => (0..3usize, 0..3u8).prop_map(|(core, kind)| Op::HardLimit { core, kind }),
         1 => Just(Op::Restart),
     ]
@@ -133,6 +141,7 @@ struct World {
     gw: Option<Gw>,
     issued: HashSet<(u128, u64)>,
     sent: u64,
+    negotiated: u64,
 }
 
 const WORKERS: usize = 2;
@@ -149,6 +158,7 @@ impl World {
             gw: None,
             issued: HashSet::new(),
             sent: 0,
+            negotiated: 0,
         };
         w.start();
         w
@@ -203,6 +213,17 @@ impl World {
                 self.exec("sa", "add", a);
             }
             Op::IkeDel { spi } => self.exec("sa", "del", json!({"spi": spi})),
+            Op::IkeNegotiate { cpu, spi } => {
+                // charon installs a key once, when it negotiates it: fresh every time.
+                self.negotiated += 1;
+                let hex = format!("{:040x}", 0x5eed_0000_0000u128 + self.negotiated as u128);
+                let mut a =
+                    json!({"tunnel": "ike", "dir": "out", "spi": spi, "key": hex, "daemon": 7});
+                if let Some(c) = cpu {
+                    a["cpu"] = json!(c);
+                }
+                self.exec("sa", "add", a);
+            }
             Op::HardLimit { core, kind } => {
                 let core = core % WORKERS;
                 let spis: Vec<u32> = {
