@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+import lab_check
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 A = None
@@ -278,24 +280,6 @@ for i in range(n):
     if delay > 0: time.sleep(delay)
 '''
 
-PACED_RECV = r'''
-import socket, sys
-port, tag = int(sys.argv[1]), sys.argv[2]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port)); s.settimeout(5)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-print("ready", flush=True)
-seen = set(); dup = 0
-try:
-    while True:
-        d, _ = s.recvfrom(65535)
-        k = d.split(b".")[0]
-        if k.startswith(tag.encode()):
-            if k in seen: dup += 1
-            seen.add(k)
-except socket.timeout:
-    pass
-print(len(seen), dup, flush=True)
-'''
 
 
 def paced_both_ways(seconds, rate, flows=8):
@@ -304,7 +288,8 @@ def paced_both_ways(seconds, rate, flows=8):
     n = int(seconds * rate)
     recv = {}
     for name, ns_, port in (("fwd", "sunrise", 7100), ("rev", "sunset", 7101)):
-        p = subprocess.Popen(["ip", "netns", "exec", A.prefix + ns_, sys.executable, "-c", PACED_RECV, str(port), name],
+        # lab_check's receiver: counts distinct datagrams of its tag until 4 s of silence.
+        p = subprocess.Popen(["ip", "netns", "exec", A.prefix + ns_, sys.executable, "-c", lab_check.RECV, str(port), str(n), name],
                              stdout=subprocess.PIPE, text=True)
         if p.stdout.readline().strip() != "ready":
             fail("paced stream receiver did not start")

@@ -99,6 +99,52 @@ impl Timeouts for std::net::TcpStream {
     }
 }
 
+/// The accepting thread of a listener (the control socket's, the metrics'): accepts blocking
+/// (no polling: the owner wakes it with a connection of its own after setting `stop`), serves
+/// each client on a thread of its own (`name`), at most `lim.max_clients` at once; a client
+/// beyond that gets `busy` and is closed (counted in `slots`).
+pub fn accept_loop<S, I, F>(
+    name: &str,
+    incoming: I,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    slots: Arc<Slots>,
+    lim: ConnLimits,
+    busy: &'static [u8],
+    serve: F,
+) -> io::Result<std::thread::JoinHandle<()>>
+where
+    S: io::Write + Timeouts + Send + 'static,
+    I: Iterator<Item = io::Result<S>> + Send + 'static,
+    F: Fn(S, ConnLimits) + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    let conn_name = format!("{name}-conn");
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            for s in incoming {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(mut s) = s else {
+                    continue;
+                };
+                let Some(slot) = slots.take(lim.max_clients) else {
+                    let _ = s.set_timeouts(Duration::from_millis(100));
+                    let _ = s.write_all(busy);
+                    continue;
+                };
+                let serve = serve.clone();
+                let _ = std::thread::Builder::new()
+                    .name(conn_name.clone())
+                    .spawn(move || {
+                        let _slot = slot;
+                        serve(s, lim);
+                    });
+            }
+        })
+}
+
 /// Sets `s`'s timeouts to what is left of `deadline`; an error once it has passed.
 pub fn arm(s: &impl Timeouts, deadline: Instant) -> io::Result<()> {
     let left = deadline.saturating_duration_since(Instant::now());

@@ -293,32 +293,18 @@ impl BoundMetrics {
     pub fn serve(self, gw: Arc<Gateway>) -> io::Result<MetricsServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::default());
-        let (st, sl, l) = (stop.clone(), slots.clone(), self.l);
-        let thread = std::thread::Builder::new()
-            .name("espada-metrics".into())
-            .spawn(move || {
-                let lim = ConnLimits::METRICS;
-                for s in l.incoming() {
-                    if st.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(mut s) = s else {
-                        continue;
-                    };
-                    let Some(slot) = sl.take(lim.max_clients) else {
-                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-                        let _ = s.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                        continue;
-                    };
-                    let gw = gw.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("espada-met-conn".into())
-                        .spawn(move || {
-                            let _slot = slot;
-                            let _ = serve(s, &gw, lim);
-                        });
-                }
-            })?;
+        let l = self.l;
+        let thread = conn::accept_loop(
+            "espada-metrics",
+            std::iter::repeat_with(move || l.accept().map(|(s, _)| s)),
+            stop.clone(),
+            slots.clone(),
+            ConnLimits::METRICS,
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            move |s, lim| {
+                let _ = serve(s, &gw, lim);
+            },
+        )?;
         Ok(MetricsServer {
             addr: self.addr,
             stop,

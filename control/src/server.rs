@@ -103,32 +103,18 @@ impl BoundControl {
     pub fn serve(self, gw: Arc<Gateway>) -> io::Result<ControlServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let slots = Arc::new(Slots::default());
-        let (st, sl, l) = (stop.clone(), slots.clone(), self.l);
-        let thread = std::thread::Builder::new()
-            .name("espada-control".into())
-            .spawn(move || {
-                let lim = ConnLimits::CONTROL;
-                for s in l.incoming() {
-                    if st.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(mut s) = s else {
-                        continue;
-                    };
-                    let Some(slot) = sl.take(lim.max_clients) else {
-                        let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-                        let _ = s.write_all(b"{\"ok\":false,\"error\":\"too many control clients at once; try again\",\"data\":null}\n");
-                        continue;
-                    };
-                    let gw = gw.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("espada-ctl-conn".into())
-                        .spawn(move || {
-                            let _slot = slot;
-                            let _ = serve_one(s, &gw, lim);
-                        });
-                }
-            })?;
+        let l = self.l;
+        let thread = conn::accept_loop(
+            "espada-control",
+            std::iter::repeat_with(move || l.accept().map(|(s, _)| s)),
+            stop.clone(),
+            slots.clone(),
+            ConnLimits::CONTROL,
+            b"{\"ok\":false,\"error\":\"too many control clients at once; try again\",\"data\":null}\n",
+            move |s, lim| {
+                let _ = serve_one(s, &gw, lim);
+            },
+        )?;
         Ok(ControlServer {
             path: self.path,
             stop,

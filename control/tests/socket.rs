@@ -9,6 +9,20 @@ use espada_sadb::lifetime::Lifetimes;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// West of the in-process pair as the control socket sees a gateway.
+fn gateway(p: &Pair, cores: Vec<Option<usize>>) -> Arc<Gateway> {
+    Arc::new(Gateway {
+        name: "west".into(),
+        version: "test".into(),
+        started: Instant::now(),
+        cores,
+        cells: p.west.cells.clone(),
+        shared: p.west.shared.clone(),
+        reload: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        commands: None,
+    })
+}
+
 fn req(what: &str) -> Request {
     Request::new("show", what)
 }
@@ -34,16 +48,7 @@ fn show_over_the_socket_matches_the_workers() {
     for wk in p.west.workers.iter_mut() {
         wk.finish(); // publish the SA counters now
     }
-    let gw = Arc::new(Gateway {
-        name: "west".into(),
-        version: "test".into(),
-        started: Instant::now(),
-        cores: vec![Some(0), Some(1)],
-        cells: p.west.cells.clone(),
-        shared: p.west.shared.clone(),
-        reload: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        commands: None,
-    });
+    let gw = gateway(&p, vec![Some(0), Some(1)]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("west.sock");
     let srv = ControlServer::start(&path, gw.clone()).unwrap();
@@ -186,16 +191,7 @@ fn slow_and_endless_clients_do_not_block_the_others() {
         },
     )
     .unwrap();
-    let gw = Arc::new(Gateway {
-        name: "west".into(),
-        version: "test".into(),
-        started: Instant::now(),
-        cores: vec![None],
-        cells: p.west.cells.clone(),
-        shared: p.west.shared.clone(),
-        reload: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        commands: None,
-    });
+    let gw = gateway(&p, vec![None]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("west.sock");
     let _srv = ControlServer::start(&path, gw.clone()).unwrap();

@@ -6,9 +6,9 @@
 //! durable state kept. After every step: no (key, sequence number) was ever issued twice, and
 //! nothing was sent with a placeholder's key.
 
+use super::tests::spd;
 use super::*;
 use crate::lifetime::Limits;
-use crate::selector::{Action, Policy, PortRange, Selector};
 use espada_crypto::Algorithm;
 use proptest::prelude::*;
 use std::collections::{HashMap as StdMap, HashSet as StdSet};
@@ -90,22 +90,6 @@ fn ep() -> TunnelEndpoints {
         "192.168.100.1".parse().unwrap(),
         "192.168.100.2".parse().unwrap(),
     )
-}
-
-fn spd() -> Spd {
-    Spd {
-        policies: vec![Policy {
-            name: "lab".into(),
-            selector: Selector {
-                src: "10.1.0.0/24".parse().unwrap(),
-                dst: "10.2.0.0/24".parse().unwrap(),
-                proto: None,
-                src_ports: PortRange::ANY,
-                dst_ports: PortRange::ANY,
-            },
-            action: Action::Protect(0),
-        }],
-    }
 }
 
 impl World {

@@ -50,7 +50,7 @@ fn tunnel(pcpu: usize, life: Lifetimes) -> TunnelSas {
     }
 }
 
-fn spd() -> Spd {
+pub(super) fn spd() -> Spd {
     Spd {
         policies: vec![Policy {
             name: "lab".into(),
