@@ -81,11 +81,11 @@ def nsx(n, *cmd, check=True, **kw):
 class Guest:
     """The QEMU guest, driven over its serial console (a shell on ttyS0)."""
 
-    def __init__(self, gdir, log, cpus=1):
+    def __init__(self, gdir, log, cpus=1, initrd=None):
         self.log = open(log, "w")
         args = ["ip", "netns", "exec", ns("east"), "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "512",
                 "-smp", str(cpus),
-                "-kernel", os.path.join(gdir, "vmlinuz"), "-initrd", os.path.join(gdir, "initrd.gz"),
+                "-kernel", os.path.join(gdir, "vmlinuz"), "-initrd", initrd or os.path.join(gdir, "initrd.gz"),
                 "-append", "console=ttyS0 quiet panic=-1", "-display", "none", "-serial", "stdio",
                 "-monitor", "none", "-nodefaults", "-no-reboot",
                 "-netdev", "tap,id=b,ifname=kbl,script=no,downscript=no",
@@ -567,8 +567,10 @@ def main():
         down()
 
 
-def boot(gdir, cpus, log):
-    g = Guest(gdir, os.path.join(A.dir, log), cpus)
+def boot(gdir, cpus, log, initrd=None, encap=True):
+    """Boots the guest (`initrd`: another initramfs, e.g. with an overlay) and gives it the
+    lab's addresses; with `encap`, the helper holding UDP 4500 (without an IKE daemon)."""
+    g = Guest(gdir, os.path.join(A.dir, log), cpus, initrd)
     A.guest = g
     attach_taps()
     _, ver = g.run("uname -r")
@@ -583,6 +585,8 @@ def boot(gdir, cpus, log):
                 "ip -6 addr add fd00:100::2/64 dev eth0 nodad", "ip -6 addr add fd00:2::1/64 dev eth1 nodad",
                 "ip -6 route add fd00:1::/64 via fd00:100::1 dev eth0 src fd00:2::1"):
         g.run(cmd)
+    if not encap:
+        return g
     # The UDP_ENCAP_ESPINUDP socket on 4500 (an IKE daemon's job): without it the kernel
     # answers ESP-in-UDP with port-unreachable.
     g.run("(setsid /sbin/encap4500 </dev/null >/dev/null 2>&1 &)")

@@ -162,6 +162,8 @@ struct RawTunnel {
     #[serde(default)]
     df: Option<Spanned<String>>,
     #[serde(default)]
+    shared_sa_order: Option<Spanned<String>>,
+    #[serde(default)]
     lab_secret: Option<Spanned<String>>,
     #[serde(default)]
     key_file: Option<Spanned<String>>,
@@ -276,6 +278,11 @@ pub struct TunnelConfig {
     /// until it installs them, the configured ones are placeholders nothing is sent or
     /// received with, and workers raise acquires (see `espada_sadb::db::Acquire`).
     pub ike: bool,
+    /// An outbound SA several workers send on (the fallback SA, `sa_mode = "shared"`) keeps
+    /// its packets in sequence order on the wire (`shared_sa_order = "wire"`, the default:
+    /// peers with a replay window of 32, as Linux under strongSwan has, drop what falls
+    /// further behind), or is sent from every worker in parallel (`"parallel"`).
+    pub shared_sa_wire_order: bool,
 }
 
 impl TunnelConfig {
@@ -767,6 +774,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 )
             })?,
         };
+        let shared_sa_wire_order = match &t.shared_sa_order {
+            None => true,
+            Some(o) => match o.get_ref().as_str() {
+                "wire" => true,
+                "parallel" => false,
+                other => {
+                    return Err(ctx.at(
+                        o,
+                        format!(
+                            "shared_sa_order must be \"wire\" or \"parallel\", got \"{other}\""
+                        ),
+                    ))
+                }
+            },
+        };
         let l = t.lifetime.as_ref();
         let lt = |f: fn(&RawLifetime) -> Option<u64>| l.and_then(f);
         let lifetimes = Lifetimes {
@@ -997,6 +1019,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             key_warning,
             lab_rekey,
             ike,
+            shared_sa_wire_order,
         });
     }
 
@@ -1294,7 +1317,9 @@ impl Config {
                 }
                 _ => (base, t.keys[&base].clone()),
             };
-            SaSpec::new(spi, key, t.esn, t.replay_window, life, ep, cpu)
+            let mut s = SaSpec::new(spi, key, t.esn, t.replay_window, life, ep, cpu);
+            s.wire_order = t.shared_sa_wire_order;
+            s
         };
         let group = |out: bool, g: Option<u64>, life: Lifetimes| {
             let n = if out { pcpu } else { peer_pcpu };

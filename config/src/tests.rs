@@ -365,3 +365,20 @@ fn ike_and_lab_rekey_exclude_each_other() {
     );
     assert!(e.starts_with("test.toml:"), "{e}");
 }
+
+#[test]
+fn shared_sa_order_defaults_to_wire_order_and_names_a_bad_value() {
+    let c = p(MIN).unwrap();
+    assert!(c.tunnels[0].shared_sa_wire_order);
+    let db = c.sadb(2).unwrap();
+    assert!(db.tunnels[0].outbound.fallback.wire_order);
+    let c = p(&format!("{MIN}shared_sa_order = \"parallel\"\n")).unwrap();
+    assert!(!c.sadb(2).unwrap().tunnels[0].outbound.fallback.wire_order);
+    let e = err(&format!("{MIN}shared_sa_order = \"random\"\n"));
+    assert!(
+        e.starts_with(
+            "test.toml:15:19: shared_sa_order must be \"wire\" or \"parallel\", got \"random\""
+        ),
+        "{e}"
+    );
+}

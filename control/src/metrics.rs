@@ -152,6 +152,13 @@ pub fn render(gw: &Gateway) -> String {
             );
         }
         e.add(
+            "espada_shared_sa_order_waits_total",
+            C,
+            "Bursts on a shared SA that waited for another worker's burst to reach the wire first (shared_sa_order = \"wire\").",
+            vec![w()],
+            s.order_waits as f64,
+        );
+        e.add(
             "espada_busy_seconds_total",
             C,
             "Time the worker spent in bursts that carried packets.",

@@ -324,7 +324,7 @@ fn stats_json(s: &WorkerStats) -> Value {
         "decap_packets": s.decap_packets, "decap_bytes": s.decap_bytes,
         "bypass_packets": s.bypass_packets, "handoff_out": s.handoff_out, "handoff_in": s.handoff_in,
         "to_control": s.to_control, "arp_replies": s.arp_replies, "arp_requests": s.arp_requests,
-        "nd_adverts": s.nd_adverts, "nd_solicits": s.nd_solicits,
+        "nd_adverts": s.nd_adverts, "nd_solicits": s.nd_solicits, "order_waits": s.order_waits,
         "icmp_sent": s.icmp_sent, "bursts": s.bursts, "busy_ns": s.busy_ns,
         "drops": s.drops.total(), "drops_by_reason": drops,
     })
@@ -350,6 +350,7 @@ fn sum(gw: &Gateway) -> (Vec<WorkerStats>, WorkerStats) {
         t.arp_requests += s.arp_requests;
         t.nd_adverts += s.nd_adverts;
         t.nd_solicits += s.nd_solicits;
+        t.order_waits += s.order_waits;
         t.icmp_sent += s.icmp_sent;
         t.bursts += s.bursts;
         t.busy_ns += s.busy_ns;

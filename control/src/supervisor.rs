@@ -753,6 +753,7 @@ impl Supervisor {
             }
         }
         let mut spec = SaSpec::new(spi, key, esn, window, lifetimes, ep, cpu);
+        spec.wire_order = template.wire_order;
         // Installed by an IKE daemon's plugin (it names its run), or by a person (`sa add`).
         let by_daemon = a.get("daemon").and_then(Value::as_u64).filter(|d| *d != 0);
         spec.daemon = by_daemon.unwrap_or(0);

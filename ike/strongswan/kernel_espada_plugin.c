@@ -417,7 +417,8 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 	/* espada's SPD comes from its configuration; what the plugin keeps is the reqid of each
 	 * outbound IPsec policy, for the acquires espada's workers raise, and whether per-CPU
 	 * acquires are wanted (charon installs the policy with pcpu_acquires = FALSE when the
-	 * peer did not agree to per-CPU SAs): espada is told when that changes. */
+	 * peer did not agree to per-CPU SAs, and for a trap policy before anything is
+	 * negotiated): espada is told when that changes. */
 	if (id->dir != POLICY_OUT || data->type != POLICY_IPSEC || !data->sa || !data->src ||
 		!data->dst)
 	{
@@ -450,7 +451,7 @@ METHOD(kernel_ipsec_t, add_policy, status_t,
 				 data->pcpu_acquires ? "true" : "false");
 		resp = request(this, req);
 		DBG1(DBG_KNL, "kernel-espada: per-CPU acquires %s for %s...%s%s%s",
-			 data->pcpu_acquires ? "on" : "off (the peer did not agree to per-CPU SAs)", l, r,
+			 data->pcpu_acquires ? "on" : "off (a trap policy, or the peer did not agree to per-CPU SAs)", l, r,
 			 answer_ok(resp) ? "" : ": ", answer_ok(resp) ? "" : answer_error(resp));
 		free(resp);
 	}

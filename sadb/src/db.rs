@@ -15,7 +15,7 @@
 
 use crate::lifetime::{LifetimeTracker, Lifetimes, Stage};
 use crate::replay::ReplayWindow;
-use crate::sa::{InboundSa, OutboundSa, SaCounters, TunnelEndpoints};
+use crate::sa::{InboundSa, OutboundSa, SaCounters, SendOrder, TunnelEndpoints};
 use crate::selector::{Prefix, Spd};
 use crate::seqguard::SeqGuard;
 use crate::spimap::SpiMap;
@@ -66,6 +66,8 @@ pub struct OutState {
     /// When a worker last saw this SA carry a packet (UNIX seconds, 0: never; published a few
     /// times a second, not per packet).
     last_use: AtomicU64,
+    /// Wire order of this key's packets when several cores send on it ([`SendOrder`]).
+    order: Arc<SendOrder>,
 }
 
 impl OutState {
@@ -75,6 +77,7 @@ impl OutState {
             owner: AtomicUsize::new(usize::MAX),
             expired: AtomicBool::new(false),
             last_use: AtomicU64::new(0),
+            order: Arc::new(SendOrder::default()),
         })
     }
 
@@ -163,6 +166,10 @@ pub struct SaSpec {
     /// The IKE daemon run that installed this SA (0: the configuration): a new daemon run
     /// (charon restarted, `kill -9` included) orphans the SAs of the old one.
     pub daemon: u64,
+    /// Outbound, when several cores send on it: keep its packets in sequence order on the
+    /// wire ([`SendOrder`]; the tunnel's `shared_sa_order = "wire"`, the default), or let cores
+    /// send in parallel (`"parallel"`: only for peers with a wide replay window).
+    pub wire_order: bool,
     /// Tests: make this SA's key schedule fail.
     #[cfg(test)]
     pub(crate) fail_key_schedule: bool,
@@ -199,6 +206,7 @@ impl SaSpec {
             start_seq: 0,
             awaiting_ike: false,
             daemon: 0,
+            wire_order: true,
             key_id,
             #[cfg(test)]
             fail_key_schedule: false,
@@ -258,7 +266,8 @@ impl SaSpec {
             self.endpoints,
         )
         .with_shared_seq(self.out.seq.clone())
-        .shared_by_cores(shared);
+        .shared_by_cores(shared)
+        .with_send_order((shared && self.wire_order).then(|| self.out.order.clone()));
         let sa = if self.start_seq > sa.last_seq() {
             sa.with_last_seq(self.start_seq)
         } else {

@@ -5,8 +5,59 @@ use crate::seqguard::SeqGuard;
 use espada_crypto::{Cipher, EspAead};
 use espada_wire::{esp, ip_proto, ipv4, ipv6, udp};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// The wire order of an SA several cores send on (the fallback SA, `sa_mode = "shared"`).
+///
+/// Cores reserve a burst's sequence numbers at once and encrypt in parallel; without more, the
+/// bursts of two cores can reach the wire in another order than their numbers, by more than a
+/// receiver's replay window: the Linux kernel under strongSwan keeps 32 (charon's
+/// `replay_window` default) and drops what falls behind it. A core that holds this lock from
+/// reserving its numbers until its burst is handed to the port puts the SA's packets on the
+/// wire in sequence order, as the kernel does for one SA used from every CPU (its `x->lock`).
+/// Per-CPU SAs never take it: one core sends on each.
+#[derive(Debug, Default)]
+pub struct SendOrder(AtomicBool);
+
+impl SendOrder {
+    /// Takes the lock, spinning (and yielding to the scheduler after a while: the holder may
+    /// have been preempted; this machine's cores are shared). Returns whether it had to wait.
+    #[inline]
+    pub fn lock(&self) -> bool {
+        if self.try_lock() {
+            return false;
+        }
+        let mut spins = 0u32;
+        loop {
+            while self.0.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins.is_multiple_of(256) {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            if self.try_lock() {
+                return true;
+            }
+        }
+    }
+
+    /// Takes the lock if it is free.
+    #[inline]
+    pub fn try_lock(&self) -> bool {
+        self.0
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Lets go.
+    #[inline]
+    pub fn unlock(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 /// What the encapsulator does with the outer DF bit (RFC 4301 §8.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -230,6 +281,9 @@ pub struct OutboundSa {
     guard: Option<Arc<SeqGuard>>,
     /// Other cores send on this SA too.
     shared: bool,
+    /// Shared and kept in wire order: held from reserving a burst's numbers until the burst
+    /// is handed to the port ([`SendOrder`]).
+    order: Option<Arc<SendOrder>>,
 }
 
 impl core::fmt::Debug for OutboundSa {
@@ -305,6 +359,7 @@ impl OutboundSa {
             ip_id: (spi as u16) ^ 0x5a5a,
             guard: None,
             shared: false,
+            order: None,
         }
     }
 
@@ -350,6 +405,20 @@ impl OutboundSa {
     /// Whether other cores send on this SA too (the fallback SA, `sa_mode = "shared"`).
     pub fn is_shared(&self) -> bool {
         self.shared
+    }
+
+    /// Keeps this shared SA's packets in sequence order on the wire: every core sending on it
+    /// holds `order` from reserving a burst's numbers until the burst is transmitted.
+    pub fn with_send_order(mut self, order: Option<Arc<SendOrder>>) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// The lock a core holds while it reserves, seals and transmits a burst on this SA, when
+    /// the SA is shared and kept in wire order.
+    #[inline]
+    pub fn send_order(&self) -> Option<&Arc<SendOrder>> {
+        self.order.as_ref()
     }
 
     /// The highest sequence number this SA may ever send: 2^32−1, or 2^64−1 with ESN

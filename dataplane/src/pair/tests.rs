@@ -1019,3 +1019,106 @@ fn checksums_the_nic_verified_are_not_computed_again() {
         (2, 2)
     );
 }
+
+/// The ESP sequence numbers of what two west worker threads put on the black link, in the
+/// order they reached it, for a shared SA with or without `SendOrder`.
+fn shared_sa_wire_sequence(wire_order: bool, per_worker: u64) -> Vec<u32> {
+    let (mut wdb, edb) = lab::dbs(2, 0, SaMode::Shared, Lifetimes::default());
+    for t in wdb.tunnels.iter_mut() {
+        t.outbound.fallback.wire_order = wire_order;
+    }
+    let (ws, es) = lab::sides();
+    let mut p = Pair::new(
+        wdb,
+        edb,
+        ws,
+        es,
+        PairSpec {
+            workers: 2,
+            size: 256,
+            flows: 8,
+            limit: Some(per_worker),
+            steering: Steering::Rss,
+            ring_depth: 8192,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = std::mem::take(&mut p.west.workers)
+        .into_iter()
+        .map(|mut w| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                w.thread_start();
+                while !stop.load(Ordering::Relaxed) {
+                    w.poll();
+                }
+                w
+            })
+        })
+        .collect();
+    // The east end of the link, read here: frames in the order they were put on it (one
+    // queue: one SA, one outer flow).
+    let mut ends: Vec<_> = (0..2)
+        .map(|q| p.link.end_b(q, mac::EAST_BLACK, Steering::Rss))
+        .collect();
+    let mut pc = PoolCache::new(p.pool.clone());
+    let mut seqs = Vec::new();
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while (seqs.len() as u64) < 2 * per_worker && t0.elapsed() < Duration::from_secs(60) {
+        for e in ends.iter_mut() {
+            e.rx_burst(&mut pc, &mut got, 64);
+            for b in got.drain(..) {
+                let d = b.data();
+                if d.len() > 50 && d[12..14] == [8, 0] && d[23] == 17 {
+                    seqs.push(u32::from_be_bytes([d[46], d[47], d[48], d[49]]));
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        p.west.workers.push(t.join().unwrap());
+    }
+    seqs
+}
+
+/// How far behind the highest number seen so far the furthest packet arrived.
+fn reorder_depth(seqs: &[u32]) -> u32 {
+    let mut top = 0;
+    let mut depth = 0;
+    for &s in seqs {
+        if s < top {
+            depth = depth.max(top - s);
+        }
+        top = top.max(s);
+    }
+    depth
+}
+
+/// Issue 25: an SA two workers send on (the fallback SA until the per-CPU SAs exist, every SA
+/// with `sa_mode = "shared"` or against a peer without RFC 9611) reaches the wire in sequence
+/// order. Workers reserve a burst's numbers at once and encrypt in parallel; without the
+/// `SendOrder` lock, one worker's burst could land after the other's later numbers, and the
+/// Linux guest under strongSwan (replay window 32) dropped 20 such packets in the seed
+/// scenario (scripts/ike_linux_peer.py). Held from reservation until the burst is on the port,
+/// the numbers arrive strictly increasing. (`shared_sa_order = "parallel"` gives that up; its
+/// reorder depth is printed, not asserted: it depends on scheduling.)
+#[test]
+fn a_shared_sa_reaches_the_wire_in_sequence_order() {
+    let seqs = shared_sa_wire_sequence(true, 20_000);
+    assert_eq!(seqs.len(), 40_000, "every packet reached the link");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "out of order on the wire: reorder depth {}",
+        reorder_depth(&seqs)
+    );
+    let par = shared_sa_wire_sequence(false, 20_000);
+    assert_eq!(par.len(), 40_000);
+    println!(
+        "reorder depth on the wire: wire order 0, parallel {}",
+        reorder_depth(&par)
+    );
+}

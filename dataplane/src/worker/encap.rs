@@ -5,6 +5,7 @@
 
 use super::l2::push_eth;
 use super::*;
+use espada_sadb::sa::SendOrder;
 
 impl Worker {
     /// Second half: sequence numbers reserved once per tunnel per burst (DPDK's
@@ -21,6 +22,25 @@ impl Worker {
             if let Some(e) = res.iter_mut().find(|e| e.0 == *t || e.0 == usize::MAX) {
                 e.0 = *t;
                 e.1 += 1;
+            }
+        }
+        // Shared SAs kept in wire order (`SendOrder`): their locks are taken before their
+        // numbers are reserved, in address order (the same order on every core, whatever
+        // snapshot each has), and let go once the burst is on the port.
+        let mut held: [Option<Arc<SendOrder>>; MAX_T] = Default::default();
+        let mut nheld = 0;
+        for e in res.iter().filter(|e| e.0 != usize::MAX) {
+            if let Some(o) = self.sas.outbound(e.0).and_then(|sa| sa.send_order()) {
+                held[nheld] = Some(o.clone());
+                nheld += 1;
+            }
+        }
+        if nheld > 0 {
+            held[..nheld].sort_unstable_by_key(|o| o.as_ref().map(|o| Arc::as_ptr(o) as usize));
+            for o in held[..nheld].iter().flatten() {
+                if o.lock() {
+                    self.stats.order_waits += 1;
+                }
             }
         }
         for e in res.iter_mut().filter(|e| e.0 != usize::MAX) {
@@ -50,6 +70,8 @@ impl Worker {
                     unreserved = e.4;
                     None
                 }
+                // (A shared SA among those is not held in wire order: taking its lock out of
+                // address order could deadlock with another core. Nine tunnels in one burst.)
                 None => self.sas.outbound(*t).map(|sa| sa.reserve(1)).and_then(|r| {
                     unreserved = r.unreserved;
                     (r.count == 1).then_some(r.first)
@@ -84,6 +106,13 @@ impl Worker {
                     }
                     Err(r) => self.drop_pkt(b, *r),
                 }
+            }
+        }
+        if nheld > 0 {
+            // The burst leaves before another core may reserve on these SAs.
+            self.transmit_black();
+            for o in held[..nheld].iter().flatten() {
+                o.unlock();
             }
         }
         verdicts.clear();

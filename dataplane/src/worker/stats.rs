@@ -44,6 +44,9 @@ pub struct WorkerStats {
     pub nd_adverts: u64,
     /// IPv6 neighbor solicitations sent (address resolution of next hops).
     pub nd_solicits: u64,
+    /// Bursts on a shared SA that waited for another core to put its own burst on the wire
+    /// first (`SendOrder`, the tunnel's `shared_sa_order = "wire"`).
+    pub order_waits: u64,
     /// Bursts that carried at least one packet.
     pub bursts: u64,
     /// Nanoseconds spent in those bursts.
@@ -52,7 +55,7 @@ pub struct WorkerStats {
     pub drops: DropCounters,
 }
 
-const N_FIELDS: usize = 19;
+const N_FIELDS: usize = 20;
 
 /// Lock-free published copy of a worker's [`WorkerStats`] (written by its worker only).
 ///
@@ -130,6 +133,7 @@ impl WorkerStats {
             self.busy_ns,
             self.nd_adverts,
             self.nd_solicits,
+            self.order_waits,
         ]
     }
 }
@@ -176,6 +180,7 @@ impl StatsCell {
             busy_ns: v[16],
             nd_adverts: v[17],
             nd_solicits: v[18],
+            order_waits: v[19],
             drops: d,
         }
     }

@@ -26,6 +26,22 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Sends black's transmit list now (a burst on a shared SA kept in wire order leaves
+    /// before its lock is let go).
+    #[inline(always)]
+    pub(super) fn transmit_black(&mut self) {
+        let s = &mut self.stats;
+        send(
+            &mut *self.black,
+            &mut self.pool,
+            &mut self.black_tx,
+            &mut s.black_tx,
+            &mut s.drops,
+        );
+    }
+}
+
 /// One transmit list to its port: what went counts in `sent`, the rest as `tx_full`.
 #[inline(always)]
 fn send(
