@@ -340,6 +340,8 @@ def long_rekeys(seconds=60, rate=1000, rekey="10s"):
     def run():
         result["r"] = paced_both_ways(seconds, rate)
     import threading
+    logp = os.path.join(A.dir, "west-charon.log")
+    conns0 = open(logp).read().count("kernel-espada: new connection to espada")
     th = threading.Thread(target=run)
     th.start()
     while th.is_alive():
@@ -350,6 +352,13 @@ def long_rekeys(seconds=60, rate=1000, rekey="10s"):
     print(f"{seconds} s at {rate} datagrams/s each way over 8 flows, rekey_time {rekey}: west->east {fwd}/{n}, "
           f"east->west {rev}/{n} ({n - fwd} and {n - rev} lost, {dup} duplicates); {rekeys} new outbound "
           f"Child SAs on west meanwhile", flush=True)
+    # The plugin keeps its connections (issue 25 item 2): polling acquires 5 times a second
+    # and every install would each take a connection of its own otherwise.
+    conns = open(logp).read().count("kernel-espada: new connection to espada") - conns0
+    print(f"west's plugin opened {conns} connections to espada during the {seconds} s stream "
+          f"(it polls acquires 5 times a second and installed {rekeys * 2}+ SAs)", flush=True)
+    if conns > seconds // 2:
+        fail(f"the plugin opened {conns} connections in {seconds} s: it does not keep them")
     if rekeys < 3:
         fail(f"only {rekeys} rekeys during the long stream")
     if fwd != n or rev != n:

@@ -75,6 +75,11 @@ pub struct BenchResult {
     /// 1/(seal + open). 100% = nothing but crypto.
     pub core_fraction_of_seal_plus_open: Option<f64>,
     pub handoffs: u64,
+    /// Tunnels in each gateway's SPD (0: the lab's one).
+    pub tunnels: u32,
+    /// Where the traffic went: "one" (one tunnel), "spread" (packet i to tunnel i mod N) or
+    /// "last" (every packet to the tunnel whose policy is the SPD's last).
+    pub traffic: String,
     /// Delivered Mpps of every round, in the order measured (one entry for one round). The
     /// other figures are those of the median round.
     pub rounds_mpps: Vec<f64>,
@@ -244,6 +249,10 @@ pub struct Run {
     pub cores: usize,
     pub flows: u16,
     pub layout: Layout,
+    /// Tunnels in the SPDs (0: the lab's one; see `lab::LabOpts::tunnels`).
+    pub tunnels: u32,
+    /// All traffic to the last tunnel (else spread over all of them).
+    pub tunnel_last: bool,
 }
 
 pub fn one(
@@ -268,10 +277,11 @@ pub fn one(
             backend,
             alg,
             bypass,
+            tunnels: r.tunnels,
             ..Default::default()
         },
     );
-    let (ws, es) = lab::sides();
+    let (ws, es) = lab::sides_for(r.tunnels);
     let steering = if bypass {
         // No ESP source port tells the cores apart: each generator's traffic stays on its
         // core, as the per-CPU SAs' does.
@@ -290,6 +300,8 @@ pub fn one(
         ring_depth: 8192,
         rate: (a.rate > 0.0).then_some(a.rate),
         imix: a.imix,
+        tunnels: r.tunnels,
+        tunnel_last: r.tunnel_last,
     };
     let mut pair = Pair::new(w, e, ws, es, spec)?;
     let ids = core_affinity::get_core_ids().unwrap_or_default();
@@ -307,11 +319,20 @@ pub fn one(
                 .progress_chars("=> "),
         );
         b.set_prefix(format!(
-            "{} {} {}c {}f",
+            "{} {} {}c {}f{}",
             r.mode,
             if bypass { "-" } else { r.sa_mode.name() },
             r.cores,
-            r.flows
+            r.flows,
+            if r.tunnels > 0 {
+                format!(
+                    " {}t {}",
+                    r.tunnels,
+                    if r.tunnel_last { "last" } else { "spread" }
+                )
+            } else {
+                String::new()
+            }
         ));
         b
     };
@@ -382,16 +403,25 @@ pub fn one(
         latency_us_p50_p90_p99_p999_max: pair.received.latency_us(),
         ceiling: ceil.cloned(),
         handoffs,
+        tunnels: r.tunnels,
+        traffic: if r.tunnels == 0 {
+            "one"
+        } else if r.tunnel_last {
+            "last"
+        } else {
+            "spread"
+        }
+        .into(),
         vs_first: None,
     })
 }
 
 pub fn table(rs: &[BenchResult]) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "| backend | mode | SA | layout | cores | flows | size | encap Mpps | encap Gbit/s | decap Mpps | decap Gbit/s | decap Mpps range (rounds) | ÷ first point (range) | encap/seal | decap/open | (seal+open)/pkt | ns/pkt (enc/dec) | latency p50/p99 µs | drops |");
+    let _ = writeln!(s, "| backend | mode | SA | layout | cores | flows | tunnels (traffic) | size | encap Mpps | encap Gbit/s | decap Mpps | decap Gbit/s | decap Mpps range (rounds) | ÷ first point (range) | encap/seal | decap/open | (seal+open)/pkt | ns/pkt (enc/dec) | latency p50/p99 µs | drops |");
     let _ = writeln!(
         s,
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rs {
         let lat = r
@@ -414,9 +444,9 @@ pub fn table(rs: &[BenchResult]) -> String {
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {:.3} | {:.2} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {:.0}/{:.0} | {} | {} |",
             r.backend,
-            r.mode, r.sa_mode, r.layout, r.cores, r.flows, r.size, r.encap.mpps, r.encap.gbps_inner, r.decap.mpps, r.decap.gbps_inner,
+            r.mode, r.sa_mode, r.layout, r.cores, r.flows, r.tunnels, r.traffic, r.size, r.encap.mpps, r.encap.gbps_inner, r.decap.mpps, r.decap.gbps_inner,
             range, ratio,
             frac(r.encap_fraction_of_seal), frac(r.decap_fraction_of_open), frac(r.core_fraction_of_seal_plus_open), r.encap.ns_per_packet, r.decap.ns_per_packet, lat, r.drops.values().sum::<u64>()
         );
@@ -471,23 +501,23 @@ pub fn plot(
     path: &Path,
 ) -> Result<()> {
     use plotters::prelude::*;
-    let series: Vec<(String, Vec<(f64, f64)>)> = ["pcpu", "shared", "loop"]
+    let series: Vec<(String, Vec<(f64, f64)>)> = ["pcpu", "shared", "loop", "spread", "last"]
         .iter()
         .map(|m| {
             let pts: Vec<(f64, f64)> = rs
                 .iter()
-                .filter(|r| {
-                    if *m == "loop" {
-                        r.mode == "loop"
-                    } else {
-                        r.mode == "ipsec" && r.sa_mode == *m
-                    }
+                .filter(|r| match *m {
+                    "loop" => r.mode == "loop",
+                    "spread" | "last" => r.mode == "ipsec" && r.traffic != "one" && r.traffic == *m,
+                    _ => r.mode == "ipsec" && r.traffic == "one" && r.sa_mode == *m,
                 })
                 .map(|r| (x_of(r), r.decap.gbps_inner))
                 .collect();
             let name = match *m {
                 "pcpu" => "espada, per-CPU SAs",
                 "shared" => "espada, one shared SA",
+                "spread" => "traffic spread over every tunnel",
+                "last" => "all traffic to the SPD's last policy",
                 _ => "plain forwarding (no IPsec)",
             };
             (name.to_string(), pts)
@@ -613,6 +643,7 @@ pub fn one_core(
                 } else {
                     4096
                 },
+                tunnels: 0,
             },
         );
         let (ws, es) = lab::sides();

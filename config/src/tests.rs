@@ -282,7 +282,7 @@ fn an_empty_core_list_is_refused() {
 #[test]
 fn an_endless_configuration_is_refused() {
     let e = load(Path::new("/dev/zero")).unwrap_err().to_string();
-    assert!(e.contains("larger than 1024 KiB"), "{e}");
+    assert!(e.contains("larger than 64 MiB"), "{e}");
 }
 
 #[test]

@@ -52,6 +52,8 @@ fn main() {
         limit: None,
         rate: None,
         imix: false,
+        tunnels: 0,
+        tunnel_last: false,
     };
     let mut generator = Generator::new(spec, red_mac, 0, Arc::new(TrafficCounters::default()));
     let mut pc = PoolCache::new(pool.clone());

@@ -9,7 +9,7 @@
 use crate::neighbor::NeighborTable;
 use crate::pool::{Pool, PoolCache};
 use crate::port::memory::{MemoryLink, Steering};
-use crate::port::traffic::{Generator, Sink, TrafficCounters, TrafficSpec};
+use crate::port::traffic::{Generator, Sink, TrafficCounters, TrafficSpec, TUNNEL_DST_BASE};
 use crate::port::PortQueue;
 use crate::worker::{GatewayShared, Side, StatsCell, Worker};
 use crossbeam_queue::ArrayQueue;
@@ -56,6 +56,11 @@ pub struct PairSpec {
     pub rate: Option<f64>,
     /// IMIX sizes instead of `size`.
     pub imix: bool,
+    /// Tunnels the traffic is spread over ([`TrafficSpec::tunnels`]; the databases must have
+    /// them: [`lab::LabOpts::tunnels`]).
+    pub tunnels: u32,
+    /// All traffic to the last tunnel.
+    pub tunnel_last: bool,
 }
 
 impl Default for PairSpec {
@@ -69,6 +74,8 @@ impl Default for PairSpec {
             ring_depth: 4096,
             rate: None,
             imix: false,
+            tunnels: 0,
+            tunnel_last: false,
         }
     }
 }
@@ -234,6 +241,8 @@ impl Pair {
             limit: spec.limit,
             rate: spec.rate,
             imix: spec.imix,
+            tunnels: spec.tunnels,
+            tunnel_last: spec.tunnel_last,
         };
         let mut ww = Vec::new();
         let mut ew = Vec::new();
@@ -251,8 +260,11 @@ impl Pair {
                 wb,
                 PoolCache::new(qpool.clone()),
             )?);
-            let sink: Box<dyn PortQueue> =
-                Box::new(Sink::new(mac::SUNRISE, sunrise, q as u16, received.clone()));
+            let mut sink = Sink::new(mac::SUNRISE, sunrise, q as u16, received.clone());
+            if spec.tunnels > 0 {
+                sink = sink.accepting_prefix(TUNNEL_DST_BASE.into(), 9);
+            }
+            let sink: Box<dyn PortQueue> = Box::new(sink);
             let eb: Box<dyn PortQueue> = match east_black.get_mut(q).and_then(Option::take) {
                 Some(x) => x,
                 None => Box::new(link.end_b(q, mac::EAST_BLACK, Steering::Rss)),
@@ -583,9 +595,14 @@ pub mod lab {
     }
 
     fn key(spi: u32, alg: Algorithm) -> KeyMaterial {
-        let b: Vec<u8> = (0..alg.key_material_len() as u32)
+        let mut b: Vec<u8> = (0..alg.key_material_len() as u32)
             .map(|i| (spi.wrapping_mul(31).wrapping_add(i * 7)) as u8)
             .collect();
+        if spi >= 0x10_0000 {
+            // The N-tunnel lab's SPIs: the whole SPI in the key (the low byte alone would
+            // repeat keys across tunnels). The lab's own SPIs keep their keys.
+            b[..4].copy_from_slice(&spi.to_be_bytes());
+        }
         KeyMaterial::new(alg, &b).unwrap()
     }
 
@@ -656,6 +673,10 @@ pub mod lab {
         pub bypass: bool,
         /// Inbound replay window (0: anti-replay off, as DPDK ipsec-secgw's default).
         pub replay_window: u32,
+        /// Tunnels (0: the lab's one, 10.1.0.0/24 ↔ 10.2.0.0/24). With N ≥ 1: tunnel k
+        /// joins 10.64.k.0/24 (as 10.64.0.0 + k·256) and 10.128.k.0/24, its policy k-th in
+        /// the SPD; east's red side routes them to sunrise ([`sides_for`]).
+        pub tunnels: u32,
     }
 
     impl Default for LabOpts {
@@ -665,6 +686,7 @@ pub mod lab {
                 alg: Algorithm::AesGcm128,
                 bypass: false,
                 replay_window: 4096,
+                tunnels: 0,
             }
         }
     }
@@ -682,22 +704,57 @@ pub mod lab {
         life: Lifetimes,
         o: LabOpts,
     ) -> (SaDb, SaDb) {
-        let w: Prefix = "10.1.0.0/24".parse().unwrap();
-        let e: Prefix = "10.2.0.0/24".parse().unwrap();
-        let mk = |name: &str, l: Prefix, r: Prefix, out: u32, inb: u32, me: &str, peer: &str| {
-            let pc = if mode == SaMode::Shared { 0 } else { pcpu };
-            let t = TunnelSas {
-                name: name.into(),
-                local_subnets: vec![l],
-                remote_subnets: vec![r],
-                outbound: group(out, pc, me, peer, life, o.alg, o.replay_window),
-                inbound: group(inb, pc, peer, me, life, o.alg, o.replay_window),
-                draining: vec![],
-                pcpu_acquires: true,
+        // (west subnet, east subnet, west's outbound SPI base, east's) of each tunnel.
+        let n = o.tunnels.min(crate::port::traffic::MAX_TUNNELS);
+        let tunnels: Vec<(Prefix, Prefix, u32, u32)> = if n == 0 {
+            vec![(
+                "10.1.0.0/24".parse().unwrap(),
+                "10.2.0.0/24".parse().unwrap(),
+                0x1000,
+                0x2000,
+            )]
+        } else {
+            use crate::port::traffic::{TUNNEL_DST_BASE, TUNNEL_SRC_BASE};
+            let net = |base: u32, k: u32| {
+                Prefix::new(std::net::Ipv4Addr::from(base + (k << 8)).into(), 24).unwrap()
             };
-            let spd = Spd {
-                policies: vec![Policy {
-                    name: name.into(),
+            (0..n)
+                .map(|k| {
+                    (
+                        net(TUNNEL_SRC_BASE, k),
+                        net(TUNNEL_DST_BASE, k),
+                        0x10_0000 + k * 64,
+                        0x80_0000 + k * 64,
+                    )
+                })
+                .collect()
+        };
+        let pc = if mode == SaMode::Shared { 0 } else { pcpu };
+        let mk = |west: bool, me: &str, peer: &str| {
+            let mut ts = Vec::with_capacity(tunnels.len());
+            let mut spd = Spd::default();
+            for (i, &(w, e, wspi, espi)) in tunnels.iter().enumerate() {
+                let (l, r, out, inb) = if west {
+                    (w, e, wspi, espi)
+                } else {
+                    (e, w, espi, wspi)
+                };
+                let name = if n == 0 {
+                    "lab".to_string()
+                } else {
+                    format!("t{i}")
+                };
+                ts.push(TunnelSas {
+                    name: name.clone(),
+                    local_subnets: vec![l],
+                    remote_subnets: vec![r],
+                    outbound: group(out, pc, me, peer, life, o.alg, o.replay_window),
+                    inbound: group(inb, pc, peer, me, life, o.alg, o.replay_window),
+                    draining: vec![],
+                    pcpu_acquires: true,
+                });
+                spd.policies.push(Policy {
+                    name,
                     selector: Selector {
                         src: l,
                         dst: r,
@@ -708,32 +765,26 @@ pub mod lab {
                     action: if o.bypass {
                         Action::Bypass
                     } else {
-                        Action::Protect(0)
+                        Action::Protect(i)
                     },
-                }],
-            };
-            SaDb::new(mode, workers, o.backend, vec![t], spd).unwrap()
+                });
+            }
+            SaDb::new(mode, workers, o.backend, ts, spd).unwrap()
         };
         (
-            mk(
-                "lab",
-                w,
-                e,
-                0x1000,
-                0x2000,
-                "192.168.100.1",
-                "192.168.100.2",
-            ),
-            mk(
-                "lab",
-                e,
-                w,
-                0x2000,
-                0x1000,
-                "192.168.100.2",
-                "192.168.100.1",
-            ),
+            mk(true, "192.168.100.1", "192.168.100.2"),
+            mk(false, "192.168.100.2", "192.168.100.1"),
         )
+    }
+
+    /// [`sides`] for `tunnels` tunnels (0: the lab's one): otherwise east's red side routes the
+    /// tunnels' subnets (10.128.0.0/9) through sunrise, which takes them all.
+    pub fn sides_for(tunnels: u32) -> (GatewaySides, GatewaySides) {
+        let (w, mut e) = sides();
+        if tunnels > 0 {
+            e.red.gateway = Some("10.2.0.10".parse().unwrap());
+        }
+        (w, e)
     }
 }
 

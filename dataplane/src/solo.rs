@@ -266,6 +266,8 @@ pub fn run(
         limit: None,
         rate: None,
         imix: spec.imix,
+        tunnels: 0,
+        tunnel_last: false,
     };
     let sent = Arc::new(TrafficCounters::default());
     let received = Arc::new(TrafficCounters::default());

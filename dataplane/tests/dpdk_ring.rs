@@ -125,6 +125,8 @@ fn the_buffer_sent_is_the_buffer_received() {
         limit: Some(16),
         rate: None,
         imix: false,
+        tunnels: 0,
+        tunnel_last: false,
     };
     let mut g = Generator::new(spec, red_mac, 0, Arc::new(TrafficCounters::default()));
     let mut frames = Vec::new();

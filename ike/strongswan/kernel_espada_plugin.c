@@ -2,7 +2,8 @@
  * kernel-espada: a charon kernel-ipsec plugin that programs the espada dataplane (issue 14).
  *
  * charon negotiates; espada carries. Each kernel-ipsec call becomes one JSON line on espada's
- * control socket (mode 0600; `espada run --control PATH`):
+ * control socket (mode 0600; `espada run --control PATH`), on a connection kept for the next
+ * calls (up to 4 idle, each reused for 5 s):
  *   add_sa    -> {"cmd":"sa","what":"add","args":{"local","remote","dir","spi","key","esn",
  *                 "replay_window"[,"cpu"]}}   (the tunnel is the one with these endpoints)
  *   query_sa  -> {"cmd":"show","what":"sa"}   (packets and bytes of the SPI)
@@ -27,6 +28,7 @@
 #include <processing/jobs/delete_ike_sa_job.h>
 
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
@@ -34,6 +36,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
 
@@ -48,6 +51,20 @@ typedef struct {
 } trap_t;
 
 #define MAX_TRAPS 32
+
+/* A connection to espada's control socket kept for the next requests: a rekey makes several
+ * in a row, and each fresh connection costs a connect, espada's accept and a thread there,
+ * and the ownership checks. espada serves up to 64 requests within 10 s on one connection, so
+ * one older than CONN_REUSE_S or with CONN_REUSE_MAX requests is closed, not reused. */
+typedef struct {
+	int fd;
+	time_t born;
+	int used;
+} conn_t;
+
+#define CONN_IDLE 4
+#define CONN_REUSE_S 5
+#define CONN_REUSE_MAX 48
 
 typedef struct private_kernel_espada_ipsec_t {
 	kernel_ipsec_t public;
@@ -65,6 +82,9 @@ typedef struct private_kernel_espada_ipsec_t {
 	/* This charon's run (random, named in every request that installs or polls): a new run
 	 * tells espada that the SAs the old one installed are orphans (charon killed). */
 	uint64_t run;
+	/* Idle connections (under the mutex: taken and put back only, never used under it). */
+	conn_t idle[CONN_IDLE];
+	int nidle;
 } private_kernel_espada_ipsec_t;
 
 /* Longest answer read (`sa acquires` after a long outage, `show sa` of many SAs). */
@@ -104,28 +124,24 @@ static bool trusted_peer(const char *path, int fd)
 	return TRUE;
 }
 
-/* One request, one answer line, on a fresh connection (control path: a few per rekey); no
- * lock is held meanwhile, and every step has a timeout. Returns the answer (malloc'd, the
- * caller frees it) or NULL, having logged why. */
-static char *request(private_kernel_espada_ipsec_t *this, const char *req)
+/* A fresh, checked connection to espada (-1 on failure, logged). */
+static int connect_espada(private_kernel_espada_ipsec_t *this)
 {
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
 	struct timeval tv = { .tv_sec = IO_TIMEOUT_S };
-	size_t got = 0, cap = 4096, want = strlen(req);
-	char *resp;
 	int fd;
 
 	if (strlen(this->socket) >= sizeof(a.sun_path))
 	{
 		DBG1(DBG_KNL, "kernel-espada: socket path too long: %s", this->socket);
-		return NULL;
+		return -1;
 	}
 	strcpy(a.sun_path, this->socket);
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 	{
 		DBG1(DBG_KNL, "kernel-espada: socket: %s", strerror(errno));
-		return NULL;
+		return -1;
 	}
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
@@ -134,20 +150,82 @@ static char *request(private_kernel_espada_ipsec_t *this, const char *req)
 		DBG1(DBG_KNL, "kernel-espada: cannot reach espada at %s: %s (is `espada run "
 			 "--control %s` running?)", this->socket, strerror(errno), this->socket);
 		close(fd);
-		return NULL;
+		return -1;
 	}
 	if (!trusted_peer(this->socket, fd))
 	{
 		close(fd);
-		return NULL;
+		return -1;
 	}
-	if (write(fd, req, want) != (ssize_t)want || write(fd, "\n", 1) != 1)
+	DBG2(DBG_KNL, "kernel-espada: new connection to espada at %s", this->socket);
+	return fd;
+}
+
+/* An idle connection young enough to reuse, or {-1}. One that espada closed meanwhile (it
+ * reads as end of file) or that has unexpected data is closed here. */
+static conn_t take_idle(private_kernel_espada_ipsec_t *this)
+{
+	conn_t c = { .fd = -1 };
+	time_t now = time(NULL);
+
+	while (TRUE)
 	{
-		DBG1(DBG_KNL, "kernel-espada: writing to espada at %s: %s", this->socket,
-			 strerror(errno));
-		close(fd);
+		struct pollfd p;
+
+		this->mutex->lock(this->mutex);
+		if (this->nidle == 0)
+		{
+			this->mutex->unlock(this->mutex);
+			return (conn_t){ .fd = -1 };
+		}
+		c = this->idle[--this->nidle];
+		this->mutex->unlock(this->mutex);
+		p = (struct pollfd){ .fd = c.fd, .events = POLLIN };
+		if (now - c.born < CONN_REUSE_S && c.used < CONN_REUSE_MAX &&
+			poll(&p, 1, 0) == 0)
+		{
+			return c;
+		}
+		close(c.fd);
+	}
+}
+
+/* Keeps a connection whose last answer was read whole, or closes it. */
+static void put_idle(private_kernel_espada_ipsec_t *this, conn_t c)
+{
+	this->mutex->lock(this->mutex);
+	if (this->nidle < CONN_IDLE && !this->destroyed)
+	{
+		this->idle[this->nidle++] = c;
+		c.fd = -1;
+	}
+	this->mutex->unlock(this->mutex);
+	if (c.fd >= 0)
+	{
+		close(c.fd);
+	}
+}
+
+/* One request and its answer line on `fd`: the answer (malloc'd), or NULL with *sent saying
+ * whether the request left at all (a connection espada closed takes no request). */
+static char *exchange(private_kernel_espada_ipsec_t *this, int fd, const char *req,
+					  bool *sent, bool quiet)
+{
+	size_t got = 0, cap = 4096, want = strlen(req);
+	char *resp;
+
+	*sent = FALSE;
+	if (send(fd, req, want, MSG_NOSIGNAL) != (ssize_t)want ||
+		send(fd, "\n", 1, MSG_NOSIGNAL) != 1)
+	{
+		if (!quiet)
+		{
+			DBG1(DBG_KNL, "kernel-espada: writing to espada at %s: %s", this->socket,
+				 strerror(errno));
+		}
 		return NULL;
 	}
+	*sent = TRUE;
 	resp = malloc(cap);
 	while (resp)
 	{
@@ -162,8 +240,7 @@ static char *request(private_kernel_espada_ipsec_t *this, const char *req)
 				DBG1(DBG_KNL, "kernel-espada: espada's answer is longer than %d bytes",
 					 MAX_ANSWER);
 				free(resp);
-				resp = NULL;
-				break;
+				return NULL;
 			}
 			resp = more;
 			cap *= 2;
@@ -175,6 +252,10 @@ static char *request(private_kernel_espada_ipsec_t *this, const char *req)
 			{
 				DBG1(DBG_KNL, "kernel-espada: reading espada's answer: %s", strerror(errno));
 			}
+			else if (got == 0 && quiet)
+			{	/* closed before it read the request: nothing was done */
+				*sent = FALSE;
+			}
 			break;
 		}
 		got += n;
@@ -183,8 +264,7 @@ static char *request(private_kernel_espada_ipsec_t *this, const char *req)
 			break;
 		}
 	}
-	close(fd);
-	if (resp && (got == 0 || !memchr(resp, '\n', got)))
+	if (resp && (got == 0 || !memchr(resp, '\n', got) || resp[got - 1] != '\n'))
 	{	/* a whole line or nothing: a cut answer may have lost acquires or expires */
 		if (got)
 		{
@@ -197,6 +277,48 @@ static char *request(private_kernel_espada_ipsec_t *this, const char *req)
 	{
 		resp[got] = '\0';
 	}
+	return resp;
+}
+
+/* One request, one answer line, on a kept connection when there is one (else a fresh one);
+ * no lock is held meanwhile, and every step has a timeout. A kept connection espada had
+ * closed (a restart, its per-connection limits) is replaced by a fresh one once, only when
+ * the request never reached espada. Returns the answer (malloc'd, the caller frees it) or
+ * NULL, having logged why. */
+static char *request(private_kernel_espada_ipsec_t *this, const char *req)
+{
+	conn_t c = take_idle(this);
+	char *resp = NULL;
+	bool sent;
+
+	if (c.fd >= 0)
+	{
+		resp = exchange(this, c.fd, req, &sent, TRUE);
+		if (!resp)
+		{
+			close(c.fd);
+			if (sent)
+			{
+				return NULL;
+			}
+		}
+	}
+	if (!resp)
+	{
+		c = (conn_t){ .fd = connect_espada(this), .born = time(NULL) };
+		if (c.fd < 0)
+		{
+			return NULL;
+		}
+		resp = exchange(this, c.fd, req, &sent, FALSE);
+		if (!resp)
+		{
+			close(c.fd);
+			return NULL;
+		}
+	}
+	c.used++;
+	put_idle(this, c);
 	return resp;
 }
 
@@ -482,6 +604,10 @@ static const char *json_str(const char *p, const char *key, char *out, size_t le
  * kernel's acquires are, with their CPU ID. */
 static void free_ipsec(private_kernel_espada_ipsec_t *this)
 {
+	while (this->nidle > 0)
+	{
+		close(this->idle[--this->nidle].fd);
+	}
 	DESTROY_IF(this->rng);
 	this->mutex->destroy(this->mutex);
 	free(this->socket);

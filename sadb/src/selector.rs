@@ -405,14 +405,53 @@ pub struct V4Rule {
 }
 
 /// The IPv4 policies of an SPD, compiled (IPv6 policies left out: they match no IPv4 packet).
+///
+/// Small SPDs are scanned in order. From [`SpdV4::SCAN_MAX`] rules on, a lookup goes through a
+/// tuple space (as Open vSwitch's classifier): rules grouped by their pair of prefix lengths,
+/// each group a hash of (masked source, masked destination) to its rules in SPD order. A
+/// packet probes each group once (a VPN concentrator's SPD of subnet pairs has one or two
+/// groups, however many tunnels), and the first match in SPD order is the smallest rule index
+/// any group finds: exactly the scan's answer (a property test checks it over random SPDs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpdV4 {
     rules: Option<Vec<V4Rule>>,
+    /// The tuple space, for SPDs of more than `SCAN_MAX` rules.
+    groups: Vec<TupleGroup>,
+}
+
+/// The rules of one pair of prefix lengths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct TupleGroup {
+    /// Source and destination masks.
+    masks: (u32, u32),
+    /// The group's smallest rule index: a group whose first rule comes after the best match
+    /// found so far cannot improve it (groups are kept in this order).
+    first: u32,
+    /// (source & mask, destination & mask) → its rules, in SPD order.
+    map: rustc_hash::FxHashMap<(u32, u32), Bucket>,
+}
+
+/// The rules of one (masked source, masked destination): the first inline (a lookup of a
+/// subnet pair reads no other memory), any others by index, ascending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bucket {
+    first: u32,
+    rule: V4Rule,
+    rest: Vec<u32>,
 }
 
 impl SpdV4 {
+    /// Up to this many rules, a lookup scans them in order (a hash probe costs more than a
+    /// few compares).
+    pub const SCAN_MAX: usize = 8;
+
     /// Compiles the IPv4 policies of `spd`, in order.
     pub fn compile(spd: &Spd) -> SpdV4 {
+        Self::compile_with(spd, Self::SCAN_MAX)
+    }
+
+    /// Like [`SpdV4::compile`], with the tuple space from `scan_max` rules on (tests).
+    pub fn compile_with(spd: &Spd, scan_max: usize) -> SpdV4 {
         let v4 = |p: &Prefix| match p.addr() {
             IpAddr::V4(a) => {
                 let m = if p.is_empty() {
@@ -426,7 +465,7 @@ impl SpdV4 {
         };
         // An IPv6 (or mixed) policy matches no IPv4 packet: leaving it out keeps the first
         // match of every IPv4 flow the same, so a dual-stack SPD still has its fast form.
-        let rules = spd
+        let rules: Vec<V4Rule> = spd
             .policies
             .iter()
             .filter_map(|p| {
@@ -440,7 +479,37 @@ impl SpdV4 {
                 })
             })
             .collect();
-        SpdV4 { rules: Some(rules) }
+        let mut groups: Vec<TupleGroup> = Vec::new();
+        if rules.len() > scan_max {
+            for (i, r) in rules.iter().enumerate() {
+                let masks = (r.src.1, r.dst.1);
+                let g = match groups.iter_mut().position(|g| g.masks == masks) {
+                    Some(g) => g,
+                    None => {
+                        groups.push(TupleGroup {
+                            masks,
+                            first: i as u32,
+                            map: Default::default(),
+                        });
+                        groups.len() - 1
+                    }
+                };
+                groups[g]
+                    .map
+                    .entry((r.src.0, r.dst.0))
+                    .and_modify(|b| b.rest.push(i as u32))
+                    .or_insert(Bucket {
+                        first: i as u32,
+                        rule: *r,
+                        rest: Vec::new(),
+                    });
+            }
+            // Groups are created in order of their first rule already.
+        }
+        SpdV4 {
+            rules: Some(rules),
+            groups,
+        }
     }
 
     /// The first matching rule's action for the reversed flow of an IPv4 packet (an inbound
@@ -486,18 +555,50 @@ impl SpdV4 {
         dport: u16,
     ) -> Option<Option<Action>> {
         let rules = self.rules.as_ref()?;
-        Some(
-            rules
-                .iter()
-                .find(|r| {
-                    src & r.src.1 == r.src.0
-                        && dst & r.dst.1 == r.dst.0
-                        && r.proto.is_none_or(|p| p == proto)
-                        && r.src_ports.contains(sport)
-                        && r.dst_ports.contains(dport)
-                })
-                .map(|r| r.action),
-        )
+        let rest = |r: &V4Rule| {
+            r.proto.is_none_or(|p| p == proto)
+                && r.src_ports.contains(sport)
+                && r.dst_ports.contains(dport)
+        };
+        if self.groups.is_empty() {
+            return Some(
+                rules
+                    .iter()
+                    .find(|r| src & r.src.1 == r.src.0 && dst & r.dst.1 == r.dst.0 && rest(r))
+                    .map(|r| r.action),
+            );
+        }
+        let mut best = u32::MAX;
+        for g in &self.groups {
+            if g.first >= best {
+                break;
+            }
+            let Some(b) = g.map.get(&(src & g.masks.0, dst & g.masks.1)) else {
+                continue;
+            };
+            if b.first >= best {
+                continue;
+            }
+            if rest(&b.rule) {
+                best = b.first;
+                continue;
+            }
+            for &i in &b.rest {
+                if i >= best {
+                    break;
+                }
+                if rules.get(i as usize).is_some_and(rest) {
+                    best = i;
+                    break;
+                }
+            }
+        }
+        Some(rules.get(best as usize).map(|r| r.action))
+    }
+
+    /// How many probes a lookup makes at most (tuple groups; 0: the rules are scanned).
+    pub fn tuple_groups(&self) -> usize {
+        self.groups.len()
     }
 }
 
@@ -526,22 +627,65 @@ impl Spd {
     }
 
     /// Pairs of policies that overlap with different actions, where the earlier one is not
-    /// entirely inside the later one.
+    /// entirely inside the later one, in order (by the earlier policy, then the later).
+    ///
+    /// Two selectors overlap only where their destination prefixes do, that is where one
+    /// contains the other: each policy looks up the policies whose destination contains its
+    /// own (one hash probe per prefix length in use), so an SPD of disjoint subnet pairs is
+    /// checked in linear time, not by comparing every pair (10 000 tunnels: 50 million pairs).
     pub fn conflicts(&self) -> Vec<Conflict> {
+        fn masked(p: &Prefix, len: u8) -> (bool, u8, u128) {
+            let (v6, bits, width) = match p.addr() {
+                IpAddr::V4(a) => (false, u32::from(a) as u128, 32u32),
+                IpAddr::V6(a) => (true, u128::from(a), 128),
+            };
+            let keep = len as u32;
+            let m = if keep == 0 {
+                0
+            } else {
+                (u128::MAX << (width - keep)) & (u128::MAX >> (128 - width))
+            };
+            (v6, len, bits & m)
+        }
+        let mut by_dst: rustc_hash::FxHashMap<(bool, u8, u128), Vec<usize>> = Default::default();
+        let mut lens: Vec<(bool, u8)> = Vec::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            let d = &p.selector.dst;
+            let key = masked(d, d.len());
+            by_dst.entry(key).or_default().push(i);
+            if !lens.contains(&(key.0, key.1)) {
+                lens.push((key.0, key.1));
+            }
+        }
         let mut out = Vec::new();
-        for (i, a) in self.policies.iter().enumerate() {
-            for (j, b) in self.policies.iter().enumerate().skip(i + 1) {
-                if a.action != b.action
-                    && a.selector.overlaps(&b.selector)
-                    && !b.selector.covers(&a.selector)
-                {
-                    out.push(Conflict {
-                        first: i,
-                        second: j,
-                    });
+        for (j, b) in self.policies.iter().enumerate() {
+            let d = &b.selector.dst;
+            let v6 = d.addr().is_ipv6();
+            for &(fam, l) in &lens {
+                if fam != v6 || l > d.len() {
+                    continue;
+                }
+                let Some(cands) = by_dst.get(&masked(d, l)) else {
+                    continue;
+                };
+                for &i in cands {
+                    // Each unordered pair once: from its more specific destination, or, for
+                    // equal destinations, from the later policy.
+                    if l == d.len() && i >= j {
+                        continue;
+                    }
+                    let (first, second) = (i.min(j), i.max(j));
+                    let (a, c) = (&self.policies[first], &self.policies[second]);
+                    if a.action != c.action
+                        && a.selector.overlaps(&c.selector)
+                        && !c.selector.covers(&a.selector)
+                    {
+                        out.push(Conflict { first, second });
+                    }
                 }
             }
         }
+        out.sort_unstable_by_key(|c| (c.first, c.second));
         out
     }
 }
@@ -725,6 +869,156 @@ mod test {
             let want = spd.lookup(&f).map(|p| p.action);
             proptest::prop_assert_eq!(v4.lookup(src, dst, proto, sport, dport), Some(want));
         }
+    }
+
+    /// A random IPv4 policy drawn from a few nested and overlapping prefixes, protocols, port
+    /// ranges and actions (so random flows hit several policies at once).
+    fn random_policy() -> impl proptest::strategy::Strategy<Value = Policy> {
+        use proptest::prelude::*;
+        let prefix = (0usize..8, 0u32..4).prop_map(|(k, low)| {
+            let (net, len): (u32, u8) = [
+                (0x0a00_0000, 8),
+                (0x0a01_0000, 16),
+                (0x0a01_0000, 24),
+                (0x0a01_0100, 24),
+                (0x0a01_0100, 32),
+                (0x0a02_0000, 16),
+                (0x0a02_0000, 24),
+                (0, 0),
+            ][k];
+            let net = if len >= 24 && len < 32 {
+                net | (low << 8)
+            } else {
+                net
+            };
+            Prefix::new(IpAddr::V4(net.into()), len).unwrap()
+        });
+        let ports = prop_oneof![
+            Just(PortRange::ANY),
+            (0u16..8).prop_map(|a| PortRange {
+                lo: 1000 + a,
+                hi: 1003 + a
+            }),
+        ];
+        let action = prop_oneof![
+            (0usize..3).prop_map(Action::Protect),
+            Just(Action::Bypass),
+            Just(Action::Discard),
+        ];
+        (
+            prefix.clone(),
+            prefix,
+            proptest::option::of(proptest::sample::select(vec![6u8, 17])),
+            ports.clone(),
+            ports,
+            action,
+        )
+            .prop_map(|(src, dst, proto, src_ports, dst_ports, action)| Policy {
+                name: "p".into(),
+                selector: Selector {
+                    src,
+                    dst,
+                    proto,
+                    src_ports,
+                    dst_ports,
+                },
+                action,
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Issue 26: the tuple space answers every flow exactly as the ordered SPD's first
+        /// match, over random SPDs of overlapping policies (and so does the scan).
+        #[test]
+        fn tuple_space_lookup_is_the_first_match_in_order(
+            policies in proptest::collection::vec(random_policy(), 0..40),
+            flows in proptest::collection::vec(
+                (0u32..4, 0u32..1024, 0u32..4, 0u32..1024, proptest::sample::select(vec![1u8, 6, 17]), 998u16..1014, 998u16..1014),
+                64),
+        ) {
+            let spd = Spd { policies };
+            let tuple = SpdV4::compile_with(&spd, 0);
+            let scan = SpdV4::compile_with(&spd, usize::MAX);
+            proptest::prop_assert!(spd.policies.is_empty() || tuple.tuple_groups() > 0);
+            proptest::prop_assert_eq!(scan.tuple_groups(), 0);
+            for (sn, sh, dn, dh, proto, sport, dport) in flows {
+                let base = [0x0a01_0000u32, 0x0a02_0000, 0x0a00_0000, 0xc0a8_0000];
+                let src = base[sn as usize] | sh;
+                let dst = base[dn as usize] | dh;
+                let f = FlowKey {
+                    src: IpAddr::V4(src.into()),
+                    dst: IpAddr::V4(dst.into()),
+                    proto,
+                    src_port: sport,
+                    dst_port: dport,
+                };
+                let want = spd.lookup(&f).map(|p| p.action);
+                proptest::prop_assert_eq!(tuple.lookup(src, dst, proto, sport, dport), Some(want));
+                proptest::prop_assert_eq!(scan.lookup(src, dst, proto, sport, dport), Some(want));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Issue 26: the indexed conflict check finds exactly the pairs the pairwise one does,
+        /// in the same order (IPv6 policies mixed in).
+        #[test]
+        fn indexed_conflicts_equal_the_pairwise_check(
+            policies in proptest::collection::vec(random_policy(), 0..40),
+            v6 in proptest::collection::vec(proptest::prelude::any::<bool>(), 40),
+        ) {
+            let mut spd = Spd { policies };
+            for (p, six) in spd.policies.iter_mut().zip(v6) {
+                if six {
+                    // The same nesting, inside 2001:db8::/32.
+                    let IpAddr::V4(a) = p.selector.dst.addr() else { continue };
+                    let addr = (0x2001_0db8u128 << 96) | ((u32::from(a) as u128) << 64);
+                    p.selector.dst = Prefix::new(IpAddr::V6(addr.into()), 32 + p.selector.dst.len()).unwrap();
+                    p.selector.src = Prefix::any(true);
+                }
+            }
+            let mut want = Vec::new();
+            for (i, a) in spd.policies.iter().enumerate() {
+                for (j, b) in spd.policies.iter().enumerate().skip(i + 1) {
+                    if a.action != b.action && a.selector.overlaps(&b.selector) && !b.selector.covers(&a.selector) {
+                        want.push(Conflict { first: i, second: j });
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(spd.conflicts(), want);
+        }
+    }
+
+    #[test]
+    fn ten_thousand_subnet_pairs_take_one_probe() {
+        let policies = (0..10_000u32)
+            .map(|i| Policy {
+                name: format!("t{i}"),
+                selector: Selector {
+                    src: Prefix::new(IpAddr::V4((0x0a00_0000 | (i << 8)).into()), 24).unwrap(),
+                    dst: Prefix::new(IpAddr::V4((0xac00_0000 | (i << 8)).into()), 24).unwrap(),
+                    proto: None,
+                    src_ports: PortRange::ANY,
+                    dst_ports: PortRange::ANY,
+                },
+                action: Action::Protect(i as usize),
+            })
+            .collect();
+        let v4 = SpdV4::compile(&Spd { policies });
+        assert_eq!(v4.tuple_groups(), 1);
+        assert_eq!(
+            v4.lookup(
+                0x0a00_0000 | (9_999 << 8) | 5,
+                0xac00_0000 | (9_999 << 8) | 7,
+                17,
+                1,
+                2
+            ),
+            Some(Some(Action::Protect(9_999)))
+        );
+        assert_eq!(v4.lookup(0x0b00_0000, 0xac00_0000, 17, 1, 2), Some(None));
     }
 
     #[test]

@@ -119,6 +119,16 @@ impl<V> SpiMap<V> {
         self.spis.iter().copied().zip(self.vals.iter_mut())
     }
 
+    /// The `(spi, value)` pairs from position `start` of the map's (arbitrary, stable between
+    /// changes) order: a caller walking a large map a slice at a time.
+    pub fn iter_mut_from(&mut self, start: usize) -> impl Iterator<Item = (u32, &mut V)> {
+        let s = start.min(self.vals.len());
+        self.spis[s..]
+            .iter()
+            .copied()
+            .zip(self.vals[s..].iter_mut())
+    }
+
     /// Every value.
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.vals.iter()

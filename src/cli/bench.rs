@@ -64,9 +64,19 @@ pub struct BenchArgs {
     /// Cipher: aes-gcm-128 or aes-gcm-256.
     #[arg(long, default_value = "aes-gcm-128", value_parser = ["aes-gcm-128", "aes-gcm-256"])]
     cipher: String,
+    /// Tunnels in both gateways' SPDs (1..=16384; 0: the lab's one tunnel). Tunnel k joins
+    /// 10.64.0.0/24 + k·256 and 10.128.0.0/24 + k·256 with its own SAs, its policy k-th in
+    /// the SPD; packet i goes to tunnel i mod N (see --tunnel-last).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16384))]
+    tunnels: u32,
+    /// With --tunnels: every packet to the last tunnel, whose policy is the SPD's last.
+    #[arg(long)]
+    tunnel_last: bool,
     /// Sweep `cores` (1..=--max-cores) or `flows` (1, 2, 4, 16, 64, 256) for pcpu, shared and
-    /// loop modes, writing table, CSV, JSON and plots to --out.
-    #[arg(long, value_parser = ["cores", "flows"])]
+    /// loop modes, or `tunnels` (1, 100, 1000, 10000 tunnels, --cores workers, traffic spread
+    /// over every tunnel and all to the last policy, each point ÷ 1 tunnel), writing table,
+    /// CSV, JSON and plots to --out.
+    #[arg(long, value_parser = ["cores", "flows", "tunnels"])]
     sweep: Option<String>,
     /// Largest core count of a cores sweep (default: every online core, shared layout).
     #[arg(long)]
@@ -210,6 +220,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                 cores: a.cores.max(1),
                 flows: a.flows,
                 layout: layout_for(a.cores.max(1))?,
+                tunnels: a.tunnels,
+                tunnel_last: a.tunnel_last,
             };
             if compare_all {
                 // Every backend in one invocation, each with its own ceiling.
@@ -249,13 +261,35 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
                         cores,
                         flows,
                         layout: Layout::Shared,
+                        tunnels: a.tunnels,
+                        tunnel_last: a.tunnel_last,
                     };
                     plan.push((r, backend, ceil.clone()));
                     base.push(Some(first));
                 }
             }
         }
-        Some(s) => bail!("--sweep must be cores or flows, got {s}"),
+        Some("tunnels") => {
+            // Issue 26: the per-packet cost must not grow with the SPD. Both traffic shapes,
+            // each point ÷ the same shape's 1-tunnel point of the same round.
+            for last in [false, true] {
+                let first = plan.len();
+                for n in [1u32, 100, 1000, 10_000] {
+                    let r = Run {
+                        mode: "ipsec".into(),
+                        sa_mode,
+                        cores: a.cores.max(1),
+                        flows: a.flows,
+                        layout: layout_for(a.cores.max(1))?,
+                        tunnels: n,
+                        tunnel_last: last,
+                    };
+                    plan.push((r, backend, ceil.clone()));
+                    base.push(Some(first));
+                }
+            }
+        }
+        Some(s) => bail!("--sweep must be cores, flows or tunnels, got {s}"),
     }
     let rounds = a.rounds.max(1) as usize;
     let mut measured: Vec<Vec<BenchResult>> = Vec::with_capacity(rounds);
@@ -280,6 +314,22 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     let results = fold_rounds(&measured, |i| base[i]);
     let t = table(&results);
     print!("{t}");
+    if a.sweep.as_deref() == Some("tunnels") {
+        for r in results.iter().filter(|r| r.tunnels > 1) {
+            if let Some(v) = r.vs_first {
+                println!(
+                    "{} tunnels, traffic {} ÷ 1 tunnel: {:.2}× (median of {} interleaved round{}; {:.2}–{:.2})",
+                    r.tunnels,
+                    if r.traffic == "last" { "all to the last policy" } else { "spread over every tunnel" },
+                    v.median,
+                    r.rounds_mpps.len(),
+                    if r.rounds_mpps.len() == 1 { "" } else { "s" },
+                    v.min,
+                    v.max
+                );
+            }
+        }
+    }
     if a.sweep.as_deref() == Some("cores") {
         for r in results.iter().filter(|r| r.cores > 1) {
             if let Some(v) = r.vs_first {
@@ -316,10 +366,10 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             base.with_extension("json"),
             serde_json::to_string_pretty(&results)? + "\n",
         )?;
-        let (xf, xl): (fn(&BenchResult) -> f64, &str) = if kind == "cores" {
-            (|r| r.cores as f64, "worker cores per gateway")
-        } else {
-            (|r| r.flows as f64, "flows per core")
+        let (xf, xl): (fn(&BenchResult) -> f64, &str) = match kind {
+            "cores" => (|r| r.cores as f64, "worker cores per gateway"),
+            "tunnels" => (|r| r.tunnels as f64, "tunnels (SPD policies)"),
+            _ => (|r| r.flows as f64, "flows per core"),
         };
         let title = format!(
             "espada {} B, {} via {}: throughput vs {kind}",

@@ -1122,3 +1122,59 @@ fn a_shared_sa_reaches_the_wire_in_sequence_order() {
         reorder_depth(&par)
     );
 }
+
+/// Issue 26: the N-tunnel lab (every tunnel its own subnets, SAs and policy; the SPD compiled
+/// to a tuple space) delivers every packet spread over 300 tunnels, each tunnel's SAs carrying
+/// its share on both gateways, and all of it to the last policy.
+#[test]
+fn traffic_spread_over_many_tunnels_arrives_on_each_tunnel_s_sas() {
+    for last in [false, true] {
+        let (wdb, edb) = lab::dbs_opts(
+            1,
+            1,
+            SaMode::PerCpu,
+            Lifetimes::default(),
+            lab::LabOpts {
+                tunnels: 300,
+                ..Default::default()
+            },
+        );
+        assert_eq!(wdb.spd_v4.tuple_groups(), 1);
+        let (ws, es) = lab::sides_for(300);
+        let mut p = Pair::new(
+            wdb,
+            edb,
+            ws,
+            es,
+            PairSpec {
+                workers: 1,
+                size: 128,
+                flows: 4,
+                limit: Some(3_000),
+                ring_depth: 4096,
+                tunnels: 300,
+                tunnel_last: last,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        p.drain();
+        assert_eq!(p.received.packets(), 3_000, "last = {last}");
+        assert_eq!(
+            total(&p.west).drops.total() + total(&p.east).drops.total(),
+            0
+        );
+        let per_sa: Vec<u64> = p.west.workers[0]
+            .sas()
+            .outbound_sas()
+            .map(|s| s.counters.packets)
+            .collect();
+        let used = per_sa.iter().filter(|n| **n > 0).count();
+        if last {
+            assert_eq!(used, 1);
+        } else {
+            assert_eq!(used, 300, "{per_sa:?}");
+            assert!(per_sa.iter().all(|n| *n == 10));
+        }
+    }
+}

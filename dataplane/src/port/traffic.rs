@@ -35,7 +35,26 @@ pub struct TrafficSpec {
     pub rate: Option<f64>,
     /// IMIX: inner sizes 64, 594 and 1518 bytes in the ratio 7:4:1 (overrides `size`).
     pub imix: bool,
+    /// Tunnels the traffic goes to (0: `src` to `dst`). With N ≥ 1, packet i goes to
+    /// tunnel k = i mod N (or N − 1 only, with `tunnel_last`): from [`tunnel_host`]`(SRC, k)`
+    /// to [`tunnel_host`]`(DST, k)`, the subnets of `pair::lab`'s N tunnels.
+    pub tunnels: u32,
+    /// Every packet to the last of the `tunnels` (its policy is the SPD's last).
+    pub tunnel_last: bool,
 }
+
+/// Host 10 of tunnel `k`'s /24 on side `base` ([`TUNNEL_SRC_BASE`] or [`TUNNEL_DST_BASE`]).
+#[inline]
+pub fn tunnel_host(base: u32, k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(base + (k << 8) + 10)
+}
+
+/// West's subnets of the N-tunnel lab: 10.64.0.0/24, 10.64.1.0/24, … (up to 16 384 tunnels).
+pub const TUNNEL_SRC_BASE: u32 = 0x0a40_0000;
+/// East's subnets of the N-tunnel lab: 10.128.0.0/24, 10.128.1.0/24, …
+pub const TUNNEL_DST_BASE: u32 = 0x0a80_0000;
+/// Most tunnels of the N-tunnel lab.
+pub const MAX_TUNNELS: u32 = 16_384;
 
 /// IMIX pattern (7 × 64, 4 × 594, 1 × 1518), interleaved.
 const IMIX: [usize; 12] = [64, 594, 64, 64, 594, 64, 1518, 64, 594, 64, 594, 64];
@@ -203,9 +222,23 @@ impl Generator {
         eth.set_src_addr(self.spec.src_mac);
         eth.set_ethertype(ethernet::ethertype::IPV4);
         let ip = &mut d[ethernet::HEADER_LEN..];
+        let (src, dst) = if self.spec.tunnels > 0 {
+            let n = self.spec.tunnels.min(MAX_TUNNELS);
+            let k = if self.spec.tunnel_last {
+                n - 1
+            } else {
+                (self.next_seq % n as u64) as u32
+            };
+            (
+                tunnel_host(TUNNEL_SRC_BASE, k),
+                tunnel_host(TUNNEL_DST_BASE, k),
+            )
+        } else {
+            (self.spec.src, self.spec.dst)
+        };
         let r = ipv4::Repr {
-            src: self.spec.src,
-            dst: self.spec.dst,
+            src,
+            dst,
             protocol: 17,
             payload_len: size - 20,
             ttl: 64,
@@ -299,6 +332,8 @@ pub struct Sink {
     counters: Arc<TrafficCounters>,
     stats: PortStats,
     hist: Histogram<u64>,
+    /// Which bits of a packet's destination must equal `dst`'s.
+    dst_mask: u32,
 }
 
 impl Sink {
@@ -314,7 +349,20 @@ impl Sink {
             counters,
             stats: PortStats::default(),
             hist,
+            dst_mask: u32::MAX,
         }
+    }
+
+    /// Also accepts packets to any address `dst` shares its first `len` bits with (the hosts
+    /// of the N-tunnel lab's subnets).
+    pub fn accepting_prefix(mut self, dst: Ipv4Addr, len: u8) -> Sink {
+        self.dst = dst;
+        self.dst_mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - len.min(32) as u32)
+        };
+        self
     }
 
     fn merge(&mut self) {
@@ -338,7 +386,8 @@ impl Sink {
             return None;
         }
         let ip = ipv4::Packet::new_checked(eth.payload()).ok()?;
-        if !ip.verify_checksum() || ip.dst_addr() != self.dst || ip.protocol() != 17 {
+        let to_us = (u32::from(ip.dst_addr()) ^ u32::from(self.dst)) & self.dst_mask == 0;
+        if !ip.verify_checksum() || !to_us || ip.protocol() != 17 {
             return None;
         }
         let p = ip.payload();

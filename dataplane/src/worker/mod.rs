@@ -111,6 +111,10 @@ impl Side {
     }
 }
 
+/// How often a worker publishes its SA counters at most (`show sa`, metrics, charon's
+/// `query_sa`).
+pub const SA_PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Everything a worker needs that is the same for all workers of a gateway.
 #[derive(Debug, Clone)]
 pub struct GatewayShared {
@@ -190,6 +194,8 @@ pub struct Worker {
     black_memo: Option<(IpAddr, MacAddr)>,
     /// The previous SA statistics while new ones are published (reused, never freed).
     sa_scratch: Vec<SaStat>,
+    /// When the SA counters were last published (every [`SA_PUBLISH_EVERY`] at most).
+    sa_published: Option<Instant>,
     /// Packets waiting for their next hop ([`hold`]), made with room for [`hold::HOLD_MAX`].
     held: Vec<(PktBuf, hold::Held, u64)>,
     /// Burst latency (first receive to last transmit of a poll), sampled every 16th busy poll.
@@ -246,6 +252,7 @@ impl Worker {
             black_memo: None,
             held: Vec::with_capacity(hold::HOLD_MAX),
             sa_scratch: Vec::new(),
+            sa_published: None,
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
                 .expect("valid bounds"),
@@ -410,7 +417,15 @@ impl Worker {
             }
             // Held packets that waited too long are dropped (no-neighbor).
             self.release_held();
-            self.publish_sa_stats();
+            // A few times a second is what readers need; with thousands of SAs a publication
+            // costs a millisecond or two, so not every 256 polls.
+            if self
+                .sa_published
+                .is_none_or(|t| t.elapsed() >= SA_PUBLISH_EVERY)
+            {
+                self.sa_published = Some(Instant::now());
+                self.publish_sa_stats();
+            }
         }
         // Reporters read a few times a second: publishing every 16th poll keeps the stores
         // (and the cache line traffic to the reader) off most bursts.

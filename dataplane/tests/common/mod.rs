@@ -119,6 +119,8 @@ pub fn drive_west_gateway(
         limit: Some(n),
         rate: Some(50_000.0),
         imix: false,
+        tunnels: 0,
+        tunnel_last: false,
     };
     let mut generator = Generator::new(
         spec,

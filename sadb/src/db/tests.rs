@@ -471,3 +471,97 @@ fn an_sa_keeps_its_counters_after_its_workers_move_on() {
     assert_eq!(r, vec![(0x100, 7, 700)]);
     assert_eq!((st.last_seq(), st.last_use()), (7, 1234));
 }
+
+/// Issue 26: with more tunnels than one lifetime check looks at (LIFETIME_CHUNK), the checks
+/// walk the SAs a slice at a time and every SA's lifetime still fires, within
+/// ceil(tunnels / chunk) calls; none fires twice.
+#[test]
+fn lifetimes_of_thousands_of_tunnels_are_checked_a_slice_at_a_time() {
+    let n = LIFETIME_CHUNK * 2 + 100;
+    let life = Lifetimes {
+        soft: Limits {
+            seconds: Some(10),
+            ..Default::default()
+        },
+        hard: Limits::default(),
+    };
+    let mut tunnels = Vec::new();
+    let mut spd = Spd::default();
+    for i in 0..n as u32 {
+        let mk = |spi: u32| {
+            let mut k = [0u8; 20];
+            k[..4].copy_from_slice(&spi.to_be_bytes());
+            SaSpec::new(
+                spi,
+                KeyMaterial::new(Algorithm::AesGcm128, &k).unwrap(),
+                true,
+                4096,
+                life,
+                ep(4500),
+                None,
+            )
+        };
+        let l: crate::selector::Prefix = format!("10.{}.{}.0/24", i >> 8, i & 255).parse().unwrap();
+        let r: crate::selector::Prefix = format!("172.{}.{}.0/24", 16 + (i >> 8), i & 255)
+            .parse()
+            .unwrap();
+        tunnels.push(TunnelSas {
+            name: format!("t{i}"),
+            local_subnets: vec![l],
+            remote_subnets: vec![r],
+            outbound: PerCpuSaGroup {
+                fallback: mk(0x10_0000 + i),
+                per_cpu: vec![],
+            },
+            inbound: PerCpuSaGroup {
+                fallback: mk(0x80_0000 + i),
+                per_cpu: vec![],
+            },
+            draining: vec![],
+            pcpu_acquires: true,
+        });
+        spd.policies.push(Policy {
+            name: format!("t{i}"),
+            selector: Selector {
+                src: l,
+                dst: r,
+                proto: None,
+                src_ports: PortRange::ANY,
+                dst_ports: PortRange::ANY,
+            },
+            action: Action::Protect(i as usize),
+        });
+    }
+    let d = Arc::new(SaDb::new(SaMode::Shared, 1, Backend::Ring, tunnels, spd).unwrap());
+    let mut c = CoreSas::new(0, d, 1000).unwrap();
+    let q = EventQueue::new(4 * n);
+    let calls = n.div_ceil(LIFETIME_CHUNK);
+    let mut per_call = Vec::new();
+    for _ in 0..calls {
+        c.check_lifetimes(1011, &q);
+        per_call.push(q.len());
+    }
+    let evs: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+    let out: HashSet<u32> = evs
+        .iter()
+        .filter(|e| e.dir == Direction::Outbound && e.stage == Stage::Soft)
+        .map(|e| e.spi)
+        .collect();
+    let inb: HashSet<u32> = evs
+        .iter()
+        .filter(|e| e.dir == Direction::Inbound && e.stage == Stage::Soft)
+        .map(|e| e.spi)
+        .collect();
+    assert_eq!(
+        (out.len(), inb.len(), evs.len()),
+        (n, n, 2 * n),
+        "{per_call:?}"
+    );
+    // A slice per call: the first call saw at most a chunk of each direction.
+    assert!(per_call[0] <= 2 * LIFETIME_CHUNK, "{per_call:?}");
+    // Another round raises nothing new (soft fires once per SA).
+    for _ in 0..calls {
+        c.check_lifetimes(1012, &q);
+    }
+    assert_eq!(q.len(), 0);
+}
