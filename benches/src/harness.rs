@@ -763,6 +763,8 @@ mod tests {
             decap_fraction_of_open: None,
             core_fraction_of_seal_plus_open: None,
             handoffs: 0,
+            tunnels: 0,
+            traffic: "one".into(),
             rounds_mpps: vec![mpps],
             vs_first: None,
         }

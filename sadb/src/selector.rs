@@ -886,7 +886,7 @@ mod test {
                 (0x0a02_0000, 24),
                 (0, 0),
             ][k];
-            let net = if len >= 24 && len < 32 {
+            let net = if (24..32).contains(&len) {
                 net | (low << 8)
             } else {
                 net

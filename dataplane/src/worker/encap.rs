@@ -37,6 +37,17 @@ impl Worker {
         }
         if nheld > 0 {
             held[..nheld].sort_unstable_by_key(|o| o.as_ref().map(|o| Arc::as_ptr(o) as usize));
+            // One lock taken once, even if two tunnels ever named it (a spin lock taken twice
+            // by one core would never come free).
+            for i in 1..nheld {
+                if held[i - 1]
+                    .as_ref()
+                    .zip(held[i].as_ref())
+                    .is_some_and(|(a, b)| Arc::ptr_eq(a, b))
+                {
+                    held[i - 1] = None;
+                }
+            }
             for o in held[..nheld].iter().flatten() {
                 if o.lock() {
                     self.stats.order_waits += 1;
