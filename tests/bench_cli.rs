@@ -118,6 +118,47 @@ fn sweep_writes_table_csv_json_and_plots() {
     assert!(svg.contains("<svg") && svg.contains("per-CPU SAs"));
 }
 
+/// Issue 26: a run over 2000 tunnels (each its own subnets, SAs and policy) accounts for every
+/// packet and says what it measured.
+#[test]
+fn a_run_over_thousands_of_tunnels_accounts_for_every_packet() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("out.json");
+    for last in [false, true] {
+        let mut args = vec![
+            "bench",
+            "--tunnels",
+            "2000",
+            "--duration",
+            "0.5",
+            "--size",
+            "64",
+            "--quiet",
+            "--json",
+            j.to_str().unwrap(),
+        ];
+        if last {
+            args.push("--tunnel-last");
+        }
+        let (code, out, err) = espada(&args);
+        assert_eq!(code, 0, "{out}{err}");
+        let traffic = if last { "last" } else { "spread" };
+        assert!(out.contains(&format!("| 2000 ({traffic}) |")), "{out}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+        assert_eq!(
+            (v["tunnels"].as_u64(), v["traffic"].as_str()),
+            (Some(2000), Some(traffic))
+        );
+        let (sent, received) = (v["sent"].as_u64().unwrap(), v["received"].as_u64().unwrap());
+        assert!(
+            sent > 0 && received == sent,
+            "sent {sent} received {received}: {v}"
+        );
+        assert!(v["drops"].as_object().unwrap().is_empty(), "{v}");
+    }
+}
+
 #[test]
 fn bad_options_are_refused_clearly() {
     let (code, _, err) = espada(&["bench", "--size", "10"]);
@@ -137,10 +178,16 @@ fn bad_options_are_refused_clearly() {
     let (code, _, err) = espada(&["bench", "--layout", "one-core", "--rounds", "3"]);
     assert_ne!(code, 0);
     assert!(err.contains("no --sweep, --rounds"), "{err}");
+    let (code, _, err) = espada(&["bench", "--tunnels", "20000"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("invalid value '20000' for '--tunnels <TUNNELS>'"),
+        "{err}"
+    );
     let (_, _, err) = espada(&["bench", "--sweep", "moons"]);
     assert!(
         err.contains("invalid value 'moons' for '--sweep <SWEEP>'")
-            && err.contains("[possible values: cores, flows]"),
+            && err.contains("[possible values: cores, flows, tunnels]"),
         "{err}"
     );
 }
