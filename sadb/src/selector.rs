@@ -555,19 +555,39 @@ impl SpdV4 {
         dport: u16,
     ) -> Option<Option<Action>> {
         let rules = self.rules.as_ref()?;
+        if self.groups.is_empty() {
+            return Some(
+                rules
+                    .iter()
+                    .find(|r| {
+                        src & r.src.1 == r.src.0
+                            && dst & r.dst.1 == r.dst.0
+                            && r.proto.is_none_or(|p| p == proto)
+                            && r.src_ports.contains(sport)
+                            && r.dst_ports.contains(dport)
+                    })
+                    .map(|r| r.action),
+            );
+        }
+        self.lookup_tuples(rules, src, dst, proto, sport, dport)
+    }
+
+    /// The tuple-space half of [`SpdV4::lookup`] (out of line: small SPDs never come here).
+    #[inline(never)]
+    fn lookup_tuples(
+        &self,
+        rules: &[V4Rule],
+        src: u32,
+        dst: u32,
+        proto: u8,
+        sport: u16,
+        dport: u16,
+    ) -> Option<Option<Action>> {
         let rest = |r: &V4Rule| {
             r.proto.is_none_or(|p| p == proto)
                 && r.src_ports.contains(sport)
                 && r.dst_ports.contains(dport)
         };
-        if self.groups.is_empty() {
-            return Some(
-                rules
-                    .iter()
-                    .find(|r| src & r.src.1 == r.src.0 && dst & r.dst.1 == r.dst.0 && rest(r))
-                    .map(|r| r.action),
-            );
-        }
         let mut best = u32::MAX;
         for g in &self.groups {
             if g.first >= best {
