@@ -349,9 +349,14 @@ def main():
         print(f"IKE SA rekeyed: {ike(b)} -> {ike(a)}", flush=True)
         counters_agree(g, "after the rekeys", least=2)
         if os.environ.get("LAB_IKE_LONG", "1") == "1":
-            li.long_rekeys()
+            def out_drops():
+                st = kp.xfrm_stat(g)
+                return {k: v for k, v in st.items() if k.startswith("XfrmOut")}
+            li.long_rekeys(peer_drops=out_drops)
             li.traffic(udp=20, tcp=32 << 10)
-            counters_agree(g, "after the long stream", least=2)
+            # SAs churn right after the stream (the shipped lifetimes are loaded again): at
+            # least one SA with traffic to compare.
+            counters_agree(g, "after the long stream", least=1)
         print("guest$ swanctl --list-sas (end)\n" + guest_swanctl(g, "--list-sas").strip(), flush=True)
         kp.check_black_capture(*dump)
         dump = None

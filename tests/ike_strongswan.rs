@@ -187,6 +187,13 @@ fn espada_with_charon_against_the_linux_per_cpu_gateway() {
         "{text}"
     );
     if std::env::var("LAB_IKE_LONG").map_or(true, |v| v != "0") {
-        assert!(text.contains("0 and 0 lost"), "{text}");
+        // Nothing lost, or (east->west only) what the Linux peer's kernel counted as its own
+        // send drops (XfrmOutStateInvalid: it sent on an SA charon was deleting after a rekey).
+        assert!(
+            text.contains("60000/60000, east->west")
+                && (text.contains("(0 and 0 lost")
+                    || text.contains("all counted by the peer's kernel as its own send drops")),
+            "{text}"
+        );
     }
 }
