@@ -609,6 +609,8 @@ impl CounterBook {
 #[derive(Debug)]
 pub struct SaDbHandle {
     current: ArcSwap<SaDb>,
+    /// `current`'s generation, stored after it: what a worker checks every poll.
+    gen: AtomicU64,
     book: Mutex<CounterBook>,
 }
 
@@ -627,6 +629,7 @@ impl SaDbHandle {
         let mut book = CounterBook::default();
         book.adopt(&mut db);
         Ok(Arc::new(SaDbHandle {
+            gen: AtomicU64::new(db.generation),
             current: ArcSwap::from_pointee(db),
             book: Mutex::new(book),
         }))
@@ -638,10 +641,10 @@ impl SaDbHandle {
         self.current.load_full()
     }
 
-    /// The current generation (one atomic load and no reference count change).
+    /// The current generation (one atomic load: workers check it every poll).
     #[inline]
     pub fn generation(&self) -> u64 {
-        self.current.load().generation
+        self.gen.load(Ordering::Acquire)
     }
 
     /// Changes the database with `f` on a copy of the current snapshot and publishes it with the
@@ -656,6 +659,7 @@ impl SaDbHandle {
         book.adopt(&mut next);
         let g = next.generation;
         self.current.store(Arc::new(next));
+        self.gen.store(g, Ordering::Release);
         Ok(g)
     }
 
