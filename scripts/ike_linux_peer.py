@@ -375,13 +375,7 @@ def main():
                 charon.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 charon.kill()
-        w = getattr(A, "west", None)
-        if w and w.poll() is None:
-            w.terminate()
-            try:
-                w.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        kp.stop_west()
         g = getattr(A, "guest", None)
         if g:
             g.stop()

@@ -16,17 +16,9 @@ impl Worker {
             &mut s.red_tx,
             &mut s.drops,
         );
-        send(
-            &mut *self.black,
-            &mut self.pool,
-            &mut self.black_tx,
-            &mut s.black_tx,
-            &mut s.drops,
-        );
+        self.transmit_black();
     }
-}
 
-impl Worker {
     /// Sends black's transmit list now (a burst on a shared SA kept in wire order leaves
     /// before its lock is let go).
     #[inline(always)]
