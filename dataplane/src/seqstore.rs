@@ -6,9 +6,15 @@
 //! `<key fingerprint, 32 hex digits> <highest reserved sequence number> <spi in hex>`. A key is
 //! named by its fingerprint ([`espada_sadb::db::key_fingerprint`], an HMAC of the key), not by
 //! SPI, and every other gateway's file in the directory is read too: a renamed gateway or a
-//! moved SPI resumes above what the key already sent. The file is rewritten whole (temporary file, `fsync`, `rename`, `fsync` of
-//! the directory) *before* a new limit is granted to the workers, so after any crash the next
-//! run starts above every number the previous one could have used. A run that cannot write it
+//! moved SPI resumes above what the key already sent. A new limit is durable *before* it is
+//! granted to the workers, so after any crash the next run starts above every number the
+//! previous one could have used: the limits that changed are appended (one line each, `fsync`),
+//! and a later line for a key supersedes an earlier one (limits only grow). When the appended
+//! lines outnumber the keys (or keys are pruned) the file is compacted: rewritten whole
+//! (temporary file, `fsync`, `rename`, `fsync` of the directory). A gateway with 10 000 keys so
+//! writes a few lines per extension, not 10 000. A crash in the middle of an append leaves a last
+//! line without its newline: that line is ignored (its limit was never granted), and the next
+//! write compacts the file. A run that cannot write it
 //! does not start; a run that stops being able to write it stops sending (`seq-unreserved`
 //! drops) instead of risking a nonce.
 //!
@@ -185,6 +191,12 @@ pub struct SeqStore {
     /// Keys no SA uses any more, oldest first (bounded by [`RETIRED_KEPT`]).
     retired: VecDeque<u128>,
     write_errors: u64,
+    /// The state file open for appending, after a whole write (none: the next write compacts).
+    log: Option<File>,
+    /// Lines appended since the last whole write.
+    appended: usize,
+    /// Whole writes and appends so far (reports, tests).
+    writes: (u64, u64),
 }
 
 impl std::fmt::Debug for SeqStore {
@@ -250,8 +262,15 @@ fn parse_v2(file: &Path, text: &str) -> io::Result<BTreeMap<u128, (u64, u32)>> {
             ))
         }
     }
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<u128, (u64, u32)> = BTreeMap::new();
+    // A last line without its newline is an append a crash cut short: never granted.
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    let torn = !text[complete..].is_empty();
+    let n = text[..complete].lines().count();
     for (i, line) in lines {
+        if torn && i == n {
+            break;
+        }
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -266,7 +285,9 @@ fn parse_v2(file: &Path, text: &str) -> io::Result<BTreeMap<u128, (u64, u32)>> {
         })();
         match parsed {
             Some((fp, lim, spi)) => {
-                out.insert(fp, (lim, spi));
+                // An appended line supersedes an earlier one; limits only grow.
+                let e = out.entry(fp).or_insert((lim, spi));
+                *e = (e.0.max(lim), spi);
             }
             None => {
                 return Err(damaged(
@@ -374,6 +395,9 @@ impl SeqStore {
             written,
             retired,
             write_errors: 0,
+            log: None,
+            appended: 0,
+            writes: (0, 0),
         })
     }
 
@@ -467,16 +491,39 @@ impl SeqStore {
         if want.is_empty() && !prune {
             return Ok(0);
         }
-        let mut next = self.written.clone();
-        for (fp, l, spi) in &want {
-            let e = next.entry(*fp).or_insert((0, *spi));
-            *e = (e.0.max(*l), *spi);
-        }
-        if let Err(e) = self.write(&next) {
+        // Append what changed, unless the file is due for a whole write: keys pruned, no log
+        // open yet (the first write of a run compacts whatever the last run left), or more
+        // appended lines than keys.
+        let compact =
+            prune || self.log.is_none() || self.appended + want.len() > self.written.len().max(256);
+        let r = if compact {
+            let mut next = self.written.clone();
+            for (fp, l, spi) in &want {
+                let e = next.entry(*fp).or_insert((0, *spi));
+                *e = (e.0.max(*l), *spi);
+            }
+            self.write(&next).map(|log| {
+                self.written = next;
+                self.log = Some(log);
+                self.appended = 0;
+                self.writes.0 += 1;
+            })
+        } else {
+            self.append(&want).map(|()| {
+                for (fp, l, spi) in &want {
+                    let e = self.written.entry(*fp).or_insert((0, *spi));
+                    *e = (e.0.max(*l), *spi);
+                }
+                self.appended += want.len();
+                self.writes.1 += 1;
+            })
+        };
+        if let Err(e) = r {
             self.write_errors += 1;
+            // What a failed append left is not trusted: the next write is a whole one.
+            self.log = None;
             return Err(e);
         }
-        self.written = next;
         for (fp, l, _) in &want {
             self.guards[fp].guard.grant(*l);
         }
@@ -493,7 +540,26 @@ impl SeqStore {
         &self.file
     }
 
-    fn write(&self, limits: &BTreeMap<u128, (u64, u32)>) -> io::Result<()> {
+    /// Whole writes (compactions) and appends so far.
+    pub fn writes(&self) -> (u64, u64) {
+        self.writes
+    }
+
+    /// Appends the new limits `want` to the state file and makes them durable.
+    fn append(&mut self, want: &[(u128, u64, u32)]) -> io::Result<()> {
+        let mut text = String::with_capacity(want.len() * 56);
+        for (fp, l, spi) in want {
+            text.push_str(&format!("{fp:032x} {l} {spi:#010x}\n"));
+        }
+        let c = ctx(&self.file);
+        let f = self.log.as_mut().expect("append only after a whole write");
+        // One write(2) of whole lines; then the data (the size included) is durable.
+        f.write_all(text.as_bytes()).map_err(&c)?;
+        f.sync_data().map_err(&c)
+    }
+
+    /// Writes `limits` whole (temporary file, rename) and returns the file open for appending.
+    fn write(&self, limits: &BTreeMap<u128, (u64, u32)>) -> io::Result<File> {
         let dir = self.file.parent().unwrap_or(Path::new("."));
         let tmp = self.file.with_extension("seq.tmp");
         let mut text = format!(
@@ -520,7 +586,7 @@ impl SeqStore {
         }
         std::fs::rename(&tmp, &self.file).map_err(ctx(&self.file))?;
         File::open(dir).and_then(|d| d.sync_all())?;
-        Ok(())
+        open_nofollow(OpenOptions::new().append(true), &self.file)
     }
 }
 
@@ -701,6 +767,87 @@ mod test {
         s.advance().unwrap();
         assert!(s.keys() <= RETIRED_KEPT + 1, "{}", s.keys());
         assert!(s.keys() >= RETIRED_KEPT, "{}", s.keys());
+    }
+
+    fn key(i: u64) -> SaSpec {
+        let mut k = [0u8; 20];
+        k[..8].copy_from_slice(&i.to_le_bytes());
+        SaSpec::new(
+            0x1000 + i as u32,
+            KeyMaterial::new(Algorithm::AesGcm128, &k).unwrap(),
+            false,
+            64,
+            Lifetimes::default(),
+            TunnelEndpoints::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()),
+            None,
+        )
+    }
+
+    #[test]
+    fn an_extension_appends_its_lines_and_the_file_is_compacted_when_they_outnumber_the_keys() {
+        // Issue 26: one SA's extension used to rewrite the whole file (10 000 lines with
+        // 10 000 tunnels). Now it appends one line; a restart reads the newest limit of each key.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("west.seq");
+        let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        let guards: Vec<_> = (0..300).map(|i| s.guard(&key(i))).collect();
+        s.advance().unwrap();
+        assert_eq!(s.writes(), (1, 0), "the first write of a run is whole");
+        let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+        let whole = lines(&path);
+        assert_eq!(whole, 2 + 300);
+        let mut used = 0;
+        for round in 1..=3u64 {
+            used = round * 700;
+            guards[7].note_used(used);
+            assert_eq!(s.advance().unwrap(), 1);
+            assert_eq!(s.writes(), (1, round), "an append, not a rewrite");
+            assert_eq!(lines(&path), whole + round as usize);
+        }
+        drop((guards, s));
+        let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        assert_eq!(
+            s.resumes_after(&key(7)),
+            used + 1000,
+            "the newest line wins"
+        );
+        assert_eq!(s.resumes_after(&key(8)), 1000);
+        // Appends beyond the number of keys compact the file back to one line per key.
+        let guards: Vec<_> = (0..300).map(|i| s.guard(&key(i))).collect();
+        s.advance().unwrap();
+        let mut n = 0u64;
+        while s.writes().0 < 2 {
+            n += 1;
+            guards[1].note_used(s.resumes_after(&key(1)) + n * 1000);
+            s.advance().unwrap();
+            assert!(lines(&path) <= 2 + 300 + 300, "{}", lines(&path));
+        }
+        assert_eq!(lines(&path), 2 + 300, "compacted");
+        drop((guards, s));
+        let s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        assert!(s.resumes_after(&key(1)) >= n * 1000);
+    }
+
+    #[test]
+    fn an_append_cut_short_by_a_crash_is_ignored_and_a_complete_one_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = key(1).key_fingerprint();
+        let text = format!("{HEADER}\n{fp:032x} 5000 0x1001\n{fp:032x} 9000 0x1001\n{fp:032x} 99");
+        std::fs::write(dir.path().join("west.seq"), &text).unwrap();
+        let s = SeqStore::open(dir.path(), "west", 1000).unwrap();
+        assert_eq!(s.resumes_after(&key(1)), 9000);
+        drop(s);
+        // A complete line that does not parse is still damage.
+        std::fs::write(dir.path().join("west.seq"), format!("{text}\n")).unwrap();
+        let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
+        assert!(e.to_string().contains("west.seq:4:"), "{e}");
+        std::fs::write(
+            dir.path().join("west.seq"),
+            format!("{HEADER}\n{fp:032x} 5000\n{fp:032x} 9000 0x1001\n"),
+        )
+        .unwrap();
+        let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
+        assert!(e.to_string().contains("west.seq:2:"), "{e}");
     }
 
     #[test]
