@@ -19,11 +19,12 @@ pub struct ConnLimits {
 }
 
 impl ConnLimits {
-    /// The control socket's: 16 clients, 10 s, 64 KiB a request.
+    /// The control socket's: 16 clients, 10 s, 4 MiB a request (an `sa batch` of a few
+    /// thousand SAs with their keys).
     pub const CONTROL: ConnLimits = ConnLimits {
         max_clients: 16,
         deadline: Duration::from_secs(10),
-        max_request: 64 * 1024,
+        max_request: 4 << 20,
     };
     /// The metrics listener's: 8 clients, 5 s, 8 KiB of request head.
     pub const METRICS: ConnLimits = ConnLimits {

@@ -29,8 +29,9 @@ use espada_sadb::lifetime::{Lifetimes, Limits, Stage};
 use espada_sadb::selector::Action;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 /// A request the socket thread passes to the supervisor, with where to send the answer.
 pub struct Command {
@@ -72,6 +73,37 @@ pub struct Supervisor {
     notes: Vec<String>,
     /// The IKE daemon run the plugin last named (`daemon` in its requests; 0: none yet).
     daemon: u64,
+    /// Configured tunnels by name, and by black endpoints (local, remote: the first one).
+    names: HashMap<String, usize>,
+    ends: HashMap<(IpAddr, IpAddr), usize>,
+    /// An open transaction (`sa batch`, a rekey of every tunnel, a tick's generations): the
+    /// changes go to one copy, published once by [`Supervisor::commit`].
+    txn: Option<Txn>,
+}
+
+/// The copy a transaction changes, and what to restore if it is refused.
+struct Txn {
+    db: Arc<SaDb>,
+    /// Sequence reservations to extend before the copy is published.
+    advance: bool,
+    gens: Vec<Option<u64>>,
+    bump: HashMap<String, u64>,
+    deleted: BTreeMap<String, Vec<String>>,
+    pcpu_asked: HashMap<String, u32>,
+    notes: usize,
+}
+
+/// Changes one `sa batch` request may carry (each batch is one snapshot).
+pub const MAX_BATCH: usize = 20_000;
+
+fn index(c: &config::Config) -> (HashMap<String, usize>, HashMap<(IpAddr, IpAddr), usize>) {
+    let mut names = HashMap::with_capacity(c.tunnels.len());
+    let mut ends = HashMap::with_capacity(c.tunnels.len());
+    for (i, t) in c.tunnels.iter().enumerate() {
+        names.entry(t.name.clone()).or_insert(i);
+        ends.entry((t.local, t.remote)).or_insert(i);
+    }
+    (names, ends)
 }
 
 /// Per-CPU acquires per tunnel the IKE daemon may leave unanswered by a per-CPU SA before
@@ -137,7 +169,11 @@ impl Supervisor {
         let gens = (0..config.tunnels.len())
             .map(|t| config.generation(t, now))
             .collect();
+        let (names, ends) = index(&config);
         Supervisor {
+            names,
+            ends,
+            txn: None,
             config,
             path,
             workers,
@@ -179,10 +215,70 @@ impl Supervisor {
 
     fn guard(&mut self, ts: &mut TunnelSas) -> Result<(), String> {
         self.seq.attach_tunnel(ts);
+        self.reserve()
+    }
+
+    /// Extends the sequence reservations now, or (in a transaction) before it is published.
+    fn reserve(&mut self) -> Result<(), String> {
+        if let Some(t) = &mut self.txn {
+            t.advance = true;
+            return Ok(());
+        }
         self.seq
             .advance()
             .map(|_| ())
             .map_err(|e| format!("cannot reserve sequence numbers: {e}"))
+    }
+
+    /// The snapshot commands read: the transaction's copy while one is open.
+    fn view(&self) -> Arc<SaDb> {
+        match &self.txn {
+            Some(t) => t.db.clone(),
+            None => self.shared.sadb.load(),
+        }
+    }
+
+    /// Runs `f` as one transaction: everything it changes is published as one snapshot, or
+    /// (if `f` or the publication fails) nothing is. Inside an open transaction, `f` joins it.
+    pub fn transaction<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<R, String>,
+    ) -> Result<R, String> {
+        if self.txn.is_some() {
+            return f(self);
+        }
+        self.txn = Some(Txn {
+            db: self.shared.sadb.load(),
+            advance: false,
+            gens: self.gens.clone(),
+            bump: self.bump.clone(),
+            deleted: self.deleted.clone(),
+            pcpu_asked: self.pcpu_asked.clone(),
+            notes: self.notes.len(),
+        });
+        let r = f(self);
+        let t = self.txn.take().expect("the transaction is open");
+        let done = r.and_then(|v| {
+            if t.advance {
+                self.seq
+                    .advance()
+                    .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;
+            }
+            // Unchanged: nothing to publish.
+            if !Arc::ptr_eq(&t.db, &self.shared.sadb.load()) {
+                let db = Arc::try_unwrap(t.db.clone()).unwrap_or_else(|a| (*a).clone());
+                self.shared.sadb.replace(db).map_err(|e| e.to_string())?;
+            }
+            Ok(v)
+        });
+        if done.is_err() {
+            self.gens = t.gens;
+            self.bump = t.bump;
+            self.deleted = t.deleted;
+            self.pcpu_asked = t.pcpu_asked;
+            self.notes.truncate(t.notes);
+        }
+        done
     }
 
     /// Publishes configured tunnel `t` at generation `g`; returns the SPIs it now sends on.
@@ -196,13 +292,10 @@ impl Supervisor {
         self.guard(&mut ts)?;
         let spis: Vec<u32> = ts.outbound.all().map(|s| s.spi).collect();
         let mut missing = false;
-        self.shared
-            .sadb
-            .update(|db| match db.tunnel(&name) {
-                Some(i) => db.tunnels[i] = ts,
-                None => missing = true,
-            })
-            .map_err(|e| e.to_string())?;
+        self.publish(|db| match db.tunnel(&name) {
+            Some(i) => db.tunnels[i] = ts,
+            None => missing = true,
+        })?;
         if missing {
             return Err(format!("tunnel \"{name}\" is not in the SA database"));
         }
@@ -214,26 +307,43 @@ impl Supervisor {
     /// sequence-number reservations. Returns what it did, for the log.
     pub fn tick(&mut self, now: u64) -> Vec<String> {
         let mut log = std::mem::take(&mut self.notes);
-        for t in 0..self.config.tunnels.len() {
-            let Some(g) = self.generation(t, now) else {
-                continue;
-            };
-            if self.gens[t] == Some(g) {
-                continue;
-            }
-            let name = self.config.tunnels[t].name.clone();
-            match self.install_generation(t, g) {
-                Ok(spis) if !spis.is_empty() => log.push(format!(
-                    "tunnel \"{name}\" rekeyed to generation {g}: sending on {}",
-                    hexes(&spis)
-                )),
-                Ok(_) => {}
-                Err(e) => {
-                    // Tried again at the next tick.
-                    log.push(format!(
-                        "tunnel \"{name}\": generation {g} not installed ({e}); staying on the current one"
-                    ));
+        let due: Vec<(usize, u64)> = (0..self.config.tunnels.len())
+            .filter_map(|t| {
+                let g = self.generation(t, now)?;
+                (self.gens[t] != Some(g)).then_some((t, g))
+            })
+            .collect();
+        if !due.is_empty() {
+            // Tunnels crossing a generation boundary together (10 000 with one lifetime) are
+            // published as one snapshot: each worker rebuilds its SAs once.
+            let r = self.transaction(|s| {
+                let mut lines = Vec::new();
+                for &(t, g) in &due {
+                    let name = s.config.tunnels[t].name.clone();
+                    let spis = s
+                        .install_generation(t, g)
+                        .map_err(|e| format!("tunnel \"{name}\": {e}"))?;
+                    if !spis.is_empty() {
+                        lines.push(format!(
+                            "tunnel \"{name}\" rekeyed to generation {g}: sending on {}",
+                            hexes(&spis)
+                        ));
+                    }
                 }
+                Ok(lines)
+            });
+            match r {
+                Ok(lines) if lines.len() > 8 => log.push(format!(
+                    "{} tunnels rekeyed to their next generation in one snapshot (first: {})",
+                    lines.len(),
+                    lines[0]
+                )),
+                Ok(lines) => log.extend(lines),
+                // Tried again at the next tick.
+                Err(e) => log.push(format!(
+                    "{} tunnel(s) due for their next generation not rekeyed ({e}); staying on the current one",
+                    due.len()
+                )),
             }
         }
         if let Err(e) = self.seq.advance() {
@@ -315,6 +425,7 @@ impl Supervisor {
         );
         self.gens = gens;
         self.deleted.clear();
+        (self.names, self.ends) = index(&c);
         self.config = c;
         Ok(msg)
     }
@@ -342,11 +453,7 @@ impl Supervisor {
         let Some(t) = db.tunnels.get(e.tunnel) else {
             return;
         };
-        let ike = self
-            .config
-            .tunnels
-            .iter()
-            .any(|c| c.name == t.name && c.ike);
+        let ike = self.is_ike(&t.name);
         let k = (e.spi, e.dir == Direction::Outbound, e.stage == Stage::Hard);
         // A soft event about the sequence-number space is a soft expire too: the daemon
         // rekeys before the space (2^32 without ESN) runs out.
@@ -398,7 +505,7 @@ impl Supervisor {
             .get("pcpu")
             .and_then(Value::as_bool)
             .ok_or("sa acquire-mode needs \"pcpu\": true or false")?;
-        let db = self.shared.sadb.load();
+        let db = self.view();
         let i = db
             .tunnel(&name)
             .ok_or_else(|| format!("tunnel \"{name}\" is not up"))?;
@@ -495,14 +602,18 @@ impl Supervisor {
         }
         let r = match (req.cmd.as_str(), req.what.as_str()) {
             ("reload", _) => self.reload(now).map(|m| json!({ "reload": m })),
-            ("sa", "rekey") => self.rekey(a.get("tunnel").and_then(Value::as_str), now),
+            ("sa", "rekey") => {
+                let t = a.get("tunnel").and_then(Value::as_str);
+                self.transaction(|s| s.rekey(t, now))
+            }
+            ("sa", "batch") => self.batch(a, now),
             ("sa", "add") => self.add(a),
             ("sa", "del") => self.del(a),
             ("sa", "update") => self.update(a),
             ("sa", "acquires") => Ok(self.take_acquires()),
             ("sa", "acquire-mode") => self.acquire_mode(a),
             ("sa", w) => Err(format!(
-                "unknown sa command \"{w}\"; one of: add, del, update, rekey, acquires, acquire-mode"
+                "unknown sa command \"{w}\"; one of: add, del, update, rekey, batch, acquires, acquire-mode"
             )),
             (c, _) => Err(format!("the supervisor does not take \"{c}\"")),
         };
@@ -562,22 +673,74 @@ impl Supervisor {
     }
 
     fn tunnel_index(&self, name: &str) -> Result<usize, String> {
-        self.config
-            .tunnels
-            .iter()
-            .position(|t| t.name == name)
-            .ok_or_else(|| {
-                format!(
-                    "no tunnel \"{name}\" in {}; tunnels: {}",
-                    self.path.display(),
-                    self.config
-                        .tunnels
-                        .iter()
-                        .map(|t| t.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
+        self.names.get(name).copied().ok_or_else(|| {
+            let n = self.config.tunnels.len();
+            let some: Vec<&str> = self
+                .config
+                .tunnels
+                .iter()
+                .take(8)
+                .map(|t| t.name.as_str())
+                .collect();
+            format!(
+                "no tunnel \"{name}\" in {}; tunnels: {}{}",
+                self.path.display(),
+                some.join(", "),
+                if n > 8 {
+                    format!(" and {} more", n - 8)
+                } else {
+                    String::new()
+                }
+            )
+        })
+    }
+
+    /// Whether the configured tunnel `name` is keyed by an IKE daemon.
+    fn is_ike(&self, name: &str) -> bool {
+        self.names
+            .get(name)
+            .is_some_and(|&i| self.config.tunnels[i].ike)
+    }
+
+    /// `sa batch`: the changes in `ops` (each `{"what": "add"|"del"|"update"|"rekey", "args":
+    /// {...}}`, as the single commands take them) published as one snapshot. All or nothing: the
+    /// first change refused refuses the batch, and nothing of it is applied.
+    fn batch(&mut self, a: &Value, now: u64) -> Result<Value, String> {
+        let ops = a
+            .get("ops")
+            .and_then(Value::as_array)
+            .ok_or("sa batch needs \"ops\": a list of {\"what\": \"add\"|\"del\"|\"update\"|\"rekey\", \"args\": {...}}")?;
+        if ops.len() > MAX_BATCH {
+            return Err(format!(
+                "a batch holds at most {MAX_BATCH} changes ({} given): split it",
+                ops.len()
+            ));
+        }
+        let null = Value::Null;
+        let results = self.transaction(|s| {
+            let mut out = Vec::with_capacity(ops.len());
+            for (i, op) in ops.iter().enumerate() {
+                let what = op.get("what").and_then(Value::as_str).unwrap_or("");
+                let args = op.get("args").unwrap_or(&null);
+                let r = match what {
+                    "add" => s.add(args),
+                    "del" => s.del(args),
+                    "update" => s.update(args),
+                    "rekey" => s.rekey(args.get("tunnel").and_then(Value::as_str), now),
+                    w => Err(format!(
+                        "\"{w}\" cannot be batched; one of: add, del, update, rekey"
+                    )),
+                };
+                out.push(r.map_err(|e| format!("change {} ({what}): {e}", i + 1))?);
+            }
+            Ok(out)
+        });
+        let results = results.map_err(|e| format!("{e}; nothing of the batch was applied"))?;
+        Ok(json!({
+            "applied": results.len(),
+            "snapshot": self.shared.sadb.generation(),
+            "results": results,
+        }))
     }
 
     fn rekey(&mut self, tunnel: Option<&str>, now: u64) -> Result<Value, String> {
@@ -626,11 +789,9 @@ impl Supervisor {
         let (Some(l), Some(r)) = (addr("local"), addr("remote")) else {
             return Err("sa add needs a tunnel (or its local and remote addresses)".into());
         };
-        self.config
-            .tunnels
-            .iter()
-            .find(|t| t.local == l && t.remote == r)
-            .map(|t| t.name.clone())
+        self.ends
+            .get(&(l, r))
+            .map(|&i| self.config.tunnels[i].name.clone())
             .ok_or_else(|| format!("no tunnel from {l} to {r} in {}", self.path.display()))
     }
 
@@ -654,21 +815,18 @@ impl Supervisor {
         let mut ts = self.config.tunnel_sas(t, g);
         self.guard(&mut ts)?;
         let spis: Vec<u32> = ts.outbound.all().map(|s| s.spi).collect();
-        self.shared
-            .sadb
-            .update(|db| {
-                db.tunnels.push(ts);
-                let i = db.tunnels.len() - 1;
-                for p in db.spd.policies.iter_mut() {
-                    if let Some(orig) = p.name.strip_suffix(PLACEHOLDER) {
-                        if placeholders.iter().any(|n| n == orig) {
-                            p.name = orig.to_string();
-                            p.action = Action::Protect(i);
-                        }
+        self.publish(|db| {
+            db.tunnels.push(ts);
+            let i = db.tunnels.len() - 1;
+            for p in db.spd.policies.iter_mut() {
+                if let Some(orig) = p.name.strip_suffix(PLACEHOLDER) {
+                    if placeholders.iter().any(|n| n == orig) {
+                        p.name = orig.to_string();
+                        p.action = Action::Protect(i);
                     }
                 }
-            })
-            .map_err(|e| e.to_string())?;
+            }
+        })?;
         self.deleted.remove(name);
         Ok(json!({"tunnel": name, "added": true, "sending_on": spis, "policies": placeholders}))
     }
@@ -691,7 +849,7 @@ impl Supervisor {
             .get("key")
             .and_then(Value::as_str)
             .ok_or("sa add with an SPI needs the key (hex: key then 4-byte salt)")?;
-        let db = self.shared.sadb.load();
+        let db = self.view();
         let i = db
             .tunnel(name)
             .ok_or_else(|| format!("tunnel \"{name}\" is not up (add it first)"))?;
@@ -766,42 +924,37 @@ impl Supervisor {
         // counter book is enough and the install stays well under a millisecond.
         if !inbound && by_daemon.is_none() {
             spec.seq_guard = Some(self.seq.guard(&spec));
-            self.seq
-                .advance()
-                .map_err(|e| format!("cannot reserve sequence numbers: {e}"))?;
+            self.reserve()?;
         }
         let replaced = template.spi;
         drop(db);
-        self.shared
-            .sadb
-            .update(|db| {
-                // The new run's first Child SA is complete once its outbound half is in (charon
-                // installs the inbound one first): then the old run's SAs go.
-                if current != 0 && !inbound {
-                    orphans = Self::retire_orphans(db, i, current);
-                }
-                let t = &mut db.tunnels[i];
-                if cpu.is_some() && !inbound {
-                    // The peer does per-CPU SAs after all.
-                    t.pcpu_acquires = true;
-                }
-                let g = if inbound {
-                    &mut t.inbound
-                } else {
-                    &mut t.outbound
-                };
-                let slot = match cpu {
-                    Some(c) => &mut g.per_cpu[c],
-                    None => &mut g.fallback,
-                };
-                let old = std::mem::replace(slot, spec);
-                // Make-before-break: the replaced inbound SA is still accepted until deleted
-                // (a placeholder an IKE daemon's first SA replaces never was).
-                if inbound && old.spi != spi && !old.awaiting_ike {
-                    t.draining.push(old);
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        self.publish(|db| {
+            // The new run's first Child SA is complete once its outbound half is in (charon
+            // installs the inbound one first): then the old run's SAs go.
+            if current != 0 && !inbound {
+                orphans = Self::retire_orphans(db, i, current);
+            }
+            let t = &mut db.tunnels[i];
+            if cpu.is_some() && !inbound {
+                // The peer does per-CPU SAs after all.
+                t.pcpu_acquires = true;
+            }
+            let g = if inbound {
+                &mut t.inbound
+            } else {
+                &mut t.outbound
+            };
+            let slot = match cpu {
+                Some(c) => &mut g.per_cpu[c],
+                None => &mut g.fallback,
+            };
+            let old = std::mem::replace(slot, spec);
+            // Make-before-break: the replaced inbound SA is still accepted until deleted
+            // (a placeholder an IKE daemon's first SA replaces never was).
+            if inbound && old.spi != spi && !old.awaiting_ike {
+                t.draining.push(old);
+            }
+        })?;
         if cpu.is_some() && !inbound {
             self.pcpu_asked.remove(name);
         }
@@ -829,7 +982,7 @@ impl Supervisor {
     }
 
     fn del_tunnel(&mut self, name: &str) -> Result<Value, String> {
-        let db = self.shared.sadb.load();
+        let db = self.view();
         let Some(i) = db.tunnel(name) else {
             return Err(if self.deleted.contains_key(name) {
                 format!("tunnel \"{name}\" is deleted already")
@@ -848,24 +1001,21 @@ impl Supervisor {
         };
         drop(db);
         let mut names = Vec::new();
-        self.shared
-            .sadb
-            .update(|db| {
-                db.tunnels.remove(i);
-                for p in db.spd.policies.iter_mut() {
-                    match p.action {
-                        // Its traffic is dropped (counted), never sent in the clear.
-                        Action::Protect(t) if t == i => {
-                            names.push(p.name.clone());
-                            p.name.push_str(PLACEHOLDER);
-                            p.action = Action::Discard;
-                        }
-                        Action::Protect(t) if t > i => p.action = Action::Protect(t - 1),
-                        _ => {}
+        self.publish(|db| {
+            db.tunnels.remove(i);
+            for p in db.spd.policies.iter_mut() {
+                match p.action {
+                    // Its traffic is dropped (counted), never sent in the clear.
+                    Action::Protect(t) if t == i => {
+                        names.push(p.name.clone());
+                        p.name.push_str(PLACEHOLDER);
+                        p.action = Action::Discard;
                     }
+                    Action::Protect(t) if t > i => p.action = Action::Protect(t - 1),
+                    _ => {}
                 }
-            })
-            .map_err(|e| e.to_string())?;
+            }
+        })?;
         self.deleted.insert(name.to_string(), names.clone());
         Ok(
             json!({"tunnel": name, "deleted": true, "sas_removed": spis, "policies_now_discard": names}),
@@ -876,14 +1026,10 @@ impl Supervisor {
         // An IKE-keyed tunnel: the slot goes back to awaiting the daemon (nothing is sent or
         // received on it; a worker sends on the fallback SA and raises an acquire, or drops),
         // as the kernel does when the daemon deletes an SA.
-        let db = self.shared.sadb.load();
+        let db = self.view();
         let mut hit = None;
         for (i, t) in db.tunnels.iter().enumerate() {
-            let ike = self
-                .config
-                .tunnels
-                .iter()
-                .any(|c| c.name == t.name && c.ike);
+            let ike = self.is_ike(&t.name);
             if !ike || t.draining.iter().any(|s| s.spi == spi) {
                 continue;
             }
@@ -950,7 +1096,13 @@ impl Supervisor {
         Err(format!("no SA with SPI {spi:#010x}"))
     }
 
-    fn publish(&self, f: impl FnOnce(&mut SaDb)) -> Result<u64, String> {
+    /// Changes the SA database with `f`: published at once, or (in a transaction) on its
+    /// copy, published when it commits.
+    fn publish(&mut self, f: impl FnOnce(&mut SaDb)) -> Result<u64, String> {
+        if let Some(t) = &mut self.txn {
+            f(Arc::make_mut(&mut t.db));
+            return Ok(t.db.generation);
+        }
         self.shared.sadb.update(f).map_err(|e| e.to_string())
     }
 

@@ -55,10 +55,34 @@ enum Op {
         kind: u8,
     },
     Restart,
+    /// Several of the changes above as one `sa batch` (one snapshot, all or nothing).
+    Batch(Vec<Op>),
+}
+
+/// A change `sa batch` takes.
+fn batchable() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        Just(Op::Rekey),
+        Just(Op::DelTunnel),
+        Just(Op::AddTunnel),
+        (proptest::option::of(0..2usize), 0..4u32, 0..6u8).prop_map(|(cpu, spi, key)| {
+            Op::IkeInstall {
+                cpu,
+                spi: 0x3100 + spi,
+                key,
+            }
+        }),
+        (0..4u32).prop_map(|spi| Op::IkeDel { spi: 0x3100 + spi }),
+        (proptest::option::of(0..2usize), 0..4u32).prop_map(|(cpu, spi)| Op::IkeNegotiate {
+            cpu,
+            spi: 0x3200 + spi
+        }),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
+        2 => proptest::collection::vec(batchable(), 1..6).prop_map(Op::Batch),
         8 => (0..3usize, 1..50u32).prop_map(|(core, n)| Op::Send { core, n }),
         2 => (0..4usize, 0..3u8).prop_map(|(pcpu, secret)| Op::Reload { pcpu, secret }),
         2 => (1..40u64).prop_map(|secs| Op::Advance { secs }),
@@ -193,26 +217,21 @@ impl World {
         let _ = gw.sup.execute(&r, self.now);
     }
 
-    fn apply(&mut self, op: &Op) {
+    /// The `sa` change `op` stands for (batchable ops only).
+    fn change(&mut self, op: &Op) -> (&'static str, serde_json::Value) {
         match *op {
-            Op::Send { core, n } => self.send(core % WORKERS, n),
-            Op::Reload { pcpu, secret } => {
-                write_config(&self.cfg, pcpu, secret);
-                let _ = self.gw.as_mut().unwrap().sup.reload(self.now);
-            }
-            Op::Advance { secs } => self.now += secs,
-            Op::Rekey => self.exec("sa", "rekey", json!({"tunnel": "lab"})),
-            Op::DelTunnel => self.exec("sa", "del", json!({"tunnel": "lab"})),
-            Op::AddTunnel => self.exec("sa", "add", json!({"tunnel": "lab"})),
+            Op::Rekey => ("rekey", json!({"tunnel": "lab"})),
+            Op::DelTunnel => ("del", json!({"tunnel": "lab"})),
+            Op::AddTunnel => ("add", json!({"tunnel": "lab"})),
             Op::IkeInstall { cpu, spi, key } => {
                 let hex: String = std::iter::repeat_n(format!("{:02x}", 0x40 + key), 20).collect();
                 let mut a = json!({"tunnel": "ike", "dir": "out", "spi": spi, "key": hex});
                 if let Some(c) = cpu {
                     a["cpu"] = json!(c);
                 }
-                self.exec("sa", "add", a);
+                ("add", a)
             }
-            Op::IkeDel { spi } => self.exec("sa", "del", json!({"spi": spi})),
+            Op::IkeDel { spi } => ("del", json!({"spi": spi})),
             Op::IkeNegotiate { cpu, spi } => {
                 // charon installs a key once, when it negotiates it: fresh every time.
                 self.negotiated += 1;
@@ -222,7 +241,52 @@ impl World {
                 if let Some(c) = cpu {
                     a["cpu"] = json!(c);
                 }
-                self.exec("sa", "add", a);
+                ("add", a)
+            }
+            _ => unreachable!("not a batchable change: {op:?}"),
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Batch(ref ops) => {
+                let ops: Vec<_> = ops
+                    .iter()
+                    .map(|o| {
+                        let (what, args) = self.change(o);
+                        json!({"what": what, "args": args})
+                    })
+                    .collect();
+                let before = self.gw.as_ref().unwrap().sup.sadb().generation();
+                let gw = self.gw.as_mut().unwrap();
+                let mut r = Request::new("sa", "batch");
+                r.args = json!({ "ops": ops });
+                let a = gw.sup.execute(&r, self.now);
+                let after = gw.sup.sadb().generation();
+                // One snapshot, or none at all.
+                assert!(
+                    after - before <= 1,
+                    "a batch published {} snapshots",
+                    after - before
+                );
+                if !a.ok {
+                    assert_eq!(after, before, "a refused batch published: {a:?}");
+                }
+            }
+            Op::Send { core, n } => self.send(core % WORKERS, n),
+            Op::Reload { pcpu, secret } => {
+                write_config(&self.cfg, pcpu, secret);
+                let _ = self.gw.as_mut().unwrap().sup.reload(self.now);
+            }
+            Op::Advance { secs } => self.now += secs,
+            Op::Rekey
+            | Op::DelTunnel
+            | Op::AddTunnel
+            | Op::IkeInstall { .. }
+            | Op::IkeDel { .. }
+            | Op::IkeNegotiate { .. } => {
+                let (what, args) = self.change(op);
+                self.exec("sa", what, args);
             }
             Op::HardLimit { core, kind } => {
                 let core = core % WORKERS;
@@ -489,4 +553,78 @@ fn a_new_daemon_run_retires_the_old_runs_sas_once_its_own_are_in() {
     let gw = w.gw.as_mut().unwrap();
     let t = gw.sup.sadb().load().tunnel("ike").unwrap();
     assert_eq!(gw.cores[1].outbound(t).map(|s| s.spi), Some(0x3200));
+}
+
+/// Issue 26: `sa batch` publishes its changes as one snapshot, all or nothing; a refused
+/// change leaves the gateway as it was (the database, `sa del --tunnel`'s record, the keys).
+#[test]
+fn a_batch_is_one_snapshot_all_or_nothing() {
+    let mut w = World::new();
+    let key = |k: u8| -> String { std::iter::repeat_n(format!("{k:02x}"), 20).collect() };
+    let batch = |w: &mut World, ops: serde_json::Value| {
+        let gw = w.gw.as_mut().unwrap();
+        let mut r = Request::new("sa", "batch");
+        r.args = json!({ "ops": ops });
+        gw.sup.execute(&r, w.now)
+    };
+    let gen = |w: &World| w.gw.as_ref().unwrap().sup.sadb().generation();
+    let g0 = gen(&w);
+    let ok = batch(
+        &mut w,
+        json!([
+            {"what": "add", "args": {"tunnel": "ike", "dir": "in", "spi": 0x4100, "key": key(1)}},
+            {"what": "add", "args": {"tunnel": "ike", "dir": "out", "spi": 0x3100, "key": key(2)}},
+            {"what": "add", "args": {"tunnel": "ike", "dir": "out", "spi": 0x3101, "cpu": 1, "key": key(3)}},
+            {"what": "del", "args": {"tunnel": "lab"}},
+            {"what": "update", "args": {"spi": 0x3100, "hard_seconds": 7200}},
+        ]),
+    );
+    assert!(ok.ok, "{ok:?}");
+    assert_eq!(ok.data["applied"], 5);
+    assert_eq!(gen(&w), g0 + 1, "five changes, one snapshot");
+    let db = w.gw.as_ref().unwrap().sup.sadb().load();
+    let t = &db.tunnels[db.tunnel("ike").unwrap()];
+    assert_eq!(
+        (
+            t.outbound.fallback.spi,
+            t.outbound.per_cpu[1].spi,
+            t.inbound.fallback.spi
+        ),
+        (0x3100, 0x3101, 0x4100)
+    );
+    assert_eq!(t.outbound.fallback.lifetimes.hard.seconds, Some(7200));
+    assert!(db.tunnel("lab").is_none());
+    w.apply(&Op::Send { core: 1, n: 5 });
+    // A refused change refuses the batch: nothing of it is applied.
+    let g1 = gen(&w);
+    let bad = batch(
+        &mut w,
+        json!([
+            {"what": "add", "args": {"tunnel": "lab"}},
+            {"what": "add", "args": {"tunnel": "ike", "dir": "out", "spi": 0x3102, "key": key(4)}},
+            {"what": "add", "args": {"tunnel": "ike", "dir": "out", "spi": 0x3103, "cpu": 0, "key": key(4)}},
+        ]),
+    );
+    assert!(!bad.ok);
+    let e = bad.error.unwrap();
+    assert!(
+        e.contains("uses the key of outbound SA") && e.contains("nothing of the batch was applied"),
+        "{e}"
+    );
+    assert_eq!(gen(&w), g1);
+    let db = w.gw.as_ref().unwrap().sup.sadb().load();
+    assert!(
+        db.tunnel("lab").is_none(),
+        "the tunnel added back in the refused batch is not up"
+    );
+    assert_eq!(
+        db.tunnels[db.tunnel("ike").unwrap()].outbound.fallback.spi,
+        0x3100
+    );
+    // ... and its record of the deleted tunnel is as before: it can be added back now.
+    let r = batch(&mut w, json!([{"what": "add", "args": {"tunnel": "lab"}}]));
+    assert!(r.ok, "{r:?}");
+    let r = batch(&mut w, json!([{"what": "reload"}]));
+    assert!(r.error.unwrap().contains("cannot be batched"));
+    w.apply(&Op::Send { core: 0, n: 5 });
 }

@@ -195,13 +195,13 @@ fn slow_and_endless_clients_do_not_block_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("west.sock");
     let _srv = ControlServer::start(&path, gw.clone()).unwrap();
-    // Three clients that say nothing, and one that sends 1 MiB without a newline.
+    // Three clients that say nothing, and one that sends 8 MiB without a newline.
     let idle: Vec<_> = (0..3)
         .map(|_| std::os::unix::net::UnixStream::connect(&path).unwrap())
         .collect();
     let mut big = std::os::unix::net::UnixStream::connect(&path).unwrap();
     let flood = std::thread::spawn(move || {
-        let chunk = vec![b'x'; 64 * 1024];
+        let chunk = vec![b'x'; 512 * 1024];
         for _ in 0..16 {
             if big.write_all(&chunk).is_err() {
                 break;
@@ -215,7 +215,7 @@ fn slow_and_endless_clients_do_not_block_the_others() {
     let r = client::request(&path, &req("stats")).unwrap();
     assert!(r.ok, "{r:?}");
     let answer = flood.join().unwrap();
-    assert!(answer.contains("at most 65536 bytes"), "{answer}");
+    assert!(answer.contains("at most 4194304 bytes"), "{answer}");
     drop(idle);
 
     let m = espada_control::metrics::MetricsServer::start("127.0.0.1:0", gw.clone()).unwrap();

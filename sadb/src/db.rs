@@ -372,6 +372,9 @@ pub struct SaDb {
     /// (once per SA and core). Default 0.9.
     pub seq_warn: f64,
     inbound_index: HashMap<u32, (usize, Owner)>,
+    /// Tunnel name → index, as of the last publication (checked on use: a copy being changed
+    /// may have moved tunnels).
+    names: HashMap<String, usize>,
 }
 
 /// Inconsistent databases are refused before they are published.
@@ -402,6 +405,14 @@ pub enum DbError {
     /// A slot the IKE daemon has not filled was asked to send.
     #[error("SA {0:#010x} is a placeholder awaiting the IKE daemon: nothing is sent on it")]
     Placeholder(u32),
+    /// A changed copy of snapshot `base` offered when `current` is in force.
+    #[error("snapshot {base} was changed while snapshot {current} was published: nothing applied")]
+    Stale {
+        /// The snapshot the copy was taken from.
+        base: u64,
+        /// The snapshot in force.
+        current: u64,
+    },
     /// Two workers for one per-CPU SA (two workers with one core index).
     #[error("per-CPU SA {spi:#010x} is already held by worker {owner}; worker {core} cannot hold it too (two workers with one core index?)")]
     Claimed {
@@ -433,6 +444,7 @@ impl SaDb {
             spd_v4: Default::default(),
             seq_warn: 0.9,
             inbound_index: HashMap::default(),
+            names: HashMap::default(),
         };
         db.reindex()?;
         Ok(db)
@@ -452,6 +464,12 @@ impl SaDb {
             }
         }
         self.inbound_index = idx;
+        self.names = self
+            .tunnels
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(())
     }
 
@@ -500,7 +518,10 @@ impl SaDb {
 
     /// The tunnel index by name.
     pub fn tunnel(&self, name: &str) -> Option<usize> {
-        self.tunnels.iter().position(|t| t.name == name)
+        match self.names.get(name) {
+            Some(&i) if self.tunnels.get(i).is_some_and(|t| t.name == name) => Some(i),
+            _ => self.tunnels.iter().position(|t| t.name == name),
+        }
     }
 }
 
@@ -650,9 +671,33 @@ impl SaDbHandle {
     /// Changes the database with `f` on a copy of the current snapshot and publishes it with the
     /// next generation number. Control plane only; workers pick it up at their next burst.
     pub fn update(&self, f: impl FnOnce(&mut SaDb)) -> Result<u64, DbError> {
-        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = (*self.current.load_full()).clone();
         f(&mut next);
+        self.publish_locked(book, next)
+    }
+
+    /// Publishes `next`, a copy of the current snapshot changed by the caller (many changes
+    /// at once: the control plane's transactions), with the next generation number. Refused,
+    /// like [`SaDbHandle::update`], if inconsistent, and if another snapshot was published since
+    /// the copy was taken.
+    pub fn replace(&self, next: SaDb) -> Result<u64, DbError> {
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.current.load().generation;
+        if next.generation != cur {
+            return Err(DbError::Stale {
+                base: next.generation,
+                current: cur,
+            });
+        }
+        self.publish_locked(book, next)
+    }
+
+    fn publish_locked(
+        &self,
+        mut book: std::sync::MutexGuard<'_, CounterBook>,
+        mut next: SaDb,
+    ) -> Result<u64, DbError> {
         next.generation += 1;
         CounterBook::check(&next)?;
         next.reindex()?;

@@ -518,6 +518,17 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 _ if cmd.req.what == "acquires" && r.ok => {
                     tracing::debug!("control: {}: {}", what.trim(), r.data)
                 }
+                // One line for a batch, however many changes it holds.
+                ("sa", true, _) if cmd.req.what == "batch" => tracing::info!(
+                    "control: sa batch: {} change(s) published as snapshot {}",
+                    r.data["applied"],
+                    r.data["snapshot"]
+                ),
+                ("sa", true, _) if cmd.req.what == "rekey" => tracing::info!(
+                    "control: sa rekey: {} tunnel(s) rekeyed in snapshot {}",
+                    r.data["rekeyed"].as_array().map_or(0, Vec::len),
+                    sup.sadb().generation()
+                ),
                 (_, true, _) => tracing::info!("control: {}: {}", what.trim(), r.data),
                 (_, false, Some(e)) => tracing::info!("control: {} refused: {e}", what.trim()),
                 _ => {}

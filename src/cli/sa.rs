@@ -93,10 +93,118 @@ enum SaCmd {
     /// now, with new SPIs. The peer accepts the next generation already: rekey it too, and
     /// both send on new keys with no packet lost. Static keys: use `sa add`.
     Rekey {
-        /// Only this tunnel (default: every lab_rekey tunnel).
+        /// Only this tunnel (default: every lab_rekey tunnel, all in one snapshot).
         #[arg(long)]
         tunnel: Option<String>,
     },
+    /// Many changes at once: JSON lines from FILE (`-`: stdin), each one change as the control
+    /// socket takes it, e.g. `{"what":"add","args":{"tunnel":"t7","dir":"in","spi":4096,
+    /// "key":"<hex key and salt>"}}` (`what`: add, del, update, rekey). They are sent in
+    /// batches of --chunk; each batch is published as one snapshot (each worker rebuilds its
+    /// SAs once), all or nothing: a batch refused is not applied at all, and the batches after
+    /// it are not sent. The file holds keys: only its owner may read it.
+    Batch {
+        /// The changes, one JSON object per line (`-`: stdin).
+        file: PathBuf,
+        /// Changes per batch (at most 20000; a batch is also kept under 3 MiB).
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=20000))]
+        chunk: u64,
+    },
+}
+
+/// Reads `sa batch` lines: each a change (`what`, `args`), with its line number in errors.
+fn read_batch(p: &PathBuf) -> Result<Vec<Value>, String> {
+    let mut text = String::new();
+    if p.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("stdin: {e}"))?;
+    } else {
+        espada_config::check_key_file_mode(p)?;
+        text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    let mut ops = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |what: String| format!("{}:{}: {what}", p.display(), i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| at(format!("not JSON ({e})")))?;
+        let what = v.get("what").and_then(Value::as_str).unwrap_or("");
+        if !["add", "del", "update", "rekey"].contains(&what) {
+            return Err(at(format!(
+                "\"what\" must be add, del, update or rekey (got {:?})",
+                v.get("what").map(|w| w.to_string()).unwrap_or_default()
+            )));
+        }
+        if v.get("cmd").is_some_and(|c| c != "sa") {
+            return Err(at("only `sa` changes can be batched".into()));
+        }
+        let args = v.get("args").cloned().unwrap_or(Value::Null);
+        if !(args.is_object() || args.is_null()) {
+            return Err(at("\"args\" must be an object".into()));
+        }
+        ops.push(json!({"what": what, "args": args}));
+    }
+    if ops.is_empty() {
+        return Err(format!("{}: no changes", p.display()));
+    }
+    Ok(ops)
+}
+
+/// Sends `ops` in batches; prints what was done.
+fn batch(socket: &std::path::Path, ops: Vec<Value>, chunk: usize, raw: bool) -> Result<ExitCode> {
+    let start = std::time::Instant::now();
+    let total = ops.len();
+    let (mut sent, mut batches, mut first, mut last) = (0, 0, None, 0);
+    let mut rest = ops.into_iter().peekable();
+    while rest.peek().is_some() {
+        let mut part = Vec::new();
+        let mut bytes = 0;
+        while let Some(op) = rest.peek() {
+            let n = op.to_string().len() + 1;
+            if !part.is_empty() && (part.len() >= chunk || bytes + n > 3 << 20) {
+                break;
+            }
+            bytes += n;
+            part.push(rest.next().expect("peeked"));
+        }
+        let n = part.len();
+        let mut req = Request::new("sa", "batch");
+        req.args = json!({ "ops": part });
+        let r = client::request(socket, &req).map_err(|e| anyhow::anyhow!(e))?;
+        if !r.ok {
+            eprintln!(
+                "error: batch {} (changes {}-{}): {}",
+                batches + 1,
+                sent + 1,
+                sent + n,
+                r.error.unwrap_or_default()
+            );
+            if sent > 0 {
+                eprintln!("the {sent} change(s) before it were applied");
+            }
+            return Ok(ExitCode::from(1));
+        }
+        if raw {
+            println!("{}", r.data);
+        }
+        sent += n;
+        batches += 1;
+        let g = r.data["snapshot"].as_u64().unwrap_or(0);
+        first.get_or_insert(g);
+        last = g;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if !raw {
+        println!(
+            "{total} change(s) applied in {batches} batch(es) (snapshots {}-{last}) in {secs:.3} s: {:.0} changes/s",
+            first.unwrap_or(0),
+            total as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -142,6 +250,12 @@ pub fn run(a: SaArgs) -> Result<ExitCode> {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    if let SaCmd::Batch { file, chunk } = &a.cmd {
+        return match read_batch(file) {
+            Ok(ops) => batch(&socket, ops, *chunk as usize, a.json),
+            Err(e) => fail(e),
+        };
+    }
     let mut args = Map::new();
     let what = match &a.cmd {
         SaCmd::Add {
@@ -217,6 +331,7 @@ pub fn run(a: SaArgs) -> Result<ExitCode> {
             }
             "rekey"
         }
+        SaCmd::Batch { .. } => unreachable!("handled above"),
     };
     let mut req = Request::new("sa", what);
     req.args = Value::Object(args);
@@ -249,7 +364,14 @@ fn hexes(v: &Value) -> String {
 fn print_answer(what: &str, d: &Value) {
     match what {
         "rekey" => {
-            for t in d["rekeyed"].as_array().into_iter().flatten() {
+            let all = d["rekeyed"].as_array().cloned().unwrap_or_default();
+            if all.len() > 10 {
+                println!(
+                    "{} tunnels rekeyed in one snapshot; the first 10:",
+                    all.len()
+                );
+            }
+            for t in all.iter().take(10) {
                 println!(
                     "tunnel {}: generation {}, sending on {}",
                     t["tunnel"].as_str().unwrap_or("?"),
