@@ -239,12 +239,19 @@ fn limits(s: &SaSpec) -> Value {
 fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
     let db = gw.shared.sadb.load();
     // What each worker published about each SA it holds.
-    let mut rt: Vec<(usize, espada_dataplane::worker::SaStat)> = Vec::new();
+    // By (SPI, outbound): 10 000 tunnels have ~80 000 SAs, so no scan per SA.
+    let mut rt: std::collections::HashMap<
+        (u32, bool),
+        Vec<(usize, espada_dataplane::worker::SaStat)>,
+    > = std::collections::HashMap::new();
     for (core, c) in gw.cells.iter().enumerate() {
         if let Ok(v) = c.sas.lock() {
-            rt.extend(v.iter().map(|s| (core, *s)));
+            for s in v.iter() {
+                rt.entry((s.spi, s.outbound)).or_default().push((core, *s));
+            }
         }
     }
+    let none = Vec::new();
     let mut rows = Vec::new();
     for t in &db.tunnels {
         for (dir, group) in [("out", &t.outbound), ("in", &t.inbound)] {
@@ -258,8 +265,9 @@ fn show_sa(gw: &Gateway, only: Option<u64>) -> Value {
                 .filter(|s| only.is_none_or(|o| o == s.spi as u64))
             {
                 let held: Vec<&(usize, espada_dataplane::worker::SaStat)> = rt
+                    .get(&(s.spi, dir == "out"))
+                    .unwrap_or(&none)
                     .iter()
-                    .filter(|(_, r)| r.spi == s.spi && r.outbound == (dir == "out"))
                     .collect();
                 // Outbound: what workers that moved on sent stays counted, and the last use is
                 // the newest on any core (an IKE daemon's dead peer detection asks for it).

@@ -79,6 +79,9 @@ pub struct Supervisor {
     /// An open transaction (`sa batch`, a rekey of every tunnel, a tick's generations): the
     /// changes go to one copy, published once by [`Supervisor::commit`].
     txn: Option<Txn>,
+    /// The next UNIX second at which a `lab_rekey` tunnel crosses a generation boundary (the
+    /// tick looks at the tunnels only then; 0: look at the next tick).
+    next_due: u64,
 }
 
 /// The copy a transaction changes, and what to restore if it is refused.
@@ -174,6 +177,7 @@ impl Supervisor {
             names,
             ends,
             txn: None,
+            next_due: 0,
             config,
             path,
             workers,
@@ -307,6 +311,33 @@ impl Supervisor {
     /// sequence-number reservations. Returns what it did, for the log.
     pub fn tick(&mut self, now: u64) -> Vec<String> {
         let mut log = std::mem::take(&mut self.notes);
+        if now >= self.next_due {
+            log.extend(self.generations(now));
+        }
+        if let Err(e) = self.seq.advance() {
+            let n = self.seq.write_errors();
+            if n == 1 || n.is_multiple_of(100) {
+                log.push(format!("cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)"));
+            }
+        }
+        log
+    }
+
+    /// Installs the generation every `lab_rekey` tunnel is due for at `now`, in one snapshot.
+    fn generations(&mut self, now: u64) -> Vec<String> {
+        let mut log = Vec::new();
+        // The next boundary of any tunnel (boundaries are multiples of its soft lifetime).
+        self.next_due = self
+            .config
+            .tunnels
+            .iter()
+            .filter_map(|t| {
+                t.lab_rekey
+                    .as_ref()
+                    .map(|r| (now / r.seconds + 1) * r.seconds)
+            })
+            .min()
+            .unwrap_or(u64::MAX);
         let due: Vec<(usize, u64)> = (0..self.config.tunnels.len())
             .filter_map(|t| {
                 let g = self.generation(t, now)?;
@@ -339,17 +370,14 @@ impl Supervisor {
                     lines[0]
                 )),
                 Ok(lines) => log.extend(lines),
-                // Tried again at the next tick.
-                Err(e) => log.push(format!(
-                    "{} tunnel(s) due for their next generation not rekeyed ({e}); staying on the current one",
-                    due.len()
-                )),
-            }
-        }
-        if let Err(e) = self.seq.advance() {
-            let n = self.seq.write_errors();
-            if n == 1 || n.is_multiple_of(100) {
-                log.push(format!("cannot extend the sequence reservations ({e}); SAs stop sending when their reservation runs out (drop reason seq-unreserved)"));
+                Err(e) => {
+                    // Tried again at the next tick.
+                    self.next_due = 0;
+                    log.push(format!(
+                        "{} tunnel(s) due for their next generation not rekeyed ({e}); staying on the current one",
+                        due.len()
+                    ))
+                }
             }
         }
         log
@@ -427,6 +455,7 @@ impl Supervisor {
         self.deleted.clear();
         (self.names, self.ends) = index(&c);
         self.config = c;
+        self.next_due = 0;
         Ok(msg)
     }
 

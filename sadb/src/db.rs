@@ -1039,18 +1039,24 @@ impl CoreSas {
             self.outbound.push(rt);
         }
         // What this core sent on SAs it leaves stays counted while the SA exists.
+        let mut at: HashMap<(u32, u128), usize> = self
+            .retired
+            .iter()
+            .enumerate()
+            .map(|(i, (s, k, _))| ((*s, *k), i))
+            .collect();
         for (_, o) in old_out.drain() {
             let c = o.sa.counters;
-            match self
-                .retired
-                .iter_mut()
-                .find(|(s, k, _)| *s == o.sa.spi && *k == o.key_id)
-            {
-                Some((_, _, r)) => {
+            match at.get(&(o.sa.spi, o.key_id)) {
+                Some(&i) => {
+                    let r = &mut self.retired[i].2;
                     r.packets += c.packets;
                     r.bytes += c.bytes;
                 }
-                None => self.retired.push((o.sa.spi, o.key_id, c)),
+                None => {
+                    at.insert((o.sa.spi, o.key_id), self.retired.len());
+                    self.retired.push((o.sa.spi, o.key_id, c));
+                }
             }
         }
         let alive: HashSet<(u32, u128)> = db.outbound_specs().map(|s| (s.spi, s.key_id)).collect();
