@@ -646,16 +646,33 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         if let Some(l) = w.burst_latency_us() {
             println!("  burst latency (rx to tx, sampled): p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs", l[0], l[1], l[2], l[3]);
         }
+        // Every SA up to a few dozen; with thousands of tunnels, those that carried traffic.
+        let many = w.sas().outbound_sas().count() + w.sas().inbound_sas().count() > 64;
+        let mut quiet = (0, 0);
         for sa in w.sas().outbound_sas() {
+            if many && sa.counters.packets == 0 {
+                quiet.0 += 1;
+                continue;
+            }
             println!(
                 "  out SA {:#010x} port {}: {} packets, {} bytes",
                 sa.spi, sa.tunnel.src_port, sa.counters.packets, sa.counters.bytes
             );
         }
         for sa in w.sas().inbound_sas() {
+            if many && sa.counters.packets == 0 {
+                quiet.1 += 1;
+                continue;
+            }
             println!(
                 "  in  SA {:#010x}: {} packets, {} bytes",
                 sa.spi, sa.counters.packets, sa.counters.bytes
+            );
+        }
+        if quiet != (0, 0) {
+            println!(
+                "  and {} outbound, {} inbound SA(s) that carried nothing",
+                quiet.0, quiet.1
             );
         }
     }
