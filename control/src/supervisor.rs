@@ -297,7 +297,7 @@ impl Supervisor {
         let spis: Vec<u32> = ts.outbound.all().map(|s| s.spi).collect();
         let mut missing = false;
         self.publish(|db| match db.tunnel(&name) {
-            Some(i) => db.tunnels[i] = ts,
+            Some(i) => db.tunnels[i] = Arc::new(ts),
             None => missing = true,
         })?;
         if missing {
@@ -411,7 +411,7 @@ impl Supervisor {
             let b = self.bump.get(&tc.name).copied().unwrap_or(0);
             let g = c.generation(t, now).map(|g| g + b);
             if b > 0 {
-                db.tunnels[t] = c.tunnel_sas(t, g);
+                db.tunnels[t] = Arc::new(c.tunnel_sas(t, g));
             }
             gens.push(g);
         }
@@ -432,6 +432,7 @@ impl Supervisor {
             .update(|cur| {
                 // SAs the IKE daemon installed stay: the file only has placeholders for them.
                 for t in db.tunnels.iter_mut().filter(|t| ike.contains(&t.name)) {
+                    let t = Arc::make_mut(t);
                     if let Some(old) = cur.tunnels.iter().find(|o| o.name == t.name) {
                         kept += keep_installed(t, old);
                     }
@@ -513,7 +514,7 @@ impl Supervisor {
     /// removed). Returns how many went.
     fn retire_orphans(db: &mut SaDb, i: usize, current: u64) -> usize {
         let orphan = |s: &SaSpec| !s.awaiting_ike && s.daemon != 0 && s.daemon != current;
-        let t = &mut db.tunnels[i];
+        let t = db.tunnel_mut(i);
         let mut n = 0;
         for s in t.outbound.all_mut().chain(t.inbound.all_mut()) {
             if orphan(s) {
@@ -540,7 +541,7 @@ impl Supervisor {
             .ok_or_else(|| format!("tunnel \"{name}\" is not up"))?;
         if db.tunnels[i].pcpu_acquires != on {
             drop(db);
-            self.publish(|db| db.tunnels[i].pcpu_acquires = on)?;
+            self.publish(|db| db.tunnel_mut(i).pcpu_acquires = on)?;
             self.notes.push(format!(
                 "tunnel \"{name}\": per-CPU acquires {} (the IKE daemon's policy{})",
                 if on { "on" } else { "off" },
@@ -568,7 +569,7 @@ impl Supervisor {
         if *n >= PCPU_ACQUIRES_UNANSWERED && t.pcpu_acquires {
             drop(db);
             if self
-                .publish(|db| db.tunnels[i].pcpu_acquires = false)
+                .publish(|db| db.tunnel_mut(i).pcpu_acquires = false)
                 .is_ok()
             {
                 self.pcpu_stopped += 1;
@@ -845,7 +846,7 @@ impl Supervisor {
         self.guard(&mut ts)?;
         let spis: Vec<u32> = ts.outbound.all().map(|s| s.spi).collect();
         self.publish(|db| {
-            db.tunnels.push(ts);
+            db.tunnels.push(Arc::new(ts));
             let i = db.tunnels.len() - 1;
             for p in db.spd.policies.iter_mut() {
                 if let Some(orig) = p.name.strip_suffix(PLACEHOLDER) {
@@ -963,7 +964,7 @@ impl Supervisor {
             if current != 0 && !inbound {
                 orphans = Self::retire_orphans(db, i, current);
             }
-            let t = &mut db.tunnels[i];
+            let t = db.tunnel_mut(i);
             if cpu.is_some() && !inbound {
                 // The peer does per-CPU SAs after all.
                 t.pcpu_acquires = true;
@@ -1079,7 +1080,7 @@ impl Supervisor {
         if let Some((i, inbound, which)) = hit {
             drop(db);
             self.publish(|db| {
-                let t = &mut db.tunnels[i];
+                let t = db.tunnel_mut(i);
                 let g = if inbound {
                     &mut t.inbound
                 } else {
@@ -1102,7 +1103,7 @@ impl Supervisor {
         for (i, t) in db.tunnels.iter().enumerate() {
             if t.draining.iter().any(|s| s.spi == spi) {
                 drop(db);
-                self.publish(|db| db.tunnels[i].draining.retain(|s| s.spi != spi))?;
+                self.publish(|db| db.tunnel_mut(i).draining.retain(|s| s.spi != spi))?;
                 return Ok(json!({"spi": spi, "deleted": "inbound (replaced) SA"}));
             }
             if let Some(c) = t.inbound.per_cpu.iter().position(|s| s.spi == spi) {
@@ -1111,7 +1112,7 @@ impl Supervisor {
                 }
                 drop(db);
                 self.publish(|db| {
-                    db.tunnels[i].inbound.per_cpu.pop();
+                    db.tunnel_mut(i).inbound.per_cpu.pop();
                 })?;
                 return Ok(json!({"spi": spi, "deleted": "inbound per-CPU SA"}));
             }
@@ -1172,7 +1173,19 @@ impl Supervisor {
         };
         let mut found = None;
         self.publish(|db| {
-            for t in db.tunnels.iter_mut() {
+            // Only the tunnels holding the SPI are changed (copied): not all 10 000.
+            let holding: Vec<usize> = (0..db.tunnels.len())
+                .filter(|&i| {
+                    let t = &db.tunnels[i];
+                    t.outbound
+                        .all()
+                        .chain(t.inbound.all())
+                        .chain(t.draining.iter())
+                        .any(|s| s.spi == spi)
+                })
+                .collect();
+            for i in holding {
+                let t = db.tunnel_mut(i);
                 let TunnelSas {
                     outbound,
                     inbound,

@@ -361,8 +361,10 @@ pub struct SaDb {
     pub workers: usize,
     /// Crypto backend for the key schedules.
     pub backend: Backend,
-    /// Tunnels.
-    pub tunnels: Vec<TunnelSas>,
+    /// Tunnels, each shared with the snapshots before it until it changes (change one with
+    /// `Arc::make_mut`): a snapshot that changes one tunnel of 10 000 copies one, and a worker
+    /// moving to it looks at that one only.
+    pub tunnels: Vec<Arc<TunnelSas>>,
     /// Policies.
     pub spd: Spd,
     /// The policies compiled for IPv4: rebuilt by [`SaDb::new`], [`SaDbHandle::new`] and
@@ -439,7 +441,7 @@ impl SaDb {
             mode,
             workers,
             backend,
-            tunnels,
+            tunnels: tunnels.into_iter().map(Arc::new).collect(),
             spd,
             spd_v4: Default::default(),
             seq_warn: 0.9,
@@ -504,7 +506,7 @@ impl SaDb {
     /// the snapshot is published. SAs sharing an SPI share the guard the closure returns.
     pub fn attach_seq_guards(&mut self, mut guard: impl FnMut(&SaSpec) -> Arc<SeqGuard>) {
         for t in self.tunnels.iter_mut() {
-            let g = &mut t.outbound;
+            let g = &mut Arc::make_mut(t).outbound;
             for s in std::iter::once(&mut g.fallback).chain(g.per_cpu.iter_mut()) {
                 s.seq_guard = Some(guard(s));
             }
@@ -514,6 +516,11 @@ impl SaDb {
     /// Every outbound SA of every tunnel.
     pub fn outbound_specs(&self) -> impl Iterator<Item = &SaSpec> {
         self.tunnels.iter().flat_map(|t| t.outbound.all())
+    }
+
+    /// Tunnel `i`, to change: copied first if an earlier snapshot shares it.
+    pub fn tunnel_mut(&mut self, i: usize) -> &mut TunnelSas {
+        Arc::make_mut(&mut self.tunnels[i])
     }
 
     /// The tunnel index by name.
@@ -560,11 +567,36 @@ impl CounterBook {
     }
 
     /// Gives every SA of `db` the counter (outbound) or window (inbound) of its key. Cannot
-    /// fail: call after [`CounterBook::check`] and the snapshot's own checks.
-    fn adopt(&mut self, db: &mut SaDb) {
+    /// fail: call after [`CounterBook::check`] and the snapshot's own checks. Tunnels `db`
+    /// shares with `prev` (the snapshot in force) were adopted when `prev` was published: they
+    /// are only counted as in use, not copied.
+    fn adopt(&mut self, db: &mut SaDb, prev: Option<&SaDb>) {
         let mut used: HashSet<u128> = HashSet::default();
         let mut windows = HashMap::default();
+        let before: HashSet<*const TunnelSas> = prev
+            .map(|p| p.tunnels.iter().map(Arc::as_ptr).collect())
+            .unwrap_or_default();
         for t in db.tunnels.iter_mut() {
+            if before.contains(&Arc::as_ptr(t)) {
+                for s in t.outbound.all().filter(|s| !s.awaiting_ike) {
+                    if let Some((spi, _)) = self.live.get_mut(&s.key_id) {
+                        *spi = s.spi;
+                    }
+                    used.insert(s.key_id);
+                }
+                for s in t
+                    .inbound
+                    .all()
+                    .chain(t.draining.iter())
+                    .filter(|s| !s.awaiting_ike)
+                {
+                    let k = (s.spi, s.key_id);
+                    let w = self.windows.remove(&k).unwrap_or_else(|| s.window.clone());
+                    windows.insert(k, w);
+                }
+                continue;
+            }
+            let t = Arc::make_mut(t);
             for s in t.outbound.all_mut().filter(|s| !s.awaiting_ike) {
                 let (spi, st) = self.live.entry(s.key_id).or_insert_with(|| {
                     let st = s.out.clone();
@@ -648,7 +680,7 @@ impl SaDbHandle {
         // The policies may have been edited since the snapshot was made: compile them now.
         db.reindex()?;
         let mut book = CounterBook::default();
-        book.adopt(&mut db);
+        book.adopt(&mut db, None);
         Ok(Arc::new(SaDbHandle {
             gen: AtomicU64::new(db.generation),
             current: ArcSwap::from_pointee(db),
@@ -701,7 +733,9 @@ impl SaDbHandle {
         next.generation += 1;
         CounterBook::check(&next)?;
         next.reindex()?;
-        book.adopt(&mut next);
+        let prev = self.current.load_full();
+        book.adopt(&mut next, Some(&prev));
+        drop(prev);
         let g = next.generation;
         self.current.store(Arc::new(next));
         self.gen.store(g, Ordering::Release);
@@ -802,7 +836,10 @@ pub struct CoreSas {
     db: Arc<SaDb>,
     outbound: Vec<Option<OutRt>>,
     inbound: SpiMap<InRt>,
-    expired: HashSet<u32>,
+    /// SAs that reached a hard lifetime here: SPI → key. Never built again from a later
+    /// snapshot under that key (an inbound SA would come back with an empty replay window);
+    /// a new key under the SPI is a new SA.
+    expired: HashMap<u32, u128>,
     events_lost: u64,
     /// Where the next [`CoreSas::check_lifetimes`] goes on (outbound tunnel, inbound
     /// position): each call looks at [`LIFETIME_CHUNK`] SAs of each direction at most.
@@ -842,7 +879,7 @@ impl CoreSas {
             db: db.clone(),
             outbound: Vec::new(),
             inbound: SpiMap::default(),
-            expired: HashSet::default(),
+            expired: HashMap::default(),
             events_lost: 0,
             life_cursor: (0, 0),
             acquire: Vec::new(),
@@ -883,7 +920,7 @@ impl CoreSas {
 
     /// Whether SA `s` may still send from this core (not hard-expired here or anywhere).
     fn alive(&self, s: &SaSpec) -> bool {
-        !self.expired.contains(&s.spi) && !s.out.expired()
+        self.expired.get(&s.spi) != Some(&s.key_id) && !s.out.expired()
     }
 
     /// The outbound SA this worker sends with on tunnel `t` of `db`, and the acquire to raise
@@ -922,6 +959,23 @@ impl CoreSas {
     /// already in use); otherwise this worker waits for the handover on the fallback SA.
     fn rebuild(&mut self, db: Arc<SaDb>, now: u64, strict: bool) -> Result<(), DbError> {
         let key_err = |spi| move |err| DbError::Key { spi, err };
+        // Tunnels the new snapshot shares with the one this worker runs (the same `Arc` at the
+        // same index) need nothing: their runtime state is what the last rebuild made of them.
+        // Unless this worker's own state changed since (a hard expiry, a claim it waits for) or
+        // there was nothing before: then every tunnel is decided again.
+        let full = strict || self.claim_wait || Arc::ptr_eq(&db, &self.db);
+        let keep: Vec<bool> = (0..db.tunnels.len())
+            .map(|t| {
+                !full
+                    && t < self.outbound.len()
+                    && t < self.acquire.len()
+                    && self
+                        .db
+                        .tunnels
+                        .get(t)
+                        .is_some_and(|o| Arc::ptr_eq(o, &db.tunnels[t]))
+            })
+            .collect();
         // Phase 1 (may fail, changes nothing).
         let have_out: HashSet<(u32, u128)> = self
             .outbound
@@ -934,7 +988,12 @@ impl CoreSas {
             Vec::with_capacity(db.tunnels.len());
         let mut acquire = Vec::with_capacity(db.tunnels.len());
         let mut claim_wait = false;
-        for t in 0..db.tunnels.len() {
+        for (t, &kept) in keep.iter().enumerate() {
+            if kept {
+                acquire.push(self.acquire[t]);
+                out_plan.push(None); // not looked at: the slot stays
+                continue;
+            }
             let (pick, want) = self.pick(&db, t);
             acquire.push(want);
             let Pick::Send(mut spec) = pick else {
@@ -987,11 +1046,14 @@ impl CoreSas {
         let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
         let mut in_plan: Vec<(u32, usize, u128, Lifetimes)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
+            if keep[t] {
+                continue;
+            }
             for s in tun
                 .inbound
                 .all()
                 .chain(tun.draining.iter())
-                .filter(|s| !s.awaiting_ike)
+                .filter(|s| !s.awaiting_ike && self.expired.get(&s.spi) != Some(&s.key_id))
             {
                 let owner = db.owner_of(s);
                 if owner != Owner::Core(self.core) && owner != Owner::Any {
@@ -1024,10 +1086,11 @@ impl CoreSas {
         // hundreds of milliseconds at every snapshot).
         let mut old_out: HashMap<u32, OutRt> = HashMap::default();
         for (t, slot) in self.outbound.iter_mut().enumerate() {
-            let stays = match (slot.as_ref(), out_plan.get(t).copied().flatten()) {
-                (Some(o), Some((spi, k, _))) => o.sa.spi == spi && o.key_id == k,
-                _ => false,
-            };
+            let stays = keep.get(t).copied().unwrap_or(false)
+                || match (slot.as_ref(), out_plan.get(t).copied().flatten()) {
+                    (Some(o), Some((spi, k, _))) => o.sa.spi == spi && o.key_id == k,
+                    _ => false,
+                };
             if !stays {
                 if let Some(o) = slot.take() {
                     old_out.insert(o.sa.spi, o);
@@ -1035,7 +1098,10 @@ impl CoreSas {
             }
         }
         self.outbound.resize_with(out_plan.len(), || None);
-        for (slot, p) in self.outbound.iter_mut().zip(out_plan) {
+        for (t, (slot, p)) in self.outbound.iter_mut().zip(out_plan).enumerate() {
+            if keep[t] {
+                continue;
+            }
             let Some((spi, k, life)) = p else { continue };
             if let Some(rt) = slot {
                 // Limits may have changed (`espada sa update`, a reload); the clock stays.
@@ -1075,13 +1141,21 @@ impl CoreSas {
         }
         let alive: HashSet<(u32, u128)> = db.outbound_specs().map(|s| (s.spi, s.key_id)).collect();
         self.retired.retain(|(s, k, _)| alive.contains(&(*s, *k)));
-        // Inbound, in place too: the SAs that go are taken out, the new ones put in.
+        // What expired and left the database is forgotten (the set stays bounded).
+        self.expired
+            .retain(|spi, k| alive.contains(&(*spi, *k)) || db.inbound_owner(*spi).is_some());
+        // Inbound, in place too: the SAs that go are taken out, the new ones put in. Only the
+        // tunnels that changed are looked at (every SA here came from this worker's snapshot).
         let planned: HashSet<u32> = in_plan.iter().map(|p| p.0).collect();
         let gone: Vec<u32> = self
-            .inbound
-            .iter_mut()
-            .map(|(spi, _)| spi)
-            .filter(|spi| !planned.contains(spi))
+            .db
+            .tunnels
+            .iter()
+            .enumerate()
+            .filter(|(t, _)| !keep.get(*t).copied().unwrap_or(false))
+            .flat_map(|(_, tun)| tun.inbound.all().chain(tun.draining.iter()))
+            .map(|s| s.spi)
+            .filter(|spi| !planned.contains(spi) && self.inbound.contains_key(*spi))
             .collect();
         for spi in gone {
             self.inbound.remove(spi);
@@ -1095,6 +1169,8 @@ impl CoreSas {
                 // A new SA, or a new key under an SPI: a new window and clock.
                 _ => match fresh_in.remove(&spi) {
                     Some(mut rt) => {
+                        // A new key under an SPI that expired here: a new SA.
+                        self.expired.remove(&spi);
                         rt.tunnel = t;
                         rt.life.set_limits(life);
                         self.inbound.insert(spi, rt);
@@ -1180,7 +1256,7 @@ impl CoreSas {
         if self.inbound.contains_key(spi) {
             return Route::Local;
         }
-        if self.expired.contains(&spi) {
+        if self.expired.contains_key(&spi) {
             return Route::Expired;
         }
         match self.db.inbound_owner(spi) {
@@ -1297,11 +1373,11 @@ impl CoreSas {
                     if stage == Stage::Hard {
                         // Dead for every core, not only this one.
                         o.state.expired.store(true, Ordering::Release);
-                        switch.push((t, o.sa.spi));
+                        switch.push((t, o.sa.spi, o.key_id));
                     }
                 } else if o.state.expired() {
                     // Another core saw its hard lifetime.
-                    switch.push((t, o.sa.spi));
+                    switch.push((t, o.sa.spi, o.key_id));
                 }
             }
         }
@@ -1317,25 +1393,25 @@ impl CoreSas {
                     seq_space: false,
                 });
                 if stage == Stage::Hard {
-                    gone.push(spi);
+                    gone.push((spi, r.key_id));
                 }
             }
         }
         self.events_lost += lost;
-        for spi in gone {
+        for (spi, k) in gone {
             self.inbound.remove(spi);
-            self.expired.insert(spi);
+            self.expired.insert(spi, k);
         }
         if switch.is_empty() {
             return;
         }
-        for &(_, spi) in &switch {
-            self.expired.insert(spi);
+        for &(_, spi, k) in &switch {
+            self.expired.insert(spi, k);
         }
         // The same decision as any snapshot change (`pick`): the fallback SA if it may send,
         // never a placeholder; the counter stays the key's own.
         if self.rebuild(self.db.clone(), now, false).is_err() {
-            for (t, _) in switch {
+            for (t, _, _) in switch {
                 self.outbound[t] = None;
             }
         }

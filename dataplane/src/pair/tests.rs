@@ -244,7 +244,7 @@ fn rekey_under_traffic_loses_nothing() {
         .shared
         .sadb
         .update(|db| {
-            let t = &mut db.tunnels[0];
+            let t = db.tunnel_mut(0);
             for i in 0..2 {
                 let old = t.inbound.per_cpu[i].clone();
                 t.inbound.per_cpu[i] = lab::spec(
@@ -268,7 +268,7 @@ fn rekey_under_traffic_loses_nothing() {
         .sadb
         .update(|db| {
             for i in 0..2 {
-                db.tunnels[0].outbound.per_cpu[i] = lab::spec(
+                db.tunnel_mut(0).outbound.per_cpu[i] = lab::spec(
                     0x1101 + i as u32,
                     Some(i),
                     "192.168.100.1",
@@ -286,7 +286,7 @@ fn rekey_under_traffic_loses_nothing() {
     p.east
         .shared
         .sadb
-        .update(|db| db.tunnels[0].draining.clear())
+        .update(|db| db.tunnel_mut(0).draining.clear())
         .unwrap();
     p.drain();
     assert_eq!(p.sent.packets(), 12_000);
@@ -1025,7 +1025,7 @@ fn checksums_the_nic_verified_are_not_computed_again() {
 fn shared_sa_wire_sequence(wire_order: bool, per_worker: u64) -> Vec<u32> {
     let (mut wdb, edb) = lab::dbs(2, 0, SaMode::Shared, Lifetimes::default());
     for t in wdb.tunnels.iter_mut() {
-        t.outbound.fallback.wire_order = wire_order;
+        std::sync::Arc::make_mut(t).outbound.fallback.wire_order = wire_order;
     }
     let (ws, es) = lab::sides();
     let mut p = Pair::new(

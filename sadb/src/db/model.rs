@@ -192,7 +192,7 @@ impl World {
 
     fn publish(&mut self, mut t: TunnelSas) {
         self.guard(&mut t);
-        let r = self.handle.update(|db| db.tunnels = vec![t]);
+        let r = self.handle.update(|db| db.tunnels = vec![Arc::new(t)]);
         // A snapshot with one key on two SPIs is refused, never published.
         if let Err(e) = r {
             assert!(matches!(e, DbError::KeyReuse { .. }), "{e}");
@@ -285,7 +285,7 @@ impl World {
                 let mut k = [0x33; 20];
                 k[0] = self.added;
                 let spec = SaSpec::new(spi, key_of(k), false, 64, life(), ep(), old.cpu);
-                let mut tun = tun.clone();
+                let mut tun = TunnelSas::clone(tun);
                 if slot == 0 {
                     tun.outbound.fallback = spec;
                 } else {
@@ -298,7 +298,7 @@ impl World {
                 let Some(tun) = db.tunnels.first() else {
                     return;
                 };
-                let mut tun = tun.clone();
+                let mut tun = TunnelSas::clone(tun);
                 tun.outbound.per_cpu.truncate(from);
                 self.publish(tun);
             }
@@ -307,7 +307,7 @@ impl World {
                 let Some(tun) = db.tunnels.first() else {
                     return;
                 };
-                let mut tun = tun.clone();
+                let mut tun = TunnelSas::clone(tun);
                 let g = &mut tun.outbound;
                 let s = if slot == 0 {
                     &mut g.fallback
@@ -447,7 +447,7 @@ fn one_key_on_two_live_outbound_sas_is_refused() {
         .handle
         .update(|db| {
             let k = db.tunnels[0].outbound.fallback.key.clone();
-            let s = &mut db.tunnels[0].outbound.per_cpu[0];
+            let s = &mut db.tunnel_mut(0).outbound.per_cpu[0];
             *s = SaSpec::new(0x777, k, false, 64, life(), ep(), Some(0));
         })
         .unwrap_err();
@@ -479,7 +479,7 @@ fn a_key_that_comes_back_resumes_its_counter() {
             .with_book(|b| b.last_seq(old.outbound.fallback.key_fingerprint()))
             == Some(7)
     );
-    let mut back = old;
+    let mut back = TunnelSas::clone(&old);
     back.outbound.fallback = SaSpec::new(
         0x999,
         back.outbound.fallback.key.clone(),
@@ -489,7 +489,9 @@ fn a_key_that_comes_back_resumes_its_counter() {
         ep(),
         None,
     );
-    w.handle.update(|db| db.tunnels = vec![back]).unwrap();
+    w.handle
+        .update(|db| db.tunnels = vec![Arc::new(back)])
+        .unwrap();
     w.apply(&Op::Send { core: 0, n: 1 });
     assert_eq!(
         w.cores[0].as_mut().unwrap().outbound(0).unwrap().last_seq(),

@@ -145,14 +145,14 @@ fn snapshot_updates_keep_runtime_state() {
     assert!(c.sync(&h, 0).unwrap());
     assert_eq!(c.outbound(0).unwrap().reserve(1).first, 11);
     // Deleting the tunnel's per-CPU SA moves the core to the fallback SA.
-    h.update(|db| db.tunnels[0].outbound.per_cpu.clear())
+    h.update(|db| db.tunnel_mut(0).outbound.per_cpu.clear())
         .unwrap();
     c.sync(&h, 0).unwrap();
     assert_eq!(c.outbound(0).unwrap().spi, 0x100);
     // An update that would make the database inconsistent is refused and not published.
     let before = h.generation();
     assert!(h
-        .update(|db| db.tunnels[0].inbound.fallback.spi = 0x201)
+        .update(|db| db.tunnel_mut(0).inbound.fallback.spi = 0x201)
         .is_err());
     assert_eq!(h.generation(), before);
 }
@@ -232,7 +232,7 @@ fn seq_guard_resumes_above_the_last_durable_limit_and_stops_at_the_limit() {
     assert_eq!((r.first, r.count, r.unreserved), (1009, 2, true));
     assert_eq!(guards[&spi].used(), 1010);
     // The fallback SA (shared counter) resumes after the guard too, from every core.
-    h.update(|db| db.tunnels[0].outbound.per_cpu.clear())
+    h.update(|db| db.tunnel_mut(0).outbound.per_cpu.clear())
         .unwrap();
     c0.sync(&h, 0).unwrap();
     let mut c1 = CoreSas::new(1, h.load(), 0).unwrap();
@@ -249,7 +249,7 @@ fn nearing_the_end_of_the_sequence_space_raises_one_soft_event() {
     // Issue 12 item 10: a soft event at a configurable share of the space, once.
     let mut d = db(SaMode::PerCpu, 1, 1);
     d.seq_warn = 0.5;
-    d.tunnels[0].outbound.per_cpu[0].start_seq = (1u64 << 63) - 10; // ESN: 2^64 space
+    d.tunnel_mut(0).outbound.per_cpu[0].start_seq = (1u64 << 63) - 10; // ESN: 2^64 space
     let h = SaDbHandle::new(d);
     let mut c = CoreSas::new(0, h.load(), 0).unwrap();
     let q = EventQueue::new(16);
@@ -273,7 +273,7 @@ fn a_failed_rebuild_leaves_the_live_state_alone() {
     assert_eq!(c.outbound(0).unwrap().reserve(10).first, 1);
     // A new tunnel in front whose key schedule fails.
     let e = h.update(|db| {
-        let mut t = db.tunnels[0].clone();
+        let mut t = (*db.tunnels[0]).clone();
         t.name = "new".into();
         for (i, s) in t.outbound.all_mut().enumerate() {
             let mut n = SaSpec::new(
@@ -291,7 +291,7 @@ fn a_failed_rebuild_leaves_the_live_state_alone() {
         for (i, s) in t.inbound.all_mut().enumerate() {
             s.spi = 0xa00 + i as u32;
         }
-        db.tunnels.insert(0, t);
+        db.tunnels.insert(0, Arc::new(t));
     });
     assert!(e.is_ok(), "the snapshot itself is valid");
     assert!(c.sync(&h, 0).is_err(), "the key schedule failed");
@@ -325,13 +325,13 @@ fn a_new_key_under_the_same_spi_is_a_new_sa() {
     let mut c = CoreSas::new(0, h.load(), 0).unwrap();
     assert_eq!(c.outbound(0).unwrap().reserve(10).first, 1);
     // Same SPIs and keys, new objects (what a reload builds): the counter goes on.
-    h.update(|db| db.tunnels[0] = tunnel(1, Lifetimes::default()))
+    h.update(|db| db.tunnels[0] = Arc::new(tunnel(1, Lifetimes::default())))
         .unwrap();
     c.sync(&h, 0).unwrap();
     assert_eq!(c.outbound(0).unwrap().reserve(1).first, 11);
     // A new key for the same SPI: a new SA (its own counter, its own window).
     h.update(|db| {
-        let s = &mut db.tunnels[0].outbound.per_cpu[0];
+        let s = &mut db.tunnel_mut(0).outbound.per_cpu[0];
         *s = SaSpec::new(
             s.spi,
             key(0x77),
@@ -352,7 +352,7 @@ fn slots_awaiting_ike_raise_acquires_and_are_never_used() {
     // Everything awaiting the IKE daemon: nothing sent or received; a packet raises an
     // acquire for the fallback SA, at most once a second.
     let mut d = db(SaMode::PerCpu, 2, 2);
-    let t = &mut d.tunnels[0];
+    let t = d.tunnel_mut(0);
     for s in t.outbound.all_mut().chain(t.inbound.all_mut()) {
         s.awaiting_ike = true;
     }
@@ -380,11 +380,11 @@ fn slots_awaiting_ike_raise_acquires_and_are_never_used() {
     assert_eq!(c0.raise_acquires(11, &q), 1);
     q.pop();
     // The daemon installed the fallback SA: core 1 sends on it and asks for its per-CPU SA.
-    d.tunnels[0].outbound.fallback.awaiting_ike = false;
+    d.tunnel_mut(0).outbound.fallback.awaiting_ike = false;
     let mut c1 = CoreSas::new(1, Arc::new(d.clone()), 0).unwrap();
     assert_eq!(
         c1.outbound(0).unwrap().spi,
-        d.tunnels[0].outbound.fallback.spi
+        d.tunnel_mut(0).outbound.fallback.spi
     );
     c1.note_use(0);
     assert_eq!(c1.raise_acquires(20, &q), 1);
@@ -397,7 +397,7 @@ fn slots_awaiting_ike_raise_acquires_and_are_never_used() {
         })
     );
     // And its per-CPU SA: no more acquires.
-    d.tunnels[0].outbound.per_cpu[1].awaiting_ike = false;
+    d.tunnel_mut(0).outbound.per_cpu[1].awaiting_ike = false;
     let mut c1 = CoreSas::new(1, Arc::new(d), 0).unwrap();
     assert_eq!(c1.outbound(0).unwrap().spi, 0x102);
     c1.note_use(0);
@@ -409,7 +409,7 @@ fn acquires_back_off_and_stop_where_per_cpu_sas_are_not_allowed() {
     // Issue 25 item 1: a peer without per-CPU SAs answers every per-CPU acquire with one more
     // ordinary Child SA; workers used to ask once a second for as long as traffic flowed.
     let mut d = db(SaMode::PerCpu, 2, 2);
-    d.tunnels[0].outbound.per_cpu[1].awaiting_ike = true;
+    d.tunnel_mut(0).outbound.per_cpu[1].awaiting_ike = true;
     let h = SaDbHandle::new(d);
     let q = AcquireQueue::new(64);
     let mut c1 = CoreSas::new(1, h.load(), 0).unwrap();
@@ -427,13 +427,14 @@ fn acquires_back_off_and_stop_where_per_cpu_sas_are_not_allowed() {
     );
     // The daemon's policy says the peer did not agree to per-CPU SAs: no more per-CPU
     // acquires; core 1 sends on the fallback SA.
-    h.update(|db| db.tunnels[0].pcpu_acquires = false).unwrap();
+    h.update(|db| db.tunnel_mut(0).pcpu_acquires = false)
+        .unwrap();
     c1.sync(&h, 200).unwrap();
     c1.note_use(0);
     assert_eq!(c1.raise_acquires(300, &q), 0);
     assert_eq!(c1.outbound(0).unwrap().spi, 0x100);
     // A fallback SA still awaiting the daemon is asked for whatever the flag.
-    h.update(|db| db.tunnels[0].outbound.fallback.awaiting_ike = true)
+    h.update(|db| db.tunnel_mut(0).outbound.fallback.awaiting_ike = true)
         .unwrap();
     c1.sync(&h, 300).unwrap();
     c1.note_use(0);
@@ -450,7 +451,7 @@ fn an_sa_keeps_its_counters_after_its_workers_move_on() {
     // Issue 25 item 4: the fallback SA showed 0 once every worker had its own SA, although it
     // had carried traffic.
     let mut d = db(SaMode::PerCpu, 1, 1);
-    d.tunnels[0].outbound.per_cpu[0].awaiting_ike = true;
+    d.tunnel_mut(0).outbound.per_cpu[0].awaiting_ike = true;
     let h = SaDbHandle::new(d);
     let mut c = CoreSas::new(0, h.load(), 0).unwrap();
     let fb = c.outbound(0).unwrap();
@@ -460,7 +461,7 @@ fn an_sa_keeps_its_counters_after_its_workers_move_on() {
     fb.counters.bytes = 700;
     let st = c.db().tunnels[0].outbound.fallback.out_state().clone();
     st.note_use(1234);
-    h.update(|db| db.tunnels[0].outbound.per_cpu[0].awaiting_ike = false)
+    h.update(|db| db.tunnel_mut(0).outbound.per_cpu[0].awaiting_ike = false)
         .unwrap();
     c.sync(&h, 0).unwrap();
     assert_eq!(c.outbound(0).unwrap().spi, 0x101, "on its own SA now");
@@ -564,4 +565,91 @@ fn lifetimes_of_thousands_of_tunnels_are_checked_a_slice_at_a_time() {
         c.check_lifetimes(1012, &q);
     }
     assert_eq!(q.len(), 0);
+}
+
+#[test]
+fn an_inbound_sa_that_expired_stays_expired_across_snapshots() {
+    // An inbound SA removed at its hard lifetime used to come back, with an empty replay
+    // window, at the next snapshot (any change anywhere): its old packets replayed would have
+    // been accepted again.
+    let life = Lifetimes {
+        hard: Limits {
+            packets: Some(3),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut t = tunnel(0, Lifetimes::default());
+    t.inbound.fallback.lifetimes = life;
+    let h = SaDbHandle::new(SaDb::new(SaMode::PerCpu, 1, Backend::Ring, vec![t], spd()).unwrap());
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    let q = EventQueue::new(16);
+    assert_eq!(c.route(0x200), Route::Local);
+    c.inbound_mut(0x200).unwrap().counters.packets = 3;
+    c.check_lifetimes(1, &q);
+    assert_eq!(c.route(0x200), Route::Expired);
+    // A snapshot that changes the tunnel (another SA's lifetime) and one that does not.
+    h.update(|db| db.tunnel_mut(0).outbound.fallback.lifetimes.hard.seconds = Some(9999))
+        .unwrap();
+    c.sync(&h, 2).unwrap();
+    assert_eq!(c.route(0x200), Route::Expired, "not built again");
+    h.update(|db| db.seq_warn = 0.8).unwrap();
+    c.sync(&h, 3).unwrap();
+    assert_eq!(c.route(0x200), Route::Expired);
+    // A new key under that SPI is a new SA.
+    h.update(|db| {
+        let s = &mut db.tunnel_mut(0).inbound.fallback;
+        *s = SaSpec::new(
+            0x200,
+            key(0x55),
+            true,
+            4096,
+            Lifetimes::default(),
+            s.endpoints,
+            None,
+        );
+    })
+    .unwrap();
+    c.sync(&h, 4).unwrap();
+    assert_eq!(c.route(0x200), Route::Local);
+}
+
+#[test]
+fn a_snapshot_copies_and_a_worker_revisits_only_the_tunnels_that_changed() {
+    // Issue 26: 10 000 tunnels; one changes. The new snapshot shares the others with the old
+    // one, and a worker keeps their runtime state where it is.
+    let tunnels: Vec<TunnelSas> = (0..3u32)
+        .map(|i| {
+            let mut t = tunnel(0, Lifetimes::default());
+            t.name = format!("t{i}");
+            t.outbound.fallback = spec(0x1000 + i, None, Lifetimes::default());
+            t.inbound.fallback = spec(0x2000 + i, None, Lifetimes::default());
+            t
+        })
+        .collect();
+    let h = SaDbHandle::new(SaDb::new(SaMode::PerCpu, 1, Backend::Ring, tunnels, spd()).unwrap());
+    let mut c = CoreSas::new(0, h.load(), 0).unwrap();
+    assert_eq!(c.outbound(0).unwrap().reserve(5).first, 1);
+    assert_eq!(c.outbound(2).unwrap().reserve(5).first, 1);
+    let before = h.load();
+    h.update(|db| db.tunnel_mut(1).outbound.fallback.lifetimes.hard.seconds = Some(60))
+        .unwrap();
+    let after = h.load();
+    assert!(Arc::ptr_eq(&before.tunnels[0], &after.tunnels[0]));
+    assert!(Arc::ptr_eq(&before.tunnels[2], &after.tunnels[2]));
+    assert!(!Arc::ptr_eq(&before.tunnels[1], &after.tunnels[1]));
+    c.sync(&h, 1).unwrap();
+    assert_eq!(c.outbound(0).unwrap().reserve(1).first, 6, "state kept");
+    assert_eq!(c.outbound(2).unwrap().reserve(1).first, 6);
+    // A tunnel taken out moves the ones after it: they are looked at again, state kept.
+    h.update(|db| {
+        db.tunnels.remove(0);
+    })
+    .unwrap();
+    c.sync(&h, 2).unwrap();
+    assert_eq!(c.outbound(1).unwrap().spi, 0x1002);
+    assert_eq!(c.outbound(1).unwrap().reserve(1).first, 7);
+    assert_eq!(c.route(0x2000), Route::Unknown);
+    assert_eq!(c.route(0x2002), Route::Local);
+    assert_eq!(c.inbound_local(0x2002).map(|(_, t)| t), Some(1));
 }
