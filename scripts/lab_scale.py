@@ -193,13 +193,28 @@ def main():
         time.sleep(a.seconds / 3)
         rk = {}
         for g in ("east", "west"):
+            log = os.path.join(ldir, g + ".log")
+            mark = os.path.getsize(log)
             t = time.time()
             r = sh([esp, "sa", "rekey", "--socket", sock[g]], check=False)
             rk[g] = time.time() - t
             if r.returncode != 0:
                 bad.append(f"sa rekey on {g}: {r.stdout}{r.stderr}")
             first = r.stdout.splitlines()[:1]
-            rows.append((f"sa rekey of all tunnels on {g}", f"{rk[g]:.2f} s {first}"))
+            # Done when the gateway logs a slice with nothing more to follow.
+            done = rk[g] if "more snapshot" not in r.stdout else None
+            while done is None and time.time() - t < 30:
+                with open(log) as f:
+                    f.seek(mark)
+                    ticks = [l for l in f.read().splitlines()
+                             if "to their next generation" in l or "rekeyed to generation" in l]
+                if ticks and "more follow" not in ticks[-1]:
+                    done = time.time() - t
+                time.sleep(0.02)
+            rows.append((f"sa rekey of all tunnels on {g}",
+                         f"command {rk[g]:.2f} s, all installed after {done if done is None else round(done, 2)} s; {first}"))
+            if done is None:
+                bad.append(f"sa rekey on {g} not finished within 30 s")
         snd.wait(timeout=a.seconds + 60)
         out, _ = rcv.communicate(timeout=90)
         res = json.loads(out)

@@ -99,6 +99,12 @@ struct Txn {
 /// Changes one `sa batch` request may carry (each batch is one snapshot).
 pub const MAX_BATCH: usize = 20_000;
 
+/// Tunnels moved to a new generation per snapshot (`sa rekey` of every tunnel, a generation
+/// boundary): 10 000 tunnels in one snapshot kept each worker rebuilding for a third of a
+/// second (a dip in every tunnel's traffic); 512 are a few milliseconds. The rest follow at
+/// the next ticks, one slice each (the main loop ticks at least every 50 ms).
+pub const REKEY_SLICE: usize = 512;
+
 fn index(c: &config::Config) -> (HashMap<String, usize>, HashMap<(IpAddr, IpAddr), usize>) {
     let mut names = HashMap::with_capacity(c.tunnels.len());
     let mut ends = HashMap::with_capacity(c.tunnels.len());
@@ -338,15 +344,20 @@ impl Supervisor {
             })
             .min()
             .unwrap_or(u64::MAX);
-        let due: Vec<(usize, u64)> = (0..self.config.tunnels.len())
+        let mut due: Vec<(usize, u64)> = (0..self.config.tunnels.len())
             .filter_map(|t| {
                 let g = self.generation(t, now)?;
                 (self.gens[t] != Some(g)).then_some((t, g))
             })
             .collect();
+        if due.len() > REKEY_SLICE {
+            // The rest at the next tick.
+            due.truncate(REKEY_SLICE);
+            self.next_due = 0;
+        }
         if !due.is_empty() {
-            // Tunnels crossing a generation boundary together (10 000 with one lifetime) are
-            // published as one snapshot: each worker rebuilds its SAs once.
+            // Tunnels crossing a generation boundary together are published as one snapshot
+            // per slice: each worker revisits those tunnels once.
             let r = self.transaction(|s| {
                 let mut lines = Vec::new();
                 for &(t, g) in &due {
@@ -365,9 +376,14 @@ impl Supervisor {
             });
             match r {
                 Ok(lines) if lines.len() > 8 => log.push(format!(
-                    "{} tunnels rekeyed to their next generation in one snapshot (first: {})",
+                    "{} tunnels rekeyed to their next generation in one snapshot (first: {}){}",
                     lines.len(),
-                    lines[0]
+                    lines[0],
+                    if self.next_due == 0 {
+                        "; more follow at the next tick"
+                    } else {
+                        ""
+                    }
                 )),
                 Ok(lines) => log.extend(lines),
                 Err(e) => {
@@ -426,15 +442,25 @@ impl Supervisor {
             .map(|t| t.name.clone())
             .collect();
         let mut kept = 0;
+        let mut same = 0;
         let g = self
             .shared
             .sadb
             .update(|cur| {
                 // SAs the IKE daemon installed stay: the file only has placeholders for them.
-                for t in db.tunnels.iter_mut().filter(|t| ike.contains(&t.name)) {
-                    let t = Arc::make_mut(t);
-                    if let Some(old) = cur.tunnels.iter().find(|o| o.name == t.name) {
-                        kept += keep_installed(t, old);
+                for t in db.tunnels.iter_mut() {
+                    let Some(i) = cur.tunnel(&t.name) else {
+                        continue;
+                    };
+                    let old = &cur.tunnels[i];
+                    if ike.contains(&t.name) {
+                        kept += keep_installed(Arc::make_mut(t), old);
+                    }
+                    // A tunnel the file leaves as it was stays shared with the snapshot in
+                    // force: the workers do not revisit it (10 000 tunnels, one edited).
+                    if old.same_as(t) {
+                        *t = old.clone();
+                        same += 1;
                     }
                 }
                 cur.tunnels = db.tunnels;
@@ -442,7 +468,7 @@ impl Supervisor {
             })
             .map_err(|e| e.to_string())?;
         let msg = format!(
-            "reloaded {}: {} tunnel(s), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows{}",
+            "reloaded {}: {} tunnel(s) ({same} unchanged), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows{}",
             self.path.display(),
             c.tunnels.len(),
             c.spd.policies.len(),
@@ -779,6 +805,7 @@ impl Supervisor {
             None => (0..self.config.tunnels.len()).collect(),
         };
         let mut done = Vec::new();
+        let mut later = 0usize;
         for t in ts {
             let name = self.config.tunnels[t].name.clone();
             if self.config.tunnels[t].lab_rekey.is_none() {
@@ -791,6 +818,15 @@ impl Supervisor {
             }
             *self.bump.entry(name.clone()).or_insert(0) += 1;
             let g = self.generation(t, now).expect("lab_rekey tunnel");
+            if done.len() >= REKEY_SLICE {
+                // Installed by the next ticks, a slice each (see REKEY_SLICE).
+                done.push(
+                    json!({"tunnel": name, "generation": g, "sending_on": [], "pending": true}),
+                );
+                later += 1;
+                self.next_due = 0;
+                continue;
+            }
             match self.install_generation(t, g) {
                 Ok(spis) => done.push(json!({"tunnel": name, "generation": g, "sending_on": spis})),
                 Err(e) => {
@@ -802,7 +838,8 @@ impl Supervisor {
         if done.is_empty() {
             return Err("no tunnel derives its keys from lab_secret with lab_rekey: nothing can be rekeyed without new keys (see `espada sa add`)".into());
         }
-        Ok(json!({ "rekeyed": done }))
+        let slices = later.div_ceil(REKEY_SLICE);
+        Ok(json!({ "rekeyed": done, "pending": later, "slices_to_follow": slices }))
     }
 
     /// The tunnel an `sa add` names, or (as an IKE daemon's kernel interface gives it) the

@@ -341,6 +341,51 @@ pub struct TunnelSas {
     pub pcpu_acquires: bool,
 }
 
+impl SaSpec {
+    /// Whether `other` describes the same SA: SPI, key, parameters, lifetimes, endpoints, slot,
+    /// origin and sequence reservation. (The counter and window go with the key.)
+    pub fn same_as(&self, other: &SaSpec) -> bool {
+        self.spi == other.spi
+            && self.key_id == other.key_id
+            && self.esn == other.esn
+            && self.replay_window == other.replay_window
+            && self.lifetimes == other.lifetimes
+            && self.endpoints == other.endpoints
+            && self.cpu == other.cpu
+            && self.start_seq == other.start_seq
+            && self.awaiting_ike == other.awaiting_ike
+            && self.daemon == other.daemon
+            && self.wire_order == other.wire_order
+            && match (&self.seq_guard, &other.seq_guard) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl TunnelSas {
+    /// Whether `other` is this tunnel with the same SAs (a reload that leaves it alone): then
+    /// the new snapshot keeps sharing this one, and no worker revisits it.
+    pub fn same_as(&self, other: &TunnelSas) -> bool {
+        let group = |a: &PerCpuSaGroup, b: &PerCpuSaGroup| {
+            a.per_cpu.len() == b.per_cpu.len() && a.all().zip(b.all()).all(|(x, y)| x.same_as(y))
+        };
+        self.name == other.name
+            && self.local_subnets == other.local_subnets
+            && self.remote_subnets == other.remote_subnets
+            && self.pcpu_acquires == other.pcpu_acquires
+            && group(&self.outbound, &other.outbound)
+            && group(&self.inbound, &other.inbound)
+            && self.draining.len() == other.draining.len()
+            && self
+                .draining
+                .iter()
+                .zip(other.draining.iter())
+                .all(|(x, y)| x.same_as(y))
+    }
+}
+
 /// Who processes an inbound SA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {

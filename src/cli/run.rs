@@ -525,9 +525,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                     r.data["snapshot"]
                 ),
                 ("sa", true, _) if cmd.req.what == "rekey" => tracing::info!(
-                    "control: sa rekey: {} tunnel(s) rekeyed in snapshot {}",
+                    "control: sa rekey: {} tunnel(s) rekeyed in snapshot {}{}",
                     r.data["rekeyed"].as_array().map_or(0, Vec::len),
-                    sup.sadb().generation()
+                    sup.sadb().generation(),
+                    match r.data["pending"].as_u64() {
+                        Some(p) if p > 0 => format!(
+                            " ({p} of them in {} more snapshot(s), one per tick)",
+                            r.data["slices_to_follow"]
+                        ),
+                        _ => String::new(),
+                    }
                 ),
                 (_, true, _) => tracing::info!("control: {}: {}", what.trim(), r.data),
                 (_, false, Some(e)) => tracing::info!("control: {} refused: {e}", what.trim()),

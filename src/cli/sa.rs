@@ -365,7 +365,15 @@ fn print_answer(what: &str, d: &Value) {
     match what {
         "rekey" => {
             let all = d["rekeyed"].as_array().cloned().unwrap_or_default();
-            if all.len() > 10 {
+            let pending = d["pending"].as_u64().unwrap_or(0);
+            if pending > 0 {
+                println!(
+                    "{} tunnels rekeyed: {} now, {pending} in {} more snapshot(s) of up to 512 tunnels, one every tick of the gateway (~50 ms; its log says when); the first 10:",
+                    all.len(),
+                    all.len() as u64 - pending,
+                    d["slices_to_follow"]
+                );
+            } else if all.len() > 10 {
                 println!(
                     "{} tunnels rekeyed in one snapshot; the first 10:",
                     all.len()
