@@ -12,6 +12,7 @@ pub mod affinity;
 pub mod drop;
 pub mod esp;
 pub mod gateway;
+pub mod heap;
 pub mod kernel;
 pub mod launch;
 pub mod neighbor;

@@ -471,6 +471,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let interval = Duration::from_secs_f64(if a.interval > 0.0 { a.interval } else { 1.0 });
     let mut last = Instant::now();
     let mut ike = 0u64;
+    let mut trim_at: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         // Wakes at once for a command (an IKE daemon installing an SA waits on the answer),
         // else every 50 ms for the housekeeping below.
@@ -491,7 +492,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         shared.neighbors.expire(Instant::now());
         shared.neighbors6.expire(Instant::now());
         let now_unix = config::unix_now();
+        let mut big_change = false;
         if reload.swap(false, Ordering::Relaxed) {
+            big_change = true;
             match sup.reload(now_unix) {
                 Ok(m) => tracing::info!("{m}"),
                 Err(e) => {
@@ -505,6 +508,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         {
             let what = format!("{} {}", cmd.req.cmd, cmd.req.what);
             let r = sup.execute(&cmd.req, now_unix);
+            big_change |=
+                matches!(cmd.req.what.as_str(), "batch" | "rekey") || cmd.req.cmd == "reload";
             match (cmd.req.cmd.as_str(), r.ok, &r.error) {
                 ("reload", true, _) => tracing::info!(
                     "{} (asked on the control socket)",
@@ -545,7 +550,18 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         // lab_rekey: at a generation boundary, send on the new generation (the peer already
         // accepts it) and keep accepting the one before.
         for line in sup.tick(now_unix) {
+            big_change = true; // a generation installed (or refused)
             tracing::info!("{line}");
+        }
+        // After a reload, a batch or a rekey, the memory the old snapshots and the parsed file
+        // held goes back to the kernel (RSS returns to its level instead of ratcheting up).
+        // (A little later: the workers let go of the old snapshot at their next poll.)
+        if big_change {
+            trim_at = Some(Instant::now() + Duration::from_millis(300));
+        }
+        if trim_at.is_some_and(|t| Instant::now() >= t) {
+            trim_at = None;
+            espada_dataplane::heap::give_back();
         }
         while let Some(a) = shared.acquires.pop() {
             if let Some(line) = sup.note_acquire(a) {
