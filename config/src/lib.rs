@@ -105,6 +105,20 @@ struct RawGateway {
     crypto: Option<Spanned<String>>,
     #[serde(default)]
     control_socket: Option<String>,
+    /// More files of `[[tunnel]]` and `[[policy]]` tables (`conf.d/*.toml`), relative to this
+    /// file's directory.
+    #[serde(default)]
+    include: Vec<Spanned<String>>,
+}
+
+/// What an included file may hold.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInclude {
+    #[serde(default)]
+    tunnel: Vec<RawTunnel>,
+    #[serde(default)]
+    policy: Vec<RawPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -509,6 +523,76 @@ pub const SHIPPED_LAB_SECRET: &str = "espada-lab-secret-change-me";
 /// bound (`-c /dev/zero` or a runaway file is refused instead of exhausting memory).
 pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
 
+/// Reads the files `include` names (`[gateway] include = ["conf.d/*.toml"]`, relative to the
+/// configuration's directory; a `*` in the file name matches any run of characters, files in
+/// name order). A pattern with a `*` may match nothing (an empty `conf.d`); a plain name must
+/// exist. The main file and the included ones together stay under [`MAX_CONFIG_BYTES`].
+fn includes(
+    ctx: &Ctx,
+    include: &[Spanned<String>],
+    mut total: u64,
+) -> Result<Vec<(PathBuf, String, RawInclude)>, ConfigError> {
+    use std::io::Read;
+    let base = ctx.file.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for pat in include {
+        let p = base.join(pat.get_ref());
+        let (dir, name) = match (p.parent(), p.file_name().and_then(|n| n.to_str())) {
+            (Some(d), Some(n)) => (d.to_path_buf(), n.to_string()),
+            _ => return Err(ctx.at(pat, format!("include: `{}` names no file", pat.get_ref()))),
+        };
+        let mut files: Vec<PathBuf> = if let Some((pre, suf)) = name.split_once('*') {
+            if suf.contains('*') {
+                return Err(ctx.at(pat, "include: one `*` at most, in the file name"));
+            }
+            let rd = std::fs::read_dir(&dir)
+                .map_err(|e| ctx.at(pat, format!("include: cannot list {}: {e}", dir.display())))?;
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.to_string();
+                    (n.len() >= pre.len() + suf.len()
+                        && n.starts_with(pre)
+                        && n.ends_with(suf)
+                        && !n.starts_with('.')
+                        && e.path().is_file())
+                    .then(|| e.path())
+                })
+                .collect()
+        } else {
+            vec![p.clone()]
+        };
+        files.sort();
+        for f in files {
+            if f == ctx.file {
+                return Err(ctx.at(pat, "include: a configuration cannot include itself"));
+            }
+            let mut text = String::new();
+            std::fs::File::open(&f)
+                .and_then(|h| h.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+                .map_err(|e| ctx.at(pat, format!("include: cannot read {}: {e}", f.display())))?;
+            total += text.len() as u64;
+            if total > MAX_CONFIG_BYTES {
+                return Err(ctx.at(pat, format!("include: the configuration and its included files are larger than {} MiB together", MAX_CONFIG_BYTES >> 20)));
+            }
+            let raw: RawInclude = toml::from_str(&text).map_err(|e| {
+                let msg = e.message().trim().to_string();
+                let msg = if msg.starts_with("unknown field") {
+                    format!("{msg}: an included file holds [[tunnel]] and [[policy]] tables only")
+                } else {
+                    msg
+                };
+                Ctx {
+                    file: &f,
+                    text: &text,
+                }
+                .err(e.span(), msg)
+            })?;
+            out.push((f, text, raw));
+        }
+    }
+    Ok(out)
+}
+
 /// Parses and validates configuration text (`path` is used in messages and to find key files).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { file: path, text };
@@ -521,6 +605,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         };
         ctx.err(e.span(), msg)
     })?;
+
+    // The included files: each tunnel and policy keeps its file, for messages.
+    let srcs = includes(&ctx, &raw.gateway.include, text.len() as u64)?;
+    let mut all_tunnels: Vec<(usize, &RawTunnel)> = raw.tunnel.iter().map(|t| (0, t)).collect();
+    let mut all_policies: Vec<(usize, &RawPolicy)> = raw.policy.iter().map(|p| (0, p)).collect();
+    for (i, (_, _, inc)) in srcs.iter().enumerate() {
+        all_tunnels.extend(inc.tunnel.iter().map(|t| (i + 1, t)));
+        all_policies.extend(inc.policy.iter().map(|p| (i + 1, p)));
+    }
+    let ctx_of = |src: usize| match src {
+        0 => Ctx { file: path, text },
+        i => Ctx {
+            file: &srcs[i - 1].0,
+            text: &srcs[i - 1].1,
+        },
+    };
 
     let g = &raw.gateway;
     let sa_mode = match g.sa_mode.as_ref().map(|s| (s, s.get_ref().as_str())) {
@@ -663,15 +763,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         neighbors.push((a, m));
     }
 
-    if raw.tunnel.is_empty() {
+    if all_tunnels.is_empty() {
         return Err(ctx.err(None, "no [[tunnel]]: a gateway needs at least one tunnel"));
     }
     let mut tunnels: Vec<TunnelConfig> = Vec::new();
     // Every key of the tunnels so far: fingerprint → (SPI, tunnel index).
     let mut key_seen: std::collections::HashMap<u128, (u32, usize)> = Default::default();
-    let mut spis: BTreeMap<u32, Range<usize>> = BTreeMap::new();
+    let mut spis: BTreeMap<u32, (usize, Range<usize>)> = BTreeMap::new();
     let mut names: std::collections::HashSet<String> = Default::default();
-    for t in &raw.tunnel {
+    for &(src, t) in &all_tunnels {
+        let ctx = ctx_of(src);
         let name = t.name.get_ref().clone();
         if !names.insert(name.clone()) {
             return Err(ctx.at(&t.name, format!("duplicate tunnel name \"{name}\"")));
@@ -830,14 +931,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .chain((0..pcpu).map(|i| out_spi + 1 + i as u32))
             .collect();
         for s in &in_spis {
-            if let Some(prev) = spis.insert(*s, t.in_spi.span()) {
-                let p = ctx.err(Some(prev), "");
+            if let Some((psrc, prev)) = spis.insert(*s, (src, t.in_spi.span())) {
+                let p = ctx_of(psrc).err(Some(prev), "");
+                let at = if psrc == src {
+                    format!("line {}", p.line)
+                } else {
+                    format!("{}:{}", p.file.display(), p.line)
+                };
                 return Err(ctx.at(
                     &t.in_spi,
-                    format!(
-                        "duplicate SPI {s:#010x}: already used by the tunnel at line {}",
-                        p.line
-                    ),
+                    format!("duplicate SPI {s:#010x}: already used by the tunnel at {at}"),
                 ));
             }
         }
@@ -930,7 +1033,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         } else {
             let (table, span, where_): (BTreeMap<String, String>, Range<usize>, String) =
                 if let Some(kf) = &t.key_file {
-                    let p = path.parent().unwrap_or(Path::new(".")).join(kf.get_ref());
+                    // Relative to the file the tunnel is in (an included one, maybe).
+                    let p = ctx
+                        .file
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join(kf.get_ref());
                     check_key_file_mode(&p).map_err(|m| ctx.at(kf, m))?;
                     let kt = std::fs::read_to_string(&p).map_err(|e| {
                         ctx.at(kf, format!("cannot read key file {}: {e}", p.display()))
@@ -965,8 +1073,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 keys.insert(spi, km);
             }
             // One rule for every file that holds keys: nobody else may read it.
-            if let (Some(k), true) = (&t.keys, path.exists()) {
-                check_key_file_mode(path).map_err(|m| {
+            if let (Some(k), true) = (&t.keys, ctx.file.exists()) {
+                check_key_file_mode(ctx.file).map_err(|m| {
                     ctx.at(
                         k,
                         format!(
@@ -1057,7 +1165,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
     let mut policy_spans = Vec::new();
-    for p in &raw.policy {
+    for &(file, p) in &all_policies {
+        let ctx = ctx_of(file);
         let src = prefix(&ctx, &p.src, "policy src")?;
         let dst = prefix(&ctx, &p.dst, "policy dst")?;
         if src.addr().is_ipv4() != dst.addr().is_ipv4() {
@@ -1114,7 +1223,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 ))
             }
         };
-        policy_spans.push(p.action.span());
+        policy_spans.push((file, p.action.span()));
         spd.policies.push(Policy {
             name: p.name.clone(),
             selector: Selector {
@@ -1129,12 +1238,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     if let Some(c) = spd.conflicts().first() {
         let (a, b) = (&spd.policies[c.first], &spd.policies[c.second]);
-        let span = policy_spans.get(c.second).cloned();
+        let (file, span) = policy_spans
+            .get(c.second)
+            .cloned()
+            .map_or((0, None), |(f, s)| (f, Some(s)));
         let first_line = policy_spans
             .get(c.first)
-            .map(|s| ctx.err(Some(s.clone()), "").line)
+            .map(|(f, s)| ctx_of(*f).err(Some(s.clone()), "").line)
             .unwrap_or(0);
-        return Err(ctx.err(span, format!(
+        return Err(ctx_of(file).err(span, format!(
             "policy \"{}\" ({}) overlaps policy \"{}\" (line {first_line}, {}) with a different action; put the narrower policy first or make them disjoint",
             b.name, b.selector, a.name, a.selector
         )));

@@ -382,3 +382,76 @@ fn shared_sa_order_defaults_to_wire_order_and_names_a_bad_value() {
         "{e}"
     );
 }
+
+/// Issue 26: a `conf.d` of tunnel files. Tunnels and policies come from the included files in
+/// name order; a mistake in one names that file and line; an included file holds tunnels and
+/// policies only; a missing plain include is an error, an empty `conf.d` is not.
+#[test]
+fn tunnels_from_included_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("conf.d")).unwrap();
+    let tunnel = |name: &str, n: u32| {
+        format!(
+            "[[tunnel]]\nname = \"{name}\"\nlocal = \"192.168.100.1\"\nremote = \"192.168.100.2\"\nlocal_subnets = [\"10.1.{n}.0/24\"]\nremote_subnets = [\"10.2.{n}.0/24\"]\nout_spi = {:#x}\nin_spi = {:#x}\nlab_secret = \"0123456789\"\n",
+            0x1000 + n * 16,
+            0x8000 + n * 16
+        )
+    };
+    let main = "[gateway]\nname = \"west\"\nworkers = 2\ninclude = [\"conf.d/*.toml\"]\n\n"
+        .to_string()
+        + &tunnel("main", 0);
+    std::fs::write(d.join("west.toml"), &main).unwrap();
+    std::fs::write(d.join("conf.d/20-b.toml"), tunnel("b", 2)).unwrap();
+    std::fs::write(
+        d.join("conf.d/10-a.toml"),
+        tunnel("a", 1) + &tunnel("a2", 3),
+    )
+    .unwrap();
+    std::fs::write(d.join("conf.d/notes.txt"), "not toml").unwrap();
+    let c = load(&d.join("west.toml")).unwrap();
+    let names: Vec<&str> = c.tunnels.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["main", "a", "a2", "b"]);
+    // A mistake in an included file: that file, that line.
+    std::fs::write(
+        d.join("conf.d/20-b.toml"),
+        tunnel("b", 2).replace("remote = \"192.168.100.2\"", "remote = \"192.168.100.x\""),
+    )
+    .unwrap();
+    let e = load(&d.join("west.toml")).unwrap_err().to_string();
+    assert!(e.contains("conf.d/20-b.toml:4:"), "{e}");
+    // The same SPI in two files names the other file.
+    std::fs::write(
+        d.join("conf.d/20-b.toml"),
+        tunnel("b", 2).replace("in_spi = 0x8020", "in_spi = 0x8010"),
+    )
+    .unwrap();
+    let e = load(&d.join("west.toml")).unwrap_err().to_string();
+    assert!(e.contains("20-b.toml:") && e.contains("10-a.toml:"), "{e}");
+    // A [gateway] in an included file is refused with what it may hold.
+    std::fs::write(d.join("conf.d/20-b.toml"), "[gateway]\nname = \"x\"\n").unwrap();
+    let e = load(&d.join("west.toml")).unwrap_err().to_string();
+    assert!(
+        e.contains("20-b.toml:1:") && e.contains("[[tunnel]] and [[policy]] tables only"),
+        "{e}"
+    );
+    std::fs::remove_file(d.join("conf.d/20-b.toml")).unwrap();
+    // A plain name must exist; an empty conf.d is fine.
+    std::fs::write(
+        d.join("west.toml"),
+        main.replace("conf.d/*.toml", "conf.d/missing.toml"),
+    )
+    .unwrap();
+    let e = load(&d.join("west.toml")).unwrap_err().to_string();
+    assert!(
+        e.contains("west.toml:4:") && e.contains("cannot read"),
+        "{e}"
+    );
+    std::fs::write(
+        d.join("west.toml"),
+        main.replace("conf.d/*.toml", "empty/*.toml"),
+    )
+    .unwrap();
+    std::fs::create_dir(d.join("empty")).unwrap();
+    assert_eq!(load(&d.join("west.toml")).unwrap().tunnels.len(), 1);
+}
