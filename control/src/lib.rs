@@ -21,7 +21,11 @@
 //! → {"cmd":"sa","what":"add","args":{"tunnel":"west-east"}}
 //! → {"cmd":"sa","what":"add","args":{"tunnel":"west-east","dir":"in","spi":8193,"cpu":0,"key":"<hex>"}}
 //! → {"cmd":"sa","what":"update","args":{"spi":4097,"hard_seconds":7200}}
+//! → {"cmd":"sa","what":"batch","args":{"ops":[{"what":"add","args":{...}},{"what":"del","args":{...}}]}}
 //! ```
+//!
+//! A batch (at most [`supervisor::MAX_BATCH`] changes, 4 MiB a request) is published as one
+//! snapshot, all or nothing.
 //!
 //! Keys travel only over this socket (mode 0600) and are never logged or echoed. The data a worker publishes is read from its [`StatsCell`]: the
 //! counters every 16th poll, the SA and port counters every 256th, so a reply is at most a few
