@@ -183,6 +183,24 @@ fn wireshark_entries_cover_every_sa() {
     );
 }
 
+/// Issue 27 paper cut: `pin check` exited 0 with warnings; `--strict` makes them fail.
+#[test]
+fn pin_check_strict_fails_on_warnings() {
+    let (code, out, err) = espada(&["pin", "check", "-c", "configs/west.toml"]);
+    // This host has no west-red: a warning, not a failure.
+    assert!(
+        out.contains("warn west-red: not present on this host"),
+        "{out}{err}"
+    );
+    if out.lines().any(|l| l.starts_with("bad")) {
+        assert_eq!(code, 1);
+        return;
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, _) = espada(&["pin", "check", "-c", "configs/west.toml", "--strict"]);
+    assert_eq!(code, 1);
+}
+
 #[test]
 fn pin_plan_on_this_host_explains_what_is_missing() {
     let (code, out, err) = espada(&["pin", "plan", "-c", "configs/west.toml"]);

@@ -266,6 +266,15 @@ pub struct BoundMetrics {
 impl MetricsServer {
     /// Listens on `addr` (e.g. `127.0.0.1:9100`, port 0 for any).
     pub fn bind(addr: &str) -> io::Result<BoundMetrics> {
+        // `:9100`, as Prometheus exporters take it: every IPv4 address.
+        let full;
+        let addr = match addr.strip_prefix(':') {
+            Some(port) => {
+                full = format!("0.0.0.0:{port}");
+                full.as_str()
+            }
+            None => addr,
+        };
         let l = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("--metrics {addr}: {e}")))?;
         let addr = l.local_addr()?;
@@ -359,24 +368,30 @@ fn serve(s: std::net::TcpStream, gw: &Gateway, lim: ConnLimits) -> io::Result<()
     conn::arm(&s, deadline)?;
     let mut parts = first.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) =
-        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-            (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                render(gw),
-            )
-        } else {
-            (
-                "404 Not Found",
-                "text/plain",
-                "espada serves /metrics\n".to_string(),
-            )
-        };
+    let metrics = path == "/metrics" || path.starts_with("/metrics?");
+    let (status, ctype, body) = match method {
+        // HEAD: the headers GET would send (monitoring probes use it), no body.
+        "GET" | "HEAD" if metrics => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(gw),
+        ),
+        _ if metrics => (
+            "405 Method Not Allowed\r\nAllow: GET, HEAD",
+            "text/plain",
+            "GET or HEAD /metrics\n".to_string(),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "espada serves /metrics\n".to_string(),
+        ),
+    };
     write!(
         w,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        if method == "HEAD" { "" } else { body.as_str() }
     )?;
     w.flush()
 }

@@ -468,10 +468,10 @@ impl Supervisor {
             })
             .map_err(|e| e.to_string())?;
         let msg = format!(
-            "reloaded {}: {} tunnel(s) ({same} unchanged), {} polic(ies) (snapshot {g}); SAs whose SPI and key stay keep their counters and windows{}",
+            "reloaded {}: {} ({same} unchanged), {} (snapshot {g}); SAs whose SPI and key stay keep their counters and windows{}",
             self.path.display(),
-            c.tunnels.len(),
-            c.spd.policies.len(),
+            count(c.tunnels.len(), "tunnel", "tunnels"),
+            count(c.spd.policies.len(), "policy", "policies"),
             if kept > 0 {
                 format!("; {kept} SA(s) the IKE daemon installed kept")
             } else {
@@ -934,7 +934,7 @@ impl Supervisor {
         };
         let alg = template.key.algorithm();
         let key = KeyMaterial::from_hex(alg, key_hex)
-            .map_err(|e| format!("key for SPI {spi:#010x}: {e} ({alg:?})"))?;
+            .map_err(|e| format!("key for SPI {spi:#010x}: {e} (the tunnel's cipher is {alg})"))?;
         let mut ep = template.endpoints;
         if let Some(p) = a.get("port").and_then(Value::as_u64) {
             ep.src_port = u16::try_from(p).map_err(|_| "port must be 1-65535")?;
@@ -1246,6 +1246,11 @@ impl Supervisor {
             None => Err(format!("no SA with SPI {spi:#010x}")),
         }
     }
+}
+
+/// `1 policy`, `2 policies`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn limits(l: &Limits) -> Value {

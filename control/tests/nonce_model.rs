@@ -436,6 +436,12 @@ fn a_reload_keeps_the_sas_the_ike_daemon_installed() {
     w.apply(&Op::Send { core: 1, n: 5 });
     let r = w.gw.as_mut().unwrap().sup.reload(w.now).unwrap();
     assert!(r.contains("2 SA(s) the IKE daemon installed kept"), "{r}");
+    // Issue 27 paper cut: counts in words ("2 policies", not "2 polic(ies)"); the file is
+    // unchanged, so both tunnels stay shared with the snapshot in force.
+    assert!(
+        r.contains(": 2 tunnels (2 unchanged), 2 policies (snapshot"),
+        "{r}"
+    );
     assert_eq!(ike(&w), ((0x3100, false), (0x3101, false)));
     // And the kept SA goes on counting where it was.
     w.apply(&Op::Send { core: 1, n: 5 });

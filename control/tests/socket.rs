@@ -126,6 +126,25 @@ fn show_over_the_socket_matches_the_workers() {
         ),
         "{text}"
     );
+    // Issue 27: HEAD answers as GET without the body; `:PORT` listens on every address; other
+    // methods on /metrics are 405.
+    let head = std::process::Command::new("curl")
+        .args(["-sI", &format!("http://{}/metrics", m.addr())])
+        .output()
+        .expect("curl");
+    let h = String::from_utf8_lossy(&head.stdout);
+    assert!(
+        h.starts_with("HTTP/1.1 200 OK") && h.contains("version=0.0.4"),
+        "{h}"
+    );
+    let any = espada_control::metrics::MetricsServer::start(":0", gw.clone()).unwrap();
+    assert!(any.addr().ip().is_unspecified(), "{}", any.addr());
+    let post = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg(format!("http://127.0.0.1:{}/metrics", any.addr().port()))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&post.stdout), "405");
     if std::env::var("ESPADA_SKIP_PROMTOOL").is_ok_and(|v| v == "1") {
         eprintln!("ESPADA_SKIP_PROMTOOL=1: promtool was NOT run");
     } else {

@@ -34,6 +34,9 @@ pub struct PinArgs {
     /// Allow workers on SMT siblings of one physical core.
     #[arg(long)]
     allow_smt: bool,
+    /// Check only: warnings fail too (exit 1), for scripts that gate on a clean host.
+    #[arg(long)]
+    strict: bool,
 }
 
 /// What the pinning planner needs from a configuration.
@@ -124,7 +127,9 @@ pub fn run(cmd: PinCmd) -> Result<ExitCode> {
             for n in &p.notes {
                 println!("note {n}");
             }
-            if f.iter().any(|x| x.level == "bad") {
+            if f.iter()
+                .any(|x| x.level == "bad" || (a.strict && x.level == "warn"))
+            {
                 return Ok(ExitCode::from(1));
             }
         }

@@ -498,7 +498,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             match sup.reload(now_unix) {
                 Ok(m) => tracing::info!("{m}"),
                 Err(e) => {
-                    tracing::info!("reload refused, still running the previous configuration: {e}")
+                    tracing::warn!("reload refused, still running the previous configuration: {e}")
                 }
             }
         }
@@ -516,7 +516,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                     r.data["reload"].as_str().unwrap_or("reloaded")
                 ),
                 ("reload", false, Some(e)) => {
-                    tracing::info!("reload refused, still running the previous configuration: {e}")
+                    tracing::warn!("reload refused, still running the previous configuration: {e}")
                 }
                 // The IKE daemon's plugin polls `sa acquires` a few times a second: logged
                 // only at debug level (each acquire is logged when a worker raises it).
@@ -542,7 +542,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                     }
                 ),
                 (_, true, _) => tracing::info!("control: {}: {}", what.trim(), r.data),
-                (_, false, Some(e)) => tracing::info!("control: {} refused: {e}", what.trim()),
+                (_, false, Some(e)) => tracing::warn!("control: {} refused: {e}", what.trim()),
                 _ => {}
             }
             let _ = cmd.reply.send(r);

@@ -414,11 +414,24 @@ fn print_answer(what: &str, d: &Value) {
             d["deleted"].as_str().unwrap_or("")
         ),
         _ => println!(
-            "SA {}: soft {} hard {}",
+            "SA {}: lifetimes now soft {}, hard {}",
             hex(&d["spi"]),
-            d["soft"],
-            d["hard"]
+            limits_text(&d["soft"]),
+            limits_text(&d["hard"])
         ),
+    }
+}
+
+/// `{"seconds": 60, "bytes": null, "packets": 1000}` as `60 s, 1000 packets` (`none`).
+fn limits_text(v: &Value) -> String {
+    let parts: Vec<String> = [("seconds", "s"), ("bytes", "bytes"), ("packets", "packets")]
+        .iter()
+        .filter_map(|(k, unit)| v[*k].as_u64().map(|n| format!("{n} {unit}")))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -426,6 +439,19 @@ fn print_answer(what: &str, d: &Value) {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Issue 27 paper cut: `sa update` printed raw JSON (`soft {"bytes":null,...}`).
+    #[test]
+    fn lifetimes_read_as_words() {
+        assert_eq!(
+            limits_text(&json!({"seconds": 60, "bytes": null, "packets": 1000})),
+            "60 s, 1000 packets"
+        );
+        assert_eq!(
+            limits_text(&json!({"seconds": null, "bytes": null, "packets": null})),
+            "none"
+        );
+    }
 
     /// Issue 24 item 5: `sa add --key-file` takes a key file others can read, which the
     /// configuration refuses: the same rule everywhere now.
