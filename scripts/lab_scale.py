@@ -164,6 +164,14 @@ def main():
         n_sa = len(sas)
         rows.append(("west SAs (every generation a lab_rekey tunnel accepts counts)",
                      f"{n_sa}: {sum(s['dir'] == 'out' for s in sas)} out, {sum(s['dir'] == 'in' for s in sas)} in"))
+        # `show sa --tunnel`: one tunnel's rows out of tens of thousands.
+        one = json.loads(sh([esp, "show", "sa", "--json", "--tunnel", "t0", "--socket", sock["west"]]).stdout)["sas"]
+        if not one or any(r["tunnel"] != "t0" for r in one):
+            bad.append(f"show sa --tunnel t0: {len(one)} rows, not only t0's")
+        miss = sh([esp, "show", "sa", "--tunnel", "no-such", "--socket", sock["west"]], check=False)
+        if miss.returncode != 1 or "no SA of tunnel" not in miss.stderr:
+            bad.append(f"show sa --tunnel no-such: {miss.returncode} {miss.stderr}")
+        rows.append(("show sa --tunnel t0", f"{len(one)} rows (of {n_sa})"))
         rss0 = rss_kb(w.pid)
         rows.append(("west RSS after start", f"{rss0 / 1024:.0f} MB"))
 

@@ -61,6 +61,17 @@ fn show_over_the_socket_matches_the_workers() {
         0o600
     );
 
+    // Filters (issue 27): one SPI, one tunnel, a tunnel that is not there.
+    let mut f = req("sa");
+    f.args = serde_json::json!({"spi": 0x1001});
+    let one = client::request(&path, &f).unwrap();
+    assert_eq!(one.data["sas"].as_array().unwrap().len(), 1, "{one:?}");
+    f.args = serde_json::json!({"tunnel": "lab"});
+    let lab = client::request(&path, &f).unwrap();
+    assert_eq!(lab.data["sas"].as_array().unwrap().len(), 6, "{lab:?}");
+    f.args = serde_json::json!({"tunnel": "nope"});
+    let none = client::request(&path, &f).unwrap();
+    assert!(none.data["sas"].as_array().unwrap().is_empty());
     let sa = client::request(&path, &req("sa")).unwrap();
     assert!(sa.ok, "{sa:?}");
     let rows = sa.data["sas"].as_array().unwrap();

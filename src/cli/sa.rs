@@ -207,7 +207,7 @@ fn batch(socket: &std::path::Path, ops: Vec<Value>, chunk: usize, raw: bool) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_u32(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_u32(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(h) => u32::from_str_radix(h, 16),
         None => s.parse(),

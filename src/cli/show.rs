@@ -41,6 +41,12 @@ pub struct ShowArgs {
     /// Print the gateway's JSON answer as it is.
     #[arg(long)]
     json: bool,
+    /// `show sa`: only this tunnel's SAs.
+    #[arg(long)]
+    tunnel: Option<String>,
+    /// `show sa`: only the SA(s) with this SPI (decimal or 0x hex).
+    #[arg(long, value_parser = crate::cli::sa::parse_u32)]
+    spi: Option<u32>,
 }
 
 #[derive(Args)]
@@ -116,7 +122,24 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
         What::Neighbors => "neighbors",
         What::Policy => "policy",
     };
-    let r = match client::request(&socket, &Request::new("show", what)) {
+    if (a.tunnel.is_some() || a.spi.is_some()) && what != "sa" {
+        eprintln!("error: --tunnel and --spi filter `show sa` only");
+        return Ok(ExitCode::from(2));
+    }
+    let mut req = Request::new("show", what);
+    if what == "sa" {
+        let mut f = serde_json::Map::new();
+        if let Some(t) = &a.tunnel {
+            f.insert("tunnel".into(), Value::from(t.clone()));
+        }
+        if let Some(s) = a.spi {
+            f.insert("spi".into(), Value::from(s));
+        }
+        if !f.is_empty() {
+            req.args = Value::Object(f);
+        }
+    }
+    let r = match client::request(&socket, &req) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -125,6 +148,18 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
     };
     if !r.ok {
         eprintln!("error: {}", r.error.unwrap_or_default());
+        return Ok(ExitCode::from(1));
+    }
+    let filtered = a.tunnel.is_some() || a.spi.is_some();
+    if filtered && r.data["sas"].as_array().is_some_and(|v| v.is_empty()) {
+        eprintln!(
+            "error: no SA{}{} on this gateway",
+            a.tunnel
+                .as_ref()
+                .map_or(String::new(), |t| format!(" of tunnel \"{t}\"")),
+            a.spi
+                .map_or(String::new(), |s| format!(" with SPI {s:#010x}"))
+        );
         return Ok(ExitCode::from(1));
     }
     if a.json {
