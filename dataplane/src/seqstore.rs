@@ -87,8 +87,38 @@ pub struct LockFile {
 
 impl LockFile {
     /// Takes the lock at `path` without waiting; `what` names the thing locked in the error.
+    /// The file goes away when the lock is let go (see `Drop`).
     pub fn take(path: &Path, what: &str) -> io::Result<LockFile> {
-        let mut file = open_nofollow(
+        // The holder before us removes the file as it lets go: if that happened between our
+        // open and our lock, we hold a file nobody else will open. Then again, on the file the
+        // path names now.
+        for _ in 0..16 {
+            let mut file = Self::try_take(path, what)?;
+            let same = match (file.metadata(), std::fs::symlink_metadata(path)) {
+                (Ok(a), Ok(b)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    a.ino() == b.ino() && a.dev() == b.dev()
+                }
+                _ => false,
+            };
+            if same {
+                file.set_len(0)?;
+                let _ = writeln!(file, "pid {}", std::process::id());
+                return Ok(LockFile {
+                    _file: file,
+                    path: path.to_path_buf(),
+                });
+            }
+            // (closing it lets go of a lock on a file no longer at `path`)
+        }
+        Err(io::Error::other(format!(
+            "{}: the lock file keeps being replaced (another espada starting and stopping?)",
+            path.display()
+        )))
+    }
+
+    fn try_take(path: &Path, what: &str) -> io::Result<File> {
+        let file = open_nofollow(
             OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -118,17 +148,21 @@ impl LockFile {
             }
             return Err(ctx(path)(e));
         }
-        file.set_len(0)?;
-        let _ = writeln!(file, "pid {}", std::process::id());
-        Ok(LockFile {
-            _file: file,
-            path: path.to_path_buf(),
-        })
+        Ok(file)
     }
 
     /// Where the lock lives.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+impl Drop for LockFile {
+    /// Removes the file while the lock is still held (the descriptor closes after this), so
+    /// no stale lock files stay behind; a process that opened it meanwhile sees the path
+    /// change and tries again (see [`LockFile::take`]).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -729,7 +763,7 @@ mod test {
         let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         std::fs::remove_file(dir.path().join("west.seq")).unwrap();
-        std::fs::remove_file(dir.path().join("west.lock")).unwrap();
+        assert!(!dir.path().join("west.lock").exists(), "the lock went with the failed open");
         std::os::unix::fs::symlink(&target, dir.path().join("west.lock")).unwrap();
         let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
@@ -848,6 +882,43 @@ mod test {
         .unwrap();
         let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
         assert!(e.to_string().contains("west.seq:2:"), "{e}");
+    }
+
+    #[test]
+    fn the_lock_file_goes_when_the_lock_is_let_go() {
+        // Issue 27 paper cut: lock files stayed behind after every run.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("west.lock");
+        let a = LockFile::take(&p, "west").unwrap();
+        assert!(std::fs::read_to_string(&p).unwrap().starts_with("pid "));
+        assert_eq!(
+            LockFile::take(&p, "west").unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        drop(a);
+        assert!(!p.exists(), "removed when let go");
+        let b = LockFile::take(&p, "west").unwrap();
+        assert!(p.exists());
+        drop(b);
+        // Many takers racing the removal: one holder at a time, never two.
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (p, held) = (p.clone(), held.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        if let Ok(l) = LockFile::take(&p, "west") {
+                            assert_eq!(held.fetch_add(1, std::sync::atomic::Ordering::SeqCst), 0);
+                            held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            drop(l);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
