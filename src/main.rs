@@ -122,7 +122,8 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("espada: error: {e:#}");
+            // The one prefix every command's errors use.
+            eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }

@@ -238,3 +238,37 @@ fn pin_plan_on_this_host_explains_what_is_missing() {
         "{err}"
     );
 }
+
+/// `espada sa batch`: a bad line is refused with its file and line before anything is sent;
+/// a key file others can read is refused; errors carry one prefix (`error:`, issue 27).
+#[test]
+fn sa_batch_checks_its_file_before_sending() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("b.jsonl");
+    std::fs::write(
+        &f,
+        "{\"what\":\"add\",\"args\":{\"tunnel\":\"t\",\"dir\":\"in\",\"spi\":4096,\"key\":\"00\"}}\n# a comment\n{\"what\":\"reload\"}\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fs = f.to_str().unwrap();
+    let (code, _, err) = espada(&["sa", "batch", fs, "--socket", "/nonexistent.sock"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("error: ")
+            && err.contains("b.jsonl:3: \"what\" must be add, del, update or rekey"),
+        "{err}"
+    );
+    std::fs::write(&f, "{\"what\":\"del\",\"args\":{\"spi\":4096}}\n").unwrap();
+    let (code, _, err) = espada(&["sa", "batch", fs, "--socket", "/nonexistent.sock"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.starts_with("error: cannot reach a gateway on /nonexistent.sock"),
+        "{err}"
+    );
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = espada(&["sa", "batch", fs, "--socket", "/nonexistent.sock"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("readable by others"), "{err}");
+}

@@ -763,7 +763,10 @@ mod test {
         let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         std::fs::remove_file(dir.path().join("west.seq")).unwrap();
-        assert!(!dir.path().join("west.lock").exists(), "the lock went with the failed open");
+        assert!(
+            !dir.path().join("west.lock").exists(),
+            "the lock went with the failed open"
+        );
         std::os::unix::fs::symlink(&target, dir.path().join("west.lock")).unwrap();
         let e = SeqStore::open(dir.path(), "west", 1000).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
