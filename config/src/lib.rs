@@ -577,7 +577,10 @@ fn includes(
             let raw: RawInclude = toml::from_str(&text).map_err(|e| {
                 let msg = e.message().trim().to_string();
                 let msg = if msg.starts_with("unknown field") {
-                    format!("{msg}: an included file holds [[tunnel]] and [[policy]] tables only")
+                    format!(
+                        "{msg}{}: an included file holds [[tunnel]] and [[policy]] tables only",
+                        did_you_mean(&msg)
+                    )
                 } else {
                     msg
                 };
@@ -593,13 +596,30 @@ fn includes(
     Ok(out)
 }
 
+/// For serde's "unknown field `x`, expected one of `a`, `b`": ` (did you mean `a`?)` when
+/// one of the expected fields is close to `x` (a typo), else nothing.
+fn did_you_mean(msg: &str) -> String {
+    let mut ticks = msg.split('`').skip(1).step_by(2);
+    let Some(unknown) = ticks.next() else {
+        return String::new();
+    };
+    ticks
+        .map(|f| (strsim::damerau_levenshtein(unknown, f), f))
+        .filter(|(d, f)| *d <= 2.max(f.len() / 4))
+        .min()
+        .map_or(String::new(), |(_, f)| format!(" (did you mean `{f}`?)"))
+}
+
 /// Parses and validates configuration text (`path` is used in messages and to find key files).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { file: path, text };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let msg = e.message().trim().to_string();
         let msg = if msg.starts_with("unknown field") {
-            format!("{msg} (see configs/README.md for the fields of each section)")
+            format!(
+                "{msg}{} (see configs/README.md for the fields of each section)",
+                did_you_mean(&msg)
+            )
         } else {
             msg
         };

@@ -74,6 +74,10 @@ fn typo_in_a_field_names_the_line() {
         "{e}"
     );
     assert!(e.contains("expected one of"), "{e}");
+    assert!(e.contains("(did you mean `lab_secret`?)"), "{e}");
+    // Nothing close: no guess.
+    let e = err(&MIN.replace("lab_secret", "completely_else"));
+    assert!(!e.contains("did you mean"), "{e}");
 }
 
 #[test]
