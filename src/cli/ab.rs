@@ -181,15 +181,7 @@ pub fn run(a: AbArgs) -> Result<ExitCode> {
     }
     let mut md = String::from("| variant | ran | sent | received | loss | Gbit/s received (UDP payload) |\n|---|---|---:|---:|---:|---:|\n");
     for v in &variants {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2}% | {:.3} |\n",
-            v.name,
-            if v.ran { "yes" } else { "no" },
-            v.sent,
-            v.received,
-            v.loss * 100.0,
-            v.gbps_received
-        ));
+        md.push_str(&ab_row(v));
     }
     print!("{md}");
     for v in variants.iter().filter(|v| !v.ran) {
@@ -202,4 +194,48 @@ pub fn run(a: AbArgs) -> Result<ExitCode> {
     )?;
     println!("wrote {}/ab.{{md,json}}", a.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// One row of the A/B table: a variant that did not run shows `-`, not zeros that read as
+/// measurements (issue 27).
+fn ab_row(v: &Variant) -> String {
+    if !v.ran {
+        return format!("| {} | no | - | - | - | - |\n", v.name);
+    }
+    format!(
+        "| {} | yes | {} | {} | {:.2}% | {:.3} |\n",
+        v.name,
+        v.sent,
+        v.received,
+        v.loss * 100.0,
+        v.gbps_received
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_that_did_not_run_shows_dashes() {
+        let mut v = Variant {
+            name: "kernel XFRM".into(),
+            ran: false,
+            note: "--espada-only".into(),
+            sent: 0,
+            received: 0,
+            gbps_received: 0.0,
+            loss: 0.0,
+        };
+        assert_eq!(ab_row(&v), "| kernel XFRM | no | - | - | - | - |\n");
+        v.ran = true;
+        v.sent = 100;
+        v.received = 99;
+        v.loss = 0.01;
+        v.gbps_received = 1.5;
+        assert_eq!(
+            ab_row(&v),
+            "| kernel XFRM | yes | 100 | 99 | 1.00% | 1.500 |\n"
+        );
+    }
 }
