@@ -209,3 +209,32 @@ fn an_unwritable_output_is_refused_before_anything_is_measured() {
         "refused before running: {err}"
     );
 }
+
+/// Issue 27 paper cut: Ctrl-C in `espada demo` threw the whole run away. Now the run ends at
+/// once and the report prints what was measured until then.
+#[test]
+fn ctrl_c_in_demo_reports_what_was_measured() {
+    let child = Command::new(env!("CARGO_BIN_EXE_espada"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["demo", "--duration", "120", "--cores", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("interrupted after") && stdout.contains("(Ctrl-C)"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("sunrise received"), "{stdout}");
+    assert!(out.status.success(), "{stdout}");
+}

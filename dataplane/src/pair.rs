@@ -37,6 +37,22 @@ pub mod mac {
     pub const EAST_BLACK: MacAddr = MacAddr([2, 0, 0, 0, 2, 2]);
 }
 
+/// Set by a Ctrl-C in `espada demo` / `bench` (see [`interrupt_flag`]): a run in progress ends
+/// at once and reports what it measured.
+static INTERRUPT: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// The flag a signal handler sets to end the runs of this process early.
+pub fn interrupt_flag() -> Arc<AtomicBool> {
+    INTERRUPT
+        .get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone()
+}
+
+/// Whether the runs of this process were asked to end (Ctrl-C).
+pub fn interrupted() -> bool {
+    INTERRUPT.get().is_some_and(|f| f.load(Ordering::Relaxed))
+}
+
 /// Shape of the traffic and the link.
 #[derive(Debug, Clone, Copy)]
 pub struct PairSpec {
@@ -392,7 +408,7 @@ impl Pair {
             std::thread::sleep(Duration::from_millis(5));
             let done = limit
                 .is_some_and(|l| sent.packets() >= l && received.packets() + received.bad() >= l);
-            if start.elapsed() >= duration || done {
+            if start.elapsed() >= duration || done || interrupted() {
                 break;
             }
             if last_tick.elapsed() >= Duration::from_millis(100) {
@@ -472,7 +488,7 @@ impl Pair {
             })
             .collect();
         let mut last_tick = Instant::now();
-        while start.elapsed() < duration {
+        while start.elapsed() < duration && !interrupted() {
             std::thread::sleep(Duration::from_millis(5));
             if last_tick.elapsed() >= Duration::from_millis(100) {
                 last_tick = Instant::now();

@@ -373,7 +373,9 @@ pub fn run(
     std::thread::sleep(warmup);
     let (p0, b0) = count(&cell.read());
     let t0 = Instant::now();
-    std::thread::sleep(duration);
+    while t0.elapsed() < duration && !crate::pair::interrupted() {
+        std::thread::sleep(Duration::from_millis(5).min(duration));
+    }
     let (p1, b1) = count(&cell.read());
     let seconds = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);

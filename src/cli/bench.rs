@@ -293,7 +293,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     }
     let rounds = a.rounds.max(1) as usize;
     let mut measured: Vec<Vec<BenchResult>> = Vec::with_capacity(rounds);
+    super::catch_ctrl_c();
+    let stopped = espada_dataplane::pair::interrupted;
     for round in 0..rounds {
+        if stopped() {
+            break;
+        }
         if rounds > 1 {
             eprintln!("espada bench: round {}/{rounds}", round + 1);
         }
@@ -306,10 +311,27 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             (0..plan.len()).rev().collect()
         };
         for i in order {
+            if stopped() {
+                break;
+            }
             let (r, b, c) = &plan[i];
             got[i] = Some(one(&a.load(), r, *b, alg, Some(c))?);
         }
-        measured.push(got.into_iter().flatten().collect());
+        // A round cut short by Ctrl-C is left out (its points would not compare), unless the
+        // point that was running was the round's last (a single run: what it measured).
+        if got.iter().all(Option::is_some) {
+            measured.push(got.into_iter().flatten().collect());
+        }
+    }
+    if stopped() {
+        eprintln!(
+            "espada bench: interrupted (Ctrl-C): {} whole round(s) of {rounds} measured",
+            measured.len()
+        );
+        if measured.is_empty() {
+            eprintln!("nothing to report: no round was measured whole");
+            return Ok(ExitCode::from(130));
+        }
     }
     let results = fold_rounds(&measured, |i| base[i]);
     let t = table(&results);

@@ -217,7 +217,14 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         west.sa_mode.name(), t.pcpu, t.cipher, west.backend_report(), a.size, a.duration
     );
     let pins: Vec<_> = (0..workers).map(|i| ids.get(i).copied()).collect();
+    super::catch_ctrl_c();
     let elapsed = pair.run(Duration::from_secs_f64(a.duration), &pins);
+    if espada_dataplane::pair::interrupted() {
+        println!(
+            "interrupted after {:.1} s (Ctrl-C): what was measured until then",
+            elapsed.as_secs_f64()
+        );
+    }
     pair.drain();
     let rep = Report::from_pair(&pair, elapsed, a.size);
     print!("{}", report::table(&rep));
