@@ -18,6 +18,40 @@ pub struct CheckArgs {
     /// Only validate; print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
+    /// Print the gateway's name and its red and black ports as shell assignments
+    /// (`red_interface='west-red'`, `red_address='10.1.0.1/24'`, `red_mtu='1500'`,
+    /// `red_address6=''`, the same for black), for scripts (`eval "$(espada check -c F
+    /// --shell)"`): the file read by espada's own parser, not by awk.
+    #[arg(long, conflicts_with = "quiet")]
+    shell: bool,
+}
+
+/// `c`'s ports as shell assignments (values single-quoted).
+fn shell_vars(c: &Config) -> String {
+    let q = |v: &str| format!("'{}'", v.replace('\'', "'\\''"));
+    let mut out = format!("gateway_name={}\n", q(&c.name));
+    for (side, p) in [("red", &c.red), ("black", &c.black)] {
+        let (iface, addr, mtu, addr6) = match p {
+            Some(p) => (
+                p.interface.clone(),
+                format!("{}/{}", p.address, p.prefix.len()),
+                p.mtu.to_string(),
+                p.address6
+                    .map(|(a, pf)| format!("{a}/{}", pf.len()))
+                    .unwrap_or_default(),
+            ),
+            None => Default::default(),
+        };
+        for (k, v) in [
+            ("interface", iface),
+            ("address", addr),
+            ("mtu", mtu),
+            ("address6", addr6),
+        ] {
+            out.push_str(&format!("{side}_{k}={}\n", q(&v)));
+        }
+    }
+    out
 }
 
 pub fn run(a: CheckArgs) -> Result<ExitCode> {
@@ -53,6 +87,12 @@ pub fn run(a: CheckArgs) -> Result<ExitCode> {
             }
             return Ok(ExitCode::from(1));
         }
+    }
+    if a.shell {
+        for c in &loaded {
+            print!("{}", shell_vars(c));
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     for c in &loaded {
         let db = c.sadb(c.resolved_workers())?;
