@@ -272,3 +272,19 @@ fn sa_batch_checks_its_file_before_sending() {
     assert_eq!(code, 1);
     assert!(err.contains("readable by others"), "{err}");
 }
+
+/// `espada check --shell`: what scripts/lab reads instead of parsing TOML with awk.
+#[test]
+fn check_shell_prints_the_ports_as_assignments() {
+    let (code, out, err) = espada(&["check", "-c", "configs/lab/west-dual.toml", "--shell"]);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "gateway_name='west'",
+        "red_interface='west-red'",
+        "red_address='10.1.0.1/24'",
+        "black_mtu='1500'",
+        "red_address6='fd00:1::1/64'",
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want} not in\n{out}");
+    }
+}
