@@ -1481,7 +1481,12 @@ impl Config {
                 .flatten()
                 .flat_map(|x| {
                     let gr = group(false, Some(x), in_life);
-                    std::iter::once(gr.fallback).chain(gr.per_cpu)
+                    std::iter::once(gr.fallback)
+                        .chain(gr.per_cpu)
+                        .map(move |mut s| {
+                            s.next_generation = x > g;
+                            s
+                        })
                 })
                 .collect(),
         };

@@ -515,3 +515,19 @@ fn the_reference_names_every_field() {
         "configs/README.md does not name: {missing:?}"
     );
 }
+
+/// Issue 27 paper cut: the next generation's inbound SAs, accepted ahead of the peer's switch,
+/// were shown as "(draining)"; they are marked as the next generation now.
+#[test]
+fn next_generation_sas_are_not_draining() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let c = load(&root.join("configs/west.toml")).unwrap();
+    let ts = c.tunnel_sas(0, Some(10));
+    let next: Vec<bool> = ts.draining.iter().map(|s| s.next_generation).collect();
+    // Generation 9 (going) and 11 (coming): fallback + per-CPU SAs of each.
+    assert_eq!(next.len() % 2, 0);
+    let half = next.len() / 2;
+    assert!(next[..half].iter().all(|n| !n), "{next:?}");
+    assert!(next[half..].iter().all(|n| *n), "{next:?}");
+    assert!(ts.inbound.all().all(|s| !s.next_generation));
+}

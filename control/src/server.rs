@@ -320,7 +320,9 @@ fn show_sa(gw: &Gateway, only: Option<u64>, tunnel: Option<&str>) -> Value {
                     "bytes": bytes,
                     "last_use": last_use,
                     if dir == "out" { "seq" } else { "replay_top" }: seq,
-                    "draining": dir == "in" && t.draining.iter().any(|d| d.spi == s.spi),
+                    // Replaced and going away; or (lab_rekey) the next generation, accepted early.
+                    "draining": dir == "in" && !s.next_generation && t.draining.iter().any(|d| d.spi == s.spi),
+                    "next_generation": s.next_generation,
                     "lifetime": limits(s),
                 }));
             }

@@ -166,6 +166,9 @@ pub struct SaSpec {
     /// The IKE daemon run that installed this SA (0: the configuration): a new daemon run
     /// (charon restarted, `kill -9` included) orphans the SAs of the old one.
     pub daemon: u64,
+    /// An inbound SA of the next `lab_rekey` generation, accepted ahead of the peer's switch
+    /// (among the tunnel's `draining` SAs, but not going away: reports say "next").
+    pub next_generation: bool,
     /// Outbound, when several cores send on it: keep its packets in sequence order on the
     /// wire ([`SendOrder`]; the tunnel's `shared_sa_order = "wire"`, the default), or let cores
     /// send in parallel (`"parallel"`: only for peers with a wide replay window).
@@ -206,6 +209,7 @@ impl SaSpec {
             start_seq: 0,
             awaiting_ike: false,
             daemon: 0,
+            next_generation: false,
             wire_order: true,
             key_id,
             #[cfg(test)]
@@ -355,6 +359,7 @@ impl SaSpec {
             && self.start_seq == other.start_seq
             && self.awaiting_ike == other.awaiting_ike
             && self.daemon == other.daemon
+            && self.next_generation == other.next_generation
             && self.wire_order == other.wire_order
             && match (&self.seq_guard, &other.seq_guard) {
                 (None, None) => true,

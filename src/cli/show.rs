@@ -224,6 +224,8 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                     if r["esn"] == true { "yes" } else { "no" },
                     if r["draining"] == true {
                         "  (draining)"
+                    } else if r["next_generation"] == true {
+                        "  (next generation: accepted, not yet sent on)"
                     } else {
                         ""
                     }
