@@ -111,6 +111,34 @@ struct RawGateway {
     include: Vec<Spanned<String>>,
 }
 
+/// An SPI as a TOML integer (`0x1000`, `4096`) or, as the CLI takes it, a string (`"0x1000"`).
+fn spi_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Spanned<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IntOrText {
+        Int(i64),
+        Text(String),
+    }
+    let v = Spanned::<IntOrText>::deserialize(d)?;
+    let span = v.span();
+    let n = match v.into_inner() {
+        IntOrText::Int(n) => n,
+        IntOrText::Text(t) => {
+            let t = t.trim();
+            let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(h) => i64::from_str_radix(&h.replace('_', ""), 16),
+                None => t.replace('_', "").parse(),
+            };
+            r.map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "\"{t}\" is not an SPI (a number: 0x1000 or 4096, quoted or not)"
+                ))
+            })?
+        }
+    };
+    Ok(Spanned::new(span, n))
+}
+
 /// What an included file may hold.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,7 +197,9 @@ struct RawTunnel {
     peer_base_port: Option<Spanned<i64>>,
     #[serde(default)]
     fallback_port: Option<Spanned<i64>>,
+    #[serde(deserialize_with = "spi_value")]
     out_spi: Spanned<i64>,
+    #[serde(deserialize_with = "spi_value")]
     in_spi: Spanned<i64>,
     #[serde(default)]
     ttl: Option<Spanned<i64>>,

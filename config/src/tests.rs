@@ -531,3 +531,25 @@ fn next_generation_sas_are_not_draining() {
     assert!(next[half..].iter().all(|n| *n), "{next:?}");
     assert!(ts.inbound.all().all(|s| !s.next_generation));
 }
+
+/// Issue 27 paper cut: the CLI takes `--spi 0x1000`; the configuration refused `"0x1000"`.
+/// Both forms are SPIs now, and a string that is not a number names its line.
+#[test]
+fn spis_may_be_quoted_as_on_the_cli() {
+    let c = p(&MIN
+        .replace("out_spi = 0x1000", "out_spi = \"0x1000\"")
+        .replace("in_spi = 0x2000", "in_spi = \"8192\""))
+    .unwrap();
+    assert_eq!(
+        (c.tunnels[0].out_spi, c.tunnels[0].in_spi),
+        (0x1000, 0x2000)
+    );
+    let e = err(&MIN.replace("out_spi = 0x1000", "out_spi = \"0x10zz\""));
+    assert!(
+        e.starts_with("test.toml:12:11:") && e.contains("is not an SPI"),
+        "{e}"
+    );
+    // The range check still applies (SPIs 1-255 are reserved).
+    let e = err(&MIN.replace("out_spi = 0x1000", "out_spi = \"0x10\""));
+    assert!(e.contains("out_spi"), "{e}");
+}
