@@ -31,6 +31,35 @@ pub struct Report {
     pub received: u64,
 }
 
+/// The SA a core's row names: the one of this direction that carried the most (the one it
+/// sends with when nothing was sent), and how many others carried packets too, so a core's
+/// total is not credited to one SA when rekeys or several tunnels shared it.
+pub fn sa_label(v: &[espada_dataplane::worker::SaStat], encap: bool) -> String {
+    let mine: Vec<_> = v.iter().filter(|x| x.outbound == encap).collect();
+    // (The first of equals: with nothing sent, the SA the core sends with comes first.)
+    let Some(top) = mine
+        .iter()
+        .filter(|x| !x.retired || x.packets > 0)
+        .rev()
+        .max_by_key(|x| (x.packets, !x.retired))
+    else {
+        return String::new();
+    };
+    let name = if encap && !top.retired {
+        format!("{:#010x}:{}", top.spi, top.port)
+    } else {
+        format!("{:#010x}", top.spi)
+    };
+    let others = mine
+        .iter()
+        .filter(|x| x.packets > 0 && !std::ptr::eq(**x, *top))
+        .count();
+    match others {
+        0 => name,
+        n => format!("{name} +{n} SA{}", if n == 1 { "" } else { "s" }),
+    }
+}
+
 pub fn core_report(
     core: usize,
     s: &WorkerStats,
@@ -43,24 +72,10 @@ pub fn core_report(
     } else {
         (s.decap_packets, s.decap_bytes)
     };
-    // The SA of this direction: the one this core sends with, or the inbound SA that
-    // carried most of what it received.
     let out_sa = cell
         .sas
         .lock()
-        .map(|v| {
-            if encap {
-                v.iter()
-                    .find(|x| x.outbound)
-                    .map(|x| format!("{:#010x}:{}", x.spi, x.port))
-            } else {
-                v.iter()
-                    .filter(|x| !x.outbound)
-                    .max_by_key(|x| x.packets)
-                    .map(|x| format!("{:#010x}", x.spi))
-            }
-            .unwrap_or_default()
-        })
+        .map(|v| sa_label(&v, encap))
         .unwrap_or_default();
     CoreReport {
         core,
@@ -189,4 +204,40 @@ pub fn check_dir_writable(dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     check_writable(&dir.join(".espada-write-check"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use espada_dataplane::worker::SaStat;
+
+    fn sa(outbound: bool, spi: u32, packets: u64, retired: bool) -> SaStat {
+        SaStat {
+            outbound,
+            spi,
+            port: 4501,
+            packets,
+            retired,
+            ..Default::default()
+        }
+    }
+
+    /// Issue 27 paper cut: the totals credited a whole core's packets to its current SA.
+    #[test]
+    fn a_core_that_used_several_sas_says_so() {
+        let v = [
+            sa(true, 0x1001, 0, false),
+            sa(true, 0x2001, 0, false),
+            sa(false, 0x3001, 5, false),
+        ];
+        assert_eq!(sa_label(&v, true), "0x00001001:4501");
+        assert_eq!(sa_label(&v, false), "0x00003001");
+        let v = [
+            sa(true, 0x1001, 300, false),
+            sa(true, 0x0f01, 700, true),
+            sa(true, 0x2001, 10, false),
+        ];
+        assert_eq!(sa_label(&v, true), "0x00000f01 +2 SAs");
+        assert_eq!(sa_label(&v[..1], true), "0x00001001:4501");
+    }
 }

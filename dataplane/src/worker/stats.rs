@@ -74,7 +74,7 @@ pub struct StatsCell {
 }
 
 /// Counters of one SA as a worker saw them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SaStat {
     /// `true` for outbound.
     pub outbound: bool,
