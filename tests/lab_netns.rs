@@ -545,6 +545,54 @@ fn namespace_lab_reloads_under_traffic() {
     assert!(c.contains("reload checks passed"));
 }
 
+/// Issue 27: `espada run` speaks systemd's notify protocol (Type=notify): READY=1 once it
+/// forwards, WATCHDOG=1 while its workers poll (at half WATCHDOG_USEC), STOPPING=1 at the end.
+/// The service manager here is a unix datagram socket the test reads, as systemd's is.
+#[test]
+fn namespace_lab_tells_the_service_manager_it_is_ready_and_alive() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the notify lab was NOT run");
+        return;
+    }
+    let sockdir = tempfile::tempdir().unwrap();
+    let path = sockdir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    let p: &'static str = Box::leak(path.display().to_string().into_boxed_str());
+    let lab = Lab {
+        prefix: format!("n{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![("NOTIFY_SOCKET", p), ("WATCHDOG_USEC", "400000")],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up (NOTIFY_SOCKET)");
+    let mut msgs = Vec::new();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < until {
+        if let Ok(n) = sock.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let count = |w: &str| msgs.iter().filter(|m| m.lines().any(|l| l == w)).count();
+    assert_eq!(count("READY=1"), 2, "one READY=1 per gateway: {msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m.contains("STATUS=forwarding: ")),
+        "{msgs:?}"
+    );
+    // Both gateways at 0.2 s for 3 s: ~30; allow for a slow machine.
+    assert!(count("WATCHDOG=1") >= 6, "{msgs:?}");
+    drop(lab); // scripts/lab down: the gateways stop
+    let mut stopping = 0;
+    while let Ok(n) = sock.recv(&mut buf) {
+        stopping += String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .filter(|l| *l == "STOPPING=1")
+            .count();
+    }
+    assert_eq!(stopping, 2, "STOPPING=1 from each gateway");
+}
+
 /// Issue 26: both gateways with 1000 generated tunnels (plus the lab's own): `espada sa batch`
 /// of 1000 SAs, `espada sa rekey` of every tunnel on both gateways in one snapshot each while a
 /// stream runs on the untouched lab tunnel (nothing lost or duplicated), 3 reloads, and the

@@ -472,6 +472,25 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let mut last = Instant::now();
     let mut ike = 0u64;
     let mut trim_at: Option<Instant> = None;
+    // systemd (Type=notify): ready once the workers, the control socket and the metrics are
+    // up; with WatchdogSec=, fed while every worker keeps polling (a stalled worker starves it
+    // and the service manager restarts the gateway).
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!(
+                "forwarding: {n} worker(s), {} tunnel(s)",
+                c.tunnels.len()
+            )),
+        ],
+    );
+    let mut watchdog = watchdog_interval().map(|every| Watchdog {
+        every,
+        last: Instant::now(),
+        beats: cells.iter().map(|c| c.heartbeat()).collect(),
+        starved: false,
+    });
     while !stop.load(Ordering::Relaxed) {
         // Wakes at once for a command (an IKE daemon installing an SA waits on the answer),
         // else every 50 ms for the housekeeping below.
@@ -577,6 +596,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 tracing::info!("{text}");
             }
         }
+        if let Some(w) = &mut watchdog {
+            w.tick(&cells);
+        }
         if last.elapsed() < interval {
             continue;
         }
@@ -625,6 +647,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         prev = now;
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let elapsed = start.elapsed();
     let mut done = Vec::new();
     for h in handles {
@@ -754,4 +777,55 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Half the service manager's watchdog period (`WATCHDOG_USEC`, for this process when
+/// `WATCHDOG_PID` says so), if it set one.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+/// Feeds systemd's watchdog while every worker polls.
+struct Watchdog {
+    every: Duration,
+    last: Instant,
+    beats: Vec<u64>,
+    starved: bool,
+}
+
+impl Watchdog {
+    fn tick(&mut self, cells: &[Arc<StatsCell>]) {
+        if self.last.elapsed() < self.every {
+            return;
+        }
+        self.last = Instant::now();
+        let now: Vec<u64> = cells.iter().map(|c| c.heartbeat()).collect();
+        let stalled: Vec<usize> = now
+            .iter()
+            .zip(&self.beats)
+            .enumerate()
+            .filter(|(_, (a, b))| a == b)
+            .map(|(i, _)| i)
+            .collect();
+        self.beats = now;
+        if stalled.is_empty() {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            if self.starved {
+                tracing::info!("every worker polls again: the watchdog is fed");
+            }
+            self.starved = false;
+        } else if !self.starved {
+            self.starved = true;
+            tracing::warn!(
+                "worker(s) {stalled:?} did not poll for {:.1} s: the watchdog is not fed (the service manager restarts the gateway if this lasts)",
+                self.every.as_secs_f64()
+            );
+        }
+    }
 }

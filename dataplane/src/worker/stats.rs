@@ -71,6 +71,9 @@ pub struct StatsCell {
     pub sas: Mutex<Vec<SaStat>>,
     /// The red and black port queues' counters, refreshed with the SA counters.
     pub ports: Mutex<[crate::port::PortStats; 2]>,
+    /// Counts the worker's publications (every 16 polls, and every idle poll): a worker that
+    /// stops polling stops it, which the service manager's watchdog is told.
+    heartbeat: AtomicU64,
 }
 
 /// Counters of one SA as a worker saw them.
@@ -107,6 +110,7 @@ impl Default for StatsCell {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             sas: Mutex::new(Vec::new()),
             ports: Mutex::new(Default::default()),
+            heartbeat: AtomicU64::new(0),
         }
     }
 }
@@ -141,12 +145,20 @@ impl WorkerStats {
 impl StatsCell {
     #[inline]
     pub(super) fn publish(&self, s: &WorkerStats) {
+        // One writer: a load and a store, no locked instruction.
+        let b = self.heartbeat.load(Ordering::Relaxed);
+        self.heartbeat.store(b.wrapping_add(1), Ordering::Relaxed);
         for (a, v) in self.vals.iter().zip(s.fields()) {
             a.store(v, Ordering::Relaxed);
         }
         for (i, r) in DropReason::ALL.iter().enumerate() {
             self.drops[i].store(s.drops.get(*r), Ordering::Relaxed);
         }
+    }
+
+    /// The worker's publication count: moves while it polls.
+    pub fn heartbeat(&self) -> u64 {
+        self.heartbeat.load(Ordering::Relaxed)
     }
 
     /// A consistent-enough copy for reports.
