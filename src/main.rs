@@ -68,6 +68,10 @@ enum Command {
     /// Ask a running gateway to re-read its configuration (as SIGHUP does): tunnels, keys and
     /// policies change make-before-break.
     Reload(cli::show::ReloadArgs),
+    /// Zero a running gateway's counters (per worker: packets, bytes, drops by reason,
+    /// handoffs, bursts), as VPP's `clear errors`. SA packet and byte counters stay: the SAs'
+    /// lifetimes count on them. Prometheus sees a counter reset.
+    Clear(cli::show::ReloadArgs),
     /// Change a running gateway's SAs: add, delete or update one, delete or re-add a tunnel,
     /// rekey lab_secret tunnels now (through its control socket, make-before-break).
     Sa(cli::sa::SaArgs),
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::Wireshark(a) => cli::wireshark::run(a),
         Command::Show(a) => cli::show::run(a),
         Command::Reload(a) => cli::show::reload(a),
+        Command::Clear(a) => cli::show::clear(a),
         Command::Sa(a) => cli::sa::run(a),
         Command::Version => cli::meta::version(),
         Command::Completions(a) => cli::meta::completions(a),

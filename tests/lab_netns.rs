@@ -565,32 +565,87 @@ fn namespace_lab_tells_the_service_manager_it_is_ready_and_alive() {
         dir: tempfile::tempdir().unwrap(),
         env: vec![("NOTIFY_SOCKET", p), ("WATCHDOG_USEC", "400000")],
     };
+    // Everything the gateways send, read as it comes (as systemd would).
+    let msgs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (msgs, done) = (msgs.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    msgs.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        })
+    };
+    let count = |w: &str| {
+        msgs.lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.lines().any(|l| l == w))
+            .count()
+    };
     run(&mut lab.cmd("up"), "scripts/lab up (NOTIFY_SOCKET)");
-    let mut msgs = Vec::new();
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let mut buf = [0u8; 4096];
-    while std::time::Instant::now() < until {
-        if let Ok(n) = sock.recv(&mut buf) {
-            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-    let count = |w: &str| msgs.iter().filter(|m| m.lines().any(|l| l == w)).count();
-    assert_eq!(count("READY=1"), 2, "one READY=1 per gateway: {msgs:?}");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let seen = msgs.lock().unwrap().clone();
+    assert_eq!(count("READY=1"), 2, "one READY=1 per gateway: {seen:?}");
     assert!(
-        msgs.iter().any(|m| m.contains("STATUS=forwarding: ")),
-        "{msgs:?}"
+        seen.iter().any(|m| m.contains("STATUS=forwarding: ")),
+        "{seen:?}"
     );
     // Both gateways at 0.2 s for 3 s: ~30; allow for a slow machine.
-    assert!(count("WATCHDOG=1") >= 6, "{msgs:?}");
+    assert!(count("WATCHDOG=1") >= 6, "{seen:?}");
+    // `espada clear` (issue 27): the workers' counters go back to zero, the SAs' stay.
+    let sock_path = lab.dir.path().join("west.sock");
+    let show = |what: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_espada"))
+            .args(["show", what, "--json", "--socket"])
+            .arg(&sock_path)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let rx = |v: &serde_json::Value| v["total"]["red_rx"].as_u64().unwrap_or(0);
+    let sa_packets = |v: &serde_json::Value| -> u64 {
+        v["sas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["packets"].as_u64().unwrap())
+            .sum()
+    };
+    let before = show("stats");
+    let sas_before = sa_packets(&show("sa"));
+    assert!(rx(&before) > 0, "{before}");
+    assert!(sas_before > 0);
+    let c = Command::new(env!("CARGO_BIN_EXE_espada"))
+        .args(["clear", "--socket"])
+        .arg(&sock_path)
+        .output()
+        .unwrap();
+    assert!(c.status.success(), "{c:?}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = show("stats");
+    assert!(rx(&after) < rx(&before), "{before}\n{after}");
+    assert!(sa_packets(&show("sa")) >= sas_before, "SA counters stay");
     drop(lab); // scripts/lab down: the gateways stop
-    let mut stopping = 0;
-    while let Ok(n) = sock.recv(&mut buf) {
-        stopping += String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .filter(|l| *l == "STOPPING=1")
-            .count();
-    }
-    assert_eq!(stopping, 2, "STOPPING=1 from each gateway");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    assert_eq!(
+        count("STOPPING=1"),
+        2,
+        "STOPPING=1 from each gateway: {:?}",
+        msgs.lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .take(6)
+            .collect::<Vec<_>>()
+    );
 }
 
 /// Issue 26: both gateways with 1000 generated tunnels (plus the lab's own): `espada sa batch`

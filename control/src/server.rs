@@ -193,6 +193,14 @@ fn ok(data: Value) -> Response {
 pub fn answer(gw: &Gateway, req: &Request) -> Response {
     match (req.cmd.as_str(), req.what.as_str()) {
         ("version", _) => ok(json!({ "version": gw.version })),
+        ("clear", _) => {
+            gw.shared
+                .clear
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ok(
+                json!({ "cleared": "worker counters and drops zeroed (each worker within a few hundred polls); SA packet and byte counters stay, the lifetimes count on them" }),
+            )
+        }
         ("reload", _) | ("sa", _) if gw.commands.is_some() => {
             let (tx, rx) = std::sync::mpsc::channel();
             let sent = gw.commands.as_ref().is_some_and(|c| {
@@ -225,7 +233,7 @@ pub fn answer(gw: &Gateway, req: &Request) -> Response {
         ("show", "policy") => ok(show_policy(gw)),
         ("show", w) => err(format!("cannot show \"{w}\"; one of: {}", SHOW.join(", "))),
         (c, _) => err(format!(
-            "unknown command \"{c}\"; commands: show, sa, reload, version"
+            "unknown command \"{c}\"; commands: show, sa, reload, clear, version"
         )),
     }
 }

@@ -175,6 +175,7 @@ pub fn shared(
         stop,
         icmp_rate: 100,
         idle_sleep_us: 0,
+        clear: Default::default(),
     }
 }
 

@@ -278,6 +278,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         stop: stop.clone(),
         icmp_rate: 100,
         idle_sleep_us: a.idle_sleep_us,
+        clear: Default::default(),
     };
     let mtu = gw.red.mtu.max(gw.black.mtu) as usize;
     let pool = Pool::new(n * 8192, mtu + 14 + 256);
@@ -613,13 +614,15 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             .collect();
         for (i, (s, p)) in now.iter().zip(prev.iter()).enumerate() {
             let bp = ports[i][1];
-            let enc = (s.encap_packets - p.encap_packets) as f64 / dt;
-            let dec = (s.decap_packets - p.decap_packets) as f64 / dt;
-            let gb = ((s.encap_bytes - p.encap_bytes) + (s.decap_bytes - p.decap_bytes)) as f64
+            // (`espada clear` may have zeroed the counters since: no negative rates.)
+            let enc = s.encap_packets.saturating_sub(p.encap_packets) as f64 / dt;
+            let dec = s.decap_packets.saturating_sub(p.decap_packets) as f64 / dt;
+            let gb = (s.encap_bytes.saturating_sub(p.encap_bytes)
+                + s.decap_bytes.saturating_sub(p.decap_bytes)) as f64
                 * 8.0
                 / dt
                 / 1e9;
-            let dr = s.drops.total() - p.drops.total();
+            let dr = s.drops.total().saturating_sub(p.drops.total());
             line.push_str(&format!(
                 " | core {i}: enc {:.3} dec {:.3} Mpps {:.2} Gbit/s drop {dr}",
                 enc / 1e6,

@@ -87,6 +87,31 @@ pub fn reload(a: ReloadArgs) -> Result<ExitCode> {
     }
 }
 
+/// Asks a running gateway to zero its worker counters.
+pub fn clear(a: ReloadArgs) -> Result<ExitCode> {
+    let socket = match socket_of(&a.socket, &a.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    match client::request(&socket, &Request::new("clear", "")) {
+        Ok(r) if r.ok => {
+            println!("{}", r.data["cleared"].as_str().unwrap_or("cleared"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(r) => {
+            eprintln!("error: {}", r.error.unwrap_or_default());
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 pub(crate) fn socket_of(
     socket: &Option<PathBuf>,
     cfg: &Option<PathBuf>,

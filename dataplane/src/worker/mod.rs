@@ -150,6 +150,10 @@ pub struct GatewayShared {
     /// After 256 empty polls in a row, sleep this many microseconds before polling again
     /// (0: pure busy polling, for dedicated cores). Lets a shared host's kernel breathe.
     pub idle_sleep_us: u32,
+    /// Raised by `espada clear`: each worker zeroes its counters (packets, drops, handoffs,
+    /// bursts) when it sees a new value. SA packet and byte counters stay: lifetimes count on
+    /// them.
+    pub clear: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Packets per burst (per queue).
@@ -195,6 +199,8 @@ pub struct Worker {
     black_memo: Option<(IpAddr, MacAddr)>,
     /// The previous SA statistics while new ones are published (reused, never freed).
     sa_scratch: Vec<SaStat>,
+    /// The last `espada clear` this worker applied.
+    cleared: u64,
     /// When the SA counters were last published (every [`SA_PUBLISH_EVERY`] at most).
     sa_published: Option<Instant>,
     /// Packets waiting for their next hop ([`hold`]), made with room for [`hold::HOLD_MAX`].
@@ -253,6 +259,7 @@ impl Worker {
             black_memo: None,
             held: Vec::with_capacity(hold::HOLD_MAX),
             sa_scratch: Vec::new(),
+            cleared: 0,
             sa_published: None,
             // 1 ns .. 1 s at 3 significant digits, allocated here once and never resized.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 1_000_000_000, 3)
@@ -413,6 +420,12 @@ impl Worker {
             }
         }
         if self.polls.is_multiple_of(256) {
+            let clear = self.shared.clear.load(Ordering::Relaxed);
+            if clear != self.cleared {
+                self.cleared = clear;
+                self.stats = WorkerStats::default();
+                self.cell.publish(&self.stats);
+            }
             self.sas.check_lifetimes(now_s, &self.shared.events);
             self.sas.raise_acquires(now_s, &self.shared.acquires);
             if self.core == 0 {
