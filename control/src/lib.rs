@@ -12,7 +12,7 @@
 //!
 //! Commands: `show` with `what` = `sa` | `stats` | `errors` | `workers` | `neighbors` |
 //! `policy`; `reload` (re-read the configuration, as SIGHUP does; the answer says what
-//! happened); `sa` with `what` = `add` | `del` | `update` | `rekey` and `args` (see
+//! happened); `clear` (zero the workers' counters and drops); `sa` with `what` = `add` | `del` | `update` | `rekey` and `args` (see
 //! [`supervisor`]); and `version`.
 //!
 //! ```text
