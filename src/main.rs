@@ -72,6 +72,10 @@ enum Command {
     /// handoffs, bursts), as VPP's `clear errors`. SA packet and byte counters stay: the SAs'
     /// lifetimes count on them. Prometheus sees a counter reset.
     Clear(cli::show::ReloadArgs),
+    /// Watch a running gateway's events as they happen (SAs installed, rekeyed, refused,
+    /// expired; reloads; acquires), as `ip xfrm monitor` does for the kernel: one line each,
+    /// or JSON with --json, until Ctrl-C.
+    Monitor(cli::show::MonitorArgs),
     /// Change a running gateway's SAs: add, delete or update one, delete or re-add a tunnel,
     /// rekey lab_secret tunnels now (through its control socket, make-before-break).
     Sa(cli::sa::SaArgs),
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         Command::Show(a) => cli::show::run(a),
         Command::Reload(a) => cli::show::reload(a),
         Command::Clear(a) => cli::show::clear(a),
+        Command::Monitor(a) => cli::show::monitor(a),
         Command::Sa(a) => cli::sa::run(a),
         Command::Version => cli::meta::version(),
         Command::Completions(a) => cli::meta::completions(a),

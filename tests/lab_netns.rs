@@ -617,6 +617,62 @@ fn namespace_lab_tells_the_service_manager_it_is_ready_and_alive() {
             .map(|r| r["packets"].as_u64().unwrap())
             .sum()
     };
+    // `espada monitor` (issue 27): events as they happen, here an `sa rekey`, a reload and a
+    // refused SA command.
+    let mut mon = Command::new(env!("CARGO_BIN_EXE_espada"))
+        .args(["monitor", "--json", "--socket"])
+        .arg(&sock_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for args in [
+        vec!["sa", "rekey"],
+        vec!["reload"],
+        vec!["sa", "del", "--spi", "0x77777777"],
+    ] {
+        let _ = Command::new(env!("CARGO_BIN_EXE_espada"))
+            .args(&args)
+            .arg("--socket")
+            .arg(&sock_path)
+            .output()
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let _ = Command::new("kill")
+        .args(["-TERM", &mon.id().to_string()])
+        .status();
+    let _ = mon.wait();
+    let mut events = String::new();
+    std::io::Read::read_to_string(mon.stdout.as_mut().unwrap(), &mut events).unwrap();
+    let kinds: Vec<(String, String)> = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap_or("").to_string(),
+                v["text"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, t)| k == "sa" && t.contains("sa rekey")),
+        "{events}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, t)| k == "reload" && t.contains("reloaded")),
+        "{events}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, t)| k == "sa-refused" && t.contains("0x77777777")),
+        "{events}"
+    );
     let before = show("stats");
     let sas_before = sa_packets(&show("sa"));
     assert!(rx(&before) > 0, "{before}");

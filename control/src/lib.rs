@@ -12,7 +12,8 @@
 //!
 //! Commands: `show` with `what` = `sa` | `stats` | `errors` | `workers` | `neighbors` |
 //! `policy`; `reload` (re-read the configuration, as SIGHUP does; the answer says what
-//! happened); `clear` (zero the workers' counters and drops); `sa` with `what` = `add` | `del` | `update` | `rekey` and `args` (see
+//! happened); `clear` (zero the workers' counters and drops); `monitor` (the connection
+//! becomes a stream of events, see [`monitor`]); `sa` with `what` = `add` | `del` | `update` | `rekey` and `args` (see
 //! [`supervisor`]); and `version`.
 //!
 //! ```text
@@ -38,6 +39,7 @@
 pub mod client;
 pub mod conn;
 pub mod metrics;
+pub mod monitor;
 pub mod server;
 pub mod supervisor;
 

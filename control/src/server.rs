@@ -35,6 +35,8 @@ pub struct Gateway {
     /// [`Supervisor`](crate::supervisor::Supervisor), which answers each. `None`: this gateway
     /// takes none (a reload is then only requested, as SIGHUP does).
     pub commands: Option<std::sync::mpsc::Sender<crate::supervisor::Command>>,
+    /// The event feed `espada monitor` watches.
+    pub monitor: Arc<crate::monitor::Monitor>,
 }
 
 /// A served control socket; dropping it stops the thread and removes the socket file.
@@ -150,6 +152,8 @@ fn serve_one(s: UnixStream, gw: &Gateway, lim: ConnLimits) -> io::Result<()> {
                     continue;
                 }
                 match serde_json::from_slice::<Request>(&line) {
+                    // The connection becomes a stream of events until the client leaves.
+                    Ok(req) if req.cmd == "monitor" => return watch(&s, &mut w, gw),
                     Ok(req) => answer(gw, &req),
                     Err(e) => err(format!(
                         "not a request ({e}); send e.g. {{\"cmd\":\"show\",\"what\":\"sa\"}}"
@@ -171,6 +175,39 @@ fn serve_one(s: UnixStream, gw: &Gateway, lim: ConnLimits) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `monitor`: one answer, then the gateway's events as they come, one JSON object per line,
+/// until the client goes away or the gateway stops.
+fn watch(s: &UnixStream, w: &mut UnixStream, gw: &Gateway) -> io::Result<()> {
+    let Some(rx) = gw.monitor.watch() else {
+        let r = err(format!(
+            "{} watchers already: try again later",
+            crate::monitor::MAX_WATCHERS
+        ));
+        w.write_all((serde_json::to_string(&r).unwrap_or_default() + "\n").as_bytes())?;
+        return Ok(());
+    };
+    // No deadline for a watcher; a write that cannot go within 5 s ends it.
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let hello =
+        ok(json!({ "monitor": "events follow, one JSON object per line: unix_time, kind, text" }));
+    w.write_all((serde_json::to_string(&hello).unwrap_or_default() + "\n").as_bytes())?;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) => {
+                w.write_all(line.as_bytes())?;
+                w.write_all(b"\n")?;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if gw.shared.stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
 }
 
 fn err(msg: String) -> Response {

@@ -12,6 +12,7 @@ use std::time::Instant;
 /// West of the in-process pair as the control socket sees a gateway.
 fn gateway(p: &Pair, cores: Vec<Option<usize>>) -> Arc<Gateway> {
     Arc::new(Gateway {
+        monitor: Default::default(),
         name: "west".into(),
         version: "test".into(),
         started: Instant::now(),

@@ -414,7 +414,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         seq_store,
         now0,
     );
+    let monitor = Arc::new(espada_control::monitor::Monitor::default());
     let gw = Arc::new(espada_control::server::Gateway {
+        monitor: monitor.clone(),
         name: c.name.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started: start,
@@ -513,13 +515,24 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         shared.neighbors6.expire(Instant::now());
         let now_unix = config::unix_now();
         let mut big_change = false;
+        // Every event goes to the log and to `espada monitor`'s watchers.
+        let say = |kind: &str, loud: bool, text: &str| {
+            if loud {
+                tracing::warn!("{text}");
+            } else {
+                tracing::info!("{text}");
+            }
+            monitor.publish(kind, text);
+        };
         if reload.swap(false, Ordering::Relaxed) {
             big_change = true;
             match sup.reload(now_unix) {
-                Ok(m) => tracing::info!("{m}"),
-                Err(e) => {
-                    tracing::warn!("reload refused, still running the previous configuration: {e}")
-                }
+                Ok(m) => say("reload", false, &m),
+                Err(e) => say(
+                    "reload-refused",
+                    true,
+                    &format!("reload refused, still running the previous configuration: {e}"),
+                ),
             }
         }
         for cmd in first
@@ -531,38 +544,59 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             big_change |=
                 matches!(cmd.req.what.as_str(), "batch" | "rekey") || cmd.req.cmd == "reload";
             match (cmd.req.cmd.as_str(), r.ok, &r.error) {
-                ("reload", true, _) => tracing::info!(
-                    "{} (asked on the control socket)",
-                    r.data["reload"].as_str().unwrap_or("reloaded")
+                ("reload", true, _) => say(
+                    "reload",
+                    false,
+                    &format!(
+                        "{} (asked on the control socket)",
+                        r.data["reload"].as_str().unwrap_or("reloaded")
+                    ),
                 ),
-                ("reload", false, Some(e)) => {
-                    tracing::warn!("reload refused, still running the previous configuration: {e}")
-                }
+                ("reload", false, Some(e)) => say(
+                    "reload-refused",
+                    true,
+                    &format!("reload refused, still running the previous configuration: {e}"),
+                ),
                 // The IKE daemon's plugin polls `sa acquires` a few times a second: logged
                 // only at debug level (each acquire is logged when a worker raises it).
                 _ if cmd.req.what == "acquires" && r.ok => {
                     tracing::debug!("control: {}: {}", what.trim(), r.data)
                 }
                 // One line for a batch, however many changes it holds.
-                ("sa", true, _) if cmd.req.what == "batch" => tracing::info!(
-                    "control: sa batch: {} change(s) published as snapshot {}",
-                    r.data["applied"],
-                    r.data["snapshot"]
+                ("sa", true, _) if cmd.req.what == "batch" => say(
+                    "sa",
+                    false,
+                    &format!(
+                        "control: sa batch: {} change(s) published as snapshot {}",
+                        r.data["applied"], r.data["snapshot"]
+                    ),
                 ),
-                ("sa", true, _) if cmd.req.what == "rekey" => tracing::info!(
-                    "control: sa rekey: {} tunnel(s) rekeyed in snapshot {}{}",
-                    r.data["rekeyed"].as_array().map_or(0, Vec::len),
-                    sup.sadb().generation(),
-                    match r.data["pending"].as_u64() {
-                        Some(p) if p > 0 => format!(
-                            " ({p} of them in {} more snapshot(s), one per tick)",
-                            r.data["slices_to_follow"]
-                        ),
-                        _ => String::new(),
-                    }
+                ("sa", true, _) if cmd.req.what == "rekey" => say(
+                    "sa",
+                    false,
+                    &format!(
+                        "control: sa rekey: {} tunnel(s) rekeyed in snapshot {}{}",
+                        r.data["rekeyed"].as_array().map_or(0, Vec::len),
+                        sup.sadb().generation(),
+                        match r.data["pending"].as_u64() {
+                            Some(p) if p > 0 => format!(
+                                " ({p} of them in {} more snapshot(s), one per tick)",
+                                r.data["slices_to_follow"]
+                            ),
+                            _ => String::new(),
+                        }
+                    ),
                 ),
-                (_, true, _) => tracing::info!("control: {}: {}", what.trim(), r.data),
-                (_, false, Some(e)) => tracing::warn!("control: {} refused: {e}", what.trim()),
+                (_, true, _) => say(
+                    "sa",
+                    false,
+                    &format!("control: {}: {}", what.trim(), r.data),
+                ),
+                (_, false, Some(e)) => say(
+                    "sa-refused",
+                    true,
+                    &format!("control: {} refused: {e}", what.trim()),
+                ),
                 _ => {}
             }
             let _ = cmd.reply.send(r);
@@ -571,7 +605,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         // accepts it) and keep accepting the one before.
         for line in sup.tick(now_unix) {
             big_change = true; // a generation installed (or refused)
-            tracing::info!("{line}");
+            say("rekey", false, &line);
         }
         // After a reload, a batch or a rekey, the memory the old snapshots and the parsed file
         // held goes back to the kernel (RSS returns to its level instead of ratcheting up).
@@ -585,17 +619,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         while let Some(a) = shared.acquires.pop() {
             if let Some(line) = sup.note_acquire(a) {
-                tracing::info!("{line}");
+                say("acquire", false, &line);
             }
         }
         while let Some(e) = shared.events.pop() {
             sup.note_expire(&e);
             let (loud, text) = sup.describe_event(&e);
-            if loud {
-                tracing::warn!("{text}");
-            } else {
-                tracing::info!("{text}");
-            }
+            say("lifetime", loud, &text);
         }
         if let Some(w) = &mut watchdog {
             w.tick(&cells);

@@ -87,6 +87,80 @@ pub fn reload(a: ReloadArgs) -> Result<ExitCode> {
     }
 }
 
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// The gateway's control socket (default: from the configuration's gateway name).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The gateway's configuration (to find its control socket).
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// One JSON object per event (unix_time, kind, text), as the gateway sends them.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints a running gateway's events until it stops or Ctrl-C.
+pub fn monitor(a: MonitorArgs) -> Result<ExitCode> {
+    use std::io::{BufRead, BufReader, Write};
+    let socket = match socket_of(&a.socket, &a.config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut s = match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "error: cannot reach a gateway on {}: {e} (is `espada run` running, and is this its --control socket?)",
+                socket.display()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    s.write_all(b"{\"cmd\":\"monitor\"}\n")?;
+    let mut lines = BufReader::new(s).lines();
+    match lines.next() {
+        Some(Ok(first)) => {
+            let r: espada_control::Response = serde_json::from_str(&first)?;
+            if !r.ok {
+                eprintln!("error: {}", r.error.unwrap_or_default());
+                return Ok(ExitCode::from(1));
+            }
+        }
+        _ => {
+            eprintln!("error: {}: no answer", socket.display());
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let out = std::io::stdout();
+    for line in lines {
+        let line = line?;
+        let mut o = out.lock();
+        if a.json {
+            writeln!(o, "{line}")?;
+        } else {
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            let t = v["unix_time"].as_f64().unwrap_or(0.0);
+            let day = (t as u64) % 86_400;
+            writeln!(
+                o,
+                "{:02}:{:02}:{:02} UTC  {:<14} {}",
+                day / 3600,
+                day / 60 % 60,
+                day % 60,
+                v["kind"].as_str().unwrap_or("?"),
+                v["text"].as_str().unwrap_or("")
+            )?;
+        }
+        o.flush()?;
+    }
+    eprintln!("the gateway closed the connection (stopped)");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Asks a running gateway to zero its worker counters.
 pub fn clear(a: ReloadArgs) -> Result<ExitCode> {
     let socket = match socket_of(&a.socket, &a.config) {

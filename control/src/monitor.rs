@@ -1,0 +1,109 @@
+//! `espada monitor`: what happens to a running gateway, as it happens — SAs installed, rekeyed,
+//! expired or deleted, reloads accepted or refused, acquires — one JSON object per line on a
+//! control connection that stays open (as `ip xfrm monitor` streams the kernel's).
+//!
+//! The gateway's main thread publishes; each watcher has a bounded queue of its own. A watcher
+//! that does not keep up loses events (counted and told in its stream), and never slows the
+//! gateway down.
+
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Mutex;
+
+/// Events a watcher may have waiting before newer ones are lost.
+pub const QUEUE: usize = 1024;
+
+/// Watchers at once (each holds a control connection).
+pub const MAX_WATCHERS: usize = 4;
+
+/// The gateway's event feed.
+#[derive(Debug, Default)]
+pub struct Monitor {
+    watchers: Mutex<Vec<(SyncSender<String>, u64)>>,
+    /// Events published so far.
+    pub published: AtomicU64,
+}
+
+impl Monitor {
+    /// A new watcher's queue, or `None` when [`MAX_WATCHERS`] watch already.
+    pub fn watch(&self) -> Option<Receiver<String>> {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if w.len() >= MAX_WATCHERS {
+            return None;
+        }
+        let (tx, rx) = sync_channel(QUEUE);
+        w.push((tx, 0));
+        Some(rx)
+    }
+
+    /// Publishes one event: `kind` (`reload`, `reload-refused`, `sa`, `sa-refused`, `rekey`,
+    /// `acquire`, `lifetime`, `worker`) and the line the log has for it. Never blocks.
+    pub fn publish(&self, kind: &str, text: &str) {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_empty() {
+            return;
+        }
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let line = json!({"unix_time": unix, "kind": kind, "text": text}).to_string();
+        w.retain_mut(|(tx, lost)| {
+            if *lost > 0 {
+                let note = json!({"unix_time": unix, "kind": "lost", "text": format!("{lost} event(s) lost: this watcher did not keep up")}).to_string();
+                if tx.try_send(note).is_ok() {
+                    *lost = 0;
+                }
+            }
+            match tx.try_send(line.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    *lost += 1;
+                    true
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        });
+    }
+
+    /// Watchers now.
+    pub fn watchers(&self) -> usize {
+        self.watchers.lock().map_or(0, |w| w.len())
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn watchers_get_every_event_and_a_slow_one_is_told_what_it_lost() {
+        let m = Monitor::default();
+        m.publish("sa", "before anyone watched");
+        let a = m.watch().unwrap();
+        let b = m.watch().unwrap();
+        for i in 0..QUEUE + 10 {
+            m.publish("sa", &format!("event {i}"));
+            // `a` keeps up, `b` does not read.
+            let l = a.try_recv().unwrap();
+            assert!(l.contains(&format!("\"event {i}\"")), "{l}");
+        }
+        let got: Vec<String> = b.try_iter().collect();
+        assert_eq!(got.len(), QUEUE);
+        m.publish("reload", "after");
+        let next: Vec<String> = b.try_iter().collect();
+        assert!(
+            next[0].contains("\"kind\":\"lost\"") && next[0].contains("10 event(s) lost"),
+            "{next:?}"
+        );
+        assert!(next[1].contains("after"));
+        drop(a);
+        m.publish("sa", "x");
+        assert_eq!(m.watchers(), 1, "a watcher that left is forgotten");
+        for _ in 0..MAX_WATCHERS - 1 {
+            m.watch().unwrap();
+        }
+        assert!(m.watch().is_none());
+    }
+}
