@@ -605,25 +605,31 @@ fn includes(
                 return Err(ctx.at(pat, format!("include: the configuration and its included files are larger than {} MiB together", MAX_CONFIG_BYTES >> 20)));
             }
             let raw: RawInclude = toml::from_str(&text).map_err(|e| {
-                let msg = e.message().trim().to_string();
-                let msg = if msg.starts_with("unknown field") {
-                    format!(
-                        "{msg}{}: an included file holds [[tunnel]] and [[policy]] tables only",
-                        did_you_mean(&msg)
-                    )
-                } else {
-                    msg
-                };
-                Ctx {
+                let c = Ctx {
                     file: &f,
                     text: &text,
-                }
-                .err(e.span(), msg)
+                };
+                toml_error(
+                    &c,
+                    &e,
+                    ": an included file holds [[tunnel]] and [[policy]] tables only",
+                )
             })?;
             out.push((f, text, raw));
         }
     }
     Ok(out)
+}
+
+/// A TOML or schema error at its place; an unknown field gets a guess and `unknown_hint`.
+fn toml_error(ctx: &Ctx, e: &toml::de::Error, unknown_hint: &str) -> ConfigError {
+    let msg = e.message().trim().to_string();
+    let msg = if msg.starts_with("unknown field") {
+        format!("{msg}{}{unknown_hint}", did_you_mean(&msg))
+    } else {
+        msg
+    };
+    ctx.err(e.span(), msg)
 }
 
 /// For serde's "unknown field `x`, expected one of `a`, `b`": ` (did you mean `a`?)` when
@@ -644,16 +650,11 @@ fn did_you_mean(msg: &str) -> String {
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { file: path, text };
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let msg = e.message().trim().to_string();
-        let msg = if msg.starts_with("unknown field") {
-            format!(
-                "{msg}{} (see configs/README.md for the fields of each section)",
-                did_you_mean(&msg)
-            )
-        } else {
-            msg
-        };
-        ctx.err(e.span(), msg)
+        toml_error(
+            &ctx,
+            &e,
+            " (see configs/README.md for the fields of each section)",
+        )
     })?;
 
     // The included files: each tunnel and policy keeps its file, for messages.

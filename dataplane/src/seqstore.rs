@@ -784,18 +784,7 @@ mod test {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SeqStore::open(dir.path(), "west", 1000).unwrap();
         for i in 0..(RETIRED_KEPT + 50) {
-            let mut k = [0u8; 20];
-            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let spec = SaSpec::new(
-                0x1000 + i as u32,
-                KeyMaterial::new(Algorithm::AesGcm128, &k).unwrap(),
-                false,
-                64,
-                Lifetimes::default(),
-                TunnelEndpoints::new("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()),
-                None,
-            );
-            let g = s.guard(&spec);
+            let g = s.guard(&key(i as u64));
             s.advance().unwrap();
             drop(g); // the SA goes (a rekey, `sa del`)
         }

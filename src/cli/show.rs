@@ -61,19 +61,21 @@ pub struct ReloadArgs {
 
 /// Asks a running gateway to re-read its configuration (as SIGHUP does).
 pub fn reload(a: ReloadArgs) -> Result<ExitCode> {
-    let socket = match socket_of(&a.socket, &a.config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    match client::request(&socket, &Request::new("reload", "")) {
+    ask(&a, "reload", |d| {
+        d.get("reload")
+            .and_then(Value::as_str)
+            .unwrap_or("reload requested; the gateway's log says what it did")
+            .to_string()
+    })
+}
+
+/// Sends `cmd` (no arguments) to the gateway and prints `text` of its answer.
+fn ask(a: &ReloadArgs, cmd: &str, text: impl Fn(&Value) -> String) -> Result<ExitCode> {
+    let r = socket_of(&a.socket, &a.config)
+        .and_then(|socket| client::request(&socket, &Request::new(cmd, "")));
+    match r {
         Ok(r) if r.ok => {
-            match r.data.get("reload").and_then(Value::as_str) {
-                Some(m) => println!("{m}"),
-                None => println!("reload requested; the gateway's log says what it did"),
-            }
+            println!("{}", text(&r.data));
             Ok(ExitCode::SUCCESS)
         }
         Ok(r) => {
@@ -163,27 +165,9 @@ pub fn monitor(a: MonitorArgs) -> Result<ExitCode> {
 
 /// Asks a running gateway to zero its worker counters.
 pub fn clear(a: ReloadArgs) -> Result<ExitCode> {
-    let socket = match socket_of(&a.socket, &a.config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    match client::request(&socket, &Request::new("clear", "")) {
-        Ok(r) if r.ok => {
-            println!("{}", r.data["cleared"].as_str().unwrap_or("cleared"));
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(r) => {
-            eprintln!("error: {}", r.error.unwrap_or_default());
-            Ok(ExitCode::from(1))
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            Ok(ExitCode::from(1))
-        }
-    }
+    ask(&a, "clear", |d| {
+        d["cleared"].as_str().unwrap_or("cleared").to_string()
+    })
 }
 
 pub(crate) fn socket_of(
