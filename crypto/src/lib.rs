@@ -649,6 +649,20 @@ impl Cipher {
         })
     }
 
+    /// Where the key schedule lives and its size, for a burst loop to prefetch before it
+    /// seals or opens (the backends that keep it inline: this value itself).
+    #[inline(always)]
+    pub fn schedule(&self) -> (*const u8, usize) {
+        match self {
+            #[cfg(feature = "ipsec-mb")]
+            Cipher::IpsecMb(c) => c.key.schedule(),
+            _ => (
+                self as *const Cipher as *const u8,
+                std::mem::size_of::<Cipher>(),
+            ),
+        }
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         match self {

@@ -94,6 +94,12 @@ impl GcmKey {
         Ok(k)
     }
 
+    /// Where the expanded key and GHASH table live and their size (for a prefetch: reading
+    /// through the pointer is for the library only).
+    pub fn schedule(&self) -> (*const u8, usize) {
+        (self.key as *const u8, self.layout.size())
+    }
+
     /// The code path the library chose (AVX512, AVX2, SSE...).
     pub fn arch(&self) -> &'static str {
         // SAFETY: returns a pointer to a static string.

@@ -1324,6 +1324,55 @@ impl CoreSas {
         self.inbound.get_mut(spi).map(|r| (&mut r.sa, r.tunnel))
     }
 
+    /// Asks the CPU for the SPI table slot of `spi` (first step of a burst's prefetch).
+    #[inline(always)]
+    pub fn prefetch_inbound_slot(&self, spi: u32) {
+        self.inbound.prefetch(spi);
+    }
+
+    /// Asks the CPU for the state of `spi`'s SA (second step, once the slots are in: reads
+    /// only the slot).
+    #[inline(always)]
+    pub fn prefetch_inbound(&self, spi: u32) {
+        if let Some(p) = self.inbound.value_ptr(spi) {
+            crate::prefetch::range(p as *const u8, std::mem::size_of::<InRt>(), usize::MAX, 512);
+        }
+    }
+
+    /// Asks the CPU for the start of the key schedule of `spi`'s SA (third step, once its
+    /// state is in).
+    #[inline(always)]
+    pub fn prefetch_inbound_key(&self, spi: u32) {
+        if let Some(r) = self.inbound.get(spi) {
+            let (k, len) = r.sa.cipher.schedule();
+            crate::prefetch::range(k, len, 256, 1024);
+        }
+    }
+
+    /// Asks the CPU for the state of tunnel `t`'s outbound SA (reads nothing of it).
+    #[inline(always)]
+    pub fn prefetch_outbound(&self, t: usize) {
+        if t < self.outbound.len() {
+            let p = self.outbound.as_ptr().wrapping_add(t);
+            crate::prefetch::range(
+                p as *const u8,
+                std::mem::size_of::<Option<OutRt>>(),
+                usize::MAX,
+                512,
+            );
+        }
+    }
+
+    /// Asks the CPU for the start of tunnel `t`'s outbound key schedule (once the SA's state
+    /// is in).
+    #[inline(always)]
+    pub fn prefetch_outbound_key(&self, t: usize) {
+        if let Some(Some(o)) = self.outbound.get(t) {
+            let (k, len) = o.sa.cipher.schedule();
+            crate::prefetch::range(k, len, 256, 1024);
+        }
+    }
+
     /// A local inbound SA by SPI.
     #[inline]
     pub fn inbound_mut(&mut self, spi: u32) -> Option<&mut InboundSa> {

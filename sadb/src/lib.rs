@@ -5,11 +5,12 @@
 //! * [`OutboundSa`] / [`InboundSa`]: the runtime state one worker core owns (sequence counter or
 //!   replay window, key schedule, counters, prebuilt outer-header template). Nothing in them is
 //!   shared between threads, so nothing is locked or atomic.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one exception: `prefetch::read`
 #![deny(missing_docs)]
 
 pub mod db;
 pub mod lifetime;
+pub mod prefetch;
 pub mod replay;
 pub mod sa;
 pub mod selector;

@@ -428,16 +428,137 @@ struct TupleGroup {
     /// found so far cannot improve it (groups are kept in this order).
     first: u32,
     /// (source & mask, destination & mask) → its rules, in SPD order.
-    map: rustc_hash::FxHashMap<(u32, u32), Bucket>,
+    table: ExactTable,
 }
 
-/// The rules of one (masked source, masked destination): the first inline (a lookup of a
-/// subnet pair reads no other memory), any others by index, ascending.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Bucket {
+/// One (masked source, masked destination) of a group: 24 bytes, so a lookup of a subnet
+/// pair reads one slot (usually one cache line) and nothing else: the first rule's index and
+/// action inline, and whether that rule matches every protocol and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// Masked source (high half) and destination (low half).
+    key: u64,
+    /// The first rule's index; `EMPTY` for a free slot.
     first: u32,
-    rule: V4Rule,
+    /// The first rule's action ([`Slot::encode`]); bit 31: the rule has no protocol or port
+    /// condition (any packet of the pair matches it).
+    action: u32,
+    /// The pair's other rules: `ExactTable::rest[rest.0..rest.0 + rest.1]`, ascending.
+    rest: (u32, u32),
+}
+
+impl Slot {
+    const EMPTY: u32 = u32::MAX;
+    const PLAIN: u32 = 1 << 31;
+    const BYPASS: u32 = Self::PLAIN - 1;
+    const DISCARD: u32 = Self::PLAIN - 2;
+    /// A tunnel index too large to encode: the action is read from the rule.
+    const RULE: u32 = Self::PLAIN - 3;
+
+    fn encode(a: Action) -> u32 {
+        match a {
+            Action::Protect(t) => u32::try_from(t).unwrap_or(Self::RULE).min(Self::RULE),
+            Action::Bypass => Self::BYPASS,
+            Action::Discard => Self::DISCARD,
+        }
+    }
+
+    #[inline]
+    fn decode(&self, rules: &[V4Rule]) -> Option<Action> {
+        match self.action & !Self::PLAIN {
+            Self::BYPASS => Some(Action::Bypass),
+            Self::DISCARD => Some(Action::Discard),
+            Self::RULE => rules.get(self.first as usize).map(|r| r.action),
+            t => Some(Action::Protect(t as usize)),
+        }
+    }
+}
+
+/// An open-addressed hash of (masked source, masked destination) pairs to [`Slot`]s, linear
+/// probing, at most 5/8 full: compact (24 bytes a pair, 10 000 tunnels in 384 KiB rather
+/// than the 1.4 MiB a general map of whole rules took, measured as a cache and TLB miss per
+/// packet) and with a [`ExactTable::prefetch`] a burst can call before it looks up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ExactTable {
+    slots: Vec<Slot>,
+    /// `slots.len() - 1` (a power of two minus one).
+    mask: usize,
     rest: Vec<u32>,
+}
+
+impl ExactTable {
+    /// Builds the table from (key, rule indices ascending, first rule) entries.
+    fn build(entries: Vec<(u64, Vec<u32>, V4Rule)>) -> ExactTable {
+        let n = (entries.len() * 8 / 5 + 1).next_power_of_two().max(8);
+        let mut t = ExactTable {
+            slots: vec![
+                Slot {
+                    key: 0,
+                    first: Slot::EMPTY,
+                    action: 0,
+                    rest: (0, 0),
+                };
+                n
+            ],
+            mask: n - 1,
+            rest: Vec::new(),
+        };
+        for (key, idx, rule) in entries {
+            let plain = rule.proto.is_none() && rule.src_ports.is_any() && rule.dst_ports.is_any();
+            let rest = (t.rest.len() as u32, idx.len() as u32 - 1);
+            t.rest.extend_from_slice(&idx[1..]);
+            let mut i = t.home(key);
+            while t.slots[i].first != Slot::EMPTY {
+                i = (i + 1) & t.mask;
+            }
+            t.slots[i] = Slot {
+                key,
+                first: idx[0],
+                action: Slot::encode(rule.action) | if plain { Slot::PLAIN } else { 0 },
+                rest,
+            };
+        }
+        t
+    }
+
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        // Fibonacci hashing: the product's high bits mix every bit of the key (tunnel subnets
+        // differ only in their middle bits).
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
+    }
+
+    #[inline]
+    fn get(&self, key: u64) -> Option<&Slot> {
+        let mut i = self.home(key);
+        loop {
+            let s = self.slots.get(i)?;
+            if s.first == Slot::EMPTY {
+                return None;
+            }
+            if s.key == key {
+                return Some(s);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, key: u64) {
+        if let Some(s) = self.slots.get(self.home(key)) {
+            crate::prefetch::read(s);
+        }
+    }
+
+    fn rest(&self, s: &Slot) -> &[u32] {
+        self.rest
+            .get(s.rest.0 as usize..(s.rest.0 + s.rest.1) as usize)
+            .unwrap_or(&[])
+    }
+}
+
+fn pair_key(src: u32, dst: u32) -> u64 {
+    ((src as u64) << 32) | dst as u64
 }
 
 impl SpdV4 {
@@ -481,6 +602,8 @@ impl SpdV4 {
             .collect();
         let mut groups: Vec<TupleGroup> = Vec::new();
         if rules.len() > scan_max {
+            // (group, key) → the pair's rule indices, in SPD order.
+            let mut pairs: Vec<rustc_hash::FxHashMap<u64, Vec<u32>>> = Vec::new();
             for (i, r) in rules.iter().enumerate() {
                 let masks = (r.src.1, r.dst.1);
                 let g = match groups.iter_mut().position(|g| g.masks == masks) {
@@ -489,20 +612,26 @@ impl SpdV4 {
                         groups.push(TupleGroup {
                             masks,
                             first: i as u32,
-                            map: Default::default(),
+                            table: Default::default(),
                         });
+                        pairs.push(Default::default());
                         groups.len() - 1
                     }
                 };
-                groups[g]
-                    .map
-                    .entry((r.src.0, r.dst.0))
-                    .and_modify(|b| b.rest.push(i as u32))
-                    .or_insert(Bucket {
-                        first: i as u32,
-                        rule: *r,
-                        rest: Vec::new(),
-                    });
+                pairs[g]
+                    .entry(pair_key(r.src.0, r.dst.0))
+                    .or_default()
+                    .push(i as u32);
+            }
+            for (g, p) in groups.iter_mut().zip(pairs) {
+                g.table = ExactTable::build(
+                    p.into_iter()
+                        .map(|(k, idx)| {
+                            let r = rules[idx[0] as usize];
+                            (k, idx, r)
+                        })
+                        .collect(),
+                );
             }
             // Groups are created in order of their first rule already.
         }
@@ -589,31 +718,44 @@ impl SpdV4 {
                 && r.dst_ports.contains(dport)
         };
         let mut best = u32::MAX;
+        let mut action = None;
         for g in &self.groups {
             if g.first >= best {
                 break;
             }
-            let Some(b) = g.map.get(&(src & g.masks.0, dst & g.masks.1)) else {
+            let Some(s) = g.table.get(pair_key(src & g.masks.0, dst & g.masks.1)) else {
                 continue;
             };
-            if b.first >= best {
+            if s.first >= best {
                 continue;
             }
-            if rest(&b.rule) {
-                best = b.first;
+            if s.action & Slot::PLAIN != 0 || rules.get(s.first as usize).is_some_and(rest) {
+                best = s.first;
+                action = s.decode(rules);
                 continue;
             }
-            for &i in &b.rest {
+            for &i in g.table.rest(s) {
                 if i >= best {
                     break;
                 }
-                if rules.get(i as usize).is_some_and(rest) {
+                if let Some(r) = rules.get(i as usize).filter(|r| rest(r)) {
                     best = i;
+                    action = Some(r.action);
                     break;
                 }
             }
         }
-        Some(rules.get(best as usize).map(|r| r.action))
+        Some(action)
+    }
+
+    /// Asks the CPU for the memory a [`SpdV4::lookup`] of (`src`, `dst`) will read (the
+    /// first two tuple groups' slots), so a burst can ask for all its packets' first and
+    /// look up afterwards, the misses overlapping.
+    #[inline(always)]
+    pub fn prefetch(&self, src: u32, dst: u32) {
+        for g in self.groups.iter().take(2) {
+            g.table.prefetch(pair_key(src & g.masks.0, dst & g.masks.1));
+        }
     }
 
     /// How many probes a lookup makes at most (tuple groups; 0: the rules are scanned).
@@ -944,6 +1086,50 @@ mod test {
                 },
                 action,
             })
+    }
+
+    /// The compact table at scale: 20 000 subnet pairs (the slots probe past collisions),
+    /// each found with its own action, a miss between them, and a tunnel index too large for
+    /// a slot read from its rule.
+    #[test]
+    fn twenty_thousand_subnet_pairs_each_find_their_own_policy() {
+        let v4 = |a: u32, len: u8| Prefix::new(IpAddr::V4(a.into()), len).expect("prefix");
+        let n = 20_000u32;
+        let mut policies: Vec<Policy> = (0..n)
+            .map(|k| Policy {
+                name: format!("t{k}"),
+                selector: Selector {
+                    src: v4(0x0a40_0000 + (k << 8), 24),
+                    dst: v4(0x0a80_0000 + (k << 8), 24),
+                    proto: None,
+                    src_ports: PortRange::ANY,
+                    dst_ports: PortRange::ANY,
+                },
+                action: match k % 3 {
+                    0 => Action::Protect(k as usize),
+                    1 => Action::Bypass,
+                    _ => Action::Discard,
+                },
+            })
+            .collect();
+        policies[7].action = Action::Protect(usize::MAX / 2);
+        let spd = Spd { policies };
+        let t = SpdV4::compile(&spd);
+        assert_eq!(t.tuple_groups(), 1);
+        for k in 0..n {
+            let (s, d) = (0x0a40_0000 + (k << 8) + 5, 0x0a80_0000 + (k << 8) + 9);
+            t.prefetch(s, d);
+            assert_eq!(
+                t.lookup(s, d, 17, 1, 2),
+                Some(Some(spd.policies[k as usize].action)),
+                "tunnel {k}"
+            );
+            // Source of one tunnel, destination of another: no policy.
+            assert_eq!(
+                t.lookup(s, 0x0a80_0000 + (((k + 1) % n) << 8), 17, 1, 2),
+                Some(None)
+            );
+        }
     }
 
     proptest::proptest! {

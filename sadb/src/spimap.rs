@@ -72,6 +72,24 @@ impl<V> SpiMap<V> {
         }
     }
 
+    /// Asks the CPU for `spi`'s slot (a burst asks for all its packets' first).
+    #[inline(always)]
+    pub fn prefetch(&self, spi: u32) {
+        if let Some(s) = self
+            .slots
+            .get(self.home(spi) & (self.slots.len().wrapping_sub(1)))
+        {
+            crate::prefetch::read(s);
+        }
+    }
+
+    /// Where `spi`'s value lives (reads the slot, not the value: for a prefetch).
+    #[inline(always)]
+    pub fn value_ptr(&self, spi: u32) -> Option<*const V> {
+        self.position(spi)
+            .map(|p| self.vals.as_ptr().wrapping_add(p))
+    }
+
     /// `spi`'s value.
     #[inline]
     pub fn get(&self, spi: u32) -> Option<&V> {
