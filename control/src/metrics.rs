@@ -1,17 +1,28 @@
 //! `--metrics ADDR`: the Prometheus text exposition format (version 0.0.4) of a running
 //! gateway over HTTP (`GET /metrics`), from what the workers publish. Counters are cumulative
-//! since the gateway started; names and labels follow the Prometheus conventions (`espada_`
-//! prefix, base units, `_total` counters, one label per dimension), and the test suite checks
-//! the output with Prometheus' own `promtool check metrics`.
+//! since the gateway started (or since `espada clear` for the worker counters); names and
+//! labels follow the Prometheus conventions (`espada_` prefix, base units, `_total` counters,
+//! one label per dimension, the same name for the same idea everywhere), and the test suite
+//! checks the output with Prometheus' own `promtool check metrics`.
 //!
-//! The format is written here rather than with `prometheus-client`: that crate writes
-//! OpenMetrics, whose counter families (`# TYPE x counter` over samples `x_total`) promtool's
-//! text-format check reads as metrics without help or type.
+//! The exposition is written by the `prometheus` crate (tikv's, text format 0.0.4: its
+//! `TextEncoder`), with its process collector for the standard `process_*` series. Each scrape
+//! builds a fresh registry from what the workers published: the workers count in their own
+//! cache lines and never touch a Prometheus type.
+//!
+//! Labels, the same everywhere:
+//!
+//! | label | values |
+//! |---|---|
+//! | `worker` | the worker's index (0, 1, ...) |
+//! | `direction` | `encap`/`decap` (packets, bytes, SAs), `rx`/`tx` (frames), `in`/`out` (handoffs) |
+//! | `side` | `red` (cleartext) or `black` (ESP) |
+//! | `tunnel`, `spi` | the tunnel's name, the SA's SPI (`0x...`) |
+//! | `reason` | a drop reason (`espada show errors` lists them) |
 
 use crate::conn::{self, ConnLimits, Slots};
 use crate::server::Gateway;
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,69 +32,107 @@ use std::time::{Duration, Instant};
 /// One metric family: help, type, and its samples (label set → value).
 struct Family {
     help: &'static str,
-    kind: &'static str,
+    counter: bool,
     samples: BTreeMap<Vec<(&'static str, String)>, f64>,
 }
 
+/// The families of one scrape, gathered before they go to the `prometheus` registry (a
+/// family's samples must all have the same label names; several sources may add to one
+/// sample: a worker's rows of one SA).
 #[derive(Default)]
 struct Exposition {
     families: BTreeMap<&'static str, Family>,
+}
+
+const C: bool = true;
+const G: bool = false;
+
+/// Drop reasons that are a protocol's normal traffic rather than trouble: RFC 3948 NAT-T
+/// keepalives and RFC 4303 TFC dummy packets. Counted in `espada_discarded_total`, not as
+/// drops, so a drop alert does not fire on a peer's keepalives.
+fn expected_discard(r: espada_dataplane::DropReason) -> bool {
+    use espada_dataplane::DropReason as D;
+    matches!(r, D::Keepalive | D::Dummy)
 }
 
 impl Exposition {
     fn add(
         &mut self,
         name: &'static str,
-        kind: &'static str,
+        counter: bool,
         help: &'static str,
         labels: Vec<(&'static str, String)>,
         v: f64,
     ) {
         let f = self.families.entry(name).or_insert(Family {
             help,
-            kind,
+            counter,
             samples: BTreeMap::new(),
         });
         *f.samples.entry(labels).or_insert(0.0) += v;
     }
 
-    fn text(&self) -> String {
-        let mut out = String::new();
-        for (name, f) in &self.families {
-            let _ = writeln!(out, "# HELP {name} {}", f.help);
-            let _ = writeln!(out, "# TYPE {name} {}", f.kind);
-            for (labels, v) in &f.samples {
-                out.push_str(name);
-                if !labels.is_empty() {
-                    out.push('{');
-                    for (i, (k, val)) in labels.iter().enumerate() {
-                        if i > 0 {
-                            out.push(',');
-                        }
-                        let esc = val
-                            .replace('\\', "\\\\")
-                            .replace('"', "\\\"")
-                            .replace('\n', "\\n");
-                        let _ = write!(out, "{k}=\"{esc}\"");
+    /// The text exposition: these families and the process collector's, through the
+    /// `prometheus` crate's registry and text encoder.
+    fn text(self) -> String {
+        use prometheus::core::Collector;
+        let reg = prometheus::Registry::new();
+        for (name, f) in self.families {
+            let keys: Vec<&str> = f
+                .samples
+                .keys()
+                .next()
+                .map(|l| l.iter().map(|(k, _)| *k).collect())
+                .unwrap_or_default();
+            let opts = prometheus::Opts::new(name, f.help);
+            let c: Box<dyn Collector> = if f.counter {
+                let Ok(v) = prometheus::CounterVec::new(opts, &keys) else {
+                    continue;
+                };
+                for (labels, x) in &f.samples {
+                    let vals: Vec<&str> = labels.iter().map(|(_, v)| v.as_str()).collect();
+                    if let Ok(c) = v.get_metric_with_label_values(&vals) {
+                        c.inc_by(x.max(0.0));
                     }
-                    out.push('}');
                 }
-                if v.fract() == 0.0 && v.abs() < 9.0e15 {
-                    let _ = writeln!(out, " {}", *v as i64);
-                } else {
-                    let _ = writeln!(out, " {v}");
+                Box::new(v)
+            } else {
+                let Ok(v) = prometheus::GaugeVec::new(opts, &keys) else {
+                    continue;
+                };
+                for (labels, x) in &f.samples {
+                    let vals: Vec<&str> = labels.iter().map(|(_, v)| v.as_str()).collect();
+                    if let Ok(g) = v.get_metric_with_label_values(&vals) {
+                        g.set(*x);
+                    }
                 }
-            }
+                Box::new(v)
+            };
+            let _ = reg.register(c);
         }
-        out
+        let _ = reg.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        prometheus::TextEncoder::new()
+            .encode_to_string(&reg.gather())
+            .unwrap_or_default()
     }
 }
 
 /// The exposition text for `gw` now.
 pub fn render(gw: &Gateway) -> String {
     let mut e = Exposition::default();
-    const C: &str = "counter";
-    const G: &str = "gauge";
+    let db = gw.shared.sadb.load();
+    // (SPI, outbound) → tunnel, for the SA series' `tunnel` label.
+    let mut tunnel_of: HashMap<(u32, bool), &str> = HashMap::new();
+    for t in db.tunnels.iter() {
+        for s in t.outbound.all() {
+            tunnel_of.insert((s.spi, true), &t.name);
+        }
+        for s in t.inbound.all().chain(t.draining.iter()) {
+            tunnel_of.insert((s.spi, false), &t.name);
+        }
+    }
     for (i, c) in gw.cells.iter().enumerate() {
         let w = || ("worker", i.to_string());
         let s = c.read();
@@ -118,36 +167,39 @@ pub fn render(gw: &Gateway) -> String {
             e.add(
                 "espada_frames_total",
                 C,
-                "Frames received and sent, by worker, side and direction.",
-                vec![w(), ("side", side.into()), ("dir", dir.into())],
-                n as f64,
-            );
-        }
-        for (r, n) in s.drops.nonzero() {
-            e.add(
-                "espada_drops_total",
-                C,
-                "Packets dropped, by worker and reason (espada's drop reasons).",
-                vec![w(), ("reason", r.label().into())],
+                "Frames received and sent, by worker, side and direction (rx, tx).",
+                vec![w(), ("side", side.into()), ("direction", dir.into())],
                 n as f64,
             );
         }
         // Every reason present at 0 on every worker makes `rate()` work from the start.
+        let counts: HashMap<_, _> = s.drops.nonzero().collect();
         for r in espada_dataplane::DropReason::ALL {
-            e.add(
-                "espada_drops_total",
-                C,
-                "Packets dropped, by worker and reason (espada's drop reasons).",
-                vec![w(), ("reason", r.label().into())],
-                0.0,
-            );
+            let n = counts.get(r).copied().unwrap_or(0) as f64;
+            if expected_discard(*r) {
+                e.add(
+                    "espada_discarded_total",
+                    C,
+                    "Packets discarded as their protocol says (NAT-T keepalives, TFC dummy packets): normal traffic, not drops.",
+                    vec![w(), ("reason", r.label().into())],
+                    n,
+                );
+            } else {
+                e.add(
+                    "espada_drops_total",
+                    C,
+                    "Packets dropped, by worker and reason (espada's drop reasons; `espada show errors`).",
+                    vec![w(), ("reason", r.label().into())],
+                    n,
+                );
+            }
         }
-        for (way, n) in [("out", s.handoff_out), ("in", s.handoff_in)] {
+        for (dir, n) in [("out", s.handoff_out), ("in", s.handoff_in)] {
             e.add(
                 "espada_handoffs_total",
                 C,
                 "Packets handed to (out) or taken from (in) another worker.",
-                vec![w(), ("way", way.into())],
+                vec![w(), ("direction", dir.into())],
                 n as f64,
             );
         }
@@ -165,6 +217,13 @@ pub fn render(gw: &Gateway) -> String {
             vec![w()],
             s.busy_ns as f64 / 1e9,
         );
+        e.add(
+            "espada_worker_heartbeats_total",
+            C,
+            "Times the worker published its counters (several a second while it polls; a stalled worker's stays still).",
+            vec![w()],
+            c.heartbeat() as f64,
+        );
         if let Ok(v) = c.sas.lock() {
             // One series per (SA, direction) and worker: what the worker sends on now plus
             // what it sent before it moved on (`retired` rows), so the counter only grows.
@@ -178,8 +237,16 @@ pub fn render(gw: &Gateway) -> String {
             for ((spi, outbound), (packets, bytes, seq)) in per {
                 let k = vec![
                     w(),
+                    (
+                        "tunnel",
+                        tunnel_of
+                            .get(&(spi, outbound))
+                            .copied()
+                            .unwrap_or("")
+                            .to_string(),
+                    ),
                     ("spi", format!("{spi:#010x}")),
-                    ("direction", if outbound { "out" } else { "in" }.into()),
+                    ("direction", if outbound { "encap" } else { "decap" }.into()),
                 ];
                 e.add(
                     "espada_sa_packets_total",
@@ -198,7 +265,7 @@ pub fn render(gw: &Gateway) -> String {
                 e.add(
                     "espada_sa_sequence_number",
                     G,
-                    "Outbound: last sequence number sent; inbound: top of the replay window.",
+                    "Encap: last sequence number sent; decap: top of the replay window.",
                     k,
                     seq as f64,
                 );
@@ -232,6 +299,36 @@ pub fn render(gw: &Gateway) -> String {
             );
         }
     }
+    // What the SA database holds, per tunnel: an alert on a tunnel without SAs.
+    for t in db.tunnels.iter() {
+        for (dir, n) in [
+            ("encap", t.outbound.all().count()),
+            ("decap", t.inbound.all().count()),
+        ] {
+            e.add(
+                "espada_tunnel_sas",
+                G,
+                "SAs installed per tunnel and direction (0: the tunnel carries nothing that way).",
+                vec![("tunnel", t.name.clone()), ("direction", dir.into())],
+                n as f64,
+            );
+        }
+    }
+    e.add(
+        "espada_sadb_generation",
+        G,
+        "Snapshot of the SA database in force (grows with every reload or SA change).",
+        vec![],
+        db.generation as f64,
+    );
+    let neighbors = gw.shared.neighbors.len() + gw.shared.neighbors6.len();
+    e.add(
+        "espada_neighbors",
+        G,
+        "Entries in the neighbor tables (ARP and IPv6 neighbor discovery).",
+        vec![],
+        neighbors as f64,
+    );
     e.add(
         "espada_control_queue_depth",
         G,
@@ -240,12 +337,45 @@ pub fn render(gw: &Gateway) -> String {
         gw.shared.control.len() as f64,
     );
     e.add(
-        "espada_uptime_seconds",
+        "espada_build_info",
         G,
-        "Seconds since the gateway started.",
-        vec![],
-        gw.started.elapsed().as_secs_f64(),
+        "Always 1; the labels say which espada and which gateway.",
+        vec![
+            ("version", gw.version.clone()),
+            ("gateway", gw.name.clone()),
+        ],
+        1.0,
     );
+    let m = &gw.monitor;
+    let started_unix = crate::monitor::unix_now() - gw.started.elapsed().as_secs_f64();
+    e.add(
+        "espada_config_last_reload_successful",
+        G,
+        "Whether the last reload was accepted (1) or refused (0); 1 before the first.",
+        vec![],
+        if m.reload_failed.load(Ordering::Relaxed) {
+            0.0
+        } else {
+            1.0
+        },
+    );
+    let ok_at = f64::from_bits(m.reload_ok_unix.load(Ordering::Relaxed));
+    e.add(
+        "espada_config_last_reload_success_timestamp_seconds",
+        G,
+        "When the configuration in force was loaded (start or last accepted reload), UNIX time.",
+        vec![],
+        if ok_at > 0.0 { ok_at } else { started_unix },
+    );
+    for (kind, n) in m.counts() {
+        e.add(
+            "espada_events_total",
+            C,
+            "Events the gateway published (`espada monitor`), by kind (reload, reload-refused, sa, sa-refused, rekey, acquire, lifetime, ...).",
+            vec![("kind", kind.to_string())],
+            n as f64,
+        );
+    }
     e.text()
 }
 

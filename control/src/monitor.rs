@@ -23,6 +23,19 @@ pub struct Monitor {
     watchers: Mutex<Vec<(SyncSender<String>, u64)>>,
     /// Events published so far.
     pub published: AtomicU64,
+    /// The last reload was refused (metrics: `espada_config_last_reload_successful`).
+    pub reload_failed: std::sync::atomic::AtomicBool,
+    /// When the last reload was accepted (UNIX seconds as f64 bits; 0: none yet).
+    pub reload_ok_unix: AtomicU64,
+    /// Events by kind (metrics: `espada_events_total`).
+    by_kind: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// UNIX time now, in seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Monitor {
@@ -41,6 +54,23 @@ impl Monitor {
     /// `acquire`, `lifetime`, `worker`) and the line the log has for it. Never blocks.
     pub fn publish(&self, kind: &str, text: &str) {
         self.published.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            "reload" => {
+                self.reload_failed.store(false, Ordering::Relaxed);
+                self.reload_ok_unix
+                    .store(unix_now().to_bits(), Ordering::Relaxed);
+            }
+            "reload-refused" => self.reload_failed.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+        if let Ok(mut m) = self.by_kind.lock() {
+            match m.get_mut(kind) {
+                Some(n) => *n += 1,
+                None => {
+                    m.insert(kind.to_string(), 1);
+                }
+            }
+        }
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_empty() {
             return;
@@ -65,6 +95,15 @@ impl Monitor {
                 Err(TrySendError::Disconnected(_)) => false,
             }
         });
+    }
+
+    /// Events published so far, by kind; the kinds an alert watches are always there (at 0).
+    pub fn counts(&self) -> Vec<(String, u64)> {
+        let mut m = self.by_kind.lock().map(|m| m.clone()).unwrap_or_default();
+        for k in ["reload", "reload-refused", "sa-refused"] {
+            m.entry(k.to_string()).or_insert(0);
+        }
+        m.into_iter().collect()
     }
 
     /// Watchers now.

@@ -121,23 +121,67 @@ fn show_over_the_socket_matches_the_workers() {
         .expect("curl");
     assert!(out.status.success(), "curl: {out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
+    let sample = |name: &str, labels: &[&str]| -> Option<f64> {
+        text.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (ls, v) = rest.split_once("} ")?;
+            labels
+                .iter()
+                .all(|want| ls.split(',').any(|x| x == *want))
+                .then(|| v.trim().parse().ok())?
+        })
+    };
     for w in 0..2 {
-        let line = format!("espada_packets_total{{worker=\"{w}\",direction=\"encap\"}} ");
-        let v: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .unwrap_or_else(|| panic!("no {line} in\n{text}"))
-            .trim()
-            .parse()
-            .unwrap();
-        assert_eq!(v, st.data["workers"][w]["encap_packets"], "worker {w}");
+        let v = sample(
+            "espada_packets_total",
+            &[&format!("worker=\"{w}\""), "direction=\"encap\""],
+        )
+        .unwrap_or_else(|| panic!("no encap packets of worker {w} in\n{text}"));
+        assert_eq!(v as u64, st.data["workers"][w]["encap_packets"], "worker {w}");
     }
-    assert!(
-        text.contains(
-            "espada_sa_packets_total{worker=\"0\",spi=\"0x00001001\",direction=\"out\"} 500"
+    // One label name per idea: the SA series say `direction` encap/decap, as the packet
+    // series do, and name their tunnel.
+    assert_eq!(
+        sample(
+            "espada_sa_packets_total",
+            &["worker=\"0\"", "spi=\"0x00001001\"", "direction=\"encap\"", "tunnel=\"lab\""]
         ),
+        Some(500.0),
         "{text}"
     );
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let names = l
+            .split_once('{')
+            .map(|(_, r)| r.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, _)| k))
+            .into_iter()
+            .flatten();
+        for k in names {
+            assert!(k != "dir" && k != "way", "an old label name: {l}");
+        }
+        if l.starts_with("espada_sa_") {
+            assert!(!l.contains("direction=\"out\""), "SA series say encap/decap: {l}");
+        }
+    }
+    // The standard series a Prometheus user expects: the process collector's, build info,
+    // reload state; no uptime gauge in their place.
+    for name in [
+        "process_start_time_seconds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "espada_build_info",
+        "espada_config_last_reload_successful",
+        "espada_config_last_reload_success_timestamp_seconds",
+        "espada_tunnel_sas",
+        "espada_neighbors",
+        "espada_worker_heartbeats_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "no {name} in\n{text}");
+    }
+    assert!(!text.contains("espada_uptime_seconds"));
+    // Keepalives and TFC dummies are normal traffic: counted apart from drops.
+    assert!(text.contains("espada_discarded_total{reason=\"keepalive\""), "{text}");
+    assert!(!text.contains("espada_drops_total{reason=\"keepalive\""), "{text}");
+    contrib_rules_and_dashboard_use_only_exposed_metrics(&text);
     // Issue 27: HEAD answers as GET without the body; `:PORT` listens on every address; other
     // methods on /metrics are 405.
     let head = std::process::Command::new("curl")
@@ -263,4 +307,49 @@ fn slow_and_endless_clients_do_not_block_the_others() {
     let mut rest = Vec::new();
     let _ = endless.read_to_end(&mut rest);
     drop(slow);
+}
+
+/// Issue 27: the alert rules pass `promtool check rules`, and every metric name the rules and
+/// the Grafana dashboard use is in the exposition (a rename cannot leave them behind).
+fn contrib_rules_and_dashboard_use_only_exposed_metrics(text: &str) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = root.join("contrib/prometheus/espada-alerts.yml");
+    let dash = root.join("contrib/grafana/espada-dashboard.json");
+    let mut used = std::collections::BTreeSet::new();
+    for f in [&rules, &dash] {
+        let body = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for w in body.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if w.starts_with("espada_") || w.starts_with("process_") {
+                used.insert(w.to_string());
+            }
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dash).unwrap())
+        .expect("the dashboard is JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 4), "panels");
+    assert!(used.len() >= 8, "{used:?}");
+    let exposed: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for name in &used {
+        // A histogram's or summary's sample names end in _bucket/_sum/_count: none here.
+        assert!(exposed.contains(name.as_str()), "{name} is used in contrib/ but not exposed");
+    }
+    if std::env::var("ESPADA_SKIP_PROMTOOL").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_PROMTOOL=1: promtool check rules was NOT run");
+        return;
+    }
+    let r = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool");
+    assert!(
+        r.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
 }

@@ -1324,6 +1324,17 @@ impl CoreSas {
         self.inbound.get_mut(spi).map(|r| (&mut r.sa, r.tunnel))
     }
 
+    /// SAs from which a burst's prefetch steps pay: below, the policies, SAs and key
+    /// schedules a core uses stay in its caches and the steps only cost instructions
+    /// (measured: +17 % instructions per packet and 0.91× decrypt at 64 B with one SA).
+    pub const PREFETCH_FROM: usize = 256;
+
+    /// Whether this core holds enough SAs for the burst prefetch steps to pay.
+    #[inline(always)]
+    pub fn prefetch_pays(&self) -> bool {
+        self.outbound.len() + self.inbound.len() >= Self::PREFETCH_FROM
+    }
+
     /// Asks the CPU for the SPI table slot of `spi` (first step of a burst's prefetch).
     #[inline(always)]
     pub fn prefetch_inbound_slot(&self, spi: u32) {

@@ -31,21 +31,8 @@ impl Worker {
     pub(super) fn black_stage(&mut self, burst: &mut Vec<PktBuf>) {
         let mut out = [Black::Full; BURST];
         let mut all = burst.len() <= BURST;
-        // Every frame's SPI slot, then its SA and key schedule, asked for burst-wide before
-        // the first is opened (issue 26: with thousands of SAs each is a cache miss; asked
-        // together they overlap). Read without checks: a wrong guess is a wasted prefetch.
-        let mut spis = [None; BURST];
-        for (b, s) in burst.iter().zip(spis.iter_mut()) {
-            *s = quick_spi(b.data());
-            if let Some(spi) = *s {
-                self.sas.prefetch_inbound_slot(spi);
-            }
-        }
-        for spi in spis.iter().flatten() {
-            self.sas.prefetch_inbound(*spi);
-        }
-        for spi in spis.iter().flatten() {
-            self.sas.prefetch_inbound_key(*spi);
+        if self.sas.prefetch_pays() {
+            self.prefetch_black(burst);
         }
         for (b, o) in burst.iter_mut().zip(out.iter_mut()) {
             *o = self.classify_black(b);
@@ -68,6 +55,27 @@ impl Worker {
                 Black::Full => self.black_one(b),
                 v => self.land(b, v),
             }
+        }
+    }
+
+    /// The prefetch steps of [`Self::black_stage`] (only with many SAs: `prefetch_pays`).
+    #[inline(never)]
+    fn prefetch_black(&self, burst: &[PktBuf]) {
+        // Every frame's SPI slot, then its SA and key schedule, asked for burst-wide before
+        // the first is opened (issue 26: with thousands of SAs each is a cache miss; asked
+        // together they overlap). Read without checks: a wrong guess is a wasted prefetch.
+        let mut spis = [None; BURST];
+        for (b, s) in burst.iter().zip(spis.iter_mut()) {
+            *s = quick_spi(b.data());
+            if let Some(spi) = *s {
+                self.sas.prefetch_inbound_slot(spi);
+            }
+        }
+        for spi in spis.iter().flatten() {
+            self.sas.prefetch_inbound(*spi);
+        }
+        for spi in spis.iter().flatten() {
+            self.sas.prefetch_inbound_key(*spi);
         }
     }
 

@@ -22,29 +22,8 @@ impl Worker {
     pub(super) fn red_stage(&mut self, burst: &mut Vec<PktBuf>) {
         let mut ready: [Ready; BURST] = [None; BURST];
         let mut all = burst.len() <= BURST;
-        // With thousands of tunnels every frame's SPD slot, SA and key schedule is a cache
-        // miss; asked for burst-wide, one step ahead of where they are read, the misses overlap
-        // (issue 26). A frame these quick reads misjudge only costs a wasted prefetch: the
-        // classify stage below parses and decides for itself.
-        let spd = &self.sas.db().spd_v4;
-        let mut tuples = [None; BURST];
-        for (b, t) in burst.iter().zip(tuples.iter_mut()) {
-            *t = quick_tuple(b.data());
-            if let Some((src, dst, ..)) = *t {
-                spd.prefetch(src, dst);
-            }
-        }
-        let mut tun = [usize::MAX; BURST];
-        for (tuple, t) in tuples.iter().zip(tun.iter_mut()) {
-            if let Some((src, dst, proto, sport, dport)) = *tuple {
-                if let Some(Some(Action::Protect(x))) = spd.lookup(src, dst, proto, sport, dport) {
-                    *t = x;
-                    self.sas.prefetch_outbound(x);
-                }
-            }
-        }
-        for &t in tun.iter().take(burst.len()).filter(|&&t| t != usize::MAX) {
-            self.sas.prefetch_outbound_key(t);
+        if self.sas.prefetch_pays() {
+            self.prefetch_red(burst);
         }
         for (b, r) in burst.iter_mut().zip(ready.iter_mut()) {
             *r = self.classify_red(b);
@@ -69,6 +48,35 @@ impl Worker {
             }
         }
         self.encap_burst();
+    }
+
+    /// The prefetch steps of [`Self::red_stage`] (only with many SAs: `prefetch_pays`).
+    #[inline(never)]
+    fn prefetch_red(&self, burst: &[PktBuf]) {
+        // With thousands of tunnels every frame's SPD slot, SA and key schedule is a cache
+        // miss; asked for burst-wide, one step ahead of where they are read, the misses overlap
+        // (issue 26). A frame these quick reads misjudge only costs a wasted prefetch: the
+        // classify stage below parses and decides for itself.
+        let spd = &self.sas.db().spd_v4;
+        let mut tuples = [None; BURST];
+        for (b, t) in burst.iter().zip(tuples.iter_mut()) {
+            *t = quick_tuple(b.data());
+            if let Some((src, dst, ..)) = *t {
+                spd.prefetch(src, dst);
+            }
+        }
+        let mut tun = [usize::MAX; BURST];
+        for (tuple, t) in tuples.iter().zip(tun.iter_mut()) {
+            if let Some((src, dst, proto, sport, dport)) = *tuple {
+                if let Some(Some(Action::Protect(x))) = spd.lookup(src, dst, proto, sport, dport) {
+                    *t = x;
+                    self.sas.prefetch_outbound(x);
+                }
+            }
+        }
+        for &t in tun.iter().take(burst.len()).filter(|&&t| t != usize::MAX) {
+            self.sas.prefetch_outbound_key(t);
+        }
     }
 
     /// The classify stage for one red frame: an IPv4 packet to our MAC whose header checks out,
