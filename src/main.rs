@@ -105,15 +105,6 @@ fn restore_sigpipe() {
 fn main() -> ExitCode {
     restore_sigpipe();
     let cli = Cli::parse();
-    // The long-running commands whose per-packet cost is the point: 2 MiB pages for the
-    // heap (SAs, policies and key schedules; see `heap::huge_pages`). Runs the program again
-    // once, before anything else happened.
-    if matches!(
-        cli.command,
-        Command::Run(_) | Command::Bench(_) | Command::Demo(_)
-    ) {
-        espada_dataplane::heap::huge_pages();
-    }
     // `espada run` sets its own level (-v/-q/--log-json); every other command logs at info.
     if !matches!(cli.command, Command::Run(_)) {
         init_logs(0, false, false);
