@@ -646,6 +646,52 @@ fn did_you_mean(msg: &str) -> String {
         .map_or(String::new(), |(_, f)| format!(" (did you mean `{f}`?)"))
 }
 
+/// Every field the parser takes, by section (`[gateway]`, `[red]`, `[[tunnel]]`, ...): asked of
+/// the parser itself (serde lists the expected fields when it meets an unknown one), so the
+/// reference texts (configs/README.md, espada.toml(5)) are tested against what the code takes.
+pub fn fields() -> Vec<(&'static str, Vec<String>)> {
+    let tunnel = "[[tunnel]]\nname = \"t\"\nlocal = \"192.168.100.1\"\nremote = \"192.168.100.2\"\nlocal_subnets = [\"10.1.0.0/24\"]\nremote_subnets = [\"10.2.0.0/24\"]\nout_spi = 0x1000\nin_spi = 0x2000\nlab_secret = \"0123456789\"\n";
+    let base = format!("[gateway]\nname = \"w\"\n{tunnel}");
+    let probes = [
+        (
+            "[gateway]",
+            "[gateway]\nname = \"w\"\nzzz_unknown = 1\n".to_string() + tunnel,
+        ),
+        ("[red]", format!("{base}[red]\nzzz_unknown = 1\n")),
+        (
+            "[[tunnel]]",
+            format!("[gateway]\nname = \"w\"\n{tunnel}zzz_unknown = 1\n"),
+        ),
+        (
+            "[tunnel.lifetime]",
+            format!("{base}[tunnel.lifetime]\nzzz_unknown = 1\n"),
+        ),
+        ("[[policy]]", format!("{base}[[policy]]\nzzz_unknown = 1\n")),
+        (
+            "[[neighbor]]",
+            format!("{base}[[neighbor]]\nzzz_unknown = 1\n"),
+        ),
+        ("[dpdk]", format!("{base}[dpdk]\nzzz_unknown = 1\n")),
+    ];
+    probes
+        .into_iter()
+        .map(|(section, text)| {
+            let e = parse(Path::new("probe.toml"), &text)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            let list = e.split("expected").nth(1).unwrap_or("");
+            let fields = list
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect();
+            (section, fields)
+        })
+        .collect()
+}
+
 /// Parses and validates configuration text (`path` is used in messages and to find key files).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let ctx = Ctx { file: path, text };

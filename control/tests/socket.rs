@@ -137,14 +137,22 @@ fn show_over_the_socket_matches_the_workers() {
             &[&format!("worker=\"{w}\""), "direction=\"encap\""],
         )
         .unwrap_or_else(|| panic!("no encap packets of worker {w} in\n{text}"));
-        assert_eq!(v as u64, st.data["workers"][w]["encap_packets"], "worker {w}");
+        assert_eq!(
+            v as u64, st.data["workers"][w]["encap_packets"],
+            "worker {w}"
+        );
     }
     // One label name per idea: the SA series say `direction` encap/decap, as the packet
     // series do, and name their tunnel.
     assert_eq!(
         sample(
             "espada_sa_packets_total",
-            &["worker=\"0\"", "spi=\"0x00001001\"", "direction=\"encap\"", "tunnel=\"lab\""]
+            &[
+                "worker=\"0\"",
+                "spi=\"0x00001001\"",
+                "direction=\"encap\"",
+                "tunnel=\"lab\""
+            ]
         ),
         Some(500.0),
         "{text}"
@@ -152,14 +160,21 @@ fn show_over_the_socket_matches_the_workers() {
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let names = l
             .split_once('{')
-            .map(|(_, r)| r.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, _)| k))
+            .map(|(_, r)| {
+                r.split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, _)| k)
+            })
             .into_iter()
             .flatten();
         for k in names {
             assert!(k != "dir" && k != "way", "an old label name: {l}");
         }
         if l.starts_with("espada_sa_") {
-            assert!(!l.contains("direction=\"out\""), "SA series say encap/decap: {l}");
+            assert!(
+                !l.contains("direction=\"out\""),
+                "SA series say encap/decap: {l}"
+            );
         }
     }
     // The standard series a Prometheus user expects: the process collector's, build info,
@@ -175,12 +190,21 @@ fn show_over_the_socket_matches_the_workers() {
         "espada_neighbors",
         "espada_worker_heartbeats_total",
     ] {
-        assert!(text.contains(&format!("# TYPE {name} ")), "no {name} in\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "no {name} in\n{text}"
+        );
     }
     assert!(!text.contains("espada_uptime_seconds"));
     // Keepalives and TFC dummies are normal traffic: counted apart from drops.
-    assert!(text.contains("espada_discarded_total{reason=\"keepalive\""), "{text}");
-    assert!(!text.contains("espada_drops_total{reason=\"keepalive\""), "{text}");
+    assert!(
+        text.contains("espada_discarded_total{reason=\"keepalive\""),
+        "{text}"
+    );
+    assert!(
+        !text.contains("espada_drops_total{reason=\"keepalive\""),
+        "{text}"
+    );
     contrib_rules_and_dashboard_use_only_exposed_metrics(&text);
     // Issue 27: HEAD answers as GET without the body; `:PORT` listens on every address; other
     // methods on /metrics are 405.
@@ -326,7 +350,10 @@ fn contrib_rules_and_dashboard_use_only_exposed_metrics(text: &str) {
     }
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&dash).unwrap())
         .expect("the dashboard is JSON");
-    assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 4), "panels");
+    assert!(
+        json["panels"].as_array().is_some_and(|p| p.len() >= 4),
+        "panels"
+    );
     assert!(used.len() >= 8, "{used:?}");
     let exposed: std::collections::BTreeSet<&str> = text
         .lines()
@@ -335,7 +362,10 @@ fn contrib_rules_and_dashboard_use_only_exposed_metrics(text: &str) {
         .collect();
     for name in &used {
         // A histogram's or summary's sample names end in _bucket/_sum/_count: none here.
-        assert!(exposed.contains(name.as_str()), "{name} is used in contrib/ but not exposed");
+        assert!(
+            exposed.contains(name.as_str()),
+            "{name} is used in contrib/ but not exposed"
+        );
     }
     if std::env::var("ESPADA_SKIP_PROMTOOL").is_ok_and(|v| v == "1") {
         eprintln!("ESPADA_SKIP_PROMTOOL=1: promtool check rules was NOT run");
