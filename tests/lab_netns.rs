@@ -836,3 +836,161 @@ fn namespace_lab_with_west_on_af_xdp() {
     assert!(forwarded >= 20, "{st}");
     assert!(copied <= own, "forwarded packets were copied: {w} {st}");
 }
+
+/// Issue 27: a real Prometheus server (Debian's) scrapes the lab's west gateway every second
+/// with the project's alert rules loaded, and its HTTP API answers per-tunnel rates and drops:
+/// pings through the tunnel show as the tunnel's encap rate, pings to an address no policy
+/// covers as `no-policy` drops.
+#[test]
+fn namespace_lab_is_scraped_by_prometheus() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the Prometheus lab was NOT run");
+        return;
+    }
+    let lab = Lab {
+        prefix: format!("m{}-", std::process::id() % 100_000),
+        dir: tempfile::tempdir().unwrap(),
+        env: vec![("ESPADA_WEST_ARGS", "--metrics 127.0.0.1:9100")],
+    };
+    run(&mut lab.cmd("up"), "scripts/lab up (--metrics)");
+    let west = format!("{}west", lab.prefix);
+    let sunset = format!("{}sunset", lab.prefix);
+    let prom_dir = lab.dir.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let cfg = prom_dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: ['{}/contrib/prometheus/espada-alerts.yml']\n\
+             scrape_configs:\n  - job_name: espada\n    static_configs: [{{targets: ['127.0.0.1:9100']}}]\n",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(prom_dir.join("prometheus.log")).unwrap();
+    let prom = Command::new("ip")
+        .args(["netns", "exec", &west, "prometheus"])
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            prom_dir.join("data").display()
+        ))
+        .args(["--web.listen-address=127.0.0.1:9090", "--log.level=warn"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("prometheus (Debian package prometheus; scripts/test installs it)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(prom);
+    let query = |q: &str| -> serde_json::Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &west, "curl", "-sf", "--max-time", "5"])
+            .arg("http://127.0.0.1:9090/api/v1/query")
+            .args(["--data-urlencode", &format!("query={q}")])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let value = |v: &serde_json::Value, label: &str, want: &str| -> Option<f64> {
+        v["data"]["result"].as_array()?.iter().find_map(|r| {
+            (r["metric"][label] == want).then(|| r["value"][1].as_str()?.parse().ok())?
+        })
+    };
+    // The server is up and has scraped west.
+    let mut up = false;
+    for _ in 0..60 {
+        if value(&query("up"), "job", "espada") == Some(1.0) {
+            up = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let plog = || std::fs::read_to_string(prom_dir.join("prometheus.log")).unwrap_or_default();
+    assert!(up, "Prometheus never scraped west:\n{}", plog());
+    // Traffic through the tunnel, and some that no policy covers (dropped as no-policy).
+    run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &sunset,
+            "ping",
+            "-q",
+            "-c",
+            "30",
+            "-i",
+            "0.1",
+            "10.2.0.10",
+        ]),
+        "ping through the tunnel",
+    );
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sunset,
+            "ping",
+            "-q",
+            "-c",
+            "5",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            "10.99.0.1",
+        ])
+        .output();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let rate = query("sum by (tunnel) (rate(espada_sa_packets_total{direction=\"encap\"}[20s]))");
+    let r = value(&rate, "tunnel", "sunset-sunrise");
+    assert!(
+        r.is_some_and(|r| r > 0.0),
+        "per-tunnel rate: {rate}\n{}",
+        plog()
+    );
+    let drops = query("sum by (reason) (espada_drops_total)");
+    let d = value(&drops, "reason", "no-policy");
+    assert!(d.is_some_and(|d| d >= 5.0), "no-policy drops: {drops}");
+    // The project's rules loaded and evaluate (none firing on a healthy lab but the idle one).
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &west,
+            "curl",
+            "-sf",
+            "http://127.0.0.1:9090/api/v1/rules",
+        ])
+        .output()
+        .unwrap();
+    let rules: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = rules["data"]["groups"][0]["rules"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(n >= 8, "rules: {rules}");
+    let firing = query("ALERTS{alertstate=\"firing\"}");
+    for a in firing["data"]["result"].as_array().into_iter().flatten() {
+        let name = a["metric"]["alertname"].as_str().unwrap_or("");
+        assert!(
+            !matches!(
+                name,
+                "EspadaGatewayDown"
+                    | "EspadaTunnelDown"
+                    | "EspadaWorkerStalled"
+                    | "EspadaReloadFailed"
+            ),
+            "{name} fires on a healthy lab: {firing}"
+        );
+    }
+    println!(
+        "Prometheus: tunnel sunset-sunrise encap {:.1} packets/s, no-policy drops {:?}",
+        r.unwrap_or(0.0),
+        d
+    );
+}
