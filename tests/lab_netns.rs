@@ -409,6 +409,40 @@ fn namespace_lab_end_to_end() {
         st["total"]["decap_packets"].as_u64().unwrap() >= 6000,
         "{st}"
     );
+    // Issue 27: `show sa` has the cipher, per-SA drops and the time to each lifetime. The
+    // replays and forgeries lab_check injected are counted on east's inbound SAs.
+    for col in [
+        "cipher", "replay", "auth", "other", "age", "soft in", "hard in", "state",
+    ] {
+        assert!(
+            table.lines().nth(1).unwrap_or("").contains(col),
+            "{col}: {table}"
+        );
+    }
+    let east: serde_json::Value = serde_json::from_str(&show("east", "sa", true)).unwrap();
+    let rows = east["sas"].as_array().unwrap();
+    let total = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
+    assert!(total("replay_drops") >= 10, "replays injected: 10; {east}");
+    assert!(
+        total("integrity_drops") >= 5,
+        "forgeries injected: 5; {east}"
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r["owner_cores"].as_array().is_some_and(|c| !c.is_empty()))
+    {
+        assert_eq!(r["cipher"], "aes-gcm-128", "{r}");
+        // lab_rekey: no soft event (the generation switch comes first) but the switch's time;
+        // the hard limit stays on what is sent.
+        let rekey = r["generation_switch_in"].as_u64().unwrap_or(0);
+        assert!(r["soft_expires_in"].is_null(), "{r}");
+        assert!(rekey > 0 && rekey <= 3300, "{r}");
+        if r["dir"] == "out" {
+            let hard = r["hard_expires_in"].as_u64().unwrap_or(0);
+            assert!(hard > 0 && hard <= 3600, "{r}");
+        }
+        assert!(r["added_unix"].as_u64().is_some(), "{r}");
+    }
     for what in ["errors", "workers", "neighbors", "policy"] {
         show("east", what, false);
     }

@@ -1575,6 +1575,7 @@ impl Config {
             inbound: group(false, gen, in_life),
             draining,
             pcpu_acquires: true,
+            rekey_every: t.lab_rekey.as_ref().map(|r| r.seconds),
         };
         if t.ike {
             for s in ts.outbound.all_mut().chain(ts.inbound.all_mut()) {

@@ -331,6 +331,18 @@ fn show_sa(gw: &Gateway, only: Option<u64>, tunnel: Option<&str>) -> Value {
                 } else {
                     (0, 0)
                 };
+                let live: Vec<&(usize, espada_dataplane::worker::SaStat)> =
+                    held.iter().copied().filter(|(_, r)| !r.retired).collect();
+                let now_unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let first = |f: &dyn Fn(&espada_dataplane::worker::SaStat) -> u64| {
+                    live.iter()
+                        .map(|(_, r)| f(r))
+                        .filter(|&t| t > 0)
+                        .min()
+                        .map(|t| t.saturating_sub(now_unix))
+                };
                 // Every core's rows: those using the SA and those that moved on (`retired`).
                 let packets: u64 = held.iter().map(|(_, r)| r.packets).sum();
                 let bytes: u64 = held.iter().map(|(_, r)| r.bytes).sum();
@@ -369,6 +381,19 @@ fn show_sa(gw: &Gateway, only: Option<u64>, tunnel: Option<&str>) -> Value {
                     "draining": dir == "in" && !s.next_generation && t.draining.iter().any(|d| d.spi == s.spi),
                     "next_generation": s.next_generation,
                     "lifetime": limits(s),
+                    "cipher": s.key.algorithm().name(),
+                    // Inbound drops on this SA, every core's together.
+                    "replay_drops": live.iter().map(|(_, r)| r.replay_drops).sum::<u64>(),
+                    "integrity_drops": live.iter().map(|(_, r)| r.integrity_drops).sum::<u64>(),
+                    "other_drops": live.iter().map(|(_, r)| r.other_drops).sum::<u64>(),
+                    // The earliest core's clock: when it was installed, when its soft and
+                    // hard time limits fall (seconds from now; null: no time limit or no core
+                    // holds it).
+                    "added_unix": live.iter().map(|(_, r)| r.added).filter(|&a| a > 0).min(),
+                    "soft_expires_in": first(&|r| r.soft_at),
+                    // lab_rekey: the next generation switch, when these SAs are replaced.
+                    "generation_switch_in": t.rekey_every.filter(|&p| p > 0).map(|p| p - now_unix % p),
+                    "hard_expires_in": first(&|r| r.hard_at),
                 }));
             }
         }

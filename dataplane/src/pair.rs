@@ -769,6 +769,7 @@ pub mod lab {
                     inbound: group(inb, pc, peer, me, life, o.alg, o.replay_window),
                     draining: vec![],
                     pcpu_acquires: true,
+                    rekey_every: None,
                 });
                 spd.policies.push(Policy {
                     name,

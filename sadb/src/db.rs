@@ -343,6 +343,9 @@ pub struct TunnelSas {
     /// per-CPU acquires answered only with ordinary Child SAs): every core then sends on the
     /// fallback SA and asks for nothing more.
     pub pcpu_acquires: bool,
+    /// `lab_rekey`: the generation length in seconds (new SAs at every multiple of it in UNIX
+    /// time); `None` for tunnels keyed otherwise. For reports: when the SAs will be replaced.
+    pub rekey_every: Option<u64>,
 }
 
 impl SaSpec {
@@ -380,6 +383,7 @@ impl TunnelSas {
             && self.local_subnets == other.local_subnets
             && self.remote_subnets == other.remote_subnets
             && self.pcpu_acquires == other.pcpu_acquires
+            && self.rekey_every == other.rekey_every
             && group(&self.outbound, &other.outbound)
             && group(&self.inbound, &other.inbound)
             && self.draining.len() == other.draining.len()
@@ -1407,8 +1411,18 @@ impl CoreSas {
     }
 
     /// Outbound SAs in use with their key's shared state (for reports: last use).
-    pub fn outbound_states(&self) -> impl Iterator<Item = (&OutboundSa, &Arc<OutState>)> {
-        self.outbound.iter().flatten().map(|o| (&o.sa, &o.state))
+    pub fn outbound_states(
+        &self,
+    ) -> impl Iterator<Item = (&OutboundSa, &Arc<OutState>, &LifetimeTracker)> {
+        self.outbound
+            .iter()
+            .flatten()
+            .map(|o| (&o.sa, &o.state, &o.life))
+    }
+
+    /// Local inbound SAs with their lifetime clocks (for reports).
+    pub fn inbound_lives(&self) -> impl Iterator<Item = (&InboundSa, &LifetimeTracker)> {
+        self.inbound.values().map(|r| (&r.sa, &r.life))
     }
 
     /// Events that did not fit in the queue.

@@ -66,6 +66,11 @@ impl LifetimeTracker {
         }
     }
 
+    /// When the clock started (the caller's clock, as given to [`LifetimeTracker::new`]).
+    pub fn installed_at(&self) -> u64 {
+        self.installed_at
+    }
+
     /// New limits for an SA that stays (`espada sa update`, a reload): the clock and the
     /// stage reached so far are kept; the new limits apply from the next check.
     pub fn set_limits(&mut self, limits: Lifetimes) {
@@ -171,6 +176,7 @@ mod test {
         let c = SaCounters {
             packets: 1,
             bytes: 1500,
+            ..Default::default()
         };
         assert_eq!(t.update(&c, 0), Some(Stage::Hard));
     }

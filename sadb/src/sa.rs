@@ -137,6 +137,13 @@ pub struct SaCounters {
     pub packets: u64,
     /// Inner bytes of those packets.
     pub bytes: u64,
+    /// Inbound: packets refused by the replay window (duplicates, too old).
+    pub replay_drops: u64,
+    /// Inbound: packets that failed authentication (forged, corrupted, wrong key).
+    pub integrity_drops: u64,
+    /// Inbound: authentic packets dropped for what they held (padding, next header, inner
+    /// header; TFC dummy packets are not counted: they are meant to be discarded).
+    pub other_drops: u64,
 }
 
 /// Sequence numbers reserved for one burst: `first`, `first + 1`, …, `first + count - 1`.

@@ -9,6 +9,7 @@ pub mod pin;
 pub mod run;
 pub mod sa;
 pub mod show;
+pub mod table;
 pub mod vectors;
 pub mod wireshark;
 pub mod xfrm;

@@ -255,27 +255,30 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
         Value::Null => "-".into(),
         v => v.to_string(),
     };
+    use super::table;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let secs = |v: &Value| v.as_u64().map_or("-".to_string(), table::duration);
     match a.what {
         What::Sa => {
             println!(
-                "gateway {}: {} mode, {} worker(s)",
+                "gateway {}: {} mode, {} worker{}",
                 s(&d["gateway"]),
                 s(&d["mode"]),
-                s(&d["workers"])
+                s(&d["workers"]),
+                if d["workers"] == 1 { "" } else { "s" }
             );
-            println!(
-                "{:<16} {:<3} {:<10} {:>4} {:>6} {:>7} {:>12} {:>14} {:>12} {:>7} {:>4}",
-                "tunnel",
-                "dir",
-                "spi",
-                "cpu",
-                "port",
-                "owner",
-                "packets",
-                "bytes",
-                "seq/top",
-                "window",
-                "esn"
+            let mut t = table::new(
+                &[
+                    "tunnel", "dir", "spi", "cipher", "cpu", "port", "owner", "packets", "bytes",
+                    "seq/top", "window", "esn", "replay", "auth", "other", "age", "soft in",
+                    "hard in", "state",
+                ],
+                &[
+                    "cpu", "port", "packets", "bytes", "seq/top", "window", "replay", "auth",
+                    "other", "age", "soft in", "hard in",
+                ],
             );
             for r in d["sas"].as_array().into_iter().flatten() {
                 let owner = r["owner_cores"]
@@ -283,18 +286,17 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                     .map(|v| v.iter().map(s).collect::<Vec<_>>().join(","))
                     .filter(|x| !x.is_empty())
                     .unwrap_or_else(|| "-".into());
-                let seq = if r["dir"] == "out" {
-                    &r["seq"]
-                } else {
-                    &r["replay_top"]
-                };
-                println!(
-                    "{:<16} {:<3} {:<10} {:>4} {:>6} {:>7} {:>12} {:>14} {:>12} {:>7} {:>4}{}",
+                let out = r["dir"] == "out";
+                let seq = if out { &r["seq"] } else { &r["replay_top"] };
+                // Drops are counted on inbound SAs (the replay window and the ICV are theirs).
+                let drop = |k: &str| if out { "-".to_string() } else { s(&r[k]) };
+                t.add_row(vec![
                     s(&r["tunnel"]),
                     s(&r["dir"]),
                     s(&r["spi"]),
+                    s(&r["cipher"]),
                     s(&r["cpu"]),
-                    if r["dir"] == "out" {
+                    if out {
                         s(&r["udp_src_port"])
                     } else {
                         "-".into()
@@ -304,38 +306,52 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                     s(&r["bytes"]),
                     s(seq),
                     s(&r["replay_window"]),
-                    if r["esn"] == true { "yes" } else { "no" },
+                    if r["esn"] == true { "yes" } else { "no" }.into(),
+                    drop("replay_drops"),
+                    drop("integrity_drops"),
+                    drop("other_drops"),
+                    r["added_unix"]
+                        .as_u64()
+                        .map_or("-".into(), |a| table::duration(now.saturating_sub(a))),
+                    match (r["soft_expires_in"].as_u64(), r["generation_switch_in"].as_u64()) {
+                        (Some(x), _) => table::duration(x),
+                        (None, Some(x)) => format!("{} (gen)", table::duration(x)),
+                        _ => "-".into(),
+                    },
+                    secs(&r["hard_expires_in"]),
                     if r["draining"] == true {
-                        "  (draining)"
+                        "draining"
                     } else if r["next_generation"] == true {
-                        "  (next generation: accepted, not yet sent on)"
+                        "next generation (accepted, not yet sent on)"
                     } else {
-                        ""
+                        "live"
                     }
-                );
+                    .into(),
+                ]);
             }
+            print!("{}", table::render(&t));
+            println!(
+                "replay/auth/other: inbound packets this SA dropped (replay window, failed ICV, bad contents); age: since the oldest core installed it; soft in/hard in: time to its time limits ((gen): lab_rekey replaces it at the next generation switch)"
+            );
         }
         What::Stats => {
             println!(
-                "gateway {}: up {:.0} s",
+                "gateway {}: up {}",
                 s(&d["gateway"]),
-                d["uptime_seconds"].as_f64().unwrap_or(0.0)
+                table::duration(d["uptime_seconds"].as_f64().unwrap_or(0.0) as u64)
             );
-            println!(
-                "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
-                "worker",
-                "red rx",
-                "black rx",
-                "encap",
-                "decap",
-                "red tx",
-                "black tx",
-                "handoffs",
-                "drops"
+            let mut t = table::new(
+                &[
+                    "worker", "red rx", "black rx", "encap", "decap", "red tx", "black tx",
+                    "handoffs", "drops",
+                ],
+                &[
+                    "red rx", "black rx", "encap", "decap", "red tx", "black tx", "handoffs",
+                    "drops",
+                ],
             );
             let row = |name: String, v: &Value| {
-                println!(
-                    "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+                vec![
                     name,
                     s(&v["red_rx"]),
                     s(&v["black_rx"]),
@@ -344,39 +360,48 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                     s(&v["red_tx"]),
                     s(&v["black_tx"]),
                     s(&v["handoff_out"]),
-                    s(&v["drops"])
-                )
+                    s(&v["drops"]),
+                ]
             };
             for w in d["workers"].as_array().into_iter().flatten() {
-                row(s(&w["worker"]), w);
+                t.add_row(row(s(&w["worker"]), w));
             }
-            row("all".into(), &d["total"]);
+            t.add_row(row("all".into(), &d["total"]));
+            print!("{}", table::render(&t));
         }
         What::Errors => {
             let rows = d["errors"].as_array().cloned().unwrap_or_default();
             if rows.is_empty() {
                 println!("gateway {}: no drops", s(&d["gateway"]));
-            }
-            for r in rows {
-                println!(
-                    "{:<20} {:>12}   per worker {}",
-                    s(&r["reason"]),
-                    s(&r["total"]),
-                    s(&r["per_worker"])
-                );
+            } else {
+                let mut t = table::new(&["reason", "total", "per worker"], &["total"]);
+                for r in rows {
+                    t.add_row(vec![s(&r["reason"]), s(&r["total"]), s(&r["per_worker"])]);
+                }
+                print!("{}", table::render(&t));
             }
         }
         What::Workers => {
-            println!(
-                "{:<7} {:>4} {:>12} {:>8} {:>10} {:>10} {:>10} {:>10}",
-                "worker",
-                "cpu",
-                "bursts",
-                "ns/pkt",
-                "handoff→",
-                "handoff←",
-                "red drop",
-                "black drop"
+            let mut t = table::new(
+                &[
+                    "worker",
+                    "cpu",
+                    "bursts",
+                    "ns/pkt",
+                    "handoff→",
+                    "handoff←",
+                    "red drop",
+                    "black drop",
+                ],
+                &[
+                    "cpu",
+                    "bursts",
+                    "ns/pkt",
+                    "handoff→",
+                    "handoff←",
+                    "red drop",
+                    "black drop",
+                ],
             );
             for w in d["workers"].as_array().into_iter().flatten() {
                 let pd = |p: &Value| {
@@ -384,32 +409,37 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                         + p["tx_dropped"].as_u64().unwrap_or(0)
                         + p["tx_lost"].as_u64().unwrap_or(0)
                 };
-                println!(
-                    "{:<7} {:>4} {:>12} {:>8.0} {:>10} {:>10} {:>10} {:>10}",
+                t.add_row(vec![
                     s(&w["worker"]),
                     s(&w["cpu"]),
                     s(&w["bursts"]),
-                    w["ns_per_packet"].as_f64().unwrap_or(0.0),
+                    format!("{:.0}", w["ns_per_packet"].as_f64().unwrap_or(0.0)),
                     s(&w["handoff_out"]),
                     s(&w["handoff_in"]),
-                    pd(&w["red"]),
-                    pd(&w["black"])
-                );
+                    pd(&w["red"]).to_string(),
+                    pd(&w["black"]).to_string(),
+                ]);
             }
+            print!("{}", table::render(&t));
+            println!(
+                "ns/pkt: the worker's busy time (bursts that carried packets) per packet it handled, both directions together; idle polls are not counted"
+            );
         }
         What::Neighbors => {
+            let mut t = table::new(&["address", "mac", "source"], &[]);
             for e in d["entries"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<16} {}{}",
+                t.add_row(vec![
                     s(&e["ip"]),
                     s(&e["mac"]),
                     if e["configured"] == true {
-                        "  (configured)"
+                        "configured"
                     } else {
-                        ""
+                        "learned"
                     }
-                );
+                    .into(),
+                ]);
             }
+            print!("{}", table::render(&t));
             println!(
                 "learned {}, expired {}, refreshed {}; provisional from requests {} ({} rate-limited, {} pushed out); refused: {} unsolicited, {} for configured entries, {} too soon, {} table full",
                 s(&d["learned"]),
@@ -425,15 +455,16 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
             );
         }
         What::Policy => {
+            let mut t = table::new(&["#", "name", "selector", "action"], &["#"]);
             for (i, p) in d["policies"].as_array().into_iter().flatten().enumerate() {
-                println!(
-                    "{:>3} {:<20} {:<60} {}",
-                    i + 1,
+                t.add_row(vec![
+                    (i + 1).to_string(),
                     s(&p["name"]),
                     s(&p["selector"]),
-                    s(&p["action"])
-                );
+                    s(&p["action"]),
+                ]);
             }
+            print!("{}", table::render(&t));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -102,7 +102,35 @@ fn decap_esp<L: InboundLookup + ?Sized, P: PacketBuf>(
         (p.spi(), p.seq(), p.iv())
     };
     let sa = sas.lookup(spi).ok_or(DropReason::NoSa)?;
+    let r = open_on(sa, spi, seq_lo, &iv, pkt);
+    if let Err(e) = r {
+        count_sa_drop(&mut sa.counters, e);
+    }
+    r
+}
 
+/// A drop on an SA, counted on it (`espada show sa`: replay, integrity, other). Off the
+/// packet's way: only failures come here.
+#[cold]
+#[inline(never)]
+fn count_sa_drop(c: &mut espada_sadb::SaCounters, r: DropReason) {
+    match r {
+        DropReason::Replay => c.replay_drops += 1,
+        DropReason::Integrity => c.integrity_drops += 1,
+        DropReason::Dummy => {}
+        _ => c.other_drops += 1,
+    }
+}
+
+/// [`decap_esp`] once the SA is known.
+#[inline(always)]
+fn open_on<P: PacketBuf>(
+    sa: &mut InboundSa,
+    spi: u32,
+    seq_lo: u32,
+    iv: &[u8; esp::IV_LEN],
+    pkt: &mut P,
+) -> Result<Decap, DropReason> {
     // RFC 4303 §3.4.3: duplicates and too-old numbers go before the (costly) integrity check.
     let seq = sa.window.infer(seq_lo).ok_or(DropReason::Replay)?;
     sa.window.check(seq).map_err(|_| DropReason::Replay)?;
@@ -112,7 +140,7 @@ fn decap_esp<L: InboundLookup + ?Sized, P: PacketBuf>(
     let body = &mut pkt.data_mut()[esp::HEADER_LEN + esp::IV_LEN..];
     let pt_len = sa
         .cipher
-        .open_in_place(&iv, &aad[..aad_len], body)
+        .open_in_place(iv, &aad[..aad_len], body)
         .map_err(|_| DropReason::Integrity)?;
 
     // Authentic: now the window may move.

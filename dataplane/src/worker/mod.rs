@@ -493,11 +493,23 @@ impl Worker {
                     _ => unix,
                 }
             };
-            for (o, st) in self.sas.outbound_states() {
+            // Lifetime clocks run on the worker's own seconds; reports want UNIX time.
+            let now_s = self.epoch.elapsed().as_secs();
+            let times = |life: &espada_sadb::lifetime::LifetimeTracker| {
+                let added = unix.saturating_sub(now_s.saturating_sub(life.installed_at()));
+                let at = |l: Option<u64>| l.map_or(0, |s| added + s);
+                (
+                    added,
+                    at(life.limits().soft.seconds),
+                    at(life.limits().hard.seconds),
+                )
+            };
+            for (o, st, life) in self.sas.outbound_states() {
                 let last_use = last_use(v.len(), true, o.spi, o.counters.packets);
                 if last_use != 0 {
                     st.note_use(last_use);
                 }
+                let (added, soft_at, hard_at) = times(life);
                 v.push(SaStat {
                     outbound: true,
                     spi: o.spi,
@@ -505,39 +517,44 @@ impl Worker {
                     packets: o.counters.packets,
                     bytes: o.counters.bytes,
                     seq: o.last_seq(),
-                    window: 0,
                     esn: o.esn,
                     last_use,
-                    retired: false,
+                    added,
+                    soft_at,
+                    hard_at,
+                    ..Default::default()
                 });
             }
             for (spi, c) in self.sas.retired_outbound() {
                 v.push(SaStat {
                     outbound: true,
                     spi,
-                    port: 0,
                     packets: c.packets,
                     bytes: c.bytes,
-                    seq: 0,
-                    window: 0,
-                    esn: false,
-                    last_use: 0,
                     retired: true,
+                    ..Default::default()
                 });
             }
-            for i in self.sas.inbound_sas() {
+            for (i, life) in self.sas.inbound_lives() {
                 let last_use = last_use(v.len(), false, i.spi, i.counters.packets);
+                let (added, soft_at, hard_at) = times(life);
                 v.push(SaStat {
                     outbound: false,
                     spi: i.spi,
-                    port: 0,
                     packets: i.counters.packets,
                     bytes: i.counters.bytes,
                     seq: i.window.top(),
                     window: i.window.size(),
                     esn: i.esn(),
                     last_use,
+                    replay_drops: i.counters.replay_drops,
+                    integrity_drops: i.counters.integrity_drops,
+                    other_drops: i.counters.other_drops,
+                    added,
+                    soft_at,
+                    hard_at,
                     retired: false,
+                    ..Default::default()
                 });
             }
         }

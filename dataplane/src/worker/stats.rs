@@ -97,6 +97,18 @@ pub struct SaStat {
     pub esn: bool,
     /// When this worker last saw the SA carry a packet (UNIX seconds; 0: not yet).
     pub last_use: u64,
+    /// Inbound: drops on this SA (replay window, authentication, other).
+    pub replay_drops: u64,
+    /// See `replay_drops`.
+    pub integrity_drops: u64,
+    /// See `replay_drops`.
+    pub other_drops: u64,
+    /// When this worker installed the SA (UNIX seconds; its lifetimes count from here).
+    pub added: u64,
+    /// When this worker's soft and hard time limits fall (UNIX seconds; 0: no time limit).
+    pub soft_at: u64,
+    /// See `soft_at`.
+    pub hard_at: u64,
     /// This worker no longer uses the SA (the fallback SA once the core has its own): the
     /// counters are what it sent before. Published in the same list as the live ones, so a
     /// reader never counts a packet twice or not at all.

@@ -162,6 +162,7 @@ impl World {
             },
             draining: vec![],
             pcpu_acquires: true,
+            rekey_every: None,
         }
     }
 

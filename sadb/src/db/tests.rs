@@ -47,6 +47,7 @@ fn tunnel(pcpu: usize, life: Lifetimes) -> TunnelSas {
         },
         draining: vec![],
         pcpu_acquires: true,
+        rekey_every: None,
     }
 }
 
@@ -520,6 +521,7 @@ fn lifetimes_of_thousands_of_tunnels_are_checked_a_slice_at_a_time() {
             },
             draining: vec![],
             pcpu_acquires: true,
+            rekey_every: None,
         });
         spd.policies.push(Policy {
             name: format!("t{i}"),
