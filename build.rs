@@ -1,6 +1,13 @@
 //! Records the git revision and (with the `dpdk` feature) the DPDK version for `espada version`.
 fn main() {
     println!("cargo:rerun-if-changed=.git/HEAD");
+    // HEAD names a branch; a commit moves the branch, not HEAD.
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            println!("cargo:rerun-if-changed=.git/{r}");
+        }
+    }
+    println!("cargo:rerun-if-changed=.git/packed-refs");
     if let Ok(o) = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

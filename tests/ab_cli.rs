@@ -68,7 +68,34 @@ fn ab_on_this_kernel() {
         eprintln!("this kernel has ESP: the full A/B would run; not exercised by this test");
         return;
     }
-    let (code, out, err) = espada(&["ab", "--prefix", "tsa-"]);
+    // Issue 27 paper cut: results go to a directory of the run's own under
+    // $XDG_STATE_HOME/espada, not into the directory the command runs in (a source tree).
+    let cwd = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_espada"))
+        .args(["ab", "--prefix", "tsa-"])
+        .current_dir(cwd.path())
+        .env("XDG_STATE_HOME", state.path())
+        .output()
+        .unwrap();
+    let (code, out, err) = (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert_eq!(
+        std::fs::read_dir(cwd.path()).unwrap().count(),
+        0,
+        "nothing written where the command ran"
+    );
+    let runs: Vec<String> = std::fs::read_dir(state.path().join("espada"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(runs.iter().all(|r| r.starts_with("ab-")), "{runs:?}");
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
     assert!(

@@ -93,6 +93,18 @@ fn sweep_writes_table_csv_json_and_plots() {
             f.display()
         );
     }
+    // Issue 27: the plot says what it is (harness, host, date, commit), has the ideal-scaling
+    // line, puts plain forwarding on its own axis, and ticks whole cores only.
+    let svg = std::fs::read_to_string(dir.path().join("sweep-cores.svg")).unwrap();
+    for text in [
+        "in-process west/east pair over memory ports, 2 rounds",
+        "ideal: one core",
+        "plain forwarding Gbit/s",
+        "(git ",
+    ] {
+        assert!(svg.contains(text), "{text} not in the plot");
+    }
+    assert!(!svg.contains(">1.5<"), "a half-core tick");
     let csv = std::fs::read_to_string(dir.path().join("sweep-cores.csv")).unwrap();
     assert_eq!(
         csv.lines().count(),

@@ -492,106 +492,242 @@ pub fn csv(rs: &[BenchResult]) -> String {
     s
 }
 
-/// Throughput (delivered, inner Gbit/s) against the swept variable, one line per mode.
-pub fn plot(
-    rs: &[BenchResult],
-    x_of: fn(&BenchResult) -> f64,
-    x_label: &str,
-    title: &str,
-    path: &Path,
-) -> Result<()> {
+/// How a sweep's plot reads its x axis and what it says under the chart.
+pub struct PlotSpec<'a> {
+    /// The swept variable of a result.
+    pub x_of: fn(&BenchResult) -> f64,
+    /// The x axis' name.
+    pub x_label: &'a str,
+    /// The chart's title.
+    pub title: &'a str,
+    /// One line under the chart: harness, host, date, commit.
+    pub caption: &'a str,
+    /// A core-count sweep: integer ticks and an ideal-scaling line for per-CPU SAs.
+    pub cores: bool,
+    /// A logarithmic x axis (flows, tunnels: 1 to 10 000).
+    pub log_x: bool,
+}
+
+/// One line of a plot: its name, points (x, median Gbit/s, lowest, highest round), whether it
+/// goes on the right axis (plain forwarding: an order of magnitude above IPsec, it would
+/// squash the IPsec lines) and whether it is dashed (the ideal).
+struct Line {
+    name: String,
+    pts: Vec<(f64, f64, f64, f64)>,
+    right: bool,
+    dashed: bool,
+}
+
+/// Throughput (delivered, inner Gbit/s) against the swept variable, one line per mode, with
+/// the rounds' range as error bars, plain forwarding on its own axis and, for a core sweep,
+/// the ideal linear scaling of the per-CPU line.
+pub fn plot(rs: &[BenchResult], spec: &PlotSpec, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let series: Vec<(String, Vec<(f64, f64)>)> = ["pcpu", "shared", "loop", "spread", "last"]
+    let x_of = spec.x_of;
+    let mut lines: Vec<Line> = ["pcpu", "shared", "spread", "last", "loop"]
         .iter()
         .map(|m| {
-            let pts: Vec<(f64, f64)> = rs
+            let pts: Vec<(f64, f64, f64, f64)> = rs
                 .iter()
                 .filter(|r| match *m {
                     "loop" => r.mode == "loop",
                     "spread" | "last" => r.mode == "ipsec" && r.traffic != "one" && r.traffic == *m,
                     _ => r.mode == "ipsec" && r.traffic == "one" && r.sa_mode == *m,
                 })
-                .map(|r| (x_of(r), r.decap.gbps_inner))
+                .map(|r| {
+                    let g = r.decap.gbps_inner;
+                    // Rounds are in Mpps: the same packets, so Gbit/s scales with them.
+                    let per = if r.decap.mpps > 0.0 {
+                        g / r.decap.mpps
+                    } else {
+                        0.0
+                    };
+                    let (lo, hi) = Spread::of(&r.rounds_mpps)
+                        .map_or((g, g), |sp| (sp.min * per, sp.max * per));
+                    (x_of(r), g, lo.min(g), hi.max(g))
+                })
                 .collect();
             let name = match *m {
                 "pcpu" => "espada, per-CPU SAs",
                 "shared" => "espada, one shared SA",
                 "spread" => "traffic spread over every tunnel",
                 "last" => "all traffic to the SPD's last policy",
-                _ => "plain forwarding (no IPsec)",
+                _ => "plain forwarding, no IPsec (right axis)",
             };
-            (name.to_string(), pts)
+            Line {
+                name: name.to_string(),
+                pts,
+                right: *m == "loop",
+                dashed: false,
+            }
         })
-        .filter(|(_, p)| !p.is_empty())
+        .filter(|l| !l.pts.is_empty())
         .collect();
-    let xmax = rs.iter().map(x_of).fold(1.0, f64::max);
-    let ymax = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|x| x.1))
-        .fold(1.0, f64::max)
-        * 1.15;
+    if spec.cores {
+        if let Some(first) = lines
+            .iter()
+            .find(|l| l.name.contains("per-CPU"))
+            .and_then(|l| {
+                l.pts
+                    .iter()
+                    .find(|p| p.0 == 1.0)
+                    .map(|p| (p.1, l.pts.iter().map(|p| p.0).collect::<Vec<_>>()))
+            })
+        {
+            let (one, xs) = first;
+            lines.push(Line {
+                name: "ideal: one core's per-CPU rate × cores".into(),
+                pts: xs.iter().map(|&x| (x, one * x, one * x, one * x)).collect(),
+                right: false,
+                dashed: true,
+            });
+        }
+    }
     let svg = path.with_extension("svg");
     let png = path.with_extension("png");
     draw_chart(
-        SVGBackend::new(&svg, (900, 560)).into_drawing_area(),
-        &series,
-        xmax,
-        ymax,
-        title,
-        x_label,
+        SVGBackend::new(&svg, (960, 600)).into_drawing_area(),
+        &lines,
+        spec,
     )?;
     draw_chart(
-        BitMapBackend::new(&png, (900, 560)).into_drawing_area(),
-        &series,
-        xmax,
-        ymax,
-        title,
-        x_label,
+        BitMapBackend::new(&png, (960, 600)).into_drawing_area(),
+        &lines,
+        spec,
     )?;
     Ok(())
 }
 
-type Series = Vec<(String, Vec<(f64, f64)>)>;
-
-pub fn draw_chart<DB: plotters::prelude::DrawingBackend>(
+fn draw_chart<DB: plotters::prelude::DrawingBackend>(
     root: plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
-    series: &Series,
-    xmax: f64,
-    ymax: f64,
-    title: &str,
-    x_label: &str,
+    lines: &[Line],
+    spec: &PlotSpec,
 ) -> Result<()> {
     use plotters::prelude::*;
     let e = |x: &dyn std::fmt::Debug| anyhow::anyhow!("plot: {x:?}");
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let mut ch = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let (chart_area, foot) = root.split_vertically(570);
+    foot.draw_text(
+        spec.caption,
+        &("sans-serif", 13).into_font().color(&BLACK.mix(0.7)),
+        (14, 8),
+    )
+    .map_err(|x| e(&x))?;
+    let xs = lines.iter().flat_map(|l| l.pts.iter().map(|p| p.0));
+    let xmax = xs.clone().fold(1.0, f64::max);
+    let top = |right: bool| {
+        lines
+            .iter()
+            .filter(|l| l.right == right)
+            .flat_map(|l| l.pts.iter().map(|p| p.3))
+            .fold(0.0, f64::max)
+    };
+    let (ymax, ymax_r) = ((top(false) * 1.15).max(0.1), (top(true) * 1.15).max(0.1));
+    let has_right = lines.iter().any(|l| l.right);
+    let mut b = ChartBuilder::on(&chart_area);
+    b.caption(spec.title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax * 1.05 + 0.5, 0f64..ymax)
-        .map_err(|x| e(&x))?;
-    ch.configure_mesh()
-        .x_desc(x_label)
-        .y_desc("delivered Gbit/s (inner IP bytes)")
-        .draw()
-        .map_err(|x| e(&x))?;
-    let colors = [RED, BLUE, BLACK];
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = colors[i % 3];
-        ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(|x| e(&x))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        ch.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
-            .map_err(|x| e(&x))?;
+        .right_y_label_area_size(if has_right { 60 } else { 0 });
+    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK, RGBColor(120, 120, 120)];
+    // The x axis: integer cores, or a log scale from 1 for flows and tunnels.
+    macro_rules! draw_all {
+        ($ch:expr) => {{
+            let ch = &mut $ch;
+            for (i, l) in lines.iter().enumerate() {
+                let c = colors[i % colors.len()];
+                let style = c.stroke_width(2);
+                let pts: Vec<(f64, f64)> = l.pts.iter().map(|p| (p.0, p.1)).collect();
+                let legend =
+                    move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 20, y)], style);
+                if l.right {
+                    ch.draw_secondary_series(LineSeries::new(pts.clone(), style))
+                        .map_err(|x| e(&x))?
+                        .label(l.name.clone())
+                        .legend(legend);
+                    ch.draw_secondary_series(
+                        l.pts
+                            .iter()
+                            .map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, c.filled(), 8)),
+                    )
+                    .map_err(|x| e(&x))?;
+                } else if l.dashed {
+                    ch.draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style))
+                        .map_err(|x| e(&x))?
+                        .label(l.name.clone())
+                        .legend(legend);
+                } else {
+                    ch.draw_series(LineSeries::new(pts.clone(), style))
+                        .map_err(|x| e(&x))?
+                        .label(l.name.clone())
+                        .legend(legend);
+                    ch.draw_series(
+                        l.pts
+                            .iter()
+                            .map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, c.filled(), 8)),
+                    )
+                    .map_err(|x| e(&x))?;
+                }
+            }
+            ch.configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()
+                .map_err(|x| e(&x))?;
+        }};
     }
-    ch.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|x| e(&x))?;
+    if spec.log_x {
+        let mut ch = b
+            .build_cartesian_2d((1f64..xmax * 1.5).log_scale(), 0f64..ymax)
+            .map_err(|x| e(&x))?
+            .set_secondary_coord((1f64..xmax * 1.5).log_scale(), 0f64..ymax_r);
+        ch.configure_mesh()
+            .x_desc(spec.x_label)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_desc("delivered Gbit/s (inner IP bytes; bars: lowest and highest round)")
+            .draw()
+            .map_err(|x| e(&x))?;
+        if has_right {
+            ch.configure_secondary_axes()
+                .y_desc("plain forwarding Gbit/s")
+                .draw()
+                .map_err(|x| e(&x))?;
+        }
+        draw_all!(ch);
+    } else {
+        let xr = 0.5f64..xmax + 0.5;
+        let mut ch = b
+            .build_cartesian_2d(xr.clone(), 0f64..ymax)
+            .map_err(|x| e(&x))?
+            .set_secondary_coord(xr, 0f64..ymax_r);
+        let n = xmax.round() as usize;
+        ch.configure_mesh()
+            .x_desc(spec.x_label)
+            .x_labels(if spec.cores { n.clamp(1, 32) } else { 10 })
+            .x_label_formatter(&|x| {
+                if spec.cores {
+                    if (x - x.round()).abs() < 1e-6 {
+                        format!("{x:.0}")
+                    } else {
+                        String::new()
+                    }
+                } else {
+                    format!("{x}")
+                }
+            })
+            .y_desc("delivered Gbit/s (inner IP bytes; bars: lowest and highest round)")
+            .draw()
+            .map_err(|x| e(&x))?;
+        if has_right {
+            ch.configure_secondary_axes()
+                .y_desc("plain forwarding Gbit/s")
+                .draw()
+                .map_err(|x| e(&x))?;
+        }
+        draw_all!(ch);
+    }
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }

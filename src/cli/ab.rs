@@ -38,9 +38,10 @@ pub struct AbArgs {
     /// Namespace name prefix.
     #[arg(long, default_value = "ab-")]
     prefix: String,
-    /// Report directory.
-    #[arg(long, default_value = "ab-out")]
-    out: PathBuf,
+    /// Report directory (default: a new directory per run,
+    /// `~/.local/state/espada/ab-DATE-TIME`, or under $XDG_STATE_HOME).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Measure only the espada half (for kernels without ESP).
     #[arg(long)]
     espada_only: bool,
@@ -99,15 +100,15 @@ fn load(p: &Option<PathBuf>, builtin: &str, name: &str) -> Result<Config> {
     .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-pub fn run(a: AbArgs) -> Result<ExitCode> {
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
+pub fn run(mut a: AbArgs) -> Result<ExitCode> {
+    let out = a.out.take().unwrap_or_else(|| super::results_dir("ab"));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     // `espada run` inside the namespaces needs files: write the built-in configs out.
     let materialise = |p: &Option<PathBuf>, text: &str, name: &str| -> Result<Option<PathBuf>> {
         Ok(match p {
             Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("{}", p.display()))?),
             None => {
-                let f = std::fs::canonicalize(&a.out)?.join(format!("{name}.toml"));
+                let f = std::fs::canonicalize(&out)?.join(format!("{name}.toml"));
                 std::fs::write(&f, text)?;
                 Some(f)
             }
@@ -144,7 +145,7 @@ pub fn run(a: AbArgs) -> Result<ExitCode> {
         }
         Err(_) => false,
     };
-    std::fs::create_dir_all(&a.out)?;
+    std::fs::create_dir_all(&out)?;
     let mut variants = Vec::new();
     if kernel_ok && !a.espada_only {
         let pcpu = probe.as_ref().map(|p| *p).unwrap_or(false);
@@ -187,12 +188,12 @@ pub fn run(a: AbArgs) -> Result<ExitCode> {
     for v in variants.iter().filter(|v| !v.ran) {
         println!("{}: not run ({})", v.name, v.note);
     }
-    std::fs::write(a.out.join("ab.md"), &md)?;
+    std::fs::write(out.join("ab.md"), &md)?;
     std::fs::write(
-        a.out.join("ab.json"),
+        out.join("ab.json"),
         serde_json::to_string_pretty(&variants)? + "\n",
     )?;
-    println!("wrote {}/ab.{{md,json}}", a.out.display());
+    println!("wrote {}/ab.{{md,json}}", out.display());
     Ok(ExitCode::SUCCESS)
 }
 

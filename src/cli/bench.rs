@@ -87,9 +87,10 @@ pub struct BenchArgs {
     /// machine use 5 or more.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
-    /// Output directory of a sweep.
-    #[arg(long, default_value = "bench-out")]
-    out: PathBuf,
+    /// Output directory of a sweep (default: a new directory per run,
+    /// `~/.local/state/espada/bench-DATE-TIME`, or under $XDG_STATE_HOME).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -111,7 +112,8 @@ impl BenchArgs {
     }
 }
 
-pub fn run(a: BenchArgs) -> Result<ExitCode> {
+pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
+    let out = a.out.take().unwrap_or_else(|| super::results_dir("bench"));
     if !a.imix && !(64..=9000).contains(&a.size) {
         bail!("--size must be between 64 and 9000 bytes, got {}", a.size);
     }
@@ -187,7 +189,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         espada_benches::report::check_writable(j)?;
     }
     if a.sweep.is_some() {
-        espada_benches::report::check_dir_writable(&a.out)?;
+        espada_benches::report::check_dir_writable(&out)?;
     }
     let size_for_ceiling = if a.imix { 594 } else { a.size };
     eprintln!(
@@ -379,9 +381,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         }
     }
     if let Some(kind) = a.sweep.as_deref() {
-        std::fs::create_dir_all(&a.out)
-            .with_context(|| format!("cannot create {}", a.out.display()))?;
-        let base = a.out.join(format!("sweep-{kind}"));
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        let base = out.join(format!("sweep-{kind}"));
         std::fs::write(base.with_extension("md"), &t)?;
         std::fs::write(base.with_extension("csv"), csv(&results))?;
         std::fs::write(
@@ -403,7 +405,27 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             alg,
             backend
         );
-        plot(&results, xf, xl, &title, &base)?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let caption = format!(
+            "espada bench --sweep {kind}: in-process west/east pair over memory ports, {} round{}, {} backend · host {host}, {online} CPUs · {} · espada {} (git {})",
+            a.rounds,
+            if a.rounds == 1 { "" } else { "s" },
+            backend,
+            chrono::Local::now().format("%Y-%m-%d %H:%M"),
+            env!("CARGO_PKG_VERSION"),
+            option_env!("ESPADA_GIT_HASH").unwrap_or("unknown"),
+        );
+        let spec = espada_benches::harness::PlotSpec {
+            x_of: xf,
+            x_label: xl,
+            title: &title,
+            caption: &caption,
+            cores: kind == "cores",
+            log_x: kind != "cores",
+        };
+        plot(&results, &spec, &base)?;
         println!("wrote {}.{{md,csv,json,svg,png}}", base.display());
     }
     if let Some(j) = &a.json {

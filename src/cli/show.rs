@@ -313,7 +313,10 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
                     r["added_unix"]
                         .as_u64()
                         .map_or("-".into(), |a| table::duration(now.saturating_sub(a))),
-                    match (r["soft_expires_in"].as_u64(), r["generation_switch_in"].as_u64()) {
+                    match (
+                        r["soft_expires_in"].as_u64(),
+                        r["generation_switch_in"].as_u64(),
+                    ) {
                         (Some(x), _) => table::duration(x),
                         (None, Some(x)) => format!("{} (gen)", table::duration(x)),
                         _ => "-".into(),
