@@ -660,6 +660,38 @@ fn namespace_lab_tells_the_service_manager_it_is_ready_and_alive() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
+    // A new host on sunset's subnet: west learns its address (a neighbor event).
+    let sunset = format!("{}sunset", lab.prefix);
+    run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &sunset,
+            "ip",
+            "addr",
+            "add",
+            "10.1.0.11/24",
+            "dev",
+            "s0",
+        ]),
+        "a second address on sunset",
+    );
+    let _ = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sunset,
+            "ping",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-I",
+            "10.1.0.11",
+            "10.2.0.10",
+        ])
+        .output();
     for args in [
         vec!["sa", "rekey"],
         vec!["reload"],
@@ -706,6 +738,12 @@ fn namespace_lab_tells_the_service_manager_it_is_ready_and_alive() {
             .iter()
             .any(|(k, t)| k == "sa-refused" && t.contains("0x77777777")),
         "{events}"
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, t)| k == "neighbor" && t.contains("10.1.0.11")),
+        "a neighbor event for the new host: {events}"
     );
     let before = show("stats");
     let sas_before = sa_packets(&show("sa"));

@@ -51,7 +51,7 @@ impl Monitor {
     }
 
     /// Publishes one event: `kind` (`reload`, `reload-refused`, `sa`, `sa-refused`, `rekey`,
-    /// `acquire`, `lifetime`, `worker`) and the line the log has for it. Never blocks.
+    /// `acquire`, `lifetime`, `worker`, `neighbor`) and the line the log has for it. Never blocks.
     pub fn publish(&self, kind: &str, text: &str) {
         self.published.fetch_add(1, Ordering::Relaxed);
         match kind {
@@ -112,9 +112,84 @@ impl Monitor {
     }
 }
 
+/// What `espada monitor` says about the neighbor tables (ARP, IPv6 neighbor discovery): the
+/// run loop hands it the entries when a table's generation moved, and it answers one line per
+/// entry learned, changed or gone since the last call.
+#[derive(Debug, Default)]
+pub struct NeighborWatch {
+    seen: std::collections::BTreeMap<String, String>,
+    generations: (u64, u64),
+    started: bool,
+}
+
+impl NeighborWatch {
+    /// Lines for what changed, given both tables' generations and entries (ip, mac). The
+    /// first call only takes note (the configured entries are not news).
+    pub fn changes<I: Iterator<Item = (String, String)>>(
+        &mut self,
+        generations: (u64, u64),
+        entries: impl FnOnce() -> I,
+    ) -> Vec<String> {
+        if self.started && generations == self.generations {
+            return Vec::new();
+        }
+        self.generations = generations;
+        let now: std::collections::BTreeMap<String, String> = entries().collect();
+        let mut out = Vec::new();
+        if self.started {
+            for (ip, mac) in &now {
+                match self.seen.get(ip) {
+                    None => out.push(format!("neighbor {ip} learned: {mac}")),
+                    Some(old) if old != mac => {
+                        out.push(format!("neighbor {ip} changed: {old} -> {mac}"))
+                    }
+                    _ => {}
+                }
+            }
+            for (ip, mac) in &self.seen {
+                if !now.contains_key(ip) {
+                    out.push(format!("neighbor {ip} gone (was {mac})"));
+                }
+            }
+        }
+        self.started = true;
+        self.seen = now;
+        out
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn neighbor_changes_are_told_once() {
+        let mut w = NeighborWatch::default();
+        let e = |v: &'static [(&'static str, &'static str)]| {
+            move || v.iter().map(|(a, b)| (a.to_string(), b.to_string()))
+        };
+        assert!(w
+            .changes((1, 1), e(&[("10.1.0.1", "02:00:00:00:00:01")]))
+            .is_empty());
+        // Same generations: nothing read, nothing said.
+        assert!(w.changes((1, 1), e(&[])).is_empty());
+        let c = w.changes(
+            (2, 1),
+            e(&[
+                ("10.1.0.1", "02:00:00:00:00:09"),
+                ("10.1.0.10", "02:00:00:00:00:0a"),
+            ]),
+        );
+        assert_eq!(
+            c,
+            vec![
+                "neighbor 10.1.0.1 changed: 02:00:00:00:00:01 -> 02:00:00:00:00:09",
+                "neighbor 10.1.0.10 learned: 02:00:00:00:00:0a"
+            ]
+        );
+        let c = w.changes((3, 1), e(&[("10.1.0.10", "02:00:00:00:00:0a")]));
+        assert_eq!(c, vec!["neighbor 10.1.0.1 gone (was 02:00:00:00:00:09)"]);
+    }
 
     #[test]
     fn watchers_get_every_event_and_a_slow_one_is_told_what_it_lost() {

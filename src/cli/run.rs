@@ -474,6 +474,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let interval = Duration::from_secs_f64(if a.interval > 0.0 { a.interval } else { 1.0 });
     let mut last = Instant::now();
     let mut ike = 0u64;
+    let mut neighbor_watch = espada_control::monitor::NeighborWatch::default();
     let mut trim_at: Option<Instant> = None;
     // systemd (Type=notify): ready once the workers, the control socket and the metrics are
     // up; with WatchdogSec=, fed while every worker keeps polling (a stalled worker starves it
@@ -524,6 +525,30 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             }
             monitor.publish(kind, text);
         };
+        // Neighbor entries learned, changed or gone: to the log (debug) and `espada monitor`.
+        for line in neighbor_watch.changes(
+            (
+                shared.neighbors.generation(),
+                shared.neighbors6.generation(),
+            ),
+            || {
+                shared
+                    .neighbors
+                    .entries()
+                    .into_iter()
+                    .map(|(ip, mac, _)| (ip.to_string(), mac.to_string()))
+                    .chain(
+                        shared
+                            .neighbors6
+                            .entries()
+                            .into_iter()
+                            .map(|(ip, mac, _)| (ip.to_string(), mac.to_string())),
+                    )
+            },
+        ) {
+            tracing::debug!("{line}");
+            monitor.publish("neighbor", &line);
+        }
         if reload.swap(false, Ordering::Relaxed) {
             big_change = true;
             match sup.reload(now_unix) {
