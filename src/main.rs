@@ -73,9 +73,13 @@ enum Command {
     /// lifetimes count on them. Prometheus sees a counter reset.
     Clear(cli::show::ReloadArgs),
     /// Watch a running gateway's events as they happen (SAs installed, rekeyed, refused,
-    /// expired; reloads; acquires), as `ip xfrm monitor` does for the kernel: one line each,
+    /// expired; reloads; acquires; neighbors), as `ip xfrm monitor` does for the kernel: one line each,
     /// or JSON with --json, until Ctrl-C.
     Monitor(cli::show::MonitorArgs),
+    /// A running gateway's live view: per worker the packet and bit rates, drops, busy share
+    /// and cost per packet of each stage; the busiest SAs with their rates and drops (q quits;
+    /// --once prints one reading and exits).
+    Top(cli::top::TopArgs),
     /// Change a running gateway's SAs: add, delete or update one, delete or re-add a tunnel,
     /// rekey lab_secret tunnels now (through its control socket, make-before-break).
     Sa(cli::sa::SaArgs),
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         Command::Reload(a) => cli::show::reload(a),
         Command::Clear(a) => cli::show::clear(a),
         Command::Monitor(a) => cli::show::monitor(a),
+        Command::Top(a) => cli::top::run(a),
         Command::Sa(a) => cli::sa::run(a),
         Command::Version => cli::meta::version(),
         Command::Completions(a) => cli::meta::completions(a),

@@ -1065,4 +1065,61 @@ fn namespace_lab_is_scraped_by_prometheus() {
         r.unwrap_or(0.0),
         d
     );
+    // `espada top --once` (issue 27) under a ping stream: per-worker rates and the stage
+    // costs, the tunnel's busiest SA first with a nonzero rate.
+    let mut ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sunset,
+            "ping",
+            "-q",
+            "-c",
+            "40",
+            "-i",
+            "0.05",
+            "10.2.0.10",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let top = run(
+        Command::new(env!("CARGO_BIN_EXE_espada"))
+            .args(["top", "--once", "--interval", "1", "--socket"])
+            .arg(lab.dir.path().join("west.sock")),
+        "espada top --once",
+    );
+    let _ = ping.wait();
+    let lines: Vec<&str> = top.lines().collect();
+    assert!(
+        lines[0].starts_with("espada top — gateway west: 2 workers"),
+        "{top}"
+    );
+    assert!(
+        lines[1].starts_with("worker") && lines[1].contains("ns/pkt enc|dec"),
+        "{top}"
+    );
+    let all = lines
+        .iter()
+        .find(|l| l.starts_with("all"))
+        .expect("an `all` row");
+    let encap: f64 = all
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap_or(0.0);
+    assert!(encap > 0.0, "encap/s of all workers: {top}");
+    let busiest = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("tunnel"))
+        .nth(1)
+        .expect("an SA row");
+    let f: Vec<&str> = busiest.split_whitespace().collect();
+    assert_eq!(f[0], "sunset-sunrise", "{top}");
+    assert!(
+        f[4].parse::<f64>().unwrap_or(0.0) > 0.0,
+        "the busiest SA's packets/s: {top}"
+    );
 }

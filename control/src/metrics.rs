@@ -217,6 +217,15 @@ pub fn render(gw: &Gateway) -> String {
             vec![w()],
             s.busy_ns as f64 / 1e9,
         );
+        for (stage, ns) in [("red", s.red_ns), ("black", s.black_ns)] {
+            e.add(
+                "espada_stage_seconds_total",
+                C,
+                "Time in a worker's stage (red: receive, classify, seal; black: receive, open, checks) of bursts that carried packets; ÷ the side's rx frames is its cost per packet.",
+                vec![w(), ("side", stage.into())],
+                ns as f64 / 1e9,
+            );
+        }
         e.add(
             "espada_worker_heartbeats_total",
             C,

@@ -415,6 +415,7 @@ fn stats_json(s: &WorkerStats) -> Value {
         "to_control": s.to_control, "arp_replies": s.arp_replies, "arp_requests": s.arp_requests,
         "nd_adverts": s.nd_adverts, "nd_solicits": s.nd_solicits, "order_waits": s.order_waits,
         "icmp_sent": s.icmp_sent, "bursts": s.bursts, "busy_ns": s.busy_ns,
+        "red_ns": s.red_ns, "black_ns": s.black_ns,
         "drops": s.drops.total(), "drops_by_reason": drops,
     })
 }
@@ -493,6 +494,10 @@ fn show_workers(gw: &Gateway) -> Value {
                 "bursts": s.bursts,
                 "busy_ns": s.busy_ns,
                 "ns_per_packet": if s.red_rx + s.black_rx + s.handoff_in > 0 { s.busy_ns as f64 / (s.red_rx + s.black_rx + s.handoff_in) as f64 } else { 0.0 },
+                // Per stage: red (receive, classify, seal) per red frame; black (receive,
+                // open, checks) per black frame. Transmit and handoffs are in neither.
+                "encap_stage_ns_per_packet": if s.red_rx > 0 { s.red_ns as f64 / s.red_rx as f64 } else { 0.0 },
+                "decap_stage_ns_per_packet": if s.black_rx > 0 { s.black_ns as f64 / s.black_rx as f64 } else { 0.0 },
                 "handoff_out": s.handoff_out, "handoff_in": s.handoff_in,
                 "red": port(&ports[0]), "black": port(&ports[1]),
             })

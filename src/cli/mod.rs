@@ -10,6 +10,7 @@ pub mod run;
 pub mod sa;
 pub mod show;
 pub mod table;
+pub mod top;
 pub mod vectors;
 pub mod wireshark;
 pub mod xfrm;

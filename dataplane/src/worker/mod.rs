@@ -383,17 +383,29 @@ impl Worker {
         self.rx.clear();
         n += self.red.rx_burst(&mut self.pool, &mut self.rx, BURST);
         self.stats.red_rx += self.rx.len() as u64;
+        let red_n = self.rx.len();
         let mut burst = std::mem::take(&mut self.rx);
         self.red_stage(&mut burst);
         self.rx = burst;
+        // Per-stage time (`espada top`): one clock read per stage that carried packets.
+        let mut t_stage = t0;
+        if red_n > 0 {
+            let t = Instant::now();
+            self.stats.red_ns += t.duration_since(t_stage).as_nanos() as u64;
+            t_stage = t;
+        }
 
         // Black: ESP in, cleartext out.
         self.rx.clear();
         n += self.black.rx_burst(&mut self.pool, &mut self.rx, BURST);
         self.stats.black_rx += self.rx.len() as u64;
+        let black_n = self.rx.len();
         let mut burst = std::mem::take(&mut self.rx);
         self.black_stage(&mut burst);
         self.rx = burst;
+        if black_n > 0 {
+            self.stats.black_ns += t_stage.elapsed().as_nanos() as u64;
+        }
 
         // Packets other cores handed to the SAs this core owns.
         n += self.handoff_stage();

@@ -51,11 +51,17 @@ pub struct WorkerStats {
     pub bursts: u64,
     /// Nanoseconds spent in those bursts.
     pub busy_ns: u64,
+    /// Nanoseconds in the red stage (receive, classify, policy, seal) of bursts with red
+    /// packets: ÷ `red_rx` is the encap path's cost per packet, transmit left out.
+    pub red_ns: u64,
+    /// Nanoseconds in the black stage (receive, SA lookup, open, checks) of bursts with black
+    /// packets: ÷ `black_rx` is the decap path's cost per packet.
+    pub black_ns: u64,
     /// Drops by reason.
     pub drops: DropCounters,
 }
 
-const N_FIELDS: usize = 20;
+const N_FIELDS: usize = 22;
 
 /// Lock-free published copy of a worker's [`WorkerStats`] (written by its worker only).
 ///
@@ -150,6 +156,8 @@ impl WorkerStats {
             self.nd_adverts,
             self.nd_solicits,
             self.order_waits,
+            self.red_ns,
+            self.black_ns,
         ]
     }
 }
@@ -205,6 +213,8 @@ impl StatsCell {
             nd_adverts: v[17],
             nd_solicits: v[18],
             order_waits: v[19],
+            red_ns: v[20],
+            black_ns: v[21],
             drops: d,
         }
     }
