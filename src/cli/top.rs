@@ -11,7 +11,7 @@ use clap::Args;
 use espada_control::{client, Request};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,7 @@ struct Sample {
     sas: Vec<Value>,
 }
 
-fn ask(socket: &PathBuf, what: &str) -> Result<Value> {
+fn ask(socket: &Path, what: &str) -> Result<Value> {
     let r = client::request(socket, &Request::new("show", what)).map_err(anyhow::Error::msg)?;
     if !r.ok {
         anyhow::bail!("{}", r.error.unwrap_or_default());
@@ -62,7 +62,7 @@ fn ask(socket: &PathBuf, what: &str) -> Result<Value> {
     Ok(r.data)
 }
 
-fn sample(socket: &PathBuf) -> Result<Sample> {
+fn sample(socket: &Path) -> Result<Sample> {
     let stats = ask(socket, "stats")?;
     let workers = ask(socket, "workers")?;
     let sas = ask(socket, "sa")?;
@@ -266,7 +266,7 @@ pub fn run(a: TopArgs) -> Result<ExitCode> {
 }
 
 /// The live view until `q`, Esc or Ctrl-C.
-fn live(socket: &PathBuf, mut prev: Sample, every: Duration, max_sas: usize) -> Result<ExitCode> {
+fn live(socket: &Path, mut prev: Sample, every: Duration, max_sas: usize) -> Result<ExitCode> {
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
     use ratatui::layout::{Constraint, Layout};
     use ratatui::style::{Modifier, Style};
