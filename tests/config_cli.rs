@@ -288,3 +288,30 @@ fn check_shell_prints_the_ports_as_assignments() {
         assert!(out.lines().any(|l| l == want), "{want} not in\n{out}");
     }
 }
+
+/// Issue 27 paper cut: errors came with two prefixes (`error:` and `espada: error:`). Every
+/// command's error starts with `error: ` now, whichever part of the program found it.
+#[test]
+fn every_error_has_one_prefix() {
+    let cases: [&[&str]; 6] = [
+        &["check", "-c", "/nonexistent/west.toml"],
+        &["show", "sa"],
+        &["show", "sa", "--socket", "/nonexistent/west.sock"],
+        &["top", "--once", "--socket", "/nonexistent/west.sock"],
+        &["reload", "--socket", "/nonexistent/west.sock"],
+        &[
+            "sa",
+            "del",
+            "--spi",
+            "0x1000",
+            "--socket",
+            "/nonexistent/west.sock",
+        ],
+    ];
+    for args in cases {
+        let (code, _, err) = espada(args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("espada: error"), "{args:?}: {err}");
+    }
+}

@@ -343,7 +343,7 @@ fn namespace_lab_ike_reaches_the_daemon() {
     );
     let down = run(&mut lab.cmd("down"), "scripts/lab down");
     assert_eq!(
-        down.matches("IKE daemon (--ike-tun): 3 packet(s) to it, 3 from it")
+        down.matches("IKE daemon (--ike-tun): packets 3 to it, 3 from it")
             .count(),
         2,
         "{down}"
@@ -745,6 +745,13 @@ fn namespace_lab_tells_the_service_manager_it_is_ready_and_alive() {
             .any(|(k, t)| k == "neighbor" && t.contains("10.1.0.11")),
         "a neighbor event for the new host: {events}"
     );
+    // Issue 27 paper cut: a refused SA command is a warning in the log (it was INFO).
+    let log = std::fs::read_to_string(lab.dir.path().join("west.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("0x77777777")),
+        "the refusal at WARN in west.log:\n{log}"
+    );
     let before = show("stats");
     let sas_before = sa_packets(&show("sa"));
     assert!(rx(&before) > 0, "{before}");
@@ -858,7 +865,7 @@ fn namespace_lab_with_west_on_dpdk() {
     let log = std::fs::read_to_string(lab.dir.path().join("west.log")).unwrap();
     assert!(log.contains("dpdk port net_af_packet1: link up"), "{log}");
     assert!(
-        log.contains("EAL main lcore off the worker cores; 1 mbuf pool(s), one per NUMA socket"),
+        log.contains("EAL main lcore off the worker cores; mbuf pools: 1, one per NUMA socket"),
         "{log}"
     );
 }

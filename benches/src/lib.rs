@@ -7,6 +7,7 @@
 pub mod ab;
 pub mod harness;
 pub mod report;
+pub mod table;
 
 use espada_crypto::{Algorithm, Backend, Cipher, KeyMaterial};
 use espada_sadb::{InboundSa, OutboundSa, TunnelEndpoints};

@@ -121,64 +121,112 @@ impl Report {
     }
 }
 
-/// The column header of [`rows`] (`who` and `sa` name the first and third columns).
-pub fn header(s: &mut String, who: &str, sa: &str) {
-    let _ = writeln!(
-        s,
-        "{:<5} {:>4}  {:<17} {:>12} {:>8} {:>8} {:>8} {:>19} {:>7}",
-        who, "core", sa, "packets", "Mpps", "Gbit/s", "ns/pkt", "handoff out/in", "drops"
-    );
+/// One part of a per-core table: the first column's word for its rows (`west`, `out`), what
+/// its total row says (`encapsulated`), its cores, and whether each core's drops (by reason,
+/// under its row) are shown there (a worker's drops are counted once: give them to one
+/// direction's rows only).
+pub struct Part<'a> {
+    pub who: &'a str,
+    pub what: &'a str,
+    pub cores: &'a [CoreReport],
+    pub drops: bool,
 }
 
-/// One row per core and a total; with `drops`, each core's drops by reason under its row (a
-/// worker's drops are counted once: give them to one direction's rows only).
-pub fn rows(s: &mut String, who: &str, what: &str, v: &[CoreReport], drops: bool) {
-    let (mut p, mut m, mut g, mut d) = (0u64, 0f64, 0f64, 0u64);
-    for c in v {
-        let _ = writeln!(
-            s,
-            "{who:<5} {:>4}  {:<17} {:>12} {:>8.3} {:>8.2} {:>8.0} {:>9}/{:<9} {:>7}",
-            c.core,
-            c.out_sa,
-            c.packets,
-            c.mpps,
-            c.gbps_inner,
-            c.ns_per_packet,
-            c.handoff_out,
-            c.handoff_in,
-            if drops {
-                c.drops_total.to_string()
-            } else {
-                "-".to_string()
-            }
-        );
-        if drops {
-            for (r, n) in &c.drops {
-                let _ = writeln!(s, "{:>12} drop {r}: {n}", "");
-            }
-        }
-        p += c.packets;
-        m += c.mpps;
-        g += c.gbps_inner;
-        d += c.drops_total;
-    }
-    let d = if drops {
-        d.to_string()
-    } else {
-        "-".to_string()
-    };
-    let _ = writeln!(
-        s,
-        "{who:<5} {:>4}  {:<17} {p:>12} {m:>8.3} {g:>8.2} {:>8} {:>19} {d:>7}   ({what})",
-        "all", "", "", ""
+/// Per-core rows and a total per part, in one table (`first` and `sa` name the first and third
+/// columns).
+pub fn core_table(first: &str, sa: &str, parts: &[Part]) -> String {
+    let head = [
+        first,
+        "core",
+        sa,
+        "packets",
+        "Mpps",
+        "Gbit/s",
+        "ns/pkt",
+        "handoff out/in",
+        "drops",
+        "",
+    ];
+    let mut t = crate::table::new(
+        &head,
+        &[
+            "core",
+            "packets",
+            "Mpps",
+            "Gbit/s",
+            "ns/pkt",
+            "handoff out/in",
+            "drops",
+        ],
     );
+    for part in parts {
+        let (mut p, mut m, mut g, mut d) = (0u64, 0f64, 0f64, 0u64);
+        let dash = || "-".to_string();
+        for c in part.cores {
+            t.add_row(vec![
+                part.who.to_string(),
+                c.core.to_string(),
+                c.out_sa.clone(),
+                c.packets.to_string(),
+                format!("{:.3}", c.mpps),
+                format!("{:.2}", c.gbps_inner),
+                format!("{:.0}", c.ns_per_packet),
+                format!("{}/{}", c.handoff_out, c.handoff_in),
+                if part.drops {
+                    c.drops_total.to_string()
+                } else {
+                    dash()
+                },
+                String::new(),
+            ]);
+            if part.drops {
+                for (r, n) in &c.drops {
+                    let mut row = vec![String::new(); head.len()];
+                    row[2] = format!("  drop {r}");
+                    row[8] = n.to_string();
+                    t.add_row(row);
+                }
+            }
+            p += c.packets;
+            m += c.mpps;
+            g += c.gbps_inner;
+            d += c.drops_total;
+        }
+        t.add_row(vec![
+            part.who.to_string(),
+            "all".into(),
+            String::new(),
+            p.to_string(),
+            format!("{m:.3}"),
+            format!("{g:.2}"),
+            String::new(),
+            String::new(),
+            if part.drops { d.to_string() } else { dash() },
+            format!("({})", part.what),
+        ]);
+    }
+    crate::table::render(&t)
 }
 
 pub fn table(r: &Report) -> String {
-    let mut s = String::new();
-    header(&mut s, "gw", "SA:port");
-    rows(&mut s, "west", "encapsulated", &r.west, true);
-    rows(&mut s, "east", "decapsulated", &r.east, true);
+    let mut s = core_table(
+        "gw",
+        "SA:port",
+        &[
+            Part {
+                who: "west",
+                what: "encapsulated",
+                cores: &r.west,
+                drops: true,
+            },
+            Part {
+                who: "east",
+                what: "decapsulated",
+                cores: &r.east,
+                drops: true,
+            },
+        ],
+    );
     let _ = writeln!(s, "Gbit/s counts inner IP bytes; ns/pkt is busy time per packet handled by that gateway's worker (west and east share each core).");
     s
 }

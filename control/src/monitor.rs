@@ -81,7 +81,7 @@ impl Monitor {
         let line = json!({"unix_time": unix, "kind": kind, "text": text}).to_string();
         w.retain_mut(|(tx, lost)| {
             if *lost > 0 {
-                let note = json!({"unix_time": unix, "kind": "lost", "text": format!("{lost} event(s) lost: this watcher did not keep up")}).to_string();
+                let note = json!({"unix_time": unix, "kind": "lost", "text": format!("{} lost: this watcher did not keep up", crate::supervisor::count(*lost as usize, "event", "events"))}).to_string();
                 if tx.try_send(note).is_ok() {
                     *lost = 0;
                 }
@@ -208,7 +208,7 @@ mod test {
         m.publish("reload", "after");
         let next: Vec<String> = b.try_iter().collect();
         assert!(
-            next[0].contains("\"kind\":\"lost\"") && next[0].contains("10 event(s) lost"),
+            next[0].contains("\"kind\":\"lost\"") && next[0].contains("10 events lost"),
             "{next:?}"
         );
         assert!(next[1].contains("after"));

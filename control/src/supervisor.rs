@@ -390,8 +390,8 @@ impl Supervisor {
                     // Tried again at the next tick.
                     self.next_due = 0;
                     log.push(format!(
-                        "{} tunnel(s) due for their next generation not rekeyed ({e}); staying on the current one",
-                        due.len()
+                        "{} due for their next generation not rekeyed ({e}); staying on the current one",
+                        count(due.len(), "tunnel", "tunnels")
                     ))
                 }
             }
@@ -473,7 +473,7 @@ impl Supervisor {
             count(c.tunnels.len(), "tunnel", "tunnels"),
             count(c.spd.policies.len(), "policy", "policies"),
             if kept > 0 {
-                format!("; {kept} SA(s) the IKE daemon installed kept")
+                format!("; {} the IKE daemon installed kept", count(kept, "SA", "SAs"))
             } else {
                 String::new()
             }
@@ -925,9 +925,15 @@ impl Supervisor {
         let template = match cpu {
             Some(c) => group.per_cpu.get(c).ok_or_else(|| {
                 format!(
-                    "tunnel \"{name}\" has {} {} per-CPU SA(s): cpu {c} is not one of them",
+                    "tunnel \"{name}\" has {} {}: cpu {c} is not one of them",
                     group.per_cpu.len(),
-                    if inbound { "inbound" } else { "outbound" }
+                    if inbound {
+                        "inbound per-CPU SA"
+                    } else {
+                        "outbound per-CPU SA"
+                    }
+                    .to_string()
+                        + if group.per_cpu.len() == 1 { "" } else { "s" }
                 )
             })?,
             None => &group.fallback,
@@ -1027,7 +1033,8 @@ impl Supervisor {
         }
         if orphans > 0 {
             self.notes.push(format!(
-                "tunnel \"{name}\": the new IKE daemon run installed its first SA; {orphans} SA(s) of the old run removed"
+                "tunnel \"{name}\": the new IKE daemon run installed its first SA; {} of the old run removed",
+                count(orphans, "SA", "SAs")
             ));
         }
         Ok(json!({

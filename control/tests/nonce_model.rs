@@ -435,7 +435,7 @@ fn a_reload_keeps_the_sas_the_ike_daemon_installed() {
     assert_eq!(ike(&w), ((0x3100, false), (0x3101, false)));
     w.apply(&Op::Send { core: 1, n: 5 });
     let r = w.gw.as_mut().unwrap().sup.reload(w.now).unwrap();
-    assert!(r.contains("2 SA(s) the IKE daemon installed kept"), "{r}");
+    assert!(r.contains("2 SAs the IKE daemon installed kept"), "{r}");
     // Issue 27 paper cut: counts in words ("2 policies", not "2 polic(ies)"); the file is
     // unchanged, so both tunnels stay shared with the snapshot in force.
     assert!(

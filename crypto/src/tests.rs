@@ -217,3 +217,17 @@ proptest! {
     }
 }
 const LAB_KEY_EXPECTED: &str = "6901bb22e3a52f6e9d1769241c4f9a7ba4bc5c83";
+
+/// Issue 27 paper cut: a key of the wrong length named its cipher as a Rust Debug value
+/// (`(AesGcm128)`); it says `aes-gcm-128` now.
+#[test]
+fn a_wrong_key_length_names_the_cipher_as_configs_do() {
+    let e = KeyMaterial::new(Algorithm::AesGcm128, &[0u8; 5])
+        .expect_err("5 bytes are refused")
+        .to_string();
+    assert!(
+        e.starts_with("aes-gcm-128 keying material must be 20 bytes"),
+        "{e}"
+    );
+    assert!(!e.contains("AesGcm"), "{e}");
+}

@@ -94,7 +94,7 @@ fn af_packet(s: &PortsSpec) -> Result<Ports, String> {
     for (name, iface) in [("red", s.red), ("black", s.black)] {
         let rxq = crate::port::af_packet::rx_queues(iface);
         p.notes.push(format!(
-            "{name} {iface}: {rxq} RX queue(s) for {n} worker(s): {}",
+            "{name} {iface}: RX queues {rxq}, workers {n}: {}",
             if n == 1 {
                 "one socket"
             } else if rxq >= n {
@@ -211,7 +211,7 @@ fn dpdk(s: &PortsSpec) -> Result<Ports, String> {
     let mut black = open(&d.black_port)?;
     let mut p = Ports::new();
     p.notes.push(format!(
-        "dpdk: EAL main lcore off the worker cores; {} mbuf pool(s), one per NUMA socket",
+        "dpdk: EAL main lcore off the worker cores; mbuf pools: {}, one per NUMA socket",
         pools.len()
     ));
     // One rte_flow rule per per-CPU SA of the peer: its UDP source port -> the owning queue.

@@ -327,8 +327,8 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     }
     if stopped() {
         eprintln!(
-            "espada bench: interrupted (Ctrl-C): {} whole round(s) of {rounds} measured",
-            measured.len()
+            "espada bench: interrupted (Ctrl-C): {} of {rounds} measured",
+            espada_control::supervisor::count(measured.len(), "whole round", "whole rounds")
         );
         if measured.is_empty() {
             eprintln!("nothing to report: no round was measured whole");

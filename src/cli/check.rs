@@ -123,9 +123,9 @@ pub fn render(c: &Config, db: &SaDb) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "gateway {}: {} worker(s){}, sa_mode {}, crypto {}",
+        "gateway {}: {}{}, sa_mode {}, crypto {}",
         c.name,
-        db.workers,
+        espada_control::supervisor::count(db.workers, "worker", "workers"),
         c.cores
             .as_ref()
             .map(|v| format!(" on cores {}", espada_pinning::format_cpu_list(v)))

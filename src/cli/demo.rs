@@ -197,8 +197,8 @@ fn window_rates(samples: &[(f64, u64, u64)], total: f64, n: u32) -> Option<Strin
     let (m, lo, hi) = stats(&mut mpps);
     let (g, glo, ghi) = stats(&mut gbps);
     Some(format!(
-        "sunrise received {m:.3} Mpps, {g:.2} Gbit/s inner: median of {} window(s) of {w:.1} s (range {lo:.3}–{hi:.3} Mpps, {glo:.2}–{ghi:.2} Gbit/s)",
-        mpps.len()
+        "sunrise received {m:.3} Mpps, {g:.2} Gbit/s inner: median of {} of {w:.1} s (range {lo:.3}–{hi:.3} Mpps, {glo:.2}–{ghi:.2} Gbit/s)",
+        espada_control::supervisor::count(mpps.len(), "window", "windows")
     ))
 }
 
@@ -252,10 +252,12 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         black,
     )?;
     println!(
-        "espada demo: sunset -> west == east -> sunrise in one process, over {} (no NIC, no kernel: what is measured is espada's per-packet work); {workers} core(s), each running west worker i and east worker i; \
-         sa_mode {}, {} per-CPU SA(s) + fallback, {} via {}, {} B inner packets, {:.1} s in {} window(s)",
+        "espada demo: sunset -> west == east -> sunrise in one process, over {} (no NIC, no kernel: what is measured is espada's per-packet work); {}, each running west worker i and east worker i; \
+         sa_mode {}, {} + fallback, {} via {}, {} B inner packets, {:.1} s in {}",
         if a.port == "dpdk" { "DPDK ethdevs joined by rte_rings" } else { "in-memory rings between the gateways' ports" },
-        west.sa_mode.name(), t.pcpu, t.cipher, west.backend_report(), a.size, a.duration, a.windows
+        espada_control::supervisor::count(workers, "core", "cores"),
+        west.sa_mode.name(), espada_control::supervisor::count(t.pcpu, "per-CPU SA", "per-CPU SAs"), t.cipher, west.backend_report(), a.size, a.duration,
+        espada_control::supervisor::count(a.windows as usize, "window", "windows")
     );
     let pins: Vec<_> = (0..workers).map(|i| ids.get(i).copied()).collect();
     super::catch_ctrl_c();
@@ -318,7 +320,7 @@ mod tests {
         ];
         let line = window_rates(&s, 3.0, 3).unwrap();
         assert!(
-            line.starts_with("sunrise received 2.000 Mpps, 1.60 Gbit/s inner: median of 3 window(s) of 1.0 s (range 1.000–3.000 Mpps"),
+            line.starts_with("sunrise received 2.000 Mpps, 1.60 Gbit/s inner: median of 3 windows of 1.0 s (range 1.000–3.000 Mpps"),
             "{line}"
         );
     }

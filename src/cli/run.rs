@@ -6,7 +6,7 @@ use crate::config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use crossbeam_queue::ArrayQueue;
-use espada_benches::report::{core_report, header, rows, CoreReport};
+use espada_benches::report::{core_report, CoreReport};
 use espada_dataplane::gateway::{DpdkPorts, PortKind, PortsSpec};
 use espada_dataplane::neighbor::NeighborTable;
 use espada_dataplane::pool::{Pool, PoolCache};
@@ -203,8 +203,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
             .collect();
         if !static_keys.is_empty() {
             eprintln!(
-                "error: {} holds no sequence state, and tunnel(s) {} send with static keys: if these keys ever sent a packet (an earlier run, a lost or new --state-dir, another copy of this gateway), starting at sequence number 1 would repeat AES-GCM nonces. Restore the state directory, or start with --new-keys if every outbound key is new",
+                "error: {} holds no sequence state, and {} {} send with static keys: if these keys ever sent a packet (an earlier run, a lost or new --state-dir, another copy of this gateway), starting at sequence number 1 would repeat AES-GCM nonces. Restore the state directory, or start with --new-keys if every outbound key is new",
                 a.state_dir.display(),
+                if static_keys.len() == 1 { "tunnel" } else { "tunnels" },
                 static_keys.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
             );
             return Ok(ExitCode::from(1));
@@ -398,8 +399,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     let cells: Vec<Arc<StatsCell>> = handles.iter().map(|t| t.cell.clone()).collect();
     tracing::info!(
-        "gateway \"{}\" red {} ({}) black {} ({}), {n} worker(s) on cores {}, sa_mode {}, crypto {}",
-        c.name, red_if, gw.red.ip, black_if, gw.black.ip, espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]), c.sa_mode.name(), c.backend_report()
+        "gateway \"{}\" red {} ({}) black {} ({}), {} on cores {}, sa_mode {}, crypto {}",
+        c.name,
+        red_if,
+        gw.red.ip,
+        black_if,
+        gw.black.ip,
+        espada_control::supervisor::count(n, "worker", "workers"),
+        espada_pinning::format_cpu_list(&cores[..n.min(cores.len())]),
+        c.sa_mode.name(),
+        c.backend_report()
     );
 
     let start = Instant::now();
@@ -484,8 +493,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         &[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&format!(
-                "forwarding: {n} worker(s), {} tunnel(s)",
-                c.tunnels.len()
+                "forwarding: {}, {}",
+                espada_control::supervisor::count(n, "worker", "workers"),
+                espada_control::supervisor::count(c.tunnels.len(), "tunnel", "tunnels")
             )),
         ],
     );
@@ -592,21 +602,34 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                     "sa",
                     false,
                     &format!(
-                        "control: sa batch: {} change(s) published as snapshot {}",
-                        r.data["applied"], r.data["snapshot"]
+                        "control: sa batch: {} published as snapshot {}",
+                        espada_control::supervisor::count(
+                            r.data["applied"].as_u64().unwrap_or(0) as usize,
+                            "change",
+                            "changes"
+                        ),
+                        r.data["snapshot"]
                     ),
                 ),
                 ("sa", true, _) if cmd.req.what == "rekey" => say(
                     "sa",
                     false,
                     &format!(
-                        "control: sa rekey: {} tunnel(s) rekeyed in snapshot {}{}",
-                        r.data["rekeyed"].as_array().map_or(0, Vec::len),
+                        "control: sa rekey: {} rekeyed in snapshot {}{}",
+                        espada_control::supervisor::count(
+                            r.data["rekeyed"].as_array().map_or(0, Vec::len),
+                            "tunnel",
+                            "tunnels"
+                        ),
                         sup.sadb().generation(),
                         match r.data["pending"].as_u64() {
                             Some(p) if p > 0 => format!(
-                                " ({p} of them in {} more snapshot(s), one per tick)",
-                                r.data["slices_to_follow"]
+                                " ({p} of them in {} more, one per tick)",
+                                espada_control::supervisor::count(
+                                    r.data["slices_to_follow"].as_u64().unwrap_or(0) as usize,
+                                    "snapshot",
+                                    "snapshots"
+                                )
                             ),
                             _ => String::new(),
                         }
@@ -722,10 +745,24 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         .zip(cells.iter())
         .map(|(w, c)| core_report(w.core(), w.stats(), c, secs, false))
         .collect();
-    let mut s = String::new();
-    header(&mut s, "dir", "SA:port");
-    rows(&mut s, "out", "encapsulated", &enc, false);
-    rows(&mut s, "in", "decapsulated", &dec, true);
+    let s = espada_benches::report::core_table(
+        "dir",
+        "SA:port",
+        &[
+            espada_benches::report::Part {
+                who: "out",
+                what: "encapsulated",
+                cores: &enc,
+                drops: false,
+            },
+            espada_benches::report::Part {
+                who: "in",
+                what: "decapsulated",
+                cores: &dec,
+                drops: true,
+            },
+        ],
+    );
     println!(
         "espada run: gateway \"{}\" stopped after {secs:.1} s; totals:",
         c.name
@@ -742,8 +779,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         for (side, ps) in [("red", r.stats()), ("black", b.stats())] {
             if ps.tx_lost + ps.tx_oversize + ps.tx_resets > 0 {
                 println!(
-                    "  {side} port: {} frame(s) lost in {} transmit ring reset(s) (link not taking frames), {} over the device MTU",
-                    ps.tx_lost, ps.tx_resets, ps.tx_oversize
+                    "  {side} port: {} lost in {} (link not taking frames), {} over the device MTU",
+                    espada_control::supervisor::count(ps.tx_lost as usize, "frame", "frames"),
+                    espada_control::supervisor::count(
+                        ps.tx_resets as usize,
+                        "transmit ring reset",
+                        "transmit ring resets"
+                    ),
+                    ps.tx_oversize
                 );
             }
         }
@@ -775,8 +818,10 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         if quiet != (0, 0) {
             println!(
-                "  and {} outbound, {} inbound SA(s) that carried nothing",
-                quiet.0, quiet.1
+                "  and {} outbound, {} inbound {} that carried nothing",
+                quiet.0,
+                quiet.1,
+                if quiet.1 == 1 { "SA" } else { "SAs" }
             );
         }
     }
@@ -810,19 +855,22 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     if pool.reclaimed() > 0 {
         println!(
-            "{} buffer(s) came back to the pool by being dropped (control path)",
-            pool.reclaimed()
+            "{} came back to the pool by being dropped (control path)",
+            espada_control::supervisor::count(pool.reclaimed() as usize, "buffer", "buffers")
         );
     }
     if ike > 0 {
-        println!("{ike} IKE message(s) reached the control path (no IKE daemon is attached: dropped there)");
+        println!(
+            "{} reached the control path (no IKE daemon is attached: dropped there)",
+            espada_control::supervisor::count(ike as usize, "IKE message", "IKE messages")
+        );
     }
     if let Some(t) = punt_thread {
         let _ = t.join();
         let l = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
         let c = &punt_counters;
         println!(
-            "IKE daemon (--ike-tun): {} packet(s) to it, {} from it; dropped: {} not IKE from our black address, {} queue full, {} write errors",
+            "IKE daemon (--ike-tun): packets {} to it, {} from it; dropped: {} not IKE from our black address, {} queue full, {} write errors",
             l(&c.to_daemon), l(&c.from_daemon), l(&c.not_ike), l(&c.queue_full), l(&c.write_errors)
         );
     }
@@ -881,7 +929,8 @@ impl Watchdog {
         } else if !self.starved {
             self.starved = true;
             tracing::warn!(
-                "worker(s) {stalled:?} did not poll for {:.1} s: the watchdog is not fed (the service manager restarts the gateway if this lasts)",
+                "{} {stalled:?} did not poll for {:.1} s: the watchdog is not fed (the service manager restarts the gateway if this lasts)",
+                if stalled.len() == 1 { "worker" } else { "workers" },
                 self.every.as_secs_f64()
             );
         }

@@ -183,7 +183,10 @@ fn batch(socket: &std::path::Path, ops: Vec<Value>, chunk: usize, raw: bool) -> 
                 r.error.unwrap_or_default()
             );
             if sent > 0 {
-                eprintln!("the {sent} change(s) before it were applied");
+                eprintln!(
+                    "the {} before it were applied",
+                    espada_control::supervisor::count(sent, "change", "changes")
+                );
             }
             return Ok(ExitCode::from(1));
         }
@@ -199,7 +202,9 @@ fn batch(socket: &std::path::Path, ops: Vec<Value>, chunk: usize, raw: bool) -> 
     let secs = start.elapsed().as_secs_f64();
     if !raw {
         println!(
-            "{total} change(s) applied in {batches} batch(es) (snapshots {}-{last}) in {secs:.3} s: {:.0} changes/s",
+            "{} applied in {} (snapshots {}-{last}) in {secs:.3} s: {:.0} changes/s",
+            espada_control::supervisor::count(total, "change", "changes"),
+            espada_control::supervisor::count(batches, "batch", "batches"),
             first.unwrap_or(0),
             total as f64 / secs.max(1e-9)
         );
@@ -368,10 +373,10 @@ fn print_answer(what: &str, d: &Value) {
             let pending = d["pending"].as_u64().unwrap_or(0);
             if pending > 0 {
                 println!(
-                    "{} tunnels rekeyed: {} now, {pending} in {} more snapshot(s) of up to 512 tunnels, one every tick of the gateway (~50 ms; its log says when); the first 10:",
+                    "{} tunnels rekeyed: {} now, {pending} in {} more of up to 512 tunnels, one every tick of the gateway (~50 ms; its log says when); the first 10:",
                     all.len(),
                     all.len() as u64 - pending,
-                    d["slices_to_follow"]
+                    espada_control::supervisor::count(d["slices_to_follow"].as_u64().unwrap_or(0) as usize, "snapshot", "snapshots")
                 );
             } else if all.len() > 10 {
                 println!(
