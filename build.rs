@@ -4,11 +4,19 @@ fn main() {
     // HEAD names a branch; a commit moves the branch, not HEAD.
     if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
         if let Some(r) = head.trim().strip_prefix("ref: ") {
-            println!("cargo:rerun-if-changed=.git/{r}");
+            // (Only files that exist: a missing one would rerun this script on every build.)
+            for f in [format!(".git/{r}"), ".git/packed-refs".to_string()] {
+                if std::path::Path::new(&f).exists() {
+                    println!("cargo:rerun-if-changed={f}");
+                }
+            }
         }
     }
-    println!("cargo:rerun-if-changed=.git/packed-refs");
-    if let Ok(o) = std::process::Command::new("git")
+    // A build without .git (a container's context) is told its revision.
+    println!("cargo:rerun-if-env-changed=ESPADA_GIT_HASH");
+    if let Ok(h) = std::env::var("ESPADA_GIT_HASH") {
+        println!("cargo:rustc-env=ESPADA_GIT_HASH={h}");
+    } else if let Ok(o) = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()
     {
