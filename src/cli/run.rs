@@ -624,11 +624,11 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                         sup.sadb().generation(),
                         match r.data["pending"].as_u64() {
                             Some(p) if p > 0 => format!(
-                                " ({p} of them in {} more, one per tick)",
+                                " ({p} of them in {}, one per tick)",
                                 espada_control::supervisor::count(
                                     r.data["slices_to_follow"].as_u64().unwrap_or(0) as usize,
-                                    "snapshot",
-                                    "snapshots"
+                                    "more snapshot",
+                                    "more snapshots"
                                 )
                             ),
                             _ => String::new(),

@@ -373,10 +373,10 @@ fn print_answer(what: &str, d: &Value) {
             let pending = d["pending"].as_u64().unwrap_or(0);
             if pending > 0 {
                 println!(
-                    "{} tunnels rekeyed: {} now, {pending} in {} more of up to 512 tunnels, one every tick of the gateway (~50 ms; its log says when); the first 10:",
+                    "{} tunnels rekeyed: {} now, {pending} in {} of up to 512 tunnels, one every tick of the gateway (~50 ms; its log says when); the first 10:",
                     all.len(),
                     all.len() as u64 - pending,
-                    espada_control::supervisor::count(d["slices_to_follow"].as_u64().unwrap_or(0) as usize, "snapshot", "snapshots")
+                    espada_control::supervisor::count(d["slices_to_follow"].as_u64().unwrap_or(0) as usize, "more snapshot", "more snapshots")
                 );
             } else if all.len() > 10 {
                 println!(

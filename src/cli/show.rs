@@ -1,6 +1,7 @@
 //! `espada show sa|stats|errors|workers|neighbors|policy`: ask a running gateway over its
 //! control socket and print the answer as a table, or as JSON with `--json`.
 
+use super::table;
 use crate::config;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
@@ -250,225 +251,255 @@ pub fn run(a: ShowArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let d = &r.data;
-    let s = |v: &Value| match v {
+    match a.what {
+        What::Sa => print_sa(d),
+        What::Stats => print_stats(d),
+        What::Errors => print_errors(d),
+        What::Workers => print_workers(d),
+        What::Neighbors => print_neighbors(d),
+        What::Policy => print_policy(d),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A JSON value as a table cell: strings bare, null as `-`.
+fn text(v: &Value) -> String {
+    match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         v => v.to_string(),
-    };
-    use super::table;
+    }
+}
+
+/// Seconds as a duration cell (`-`: none).
+fn secs(v: &Value) -> String {
+    v.as_u64().map_or("-".to_string(), table::duration)
+}
+
+/// `espada show sa` as text.
+fn print_sa(d: &Value) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let secs = |v: &Value| v.as_u64().map_or("-".to_string(), table::duration);
-    match a.what {
-        What::Sa => {
-            println!(
-                "gateway {}: {} mode, {} worker{}",
-                s(&d["gateway"]),
-                s(&d["mode"]),
-                s(&d["workers"]),
-                if d["workers"] == 1 { "" } else { "s" }
-            );
-            let mut t = table::new(
-                &[
-                    "tunnel", "dir", "spi", "cipher", "cpu", "port", "owner", "packets", "bytes",
-                    "seq/top", "window", "esn", "replay", "auth", "other", "age", "soft in",
-                    "hard in", "state",
-                ],
-                &[
-                    "cpu", "port", "packets", "bytes", "seq/top", "window", "replay", "auth",
-                    "other", "age", "soft in", "hard in",
-                ],
-            );
-            for r in d["sas"].as_array().into_iter().flatten() {
-                let owner = r["owner_cores"]
-                    .as_array()
-                    .map(|v| v.iter().map(s).collect::<Vec<_>>().join(","))
-                    .filter(|x| !x.is_empty())
-                    .unwrap_or_else(|| "-".into());
-                let out = r["dir"] == "out";
-                let seq = if out { &r["seq"] } else { &r["replay_top"] };
-                // Drops are counted on inbound SAs (the replay window and the ICV are theirs).
-                let drop = |k: &str| if out { "-".to_string() } else { s(&r[k]) };
-                t.add_row(vec![
-                    s(&r["tunnel"]),
-                    s(&r["dir"]),
-                    s(&r["spi"]),
-                    s(&r["cipher"]),
-                    s(&r["cpu"]),
-                    if out {
-                        s(&r["udp_src_port"])
-                    } else {
-                        "-".into()
-                    },
-                    owner,
-                    s(&r["packets"]),
-                    s(&r["bytes"]),
-                    s(seq),
-                    s(&r["replay_window"]),
-                    if r["esn"] == true { "yes" } else { "no" }.into(),
-                    drop("replay_drops"),
-                    drop("integrity_drops"),
-                    drop("other_drops"),
-                    r["added_unix"]
-                        .as_u64()
-                        .map_or("-".into(), |a| table::duration(now.saturating_sub(a))),
-                    match (
-                        r["soft_expires_in"].as_u64(),
-                        r["generation_switch_in"].as_u64(),
-                    ) {
-                        (Some(x), _) => table::duration(x),
-                        (None, Some(x)) => format!("{} (gen)", table::duration(x)),
-                        _ => "-".into(),
-                    },
-                    secs(&r["hard_expires_in"]),
-                    if r["draining"] == true {
-                        "draining"
-                    } else if r["next_generation"] == true {
-                        "next generation (accepted, not yet sent on)"
-                    } else {
-                        "live"
-                    }
-                    .into(),
-                ]);
-            }
-            print!("{}", table::render(&t));
-            println!(
-                "replay/auth/other: inbound packets this SA dropped (replay window, failed ICV, bad contents); age: since the oldest core installed it; soft in/hard in: time to its time limits ((gen): lab_rekey replaces it at the next generation switch)"
-            );
-        }
-        What::Stats => {
-            println!(
-                "gateway {}: up {}",
-                s(&d["gateway"]),
-                table::duration(d["uptime_seconds"].as_f64().unwrap_or(0.0) as u64)
-            );
-            let mut t = table::new(
-                &[
-                    "worker", "red rx", "black rx", "encap", "decap", "red tx", "black tx",
-                    "handoffs", "drops",
-                ],
-                &[
-                    "red rx", "black rx", "encap", "decap", "red tx", "black tx", "handoffs",
-                    "drops",
-                ],
-            );
-            let row = |name: String, v: &Value| {
-                vec![
-                    name,
-                    s(&v["red_rx"]),
-                    s(&v["black_rx"]),
-                    s(&v["encap_packets"]),
-                    s(&v["decap_packets"]),
-                    s(&v["red_tx"]),
-                    s(&v["black_tx"]),
-                    s(&v["handoff_out"]),
-                    s(&v["drops"]),
-                ]
-            };
-            for w in d["workers"].as_array().into_iter().flatten() {
-                t.add_row(row(s(&w["worker"]), w));
-            }
-            t.add_row(row("all".into(), &d["total"]));
-            print!("{}", table::render(&t));
-        }
-        What::Errors => {
-            let rows = d["errors"].as_array().cloned().unwrap_or_default();
-            if rows.is_empty() {
-                println!("gateway {}: no drops", s(&d["gateway"]));
+    let s = text;
+    println!(
+        "gateway {}: {} mode, {} worker{}",
+        s(&d["gateway"]),
+        s(&d["mode"]),
+        s(&d["workers"]),
+        if d["workers"] == 1 { "" } else { "s" }
+    );
+    let mut t = table::new(
+        &[
+            "tunnel", "dir", "spi", "cipher", "cpu", "port", "owner", "packets", "bytes",
+            "seq/top", "window", "esn", "replay", "auth", "other", "age", "soft in", "hard in",
+            "state",
+        ],
+        &[
+            "cpu", "port", "packets", "bytes", "seq/top", "window", "replay", "auth", "other",
+            "age", "soft in", "hard in",
+        ],
+    );
+    for r in d["sas"].as_array().into_iter().flatten() {
+        let owner = r["owner_cores"]
+            .as_array()
+            .map(|v| v.iter().map(s).collect::<Vec<_>>().join(","))
+            .filter(|x| !x.is_empty())
+            .unwrap_or_else(|| "-".into());
+        let out = r["dir"] == "out";
+        let seq = if out { &r["seq"] } else { &r["replay_top"] };
+        // Drops are counted on inbound SAs (the replay window and the ICV are theirs).
+        let drop = |k: &str| if out { "-".to_string() } else { s(&r[k]) };
+        t.add_row(vec![
+            s(&r["tunnel"]),
+            s(&r["dir"]),
+            s(&r["spi"]),
+            s(&r["cipher"]),
+            s(&r["cpu"]),
+            if out {
+                s(&r["udp_src_port"])
             } else {
-                let mut t = table::new(&["reason", "total", "per worker"], &["total"]);
-                for r in rows {
-                    t.add_row(vec![s(&r["reason"]), s(&r["total"]), s(&r["per_worker"])]);
-                }
-                print!("{}", table::render(&t));
+                "-".into()
+            },
+            owner,
+            s(&r["packets"]),
+            s(&r["bytes"]),
+            s(seq),
+            s(&r["replay_window"]),
+            if r["esn"] == true { "yes" } else { "no" }.into(),
+            drop("replay_drops"),
+            drop("integrity_drops"),
+            drop("other_drops"),
+            r["added_unix"]
+                .as_u64()
+                .map_or("-".into(), |a| table::duration(now.saturating_sub(a))),
+            match (
+                r["soft_expires_in"].as_u64(),
+                r["generation_switch_in"].as_u64(),
+            ) {
+                (Some(x), _) => table::duration(x),
+                (None, Some(x)) => format!("{} (gen)", table::duration(x)),
+                _ => "-".into(),
+            },
+            secs(&r["hard_expires_in"]),
+            if r["draining"] == true {
+                "draining"
+            } else if r["next_generation"] == true {
+                "next generation (accepted, not yet sent on)"
+            } else {
+                "live"
             }
-        }
-        What::Workers => {
-            let mut t = table::new(
-                &[
-                    "worker",
-                    "cpu",
-                    "bursts",
-                    "ns/pkt",
-                    "handoff→",
-                    "handoff←",
-                    "red drop",
-                    "black drop",
-                ],
-                &[
-                    "cpu",
-                    "bursts",
-                    "ns/pkt",
-                    "handoff→",
-                    "handoff←",
-                    "red drop",
-                    "black drop",
-                ],
-            );
-            for w in d["workers"].as_array().into_iter().flatten() {
-                let pd = |p: &Value| {
-                    p["rx_dropped"].as_u64().unwrap_or(0)
-                        + p["tx_dropped"].as_u64().unwrap_or(0)
-                        + p["tx_lost"].as_u64().unwrap_or(0)
-                };
-                t.add_row(vec![
-                    s(&w["worker"]),
-                    s(&w["cpu"]),
-                    s(&w["bursts"]),
-                    format!("{:.0}", w["ns_per_packet"].as_f64().unwrap_or(0.0)),
-                    s(&w["handoff_out"]),
-                    s(&w["handoff_in"]),
-                    pd(&w["red"]).to_string(),
-                    pd(&w["black"]).to_string(),
-                ]);
-            }
-            print!("{}", table::render(&t));
-            println!(
-                "ns/pkt: the worker's busy time (bursts that carried packets) per packet it handled, both directions together; idle polls are not counted"
-            );
-        }
-        What::Neighbors => {
-            let mut t = table::new(&["address", "mac", "source"], &[]);
-            for e in d["entries"].as_array().into_iter().flatten() {
-                t.add_row(vec![
-                    s(&e["ip"]),
-                    s(&e["mac"]),
-                    if e["configured"] == true {
-                        "configured"
-                    } else {
-                        "learned"
-                    }
-                    .into(),
-                ]);
-            }
-            print!("{}", table::render(&t));
-            println!(
-                "learned {}, expired {}, refreshed {}; provisional from requests {} ({} rate-limited, {} pushed out); refused: {} unsolicited, {} for configured entries, {} too soon, {} table full",
-                s(&d["learned"]),
-                s(&d["expired"]),
-                s(&d["refreshed"]),
-                s(&d["provisional"]),
-                s(&d["provisional_limited"]),
-                s(&d["provisional_evicted"]),
-                s(&d["refused_unsolicited"]),
-                s(&d["refused_configured"]),
-                s(&d["refused_too_soon"]),
-                s(&d["refused_full"])
-            );
-        }
-        What::Policy => {
-            let mut t = table::new(&["#", "name", "selector", "action"], &["#"]);
-            for (i, p) in d["policies"].as_array().into_iter().flatten().enumerate() {
-                t.add_row(vec![
-                    (i + 1).to_string(),
-                    s(&p["name"]),
-                    s(&p["selector"]),
-                    s(&p["action"]),
-                ]);
-            }
-            print!("{}", table::render(&t));
-        }
+            .into(),
+        ]);
     }
-    Ok(ExitCode::SUCCESS)
+    print!("{}", table::render(&t));
+    println!(
+        "replay/auth/other: inbound packets this SA dropped (replay window, failed ICV, bad contents); age: since the oldest core installed it; soft in/hard in: time to its time limits ((gen): lab_rekey replaces it at the next generation switch)"
+    );
+}
+
+/// `espada show stats` as text.
+fn print_stats(d: &Value) {
+    let s = text;
+    println!(
+        "gateway {}: up {}",
+        s(&d["gateway"]),
+        table::duration(d["uptime_seconds"].as_f64().unwrap_or(0.0) as u64)
+    );
+    let mut t = table::new(
+        &[
+            "worker", "red rx", "black rx", "encap", "decap", "red tx", "black tx", "handoffs",
+            "drops",
+        ],
+        &[
+            "red rx", "black rx", "encap", "decap", "red tx", "black tx", "handoffs", "drops",
+        ],
+    );
+    let row = |name: String, v: &Value| {
+        vec![
+            name,
+            s(&v["red_rx"]),
+            s(&v["black_rx"]),
+            s(&v["encap_packets"]),
+            s(&v["decap_packets"]),
+            s(&v["red_tx"]),
+            s(&v["black_tx"]),
+            s(&v["handoff_out"]),
+            s(&v["drops"]),
+        ]
+    };
+    for w in d["workers"].as_array().into_iter().flatten() {
+        t.add_row(row(s(&w["worker"]), w));
+    }
+    t.add_row(row("all".into(), &d["total"]));
+    print!("{}", table::render(&t));
+}
+
+/// `espada show errors` as text.
+fn print_errors(d: &Value) {
+    let s = text;
+    let rows = d["errors"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("gateway {}: no drops", s(&d["gateway"]));
+    } else {
+        let mut t = table::new(&["reason", "total", "per worker"], &["total"]);
+        for r in rows {
+            t.add_row(vec![s(&r["reason"]), s(&r["total"]), s(&r["per_worker"])]);
+        }
+        print!("{}", table::render(&t));
+    }
+}
+
+/// `espada show workers` as text.
+fn print_workers(d: &Value) {
+    let s = text;
+    let mut t = table::new(
+        &[
+            "worker",
+            "cpu",
+            "bursts",
+            "ns/pkt",
+            "handoff→",
+            "handoff←",
+            "red drop",
+            "black drop",
+        ],
+        &[
+            "cpu",
+            "bursts",
+            "ns/pkt",
+            "handoff→",
+            "handoff←",
+            "red drop",
+            "black drop",
+        ],
+    );
+    for w in d["workers"].as_array().into_iter().flatten() {
+        let pd = |p: &Value| {
+            p["rx_dropped"].as_u64().unwrap_or(0)
+                + p["tx_dropped"].as_u64().unwrap_or(0)
+                + p["tx_lost"].as_u64().unwrap_or(0)
+        };
+        t.add_row(vec![
+            s(&w["worker"]),
+            s(&w["cpu"]),
+            s(&w["bursts"]),
+            format!("{:.0}", w["ns_per_packet"].as_f64().unwrap_or(0.0)),
+            s(&w["handoff_out"]),
+            s(&w["handoff_in"]),
+            pd(&w["red"]).to_string(),
+            pd(&w["black"]).to_string(),
+        ]);
+    }
+    print!("{}", table::render(&t));
+    println!(
+        "ns/pkt: the worker's busy time (bursts that carried packets) per packet it handled, both directions together; idle polls are not counted"
+    );
+}
+
+/// `espada show neighbors` as text.
+fn print_neighbors(d: &Value) {
+    let s = text;
+    let mut t = table::new(&["address", "mac", "source"], &[]);
+    for e in d["entries"].as_array().into_iter().flatten() {
+        t.add_row(vec![
+            s(&e["ip"]),
+            s(&e["mac"]),
+            if e["configured"] == true {
+                "configured"
+            } else {
+                "learned"
+            }
+            .into(),
+        ]);
+    }
+    print!("{}", table::render(&t));
+    println!(
+        "learned {}, expired {}, refreshed {}; provisional from requests {} ({} rate-limited, {} pushed out); refused: {} unsolicited, {} for configured entries, {} too soon, {} table full",
+        s(&d["learned"]),
+        s(&d["expired"]),
+        s(&d["refreshed"]),
+        s(&d["provisional"]),
+        s(&d["provisional_limited"]),
+        s(&d["provisional_evicted"]),
+        s(&d["refused_unsolicited"]),
+        s(&d["refused_configured"]),
+        s(&d["refused_too_soon"]),
+        s(&d["refused_full"])
+    );
+}
+
+/// `espada show policy` as text.
+fn print_policy(d: &Value) {
+    let s = text;
+    let mut t = table::new(&["#", "name", "selector", "action"], &["#"]);
+    for (i, p) in d["policies"].as_array().into_iter().flatten().enumerate() {
+        t.add_row(vec![
+            (i + 1).to_string(),
+            s(&p["name"]),
+            s(&p["selector"]),
+            s(&p["action"]),
+        ]);
+    }
+    print!("{}", table::render(&t));
 }
