@@ -134,180 +134,208 @@ pub fn render(gw: &Gateway) -> String {
         }
     }
     for (i, c) in gw.cells.iter().enumerate() {
-        let w = || ("worker", i.to_string());
-        let s = c.read();
-        for (dir, p, b) in [
-            ("encap", s.encap_packets, s.encap_bytes),
-            ("decap", s.decap_packets, s.decap_bytes),
-            ("bypass", s.bypass_packets, 0),
-        ] {
+        worker_series(&mut e, gw, i, c, &tunnel_of);
+    }
+    gateway_series(&mut e, gw, &db);
+    e.text()
+}
+
+/// One worker's series: packets, frames, drops, time, its SAs, its ports.
+fn worker_series(
+    e: &mut Exposition,
+    gw: &Gateway,
+    i: usize,
+    c: &espada_dataplane::worker::StatsCell,
+    tunnel_of: &HashMap<(u32, bool), &str>,
+) {
+    let w = || ("worker", i.to_string());
+    let s = c.read();
+    for (dir, p, b) in [
+        ("encap", s.encap_packets, s.encap_bytes),
+        ("decap", s.decap_packets, s.decap_bytes),
+        ("bypass", s.bypass_packets, 0),
+    ] {
+        e.add(
+            "espada_packets_total",
+            C,
+            "Packets processed, by worker and direction (encap, decap, bypass).",
+            vec![w(), ("direction", dir.into())],
+            p as f64,
+        );
+        if dir != "bypass" {
             e.add(
-                "espada_packets_total",
+                "espada_inner_bytes_total",
                 C,
-                "Packets processed, by worker and direction (encap, decap, bypass).",
+                "Inner IP bytes encapsulated or decapsulated.",
                 vec![w(), ("direction", dir.into())],
-                p as f64,
-            );
-            if dir != "bypass" {
-                e.add(
-                    "espada_inner_bytes_total",
-                    C,
-                    "Inner IP bytes encapsulated or decapsulated.",
-                    vec![w(), ("direction", dir.into())],
-                    b as f64,
-                );
-            }
-        }
-        for (side, dir, n) in [
-            ("red", "rx", s.red_rx),
-            ("red", "tx", s.red_tx),
-            ("black", "rx", s.black_rx),
-            ("black", "tx", s.black_tx),
-        ] {
-            e.add(
-                "espada_frames_total",
-                C,
-                "Frames received and sent, by worker, side and direction (rx, tx).",
-                vec![w(), ("side", side.into()), ("direction", dir.into())],
-                n as f64,
-            );
-        }
-        // Every reason present at 0 on every worker makes `rate()` work from the start.
-        let counts: HashMap<_, _> = s.drops.nonzero().collect();
-        for r in espada_dataplane::DropReason::ALL {
-            let n = counts.get(r).copied().unwrap_or(0) as f64;
-            if expected_discard(*r) {
-                e.add(
-                    "espada_discarded_total",
-                    C,
-                    "Packets discarded as their protocol says (NAT-T keepalives, TFC dummy packets): normal traffic, not drops.",
-                    vec![w(), ("reason", r.label().into())],
-                    n,
-                );
-            } else {
-                e.add(
-                    "espada_drops_total",
-                    C,
-                    "Packets dropped, by worker and reason (espada's drop reasons; `espada show errors`).",
-                    vec![w(), ("reason", r.label().into())],
-                    n,
-                );
-            }
-        }
-        for (dir, n) in [("out", s.handoff_out), ("in", s.handoff_in)] {
-            e.add(
-                "espada_handoffs_total",
-                C,
-                "Packets handed to (out) or taken from (in) another worker.",
-                vec![w(), ("direction", dir.into())],
-                n as f64,
-            );
-        }
-        e.add(
-            "espada_shared_sa_order_waits_total",
-            C,
-            "Bursts on a shared SA that waited for another worker's burst to reach the wire first (shared_sa_order = \"wire\").",
-            vec![w()],
-            s.order_waits as f64,
-        );
-        e.add(
-            "espada_busy_seconds_total",
-            C,
-            "Time the worker spent in bursts that carried packets.",
-            vec![w()],
-            s.busy_ns as f64 / 1e9,
-        );
-        for (stage, ns) in [("red", s.red_ns), ("black", s.black_ns)] {
-            e.add(
-                "espada_stage_seconds_total",
-                C,
-                "Time in a worker's stage (red: receive, classify, seal; black: receive, open, checks) of bursts that carried packets; ÷ the side's rx frames is its cost per packet.",
-                vec![w(), ("side", stage.into())],
-                ns as f64 / 1e9,
-            );
-        }
-        e.add(
-            "espada_worker_heartbeats_total",
-            C,
-            "Times the worker published its counters (several a second while it polls; a stalled worker's stays still).",
-            vec![w()],
-            c.heartbeat() as f64,
-        );
-        if let Ok(v) = c.sas.lock() {
-            // One series per (SA, direction) and worker: what the worker sends on now plus
-            // what it sent before it moved on (`retired` rows), so the counter only grows.
-            let mut per: BTreeMap<(u32, bool), (u64, u64, u64)> = BTreeMap::new();
-            for sa in v.iter() {
-                let e = per.entry((sa.spi, sa.outbound)).or_default();
-                e.0 += sa.packets;
-                e.1 += sa.bytes;
-                e.2 = e.2.max(sa.seq);
-            }
-            for ((spi, outbound), (packets, bytes, seq)) in per {
-                let k = vec![
-                    w(),
-                    (
-                        "tunnel",
-                        tunnel_of
-                            .get(&(spi, outbound))
-                            .copied()
-                            .unwrap_or("")
-                            .to_string(),
-                    ),
-                    ("spi", format!("{spi:#010x}")),
-                    ("direction", if outbound { "encap" } else { "decap" }.into()),
-                ];
-                e.add(
-                    "espada_sa_packets_total",
-                    C,
-                    "Packets per SA and worker.",
-                    k.clone(),
-                    packets as f64,
-                );
-                e.add(
-                    "espada_sa_inner_bytes_total",
-                    C,
-                    "Inner IP bytes per SA and worker.",
-                    k.clone(),
-                    bytes as f64,
-                );
-                e.add(
-                    "espada_sa_sequence_number",
-                    G,
-                    "Encap: last sequence number sent; decap: top of the replay window.",
-                    k,
-                    seq as f64,
-                );
-            }
-        }
-        if let Ok(p) = c.ports.lock() {
-            for (side, ps) in [("red", p[0]), ("black", p[1])] {
-                for (what, n) in [
-                    ("rx_dropped", ps.rx_dropped),
-                    ("tx_dropped", ps.tx_dropped),
-                    ("tx_lost", ps.tx_lost),
-                    ("rx_filtered", ps.rx_filtered),
-                ] {
-                    e.add(
-                        "espada_port_drops_total",
-                        C,
-                        "Frames the ports could not receive or send, by kind.",
-                        vec![w(), ("side", side.into()), ("kind", what.into())],
-                        n as f64,
-                    );
-                }
-            }
-        }
-        if let Some(q) = gw.shared.handoff.get(i) {
-            e.add(
-                "espada_handoff_queue_depth",
-                G,
-                "Packets waiting in a worker's handoff queue.",
-                vec![w()],
-                q.len() as f64,
+                b as f64,
             );
         }
     }
+    for (side, dir, n) in [
+        ("red", "rx", s.red_rx),
+        ("red", "tx", s.red_tx),
+        ("black", "rx", s.black_rx),
+        ("black", "tx", s.black_tx),
+    ] {
+        e.add(
+            "espada_frames_total",
+            C,
+            "Frames received and sent, by worker, side and direction (rx, tx).",
+            vec![w(), ("side", side.into()), ("direction", dir.into())],
+            n as f64,
+        );
+    }
+    // Every reason present at 0 on every worker makes `rate()` work from the start.
+    let counts: HashMap<_, _> = s.drops.nonzero().collect();
+    for r in espada_dataplane::DropReason::ALL {
+        let n = counts.get(r).copied().unwrap_or(0) as f64;
+        if expected_discard(*r) {
+            e.add(
+                "espada_discarded_total",
+                C,
+                "Packets discarded as their protocol says (NAT-T keepalives, TFC dummy packets): normal traffic, not drops.",
+                vec![w(), ("reason", r.label().into())],
+                n,
+            );
+        } else {
+            e.add(
+                "espada_drops_total",
+                C,
+                "Packets dropped, by worker and reason (espada's drop reasons; `espada show errors`).",
+                vec![w(), ("reason", r.label().into())],
+                n,
+            );
+        }
+    }
+    for (dir, n) in [("out", s.handoff_out), ("in", s.handoff_in)] {
+        e.add(
+            "espada_handoffs_total",
+            C,
+            "Packets handed to (out) or taken from (in) another worker.",
+            vec![w(), ("direction", dir.into())],
+            n as f64,
+        );
+    }
+    e.add(
+        "espada_shared_sa_order_waits_total",
+        C,
+        "Bursts on a shared SA that waited for another worker's burst to reach the wire first (shared_sa_order = \"wire\").",
+        vec![w()],
+        s.order_waits as f64,
+    );
+    e.add(
+        "espada_busy_seconds_total",
+        C,
+        "Time the worker spent in bursts that carried packets.",
+        vec![w()],
+        s.busy_ns as f64 / 1e9,
+    );
+    for (stage, ns) in [("red", s.red_ns), ("black", s.black_ns)] {
+        e.add(
+            "espada_stage_seconds_total",
+            C,
+            "Time in a worker's stage (red: receive, classify, seal; black: receive, open, checks) of bursts that carried packets; ÷ the side's rx frames is its cost per packet.",
+            vec![w(), ("side", stage.into())],
+            ns as f64 / 1e9,
+        );
+    }
+    e.add(
+        "espada_worker_heartbeats_total",
+        C,
+        "Times the worker published its counters (several a second while it polls; a stalled worker's stays still).",
+        vec![w()],
+        c.heartbeat() as f64,
+    );
+    if let Ok(v) = c.sas.lock() {
+        sa_series(e, i, &v, tunnel_of);
+    }
+    if let Ok(p) = c.ports.lock() {
+        for (side, ps) in [("red", p[0]), ("black", p[1])] {
+            for (what, n) in [
+                ("rx_dropped", ps.rx_dropped),
+                ("tx_dropped", ps.tx_dropped),
+                ("tx_lost", ps.tx_lost),
+                ("rx_filtered", ps.rx_filtered),
+            ] {
+                e.add(
+                    "espada_port_drops_total",
+                    C,
+                    "Frames the ports could not receive or send, by kind.",
+                    vec![w(), ("side", side.into()), ("kind", what.into())],
+                    n as f64,
+                );
+            }
+        }
+    }
+    if let Some(q) = gw.shared.handoff.get(i) {
+        e.add(
+            "espada_handoff_queue_depth",
+            G,
+            "Packets waiting in a worker's handoff queue.",
+            vec![w()],
+            q.len() as f64,
+        );
+    }
+}
+
+/// One worker's SA series (`v`: the SAs it published).
+fn sa_series(
+    e: &mut Exposition,
+    i: usize,
+    v: &[espada_dataplane::worker::SaStat],
+    tunnel_of: &HashMap<(u32, bool), &str>,
+) {
+    let w = || ("worker", i.to_string());
+    // One series per (SA, direction) and worker: what the worker sends on now plus
+    // what it sent before it moved on (`retired` rows), so the counter only grows.
+    let mut per: BTreeMap<(u32, bool), (u64, u64, u64)> = BTreeMap::new();
+    for sa in v.iter() {
+        let e = per.entry((sa.spi, sa.outbound)).or_default();
+        e.0 += sa.packets;
+        e.1 += sa.bytes;
+        e.2 = e.2.max(sa.seq);
+    }
+    for ((spi, outbound), (packets, bytes, seq)) in per {
+        let k = vec![
+            w(),
+            (
+                "tunnel",
+                tunnel_of
+                    .get(&(spi, outbound))
+                    .copied()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+            ("spi", format!("{spi:#010x}")),
+            ("direction", if outbound { "encap" } else { "decap" }.into()),
+        ];
+        e.add(
+            "espada_sa_packets_total",
+            C,
+            "Packets per SA and worker.",
+            k.clone(),
+            packets as f64,
+        );
+        e.add(
+            "espada_sa_inner_bytes_total",
+            C,
+            "Inner IP bytes per SA and worker.",
+            k.clone(),
+            bytes as f64,
+        );
+        e.add(
+            "espada_sa_sequence_number",
+            G,
+            "Encap: last sequence number sent; decap: top of the replay window.",
+            k,
+            seq as f64,
+        );
+    }
+}
+
+/// The gateway's own series: tunnels, database, neighbors, build, reloads, events.
+fn gateway_series(e: &mut Exposition, gw: &Gateway, db: &espada_sadb::db::SaDb) {
     // What the SA database holds, per tunnel: an alert on a tunnel without SAs.
     for t in db.tunnels.iter() {
         for (dir, n) in [
@@ -385,7 +413,6 @@ pub fn render(gw: &Gateway) -> String {
             n as f64,
         );
     }
-    e.text()
 }
 
 /// A served metrics endpoint; dropping it stops the thread.

@@ -120,37 +120,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     let alg = Algorithm::from_name(&a.cipher)
         .with_context(|| format!("unknown cipher `{}` (aes-gcm-128 or aes-gcm-256)", a.cipher))?;
     let compare_all = a.backend == "all";
-    let backend = if compare_all {
-        Backend::Ring
-    } else if a.backend == "auto" {
-        let (b, figs) = Backend::fastest(
-            alg,
-            if a.imix { 594 } else { a.size },
-            Duration::from_millis(20),
-        );
-        eprintln!(
-            "espada bench: crypto auto -> {b} ({})",
-            figs.iter()
-                .map(|(b, ns)| format!("{b} {ns:.0} ns/seal"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        b
-    } else {
-        Backend::from_name(&a.backend)
-            .filter(|b| Backend::available().contains(b))
-            .with_context(|| {
-                format!(
-                    "crypto backend `{}` is not available (built: {})",
-                    a.backend,
-                    Backend::available()
-                        .iter()
-                        .map(|b| b.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?
-    };
+    let backend = choose_backend(&a, alg)?;
     let online = core_affinity::get_core_ids()
         .map(|v| v.len())
         .unwrap_or(1)
@@ -163,16 +133,6 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     if !["ipsec", "loop"].contains(&a.mode.as_str()) {
         bail!("--mode must be ipsec or loop, got {}", a.mode);
     }
-    let layout_for = |cores: usize| match a.layout.as_str() {
-        "split" => Ok(Layout::Split),
-        "shared" => Ok(Layout::Shared),
-        "auto" => Ok(if cores * 2 <= online {
-            Layout::Split
-        } else {
-            Layout::Shared
-        }),
-        s => bail!("--layout must be auto, split, shared or one-core, got {s}"),
-    };
     let dirs: Vec<solo::Direction> = match a.direction.as_str() {
         "encrypt" => vec![solo::Direction::Encrypt],
         "decrypt" => vec![solo::Direction::Decrypt],
@@ -210,6 +170,239 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let (plan, base) = points(&a, sa_mode, backend, alg, &ceil, online, compare_all)?;
+    let rounds = a.rounds.max(1) as usize;
+    let mut measured: Vec<Vec<BenchResult>> = Vec::with_capacity(rounds);
+    super::catch_ctrl_c();
+    let stopped = espada_dataplane::pair::interrupted;
+    for round in 0..rounds {
+        if stopped() {
+            break;
+        }
+        if rounds > 1 {
+            eprintln!("espada bench: round {}/{rounds}", round + 1);
+        }
+        let mut got: Vec<Option<BenchResult>> = vec![None; plan.len()];
+        // Every other round runs the points backwards: a machine that speeds up or slows down
+        // during the run favors no point.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..plan.len()).collect()
+        } else {
+            (0..plan.len()).rev().collect()
+        };
+        for i in order {
+            if stopped() {
+                break;
+            }
+            let (r, b, c) = &plan[i];
+            got[i] = Some(one(&a.load(), r, *b, alg, Some(c))?);
+        }
+        // A round cut short by Ctrl-C is left out (its points would not compare), unless the
+        // point that was running was the round's last (a single run: what it measured).
+        if got.iter().all(Option::is_some) {
+            measured.push(got.into_iter().flatten().collect());
+        }
+    }
+    if stopped() {
+        eprintln!(
+            "espada bench: interrupted (Ctrl-C): {} of {rounds} measured",
+            espada_control::supervisor::count(measured.len(), "whole round", "whole rounds")
+        );
+        if measured.is_empty() {
+            eprintln!("nothing to report: no round was measured whole");
+            return Ok(ExitCode::from(130));
+        }
+    }
+    let results = fold_rounds(&measured, |i| base[i]);
+    let t = table(&results);
+    print!("{t}");
+    print_ratios(a.sweep.as_deref(), &results);
+    println!("Gbit/s count inner IP bytes; encap/seal and decap/open compare one core's ESP rate with the raw AEAD rate of the same backend measured in this run.");
+    if let Some(r) = results.first() {
+        if let Some(l) = r.latency_us_p50_p90_p99_p999_max {
+            println!("one-way latency (sampled 1/64, generator to sink, first run): p50 {:.1} µs, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}", l[0], l[1], l[2], l[3], l[4]);
+        }
+        if !r.drops.is_empty() {
+            println!("drops (first run): {:?}", r.drops);
+        }
+    }
+    if let Some(kind) = a.sweep.as_deref() {
+        write_sweep(&a, kind, &out, &t, &results, alg, backend, online)?;
+    }
+    if let Some(j) = &a.json {
+        let v = if results.len() == 1 {
+            serde_json::to_value(&results[0])?
+        } else {
+            serde_json::to_value(&results)?
+        };
+        std::fs::write(j, serde_json::to_string_pretty(&v)? + "\n")
+            .with_context(|| format!("cannot write {}", j.display()))?;
+        println!("wrote {}", j.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The backend `--backend` names (`auto`: the fastest measured now; `all`: ring first, each
+/// then measured in turn).
+fn choose_backend(a: &BenchArgs, alg: Algorithm) -> Result<Backend> {
+    Ok(if a.backend == "all" {
+        Backend::Ring
+    } else if a.backend == "auto" {
+        let (b, figs) = Backend::fastest(
+            alg,
+            if a.imix { 594 } else { a.size },
+            Duration::from_millis(20),
+        );
+        eprintln!(
+            "espada bench: crypto auto -> {b} ({})",
+            figs.iter()
+                .map(|(b, ns)| format!("{b} {ns:.0} ns/seal"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        b
+    } else {
+        Backend::from_name(&a.backend)
+            .filter(|b| Backend::available().contains(b))
+            .with_context(|| {
+                format!(
+                    "crypto backend `{}` is not available (built: {})",
+                    a.backend,
+                    Backend::available()
+                        .iter()
+                        .map(|b| b.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?
+    })
+}
+
+/// A sweep's ratios to its first point, one line each.
+fn print_ratios(sweep: Option<&str>, results: &[BenchResult]) {
+    if sweep == Some("tunnels") {
+        for r in results.iter().filter(|r| r.tunnels > 1) {
+            if let Some(v) = r.vs_first {
+                println!(
+                    "{} tunnels, traffic {} ÷ 1 tunnel: {:.2}× (median of {} interleaved round{}; {:.2}–{:.2})",
+                    r.tunnels,
+                    if r.traffic == "last" { "all to the last policy" } else { "spread over every tunnel" },
+                    v.median,
+                    r.rounds_mpps.len(),
+                    if r.rounds_mpps.len() == 1 { "" } else { "s" },
+                    v.min,
+                    v.max
+                );
+            }
+        }
+    }
+    if sweep == Some("cores") {
+        for r in results.iter().filter(|r| r.cores > 1) {
+            if let Some(v) = r.vs_first {
+                println!(
+                    "{} {}, {} cores ÷ 1 core: {:.2}× (median of {} interleaved round{}; {:.2}–{:.2})",
+                    r.mode,
+                    r.sa_mode,
+                    r.cores,
+                    v.median,
+                    r.rounds_mpps.len(),
+                    if r.rounds_mpps.len() == 1 { "" } else { "s" },
+                    v.min,
+                    v.max
+                );
+            }
+        }
+    }
+}
+
+/// A sweep's files: the table (Markdown), CSV, JSON and the plot (SVG, PNG).
+#[allow(clippy::too_many_arguments)]
+fn write_sweep(
+    a: &BenchArgs,
+    kind: &str,
+    out: &std::path::Path,
+    t: &str,
+    results: &[BenchResult],
+    alg: Algorithm,
+    backend: Backend,
+    online: usize,
+) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let base = out.join(format!("sweep-{kind}"));
+    std::fs::write(base.with_extension("md"), t)?;
+    std::fs::write(base.with_extension("csv"), csv(results))?;
+    std::fs::write(
+        base.with_extension("json"),
+        serde_json::to_string_pretty(results)? + "\n",
+    )?;
+    let (xf, xl): (fn(&BenchResult) -> f64, &str) = match kind {
+        "cores" => (|r| r.cores as f64, "worker cores per gateway"),
+        "tunnels" => (|r| r.tunnels as f64, "tunnels (SPD policies)"),
+        _ => (|r| r.flows as f64, "flows per core"),
+    };
+    let title = format!(
+        "espada {} B, {} via {}: throughput vs {kind}",
+        if a.imix {
+            "IMIX".to_string()
+        } else {
+            a.size.to_string()
+        },
+        alg,
+        backend
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let caption = format!(
+        "espada bench --sweep {kind}: in-process west/east pair over memory ports, {} round{}, {} backend · host {host}, {online} CPUs · {} · espada {} (git {})",
+        a.rounds,
+        if a.rounds == 1 { "" } else { "s" },
+        backend,
+        chrono::Local::now().format("%Y-%m-%d %H:%M"),
+        env!("CARGO_PKG_VERSION"),
+        option_env!("ESPADA_GIT_HASH").unwrap_or("unknown"),
+    );
+    let spec = espada_benches::harness::PlotSpec {
+        x_of: xf,
+        x_label: xl,
+        title: &title,
+        caption: &caption,
+        cores: kind == "cores",
+        log_x: kind != "cores",
+    };
+    plot(results, &spec, &base)?;
+    println!("wrote {}.{{md,csv,json,svg,png}}", base.display());
+    Ok(())
+}
+
+/// How `--layout` places `cores` workers per gateway on `online` CPUs.
+fn layout_for(layout: &str, cores: usize, online: usize) -> Result<Layout> {
+    Ok(match layout {
+        "split" => Layout::Split,
+        "shared" => Layout::Shared,
+        "auto" => {
+            if cores * 2 <= online {
+                Layout::Split
+            } else {
+                Layout::Shared
+            }
+        }
+        s => bail!("--layout must be auto, split, shared or one-core, got {s}"),
+    })
+}
+
+/// What a run measures: the points (each with its backend and that backend's ceiling) and, for
+/// each, the point it is compared with (a sweep's first point of the same mode).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn points(
+    a: &BenchArgs,
+    sa_mode: SaMode,
+    backend: Backend,
+    alg: Algorithm,
+    ceil: &Ceiling,
+    online: usize,
+    compare_all: bool,
+) -> Result<(Vec<(Run, Backend, Ceiling)>, Vec<Option<usize>>)> {
     // The points to measure, each with its backend and that backend's ceiling, and the point
     // each is compared with (a sweep's first point of the same mode).
     let mut plan: Vec<(Run, Backend, Ceiling)> = Vec::new();
@@ -221,14 +414,14 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
                 sa_mode,
                 cores: a.cores.max(1),
                 flows: a.flows,
-                layout: layout_for(a.cores.max(1))?,
+                layout: layout_for(&a.layout, a.cores.max(1), online)?,
                 tunnels: a.tunnels,
                 tunnel_last: a.tunnel_last,
             };
             if compare_all {
                 // Every backend in one invocation, each with its own ceiling.
                 for b in Backend::available() {
-                    let c = ceiling(*b, alg, size_for_ceiling)?;
+                    let c = ceiling(*b, alg, if a.imix { 594 } else { a.size })?;
                     eprintln!("  {b}: seal {:.0} ns, open {:.0} ns", c.seal_ns, c.open_ns);
                     plan.push((r.clone(), *b, c));
                     base.push(None);
@@ -282,7 +475,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
                         sa_mode,
                         cores: a.cores.max(1),
                         flows: a.flows,
-                        layout: layout_for(a.cores.max(1))?,
+                        layout: layout_for(&a.layout, a.cores.max(1), online)?,
                         tunnels: n,
                         tunnel_last: last,
                     };
@@ -293,150 +486,5 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         }
         Some(s) => bail!("--sweep must be cores, flows or tunnels, got {s}"),
     }
-    let rounds = a.rounds.max(1) as usize;
-    let mut measured: Vec<Vec<BenchResult>> = Vec::with_capacity(rounds);
-    super::catch_ctrl_c();
-    let stopped = espada_dataplane::pair::interrupted;
-    for round in 0..rounds {
-        if stopped() {
-            break;
-        }
-        if rounds > 1 {
-            eprintln!("espada bench: round {}/{rounds}", round + 1);
-        }
-        let mut got: Vec<Option<BenchResult>> = vec![None; plan.len()];
-        // Every other round runs the points backwards: a machine that speeds up or slows down
-        // during the run favors no point.
-        let order: Vec<usize> = if round % 2 == 0 {
-            (0..plan.len()).collect()
-        } else {
-            (0..plan.len()).rev().collect()
-        };
-        for i in order {
-            if stopped() {
-                break;
-            }
-            let (r, b, c) = &plan[i];
-            got[i] = Some(one(&a.load(), r, *b, alg, Some(c))?);
-        }
-        // A round cut short by Ctrl-C is left out (its points would not compare), unless the
-        // point that was running was the round's last (a single run: what it measured).
-        if got.iter().all(Option::is_some) {
-            measured.push(got.into_iter().flatten().collect());
-        }
-    }
-    if stopped() {
-        eprintln!(
-            "espada bench: interrupted (Ctrl-C): {} of {rounds} measured",
-            espada_control::supervisor::count(measured.len(), "whole round", "whole rounds")
-        );
-        if measured.is_empty() {
-            eprintln!("nothing to report: no round was measured whole");
-            return Ok(ExitCode::from(130));
-        }
-    }
-    let results = fold_rounds(&measured, |i| base[i]);
-    let t = table(&results);
-    print!("{t}");
-    if a.sweep.as_deref() == Some("tunnels") {
-        for r in results.iter().filter(|r| r.tunnels > 1) {
-            if let Some(v) = r.vs_first {
-                println!(
-                    "{} tunnels, traffic {} ÷ 1 tunnel: {:.2}× (median of {} interleaved round{}; {:.2}–{:.2})",
-                    r.tunnels,
-                    if r.traffic == "last" { "all to the last policy" } else { "spread over every tunnel" },
-                    v.median,
-                    r.rounds_mpps.len(),
-                    if r.rounds_mpps.len() == 1 { "" } else { "s" },
-                    v.min,
-                    v.max
-                );
-            }
-        }
-    }
-    if a.sweep.as_deref() == Some("cores") {
-        for r in results.iter().filter(|r| r.cores > 1) {
-            if let Some(v) = r.vs_first {
-                println!(
-                    "{} {}, {} cores ÷ 1 core: {:.2}× (median of {} interleaved round{}; {:.2}–{:.2})",
-                    r.mode,
-                    r.sa_mode,
-                    r.cores,
-                    v.median,
-                    r.rounds_mpps.len(),
-                    if r.rounds_mpps.len() == 1 { "" } else { "s" },
-                    v.min,
-                    v.max
-                );
-            }
-        }
-    }
-    println!("Gbit/s count inner IP bytes; encap/seal and decap/open compare one core's ESP rate with the raw AEAD rate of the same backend measured in this run.");
-    if let Some(r) = results.first() {
-        if let Some(l) = r.latency_us_p50_p90_p99_p999_max {
-            println!("one-way latency (sampled 1/64, generator to sink, first run): p50 {:.1} µs, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}", l[0], l[1], l[2], l[3], l[4]);
-        }
-        if !r.drops.is_empty() {
-            println!("drops (first run): {:?}", r.drops);
-        }
-    }
-    if let Some(kind) = a.sweep.as_deref() {
-        std::fs::create_dir_all(&out)
-            .with_context(|| format!("cannot create {}", out.display()))?;
-        let base = out.join(format!("sweep-{kind}"));
-        std::fs::write(base.with_extension("md"), &t)?;
-        std::fs::write(base.with_extension("csv"), csv(&results))?;
-        std::fs::write(
-            base.with_extension("json"),
-            serde_json::to_string_pretty(&results)? + "\n",
-        )?;
-        let (xf, xl): (fn(&BenchResult) -> f64, &str) = match kind {
-            "cores" => (|r| r.cores as f64, "worker cores per gateway"),
-            "tunnels" => (|r| r.tunnels as f64, "tunnels (SPD policies)"),
-            _ => (|r| r.flows as f64, "flows per core"),
-        };
-        let title = format!(
-            "espada {} B, {} via {}: throughput vs {kind}",
-            if a.imix {
-                "IMIX".to_string()
-            } else {
-                a.size.to_string()
-            },
-            alg,
-            backend
-        );
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "?".into());
-        let caption = format!(
-            "espada bench --sweep {kind}: in-process west/east pair over memory ports, {} round{}, {} backend · host {host}, {online} CPUs · {} · espada {} (git {})",
-            a.rounds,
-            if a.rounds == 1 { "" } else { "s" },
-            backend,
-            chrono::Local::now().format("%Y-%m-%d %H:%M"),
-            env!("CARGO_PKG_VERSION"),
-            option_env!("ESPADA_GIT_HASH").unwrap_or("unknown"),
-        );
-        let spec = espada_benches::harness::PlotSpec {
-            x_of: xf,
-            x_label: xl,
-            title: &title,
-            caption: &caption,
-            cores: kind == "cores",
-            log_x: kind != "cores",
-        };
-        plot(&results, &spec, &base)?;
-        println!("wrote {}.{{md,csv,json,svg,png}}", base.display());
-    }
-    if let Some(j) = &a.json {
-        let v = if results.len() == 1 {
-            serde_json::to_value(&results[0])?
-        } else {
-            serde_json::to_value(&results)?
-        };
-        std::fs::write(j, serde_json::to_string_pretty(&v)? + "\n")
-            .with_context(|| format!("cannot write {}", j.display()))?;
-        println!("wrote {}", j.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok((plan, base))
 }
