@@ -309,33 +309,7 @@ pub fn one(
         .map(|i| ids.get(i % ids.len().max(1)).copied())
         .collect();
     let total = Duration::from_secs_f64(a.duration);
-    let bar = if a.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let b = indicatif::ProgressBar::new(total.as_millis() as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{prefix:>28} [{bar:30}] {msg}")
-                .unwrap()
-                .progress_chars("=> "),
-        );
-        b.set_prefix(format!(
-            "{} {} {}c {}f{}",
-            r.mode,
-            if bypass { "-" } else { r.sa_mode.name() },
-            r.cores,
-            r.flows,
-            if r.tunnels > 0 {
-                format!(
-                    " {}t {}",
-                    r.tunnels,
-                    if r.tunnel_last { "last" } else { "spread" }
-                )
-            } else {
-                String::new()
-            }
-        ));
-        b
-    };
+    let bar = progress_bar(a, r, bypass, total);
     let recv = pair.received.clone();
     let mut last = (0u64, Instant::now());
     let elapsed = pair.run_with(total, &pins, r.layout, |t| {
@@ -414,6 +388,37 @@ pub fn one(
         .into(),
         vs_first: None,
     })
+}
+
+/// The progress bar of one point (hidden with `--quiet`).
+fn progress_bar(a: &Load, r: &Run, bypass: bool, total: Duration) -> indicatif::ProgressBar {
+    if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(total.as_millis() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{prefix:>28} [{bar:30}] {msg}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        b.set_prefix(format!(
+            "{} {} {}c {}f{}",
+            r.mode,
+            if bypass { "-" } else { r.sa_mode.name() },
+            r.cores,
+            r.flows,
+            if r.tunnels > 0 {
+                format!(
+                    " {}t {}",
+                    r.tunnels,
+                    if r.tunnel_last { "last" } else { "spread" }
+                )
+            } else {
+                String::new()
+            }
+        ));
+        b
+    }
 }
 
 pub fn table(rs: &[BenchResult]) -> String {

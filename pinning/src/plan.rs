@@ -152,55 +152,7 @@ pub fn plan(t: &Topology, n: &Needs) -> Result<Plan, PlanError> {
     let nic_node = black
         .and_then(|b| b.node)
         .or_else(|| red.and_then(|r| r.node));
-    // Worker cores.
-    let worker_cores = match &n.cores {
-        Some(c) => {
-            for x in c {
-                if !t.cpus.iter().any(|cpu| cpu.id == *x) {
-                    return Err(PlanError::Offline(*x));
-                }
-            }
-            c.clone()
-        }
-        None => {
-            let mut cands: Vec<&crate::topology::Cpu> = t.cpus.iter().collect();
-            // Isolated first, then the NIC's NUMA node, then low numbers.
-            cands.sort_by_key(|c| {
-                (
-                    !t.isolated.contains(&c.id),
-                    nic_node.is_some_and(|nn| c.node != nn),
-                    c.id,
-                )
-            });
-            let mut chosen: Vec<usize> = Vec::new();
-            for c in &cands {
-                if !n.allow_smt && chosen.iter().any(|x| c.siblings.contains(x)) {
-                    continue;
-                }
-                chosen.push(c.id);
-            }
-            let want = if n.workers == 0 {
-                chosen.len()
-            } else {
-                n.workers
-            };
-            if chosen.len() < want {
-                let why = if n.allow_smt {
-                    "online CPUs".into()
-                } else {
-                    "one thread per physical core; allow_smt to use siblings".to_string()
-                };
-                return Err(PlanError::Cores {
-                    want,
-                    have: chosen.len(),
-                    why,
-                });
-            }
-            chosen.truncate(want);
-            chosen.sort_unstable();
-            chosen
-        }
-    };
+    let worker_cores = worker_cores(t, n, nic_node)?;
     let w = worker_cores.len();
     if let Some(nn) = nic_node {
         let off: Vec<usize> = worker_cores
@@ -329,6 +281,59 @@ pub fn plan(t: &Topology, n: &Needs) -> Result<Plan, PlanError> {
         sas,
         notes,
         stop_irqbalance: t.irqbalance_running,
+    })
+}
+
+/// The worker cores: as configured (each online), or chosen: isolated CPUs first, then the
+/// NIC's NUMA node, then low numbers, one thread per physical core unless `allow_smt`.
+fn worker_cores(t: &Topology, n: &Needs, nic_node: Option<usize>) -> Result<Vec<usize>, PlanError> {
+    Ok(match &n.cores {
+        Some(c) => {
+            for x in c {
+                if !t.cpus.iter().any(|cpu| cpu.id == *x) {
+                    return Err(PlanError::Offline(*x));
+                }
+            }
+            c.clone()
+        }
+        None => {
+            let mut cands: Vec<&crate::topology::Cpu> = t.cpus.iter().collect();
+            // Isolated first, then the NIC's NUMA node, then low numbers.
+            cands.sort_by_key(|c| {
+                (
+                    !t.isolated.contains(&c.id),
+                    nic_node.is_some_and(|nn| c.node != nn),
+                    c.id,
+                )
+            });
+            let mut chosen: Vec<usize> = Vec::new();
+            for c in &cands {
+                if !n.allow_smt && chosen.iter().any(|x| c.siblings.contains(x)) {
+                    continue;
+                }
+                chosen.push(c.id);
+            }
+            let want = if n.workers == 0 {
+                chosen.len()
+            } else {
+                n.workers
+            };
+            if chosen.len() < want {
+                let why = if n.allow_smt {
+                    "online CPUs".into()
+                } else {
+                    "one thread per physical core; allow_smt to use siblings".to_string()
+                };
+                return Err(PlanError::Cores {
+                    want,
+                    have: chosen.len(),
+                    why,
+                });
+            }
+            chosen.truncate(want);
+            chosen.sort_unstable();
+            chosen
+        }
     })
 }
 

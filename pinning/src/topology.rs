@@ -166,7 +166,26 @@ pub fn discover(root: &Path, nics: &[&str]) -> Result<Topology, DiscoveryError> 
     let cmdline = read(root, "proc/cmdline").unwrap_or_default();
     let isolated = cmdline_cpus(&cmdline, "isolcpus")?;
     let nohz_full = cmdline_cpus(&cmdline, "nohz_full")?;
-    // IRQ names.
+    let irq_names = irq_names(root, &mut notes);
+    let mut found = BTreeMap::new();
+    for &name in nics {
+        if let Some(nic) = nic(root, name, &irq_names, &mut notes) {
+            found.insert(name.to_string(), nic);
+        }
+    }
+    let irqbalance_running = irqbalance_running(root);
+    Ok(Topology {
+        cpus,
+        isolated,
+        nohz_full,
+        nics: found,
+        irqbalance_running,
+        notes,
+    })
+}
+
+/// IRQ number → name, from /proc/interrupts (its last column).
+fn irq_names(root: &Path, notes: &mut Vec<String>) -> BTreeMap<u32, String> {
     let mut irq_names = BTreeMap::new();
     if let Some(t) = read(root, "proc/interrupts") {
         for l in t.lines().skip(1) {
@@ -184,73 +203,81 @@ pub fn discover(root: &Path, nics: &[&str]) -> Result<Topology, DiscoveryError> 
     } else {
         notes.push("no /proc/interrupts: IRQ names unknown".into());
     }
-    let mut found = BTreeMap::new();
-    for &name in nics {
-        let base = format!("sys/class/net/{name}");
-        if !root.join(&base).exists() {
-            notes.push(format!("interface {name} does not exist on this host"));
-            continue;
-        }
-        let physical = root.join(format!("{base}/device")).exists();
-        let node = read(root, &format!("{base}/device/numa_node"))
-            .and_then(|s| s.parse::<i64>().ok())
-            .filter(|n| *n >= 0)
-            .map(|n| n as usize);
-        let driver = std::fs::read_link(root.join(format!("{base}/device/driver")))
-            .ok()
-            .and_then(|p| p.file_name().map(|f| f.to_string_lossy().to_string()))
-            .or_else(|| read(root, &format!("{base}/device/driver_name")));
-        let rx_queues = std::fs::read_dir(root.join(format!("{base}/queues")))
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                    .count()
-            })
-            .unwrap_or(1);
-        let mut irqs = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(root.join(format!("{base}/device/msi_irqs"))) {
-            let mut nums: Vec<u32> = rd
-                .flatten()
-                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
-                .collect();
-            nums.sort_unstable();
-            for num in nums {
-                let n = irq_names.get(&num).cloned().unwrap_or_default();
-                irqs.push(Irq {
-                    num,
-                    queue: irq_queue(&n),
-                    name: n,
-                });
-            }
-        }
-        if !physical {
-            notes.push(format!(
-                "interface {name} is not a PCI device ({}): no queue IRQs to pin, no flow rules",
-                driver.clone().unwrap_or_else(|| "virtual".into())
-            ));
-        } else if irqs.is_empty() {
-            notes.push(format!(
-                "interface {name}: no MSI IRQs found under device/msi_irqs"
-            ));
-        }
-        if physical && node.is_none() {
-            notes.push(format!(
-                "interface {name}: NUMA node unknown (numa_node = -1)"
-            ));
-        }
-        found.insert(
-            name.to_string(),
-            Nic {
-                name: name.to_string(),
-                node,
-                driver,
-                rx_queues,
-                irqs,
-                physical,
-            },
-        );
+    irq_names
+}
+
+/// What sysfs says about interface `name`: NUMA node, driver, queues, MSI IRQs.
+fn nic(
+    root: &Path,
+    name: &str,
+    irq_names: &BTreeMap<u32, String>,
+    notes: &mut Vec<String>,
+) -> Option<Nic> {
+    let base = format!("sys/class/net/{name}");
+    if !root.join(&base).exists() {
+        notes.push(format!("interface {name} does not exist on this host"));
+        return None;
     }
-    let irqbalance_running = std::fs::read_dir(root.join("proc"))
+    let physical = root.join(format!("{base}/device")).exists();
+    let node = read(root, &format!("{base}/device/numa_node"))
+        .and_then(|s| s.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .map(|n| n as usize);
+    let driver = std::fs::read_link(root.join(format!("{base}/device/driver")))
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().to_string()))
+        .or_else(|| read(root, &format!("{base}/device/driver_name")));
+    let rx_queues = std::fs::read_dir(root.join(format!("{base}/queues")))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(1);
+    let mut irqs = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(root.join(format!("{base}/device/msi_irqs"))) {
+        let mut nums: Vec<u32> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+            .collect();
+        nums.sort_unstable();
+        for num in nums {
+            let n = irq_names.get(&num).cloned().unwrap_or_default();
+            irqs.push(Irq {
+                num,
+                queue: irq_queue(&n),
+                name: n,
+            });
+        }
+    }
+    if !physical {
+        notes.push(format!(
+            "interface {name} is not a PCI device ({}): no queue IRQs to pin, no flow rules",
+            driver.clone().unwrap_or_else(|| "virtual".into())
+        ));
+    } else if irqs.is_empty() {
+        notes.push(format!(
+            "interface {name}: no MSI IRQs found under device/msi_irqs"
+        ));
+    }
+    if physical && node.is_none() {
+        notes.push(format!(
+            "interface {name}: NUMA node unknown (numa_node = -1)"
+        ));
+    }
+    Some(Nic {
+        name: name.to_string(),
+        node,
+        driver,
+        rx_queues,
+        irqs,
+        physical,
+    })
+}
+
+/// Whether an irqbalance process runs (it would move the IRQs a plan pins).
+fn irqbalance_running(root: &Path) -> bool {
+    std::fs::read_dir(root.join("proc"))
         .map(|rd| {
             rd.flatten().any(|e| {
                 e.file_name()
@@ -261,15 +288,7 @@ pub fn discover(root: &Path, nics: &[&str]) -> Result<Topology, DiscoveryError> 
                         .is_ok_and(|c| c.trim() == "irqbalance")
             })
         })
-        .unwrap_or(false);
-    Ok(Topology {
-        cpus,
-        isolated,
-        nohz_full,
-        nics: found,
-        irqbalance_running,
-        notes,
-    })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
