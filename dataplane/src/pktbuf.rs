@@ -85,18 +85,38 @@ pub struct PktBuf {
 enum Owner {
     /// `base`/`cap` are a `Box<[u8]>` owned by this value; it returns to the pool, if any.
     Heap(Weak<Pool>),
-    /// An mbuf owned by this value (one segment).
-    #[cfg(feature = "dpdk")]
-    Mbuf(NonNull<dpdk_sys::rte_mbuf>),
-    /// A frame of an AF_XDP UMEM (feature `af-xdp`): `base` is the frame's first byte; the
-    /// frame goes back to the UMEM's free frames when this value is dropped.
-    #[cfg(feature = "af-xdp")]
-    Umem(NonNull<crate::port::af_xdp::XdpUmem>),
-    /// A slot of an AF_PACKET TPACKET_V2 receive ring, lent in place: the pointer is the
-    /// slot's `tp_status` word, and dropping the buffer hands the slot back to the kernel
-    /// (`TP_STATUS_KERNEL`). The ring stays mapped while any slot is out (see
-    /// `AfPacketQueue`'s `Drop`).
-    RingSlot(NonNull<std::sync::atomic::AtomicU32>),
+    /// Memory a port lent (a DPDK mbuf, an AF_XDP UMEM frame, an AF_PACKET receive-ring
+    /// slot): it goes back through the port's [`LentOps`] with the context it was lent with.
+    Lent {
+        ops: &'static LentOps,
+        ctx: NonNull<()>,
+    },
+}
+
+/// What kind of memory a port lent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LentKind {
+    /// A DPDK mbuf (one segment).
+    Mbuf,
+    /// A frame of an AF_XDP UMEM.
+    UmemFrame,
+    /// A slot of an AF_PACKET TPACKET_V2 receive ring, lent in place (must not be held across
+    /// polls: see [`PktBuf::is_ring_slot`]).
+    RingSlot,
+}
+
+/// How a buffer a port lent goes back to it: a table of the port's functions, as DPDK's
+/// mempool ops are. This module knows no port: a port that lends its own memory wraps it with
+/// [`PktBuf::lend`] and its `LentOps` (one `static` per port kind), takes it back in place
+/// with [`PktBuf::take_lent`], and whatever path drops the buffer calls `give_back`.
+pub struct LentOps {
+    /// The memory's kind.
+    pub kind: LentKind,
+    /// Gives the memory back to the port; called once, when the buffer is dropped.
+    ///
+    /// # Safety
+    /// `ctx` and `base` are what the buffer was lent with, and the buffer is gone.
+    pub give_back: unsafe fn(ctx: NonNull<()>, base: NonNull<u8>),
 }
 
 // SAFETY: the storage (a boxed slice, or an mbuf taken off a queue) is owned by this value
@@ -146,23 +166,11 @@ impl Drop for PktBuf {
                     });
                 }
             }
-            #[cfg(feature = "dpdk")]
-            Owner::Mbuf(m) => {
-                // SAFETY: the mbuf is owned by this value and freed exactly once.
-                unsafe { dpdk_sys::espada_mbuf_free(m.as_ptr()) }
-            }
-            #[cfg(feature = "af-xdp")]
-            Owner::Umem(u) => {
-                // SAFETY: a UMEM outlives every buffer of its frames (it is leaked rather than
-                // unmapped while any is out: see `XdpUmem`), and this frame is given back once.
-                unsafe { crate::port::af_xdp::XdpUmem::give_back(*u, self.base.as_ptr()) }
-            }
-            Owner::RingSlot(status) => {
-                // SAFETY: a receive ring stays mapped while any of its slots is lent (the queue
-                // leaks the mapping rather than unmapping it under a lent slot), and this value
-                // is the slot's only owner. The store is its last access to the slot: from it
-                // on, the kernel may write the slot again.
-                unsafe { crate::port::af_packet::give_back_slot(*status) }
+            Owner::Lent { ops, ctx } => {
+                // SAFETY: the port lent this memory with `ctx` and keeps it valid while the
+                // buffer lives (an mbuf is owned; a UMEM or a ring mapping outlives its lent
+                // frames and slots); this is its one give-back: the buffer is going away.
+                unsafe { (ops.give_back)(*ctx, self.base) }
             }
         }
     }
@@ -178,23 +186,6 @@ impl Default for PktBuf {
     fn default() -> Self {
         PktBuf::new(DEFAULT_BUF_SIZE)
     }
-}
-
-/// `rte_mbuf` field offsets espada uses (first cache line; asserted in `dpdk-sys`'s shim).
-#[cfg(feature = "dpdk")]
-mod mbuf_field {
-    pub const BUF_ADDR: usize = 0;
-    pub const DATA_OFF: usize = 16;
-    pub const NB_SEGS: usize = 20;
-    pub const PKT_LEN: usize = 36;
-    pub const DATA_LEN: usize = 40;
-    pub const BUF_LEN: usize = 54;
-    pub const OL_FLAGS: usize = 24;
-    /// `RTE_MBUF_F_RX_IP_CKSUM_MASK` and `_GOOD`, `RTE_MBUF_F_RX_L4_CKSUM_MASK` and `_GOOD`.
-    pub const IP_CKSUM_MASK: u64 = (1 << 4) | (1 << 7);
-    pub const IP_CKSUM_GOOD: u64 = 1 << 7;
-    pub const L4_CKSUM_MASK: u64 = (1 << 3) | (1 << 8);
-    pub const L4_CKSUM_GOOD: u64 = 1 << 8;
 }
 
 impl PktBuf {
@@ -221,16 +212,11 @@ impl PktBuf {
     pub(crate) fn belongs_to(&self, pool: &Arc<Pool>) -> bool {
         match &self.owner {
             Owner::Heap(home) => std::ptr::eq(home.as_ptr(), Arc::as_ptr(pool)),
-            #[cfg(feature = "dpdk")]
-            Owner::Mbuf(_) => false,
-            #[cfg(feature = "af-xdp")]
-            Owner::Umem(_) => false,
-            Owner::RingSlot(_) => false,
+            Owner::Lent { .. } => false,
         }
     }
 
     /// Forgets the pool this buffer belongs to: dropping it then frees its memory.
-    #[allow(irrefutable_let_patterns)] // one variant without the `dpdk`/`af-xdp` features
     pub(crate) fn orphan(mut self) {
         if let Owner::Heap(home) = &mut self.owner {
             *home = Weak::new();
@@ -264,67 +250,71 @@ impl PktBuf {
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.cap) }
     }
 
-    /// Wraps a one-segment mbuf just received (no copy): the view is its data room.
+    /// Wraps memory a port lends (no copy): `base..base + cap` the bytes the packet may use
+    /// (headroom, packet, tailroom), the packet `len` bytes at `head`; dropping the buffer
+    /// gives the memory back through `ops` with `ctx`.
     ///
     /// # Safety
-    /// `m` is a valid mbuf owned by the caller, which hands the ownership over.
-    #[cfg(feature = "dpdk")]
-    pub unsafe fn from_mbuf(m: NonNull<dpdk_sys::rte_mbuf>) -> Option<PktBuf> {
-        let p = m.as_ptr() as *const u8;
-        // SAFETY (caller): m is valid; the offsets are those of DPDK's struct (asserted).
-        let (buf_addr, data_off, nb_segs, data_len, buf_len, ol_flags) = unsafe {
-            (
-                std::ptr::read(p.add(mbuf_field::BUF_ADDR) as *const *mut u8),
-                std::ptr::read(p.add(mbuf_field::DATA_OFF) as *const u16) as usize,
-                std::ptr::read(p.add(mbuf_field::NB_SEGS) as *const u16),
-                std::ptr::read(p.add(mbuf_field::DATA_LEN) as *const u16) as usize,
-                std::ptr::read(p.add(mbuf_field::BUF_LEN) as *const u16) as usize,
-                std::ptr::read(p.add(mbuf_field::OL_FLAGS) as *const u64),
-            )
-        };
-        // Only GOOD counts: BAD, UNKNOWN and NONE all leave the check to software.
-        let hw_csum = if ol_flags & mbuf_field::IP_CKSUM_MASK == mbuf_field::IP_CKSUM_GOOD {
-            HW_IP_CSUM_GOOD
-        } else {
-            0
-        } | if ol_flags & mbuf_field::L4_CKSUM_MASK == mbuf_field::L4_CKSUM_GOOD {
-            HW_L4_CSUM_GOOD
-        } else {
-            0
-        };
-        let base = NonNull::new(buf_addr)?;
-        let b = PktBuf {
+    /// The memory is the caller's to lend (nobody else uses it until it comes back), `cap`
+    /// bytes from `base` stay valid until `ops.give_back` runs, and `head + len <= cap`.
+    #[inline]
+    pub unsafe fn lend(
+        ops: &'static LentOps,
+        ctx: NonNull<()>,
+        base: NonNull<u8>,
+        cap: usize,
+        head: usize,
+        len: usize,
+        hw_csum: u8,
+    ) -> PktBuf {
+        debug_assert!(head + len <= cap);
+        PktBuf {
             base,
-            cap: buf_len,
-            head: data_off.min(buf_len),
-            len: data_len.min(buf_len.saturating_sub(data_off)),
+            cap,
+            head,
+            len,
             outer_tos: 0,
             hw_csum,
             going_home: false,
-            owner: Owner::Mbuf(m),
-        };
-        // Chained mbufs are not handled: the caller drops (and counts) them; dropping `b`
-        // frees the whole chain.
-        (nb_segs == 1).then_some(b)
+            owner: Owner::Lent { ops, ctx },
+        }
     }
 
-    /// The mbuf behind this buffer with its offsets written back, ready for `rte_eth_tx_burst`
-    /// (no copy); `Err(self)` for a heap buffer, which the port must copy.
-    #[cfg(feature = "dpdk")]
-    pub fn into_mbuf(self) -> Result<NonNull<dpdk_sys::rte_mbuf>, PktBuf> {
-        let Owner::Mbuf(m) = self.owner else {
-            return Err(self);
-        };
-        let p = m.as_ptr() as *mut u8;
-        // SAFETY: m is the valid mbuf this value owns; head <= cap <= u16::MAX and len <= cap
-        // (buf_len is a u16), so the casts are exact.
-        unsafe {
-            std::ptr::write(p.add(mbuf_field::DATA_OFF) as *mut u16, self.head as u16);
-            std::ptr::write(p.add(mbuf_field::DATA_LEN) as *mut u16, self.len as u16);
-            std::ptr::write(p.add(mbuf_field::PKT_LEN) as *mut u32, self.len as u32);
+    /// Takes back memory lent with `ops` and `ctx` (a port sending its own frame in place):
+    /// its first byte, the packet's offset and length; the memory is the caller's again and
+    /// is not given back. `Err(self)` for any other buffer.
+    #[inline]
+    pub fn take_lent(
+        self,
+        ops: &'static LentOps,
+        ctx: NonNull<()>,
+    ) -> Result<(NonNull<u8>, usize, usize), PktBuf> {
+        match self.owner {
+            Owner::Lent { ops: o, ctx: c } if std::ptr::eq(o, ops) && c == ctx => {
+                let r = (self.base, self.head, self.len);
+                std::mem::forget(self);
+                Ok(r)
+            }
+            _ => Err(self),
         }
-        std::mem::forget(self);
-        Ok(m)
+    }
+
+    /// The context of memory lent with `ops` (which mbuf, which UMEM), if this buffer is.
+    #[inline]
+    pub fn lent_ctx(&self, ops: &'static LentOps) -> Option<NonNull<()>> {
+        match self.owner {
+            Owner::Lent { ops: o, ctx } if std::ptr::eq(o, ops) => Some(ctx),
+            _ => None,
+        }
+    }
+
+    /// What kind of memory a port lent this buffer from (`None`: a heap buffer).
+    #[inline]
+    pub fn lent_kind(&self) -> Option<LentKind> {
+        match self.owner {
+            Owner::Lent { ops, .. } => Some(ops.kind),
+            Owner::Heap(_) => None,
+        }
     }
 
     /// A buffer holding a copy of `data` after the default headroom (tests and tools).
@@ -336,38 +326,7 @@ impl PktBuf {
 
     /// Whether the bytes live in a DPDK mbuf.
     pub fn is_mbuf(&self) -> bool {
-        #[cfg(feature = "dpdk")]
-        if let Owner::Mbuf(_) = self.owner {
-            return true;
-        }
-        false
-    }
-
-    /// Wraps a slot of an AF_PACKET receive ring just taken from the kernel (no copy):
-    /// `status` is the slot's `tp_status` word, `base..base + cap` the slot's bytes the packet
-    /// may use (headroom, packet, tailroom), the packet `len` bytes at `head`.
-    ///
-    /// # Safety
-    /// The slot is the caller's (the kernel handed it over and nobody else holds it), its
-    /// bytes stay mapped until the buffer is dropped, and `head + len <= cap`.
-    pub(crate) unsafe fn from_ring_slot(
-        status: NonNull<std::sync::atomic::AtomicU32>,
-        base: NonNull<u8>,
-        cap: usize,
-        head: usize,
-        len: usize,
-    ) -> PktBuf {
-        debug_assert!(head + len <= cap);
-        PktBuf {
-            base,
-            cap,
-            head,
-            len,
-            outer_tos: 0,
-            hw_csum: 0,
-            going_home: false,
-            owner: Owner::RingSlot(status),
-        }
+        self.lent_kind() == Some(LentKind::Mbuf)
     }
 
     /// Whether this buffer is a slot of a kernel receive ring (AF_PACKET) lent in place.
@@ -376,7 +335,7 @@ impl PktBuf {
     /// the control path) copies it out first ([`PktBuf::copy_out`]).
     #[inline]
     pub fn is_ring_slot(&self) -> bool {
-        matches!(self.owner, Owner::RingSlot(_))
+        self.lent_kind() == Some(LentKind::RingSlot)
     }
 
     /// A copy of this packet in a buffer of `pool` (with that buffer's headroom; `outer_tos`
@@ -398,49 +357,6 @@ impl PktBuf {
         c.hw_csum = self.hw_csum;
         drop(self);
         Ok(c)
-    }
-
-    /// Wraps a UMEM frame just received (no copy): `frame` is its first byte, `size` its size,
-    /// the packet `len` bytes at `offset`.
-    ///
-    /// # Safety
-    /// `frame` is a frame of `umem` that the caller owns (taken off an RX ring) and hands over.
-    #[cfg(feature = "af-xdp")]
-    pub(crate) unsafe fn from_umem(
-        umem: NonNull<crate::port::af_xdp::XdpUmem>,
-        frame: NonNull<u8>,
-        size: usize,
-        offset: usize,
-        len: usize,
-    ) -> PktBuf {
-        PktBuf {
-            base: frame,
-            cap: size,
-            head: offset.min(size),
-            len: len.min(size - offset.min(size)),
-            outer_tos: 0,
-            hw_csum: 0,
-            going_home: false,
-            owner: Owner::Umem(umem),
-        }
-    }
-
-    /// The UMEM frame behind this buffer (its first byte), the packet's offset in it and its
-    /// length, if the buffer is a frame of `umem`; `Err(self)` otherwise. The caller takes the
-    /// frame over (it is not given back).
-    #[cfg(feature = "af-xdp")]
-    pub(crate) fn into_umem(
-        self,
-        umem: NonNull<crate::port::af_xdp::XdpUmem>,
-    ) -> Result<(NonNull<u8>, usize, usize), PktBuf> {
-        match self.owner {
-            Owner::Umem(u) if u == umem => {
-                let r = (self.base, self.head, self.len);
-                std::mem::forget(self);
-                Ok(r)
-            }
-            _ => Err(self),
-        }
     }
 
     /// Where the storage starts (tests use it to show a buffer was not copied).

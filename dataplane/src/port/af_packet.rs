@@ -96,16 +96,23 @@ pub fn rx_frame_size(mtu: usize) -> usize {
     (mac + mtu + 14 + RX_TAILROOM).next_power_of_two().max(2048)
 }
 
+/// How a lent receive slot goes back: its `tp_status` word (the buffer's context) set to
+/// `TP_STATUS_KERNEL`.
+static RING_SLOT: crate::pktbuf::LentOps = crate::pktbuf::LentOps {
+    kind: crate::pktbuf::LentKind::RingSlot,
+    give_back: give_back_slot,
+};
+
 /// Hands a lent receive slot back to the kernel.
 ///
 /// # Safety
 /// `status` is the `tp_status` word of a slot lent by a receive ring that is still mapped, and
 /// the caller is the slot's only holder and does not touch the slot afterwards.
 #[inline]
-pub(crate) unsafe fn give_back_slot(status: std::ptr::NonNull<AtomicU32>) {
+unsafe fn give_back_slot(status: std::ptr::NonNull<()>, _base: std::ptr::NonNull<u8>) {
     // SAFETY (caller): mapped and ours; Release orders our writes to the slot before the
     // kernel's next fill.
-    unsafe { status.as_ref() }.store(TP_STATUS_KERNEL, Ordering::Release);
+    unsafe { status.cast::<AtomicU32>().as_ref() }.store(TP_STATUS_KERNEL, Ordering::Release);
 }
 
 /// `struct tpacket3_hdr` is 48 bytes; TX data starts right after it (TPACKET3_HDRLEN minus
@@ -649,12 +656,14 @@ impl PortQueue for AfPacketQueue {
             // slot (see Drop); `mac - SLOT_DATA + snaplen <= frame_size - SLOT_DATA` was
             // checked above.
             let b = unsafe {
-                PktBuf::from_ring_slot(
-                    std::ptr::NonNull::from(status),
+                PktBuf::lend(
+                    &RING_SLOT,
+                    std::ptr::NonNull::from(status).cast(),
                     std::ptr::NonNull::new_unchecked(self.map.add(f + SLOT_DATA)),
                     self.frame_size - SLOT_DATA,
                     mac - SLOT_DATA,
                     snaplen,
+                    0,
                 )
             };
             self.stats.rx_packets += 1;

@@ -4,7 +4,7 @@
 //!
 //! A worker's red and black sockets share **one UMEM** ([`XdpUmem`], `XDP_SHARED_UMEM`), each
 //! with its own fill and completion rings. A frame received on one side is wrapped as a
-//! [`PktBuf`] in place ([`PktBuf::from_umem`]: the kernel leaves `XDP_PACKET_HEADROOM` = 256
+//! [`PktBuf`] in place ([`PktBuf::lend`]: the kernel leaves `XDP_PACKET_HEADROOM` = 256
 //! bytes in front of the packet, room for the outer headers) and, after encapsulation or
 //! decapsulation, transmitted from the same frame on the other side: the TX descriptor points
 //! at the packet's new start inside the frame. Completions return frames to the socket's free
@@ -233,7 +233,7 @@ impl XdpUmem {
     /// # Safety
     /// `umem` is alive (see the type's lifetime rule) and `frame` is the first byte of one of
     /// its frames, owned by the caller.
-    pub(crate) unsafe fn give_back(umem: NonNull<XdpUmem>, frame: *mut u8) {
+    unsafe fn give_back(umem: NonNull<XdpUmem>, frame: *mut u8) {
         // SAFETY (caller): alive.
         let u = unsafe { umem.as_ref() };
         let off = frame as u64 - u.area.as_ptr() as u64;
@@ -241,6 +241,20 @@ impl XdpUmem {
         let _ = u.returns.push(off);
         u.outstanding.fetch_sub(1, Ordering::Release);
     }
+}
+
+/// How a lent UMEM frame goes back: to its UMEM's returned frames (the buffer's context is the
+/// `XdpUmem`).
+static UMEM_FRAME: crate::pktbuf::LentOps = crate::pktbuf::LentOps {
+    kind: crate::pktbuf::LentKind::UmemFrame,
+    give_back: give_back_frame,
+};
+
+/// # Safety
+/// As [`XdpUmem::give_back`]: `umem` alive, `frame` one of its frames lent once.
+unsafe fn give_back_frame(umem: NonNull<()>, frame: NonNull<u8>) {
+    // SAFETY (caller).
+    unsafe { XdpUmem::give_back(umem.cast(), frame.as_ptr()) }
 }
 
 impl Drop for XdpUmem {
@@ -470,12 +484,14 @@ impl PortQueue for AfXdpQueue {
             let off = (d.addr - frame) as usize;
             // SAFETY: the kernel handed this frame of our UMEM over with the RX descriptor.
             let b = unsafe {
-                PktBuf::from_umem(
-                    self.home,
+                PktBuf::lend(
+                    &UMEM_FRAME,
+                    self.home.cast(),
                     self.umem.frame_ptr(frame),
                     FRAME_SIZE,
-                    off,
-                    d.len as usize,
+                    off.min(FRAME_SIZE),
+                    (d.len as usize).min(FRAME_SIZE - off.min(FRAME_SIZE)),
+                    0,
                 )
             };
             self.stats.rx_bytes += d.len as u64;
@@ -516,7 +532,7 @@ impl PortQueue for AfXdpQueue {
                 pool.put(b);
                 continue;
             }
-            let (addr, len) = match b.into_umem(self.home) {
+            let (addr, len) = match b.take_lent(&UMEM_FRAME, self.home.cast()) {
                 Ok((frame, head, len)) => {
                     self.lent -= 1;
                     let off = frame.as_ptr() as u64 - self.umem.area.as_ptr() as u64;

@@ -152,13 +152,13 @@ impl MbufCache {
         self.n_ready -= 1;
         let m = std::ptr::NonNull::new(self.ready[self.n_ready])?;
         // SAFETY: a fresh one-segment mbuf, owned by us, handed to the buffer.
-        unsafe { PktBuf::from_mbuf(m) }
+        unsafe { from_mbuf(m) }
     }
 
     /// Takes back an mbuf buffer (freed with the next bulk).
     #[inline]
     pub fn put(&mut self, b: PktBuf) {
-        let Ok(m) = b.into_mbuf() else { return };
+        let Ok(m) = into_mbuf(b) else { return };
         if self.n_done == MBUF_BULK {
             self.flush_done();
         }
@@ -462,7 +462,7 @@ impl PortQueue for DpdkQueue {
                 continue;
             };
             // SAFETY: m is a valid mbuf the PMD just handed us; the buffer takes it over.
-            match unsafe { PktBuf::from_mbuf(m) } {
+            match unsafe { from_mbuf(m) } {
                 Some(b) => {
                     self.stats.rx_packets += 1;
                     self.stats.rx_bytes += b.len() as u64;
@@ -481,7 +481,7 @@ impl PortQueue for DpdkQueue {
         for b in pkts.drain(..) {
             let len = b.len();
             // In place: the buffer is an mbuf (received, or made from the mempool).
-            let b = match b.into_mbuf() {
+            let b = match into_mbuf(b) {
                 Ok(m) => {
                     self.stats.tx_bytes += len as u64;
                     self.tx.push(m.as_ptr());
@@ -552,6 +552,108 @@ impl PortQueue for DpdkQueue {
     fn mbuf_pool(&self) -> Option<std::sync::Arc<MbufPool>> {
         Some(self.pool.clone())
     }
+}
+
+/// `rte_mbuf` field offsets espada uses (first cache line; asserted in `dpdk-sys`'s shim).
+mod mbuf_field {
+    pub const BUF_ADDR: usize = 0;
+    pub const DATA_OFF: usize = 16;
+    pub const NB_SEGS: usize = 20;
+    pub const PKT_LEN: usize = 36;
+    pub const DATA_LEN: usize = 40;
+    pub const BUF_LEN: usize = 54;
+    pub const OL_FLAGS: usize = 24;
+    /// `RTE_MBUF_F_RX_IP_CKSUM_MASK` and `_GOOD`, `RTE_MBUF_F_RX_L4_CKSUM_MASK` and `_GOOD`.
+    pub const IP_CKSUM_MASK: u64 = (1 << 4) | (1 << 7);
+    pub const IP_CKSUM_GOOD: u64 = 1 << 7;
+    pub const L4_CKSUM_MASK: u64 = (1 << 3) | (1 << 8);
+    pub const L4_CKSUM_GOOD: u64 = 1 << 8;
+}
+
+/// How a lent mbuf goes back: freed to its mempool (the buffer's context is the mbuf).
+static MBUF: crate::pktbuf::LentOps = crate::pktbuf::LentOps {
+    kind: crate::pktbuf::LentKind::Mbuf,
+    give_back: free_mbuf,
+};
+
+/// # Safety
+/// `m` is an mbuf the buffer owned; freed once.
+unsafe fn free_mbuf(m: std::ptr::NonNull<()>, _base: std::ptr::NonNull<u8>) {
+    // SAFETY (caller).
+    unsafe { sys::espada_mbuf_free(m.as_ptr().cast()) }
+}
+
+/// Wraps a one-segment mbuf just received (no copy): the view is its data room. The fields
+/// are read from its first cache line once here (and written back once by [`into_mbuf`]), so
+/// the pipeline works on plain Rust with no call into DPDK per access. `None` (the mbuf freed
+/// with the buffer) for a chained mbuf.
+///
+/// # Safety
+/// `m` is a valid mbuf owned by the caller, which hands the ownership over.
+pub unsafe fn from_mbuf(m: std::ptr::NonNull<sys::rte_mbuf>) -> Option<PktBuf> {
+    use crate::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
+    let p = m.as_ptr() as *const u8;
+    // SAFETY (caller): m is valid; the offsets are those of DPDK's struct (asserted).
+    let (buf_addr, data_off, nb_segs, data_len, buf_len, ol_flags) = unsafe {
+        (
+            std::ptr::read(p.add(mbuf_field::BUF_ADDR) as *const *mut u8),
+            std::ptr::read(p.add(mbuf_field::DATA_OFF) as *const u16) as usize,
+            std::ptr::read(p.add(mbuf_field::NB_SEGS) as *const u16),
+            std::ptr::read(p.add(mbuf_field::DATA_LEN) as *const u16) as usize,
+            std::ptr::read(p.add(mbuf_field::BUF_LEN) as *const u16) as usize,
+            std::ptr::read(p.add(mbuf_field::OL_FLAGS) as *const u64),
+        )
+    };
+    // Only GOOD counts: BAD, UNKNOWN and NONE all leave the check to software.
+    let hw_csum = if ol_flags & mbuf_field::IP_CKSUM_MASK == mbuf_field::IP_CKSUM_GOOD {
+        HW_IP_CSUM_GOOD
+    } else {
+        0
+    } | if ol_flags & mbuf_field::L4_CKSUM_MASK == mbuf_field::L4_CKSUM_GOOD {
+        HW_L4_CSUM_GOOD
+    } else {
+        0
+    };
+    let Some(base) = std::ptr::NonNull::new(buf_addr) else {
+        // SAFETY (caller): ours to free.
+        unsafe { sys::espada_mbuf_free(m.as_ptr()) };
+        return None;
+    };
+    let head = data_off.min(buf_len);
+    // SAFETY: the mbuf's data room is `buf_len` bytes from `buf_addr`, owned with the mbuf.
+    let b = unsafe {
+        PktBuf::lend(
+            &MBUF,
+            m.cast(),
+            base,
+            buf_len,
+            head,
+            data_len.min(buf_len - head),
+            hw_csum,
+        )
+    };
+    // Chained mbufs are not handled: the caller drops (and counts) them; dropping `b` frees
+    // the whole chain.
+    (nb_segs == 1).then_some(b)
+}
+
+/// The mbuf behind a buffer with its offsets written back, ready for `rte_eth_tx_burst` (no
+/// copy); `Err(b)` for any other buffer, which the port must copy.
+pub fn into_mbuf(b: PktBuf) -> Result<std::ptr::NonNull<sys::rte_mbuf>, PktBuf> {
+    let Some(ctx) = b.lent_ctx(&MBUF) else {
+        return Err(b);
+    };
+    let (_, head, len) = b.take_lent(&MBUF, ctx)?;
+    let m: std::ptr::NonNull<sys::rte_mbuf> = ctx.cast();
+    let p = m.as_ptr() as *mut u8;
+    // SAFETY: m is the valid mbuf the buffer owned; head <= cap <= u16::MAX and len <= cap
+    // (buf_len is a u16), so the casts are exact.
+    unsafe {
+        std::ptr::write(p.add(mbuf_field::DATA_OFF) as *mut u16, head as u16);
+        std::ptr::write(p.add(mbuf_field::DATA_LEN) as *mut u16, len as u16);
+        std::ptr::write(p.add(mbuf_field::PKT_LEN) as *mut u32, len as u32);
+    }
+    Ok(m)
 }
 
 #[cfg(test)]
