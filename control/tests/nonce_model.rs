@@ -10,7 +10,7 @@ use espada_config as config;
 use espada_control::supervisor::Supervisor;
 use espada_control::Request;
 use espada_dataplane::pair::{lab, shared};
-use espada_dataplane::seqstore::SeqStore;
+use espada_dataplane::state::seqstore::SeqStore;
 use espada_sadb::db::{CoreSas, EventQueue};
 use proptest::prelude::*;
 use serde_json::json;

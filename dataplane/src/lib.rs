@@ -13,7 +13,6 @@ pub mod drop;
 pub mod esp;
 pub mod gateway;
 pub mod heap;
-pub mod kernel;
 pub mod launch;
 pub mod neighbor;
 pub mod pair;
@@ -21,8 +20,8 @@ pub mod pktbuf;
 pub mod pool;
 pub mod port;
 pub mod punt;
-pub mod seqstore;
 pub mod solo;
+pub mod state;
 pub mod worker;
 
 pub use drop::{DropCounters, DropReason};

@@ -93,7 +93,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
     /// Sequence numbers reserved per SA per state-file write; a restart skips at most this many.
-    #[arg(long, default_value_t = espada_dataplane::seqstore::DEFAULT_BLOCK, value_name = "N")]
+    #[arg(long, default_value_t = espada_dataplane::state::seqstore::DEFAULT_BLOCK, value_name = "N")]
     seq_block: u64,
 }
 
@@ -166,7 +166,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     // a directory a second instance could be pointed elsewhere.
     let mut _iface_locks = Vec::new();
     for i in [&red_if, &black_if] {
-        match espada_dataplane::seqstore::lock_interface(i) {
+        match espada_dataplane::state::seqstore::lock_interface(i) {
             Ok(l) => _iface_locks.push(l),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -187,7 +187,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
     }
     let mut seq_store =
-        match espada_dataplane::seqstore::SeqStore::open(&a.state_dir, &c.name, a.seq_block) {
+        match espada_dataplane::state::seqstore::SeqStore::open(&a.state_dir, &c.name, a.seq_block)
+        {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: {e} (--state-dir)");

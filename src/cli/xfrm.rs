@@ -33,7 +33,7 @@ pub struct XfrmArgs {
 pub fn run(a: XfrmArgs) -> Result<ExitCode> {
     if a.encap_socket {
         eprintln!("espada xfrm: holding UDP port 4500 with UDP_ENCAP_ESPINUDP (inbound ESP-in-UDP reaches the kernel's SAs) until killed");
-        if let Err(e) = espada_dataplane::kernel::hold_udp_encap_socket(4500) {
+        if let Err(e) = espada_dataplane::state::kernel::hold_udp_encap_socket(4500) {
             eprintln!("error: UDP port 4500: {e} (is an IKE daemon holding it already? then nothing is needed)");
             return Ok(ExitCode::from(1));
         }
