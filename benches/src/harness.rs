@@ -5,9 +5,9 @@
 
 use anyhow::{bail, Result};
 use espada_crypto::{Algorithm, Backend, Cipher, EspAead, KeyMaterial};
-use espada_dataplane::pair::{lab, Layout, Pair, PairSpec};
 use espada_dataplane::port::memory::Steering;
-use espada_dataplane::solo;
+use espada_harness::pair::{lab, Layout, Pair, PairSpec};
+use espada_harness::solo;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use serde::Serialize;

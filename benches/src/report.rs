@@ -1,8 +1,8 @@
 //! Per-core reports shared by `espada demo` and `espada run`: a table like `mpstat -P ALL`,
 //! and JSON.
 
-use espada_dataplane::pair::{GatewayHalf, Pair};
 use espada_dataplane::worker::{StatsCell, WorkerStats};
+use espada_harness::pair::{GatewayHalf, Pair};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::time::Duration;

@@ -9,8 +9,8 @@
 use espada_config as config;
 use espada_control::supervisor::Supervisor;
 use espada_control::Request;
-use espada_dataplane::pair::{lab, shared};
 use espada_dataplane::state::seqstore::SeqStore;
+use espada_harness::pair::{lab, shared};
 use espada_sadb::db::{CoreSas, EventQueue};
 use proptest::prelude::*;
 use serde_json::json;

@@ -3,7 +3,7 @@
 
 use espada_control::server::{ControlServer, Gateway};
 use espada_control::{client, Request};
-use espada_dataplane::pair::{lab, Pair, PairSpec};
+use espada_harness::pair::{lab, Pair, PairSpec};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::sync::Arc;

@@ -11,11 +11,11 @@
 //! Prints ESP frames per second seen on east's side. Sender, gateway and receiver share one
 //! core, as the one-core bench does; compare two builds side by side, not absolute figures.
 
-use espada_dataplane::pair::{lab, lab_worker_on, mac, LabGateway};
 use espada_dataplane::pool::{Pool, PoolCache};
 use espada_dataplane::port::af_packet::{interface_mac, AfPacketQueue, RingConfig};
-use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
 use espada_dataplane::port::PortQueue;
+use espada_harness::pair::{lab, lab_worker_on, mac, LabGateway};
+use espada_harness::traffic::{Generator, TrafficCounters, TrafficSpec};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::sync::Arc;

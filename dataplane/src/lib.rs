@@ -15,12 +15,10 @@ pub mod gateway;
 pub mod heap;
 pub mod launch;
 pub mod neighbor;
-pub mod pair;
 pub mod pktbuf;
 pub mod pool;
 pub mod port;
 pub mod punt;
-pub mod solo;
 pub mod state;
 pub mod worker;
 

@@ -2,9 +2,9 @@
 //! network namespace the test creates (needs root). Built with `--features af-xdp`.
 #![cfg(feature = "af-xdp")]
 
-use espada_dataplane::pair::{lab, Pair, PairSpec};
 use espada_dataplane::port::af_xdp::AfXdpQueue;
 use espada_dataplane::port::PortQueue;
+use espada_harness::pair::{lab, Pair, PairSpec};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 

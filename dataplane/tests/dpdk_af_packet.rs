@@ -3,9 +3,9 @@
 //! attaches to the two veth ends. Built with `--features dpdk`.
 #![cfg(feature = "dpdk")]
 
-use espada_dataplane::pair::{lab, Pair, PairSpec};
 use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
 use espada_dataplane::port::PortQueue;
+use espada_harness::pair::{lab, Pair, PairSpec};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::sync::Arc;

@@ -3,9 +3,9 @@
 //! counters carry the ESP traffic. Built with `--features dpdk`.
 #![cfg(feature = "dpdk")]
 
-use espada_dataplane::pair::{lab, Pair, PairSpec};
 use espada_dataplane::port::dpdk::{eal_init, DpdkPort, MbufPool, NO_HUGE_ARGS};
 use espada_dataplane::port::PortQueue;
+use espada_harness::pair::{lab, Pair, PairSpec};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::sync::Arc;
@@ -79,11 +79,11 @@ fn west_east_over_dpdk_ring_ports() {
 /// one sunset's frame arrived in. Nothing is copied at transmit either (`tx_copied` = 0).
 #[test]
 fn the_buffer_sent_is_the_buffer_received() {
-    use espada_dataplane::pair::{mac, shared};
     use espada_dataplane::pool::{Pool, PoolCache};
-    use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
     use espada_dataplane::worker::Worker;
     use espada_dataplane::PacketBuf;
+    use espada_harness::pair::{mac, shared};
+    use espada_harness::traffic::{Generator, TrafficCounters, TrafficSpec};
     eal();
     let mp = Arc::new(MbufPool::new("zc_pool", 4095, 2048 + 128, 0).expect("mbuf pool"));
     let (red_gw, red_host) = DpdkPort::ring_pair("zcr", 1, mp.clone()).expect("ring pair");

@@ -1,8 +1,8 @@
 //! Style rule 4: no allocation per packet. A counting global allocator watches the worker loop
 //! of both gateways of the in-memory pair in steady state (after warm-up) while traffic flows.
 
-use espada_dataplane::pair::{lab, Pair, PairSpec};
 use espada_dataplane::port::memory::Steering;
+use espada_harness::pair::{lab, Pair, PairSpec};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -9,12 +9,12 @@
 //! one AES-GCM nonce per key).
 #![no_main]
 
-use espada_dataplane::pair::{lab, lab_worker, mac, LabGateway};
 use espada_dataplane::pool::{Pool, PoolCache};
 use espada_dataplane::port::memory::{MemoryLink, Steering};
 use espada_dataplane::port::PortQueue;
 use espada_dataplane::worker::Side6;
 use espada_dataplane::{PacketBuf, PktBuf};
+use espada_harness::pair::{lab, lab_worker, mac, LabGateway};
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use libfuzzer_sys::fuzz_target;

@@ -12,8 +12,8 @@ use espada_benches::harness::{
     Load, Run,
 };
 use espada_crypto::{Algorithm, Backend};
-use espada_dataplane::pair::Layout;
-use espada_dataplane::solo;
+use espada_harness::pair::Layout;
+use espada_harness::solo;
 use espada_sadb::db::SaMode;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -174,7 +174,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     let rounds = a.rounds.max(1) as usize;
     let mut measured: Vec<Vec<BenchResult>> = Vec::with_capacity(rounds);
     super::catch_ctrl_c();
-    let stopped = espada_dataplane::pair::interrupted;
+    let stopped = espada_harness::pair::interrupted;
     for round in 0..rounds {
         if stopped() {
             break;

@@ -8,9 +8,9 @@ use crate::config;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use espada_benches::report::{self, Report};
-use espada_dataplane::pair::{GatewaySides, Pair, PairSpec};
 use espada_dataplane::port::memory::Steering;
 use espada_dataplane::worker::{Side, Side6};
+use espada_harness::pair::{GatewaySides, Pair, PairSpec};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -61,7 +61,7 @@ pub struct DemoArgs {
 }
 
 #[cfg(feature = "dpdk")]
-fn dpdk_black(workers: usize, eal: &Option<String>) -> Result<espada_dataplane::pair::BlackQueues> {
+fn dpdk_black(workers: usize, eal: &Option<String>) -> Result<espada_harness::pair::BlackQueues> {
     use espada_dataplane::port::dpdk::{
         eal_init, main_lcore_args, DpdkPort, MbufPool, NO_HUGE_ARGS,
     };
@@ -107,10 +107,7 @@ fn dpdk_black(workers: usize, eal: &Option<String>) -> Result<espada_dataplane::
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn dpdk_black(
-    _workers: usize,
-    _eal: &Option<String>,
-) -> Result<espada_dataplane::pair::BlackQueues> {
+fn dpdk_black(_workers: usize, _eal: &Option<String>) -> Result<espada_harness::pair::BlackQueues> {
     bail!("this espada was built without DPDK: cargo build --release --features dpdk (needs libdpdk-dev)")
 }
 
@@ -267,14 +264,14 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     let elapsed = pair.run_with(
         Duration::from_secs_f64(a.duration),
         &pins,
-        espada_dataplane::pair::Layout::Shared,
+        espada_harness::pair::Layout::Shared,
         |t| samples.push((t.as_secs_f64(), rx.packets(), rx.bytes())),
     );
     samples.push((elapsed.as_secs_f64(), rx.packets(), rx.bytes()));
     if let Some(line) = window_rates(&samples, elapsed.as_secs_f64(), a.windows) {
         println!("{line}");
     }
-    if espada_dataplane::pair::interrupted() {
+    if espada_harness::pair::interrupted() {
         println!(
             "interrupted after {:.1} s (Ctrl-C): what was measured until then",
             elapsed.as_secs_f64()

@@ -2,8 +2,8 @@
 //! interface over buffers from the worker's [`PoolCache`]; one queue belongs to one worker.
 //!
 //! * [`memory`]: lock-free rings linking two in-process gateways (tests, demo, benchmarks), with
-//!   NIC-like steering (RSS hash or per-SA UDP source-port rules);
-//! * [`traffic`]: a traffic generator and a checking sink for the red side (the lab's TRex);
+//!   NIC-like steering (RSS hash or per-SA UDP source-port rules; the traffic generator and
+//!   checking sink that feed them in tests and benchmarks are in espada-harness);
 //! * [`pcap`]: read frames from a capture, write frames to one, and [`pcap::Tap`] to record any
 //!   queue's traffic for Wireshark;
 //! * `dpdk` (feature `dpdk`): DPDK ethdev queues through the in-tree `dpdk-sys`;
@@ -17,8 +17,6 @@ pub mod af_xdp;
 pub mod dpdk;
 pub mod memory;
 pub mod pcap;
-
-pub mod traffic;
 
 use crate::pktbuf::PktBuf;
 use crate::pool::PoolCache;

@@ -95,11 +95,11 @@ pub fn drive_west_gateway(
     size: usize,
     n: u64,
 ) -> (u64, espada_dataplane::worker::Worker) {
-    use espada_dataplane::pair::{lab, lab_worker_on, mac, LabGateway};
     use espada_dataplane::pktbuf::PacketBuf;
     use espada_dataplane::pool::{Pool, PoolCache};
-    use espada_dataplane::port::traffic::{Generator, TrafficCounters, TrafficSpec};
     use espada_dataplane::port::PortQueue;
+    use espada_harness::pair::{lab, lab_worker_on, mac, LabGateway};
+    use espada_harness::traffic::{Generator, TrafficCounters, TrafficSpec};
     let red_mac = red.mac();
     let (w, _) = lab::dbs(
         1,

@@ -3,8 +3,8 @@
 
 use super::lab;
 use super::*;
-use crate::drop::DropReason;
-use crate::pktbuf::PacketBuf;
+use espada_dataplane::drop::DropReason;
+use espada_dataplane::pktbuf::PacketBuf;
 use espada_sadb::db::SaMode;
 use espada_sadb::lifetime::Lifetimes;
 use std::sync::atomic::Ordering;
@@ -30,8 +30,8 @@ fn pair(workers: usize, pcpu: usize, mode: SaMode, steering: Steering, limit: u6
     .unwrap()
 }
 
-fn total(h: &GatewayHalf) -> crate::worker::WorkerStats {
-    let mut t = crate::worker::WorkerStats::default();
+fn total(h: &GatewayHalf) -> espada_dataplane::worker::WorkerStats {
+    let mut t = espada_dataplane::worker::WorkerStats::default();
     for w in &h.workers {
         let s = w.stats();
         t.encap_packets += s.encap_packets;
@@ -71,16 +71,16 @@ fn sunset_frame(payload: &[u8], dont_frag: bool) -> Vec<u8> {
 /// West and east as single hand-fed workers: sunset's link (west red), the black link and
 /// sunrise's link (east red) as memory links, and a cache of their shared pool.
 struct HandFed {
-    red_w: crate::port::memory::MemoryLink,
-    black: crate::port::memory::MemoryLink,
-    red_e: crate::port::memory::MemoryLink,
-    west: crate::worker::Worker,
-    east: crate::worker::Worker,
+    red_w: espada_dataplane::port::memory::MemoryLink,
+    black: espada_dataplane::port::memory::MemoryLink,
+    red_e: espada_dataplane::port::memory::MemoryLink,
+    west: espada_dataplane::worker::Worker,
+    east: espada_dataplane::worker::Worker,
     pc: PoolCache,
 }
 
 fn hand_fed((ws, es): (GatewaySides, GatewaySides)) -> HandFed {
-    use crate::port::memory::MemoryLink;
+    use espada_dataplane::port::memory::MemoryLink;
     let (wdb, edb) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let pool = Pool::new(256, 2048);
     let (red_w, black, red_e) = (
@@ -104,7 +104,7 @@ fn hand_fed((ws, es): (GatewaySides, GatewaySides)) -> HandFed {
 fn feed(
     pc: &mut PoolCache,
     q: &mut dyn PortQueue,
-    w: &mut crate::worker::Worker,
+    w: &mut espada_dataplane::worker::Worker,
     f: &[u8],
     hw: u8,
 ) {
@@ -662,7 +662,7 @@ fn gratuitous_and_unsolicited_arp_move_nothing() {
     let stranger: std::net::Ipv4Addr = "192.168.100.77".parse().unwrap();
     for (ip, target) in [(peer, peer), (stranger, "192.168.100.1".parse().unwrap())] {
         let mut f = vec![0u8; 42];
-        crate::neighbor::emit_arp(
+        espada_dataplane::neighbor::emit_arp(
             &mut f,
             attacker,
             MacAddr::BROADCAST,
@@ -784,7 +784,7 @@ fn a_packet_with_df_clear_is_fragmented_before_encapsulation() {
 fn no_icmp_error_about_an_icmp_error() {
     // Issue 12 item 9 (RFC 1812 §4.3.2.7): a too-big packet with DF set earns sunset an ICMP
     // "fragmentation needed", unless it is itself an ICMP error.
-    use crate::port::memory::MemoryLink;
+    use espada_dataplane::port::memory::MemoryLink;
     let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
     let (mut ws, es) = lab::sides();
     ws.black.mtu = 600;
@@ -840,7 +840,7 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
     // The worker resolves the tunnel's next hop once per peer, not per packet (a memo). When
     // the neighbor table changes, the memo goes: a learned entry that expires makes the next
     // packet wait for ARP again (counted), and a re-learned MAC is the one ESP leaves for.
-    use crate::port::memory::MemoryLink;
+    use espada_dataplane::port::memory::MemoryLink;
     use espada_wire::ethernet::MacAddr;
     use std::time::{Duration, Instant};
     let (wdb, _) = lab::dbs(1, 1, SaMode::PerCpu, Lifetimes::default());
@@ -857,7 +857,7 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
     );
     let table = sh.neighbors.clone();
-    let mut west = crate::worker::Worker::new(
+    let mut west = espada_dataplane::worker::Worker::new(
         0,
         sh,
         Box::new(red.end_b(0, mac::WEST_RED, Steering::Rss)),
@@ -907,7 +907,7 @@ fn a_changed_neighbor_table_moves_the_tunnel_next_hop() {
         table.asked(peer, t);
         assert_eq!(
             table.learn_reply(peer, mac, t),
-            crate::neighbor::Learn::Learned
+            espada_dataplane::neighbor::Learn::Learned
         );
         t
     };
@@ -940,7 +940,7 @@ fn checksums_the_nic_verified_are_not_computed_again() {
     // found good; the fast path trusts those flags and skips its own checks. Shown with frames
     // whose checksum is wrong: without the flag they are dropped and counted as malformed, with
     // it they pass (a NIC would never mark them good; the point is that no check runs).
-    use crate::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
+    use espada_dataplane::pktbuf::{HW_IP_CSUM_GOOD, HW_L4_CSUM_GOOD};
     let HandFed {
         red_w,
         black,

@@ -6,13 +6,13 @@
 //! Used by `espada demo`, by benchmarks, and by tests (single-threaded `step`, or one thread
 //! per core with `run`).
 
-use crate::neighbor::NeighborTable;
-use crate::pool::{Pool, PoolCache};
-use crate::port::memory::{MemoryLink, Steering};
-use crate::port::traffic::{Generator, Sink, TrafficCounters, TrafficSpec, TUNNEL_DST_BASE};
-use crate::port::PortQueue;
-use crate::worker::{GatewayShared, Side, StatsCell, Worker};
+use crate::traffic::{Generator, Sink, TrafficCounters, TrafficSpec, TUNNEL_DST_BASE};
 use crossbeam_queue::ArrayQueue;
+use espada_dataplane::neighbor::NeighborTable;
+use espada_dataplane::pool::{Pool, PoolCache};
+use espada_dataplane::port::memory::{MemoryLink, Steering};
+use espada_dataplane::port::PortQueue;
+use espada_dataplane::worker::{GatewayShared, Side, StatsCell, Worker};
 use espada_sadb::db::{EventQueue, SaDb, SaDbHandle};
 use espada_wire::ethernet::MacAddr;
 use std::net::{IpAddr, Ipv4Addr};
@@ -722,7 +722,7 @@ pub mod lab {
         o: LabOpts,
     ) -> (SaDb, SaDb) {
         // (west subnet, east subnet, west's outbound SPI base, east's) of each tunnel.
-        let n = o.tunnels.min(crate::port::traffic::MAX_TUNNELS);
+        let n = o.tunnels.min(crate::traffic::MAX_TUNNELS);
         let tunnels: Vec<(Prefix, Prefix, u32, u32)> = if n == 0 {
             vec![(
                 "10.1.0.0/24".parse().unwrap(),
@@ -731,7 +731,7 @@ pub mod lab {
                 0x2000,
             )]
         } else {
-            use crate::port::traffic::{TUNNEL_DST_BASE, TUNNEL_SRC_BASE};
+            use crate::traffic::{TUNNEL_DST_BASE, TUNNEL_SRC_BASE};
             let net = |base: u32, k: u32| {
                 Prefix::new(std::net::Ipv4Addr::from(base + (k << 8)).into(), 24).unwrap()
             };

@@ -2,10 +2,10 @@
 //! [`Generator`] is sunset (it "receives" frames the gateway must protect) and [`Sink`] is
 //! sunrise (it checks every frame the far gateway delivers).
 
-use super::{PortQueue, PortStats};
-use crate::pktbuf::{PacketBuf, PktBuf};
-use crate::pool::PoolCache;
 use crossbeam_utils::CachePadded;
+use espada_dataplane::pktbuf::{PacketBuf, PktBuf};
+use espada_dataplane::pool::PoolCache;
+use espada_dataplane::port::{PortQueue, PortStats};
 use espada_wire::ethernet::{self, MacAddr};
 use espada_wire::{ipv4, udp};
 use hdrhistogram::Histogram;

@@ -13,11 +13,11 @@
 //! Nothing crosses a core: one thread, pinned, polls one worker.
 
 use crate::pair::{host, mac, shared, GatewaySides, PairSpec};
-use crate::pktbuf::{PacketBuf, PktBuf};
-use crate::pool::{Pool, PoolCache};
-use crate::port::traffic::{Generator, Sink, TrafficCounters, TrafficSpec};
-use crate::port::{PortQueue, PortStats};
-use crate::worker::{Worker, WorkerStats};
+use crate::traffic::{Generator, Sink, TrafficCounters, TrafficSpec};
+use espada_dataplane::pktbuf::{PacketBuf, PktBuf};
+use espada_dataplane::pool::{Pool, PoolCache};
+use espada_dataplane::port::{PortQueue, PortStats};
+use espada_dataplane::worker::{Worker, WorkerStats};
 use espada_sadb::db::{DbError, SaDb};
 use espada_wire::ethernet::MacAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -347,7 +347,7 @@ pub fn run(
     };
     let stop2 = stop.clone();
     let pool2 = pool.clone();
-    let t = match crate::launch::spawn_worker(
+    let t = match espada_dataplane::launch::spawn_worker(
         "espada-solo".into(),
         move || {
             if let Some(id) = core {
@@ -362,7 +362,7 @@ pub fn run(
         },
     ) {
         Ok(t) => t,
-        Err(crate::launch::LaunchError::Build(e)) => return Err(e),
+        Err(espada_dataplane::launch::LaunchError::Build(e)) => return Err(e),
         Err(e) => panic!("{e}"),
     };
     let cell = t.cell.clone();
@@ -392,8 +392,8 @@ pub fn run(
 #[cfg(test)]
 mod test {
     use super::*;
-    use crate::drop::DropReason;
     use crate::pair::lab;
+    use espada_dataplane::drop::DropReason;
     use espada_sadb::db::SaMode;
     use espada_sadb::lifetime::Lifetimes;
 
