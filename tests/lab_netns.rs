@@ -1130,3 +1130,96 @@ fn namespace_lab_is_scraped_by_prometheus() {
         "the busiest SA's packets/s: {top}"
     );
 }
+
+/// Issue 28: a gateway whose interfaces' receive work (here an RPS mask on west's red veth)
+/// would run on its worker cores refuses to start, saying why and what to do; `espada pin
+/// check` fails on the same host; `--allow-softirq-on-workers` starts anyway, with a warning.
+#[test]
+fn namespace_softirq_on_a_worker_core_is_refused() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the softirq placement check was NOT run");
+        return;
+    }
+    let ns = format!("rq{}", std::process::id() % 100_000);
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ns = Ns(ns.clone());
+    run(
+        Command::new("ip").args(["netns", "add", &ns]),
+        "ip netns add",
+    );
+    let sh = |script: &str| {
+        run(
+            Command::new("ip").args(["netns", "exec", &ns, "sh", "-c", script]),
+            script,
+        )
+    };
+    sh("ip link set lo up && ip link add west-red type veth peer name r0 && ip link add west-black type veth peer name b0 && for d in west-red r0 west-black b0; do ip link set $d up; done");
+    // Every CPU in the RPS mask of west-red's receive queue: the workers' cores among them.
+    sh("n=$(nproc --all); [ $n -gt 31 ] && n=31; printf %x $(( (1 << n) - 1 )) > /sys/class/net/west-red/queues/rx-0/rps_cpus");
+    let dir = tempfile::tempdir().unwrap();
+    let espada = |extra: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_espada"),
+            "run",
+            "-c",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/west.toml"))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .args([
+            "--new-keys",
+            "--interval",
+            "0",
+            "--duration",
+            "1",
+            "--control",
+        ])
+        .arg(dir.path().join("w.sock"))
+        .args(extra);
+        c.output().unwrap()
+    };
+    let o = espada(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "refused: {err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("error: the kernel's receive work for this gateway's interfaces would run on its worker cores"))
+            && err.contains("west-red rx-0: RPS steers received frames to worker core")
+            && err.contains("--allow-softirq-on-workers"),
+        "{err}"
+    );
+    let check = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_espada"),
+            "pin",
+            "check",
+            "-c",
+        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/west.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "pin check fails: {text}");
+    assert!(
+        text.contains("RPS steers received frames to worker core"),
+        "{text}"
+    );
+    let o = espada(&["--allow-softirq-on-workers"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("(--allow-softirq-on-workers)"),
+        "{err}"
+    );
+}

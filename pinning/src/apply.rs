@@ -214,6 +214,9 @@ pub fn check(
             None => add("warn", format!("irq {}: affinity unreadable", i.irq)),
         }
     }
+    for (level, what) in softirq_findings(p, t, root) {
+        add(level, what);
+    }
     for nic in [&p.needs.red, &p.needs.black] {
         if !t.nics.contains_key(nic) {
             add("warn", format!("{nic}: not present on this host"));
@@ -288,6 +291,31 @@ pub fn check(
         }
     }
     f
+}
+
+/// Issue 28: no queue interrupt or RPS mask may bring the kernel's receive work onto a worker's
+/// core (a receive livelock under overload).
+fn softirq_findings(
+    p: &Plan,
+    t: &crate::topology::Topology,
+    root: &Path,
+) -> Vec<(&'static str, String)> {
+    let nics: Vec<&str> = [&p.needs.red, &p.needs.black]
+        .into_iter()
+        .filter(|n| t.nics.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    let on = crate::softirq::on_workers(root, &nics, &p.worker_cores);
+    if on.is_empty() {
+        return vec![(
+            "ok",
+            format!(
+                "no interrupt or RPS mask of {} reaches a worker core",
+                nics.join(", ")
+            ),
+        )];
+    }
+    on.into_iter().map(|l| ("bad", l)).collect()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 pub mod apply;
 pub mod plan;
+pub mod softirq;
 pub mod topology;
 
 use std::fmt::Write as _;

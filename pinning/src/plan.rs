@@ -64,7 +64,8 @@ pub struct IrqPin {
     pub queue: usize,
     /// IRQ.
     pub irq: u32,
-    /// Core.
+    /// The core its interrupt and receive softirq run on: never a worker's (issue 28: a
+    /// softirq on a worker's core starves the poll loop under overload, a receive livelock).
     pub core: usize,
 }
 
@@ -178,7 +179,13 @@ pub fn plan(t: &Topology, n: &Needs) -> Result<Plan, PlanError> {
             format_cpu_list(&t.isolated)
         ));
     }
-    // Queues and IRQs.
+    // Queues and IRQs. A queue's interrupt (and the kernel's receive softirq with it: AF_PACKET,
+    // AF_XDP) runs where its IRQ points; on a worker's core it would take that core from the
+    // poll loop exactly when traffic is heaviest (a receive livelock: the worker got 1-6 % of
+    // its core in the lab). So the IRQs go to the cores the workers leave free, the NIC's
+    // NUMA node first and a worker's SMT sibling last; with no core left, they are not pinned
+    // and the plan says why. (DPDK polls its queues without interrupts.)
+    let irq_cores = irq_cores(t, &worker_cores, nic_node, [red, black], &mut notes);
     let mut irqs = Vec::new();
     let mut rss_equal = Vec::new();
     for nic in [red, black].into_iter().flatten() {
@@ -192,15 +199,16 @@ pub fn plan(t: &Topology, n: &Needs) -> Result<Plan, PlanError> {
                 workers: w,
             });
         }
-        for (q, core) in worker_cores.iter().enumerate() {
-            match queue_irq(nic, q) {
-                Some(irq) => irqs.push(IrqPin {
+        for q in 0..w {
+            match (queue_irq(nic, q), irq_cores.get(q % irq_cores.len().max(1))) {
+                (Some(irq), Some(core)) => irqs.push(IrqPin {
                     nic: nic.name.clone(),
                     queue: q,
                     irq,
                     core: *core,
                 }),
-                None => notes.push(format!("{}: no IRQ found for queue {q}", nic.name)),
+                (None, _) => notes.push(format!("{}: no IRQ found for queue {q}", nic.name)),
+                (Some(_), None) => {}
             }
         }
         if nic.rx_queues > w {
@@ -337,6 +345,34 @@ fn worker_cores(t: &Topology, n: &Needs, nic_node: Option<usize>) -> Result<Vec<
     })
 }
 
+/// The cores for the NICs' interrupts: online, not a worker's; the NIC's NUMA node first, a
+/// worker's SMT sibling last, then low numbers.
+fn irq_cores(
+    t: &Topology,
+    workers: &[usize],
+    nic_node: Option<usize>,
+    nics: [Option<&crate::topology::Nic>; 2],
+    notes: &mut Vec<String>,
+) -> Vec<usize> {
+    let mut free: Vec<&crate::topology::Cpu> =
+        t.cpus.iter().filter(|c| !workers.contains(&c.id)).collect();
+    free.sort_by_key(|c| {
+        (
+            nic_node.is_some_and(|nn| c.node != nn),
+            c.siblings.iter().any(|s| workers.contains(s)),
+            c.id,
+        )
+    });
+    let free: Vec<usize> = free.into_iter().map(|c| c.id).collect();
+    if free.is_empty() && nics.into_iter().flatten().any(|n| n.physical) {
+        notes.push(format!(
+            "every online core is a worker ({}): no core is left for the NICs' interrupts and receive softirqs, which would then compete with the workers (a receive livelock under overload with AF_PACKET or AF_XDP; DPDK polls without interrupts): leave a core free",
+            format_cpu_list(workers)
+        ));
+    }
+    free
+}
+
 /// The plan as a commented shell script a person can review, then run.
 pub fn render_script(p: &Plan) -> String {
     let mut s = String::new();
@@ -368,7 +404,7 @@ pub fn render_script(p: &Plan) -> String {
     if !p.irqs.is_empty() {
         let _ = writeln!(
             s,
-            "\n# One queue IRQ per worker core (queue i -> worker i)."
+            "\n# Queue IRQs (and their receive softirqs) on cores the workers leave free, never a worker's."
         );
         for i in &p.irqs {
             let _ = writeln!(

@@ -174,7 +174,10 @@ fn lab_host_16_cores_connectx5_red_and_black() {
     assert!(p.stop_irqbalance);
     let s = render_script(&p);
     assert!(s.contains("ethtool -N ens1f1 flow-type udp4 src-port 4516 dst-port 4500 action 15"));
-    assert!(s.contains("echo 15 > /proc/irq/215/smp_affinity_list   # ens1f1 queue 15"));
+    // Issue 28: every core is a worker's (one thread per physical core): the interrupts go to
+    // the free SMT siblings, never to a worker's core.
+    assert!(s.contains("echo 31 > /proc/irq/215/smp_affinity_list   # ens1f1 queue 15"));
+    assert!(p.irqs.iter().all(|i| !p.worker_cores.contains(&i.core)));
     snapshot("lab-16core-cx5", &s);
 }
 
@@ -278,9 +281,10 @@ impl Runner for Recorder {
 
 #[test]
 fn apply_writes_what_the_kernel_reads_and_is_idempotent() {
+    // Six cores, four workers: the queue interrupts go to cores 4 and 5.
     let d = fake(
         1,
-        4,
+        6,
         1,
         &[cx5("ens1f0", 0, 4, 100), cx5("ens1f1", 0, 4, 200)],
         "quiet",
@@ -293,11 +297,11 @@ fn apply_writes_what_the_kernel_reads_and_is_idempotent() {
     assert!(r.refused.is_empty(), "{:?}", r.refused);
     assert_eq!(
         fs::read_to_string(d.path().join("proc/irq/203/smp_affinity_list")).unwrap(),
-        "3"
+        "5"
     );
     assert_eq!(
         fs::read_to_string(d.path().join("proc/irq/101/smp_affinity_list")).unwrap(),
-        "1"
+        "5"
     );
     assert!(rec.cmds.contains(&"systemctl stop irqbalance".to_string()));
     assert!(rec.cmds.contains(
@@ -317,7 +321,7 @@ fn apply_writes_what_the_kernel_reads_and_is_idempotent() {
         .map(|x| format!("{} {}", x.level, x.what))
         .collect();
     assert!(
-        text.iter().any(|x| x == "ok irq 203 (ens1f1 q3) on core 3"),
+        text.iter().any(|x| x == "ok irq 203 (ens1f1 q3) on core 5"),
         "{text:?}"
     );
     assert!(text
@@ -328,6 +332,30 @@ fn apply_writes_what_the_kernel_reads_and_is_idempotent() {
     assert!(
         text.iter().any(|x| x == "bad softnet drops: cpu1=3"),
         "{text:?}"
+    );
+    // Issue 28: an interrupt moved onto a worker's core, or RPS steering a queue's receive
+    // work there, fails the check (a receive livelock under overload).
+    fs::write(d.path().join("proc/irq/203/smp_affinity_list"), "2").unwrap();
+    write(
+        d.path(),
+        "sys/class/net/ens1f0/queues/rx-0/rps_cpus",
+        "00000001\n",
+    );
+    let f = check(&p, &t, d.path(), &mut rec);
+    let bad: Vec<&String> = f
+        .iter()
+        .filter(|x| x.level == "bad")
+        .map(|x| &x.what)
+        .collect();
+    assert!(
+        bad.iter()
+            .any(|x| x.contains("irq 203") && x.contains("worker core 2")),
+        "{bad:?}"
+    );
+    assert!(
+        bad.iter()
+            .any(|x| x.contains("ens1f0 rx-0") && x.contains("RPS") && x.contains("worker core 0")),
+        "{bad:?}"
     );
 }
 

@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Start even when an interface's queue interrupt or RPS mask sends the kernel's receive
+    /// work (softirq) to a worker's core. By default that is refused: under overload the
+    /// softirq starves the worker (a receive livelock). `espada pin apply` moves them off.
+    #[arg(long)]
+    allow_softirq_on_workers: bool,
     /// State directory: durable sequence-number reservations per outbound key
     /// (`espada.seq`, keys named by an HMAC fingerprint), so that a restart with the same
     /// static keys never repeats an AES-GCM nonce, and the lock that keeps a second gateway off
@@ -160,6 +165,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         if let Some(w) = &t.key_warning {
             tracing::warn!("{w}");
         }
+    }
+    if let Some(code) = softirq_placement(&a, &red_if, &black_if, &cores[..n.min(cores.len())]) {
+        return Ok(code);
     }
     // Two gateways on one interface would both answer ARP and both forward, and count under
     // the same keys: the lock is the network namespace's (an abstract socket), not a file in
@@ -485,6 +493,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     let mut last = Instant::now();
     let mut ike = 0u64;
     let mut neighbor_watch = espada_control::monitor::NeighborWatch::default();
+    let mut softirq_watch = SoftirqWatch::new(cores[..n.min(cores.len())].to_vec());
     let mut trim_at: Option<Instant> = None;
     // systemd (Type=notify): ready once the workers, the control socket and the metrics are
     // up; with WatchdogSec=, fed while every worker keeps polling (a stalled worker starves it
@@ -684,6 +693,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         }
         let dt = last.elapsed().as_secs_f64();
         last = Instant::now();
+        if !a.no_pin {
+            softirq_watch.tick(dt, &monitor);
+        }
         let now: Vec<WorkerStats> = cells.iter().map(|c| c.read()).collect();
         let mut line = format!("{:>7.1}s", start.elapsed().as_secs_f64());
         let mut js = Vec::new();
@@ -770,61 +782,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     );
     print!("{s}");
     for w in &done {
-        let st = w.stats();
-        let (r, b) = w.ports();
-        println!(
-            "core {}: red rx {} tx {} | black rx {} tx {} | handoff out {} in {} | arp replies {} requests {} | icmp {} | port drops red {} black {}",
-            w.core(), st.red_rx, st.red_tx, st.black_rx, st.black_tx, st.handoff_out, st.handoff_in, st.arp_replies, st.arp_requests, st.icmp_sent,
-            r.stats().tx_dropped + r.stats().rx_dropped, b.stats().tx_dropped + b.stats().rx_dropped
-        );
-        for (side, ps) in [("red", r.stats()), ("black", b.stats())] {
-            if ps.tx_lost + ps.tx_oversize + ps.tx_resets > 0 {
-                println!(
-                    "  {side} port: {} lost in {} (link not taking frames), {} over the device MTU",
-                    espada_control::supervisor::count(ps.tx_lost as usize, "frame", "frames"),
-                    espada_control::supervisor::count(
-                        ps.tx_resets as usize,
-                        "transmit ring reset",
-                        "transmit ring resets"
-                    ),
-                    ps.tx_oversize
-                );
-            }
-        }
-        if let Some(l) = w.burst_latency_us() {
-            println!("  burst latency (rx to tx, sampled): p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs", l[0], l[1], l[2], l[3]);
-        }
-        // Every SA up to a few dozen; with thousands of tunnels, those that carried traffic.
-        let many = w.sas().outbound_sas().count() + w.sas().inbound_sas().count() > 64;
-        let mut quiet = (0, 0);
-        for sa in w.sas().outbound_sas() {
-            if many && sa.counters.packets == 0 {
-                quiet.0 += 1;
-                continue;
-            }
-            println!(
-                "  out SA {:#010x} port {}: {} packets, {} bytes",
-                sa.spi, sa.tunnel.src_port, sa.counters.packets, sa.counters.bytes
-            );
-        }
-        for sa in w.sas().inbound_sas() {
-            if many && sa.counters.packets == 0 {
-                quiet.1 += 1;
-                continue;
-            }
-            println!(
-                "  in  SA {:#010x}: {} packets, {} bytes",
-                sa.spi, sa.counters.packets, sa.counters.bytes
-            );
-        }
-        if quiet != (0, 0) {
-            println!(
-                "  and {} outbound, {} inbound {} that carried nothing",
-                quiet.0,
-                quiet.1,
-                if quiet.1 == 1 { "SA" } else { "SAs" }
-            );
-        }
+        print_worker_totals(w);
     }
     #[cfg(feature = "dpdk")]
     {
@@ -885,6 +843,137 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// One worker's totals at the end: frames per side, handoffs, ARP, ICMP, port drops and
+/// losses, burst latency, and its SAs (those that carried traffic, with thousands).
+fn print_worker_totals(w: &espada_dataplane::worker::Worker) {
+    let st = w.stats();
+    let (r, b) = w.ports();
+    println!(
+        "core {}: red rx {} tx {} | black rx {} tx {} | handoff out {} in {} | arp replies {} requests {} | icmp {} | port drops red {} black {}",
+        w.core(), st.red_rx, st.red_tx, st.black_rx, st.black_tx, st.handoff_out, st.handoff_in, st.arp_replies, st.arp_requests, st.icmp_sent,
+        r.stats().tx_dropped + r.stats().rx_dropped, b.stats().tx_dropped + b.stats().rx_dropped
+    );
+    for (side, ps) in [("red", r.stats()), ("black", b.stats())] {
+        if ps.tx_lost + ps.tx_oversize + ps.tx_resets > 0 {
+            println!(
+                "  {side} port: {} lost in {} (link not taking frames), {} over the device MTU",
+                espada_control::supervisor::count(ps.tx_lost as usize, "frame", "frames"),
+                espada_control::supervisor::count(
+                    ps.tx_resets as usize,
+                    "transmit ring reset",
+                    "transmit ring resets"
+                ),
+                ps.tx_oversize
+            );
+        }
+    }
+    if let Some(l) = w.burst_latency_us() {
+        println!("  burst latency (rx to tx, sampled): p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs, max {:.1} µs", l[0], l[1], l[2], l[3]);
+    }
+    // Every SA up to a few dozen; with thousands of tunnels, those that carried traffic.
+    let many = w.sas().outbound_sas().count() + w.sas().inbound_sas().count() > 64;
+    let mut quiet = (0, 0);
+    for sa in w.sas().outbound_sas() {
+        if many && sa.counters.packets == 0 {
+            quiet.0 += 1;
+            continue;
+        }
+        println!(
+            "  out SA {:#010x} port {}: {} packets, {} bytes",
+            sa.spi, sa.tunnel.src_port, sa.counters.packets, sa.counters.bytes
+        );
+    }
+    for sa in w.sas().inbound_sas() {
+        if many && sa.counters.packets == 0 {
+            quiet.1 += 1;
+            continue;
+        }
+        println!(
+            "  in  SA {:#010x}: {} packets, {} bytes",
+            sa.spi, sa.counters.packets, sa.counters.bytes
+        );
+    }
+    if quiet != (0, 0) {
+        println!(
+            "  and {} outbound, {} inbound {} that carried nothing",
+            quiet.0,
+            quiet.1,
+            if quiet.1 == 1 { "SA" } else { "SAs" }
+        );
+    }
+}
+
+/// Issue 28: refuses to start (an exit code) when the kernel's receive work for the gateway's
+/// interfaces would run on a worker's core: with kernel ports (AF_PACKET, AF_XDP) a frame is
+/// first received in the softirq of the CPU its queue's interrupt or RPS mask names, and on a
+/// worker's core that softirq takes the core from the poll loop under load (a receive
+/// livelock). `--allow-softirq-on-workers` starts anyway, with a warning per finding.
+fn softirq_placement(
+    a: &RunArgs,
+    red_if: &str,
+    black_if: &str,
+    workers: &[usize],
+) -> Option<ExitCode> {
+    if a.port == "dpdk" || a.no_pin {
+        return None;
+    }
+    let on = espada_pinning::softirq::on_workers(
+        std::path::Path::new("/"),
+        &[red_if, black_if],
+        workers,
+    );
+    if !on.is_empty() && !a.allow_softirq_on_workers {
+        eprintln!(
+            "error: the kernel's receive work for this gateway's interfaces would run on its worker cores ({}): {}. Under overload that softirq starves the workers (a receive livelock). Move the interrupts and RPS masks to other cores (`espada pin apply -c FILE` does), give the workers other cores (`[gateway] cores`), or start with --allow-softirq-on-workers",
+            espada_pinning::format_cpu_list(workers),
+            on.join("; ")
+        );
+        return Some(ExitCode::from(1));
+    }
+    for line in &on {
+        tracing::warn!("{line} (--allow-softirq-on-workers)");
+    }
+    None
+}
+
+/// Issue 28, at run time: a worker core that spends its time in the kernel's softirq
+/// (interrupts or RPS moved onto it after start, another device's traffic) is said once,
+/// loudly, in the log and to `espada monitor`; again only after it cooled down.
+struct SoftirqWatch {
+    meter: espada_pinning::softirq::SoftirqMeter,
+    warned: std::collections::BTreeSet<usize>,
+    cpus: Vec<usize>,
+}
+
+impl SoftirqWatch {
+    fn new(cpus: Vec<usize>) -> SoftirqWatch {
+        SoftirqWatch {
+            meter: Default::default(),
+            warned: Default::default(),
+            cpus,
+        }
+    }
+
+    fn tick(&mut self, dt: f64, monitor: &espada_control::monitor::Monitor) {
+        for (cpu, share) in self.meter.read(std::path::Path::new("/"), &self.cpus) {
+            let hot = share.is_some_and(|x| x > SOFTIRQ_WARN);
+            if hot && self.warned.insert(cpu) {
+                let text = format!(
+                    "worker core {cpu} spent {:.0} % of the last {dt:.1} s in the kernel's softirq: interrupts or RPS bring receive work onto it, which starves the worker under load (a receive livelock); move them off (espada pin check)",
+                    share.unwrap_or(0.0) * 100.0
+                );
+                tracing::warn!("{text}");
+                monitor.publish("softirq", &text);
+            } else if !hot {
+                self.warned.remove(&cpu);
+            }
+        }
+    }
+}
+
+/// The share of a worker core's time in softirq above which `espada run` warns.
+const SOFTIRQ_WARN: f64 = 0.10;
 
 /// Half the service manager's watchdog period (`WATCHDOG_USEC`, for this process when
 /// `WATCHDOG_PID` says so), if it set one.

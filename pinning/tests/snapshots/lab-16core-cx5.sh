@@ -24,39 +24,39 @@ set -e
 # irqbalance would move the IRQs below again: stop it.
 systemctl stop irqbalance || pkill -x irqbalance || true
 
-# One queue IRQ per worker core (queue i -> worker i).
-echo 0 > /proc/irq/100/smp_affinity_list   # ens1f0 queue 0
-echo 1 > /proc/irq/101/smp_affinity_list   # ens1f0 queue 1
-echo 2 > /proc/irq/102/smp_affinity_list   # ens1f0 queue 2
-echo 3 > /proc/irq/103/smp_affinity_list   # ens1f0 queue 3
-echo 4 > /proc/irq/104/smp_affinity_list   # ens1f0 queue 4
-echo 5 > /proc/irq/105/smp_affinity_list   # ens1f0 queue 5
-echo 6 > /proc/irq/106/smp_affinity_list   # ens1f0 queue 6
-echo 7 > /proc/irq/107/smp_affinity_list   # ens1f0 queue 7
-echo 8 > /proc/irq/108/smp_affinity_list   # ens1f0 queue 8
-echo 9 > /proc/irq/109/smp_affinity_list   # ens1f0 queue 9
-echo 10 > /proc/irq/110/smp_affinity_list   # ens1f0 queue 10
-echo 11 > /proc/irq/111/smp_affinity_list   # ens1f0 queue 11
-echo 12 > /proc/irq/112/smp_affinity_list   # ens1f0 queue 12
-echo 13 > /proc/irq/113/smp_affinity_list   # ens1f0 queue 13
-echo 14 > /proc/irq/114/smp_affinity_list   # ens1f0 queue 14
-echo 15 > /proc/irq/115/smp_affinity_list   # ens1f0 queue 15
-echo 0 > /proc/irq/200/smp_affinity_list   # ens1f1 queue 0
-echo 1 > /proc/irq/201/smp_affinity_list   # ens1f1 queue 1
-echo 2 > /proc/irq/202/smp_affinity_list   # ens1f1 queue 2
-echo 3 > /proc/irq/203/smp_affinity_list   # ens1f1 queue 3
-echo 4 > /proc/irq/204/smp_affinity_list   # ens1f1 queue 4
-echo 5 > /proc/irq/205/smp_affinity_list   # ens1f1 queue 5
-echo 6 > /proc/irq/206/smp_affinity_list   # ens1f1 queue 6
-echo 7 > /proc/irq/207/smp_affinity_list   # ens1f1 queue 7
-echo 8 > /proc/irq/208/smp_affinity_list   # ens1f1 queue 8
-echo 9 > /proc/irq/209/smp_affinity_list   # ens1f1 queue 9
-echo 10 > /proc/irq/210/smp_affinity_list   # ens1f1 queue 10
-echo 11 > /proc/irq/211/smp_affinity_list   # ens1f1 queue 11
-echo 12 > /proc/irq/212/smp_affinity_list   # ens1f1 queue 12
-echo 13 > /proc/irq/213/smp_affinity_list   # ens1f1 queue 13
-echo 14 > /proc/irq/214/smp_affinity_list   # ens1f1 queue 14
-echo 15 > /proc/irq/215/smp_affinity_list   # ens1f1 queue 15
+# Queue IRQs (and their receive softirqs) on cores the workers leave free, never a worker's.
+echo 16 > /proc/irq/100/smp_affinity_list   # ens1f0 queue 0
+echo 17 > /proc/irq/101/smp_affinity_list   # ens1f0 queue 1
+echo 18 > /proc/irq/102/smp_affinity_list   # ens1f0 queue 2
+echo 19 > /proc/irq/103/smp_affinity_list   # ens1f0 queue 3
+echo 20 > /proc/irq/104/smp_affinity_list   # ens1f0 queue 4
+echo 21 > /proc/irq/105/smp_affinity_list   # ens1f0 queue 5
+echo 22 > /proc/irq/106/smp_affinity_list   # ens1f0 queue 6
+echo 23 > /proc/irq/107/smp_affinity_list   # ens1f0 queue 7
+echo 24 > /proc/irq/108/smp_affinity_list   # ens1f0 queue 8
+echo 25 > /proc/irq/109/smp_affinity_list   # ens1f0 queue 9
+echo 26 > /proc/irq/110/smp_affinity_list   # ens1f0 queue 10
+echo 27 > /proc/irq/111/smp_affinity_list   # ens1f0 queue 11
+echo 28 > /proc/irq/112/smp_affinity_list   # ens1f0 queue 12
+echo 29 > /proc/irq/113/smp_affinity_list   # ens1f0 queue 13
+echo 30 > /proc/irq/114/smp_affinity_list   # ens1f0 queue 14
+echo 31 > /proc/irq/115/smp_affinity_list   # ens1f0 queue 15
+echo 16 > /proc/irq/200/smp_affinity_list   # ens1f1 queue 0
+echo 17 > /proc/irq/201/smp_affinity_list   # ens1f1 queue 1
+echo 18 > /proc/irq/202/smp_affinity_list   # ens1f1 queue 2
+echo 19 > /proc/irq/203/smp_affinity_list   # ens1f1 queue 3
+echo 20 > /proc/irq/204/smp_affinity_list   # ens1f1 queue 4
+echo 21 > /proc/irq/205/smp_affinity_list   # ens1f1 queue 5
+echo 22 > /proc/irq/206/smp_affinity_list   # ens1f1 queue 6
+echo 23 > /proc/irq/207/smp_affinity_list   # ens1f1 queue 7
+echo 24 > /proc/irq/208/smp_affinity_list   # ens1f1 queue 8
+echo 25 > /proc/irq/209/smp_affinity_list   # ens1f1 queue 9
+echo 26 > /proc/irq/210/smp_affinity_list   # ens1f1 queue 10
+echo 27 > /proc/irq/211/smp_affinity_list   # ens1f1 queue 11
+echo 28 > /proc/irq/212/smp_affinity_list   # ens1f1 queue 12
+echo 29 > /proc/irq/213/smp_affinity_list   # ens1f1 queue 13
+echo 30 > /proc/irq/214/smp_affinity_list   # ens1f1 queue 14
+echo 31 > /proc/irq/215/smp_affinity_list   # ens1f1 queue 15
 
 # RSS over addresses and UDP ports, so flows spread by port too.
 ethtool -N ens1f0 rx-flow-hash udp4 sdfn

@@ -11,15 +11,15 @@ set -e
 # NOTE: ens1f0 has 16 queues for 4 workers: RSS is limited to queues 0..3
 # NOTE: ens1f1 has 16 queues for 4 workers: RSS is limited to queues 0..3
 
-# One queue IRQ per worker core (queue i -> worker i).
-echo 8 > /proc/irq/100/smp_affinity_list   # ens1f0 queue 0
-echo 9 > /proc/irq/101/smp_affinity_list   # ens1f0 queue 1
-echo 10 > /proc/irq/102/smp_affinity_list   # ens1f0 queue 2
-echo 11 > /proc/irq/103/smp_affinity_list   # ens1f0 queue 3
-echo 8 > /proc/irq/200/smp_affinity_list   # ens1f1 queue 0
-echo 9 > /proc/irq/201/smp_affinity_list   # ens1f1 queue 1
-echo 10 > /proc/irq/202/smp_affinity_list   # ens1f1 queue 2
-echo 11 > /proc/irq/203/smp_affinity_list   # ens1f1 queue 3
+# Queue IRQs (and their receive softirqs) on cores the workers leave free, never a worker's.
+echo 12 > /proc/irq/100/smp_affinity_list   # ens1f0 queue 0
+echo 13 > /proc/irq/101/smp_affinity_list   # ens1f0 queue 1
+echo 14 > /proc/irq/102/smp_affinity_list   # ens1f0 queue 2
+echo 15 > /proc/irq/103/smp_affinity_list   # ens1f0 queue 3
+echo 12 > /proc/irq/200/smp_affinity_list   # ens1f1 queue 0
+echo 13 > /proc/irq/201/smp_affinity_list   # ens1f1 queue 1
+echo 14 > /proc/irq/202/smp_affinity_list   # ens1f1 queue 2
+echo 15 > /proc/irq/203/smp_affinity_list   # ens1f1 queue 3
 
 # RSS over addresses and UDP ports, so flows spread by port too.
 ethtool -N ens1f0 rx-flow-hash udp4 sdfn
