@@ -640,6 +640,12 @@ fn draw_chart<DB: plotters::prelude::DrawingBackend>(
     macro_rules! draw_all {
         ($ch:expr) => {{
             let ch = &mut $ch;
+            if has_right {
+                ch.configure_secondary_axes()
+                    .y_desc("plain forwarding Gbit/s")
+                    .draw()
+                    .map_err(|x| e(&x))?;
+            }
             for (i, l) in lines.iter().enumerate() {
                 let c = colors[i % colors.len()];
                 let style = c.stroke_width(2);
@@ -694,12 +700,6 @@ fn draw_chart<DB: plotters::prelude::DrawingBackend>(
             .y_desc("delivered Gbit/s (inner IP bytes; bars: lowest and highest round)")
             .draw()
             .map_err(|x| e(&x))?;
-        if has_right {
-            ch.configure_secondary_axes()
-                .y_desc("plain forwarding Gbit/s")
-                .draw()
-                .map_err(|x| e(&x))?;
-        }
         draw_all!(ch);
     } else {
         let xr = 0.5f64..xmax + 0.5;
@@ -725,12 +725,6 @@ fn draw_chart<DB: plotters::prelude::DrawingBackend>(
             .y_desc("delivered Gbit/s (inner IP bytes; bars: lowest and highest round)")
             .draw()
             .map_err(|x| e(&x))?;
-        if has_right {
-            ch.configure_secondary_axes()
-                .y_desc("plain forwarding Gbit/s")
-                .draw()
-                .map_err(|x| e(&x))?;
-        }
         draw_all!(ch);
     }
     root.present().map_err(|x| e(&x))?;
