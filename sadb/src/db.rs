@@ -884,6 +884,18 @@ pub enum Route {
     Unknown,
 }
 
+/// Phase 1's outbound decisions (see `CoreSas::rebuild`).
+struct OutPlan {
+    /// Key schedules built for SAs this core does not hold yet, by SPI.
+    fresh: HashMap<u32, OutRt>,
+    /// Per tunnel: the SA to send on (SPI, key id, lifetimes), or none.
+    plan: Vec<Option<(u32, u128, Lifetimes)>>,
+    /// Per tunnel: the acquire wanted.
+    acquire: Vec<Option<Option<usize>>>,
+    /// Waiting for another worker to hand a per-CPU SA over.
+    claim_wait: bool,
+}
+
 /// One worker's runtime SAs. Touched by that worker only.
 pub struct CoreSas {
     core: usize,
@@ -1012,13 +1024,27 @@ impl CoreSas {
     /// `strict`: a per-CPU SA another worker holds is an error (a new worker with a core index
     /// already in use); otherwise this worker waits for the handover on the fallback SA.
     fn rebuild(&mut self, db: Arc<SaDb>, now: u64, strict: bool) -> Result<(), DbError> {
-        let key_err = |spi| move |err| DbError::Key { spi, err };
-        // Tunnels the new snapshot shares with the one this worker runs (the same `Arc` at the
-        // same index) need nothing: their runtime state is what the last rebuild made of them.
-        // Unless this worker's own state changed since (a hard expiry, a claim it waits for) or
-        // there was nothing before: then every tunnel is decided again.
-        let full = strict || self.claim_wait || Arc::ptr_eq(&db, &self.db);
-        let keep: Vec<bool> = (0..db.tunnels.len())
+        let keep = self.kept_tunnels(&db, strict);
+        // Phase 1 (may fail, changes nothing).
+        let out = self.plan_outbound(&db, &keep, now, strict)?;
+        let (fresh_in, in_plan) = self.plan_inbound(&db, &keep, now)?;
+        // Phase 2 (cannot fail): assemble, moving the live state over.
+        let old_out = self.install_outbound(&keep, out.plan, out.fresh);
+        self.retire(old_out, &db);
+        self.install_inbound(&keep, in_plan, fresh_in);
+        self.set_acquires(out.acquire);
+        self.claim_wait = out.claim_wait;
+        self.db = db;
+        Ok(())
+    }
+
+    /// Tunnels the new snapshot shares with the one this worker runs (the same `Arc` at the
+    /// same index) need nothing: their runtime state is what the last rebuild made of them.
+    /// Unless this worker's own state changed since (a hard expiry, a claim it waits for) or
+    /// there was nothing before: then every tunnel is decided again.
+    fn kept_tunnels(&self, db: &Arc<SaDb>, strict: bool) -> Vec<bool> {
+        let full = strict || self.claim_wait || Arc::ptr_eq(db, &self.db);
+        (0..db.tunnels.len())
             .map(|t| {
                 !full
                     && t < self.outbound.len()
@@ -1029,8 +1055,18 @@ impl CoreSas {
                         .get(t)
                         .is_some_and(|o| Arc::ptr_eq(o, &db.tunnels[t]))
             })
-            .collect();
-        // Phase 1 (may fail, changes nothing).
+            .collect()
+    }
+
+    /// Phase 1, outbound: per tunnel, the SA to send on (or none) and the acquire wanted, and
+    /// the key schedules of the SAs this core does not hold yet (claims taken for them).
+    fn plan_outbound(
+        &self,
+        db: &SaDb,
+        keep: &[bool],
+        now: u64,
+        strict: bool,
+    ) -> Result<OutPlan, DbError> {
         let have_out: HashSet<(u32, u128)> = self
             .outbound
             .iter()
@@ -1048,7 +1084,7 @@ impl CoreSas {
                 out_plan.push(None); // not looked at: the slot stays
                 continue;
             }
-            let (pick, want) = self.pick(&db, t);
+            let (pick, want) = self.pick(db, t);
             acquire.push(want);
             let Pick::Send(mut spec) = pick else {
                 out_plan.push(None);
@@ -1097,6 +1133,24 @@ impl CoreSas {
             }
             out_plan.push(Some((spec.spi, spec.key_id, spec.lifetimes)));
         }
+        Ok(OutPlan {
+            fresh: fresh_out,
+            plan: out_plan,
+            acquire,
+            claim_wait,
+        })
+    }
+
+    /// Phase 1, inbound: the SAs this core (or every core) receives on in the tunnels that
+    /// changed, and the key schedules of those it does not hold yet.
+    #[allow(clippy::type_complexity)]
+    fn plan_inbound(
+        &self,
+        db: &SaDb,
+        keep: &[bool],
+        now: u64,
+    ) -> Result<(HashMap<u32, InRt>, Vec<(u32, usize, u128, Lifetimes)>), DbError> {
+        let key_err = |spi| move |err| DbError::Key { spi, err };
         let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
         let mut in_plan: Vec<(u32, usize, u128, Lifetimes)> = Vec::new();
         for (t, tun) in db.tunnels.iter().enumerate() {
@@ -1134,10 +1188,19 @@ impl CoreSas {
                 }
             }
         }
-        // Phase 2 (cannot fail): assemble, moving the live state over. In place: an SA that
-        // stays in its tunnel's slot (same SPI and key) is not moved (10 000 tunnels are
-        // 80 000 SAs of ~1 KiB each: moving them all took a worker off its queues for
-        // hundreds of milliseconds at every snapshot).
+        Ok((fresh_in, in_plan))
+    }
+
+    /// Phase 2, outbound. In place: an SA that stays in its tunnel's slot (same SPI and key)
+    /// is not moved (10 000 tunnels are 80 000 SAs of ~1 KiB each: moving them all took a
+    /// worker off its queues for hundreds of milliseconds at every snapshot). Returns the
+    /// SAs this core leaves.
+    fn install_outbound(
+        &mut self,
+        keep: &[bool],
+        out_plan: Vec<Option<(u32, u128, Lifetimes)>>,
+        mut fresh_out: HashMap<u32, OutRt>,
+    ) -> HashMap<u32, OutRt> {
         let mut old_out: HashMap<u32, OutRt> = HashMap::default();
         for (t, slot) in self.outbound.iter_mut().enumerate() {
             let stays = keep.get(t).copied().unwrap_or(false)
@@ -1172,7 +1235,12 @@ impl CoreSas {
                     rt
                 });
         }
-        // What this core sent on SAs it leaves stays counted while the SA exists.
+        old_out
+    }
+
+    /// What this core sent on SAs it leaves stays counted while the SA exists; what expired
+    /// and left the database is forgotten (the sets stay bounded).
+    fn retire(&mut self, mut old_out: HashMap<u32, OutRt>, db: &SaDb) {
         let mut at: HashMap<(u32, u128), usize> = self
             .retired
             .iter()
@@ -1198,8 +1266,17 @@ impl CoreSas {
         // What expired and left the database is forgotten (the set stays bounded).
         self.expired
             .retain(|spi, k| alive.contains(&(*spi, *k)) || db.inbound_owner(*spi).is_some());
-        // Inbound, in place too: the SAs that go are taken out, the new ones put in. Only the
-        // tunnels that changed are looked at (every SA here came from this worker's snapshot).
+    }
+
+    /// Phase 2, inbound, in place too: the SAs that go are taken out, the new ones put in.
+    /// Only the tunnels that changed are looked at (every SA here came from this worker's
+    /// snapshot).
+    fn install_inbound(
+        &mut self,
+        keep: &[bool],
+        in_plan: Vec<(u32, usize, u128, Lifetimes)>,
+        mut fresh_in: HashMap<u32, InRt>,
+    ) {
         let planned: HashSet<u32> = in_plan.iter().map(|p| p.0).collect();
         let gone: Vec<u32> = self
             .db
@@ -1235,6 +1312,10 @@ impl CoreSas {
                 },
             }
         }
+    }
+
+    /// The acquires wanted per tunnel; one that changed is asked at once, then backs off again.
+    fn set_acquires(&mut self, acquire: Vec<Option<Option<usize>>>) {
         self.acquire_hit.resize(acquire.len(), false);
         self.acquire_last.resize(acquire.len(), 0);
         self.acquire_backoff.resize(acquire.len(), 1);
@@ -1246,9 +1327,6 @@ impl CoreSas {
             }
         }
         self.acquire = acquire;
-        self.claim_wait = claim_wait;
-        self.db = db;
-        Ok(())
     }
 
     /// A packet wants tunnel `t`'s SA (the fast path: one load and a branch). Notes it when
