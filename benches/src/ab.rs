@@ -15,45 +15,141 @@ use std::time::{Duration, Instant};
 pub struct AbLoad {
     /// Namespace name prefix.
     pub prefix: String,
-    /// Seconds of traffic.
+    /// Seconds of traffic per trial.
     pub duration: f64,
     /// UDP payload bytes per datagram.
     pub size: usize,
     /// Parallel UDP flows.
     pub flows: usize,
+    /// Offered rate in packets per second over all flows (`None`: as fast as the sockets go).
+    pub rate: Option<u64>,
+    /// Where the load and the gateways run.
+    pub layout: Layout,
+    /// West's black interface (its transmit counter: what went onto the ESP link).
+    pub west_black: String,
 }
 
-/// Sends UDP datagrams of `size` bytes to `dst:port` from `flows` sockets for `duration`
-/// seconds; returns a JSON object with what was sent (run inside sunset).
-pub fn send(dst: IpAddr, port: u16, size: usize, flows: usize, duration: f64) -> serde_json::Value {
+/// Where the generator and sink run, and where the gateways do: `split` puts them on CPU
+/// sets of their own (the load with `taskset`, the kernel gateway's receive work with RPS on
+/// its ingress interfaces, espada with `taskset`), so that per-CPU usage tells them apart.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    /// CPUs for sunset's generator and sunrise's sink (empty: anywhere).
+    pub load: Vec<usize>,
+    /// CPUs for the gateways (empty: anywhere).
+    pub gateways: Vec<usize>,
+}
+
+impl Layout {
+    /// The split layout on this host: the last CPU for the load, the others for the gateways
+    /// (one CPU: nothing to split).
+    pub fn split(online: &[usize]) -> Layout {
+        match online.split_last() {
+            Some((last, rest)) if !rest.is_empty() => Layout {
+                load: vec![*last],
+                gateways: rest.to_vec(),
+            },
+            _ => Layout::default(),
+        }
+    }
+
+    fn taskset(cpus: &[usize]) -> String {
+        if cpus.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "taskset -c {} ",
+                cpus.iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        }
+    }
+
+    fn mask(cpus: &[usize]) -> String {
+        format!("{:x}", cpus.iter().fold(0u128, |m, c| m | 1u128 << c))
+    }
+}
+
+/// UDP payload sizes, cycled per datagram: one size, or IMIX (7:4:1 of 64, 594 and 1418-byte
+/// frames, the largest kept under the lab's inner MTU).
+pub fn payloads(size: &str) -> Result<Vec<usize>> {
+    const HEADERS: usize = 14 + 20 + 8;
+    if size == "imix" {
+        let mut v = vec![64 - HEADERS; 7];
+        v.extend([594 - HEADERS; 4]);
+        v.push(1418 - HEADERS);
+        return Ok(v);
+    }
+    let frame: usize = size.parse().map_err(|_| {
+        anyhow::anyhow!("a size is a frame length in bytes or `imix`, got `{size}`")
+    })?;
+    if !(64..=1418).contains(&frame) {
+        bail!("a frame size must be between 64 and 1418 bytes (the lab's inner MTU), got {frame}");
+    }
+    Ok(vec![frame - HEADERS])
+}
+
+/// Sends UDP datagrams (sizes cycled from `sizes`) to `dst:port` from `flows` sockets for
+/// `duration` seconds, at `rate` packets per second over all flows if given (paced in bursts
+/// of 32); returns a JSON object with what was sent and how many sends the kernel refused
+/// (a full socket or device queue: the generator's own loss) (run inside sunset).
+pub fn send(
+    dst: IpAddr,
+    port: u16,
+    sizes: &[usize],
+    flows: usize,
+    duration: f64,
+    rate: Option<u64>,
+) -> serde_json::Value {
+    let flows = flows.max(1);
     let until = Instant::now() + Duration::from_secs_f64(duration);
-    let threads: Vec<_> = (0..flows.max(1))
+    let per_flow = rate.map(|r| (r as f64 / flows as f64).max(1.0));
+    let threads: Vec<_> = (0..flows)
         .map(|_| {
-            std::thread::spawn(move || -> (u64, u64) {
+            let sizes = sizes.to_vec();
+            std::thread::spawn(move || -> (u64, u64, u64) {
                 let Ok(s) = UdpSocket::bind("0.0.0.0:0") else {
-                    return (0, 0);
+                    return (0, 0, 0);
                 };
-                let buf = vec![0xa5u8; size];
-                let (mut n, mut b) = (0u64, 0u64);
+                let buf = vec![0xa5u8; sizes.iter().copied().max().unwrap_or(0)];
+                let (mut n, mut b, mut errors) = (0u64, 0u64, 0u64);
+                let start = Instant::now();
+                let mut i = 0usize;
                 while Instant::now() < until {
-                    for _ in 0..64 {
-                        if s.send_to(&buf, (dst, port)).is_ok() {
-                            n += 1;
-                            b += size as u64;
+                    if let Some(pps) = per_flow {
+                        // Paced: the next burst leaves when the schedule says.
+                        let due = start + Duration::from_secs_f64((n + errors) as f64 / pps);
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                    }
+                    for _ in 0..32 {
+                        let len = sizes[i % sizes.len()];
+                        i += 1;
+                        match s.send_to(&buf[..len], (dst, port)) {
+                            Ok(_) => {
+                                n += 1;
+                                b += len as u64;
+                            }
+                            Err(_) => errors += 1,
                         }
                     }
                 }
-                (n, b)
+                (n, b, errors)
             })
         })
         .collect();
-    let (mut n, mut b) = (0, 0);
+    let (mut n, mut b, mut errors) = (0, 0, 0);
     for t in threads {
-        let (x, y) = t.join().unwrap_or((0, 0));
+        let (x, y, z) = t.join().unwrap_or((0, 0, 0));
         n += x;
         b += y;
+        errors += z;
     }
-    serde_json::json!({"sent": n, "bytes": b, "seconds": duration})
+    serde_json::json!({"sent": n, "bytes": b, "send_errors": errors, "seconds": duration})
 }
 
 /// Counts UDP datagrams on `port` until idle for a second (or `max_seconds`); prints "ready"
@@ -142,14 +238,38 @@ fn v4(a: IpAddr) -> String {
     a.to_string()
 }
 
+/// Which gateway pair one half of the A/B runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    /// Plain kernel routing, no IPsec: the ceiling of the lab and its load (if a gateway
+    /// reaches it, the generator, not the gateway, was the limit).
+    Loop,
+    /// Kernel XFRM from `espada xfrm`, with per-CPU SAs (`pcpu-num`) or one SA per tunnel.
+    Kernel { pcpu: bool },
+    /// espada on both gateways.
+    Espada,
+}
+
+impl Half {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Half::Loop => "loop (kernel routing, no IPsec)",
+            Half::Kernel { pcpu: true } => "kernel XFRM, per-CPU SAs",
+            Half::Kernel { pcpu: false } => "kernel XFRM, one SA (--no-pcpu)",
+            Half::Espada => "espada, per-CPU SAs",
+        }
+    }
+}
+
 /// The commands that build one half of the A/B lab (pure: tested without running them).
 pub fn setup(
     prefix: &str,
     w: &Config,
     e: &Config,
-    kernel: bool,
-    pcpu: bool,
+    half: Half,
     espada: &str,
+    layout: &Layout,
 ) -> Result<Vec<String>> {
     let (wr, wb, er, eb) = match (&w.red, &w.black, &e.red, &e.black) {
         (Some(a), Some(b), Some(c), Some(d)) => (a, b, c, d),
@@ -207,14 +327,9 @@ pub fn setup(
         c.push(format!("ip -n {} link set {dev} up", ns(n)));
     }
     let inner_mtu = wb.mtu.min(eb.mtu) - 100;
-    c.push(format!(
-        "ip -n {} link set s0 mtu {inner_mtu}",
-        ns("sunset")
-    ));
-    c.push(format!(
-        "ip -n {} link set s0 mtu {inner_mtu}",
-        ns("sunrise")
-    ));
+    for n in ["sunset", "sunrise"] {
+        c.push(format!("ip -n {} link set s0 mtu {inner_mtu}", ns(n)));
+    }
     c.push(format!(
         "ip -n {} addr add {} dev s0",
         ns("sunset"),
@@ -235,65 +350,189 @@ pub fn setup(
         ns("sunrise"),
         v4(er.address)
     ));
-    if kernel {
-        for (n, cfg, r, b) in [("west", w, wr, wb), ("east", e, er, eb)] {
-            c.push(format!(
-                "ip -n {} addr add {}/{} dev {}",
-                ns(n),
-                r.address,
-                r.prefix.len(),
-                r.interface
-            ));
-            c.push(format!(
-                "ip -n {} addr add {}/{} dev {}",
-                ns(n),
-                b.address,
-                b.prefix.len(),
-                b.interface
-            ));
-            c.push(format!(
-                "ip netns exec {} sysctl -qw net.ipv4.ip_forward=1",
-                ns(n)
-            ));
-            let db = cfg.sadb(cfg.resolved_workers())?;
-            for l in xfrm::render(cfg, &db, pcpu)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.file.display()))?
-                .lines()
-                .filter(|l| l.starts_with("ip xfrm"))
-            {
-                c.push(format!("ip -n {} {}", ns(n), l.trim_start_matches("ip ")));
+    match half {
+        Half::Loop | Half::Kernel { .. } => {
+            for (n, cfg, r, b) in [("west", w, wr, wb), ("east", e, er, eb)] {
+                kernel_gateway(&mut c, &ns(n), cfg, r, b, half, espada, layout)?;
             }
-            // The kernel decapsulates ESP-in-UDP only for a UDP socket with UDP_ENCAP_ESPINUDP
-            // on port 4500 (normally the IKE daemon's); this stands in for it.
-            c.push(format!(
-                "ip netns exec {} python3 -c \"import socket,time;s=socket.socket(2,2);s.setsockopt(17,100,2);s.bind(('0.0.0.0',4500));time.sleep(1e9)\" &",
-                ns(n)
-            ));
         }
-    } else {
-        let wf = w.file.display().to_string();
-        let ef = e.file.display().to_string();
-        c.push(format!(
-            "ip netns exec {} {espada} run -c {wf} --new-keys --idle-sleep-us 50 --interval 0 &",
-            ns("west")
-        ));
-        c.push(format!(
-            "ip netns exec {} {espada} run -c {ef} --new-keys --idle-sleep-us 50 --interval 0 &",
-            ns("east")
-        ));
+        Half::Espada => {
+            let pin = if layout.gateways.is_empty() {
+                String::new()
+            } else {
+                " --no-pin".to_string()
+            };
+            for (n, cfg) in [("west", w), ("east", e)] {
+                c.push(format!(
+                    "ip netns exec {} {}{espada} run -c {} --new-keys --state-dir /tmp/{prefix}{n}-state --control none --idle-sleep-us 50 --interval 0{pin} &",
+                    ns(n),
+                    Layout::taskset(&layout.gateways),
+                    cfg.file.display(),
+                ));
+            }
+        }
     }
     Ok(c)
 }
 
+/// One kernel gateway: addresses, forwarding, the routes XFRM needs (the kernel routes
+/// before it applies a policy), and for the IPsec half the SAs and policies of `espada
+/// xfrm` and a UDP_ENCAP_ESPINUDP socket on 4500 (`espada xfrm --encap-socket`; without it
+/// the kernel does not decapsulate ESP-in-UDP). Split layout: the receive work of its ingress
+/// interfaces (RPS) on the gateway CPUs.
+#[allow(clippy::too_many_arguments)]
+fn kernel_gateway(
+    c: &mut Vec<String>,
+    ns: &str,
+    cfg: &Config,
+    r: &config::PortConfig,
+    b: &config::PortConfig,
+    half: Half,
+    espada: &str,
+    layout: &Layout,
+) -> Result<()> {
+    for p in [r, b] {
+        c.push(format!(
+            "ip -n {ns} addr add {}/{} dev {}",
+            p.address,
+            p.prefix.len(),
+            p.interface
+        ));
+    }
+    c.push(format!(
+        "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1"
+    ));
+    for route in xfrm::routes(cfg) {
+        c.push(format!("ip -n {ns} {route}"));
+    }
+    if !layout.gateways.is_empty() {
+        for p in [r, b] {
+            c.push(format!(
+                "ip netns exec {ns} sh -c 'echo {} > /sys/class/net/{}/queues/rx-0/rps_cpus'",
+                Layout::mask(&layout.gateways),
+                p.interface
+            ));
+        }
+    }
+    let Half::Kernel { pcpu } = half else {
+        return Ok(());
+    };
+    let db = cfg.sadb(cfg.resolved_workers())?;
+    for l in xfrm::render(cfg, &db, pcpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.file.display()))?
+        .lines()
+        .filter(|l| l.starts_with("ip xfrm"))
+    {
+        c.push(format!("ip -n {ns} {}", l.trim_start_matches("ip ")));
+    }
+    c.push(format!("ip netns exec {ns} {espada} xfrm --encap-socket &"));
+    Ok(())
+}
+
+/// Time one CPU spent in each state over a trial, as fractions of the trial (from
+/// /proc/stat: the kernel's work on the gateways shows as softirq on the CPU that received).
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct CpuUse {
+    pub cpu: usize,
+    pub user: f64,
+    pub system: f64,
+    pub softirq: f64,
+    pub idle: f64,
+}
+
+/// Per-CPU jiffies: (cpu, user+nice, system, softirq+irq, idle+iowait, total).
+fn cpu_times() -> Vec<(usize, [u64; 5])> {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let cpu: usize = f.next()?.strip_prefix("cpu")?.parse().ok()?;
+            let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+            let g = |i: usize| v.get(i).copied().unwrap_or(0);
+            let total = v.iter().take(8).sum();
+            Some((cpu, [g(0) + g(1), g(2), g(5) + g(6), g(3) + g(4), total]))
+        })
+        .collect()
+}
+
+fn cpu_use(before: &[(usize, [u64; 5])], after: &[(usize, [u64; 5])]) -> Vec<CpuUse> {
+    after
+        .iter()
+        .filter_map(|(cpu, a)| {
+            let b = before.iter().find(|(c, _)| c == cpu)?.1;
+            let d = |i: usize| a[i].saturating_sub(b[i]) as f64;
+            let total = d(4).max(1.0);
+            Some(CpuUse {
+                cpu: *cpu,
+                user: d(0) / total,
+                system: d(1) / total,
+                softirq: d(2) / total,
+                idle: d(3) / total,
+            })
+        })
+        .collect()
+}
+
+/// What one trial measured.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Trial {
+    /// Offered rate (packets/s), `None` for as fast as the sockets go.
+    pub offered_pps: Option<u64>,
+    pub sent: u64,
+    /// Sends the kernel refused in sunset (the generator's own loss).
+    pub send_errors: u64,
+    /// Frames west put on its black link (the ESP side; the ceiling of what east can get).
+    pub west_black_tx: u64,
+    pub received: u64,
+    pub seconds: f64,
+    pub gbps_received: f64,
+    pub pps_received: f64,
+    pub loss: f64,
+    pub cpu: Vec<CpuUse>,
+}
+
+/// The no-drop rate of one frame size: the highest offered rate with loss at or under the
+/// threshold (a binary search on the offered rate, RFC 2544 §26.1 style).
 #[derive(Serialize, Clone, Debug)]
+pub struct Ndr {
+    pub size: String,
+    pub pps: f64,
+    pub gbps: f64,
+    pub loss: f64,
+    /// The trials of the search, in order.
+    pub trials: Vec<Trial>,
+}
+
+#[derive(Serialize, Clone, Debug, Default)]
 pub struct Variant {
     pub name: String,
+    /// The half was set up and measured.
     pub ran: bool,
+    /// Packets reached sunrise through it before the load (a ping).
+    pub forwarded: bool,
+    /// Why it did not run or did not forward.
     pub note: String,
     pub sent: u64,
+    pub send_errors: u64,
+    pub west_black_tx: u64,
     pub received: u64,
     pub gbps_received: f64,
     pub loss: f64,
+    pub cpu: Vec<CpuUse>,
+    pub ndr: Vec<Ndr>,
+    /// Kernel halves: packets per SA on west (`ip -s xfrm state`), SPI and direction.
+    pub sa_packets: Vec<(String, u64)>,
+}
+
+impl Variant {
+    /// A half that was not measured, and why.
+    pub fn not_run(name: &str, note: impl Into<String>) -> Variant {
+        Variant {
+            name: name.into(),
+            note: note.into(),
+            ..Default::default()
+        }
+    }
 }
 
 fn sh(cmd: &str) -> Result<()> {
@@ -325,96 +564,298 @@ fn sh(cmd: &str) -> Result<()> {
 
 /// Stops what runs in the lab's namespaces and removes them.
 pub fn teardown(prefix: &str) {
-    let _ = Command::new("sh").arg("-c").arg(format!("for p in $(ip netns pids {prefix}west 2>/dev/null) $(ip netns pids {prefix}east 2>/dev/null); do kill -TERM $p; done; sleep 1; for n in sunset west east sunrise; do ip netns del {prefix}$n 2>/dev/null; done")).status();
+    let _ = Command::new("sh").arg("-c").arg(format!("for p in $(ip netns pids {prefix}west 2>/dev/null) $(ip netns pids {prefix}east 2>/dev/null); do kill -TERM $p; done; sleep 1; for n in sunset west east sunrise; do ip netns del {prefix}$n 2>/dev/null; done; rm -rf /tmp/{prefix}west-state /tmp/{prefix}east-state")).status();
 }
 
-/// Builds one half with `cmds`, runs `me ab-traffic` UDP load through it, tears it down.
-pub fn measure(a: &AbLoad, me: &str, name: &str, cmds: &[String]) -> Result<Variant> {
+/// What a measurement does beyond one fixed load.
+#[derive(Debug, Clone, Default)]
+pub struct Search {
+    /// Frame sizes (`64`, `1400`, `imix`) whose no-drop rate is searched (empty: none).
+    pub sizes: Vec<String>,
+    /// Loss accepted at the no-drop rate (0: none).
+    pub threshold: f64,
+    /// Trials per search.
+    pub steps: u32,
+}
+
+/// Builds one half with `cmds`, checks that it forwards (a ping sunset → sunrise), runs the
+/// load through it (and the no-drop-rate searches of `search`), reads the kernel's per-SA
+/// counters, tears it down. A half that cannot be set up or does not forward comes back with
+/// `forwarded: false` and why, not as an error: the other halves are still measured.
+pub fn measure(a: &AbLoad, me: &str, half: Half, cmds: &[String], search: &Search) -> Variant {
+    let mut v = Variant::not_run(half.name(), "");
     teardown(&a.prefix);
     for c in cmds {
-        sh(c).with_context(|| format!("setting up the {name} half"))?;
+        if let Err(e) = sh(c) {
+            v.note = format!("setup failed: {e:#}");
+            teardown(&a.prefix);
+            return v;
+        }
     }
-    let dst = "10.2.0.10";
-    // Warm up ARP / neighbor entries.
-    for _ in 0..50 {
-        if Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{}sunset", a.prefix),
-                "ping",
-                "-c1",
-                "-W1",
-                "-q",
-                dst,
-            ])
+    v.ran = true;
+    v.forwarded = forwards(a);
+    if !v.forwarded {
+        v.note = "a ping from sunset did not reach sunrise through this half in 10 s: it does not forward (see `espada ab --print-setup`)".into();
+        teardown(&a.prefix);
+        return v;
+    }
+    match trial(a, me, a.rate, &[a.size]) {
+        Ok(t) => {
+            v.sent = t.sent;
+            v.send_errors = t.send_errors;
+            v.west_black_tx = t.west_black_tx;
+            v.received = t.received;
+            v.gbps_received = t.gbps_received;
+            v.loss = t.loss;
+            v.cpu = t.cpu;
+        }
+        Err(e) => v.note = format!("the load failed: {e:#}"),
+    }
+    for size in &search.sizes {
+        match ndr(a, me, size, search) {
+            Ok(n) => v.ndr.push(n),
+            Err(e) => v.note = format!("no-drop rate at {size}: {e:#}"),
+        }
+    }
+    if let Half::Kernel { .. } = half {
+        v.sa_packets = kernel_sa_packets(&format!("{}west", a.prefix));
+    }
+    teardown(&a.prefix);
+    v
+}
+
+fn in_ns(prefix: &str, ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &format!("{prefix}{ns}")]);
+    c
+}
+
+/// A ping from sunset reaches sunrise within 10 s (neighbors learned on the way).
+fn forwards(a: &AbLoad) -> bool {
+    (0..50).any(|_| {
+        let ok = in_ns(&a.prefix, "sunset")
+            .args(["ping", "-c1", "-W1", "-q", "10.2.0.10"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .is_ok_and(|s| s.success())
-        {
-            break;
+            .is_ok_and(|s| s.success());
+        if !ok {
+            std::thread::sleep(Duration::from_millis(200));
         }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let mut recv = Command::new("ip")
+        ok
+    })
+}
+
+/// A counter of west's black interface (the veth's, as the kernel saw it).
+fn west_black_tx(a: &AbLoad, dev: &str) -> u64 {
+    in_ns(&a.prefix, "west")
         .args([
-            "netns",
-            "exec",
-            &format!("{}sunrise", a.prefix),
-            me,
-            "ab-traffic",
-            "recv",
-            "--port",
-            "5400",
-            "--max-seconds",
-            &(a.duration + 10.0).to_string(),
+            "cat",
+            &format!("/sys/class/net/{dev}/statistics/tx_packets"),
         ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One load through a lab that forwards: sink in sunrise, generator in sunset (pinned by the
+/// layout), /proc/stat and west's black counters read around it.
+pub fn trial(a: &AbLoad, me: &str, rate: Option<u64>, sizes: &[usize]) -> Result<Trial> {
+    let pin: Vec<String> = if a.layout.load.is_empty() {
+        Vec::new()
+    } else {
+        vec![
+            "taskset".into(),
+            "-c".into(),
+            a.layout
+                .load
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ]
+    };
+    let mut recv = in_ns(&a.prefix, "sunrise")
+        .args(&pin)
+        .args([me, "ab-traffic", "recv", "--port", "5400", "--max-seconds"])
+        .arg((a.duration + 10.0).to_string())
         .stdout(Stdio::piped())
         .spawn()?;
     let mut out = std::io::BufReader::new(recv.stdout.take().context("receiver stdout")?);
     let mut line = String::new();
     std::io::BufRead::read_line(&mut out, &mut line)?;
-    let send = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("{}sunset", a.prefix),
-            me,
-            "ab-traffic",
-            "send",
-            "--dst",
-            dst,
-            "--port",
-            "5400",
-            "--size",
-            &a.size.to_string(),
-            "--flows",
-            &a.flows.to_string(),
-            "--duration",
-            &a.duration.to_string(),
-        ])
-        .output()?;
+    let tx0 = west_black_tx(a, &a.west_black);
+    let cpu0 = cpu_times();
+    let sizes_arg = sizes
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut send = in_ns(&a.prefix, "sunset");
+    send.args(&pin).args([
+        me,
+        "ab-traffic",
+        "send",
+        "--dst",
+        "10.2.0.10",
+        "--port",
+        "5400",
+    ]);
+    send.args(["--sizes", &sizes_arg, "--flows", &a.flows.to_string()]);
+    send.args(["--duration", &a.duration.to_string()]);
+    if let Some(r) = rate {
+        send.args(["--rate", &r.to_string()]);
+    }
+    let send = send.output()?;
+    let cpu1 = cpu_times();
     let sv: serde_json::Value = serde_json::from_slice(&send.stdout).context("sender output")?;
     line.clear();
     std::io::BufRead::read_line(&mut out, &mut line)?;
     let _ = recv.wait();
+    let tx1 = west_black_tx(a, &a.west_black);
     let rv: serde_json::Value = serde_json::from_str(&line).context("receiver output")?;
-    teardown(&a.prefix);
     let sent = sv["sent"].as_u64().unwrap_or(0);
     let received = rv["received"].as_u64().unwrap_or(0);
     let secs = rv["seconds"].as_f64().unwrap_or(0.0).max(1e-3);
-    Ok(Variant {
-        name: name.into(),
-        ran: true,
-        note: String::new(),
+    Ok(Trial {
+        offered_pps: rate,
         sent,
+        send_errors: sv["send_errors"].as_u64().unwrap_or(0),
+        west_black_tx: tx1.saturating_sub(tx0),
         received,
+        seconds: secs,
         gbps_received: rv["bytes"].as_f64().unwrap_or(0.0) * 8.0 / secs / 1e9,
+        pps_received: received as f64 / secs,
         loss: if sent > 0 {
             1.0 - received as f64 / sent as f64
         } else {
             0.0
         },
+        cpu: cpu_use(&cpu0, &cpu1),
     })
+}
+
+/// The no-drop rate of one frame size: first as fast as the generator goes (the upper bound
+/// is what got through), then a binary search on the offered rate for `search.steps` trials.
+pub fn ndr(a: &AbLoad, me: &str, size: &str, search: &Search) -> Result<Ndr> {
+    let sizes = payloads(size)?;
+    let mut trials = Vec::new();
+    let top = trial(a, me, None, &sizes)?;
+    let mut best: Option<Trial> = (top.loss <= search.threshold).then(|| top.clone());
+    // The no-drop rate is at most what got through at full speed (with a margin: the
+    // receiver's clock starts at its first datagram).
+    let offered = top.sent as f64 / a.duration.max(1e-3);
+    let (mut lo, mut hi) = (0.0f64, offered.min(top.pps_received * 1.1).max(1.0));
+    trials.push(top);
+    for _ in 0..search.steps {
+        if best.as_ref().is_some_and(|b| b.offered_pps.is_none()) {
+            break; // no loss at full speed: nothing to search
+        }
+        let rate = ((lo + hi) / 2.0).max(1.0) as u64;
+        let t = trial(a, me, Some(rate), &sizes)?;
+        if t.loss <= search.threshold {
+            lo = rate as f64;
+            best = Some(t.clone());
+        } else {
+            hi = rate as f64;
+        }
+        trials.push(t);
+    }
+    let (pps, gbps, loss) = best.as_ref().map_or((0.0, 0.0, 1.0), |b| {
+        (b.pps_received, b.gbps_received, b.loss)
+    });
+    Ok(Ndr {
+        size: size.to_string(),
+        pps,
+        gbps,
+        loss,
+        trials,
+    })
+}
+
+/// Packets per SA in namespace `ns` (`ip -s xfrm state`): which SA carried what.
+fn kernel_sa_packets(ns: &str) -> Vec<(String, u64)> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-s", "xfrm", "state"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    parse_sa_packets(&out)
+}
+
+/// SPI (with `dir` and `pcpu-num` when given) → packets, from `ip -s xfrm state` text (one
+/// block per SA, each starting with its `src … dst …` line).
+pub fn parse_sa_packets(text: &str) -> Vec<(String, u64)> {
+    let mut blocks: Vec<Vec<&str>> = Vec::new();
+    for l in text.lines() {
+        if l.starts_with("src ") || blocks.is_empty() {
+            blocks.push(Vec::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push(l.trim());
+        }
+    }
+    fn word_after<'a>(b: &[&'a str], key: &str) -> Option<&'a str> {
+        b.iter().find_map(|l| {
+            let i = l.find(key)?;
+            (i == 0 || l[..i].ends_with(' '))
+                .then(|| l[i + key.len()..].split_whitespace().next())?
+        })
+    }
+    blocks
+        .iter()
+        .filter_map(|b| {
+            let mut name = word_after(b, "spi ")?.to_string();
+            if let Some(d) = word_after(b, "dir ") {
+                name.push_str(&format!(" {d}"));
+            }
+            if let Some(c) = word_after(b, "pcpu-num ") {
+                name.push_str(&format!(" cpu {c}"));
+            }
+            let at = b.iter().position(|l| l.starts_with("lifetime current:"))?;
+            let packets = b
+                .get(at + 1)?
+                .split(',')
+                .find(|x| x.contains("(packets)"))?
+                .trim()
+                .trim_end_matches("(packets)")
+                .parse()
+                .ok()?;
+            Some((name, packets))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imix_and_frame_sizes() {
+        assert_eq!(payloads("64").unwrap(), vec![22]);
+        assert_eq!(payloads("1400").unwrap(), vec![1358]);
+        let imix = payloads("imix").unwrap();
+        assert_eq!(imix.len(), 12);
+        assert_eq!(imix.iter().filter(|s| **s == 22).count(), 7);
+        assert!(payloads("9000").is_err() && payloads("big").is_err());
+    }
+
+    #[test]
+    fn the_split_layout_keeps_the_load_off_the_gateways() {
+        let l = Layout::split(&[0, 1, 2, 3]);
+        assert_eq!((l.load, l.gateways), (vec![3], vec![0, 1, 2]));
+        assert!(Layout::split(&[0]).gateways.is_empty());
+        assert_eq!(Layout::mask(&[0, 2]), "5");
+    }
+
+    #[test]
+    fn per_sa_packets_from_ip_s_xfrm_state() {
+        let text = "src 192.168.100.1 dst 192.168.100.2\n\tproto esp spi 0x00001002 reqid 1 mode tunnel\n\treplay-window 0 flag af-unspec\n\taead rfc4106(gcm(aes)) 0x00 128\n\tencap type espinudp sport 4502 dport 4502 addr 0.0.0.0\n\tlifetime config:\n\t  limit: soft (INF)(bytes), hard (INF)(bytes)\n\tlifetime current:\n\t  1200(bytes), 10(packets)\n\t  add 2026-12-07 use 2026-12-07\n\tdir out\n\tpcpu-num 1\nsrc 192.168.100.2 dst 192.168.100.1\n\tproto esp spi 0x00002001 reqid 1 mode tunnel\n\tlifetime current:\n\t  0(bytes), 0(packets)\n";
+        let v = parse_sa_packets(text);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[0].1, 10);
+        assert_eq!(v[0].0, "0x00001002 out cpu 1");
+        assert_eq!(v[1], ("0x00002001".to_string(), 0));
+    }
 }

@@ -1,16 +1,22 @@
-//! `espada ab`: the A/B against kernel XFRM. Builds the namespace lab twice, once with the
-//! kernel doing IPsec (configured from `espada xfrm`, per-CPU SAs with `pcpu-num` when the
-//! kernel has them) and once with espada, sends the same UDP load through both, and writes one
-//! report (table, JSON, plot) with both side by side.
+//! `espada ab`: the A/B against kernel XFRM. Builds the namespace lab once per half — plain
+//! kernel routing (`loop`: the ceiling of the lab and its generator), kernel XFRM with per-CPU
+//! SAs (`pcpu-num`, when the kernel has them) and with one SA (`--no-pcpu`), and espada — checks
+//! that each forwards (a ping), sends the same UDP load through each, optionally searches each
+//! half's no-drop rate per frame size, and writes one report (table, JSON) with them side by
+//! side: what was sent, refused by the sender's own kernel, put on west's black link and
+//! received at sunrise, and per-CPU user/system/softirq time next to every figure.
 //!
-//! On a kernel without ESP (CONFIG_INET_ESP off, like the CI machines) it says so in one line
-//! and exits 1; `--espada-only` still measures the espada half, and `--print-setup kernel|espada`
-//! shows the exact commands either half runs.
+//! On a kernel without ESP (CONFIG_INET_ESP off, like the CI machines) the kernel halves say
+//! why in their row and the others are still measured; `--print-setup loop|kernel|espada`
+//! shows the exact commands a half runs.
 
 use crate::config::{self, Config};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use espada_benches::ab::{self, measure, probe_kernel_esp, setup, AbLoad, Variant};
+use espada_benches::ab::{
+    self, measure, probe_kernel_esp, setup, AbLoad, Half, Layout, Search, Variant,
+};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,15 +32,34 @@ pub struct AbArgs {
     /// East configuration (default: built-in configs/east.toml).
     #[arg(long)]
     east: Option<PathBuf>,
-    /// Seconds of traffic per variant.
+    /// Seconds of traffic per trial.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
-    /// UDP payload bytes per datagram.
+    /// UDP payload bytes per datagram of the fixed load.
     #[arg(long, default_value_t = 1300)]
     size: usize,
     /// Parallel UDP flows (distinct source ports).
     #[arg(long, default_value_t = 4)]
     flows: usize,
+    /// Offered rate of the fixed load in packets per second over all flows (default: as fast
+    /// as sunset's sockets go; the sends its kernel refuses are counted).
+    #[arg(long, value_name = "PPS")]
+    rate: Option<u64>,
+    /// Also search each half's no-drop rate for these frame sizes (comma-separated: bytes or
+    /// `imix`), e.g. `--ndr 64,1400,imix`: a binary search on the offered rate.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',')]
+    ndr: Vec<String>,
+    /// Loss accepted at the no-drop rate, as a fraction (0.001 = 0.1 %).
+    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    ndr_loss: f64,
+    /// Trials per no-drop-rate search (after one at full speed).
+    #[arg(long, default_value_t = 6)]
+    ndr_steps: u32,
+    /// Where the load and the gateways run: `split` (the generator and sink on the last CPU,
+    /// the gateways on the others: espada with taskset, the kernel's receive work with RPS) or
+    /// `shared` (anywhere, as the scheduler likes).
+    #[arg(long, default_value = "split", value_parser = ["split", "shared"])]
+    layout: String,
     /// Namespace name prefix.
     #[arg(long, default_value = "ab-")]
     prefix: String,
@@ -42,10 +67,11 @@ pub struct AbArgs {
     /// `~/.local/state/espada/ab-DATE-TIME`, or under $XDG_STATE_HOME).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Measure only the espada half (for kernels without ESP).
+    /// Measure only espada and the loop (no kernel probe, no kernel halves).
     #[arg(long)]
     espada_only: bool,
-    /// Print the commands that set up one half (`kernel` or `espada`) and exit.
+    /// Print the commands that set up one half (`loop`, `kernel`, `kernel-one-sa` or
+    /// `espada`) and exit.
     #[arg(long)]
     print_setup: Option<String>,
 }
@@ -59,12 +85,16 @@ pub enum TrafficCmd {
         dst: IpAddr,
         #[arg(long)]
         port: u16,
-        #[arg(long)]
-        size: usize,
+        /// Payload sizes, cycled per datagram.
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
         #[arg(long)]
         flows: usize,
         #[arg(long)]
         duration: f64,
+        /// Packets per second over all flows.
+        #[arg(long)]
+        rate: Option<u64>,
     },
     /// Count UDP datagrams until idle for a second; prints a JSON line.
     Recv {
@@ -80,10 +110,16 @@ pub fn traffic(cmd: TrafficCmd) -> Result<ExitCode> {
         TrafficCmd::Send {
             dst,
             port,
-            size,
+            sizes,
             flows,
             duration,
-        } => println!("{}", ab::send(dst, port, size, flows, duration)),
+            rate,
+        } => {
+            if sizes.is_empty() {
+                bail!("--sizes needs at least one size");
+            }
+            println!("{}", ab::send(dst, port, &sizes, flows, duration, rate))
+        }
         TrafficCmd::Recv { port, max_seconds } => println!("{}", ab::recv(port, max_seconds)?),
     }
     Ok(ExitCode::SUCCESS)
@@ -119,97 +155,242 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
     let w = load(&wp, WEST, "west")?;
     let e = load(&ep, EAST, "east")?;
     let me = std::env::current_exe()?.display().to_string();
+    for s in &a.ndr {
+        ab::payloads(s)?;
+    }
+    let online: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let layout = match a.layout.as_str() {
+        "split" => Layout::split(&online),
+        _ => Layout::default(),
+    };
     let load = AbLoad {
         prefix: a.prefix.clone(),
         duration: a.duration,
         size: a.size,
         flows: a.flows,
+        rate: a.rate,
+        layout: layout.clone(),
+        west_black: w
+            .black
+            .as_ref()
+            .map(|b| b.interface.clone())
+            .unwrap_or_default(),
     };
     if let Some(which) = &a.print_setup {
-        let kernel = match which.as_str() {
-            "kernel" => true,
-            "espada" => false,
-            s => bail!("--print-setup must be kernel or espada, got {s}"),
+        let half = match which.as_str() {
+            "loop" => Half::Loop,
+            "kernel" => Half::Kernel { pcpu: true },
+            "kernel-one-sa" => Half::Kernel { pcpu: false },
+            "espada" => Half::Espada,
+            s => bail!("--print-setup must be loop, kernel, kernel-one-sa or espada, got {s}"),
         };
-        for c in setup(&a.prefix, &w, &e, kernel, true, &me)? {
+        for c in setup(&a.prefix, &w, &e, half, &me, &layout)? {
             println!("{c}");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let probe = probe_kernel_esp(&a.prefix);
-    let kernel_ok = match &probe {
-        Ok(_) => true,
-        Err(msg) if !a.espada_only => {
-            eprintln!("espada ab: this kernel cannot do ESP, so there is no kernel XFRM half to compare with (ip xfrm state add: {msg}); run it on a host or VM whose kernel has CONFIG_INET_ESP, or use --espada-only");
-            return Ok(ExitCode::from(1));
-        }
-        Err(_) => false,
+    let search = Search {
+        sizes: a.ndr.clone(),
+        threshold: a.ndr_loss,
+        steps: a.ndr_steps,
     };
-    std::fs::create_dir_all(&out)?;
     let mut variants = Vec::new();
-    if kernel_ok && !a.espada_only {
-        let pcpu = probe.as_ref().map(|p| *p).unwrap_or(false);
-        variants.push(measure(
+    let run_half = |half: Half| -> Result<Variant> {
+        eprintln!("espada ab: {} ...", half.name());
+        Ok(measure(
             &load,
             &me,
-            if pcpu {
-                "kernel XFRM, per-CPU SAs"
-            } else {
-                "kernel XFRM, one SA"
-            },
-            &setup(&a.prefix, &w, &e, true, pcpu, &me)?,
-        )?);
+            half,
+            &setup(&a.prefix, &w, &e, half, &me, &layout)?,
+            &search,
+        ))
+    };
+    variants.push(run_half(Half::Loop)?);
+    let probe = if a.espada_only {
+        Err("--espada-only".to_string())
     } else {
-        variants.push(Variant {
-            name: "kernel XFRM".into(),
-            ran: false,
-            note: probe.err().unwrap_or_else(|| "--espada-only".into()),
-            sent: 0,
-            received: 0,
-            gbps_received: 0.0,
-            loss: 0.0,
-        });
+        probe_kernel_esp(&a.prefix).map_err(|m| format!("this kernel cannot do ESP (ip xfrm state add: {m}); run espada ab on a host or VM whose kernel has CONFIG_INET_ESP (docs/ab.md)"))
+    };
+    match &probe {
+        Ok(pcpu) => {
+            if *pcpu {
+                variants.push(run_half(Half::Kernel { pcpu: true })?);
+            } else {
+                variants.push(Variant::not_run(
+                    Half::Kernel { pcpu: true }.name(),
+                    "this kernel takes no per-CPU SAs (pcpu-num needs Linux >= 6.13 and iproute2 >= 7.0)",
+                ));
+            }
+            variants.push(run_half(Half::Kernel { pcpu: false })?);
+        }
+        Err(why) => {
+            for pcpu in [true, false] {
+                variants.push(Variant::not_run(Half::Kernel { pcpu }.name(), why.clone()));
+            }
+        }
     }
-    variants.push(measure(
-        &load,
-        &me,
-        "espada, per-CPU SAs",
-        &setup(&a.prefix, &w, &e, false, true, &me)?,
-    )?);
-    if let Some(v) = variants.iter().find(|v| v.ran && v.received == 0) {
-        eprintln!("espada ab: nothing reached sunrise through \"{}\": the lab did not forward (see `--print-setup`)", v.name);
-        return Ok(ExitCode::from(1));
-    }
-    let mut md = String::from("| variant | ran | sent | received | loss | Gbit/s received (UDP payload) |\n|---|---|---:|---:|---:|---:|\n");
-    for v in &variants {
-        md.push_str(&ab_row(v));
-    }
+    variants.push(run_half(Half::Espada)?);
+    let md = report(&variants, &layout);
     print!("{md}");
-    for v in variants.iter().filter(|v| !v.ran) {
-        println!("{}: not run ({})", v.name, v.note);
-    }
     std::fs::write(out.join("ab.md"), &md)?;
     std::fs::write(
         out.join("ab.json"),
         serde_json::to_string_pretty(&variants)? + "\n",
     )?;
     println!("wrote {}/ab.{{md,json}}", out.display());
+    let broken: Vec<&str> = variants
+        .iter()
+        .filter(|v| v.ran && !v.forwarded)
+        .map(|v| v.name.as_str())
+        .collect();
+    if !broken.is_empty() {
+        eprintln!(
+            "espada ab: nothing reached sunrise through {}: see the notes above and `espada ab --print-setup`",
+            broken.join(", ")
+        );
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Per-CPU user/system/softirq time in one cell: `cpu0 5/40/30 cpu1 ...` (percent).
+fn cpu_cell(cpu: &[ab::CpuUse]) -> String {
+    cpu.iter()
+        .map(|c| {
+            format!(
+                "cpu{} {:.0}/{:.0}/{:.0}",
+                c.cpu,
+                c.user * 100.0,
+                c.system * 100.0,
+                c.softirq * 100.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The report: the fixed load per half, the no-drop rates, which limit the loop shows, the
+/// kernel's per-SA counters, and why a half did not run.
+fn report(variants: &[Variant], layout: &Layout) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "layout: {}",
+        if layout.gateways.is_empty() {
+            "shared (load and gateways anywhere)".to_string()
+        } else {
+            format!(
+                "split: load on CPU {}, gateways on CPU {}",
+                espada_pinning::format_cpu_list(&layout.load),
+                espada_pinning::format_cpu_list(&layout.gateways)
+            )
+        }
+    );
+    md.push_str("\n| variant | ran | sent | refused by sunset's kernel | west black tx | received | loss | Gbit/s received (UDP payload) | CPU usr/sys/softirq % |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+    for v in variants {
+        md.push_str(&ab_row(v));
+    }
+    if variants.iter().any(|v| !v.ndr.is_empty()) {
+        md.push_str("\n| variant | frame size | no-drop rate (kpps) | Gbit/s | loss | trials | CPU usr/sys/softirq % at that rate |\n|---|---|---:|---:|---:|---:|---|\n");
+        for v in variants {
+            for n in &v.ndr {
+                let at = n
+                    .trials
+                    .iter()
+                    .filter(|t| t.loss <= n.loss + 1e-12)
+                    .max_by(|a, b| a.pps_received.total_cmp(&b.pps_received))
+                    .map(|t| cpu_cell(&t.cpu))
+                    .unwrap_or_default();
+                if n.pps == 0.0 {
+                    // No trial met the threshold: there is no rate to give.
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | none found | - | - | {} | - |",
+                        v.name,
+                        n.size,
+                        n.trials.len()
+                    );
+                    continue;
+                }
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} | {:.3} | {:.3}% | {} | {at} |",
+                    v.name,
+                    n.size,
+                    n.pps / 1e3,
+                    n.gbps,
+                    n.loss * 100.0,
+                    n.trials.len()
+                );
+            }
+        }
+    }
+    md.push('\n');
+    if let Some(l) = variants
+        .iter()
+        .find(|v| v.ran && v.forwarded && v.name.starts_with("loop"))
+    {
+        let _ = writeln!(md, "ceiling: plain routing (loop) received {:.3} Gbit/s; a half near it was limited by the generator or the lab, not by its gateway", l.gbps_received);
+        for v in variants
+            .iter()
+            .filter(|v| v.ran && v.forwarded && !v.name.starts_with("loop"))
+        {
+            if l.gbps_received > 0.0 {
+                let r = v.gbps_received / l.gbps_received;
+                let _ = writeln!(
+                    md,
+                    "  {}: {r:.2}x of the loop{}",
+                    v.name,
+                    if r >= 0.9 { " (generator-limited)" } else { "" }
+                );
+            }
+        }
+    }
+    for v in variants.iter().filter(|v| !v.sa_packets.is_empty()) {
+        let _ = writeln!(
+            md,
+            "{}: west's SAs (ip -s xfrm state): {}",
+            v.name,
+            v.sa_packets
+                .iter()
+                .map(|(sa, n)| format!("{sa}: {n} packets"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    for v in variants.iter().filter(|v| !v.note.is_empty()) {
+        let what = if v.ran { "note" } else { "not run" };
+        let _ = writeln!(md, "{}: {what}: {}", v.name, v.note);
+    }
+    md
 }
 
 /// One row of the A/B table: a variant that did not run shows `-`, not zeros that read as
 /// measurements (issue 27).
 fn ab_row(v: &Variant) -> String {
     if !v.ran {
-        return format!("| {} | no | - | - | - | - |\n", v.name);
+        return format!("| {} | no | - | - | - | - | - | - | - |\n", v.name);
+    }
+    if !v.forwarded {
+        return format!(
+            "| {} | did not forward | - | - | - | - | - | - | - |\n",
+            v.name
+        );
     }
     format!(
-        "| {} | yes | {} | {} | {:.2}% | {:.3} |\n",
+        "| {} | yes | {} | {} | {} | {} | {:.2}% | {:.3} | {} |\n",
         v.name,
         v.sent,
+        v.send_errors,
+        v.west_black_tx,
         v.received,
         v.loss * 100.0,
-        v.gbps_received
+        v.gbps_received,
+        cpu_cell(&v.cpu)
     )
 }
 
@@ -219,24 +400,29 @@ mod tests {
 
     #[test]
     fn a_variant_that_did_not_run_shows_dashes() {
-        let mut v = Variant {
-            name: "kernel XFRM".into(),
-            ran: false,
-            note: "--espada-only".into(),
-            sent: 0,
-            received: 0,
-            gbps_received: 0.0,
-            loss: 0.0,
-        };
-        assert_eq!(ab_row(&v), "| kernel XFRM | no | - | - | - | - |\n");
+        let mut v = Variant::not_run("kernel XFRM", "--espada-only");
+        assert_eq!(
+            ab_row(&v),
+            "| kernel XFRM | no | - | - | - | - | - | - | - |\n"
+        );
         v.ran = true;
+        assert!(ab_row(&v).contains("did not forward"));
+        v.forwarded = true;
         v.sent = 100;
+        v.west_black_tx = 100;
         v.received = 99;
         v.loss = 0.01;
         v.gbps_received = 1.5;
+        v.cpu = vec![ab::CpuUse {
+            cpu: 0,
+            user: 0.1,
+            system: 0.2,
+            softirq: 0.3,
+            idle: 0.4,
+        }];
         assert_eq!(
             ab_row(&v),
-            "| kernel XFRM | yes | 100 | 99 | 1.00% | 1.500 |\n"
+            "| kernel XFRM | yes | 100 | 0 | 100 | 99 | 1.00% | 1.500 | cpu0 10/20/30 |\n"
         );
     }
 }

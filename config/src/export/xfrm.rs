@@ -163,6 +163,32 @@ fn reversed(p: &Policy) -> Policy {
     r
 }
 
+/// The routes the kernel needs before XFRM sees a packet (it routes first, then applies the
+/// policy): one per remote subnet of every tunnel, via the peer's black address, as `ip`
+/// arguments (`route add 10.2.0.0/24 via 192.168.100.2`).
+pub fn routes(c: &Config) -> Vec<String> {
+    c.tunnels
+        .iter()
+        .flat_map(|t| routes_of(t).into_iter().map(|(_, r)| r))
+        .collect()
+}
+
+fn routes_of(t: &crate::TunnelConfig) -> Vec<(String, String)> {
+    t.remote_subnets
+        .iter()
+        .map(|r| {
+            // An IPv4 subnet behind an IPv6 tunnel (or the other way round): a route through
+            // a next hop of the other family (Linux >= 5.2: `via inet6`).
+            let via = match (r.addr().is_ipv4(), t.remote.is_ipv4()) {
+                (true, false) => "via inet6",
+                (false, true) => "via inet",
+                _ => "via",
+            };
+            (r.to_string(), format!("route add {r} {via} {}", t.remote))
+        })
+        .collect()
+}
+
 /// The commands, in the order to run them (states first, then policies).
 pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
     let mut s = String::new();
@@ -183,15 +209,8 @@ pub fn render(c: &Config, db: &SaDb, pcpu: bool) -> Result<String, String> {
         if tun.outbound.fallback.replay_window > KERNEL_MAX_REPLAY {
             let _ = writeln!(s, "# tunnel \"{}\": replay_window {} is above the kernel's limit; the kernel's SAs get {KERNEL_MAX_REPLAY}", t.name, tun.outbound.fallback.replay_window);
         }
-        for r in &t.remote_subnets {
-            // An IPv4 subnet behind an IPv6 tunnel (or the other way round): a route through
-            // a next hop of the other family (Linux >= 5.2: `via inet6`).
-            let via = match (r.addr().is_ipv4(), t.remote.is_ipv4()) {
-                (true, false) => "via inet6",
-                (false, true) => "via inet",
-                _ => "via",
-            };
-            let _ = writeln!(s, "# tunnel \"{}\": the kernel routes before it applies a policy: it needs a route to {r}, e.g. `ip route add {r} {via} {}`", t.name, t.remote);
+        for (r, route) in routes_of(t) {
+            let _ = writeln!(s, "# tunnel \"{}\": the kernel routes before it applies a policy: it needs a route to {r}, e.g. `ip {route}`", t.name);
         }
         let note = if pcpu {
             "per-CPU SAs carry pcpu-num, the fallback SA does not"
