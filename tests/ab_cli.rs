@@ -222,3 +222,21 @@ fn the_whole_ab_runs_in_the_per_cpu_kernel_guest() {
         "{text}"
     );
 }
+
+/// Issue 28: the TRex profile for the seed lab builds its packets (scapy, no TRex here): sizes,
+/// one UDP source port per flow (the port that pins it to a CPU), checksums, flow rules.
+#[test]
+fn the_trex_profiles_build_their_packets() {
+    let out = Command::new("python3")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["benches/trex/check.py"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("75 packets built and checked"), "{text}");
+}

@@ -357,10 +357,12 @@ pub fn setup(
             }
         }
         Half::Espada => {
+            // Split: both gateways share the gateway CPUs, half of them each (at least one
+            // worker), unpinned inside the taskset.
             let pin = if layout.gateways.is_empty() {
                 String::new()
             } else {
-                " --no-pin".to_string()
+                format!(" --no-pin --workers {}", (layout.gateways.len() / 2).max(1))
             };
             for (n, cfg) in [("west", w), ("east", e)] {
                 c.push(format!(
@@ -806,7 +808,9 @@ pub fn parse_sa_packets(text: &str) -> Vec<(String, u64)> {
     blocks
         .iter()
         .filter_map(|b| {
-            let mut name = word_after(b, "spi ")?.to_string();
+            let spi = word_after(b, "spi ")?;
+            // iproute2 >= 6.x adds the decimal: `0x00001001(4097)`.
+            let mut name = spi.split('(').next().unwrap_or(spi).to_string();
             if let Some(d) = word_after(b, "dir ") {
                 name.push_str(&format!(" {d}"));
             }
@@ -851,7 +855,7 @@ mod tests {
 
     #[test]
     fn per_sa_packets_from_ip_s_xfrm_state() {
-        let text = "src 192.168.100.1 dst 192.168.100.2\n\tproto esp spi 0x00001002 reqid 1 mode tunnel\n\treplay-window 0 flag af-unspec\n\taead rfc4106(gcm(aes)) 0x00 128\n\tencap type espinudp sport 4502 dport 4502 addr 0.0.0.0\n\tlifetime config:\n\t  limit: soft (INF)(bytes), hard (INF)(bytes)\n\tlifetime current:\n\t  1200(bytes), 10(packets)\n\t  add 2026-12-07 use 2026-12-07\n\tdir out\n\tpcpu-num 1\nsrc 192.168.100.2 dst 192.168.100.1\n\tproto esp spi 0x00002001 reqid 1 mode tunnel\n\tlifetime current:\n\t  0(bytes), 0(packets)\n";
+        let text = "src 192.168.100.1 dst 192.168.100.2\n\tproto esp spi 0x00001002(4098) reqid 1 mode tunnel\n\treplay-window 0 flag af-unspec\n\taead rfc4106(gcm(aes)) 0x00 128\n\tencap type espinudp sport 4502 dport 4502 addr 0.0.0.0\n\tlifetime config:\n\t  limit: soft (INF)(bytes), hard (INF)(bytes)\n\tlifetime current:\n\t  1200(bytes), 10(packets)\n\t  add 2026-12-07 use 2026-12-07\n\tdir out\n\tpcpu-num 1\nsrc 192.168.100.2 dst 192.168.100.1\n\tproto esp spi 0x00002001 reqid 1 mode tunnel\n\tlifetime current:\n\t  0(bytes), 0(packets)\n";
         let v = parse_sa_packets(text);
         assert_eq!(v.len(), 2, "{v:?}");
         assert_eq!(v[0].1, 10);

@@ -266,6 +266,13 @@ fn worker_series(
                     n as f64,
                 );
             }
+            e.add(
+                "espada_port_checksums_completed_total",
+                C,
+                "Frames received with a TCP/UDP checksum their sender left partial (checksum offload on a virtual link), completed before forwarding.",
+                vec![w(), ("side", side.into())],
+                ps.rx_csum_completed as f64,
+            );
         }
     }
     if let Some(q) = gw.shared.handoff.get(i) {

@@ -486,7 +486,7 @@ fn show_workers(gw: &Gateway) -> Value {
             let port = |p: &espada_dataplane::port::PortStats| {
                 json!({ "rx_packets": p.rx_packets, "tx_packets": p.tx_packets, "rx_dropped": p.rx_dropped,
                         "tx_dropped": p.tx_dropped, "tx_lost": p.tx_lost, "tx_resets": p.tx_resets,
-                        "tx_oversize": p.tx_oversize, "rx_filtered": p.rx_filtered, "tx_copied": p.tx_copied })
+                        "tx_oversize": p.tx_oversize, "rx_filtered": p.rx_filtered, "tx_copied": p.tx_copied, "rx_csum_completed": p.rx_csum_completed })
             };
             json!({
                 "worker": i,

@@ -87,6 +87,50 @@ pub fn pseudo_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, len: u32) -> u32
     fold_to_u16_sum(acc)
 }
 
+/// Completes a TCP or UDP checksum the sender left partial in an Ethernet frame (IPv4, or
+/// IPv6 without extension headers): with checksum offload on a virtual link the field holds only
+/// the pseudo-header sum and the kernel hands the frame over as it is (AF_PACKET's
+/// `TP_STATUS_CSUMNOTREADY`). The sum over the whole segment with that field in place,
+/// inverted, is the checksum. Returns false (frame untouched) for anything else or a frame too
+/// short for what its headers say.
+pub fn complete_partial(frame: &mut [u8]) -> bool {
+    let (l4, proto, len) = match frame.get(12..14) {
+        Some([0x08, 0x00]) => {
+            let Some(&vihl) = frame.get(14) else {
+                return false;
+            };
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            let total = u16::from_be_bytes([frame[16], frame[17]]) as usize;
+            match (frame.get(23), total.checked_sub(ihl)) {
+                (Some(&p), Some(len)) if ihl >= 20 => (14 + ihl, p, len),
+                _ => return false,
+            }
+        }
+        Some([0x86, 0xdd]) if frame.len() >= 54 => (
+            54,
+            frame[20],
+            u16::from_be_bytes([frame[18], frame[19]]) as usize,
+        ),
+        _ => return false,
+    };
+    let field = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    let Some(seg) = frame.get_mut(l4..l4 + len) else {
+        return false;
+    };
+    if seg.len() < field + 2 {
+        return false;
+    }
+    let c = finish(sum(seg));
+    // UDP: a computed 0 is sent as 0xffff (0 means "no checksum", RFC 768).
+    let c = if proto == 17 && c == 0 { 0xffff } else { c };
+    seg[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -164,5 +208,43 @@ mod test {
             let parts = finish(combine(sum(&data[..cut]), sum(&data[cut..])));
             proptest::prop_assert_eq!(whole, parts);
         }
+    }
+
+    #[test]
+    fn a_partial_checksum_is_completed() {
+        // IPv4/UDP as a sender with checksum offload leaves it: the field holds the
+        // pseudo-header sum (not inverted); completing it gives the checksum computed whole.
+        let src = Ipv4Addr::new(10, 1, 0, 10);
+        let dst = Ipv4Addr::new(10, 2, 0, 10);
+        let payload = b"hello, espada!!";
+        let udp_len = 8 + payload.len();
+        let mut f = vec![0u8; 14 + 20 + udp_len];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+        f[23] = 17;
+        f[26..30].copy_from_slice(&src.octets());
+        f[30..34].copy_from_slice(&dst.octets());
+        f[34..36].copy_from_slice(&4000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&5400u16.to_be_bytes());
+        f[38..40].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        f[42..].copy_from_slice(payload);
+        let pseudo = pseudo_v4(src, dst, 17, udp_len as u16);
+        let whole = finish(combine(pseudo, sum(&f[34..])));
+        let partial = fold_to_u16_sum(pseudo) as u16;
+        f[40..42].copy_from_slice(&partial.to_be_bytes());
+        assert!(complete_partial(&mut f));
+        assert_eq!(u16::from_be_bytes([f[40], f[41]]), whole);
+        // Verifies as a receiver would: pseudo-header + segment sums to 0xffff.
+        assert_eq!(finish(combine(pseudo, sum(&f[34..]))), 0);
+        // Not TCP/UDP, truncated, or not IP: untouched.
+        let mut icmp = f.clone();
+        icmp[23] = 1;
+        assert!(!complete_partial(&mut icmp));
+        assert!(!complete_partial(&mut f[..30]));
+        let mut short = f.clone();
+        short[16..18].copy_from_slice(&2000u16.to_be_bytes());
+        assert!(!complete_partial(&mut short));
+        assert!(!complete_partial(&mut [0u8; 10]));
     }
 }

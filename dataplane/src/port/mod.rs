@@ -50,6 +50,9 @@ pub struct PortStats {
     /// Frames refused at receive because they are not for this gateway at layer 2 (a VLAN
     /// tag the kernel had stripped: espada runs on no VLAN).
     pub rx_filtered: u64,
+    /// Frames received with a TCP/UDP checksum their sender left partial (checksum offload on
+    /// a virtual link), completed before forwarding.
+    pub rx_csum_completed: u64,
 }
 
 /// One RX/TX queue pair of a port, owned by one worker.
