@@ -27,6 +27,12 @@ pub struct AbLoad {
     pub layout: Layout,
     /// West's black interface (its transmit counter: what went onto the ESP link).
     pub west_black: String,
+    /// The generator: `af-packet` (Ethernet frames through an AF_PACKET transmit ring, no
+    /// UDP socket, no qdisc) or `udp` (UDP sockets).
+    pub generator: String,
+    /// Sunset's address and its gateway (west's red address), for the AF_PACKET generator.
+    pub sunset: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
 }
 
 /// Where the generator and sink run, and where the gateways do: `split` puts them on CPU
@@ -150,6 +156,127 @@ pub fn send(
         errors += z;
     }
     serde_json::json!({"sent": n, "bytes": b, "send_errors": errors, "seconds": duration})
+}
+
+/// What the AF_PACKET generator sends: Ethernet frames from sunset's interface straight to
+/// its gateway (no UDP socket, no qdisc, one syscall per burst of 32), UDP source port
+/// `40000 + flow`, the IPv4 header checksum computed, UDP checksum 0 (none, RFC 768).
+#[derive(Debug, Clone)]
+pub struct RawLoad {
+    /// Sunset's interface.
+    pub iface: String,
+    /// Sunset's address.
+    pub src: std::net::Ipv4Addr,
+    /// Sunrise's address.
+    pub dst: std::net::Ipv4Addr,
+    /// The gateway whose MAC the frames go to (from sunset's ARP table: ping it first).
+    pub gateway: std::net::Ipv4Addr,
+    pub port: u16,
+}
+
+/// The MAC of `ip` in this namespace's ARP table.
+fn arp_mac(ip: std::net::Ipv4Addr) -> Option<espada_wire::ethernet::MacAddr> {
+    let t = std::fs::read_to_string("/proc/net/arp").ok()?;
+    t.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first()? == &ip.to_string())
+            .then(|| espada_wire::ethernet::MacAddr::parse(f.get(3)?))
+            .flatten()
+    })
+}
+
+/// One frame of the AF_PACKET generator.
+fn raw_frame(
+    r: &RawLoad,
+    dst_mac: espada_wire::ethernet::MacAddr,
+    src_mac: espada_wire::ethernet::MacAddr,
+    flow: usize,
+    payload: usize,
+) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 20 + 8 + payload];
+    f[0..6].copy_from_slice(&dst_mac.0);
+    f[6..12].copy_from_slice(&src_mac.0);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + 8 + payload) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&r.src.octets());
+    ip[16..20].copy_from_slice(&r.dst.octets());
+    let c = espada_wire::checksum::checksum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&(40000 + flow as u16).to_be_bytes());
+    udp[2..4].copy_from_slice(&r.port.to_be_bytes());
+    udp[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+    f
+}
+
+/// The AF_PACKET generator (run inside sunset): frames of `sizes` (payload bytes, cycled) over
+/// `flows` source ports for `duration` seconds, at `rate` packets per second if given, through
+/// espada's own AF_PACKET transmit ring. Returns what was sent and what the ring could not
+/// take (`send_errors`).
+pub fn send_raw(
+    r: &RawLoad,
+    sizes: &[usize],
+    flows: usize,
+    duration: f64,
+    rate: Option<u64>,
+) -> Result<serde_json::Value> {
+    use espada_dataplane::pktbuf::PacketBuf;
+    use espada_dataplane::port::af_packet::{interface_mac, AfPacketQueue, RingConfig};
+    use espada_dataplane::port::PortQueue;
+    let dst_mac = arp_mac(r.gateway).with_context(|| {
+        format!(
+            "no ARP entry for the gateway {} in this namespace (ping it first)",
+            r.gateway
+        )
+    })?;
+    let src_mac = interface_mac(&r.iface)?;
+    let flows = flows.max(1);
+    let frames: Vec<Vec<u8>> = (0..flows * sizes.len())
+        .map(|i| raw_frame(r, dst_mac, src_mac, i % flows, sizes[i % sizes.len()]))
+        .collect();
+    let mut q = AfPacketQueue::open(&r.iface, 0, 1, 0, RingConfig::default())?;
+    let pool = espada_dataplane::pool::Pool::new(1024, 2048);
+    let mut cache = espada_dataplane::pool::PoolCache::new(pool);
+    let mut burst = Vec::with_capacity(32);
+    let (mut n, mut b, mut i) = (0u64, 0u64, 0usize);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(duration);
+    let mut offered = 0u64;
+    while Instant::now() < until {
+        if let Some(pps) = rate {
+            let due = start + Duration::from_secs_f64(offered as f64 / pps.max(1) as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        for _ in 0..32 {
+            let Some(mut buf) = cache.get() else { break };
+            let f = &frames[i % frames.len()];
+            i += 1;
+            if buf.load(f) {
+                burst.push(buf);
+            }
+        }
+        let want = burst.len() as u64;
+        let bytes: u64 = burst.iter().map(|p| p.data().len() as u64 - 42).sum();
+        let sent = q.tx_burst(&mut cache, &mut burst) as u64;
+        offered += want;
+        n += sent;
+        if sent == want {
+            b += bytes;
+        }
+    }
+    let st = q.stats();
+    Ok(
+        serde_json::json!({"sent": n, "bytes": b, "send_errors": offered - n,
+        "seconds": duration, "generator": "af-packet", "ring_full": st.tx_dropped}),
+    )
 }
 
 /// Counts UDP datagrams on `port` until idle for a second (or `max_seconds`); prints "ready"
@@ -705,6 +832,10 @@ pub fn trial(a: &AbLoad, me: &str, rate: Option<u64>, sizes: &[usize]) -> Result
         "5400",
     ]);
     send.args(["--sizes", &sizes_arg, "--flows", &a.flows.to_string()]);
+    if a.generator == "af-packet" {
+        send.args(["--af-packet", "s0", "--src", &a.sunset.to_string()]);
+        send.args(["--gateway", &a.gateway.to_string()]);
+    }
     send.args(["--duration", &a.duration.to_string()]);
     if let Some(r) = rate {
         send.args(["--rate", &r.to_string()]);

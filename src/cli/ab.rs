@@ -55,6 +55,11 @@ pub struct AbArgs {
     /// Trials per no-drop-rate search (after one at full speed).
     #[arg(long, default_value_t = 6)]
     ndr_steps: u32,
+    /// The load generator in sunset: `af-packet` (Ethernet frames through an AF_PACKET
+    /// transmit ring: no UDP socket, no qdisc, one syscall per 32 frames) or `udp` (UDP
+    /// sockets, one syscall per datagram: the limit at small frames).
+    #[arg(long, default_value = "af-packet", value_parser = ["af-packet", "udp"])]
+    generator: String,
     /// Where the load and the gateways run: `split` (the generator and sink on the last CPU,
     /// the gateways on the others: espada with taskset, the kernel's receive work with RPS) or
     /// `shared` (anywhere, as the scheduler likes).
@@ -95,6 +100,16 @@ pub enum TrafficCmd {
         /// Packets per second over all flows.
         #[arg(long)]
         rate: Option<u64>,
+        /// Send Ethernet frames through an AF_PACKET transmit ring on this interface instead
+        /// of UDP sockets (needs --src and --gateway).
+        #[arg(long, value_name = "IFACE", requires_all = ["src", "gateway"])]
+        af_packet: Option<String>,
+        /// Source address of the AF_PACKET frames.
+        #[arg(long)]
+        src: Option<std::net::Ipv4Addr>,
+        /// The gateway the AF_PACKET frames go to (its MAC from the ARP table).
+        #[arg(long)]
+        gateway: Option<std::net::Ipv4Addr>,
     },
     /// Count UDP datagrams until idle for a second; prints a JSON line.
     Recv {
@@ -114,11 +129,27 @@ pub fn traffic(cmd: TrafficCmd) -> Result<ExitCode> {
             flows,
             duration,
             rate,
+            af_packet,
+            src,
+            gateway,
         } => {
             if sizes.is_empty() {
                 bail!("--sizes needs at least one size");
             }
-            println!("{}", ab::send(dst, port, &sizes, flows, duration, rate))
+            match (af_packet, src, gateway, dst) {
+                (Some(iface), Some(src), Some(gateway), IpAddr::V4(dst)) => {
+                    let r = ab::RawLoad {
+                        iface,
+                        src,
+                        dst,
+                        gateway,
+                        port,
+                    };
+                    println!("{}", ab::send_raw(&r, &sizes, flows, duration, rate)?)
+                }
+                (Some(_), ..) => bail!("--af-packet sends IPv4: give an IPv4 --dst"),
+                _ => println!("{}", ab::send(dst, port, &sizes, flows, duration, rate)),
+            }
         }
         TrafficCmd::Recv { port, max_seconds } => println!("{}", ab::recv(port, max_seconds)?),
     }
@@ -179,6 +210,12 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
             .as_ref()
             .map(|b| b.interface.clone())
             .unwrap_or_default(),
+        generator: a.generator.clone(),
+        sunset: sunset_address(&w)?,
+        gateway: match w.red.as_ref().map(|r| r.address) {
+            Some(IpAddr::V4(g)) => g,
+            _ => bail!("{}: [red] needs an IPv4 address", w.file.display()),
+        },
     };
     if let Some(which) = &a.print_setup {
         let half = match which.as_str() {
@@ -234,7 +271,7 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
         }
     }
     variants.push(run_half(Half::Espada)?);
-    let md = report(&variants, &layout);
+    let md = report(&variants, &layout, &a.generator);
     print!("{md}");
     std::fs::write(out.join("ab.md"), &md)?;
     std::fs::write(
@@ -257,6 +294,14 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Sunset's address: the tenth host of west's red subnet (as the lab setup gives it).
+fn sunset_address(w: &Config) -> Result<std::net::Ipv4Addr> {
+    match w.red.as_ref().map(|r| r.prefix.addr()) {
+        Some(IpAddr::V4(a)) => Ok(std::net::Ipv4Addr::from(u32::from(a) + 10)),
+        _ => bail!("{}: [red] needs an IPv4 prefix", w.file.display()),
+    }
+}
+
 /// Per-CPU user/system/softirq time in one cell: `cpu0 5/40/30 cpu1 ...` (percent).
 fn cpu_cell(cpu: &[ab::CpuUse]) -> String {
     cpu.iter()
@@ -275,8 +320,9 @@ fn cpu_cell(cpu: &[ab::CpuUse]) -> String {
 
 /// The report: the fixed load per half, the no-drop rates, which limit the loop shows, the
 /// kernel's per-SA counters, and why a half did not run.
-fn report(variants: &[Variant], layout: &Layout) -> String {
+fn report(variants: &[Variant], layout: &Layout, generator: &str) -> String {
     let mut md = String::new();
+    let _ = writeln!(md, "generator: {generator}");
     let _ = writeln!(
         md,
         "layout: {}",
@@ -290,7 +336,7 @@ fn report(variants: &[Variant], layout: &Layout) -> String {
             )
         }
     );
-    md.push_str("\n| variant | ran | sent | refused by sunset's kernel | west black tx | received | loss | Gbit/s received (UDP payload) | CPU usr/sys/softirq % |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+    md.push_str("\n| variant | ran | sent | not sent (sunset's socket or ring full) | west black tx | received | loss | Gbit/s received (UDP payload) | CPU usr/sys/softirq % |\n|---|---|---:|---:|---:|---:|---:|---:|---|\n");
     for v in variants {
         md.push_str(&ab_row(v));
     }
