@@ -215,7 +215,9 @@ impl SaSpec {
             #[cfg(test)]
             fail_key_schedule: false,
             out: OutState::new(),
-            window: Arc::new(Mutex::new(ReplayWindow::new(replay_window, esn))),
+            // Allocated on first shared use (see `inbound`): ~1 KiB per SA otherwise, for
+            // every outbound and per-CPU SA that never uses it.
+            window: Arc::new(Mutex::new(ReplayWindow::deferred(esn))),
         }
     }
 
@@ -295,6 +297,10 @@ impl SaSpec {
             self.replay_window,
         );
         Ok(if shared {
+            self.window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .allocate(self.replay_window);
             sa.with_shared_window(self.window.clone())
         } else {
             sa

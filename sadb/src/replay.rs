@@ -75,6 +75,34 @@ impl ReplayWindow {
         }
     }
 
+    /// A window whose bitmap is not allocated yet: what an SA description holds for the shared
+    /// window it may never need (only an inbound SA used by several workers does; outbound and
+    /// per-CPU inbound SAs never touch it). [`ReplayWindow::allocate`] gives it its bitmap;
+    /// until then it must not be checked (it has no blocks).
+    pub fn deferred(esn: bool) -> ReplayWindow {
+        ReplayWindow {
+            top: 0,
+            size: 0,
+            blocks: Box::new([]),
+            mask: 0,
+            esn,
+            enabled: false,
+        }
+    }
+
+    /// Whether this is a [`ReplayWindow::deferred`] window still without its bitmap.
+    pub fn is_deferred(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Gives a deferred window its bitmap (a window of `size`, as [`ReplayWindow::new`]); an
+    /// allocated window is left as it is.
+    pub fn allocate(&mut self, size: u32) {
+        if self.is_deferred() {
+            *self = ReplayWindow::new(size, self.esn);
+        }
+    }
+
     /// Whether the anti-replay service is on.
     pub fn enabled(&self) -> bool {
         self.enabled
@@ -196,6 +224,21 @@ impl ReplayWindow {
 
 #[cfg(test)]
 mod test {
+
+    #[test]
+    fn a_deferred_window_allocates_once() {
+        let mut w = ReplayWindow::deferred(true);
+        assert!(w.is_deferred() && w.esn());
+        w.allocate(64);
+        assert!(!w.is_deferred() && w.enabled());
+        assert_eq!(w.size(), 64);
+        w.commit(5).unwrap();
+        // A second allocate keeps what the window saw.
+        w.allocate(4096);
+        assert_eq!((w.size(), w.top()), (64, 5));
+        assert_eq!(w.check(5), Err(ReplayError::Duplicate));
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
