@@ -75,6 +75,9 @@ impl Running {
         }
         let (workers, ports) = spawn_workers(a, &o, ports, &shared, &pool, &stop)?;
         let cells: Vec<Arc<StatsCell>> = workers.iter().map(|t| t.cell.clone()).collect();
+        // Building the workers' SA state (on their threads) went through transient maps of
+        // every SA: that memory goes back to the kernel now, not at the first reload.
+        espada_dataplane::heap::give_back();
         let worker_cores = &o.cores[..o.n.min(o.cores.len())];
         tracing::info!(
             "gateway \"{}\" red {} ({}) black {} ({}), {} on cores {}, sa_mode {}, crypto {}",
