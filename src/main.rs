@@ -45,7 +45,7 @@ pub(crate) fn init_logs(verbose: u8, quiet: bool, json: bool) {
 
 #[derive(Subcommand)]
 enum Command {
-    /// A/B against kernel XFRM in the namespace lab (needs a kernel with ESP).
+    /// A/B against kernel XFRM in the namespace lab: the loop ceiling, the kernel halves (where the kernel has ESP) and espada side by side (docs/ab.md).
     Ab(cli::ab::AbArgs),
     /// (internal) UDP load for `espada ab`, run inside the lab namespaces.
     #[command(subcommand, hide = true)]

@@ -42,7 +42,7 @@ pub struct AbArgs {
     #[arg(long, default_value_t = 4)]
     flows: usize,
     /// Offered rate of the fixed load in packets per second over all flows (default: as fast
-    /// as sunset's sockets go; the sends its kernel refuses are counted).
+    /// as the generator goes; what it could not send is counted).
     #[arg(long, value_name = "PPS")]
     rate: Option<u64>,
     /// Also search each half's no-drop rate for these frame sizes (comma-separated: bytes or
