@@ -35,27 +35,45 @@ pub struct AbLoad {
     pub gateway: std::net::Ipv4Addr,
 }
 
-/// Where the generator and sink run, and where the gateways do: `split` puts them on CPU
-/// sets of their own (the load with `taskset`, the kernel gateway's receive work with RPS on
-/// its ingress interfaces, espada with `taskset`), so that per-CPU usage tells them apart.
+/// Where west (the gateway under test) runs, and where everything else does: `split` gives
+/// west CPUs of its own and puts sunset's generator, sunrise's sink and east on the others
+/// (processes with `taskset`, a kernel gateway's receive work with RPS on its interfaces), so
+/// that west is never slowed by its own load and per-CPU usage tells the two apart. (Two
+/// busy-polling gateways on one CPU would take turns by scheduler slices, which measures the
+/// scheduler, not the gateway.)
 #[derive(Debug, Clone, Default)]
 pub struct Layout {
-    /// CPUs for sunset's generator and sunrise's sink (empty: anywhere).
-    pub load: Vec<usize>,
-    /// CPUs for the gateways (empty: anywhere).
-    pub gateways: Vec<usize>,
+    /// West's CPUs (empty: anywhere).
+    pub west: Vec<usize>,
+    /// CPUs for the generator, the sink and east (empty: anywhere).
+    pub others: Vec<usize>,
 }
 
 impl Layout {
-    /// The split layout on this host: the last CPU for the load, the others for the gateways
-    /// (one CPU: nothing to split).
+    /// The split layout on this host: the first half of the CPUs (at least one) for west, the
+    /// rest for the others (one CPU: nothing to split).
     pub fn split(online: &[usize]) -> Layout {
-        match online.split_last() {
-            Some((last, rest)) if !rest.is_empty() => Layout {
-                load: vec![*last],
-                gateways: rest.to_vec(),
-            },
-            _ => Layout::default(),
+        if online.len() < 2 {
+            return Layout::default();
+        }
+        let (west, others) = online.split_at(online.len() / 2);
+        Layout {
+            west: west.to_vec(),
+            others: others.to_vec(),
+        }
+    }
+
+    /// Split or not.
+    pub fn is_split(&self) -> bool {
+        !self.west.is_empty()
+    }
+
+    /// The CPUs of gateway `n` (`west` or `east`).
+    fn gateway(&self, n: &str) -> &[usize] {
+        if n == "west" {
+            &self.west
+        } else {
+            &self.others
         }
     }
 
@@ -480,22 +498,22 @@ pub fn setup(
     match half {
         Half::Loop | Half::Kernel { .. } => {
             for (n, cfg, r, b) in [("west", w, wr, wb), ("east", e, er, eb)] {
-                kernel_gateway(&mut c, &ns(n), cfg, r, b, half, espada, layout)?;
+                kernel_gateway(&mut c, (&ns(n), n), cfg, r, b, half, espada, layout)?;
             }
         }
         Half::Espada => {
-            // Split: both gateways share the gateway CPUs, half of them each (at least one
-            // worker), unpinned inside the taskset.
-            let pin = if layout.gateways.is_empty() {
-                String::new()
-            } else {
-                format!(" --no-pin --workers {}", (layout.gateways.len() / 2).max(1))
-            };
             for (n, cfg) in [("west", w), ("east", e)] {
+                // Split: one worker per CPU of the gateway's set, unpinned inside the taskset.
+                let cpus = layout.gateway(n);
+                let pin = if layout.is_split() {
+                    format!(" --no-pin --workers {}", cpus.len().max(1))
+                } else {
+                    String::new()
+                };
                 c.push(format!(
                     "ip netns exec {} {}{espada} run -c {} --new-keys --state-dir /tmp/{prefix}{n}-state --control none --idle-sleep-us 50 --interval 0{pin} &",
                     ns(n),
-                    Layout::taskset(&layout.gateways),
+                    Layout::taskset(cpus),
                     cfg.file.display(),
                 ));
             }
@@ -512,7 +530,7 @@ pub fn setup(
 #[allow(clippy::too_many_arguments)]
 fn kernel_gateway(
     c: &mut Vec<String>,
-    ns: &str,
+    (ns, which): (&str, &str),
     cfg: &Config,
     r: &config::PortConfig,
     b: &config::PortConfig,
@@ -534,11 +552,12 @@ fn kernel_gateway(
     for route in xfrm::routes(cfg) {
         c.push(format!("ip -n {ns} {route}"));
     }
-    if !layout.gateways.is_empty() {
+    if layout.is_split() {
+        let cpus = layout.gateway(which);
         for p in [r, b] {
             c.push(format!(
                 "ip netns exec {ns} sh -c 'echo {} > /sys/class/net/{}/queues/rx-0/rps_cpus'",
-                Layout::mask(&layout.gateways),
+                Layout::mask(cpus),
                 p.interface
             ));
         }
@@ -791,14 +810,14 @@ fn west_black_tx(a: &AbLoad, dev: &str) -> u64 {
 /// One load through a lab that forwards: sink in sunrise, generator in sunset (pinned by the
 /// layout), /proc/stat and west's black counters read around it.
 pub fn trial(a: &AbLoad, me: &str, rate: Option<u64>, sizes: &[usize]) -> Result<Trial> {
-    let pin: Vec<String> = if a.layout.load.is_empty() {
+    let pin: Vec<String> = if a.layout.others.is_empty() {
         Vec::new()
     } else {
         vec![
             "taskset".into(),
             "-c".into(),
             a.layout
-                .load
+                .others
                 .iter()
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
@@ -979,8 +998,11 @@ mod tests {
     #[test]
     fn the_split_layout_keeps_the_load_off_the_gateways() {
         let l = Layout::split(&[0, 1, 2, 3]);
-        assert_eq!((l.load, l.gateways), (vec![3], vec![0, 1, 2]));
-        assert!(Layout::split(&[0]).gateways.is_empty());
+        assert_eq!((&l.west, &l.others), (&vec![0, 1], &vec![2, 3]));
+        assert_eq!(l.gateway("east"), &[2, 3]);
+        let l = Layout::split(&[0, 1, 2]);
+        assert_eq!((l.west, l.others), (vec![0], vec![1, 2]));
+        assert!(!Layout::split(&[0]).is_split());
         assert_eq!(Layout::mask(&[0, 2]), "5");
     }
 

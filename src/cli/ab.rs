@@ -60,9 +60,9 @@ pub struct AbArgs {
     /// sockets, one syscall per datagram: the limit at small frames).
     #[arg(long, default_value = "af-packet", value_parser = ["af-packet", "udp"])]
     generator: String,
-    /// Where the load and the gateways run: `split` (the generator and sink on the last CPU,
-    /// the gateways on the others: espada with taskset, the kernel's receive work with RPS) or
-    /// `shared` (anywhere, as the scheduler likes).
+    /// Where things run: `split` (west, the gateway under test, alone on the first half of the
+    /// CPUs; the generator, the sink and east on the others: processes with taskset, the
+    /// kernel gateways' receive work with RPS) or `shared` (anywhere, as the scheduler likes).
     #[arg(long, default_value = "split", value_parser = ["split", "shared"])]
     layout: String,
     /// Namespace name prefix.
@@ -326,13 +326,13 @@ fn report(variants: &[Variant], layout: &Layout, generator: &str) -> String {
     let _ = writeln!(
         md,
         "layout: {}",
-        if layout.gateways.is_empty() {
+        if !layout.is_split() {
             "shared (load and gateways anywhere)".to_string()
         } else {
             format!(
-                "split: load on CPU {}, gateways on CPU {}",
-                espada_pinning::format_cpu_list(&layout.load),
-                espada_pinning::format_cpu_list(&layout.gateways)
+                "split: west (under test) on CPU {}; generator, sink and east on CPU {}",
+                espada_pinning::format_cpu_list(&layout.west),
+                espada_pinning::format_cpu_list(&layout.others)
             )
         }
     );
