@@ -233,9 +233,11 @@ def guest_cpus_on_their_sas(g, east):
             fail(f"guest CPU {cpu}'s pings did not leave on its own per-CPU SA {by_cpu[cpu]:08x}: {seen}")
 
 
-def counters_agree(g, tag, least=4):
+def counters_agree(g, tag, least=4, soft=False):
     """espada's per-SA packets equal the guest kernel's for the same SPI (what one side sent on
-    an SA the other received on it); each charon's listing equals its own dataplane."""
+    an SA the other received on it); each charon's listing equals its own dataplane. `soft`:
+    fewer than `least` SAs left to compare (they churned away) returns False instead of
+    failing; a disagreement always fails."""
     time.sleep(2)
     es = li.espada_sa("west")
     ks = kp.kernel_sa(g)
@@ -253,6 +255,9 @@ def counters_agree(g, tag, least=4):
         if r["packets"]:
             compared.append(f"{spi:08x} {r['dir']} {r['packets']}")
     if len(compared) < least:
+        if soft:
+            print(f"{tag}: only {len(compared)} SAs with traffic left to compare (rekeyed away): once more", flush=True)
+            return False
         fail(f"{tag}: only {len(compared)} SAs with traffic to compare: {compared}")
     gtext = guest_swanctl(g, "--list-sas")
     for c in li.parse_child_sas(gtext):
@@ -350,15 +355,21 @@ def main():
         counters_agree(g, "after the rekeys", least=2)
         if os.environ.get("LAB_IKE_LONG", "1") == "1":
             def own_drops():
-                # (its own drops on the way out to west, on its forward path after decrypting)
+                # (its own drops on the way out to west; on the way in from west: its inbound
+                # XFRM — e.g. XfrmInNoStates, ESP for an SA it already deleted or has not
+                # installed yet in a rekey — and its forward path after decrypting). Counted
+                # by the peer, printed, and excused; a loss nobody counts still fails.
                 st = kp.xfrm_stat(g)
                 return ({k: v for k, v in st.items() if k.startswith("XfrmOut")},
-                        {k: v for k, v in st.items() if k == "XfrmFwdHdrError"})
+                        {k: v for k, v in st.items() if k == "XfrmFwdHdrError" or k.startswith("XfrmIn")})
             li.long_rekeys(peer_drops=own_drops)
-            li.traffic(udp=20, tcp=32 << 10)
             # SAs churn right after the stream (the shipped lifetimes are loaded again): at
-            # least one SA with traffic to compare.
-            counters_agree(g, "after the long stream", least=1)
+            # least one SA with traffic to compare; the traffic that carried it may all have
+            # been on SAs rekeyed and deleted before the comparison: then traffic again.
+            for attempt in range(3):
+                li.traffic(udp=20, tcp=32 << 10)
+                if counters_agree(g, "after the long stream", least=1, soft=attempt < 2) is not False:
+                    break
         print("guest$ swanctl --list-sas (end)\n" + guest_swanctl(g, "--list-sas").strip(), flush=True)
         kp.check_black_capture(*dump)
         dump = None

@@ -375,7 +375,7 @@ def long_rekeys(seconds=60, rate=1000, rekey="10s", peer_drops=None):
     excused = [0, 0]  # west->east, east->west
     if peer_drops and (rev != n or fwd != n):
         after = peer_drops()
-        for i, what in ((1, "before sending to west"), (0, "after decrypting, forwarding to sunrise")):
+        for i, what in ((1, "before sending to west"), (0, "on the way in from west (its inbound XFRM, its forward path)")):
             j = 0 if i == 1 else 1
             delta = {k: after[j].get(k, 0) - before[j].get(k, 0) for k in after[j]
                      if after[j].get(k, 0) != before[j].get(k, 0)}
