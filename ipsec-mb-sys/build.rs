@@ -17,12 +17,19 @@ fn main() {
     b.compile("espada_imb");
     println!("cargo:rustc-link-lib=IPSec_MB");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    bindgen::Builder::default()
+    let mut bg = bindgen::Builder::default()
         .header("shim/espada_imb.h")
+        // The key data's own type, so a key can hold it inline (its size and layout are the
+        // library's, whatever version is installed).
+        .header_contents("espada_imb_types.h", "#include <intel-ipsec-mb.h>\n")
         .allowlist_function("espada_imb_.*")
         .allowlist_type("espada_imb")
-        .layout_tests(false)
-        .generate()
+        .allowlist_type("gcm_key_data")
+        .layout_tests(false);
+    if let Ok(inc) = std::env::var("IPSEC_MB_INCLUDE") {
+        bg = bg.clang_arg(format!("-I{inc}"));
+    }
+    bg.generate()
         .expect("bindgen on shim/espada_imb.h")
         .write_to_file(out.join("bindings.rs"))
         .expect("write bindings");

@@ -14,7 +14,6 @@ mod ffi {
     include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 }
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ffi::CStr;
 
 /// Why a key could not be set up.
@@ -48,11 +47,67 @@ fn manager() -> Option<*mut ffi::espada_imb> {
         .map(|m| m.0)
 }
 
+/// The library's whole key data, 64-byte aligned (its assembly reads it with aligned vector
+/// loads).
+#[repr(C, align(64))]
+struct FullKey(ffi::gcm_key_data);
+
+/// Bytes of key data a key holds inline: with the key's other fields, one 512-byte block.
+const INLINE: usize = 448;
+
+/// The first [`INLINE`] bytes of the key data, 64-byte aligned.
+#[repr(C, align(64))]
+struct InlineKey([u8; INLINE]);
+
+/// How many bytes of `struct gcm_key_data` the library's precomputation writes on this CPU
+/// (its code path is chosen once per process): measured once, by precomputing 128- and
+/// 256-bit keys into two copies of the struct filled with different bytes; a byte it writes
+/// is equal in both. The library reads only what its precomputation wrote (anything else
+/// would make its results depend on memory it never initialised), so a key whose inline
+/// part holds every written byte is complete.
+fn written_extent(mgr: *mut ffi::espada_imb) -> usize {
+    static EXTENT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *EXTENT.get_or_init(|| {
+        let size = std::mem::size_of::<ffi::gcm_key_data>();
+        let mut extent = 0;
+        for bits in [128, 256] {
+            let mut a = Box::new([0u8; 2048]);
+            let mut b = Box::new([0xffu8; 2048]);
+            for buf in [&mut a, &mut b] {
+                // 64-byte aligned start inside the 2 KiB buffer (room for the struct).
+                let off = buf.as_ptr().align_offset(64);
+                // SAFETY: buf[off..off + size] is inside the buffer and aligned as the
+                // library wants; the key is 32 readable bytes; mgr is initialised.
+                unsafe {
+                    ffi::espada_imb_gcm_pre(
+                        mgr,
+                        bits,
+                        [0x5au8; 32].as_ptr(),
+                        buf.as_mut_ptr().add(off).cast(),
+                    );
+                }
+            }
+            let (oa, ob) = (a.as_ptr().align_offset(64), b.as_ptr().align_offset(64));
+            if let Some(last) = (0..size).rev().find(|&i| a[oa + i] == b[ob + i]) {
+                extent = extent.max(last + 1);
+            }
+        }
+        extent
+    })
+}
+
 /// An AES-GCM key for intel-ipsec-mb (the manager is the process's, see the crate docs).
+///
+/// The key data is held inline when the code path this CPU runs writes no more than
+/// [`INLINE`] bytes of `struct gcm_key_data` (AVX2 and AVX512 without VAES: round keys and 8
+/// GHASH powers, 368 bytes), else in a block of the struct's whole size (SSE/AVX: 496 bytes;
+/// VAES-AVX512 keeps 48 powers: 1008). With thousands of SAs, a key of its own allocation was
+/// one more cache line and page to miss per packet, and a kilobyte more per SA.
 pub struct GcmKey {
+    inline: InlineKey,
+    /// The whole struct, where the inline part is too small on this CPU.
+    full: Option<Box<FullKey>>,
     mgr: *mut ffi::espada_imb,
-    key: *mut u8,
-    layout: Layout,
     bits: i32,
 }
 
@@ -71,23 +126,25 @@ impl GcmKey {
             _ => return Err(Error::KeyLength),
         };
         let mgr = manager().ok_or(Error::Manager)?;
-        // SAFETY: pure functions returning constants.
-        let (size, align) = unsafe { (ffi::espada_imb_key_size(), ffi::espada_imb_key_align()) };
-        let layout = Layout::from_size_align(size, align).map_err(|_| Error::Manager)?;
-        // SAFETY: layout has non-zero size (sizeof(struct gcm_key_data)).
-        let kd = unsafe { alloc_zeroed(layout) };
-        if kd.is_null() {
+        // SAFETY: a pure function returning a constant: the size the shim was compiled with
+        // must be the one bindgen read from the same header.
+        if unsafe { ffi::espada_imb_key_size() } != std::mem::size_of::<ffi::gcm_key_data>() {
             return Err(Error::Manager);
         }
-        let k = GcmKey {
+        let full = (written_extent(mgr) > INLINE).then(|| {
+            // SAFETY: gcm_key_data is plain bytes; all zeroes is a valid (empty) value.
+            Box::new(FullKey(unsafe { std::mem::zeroed() }))
+        });
+        let mut k = GcmKey {
+            inline: InlineKey([0; INLINE]),
+            full,
             mgr,
-            key: kd,
-            layout,
             bits,
         };
-        // SAFETY: key points to `key.len()` readable bytes; kd is a zeroed, aligned
-        // gcm_key_data; mgr is initialised.
-        let r = unsafe { ffi::espada_imb_gcm_pre(mgr, bits, key.as_ptr(), kd.cast()) };
+        // SAFETY: key points to `key.len()` readable bytes; the store is zeroed, aligned and
+        // holds every byte the precomputation writes on this CPU (`written_extent`); mgr is
+        // initialised. The data holds no pointer into itself, so the key may move afterwards.
+        let r = unsafe { ffi::espada_imb_gcm_pre(mgr, bits, key.as_ptr(), k.key_mut().0.cast()) };
         if r != 0 {
             return Err(Error::Manager);
         }
@@ -97,7 +154,36 @@ impl GcmKey {
     /// Where the expanded key and GHASH table live and their size (for a prefetch: reading
     /// through the pointer is for the library only).
     pub fn schedule(&self) -> (*const u8, usize) {
-        (self.key as *const u8, self.layout.size())
+        match &self.full {
+            None => (&self.inline as *const InlineKey as *const u8, INLINE),
+            Some(k) => (
+                &**k as *const FullKey as *const u8,
+                std::mem::size_of::<ffi::gcm_key_data>(),
+            ),
+        }
+    }
+
+    /// Whether the key data is held inline (reports, tests).
+    pub fn inline(&self) -> bool {
+        self.full.is_none()
+    }
+
+    #[inline(always)]
+    fn key_ptr(&self) -> *const std::ffi::c_void {
+        match &self.full {
+            None => &self.inline as *const InlineKey as *const std::ffi::c_void,
+            Some(k) => &**k as *const FullKey as *const std::ffi::c_void,
+        }
+    }
+
+    fn key_mut(&mut self) -> (*mut u8, usize) {
+        match &mut self.full {
+            None => (&mut self.inline as *mut InlineKey as *mut u8, INLINE),
+            Some(k) => (
+                &mut **k as *mut FullKey as *mut u8,
+                std::mem::size_of::<ffi::gcm_key_data>(),
+            ),
+        }
     }
 
     /// The code path the library chose (AVX512, AVX2, SSE...).
@@ -125,7 +211,7 @@ impl GcmKey {
             ffi::espada_imb_gcm_enc(
                 self.mgr,
                 self.bits,
-                self.key.cast(),
+                self.key_ptr(),
                 buf.as_mut_ptr(),
                 buf.len() as u64,
                 iv12.as_ptr(),
@@ -144,7 +230,7 @@ impl GcmKey {
             ffi::espada_imb_gcm_dec(
                 self.mgr,
                 self.bits,
-                self.key.cast(),
+                self.key_ptr(),
                 buf.as_mut_ptr(),
                 buf.len() as u64,
                 iv12.as_ptr(),
@@ -158,11 +244,11 @@ impl GcmKey {
 
 impl Drop for GcmKey {
     fn drop(&mut self) {
-        // SAFETY: wipe then free the key data allocated in `new` with the same layout (the
-        // manager is the process's and stays).
-        unsafe {
-            std::ptr::write_bytes(self.key, 0, self.layout.size());
-            dealloc(self.key, self.layout);
+        // Wipes the key data in place (the manager is the process's and stays).
+        let (p, len) = self.key_mut();
+        for i in 0..len {
+            // SAFETY: within the key data; volatile, so the stores are not elided as dead.
+            unsafe { std::ptr::write_volatile(p.add(i), 0) };
         }
     }
 }
@@ -209,5 +295,50 @@ mod test {
         assert_eq!(GcmKey::new(&[0u8; 5]).err(), Some(Error::KeyLength));
         assert!(!k.arch().is_empty());
         assert!(GcmKey::version().starts_with('1'));
+    }
+
+    #[test]
+    fn the_inline_key_seals_as_the_whole_struct_does() {
+        // The same key in a whole struct (as the library's own API keeps it) and in the key
+        // as built: the same ciphertext and tag for every length class of the GCM code.
+        let mgr = manager().unwrap();
+        let extent = written_extent(mgr);
+        assert!(extent > 0 && extent <= std::mem::size_of::<ffi::gcm_key_data>());
+        for key in [&[0x42u8; 16][..], &[0x17u8; 32][..]] {
+            let k = GcmKey::new(key).unwrap();
+            assert_eq!(k.inline(), extent <= INLINE);
+            let mut full = Box::new(FullKey(unsafe { std::mem::zeroed() }));
+            let bits = if key.len() == 16 { 128 } else { 256 };
+            // SAFETY: as in GcmKey::new, into a whole struct.
+            unsafe {
+                ffi::espada_imb_gcm_pre(
+                    mgr,
+                    bits,
+                    key.as_ptr(),
+                    (&mut *full as *mut FullKey).cast(),
+                );
+            }
+            for len in [0usize, 1, 15, 16, 17, 64, 100, 255, 256, 257, 1400, 4000] {
+                let mut a: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let mut b = a.clone();
+                let (mut ta, mut tb) = ([0u8; 16], [0u8; 16]);
+                k.seal(&[9; 12], b"aad!aad!", &mut a, &mut ta);
+                // SAFETY: as `seal`, with the whole struct.
+                unsafe {
+                    ffi::espada_imb_gcm_enc(
+                        mgr,
+                        bits,
+                        (&*full as *const FullKey).cast(),
+                        b.as_mut_ptr(),
+                        len as u64,
+                        [9u8; 12].as_ptr(),
+                        b"aad!aad!".as_ptr(),
+                        8,
+                        tb.as_mut_ptr(),
+                    );
+                }
+                assert_eq!((a, ta), (b, tb), "{bits}-bit key, {len} bytes");
+            }
+        }
     }
 }
