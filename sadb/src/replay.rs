@@ -1,7 +1,11 @@
-//! Anti-replay window (RFC 4303 §3.4.3) kept as a ring of 64-bit blocks (RFC 6479): moving the
-//! window clears whole blocks instead of shifting a bitmap, so a window of 65536 packets costs
-//! the same per packet as one of 64. Extended sequence numbers are reconstructed as RFC 4303
-//! Appendix A2.2 describes.
+//! Anti-replay window (RFC 4303 §3.4.3) kept as a ring of exactly `size` bits in 64-bit blocks
+//! (after RFC 6479): bit `seq mod size` stands for `seq`, and moving the window clears only the
+//! bits of the numbers it passes (a word at a time) instead of shifting a bitmap, so a window of
+//! 65536 packets costs the same per packet as one of 64. RFC 6479 keeps one block more than the
+//! window and clears whole blocks; rounded up to a power of two that doubled the memory of
+//! every window (a 4096-packet window took 1 KiB, now 512 bytes: with tens of thousands of
+//! SAs, the largest part of an inbound SA). Extended sequence numbers are reconstructed as
+//! RFC 4303 Appendix A2.2 describes.
 //!
 //! Use it in two steps, as RFC 4303 §3.4.3 orders: [`ReplayWindow::check`] before the integrity
 //! check (cheap rejection of duplicates and too-old packets), [`ReplayWindow::commit`] only after
@@ -35,7 +39,7 @@ pub struct ReplayWindow {
     top: u64,
     /// Window size in packets (a power of two, 64..=65536).
     size: u64,
-    /// Block ring; its length is a power of two and holds `size / 64 + 1` blocks at least.
+    /// Bit ring of exactly `size` bits: `size / 64` blocks (a power of two).
     blocks: Box<[u64]>,
     mask: u64,
     esn: bool,
@@ -64,7 +68,7 @@ impl ReplayWindow {
         // Off, the window is only the ESN inference range: the widest one.
         let size = if enabled { size } else { MAX_WINDOW };
         let size = size.clamp(MIN_WINDOW, MAX_WINDOW).next_power_of_two() as u64;
-        let nblocks = (size / 64 + 1).next_power_of_two();
+        let nblocks = size / 64;
         ReplayWindow {
             top: 0,
             size,
@@ -113,15 +117,8 @@ impl ReplayWindow {
     pub fn starting_at(size: u32, esn: bool, top: u64) -> ReplayWindow {
         let mut w = Self::new(size, esn);
         w.top = if esn { top } else { top.min(u32::MAX as u64) };
+        // Every bit stands for one number of (top − size, top]: all seen.
         w.blocks.fill(u64::MAX);
-        // Invariant: no bit above `top` is ever set.
-        let b = w.top & 63;
-        let top_block = ((w.top >> 6) & w.mask) as usize;
-        w.blocks[top_block] = if b == 63 {
-            u64::MAX
-        } else {
-            (1u64 << (b + 1)) - 1
-        };
         w
     }
 
@@ -173,6 +170,19 @@ impl ReplayWindow {
         Some(((seq_hi as u64) << 32) | seq_lo as u64)
     }
 
+    /// Asks the CPU for the block that holds `seq`'s bit (a burst's prefetch step: the blocks
+    /// are an allocation of their own, a cache miss per SA with thousands of SAs). The low 32
+    /// bits are enough: the block index never needs the ESN high half.
+    #[inline(always)]
+    pub fn prefetch(&self, seq_lo: u32) {
+        if let Some(b) = self
+            .blocks
+            .get((u64::from(seq_lo) >> 6 & self.mask) as usize)
+        {
+            crate::prefetch::read(b);
+        }
+    }
+
     /// Quick check before decryption: would `seq` be accepted?
     #[inline(always)]
     pub fn check(&self, seq: u64) -> Result<(), ReplayError> {
@@ -209,14 +219,29 @@ impl ReplayWindow {
         Ok(())
     }
 
-    /// Moves the window's top to `seq` (above it), clearing the blocks it passes.
+    /// Moves the window's top to `seq` (above it), clearing the bits of top + 1 ..= seq: they
+    /// stood for the numbers `size` below, which leave the window.
     #[inline]
     fn advance(&mut self, seq: u64) {
-        let old = self.top >> 6;
-        let new = seq >> 6;
-        let n = (new - old).min(self.blocks.len() as u64);
-        for i in 1..=n {
-            self.blocks[((old + i) & self.mask) as usize] = 0;
+        let d = seq - self.top;
+        if d >= self.size {
+            self.blocks.fill(0);
+        } else {
+            // Word by word from top + 1; the first and last words only in part.
+            let mut p = self.top + 1;
+            let mut left = d;
+            while left > 0 {
+                let bit = p & 63;
+                let n = (64 - bit).min(left);
+                let m = if n == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << n) - 1) << bit
+                };
+                self.blocks[((p >> 6) & self.mask) as usize] &= !m;
+                p += n;
+                left -= n;
+            }
         }
         self.top = seq;
     }
@@ -347,7 +372,11 @@ mod test {
         fn matches_model(
             size in prop::sample::select(vec![64u32, 128, 1024, 4096]),
             start in prop::sample::select(vec![0u64, (1 << 32) - 300, 7 << 32]),
-            steps in prop::collection::vec((-300i64..300, any::<bool>()), 1..400),
+            // Mostly near the top; now and then a jump across most of (or past) a window.
+            steps in prop::collection::vec(
+                (prop_oneof![8 => -300i64..300, 1 => -9000i64..9000], any::<bool>()),
+                1..400,
+            ),
         ) {
             let esn = start > u32::MAX as u64;
             let mut w = ReplayWindow::new(size, true);
