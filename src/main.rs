@@ -6,6 +6,11 @@ pub(crate) use espada_config as config;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// Large, long-lived tables (a core's SAs and key schedules, the SPD's hash tables, packet
+/// pools) on transparent huge pages: see `espada_dataplane::heap::HugeAlloc`.
+#[global_allocator]
+static ALLOC: espada_dataplane::heap::HugeAlloc = espada_dataplane::heap::HugeAlloc;
+
 /// espada: a userspace, poll-mode IPsec dataplane (ESP-in-UDP tunnel mode, AES-GCM) in which
 /// every worker core owns its own per-CPU SA (RFC 9611).
 ///
