@@ -250,8 +250,13 @@ def main():
                 rows.append(("reload (the first, through the control socket)", f"{rt:.2f} s"))
         if rss:
             rows.append((f"west RSS over {a.reloads} reloads", " ".join(f"{x / 1024:.0f}" for x in rss) + " MB"))
+            # Per SA as held at each moment: the batch's SAs and the rekeys' new generations
+            # are in the database after the reloads as well.
+            n_now = len(json.loads(sh([esp, "show", "sa", "--json", "--socket", sock["west"]]).stdout)["sas"])
             rows.append(("west RSS per SA: at start, after the last reload",
-                         f"{rss0 * 1024 / n_sa:.0f} B, {rss[-1] * 1024 / n_sa:.0f} B ({n_sa} SAs)"))
+                         f"{rss0 * 1024 / n_sa:.0f} B ({n_sa} SAs), {rss[-1] * 1024 / n_now:.0f} B ({n_now} SAs)"))
+            growth = (max(rss) - min(rss)) / min(rss)
+            rows.append(("west RSS growth over the reloads", f"{growth * 100:.1f} %"))
         st = json.loads(sh([esp, "show", "stats", "--json", "--socket", sock["west"]]).stdout)
         rows.append(("west drops", json.dumps(st.get("drops", st.get("total", {}).get("drops", {})))[:200]))
     finally:

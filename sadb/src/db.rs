@@ -861,6 +861,9 @@ pub const LIFETIME_CHUNK: usize = 256;
 /// The longest a worker waits before raising the same acquire again (seconds).
 pub const ACQUIRE_BACKOFF_MAX: u64 = 32;
 
+/// `repr(C)`, the SA first: what a packet reads is the first
+/// [`OutboundSa::PREFETCH_BYTES`] (the rest is read per housekeeping pass or rebuild).
+#[repr(C)]
 struct OutRt {
     sa: OutboundSa,
     life: LifetimeTracker,
@@ -870,12 +873,26 @@ struct OutRt {
     state: Arc<OutState>,
 }
 
+/// `repr(C)`: the tunnel index and the SA's packet fields first, as in [`OutRt`].
+#[repr(C)]
 struct InRt {
+    tunnel: usize,
     sa: InboundSa,
     life: LifetimeTracker,
-    tunnel: usize,
     key_id: u128,
 }
+
+// The prefetch of `Option<OutRt>` counts on the payload at offset 0 (the `Arc` is the niche).
+const _: () = assert!(std::mem::size_of::<Option<OutRt>>() == std::mem::size_of::<OutRt>());
+
+/// Bytes of a key schedule a burst's prefetch step asks for: the round keys (176 bytes for
+/// AES-128, 240 for AES-256) and the first GHASH key powers after them, which is what a short
+/// packet reads of intel-ipsec-mb's 560-byte `gcm_key_data`; a long packet's further powers
+/// are read while the AEAD's own work hides them.
+const KEY_HOT: usize = 384;
+
+/// Bytes from the start of an [`InRt`] a packet reads.
+const IN_RT_HOT: usize = std::mem::offset_of!(InRt, sa) + InboundSa::PREFETCH_BYTES;
 
 /// Where an inbound SPI is processed, seen from one worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -890,10 +907,51 @@ pub enum Route {
     Unknown,
 }
 
+/// SA states built in phase 1 of a rebuild, by SPI, in one vector: an SA's state is about a
+/// kilobyte (its key schedule is inline), and a hash map of them took twice their size at
+/// 10 000 tunnels and moved every one of them on each growth.
+struct Fresh<T> {
+    at: HashMap<u32, usize>,
+    vals: Vec<Option<T>>,
+}
+
+impl<T> Fresh<T> {
+    /// Room for `n` (an upper bound: untouched capacity of a large vector costs no memory,
+    /// see `espada_dataplane::heap::HugeAlloc`).
+    fn with_capacity(n: usize) -> Self {
+        Fresh {
+            at: HashMap::with_capacity_and_hasher(n, Default::default()),
+            vals: Vec::with_capacity(n),
+        }
+    }
+
+    fn contains_key(&self, spi: &u32) -> bool {
+        self.at.contains_key(spi)
+    }
+
+    fn insert(&mut self, spi: u32, v: T) {
+        match self.at.get(&spi) {
+            Some(&i) => self.vals[i] = Some(v),
+            None => {
+                self.at.insert(spi, self.vals.len());
+                self.vals.push(Some(v));
+            }
+        }
+    }
+
+    fn remove(&mut self, spi: &u32) -> Option<T> {
+        self.at.remove(spi).and_then(|i| self.vals[i].take())
+    }
+
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+}
+
 /// Phase 1's outbound decisions (see `CoreSas::rebuild`).
 struct OutPlan {
     /// Key schedules built for SAs this core does not hold yet, by SPI.
-    fresh: HashMap<u32, OutRt>,
+    fresh: Fresh<OutRt>,
     /// Per tunnel: the SA to send on (SPI, key id, lifetimes), or none.
     plan: Vec<Option<(u32, u128, Lifetimes)>>,
     /// Per tunnel: the acquire wanted.
@@ -1079,7 +1137,7 @@ impl CoreSas {
             .flatten()
             .map(|o| (o.sa.spi, o.key_id))
             .collect();
-        let mut fresh_out: HashMap<u32, OutRt> = HashMap::default();
+        let mut fresh_out: Fresh<OutRt> = Fresh::with_capacity(db.tunnels.len());
         let mut out_plan: Vec<Option<(u32, u128, Lifetimes)>> =
             Vec::with_capacity(db.tunnels.len());
         let mut acquire = Vec::with_capacity(db.tunnels.len());
@@ -1155,10 +1213,15 @@ impl CoreSas {
         db: &SaDb,
         keep: &[bool],
         now: u64,
-    ) -> Result<(HashMap<u32, InRt>, Vec<(u32, usize, u128, Lifetimes)>), DbError> {
+    ) -> Result<(Fresh<InRt>, Vec<(u32, usize, u128, Lifetimes)>), DbError> {
         let key_err = |spi| move |err| DbError::Key { spi, err };
-        let mut fresh_in: HashMap<u32, InRt> = HashMap::default();
-        let mut in_plan: Vec<(u32, usize, u128, Lifetimes)> = Vec::new();
+        // At most every inbound SA of the tunnels rebuilt.
+        let bound = (db.tunnels.iter().zip(keep))
+            .filter(|(_, k)| !**k)
+            .map(|(t, _)| t.inbound.all().count() + t.draining.len())
+            .sum();
+        let mut fresh_in: Fresh<InRt> = Fresh::with_capacity(bound);
+        let mut in_plan: Vec<(u32, usize, u128, Lifetimes)> = Vec::with_capacity(bound);
         for (t, tun) in db.tunnels.iter().enumerate() {
             if keep[t] {
                 continue;
@@ -1205,7 +1268,7 @@ impl CoreSas {
         &mut self,
         keep: &[bool],
         out_plan: Vec<Option<(u32, u128, Lifetimes)>>,
-        mut fresh_out: HashMap<u32, OutRt>,
+        mut fresh_out: Fresh<OutRt>,
     ) -> HashMap<u32, OutRt> {
         let mut old_out: HashMap<u32, OutRt> = HashMap::default();
         for (t, slot) in self.outbound.iter_mut().enumerate() {
@@ -1281,8 +1344,9 @@ impl CoreSas {
         &mut self,
         keep: &[bool],
         in_plan: Vec<(u32, usize, u128, Lifetimes)>,
-        mut fresh_in: HashMap<u32, InRt>,
+        mut fresh_in: Fresh<InRt>,
     ) {
+        self.inbound.reserve(fresh_in.len());
         let planned: HashSet<u32> = in_plan.iter().map(|p| p.0).collect();
         let gone: Vec<u32> = self
             .db
@@ -1434,17 +1498,18 @@ impl CoreSas {
     #[inline(always)]
     pub fn prefetch_inbound(&self, spi: u32) {
         if let Some(p) = self.inbound.value_ptr(spi) {
-            crate::prefetch::range(p as *const u8, std::mem::size_of::<InRt>(), usize::MAX, 512);
+            crate::prefetch::range(p as *const u8, IN_RT_HOT, usize::MAX, IN_RT_HOT);
         }
     }
 
-    /// Asks the CPU for the start of the key schedule of `spi`'s SA (third step, once its
-    /// state is in).
+    /// Asks the CPU for the start of the key schedule of `spi`'s SA and the replay-window
+    /// block of `seq_lo` (third step, once its state is in).
     #[inline(always)]
-    pub fn prefetch_inbound_key(&self, spi: u32) {
+    pub fn prefetch_inbound_key(&self, spi: u32, seq_lo: u32) {
         if let Some(r) = self.inbound.get(spi) {
             let (k, len) = r.sa.cipher.schedule();
-            crate::prefetch::range(k, len, 256, 1024);
+            crate::prefetch::range(k, len, KEY_HOT, KEY_HOT);
+            r.sa.prefetch_window(seq_lo);
         }
     }
 
@@ -1453,22 +1518,20 @@ impl CoreSas {
     pub fn prefetch_outbound(&self, t: usize) {
         if t < self.outbound.len() {
             let p = self.outbound.as_ptr().wrapping_add(t);
-            crate::prefetch::range(
-                p as *const u8,
-                std::mem::size_of::<Option<OutRt>>(),
-                usize::MAX,
-                512,
-            );
+            // `Option<OutRt>` has `OutRt`'s layout (the `Arc` is its niche).
+            let hot = OutboundSa::PREFETCH_BYTES;
+            crate::prefetch::range(p as *const u8, hot, usize::MAX, hot);
         }
     }
 
-    /// Asks the CPU for the start of tunnel `t`'s outbound key schedule (once the SA's state
-    /// is in).
+    /// Asks the CPU for the start of tunnel `t`'s outbound key schedule and its sequence
+    /// counter and reservation (once the SA's state is in).
     #[inline(always)]
     pub fn prefetch_outbound_key(&self, t: usize) {
         if let Some(Some(o)) = self.outbound.get(t) {
             let (k, len) = o.sa.cipher.schedule();
-            crate::prefetch::range(k, len, 256, 1024);
+            crate::prefetch::range(k, len, KEY_HOT, KEY_HOT);
+            o.sa.prefetch_seq();
         }
     }
 

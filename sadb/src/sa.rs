@@ -264,33 +264,45 @@ impl WindowCell {
 }
 
 /// The sending half of an SA.
+///
+/// `repr(C)` with what a packet reads first and the key schedule last: with thousands of SAs
+/// a burst prefetches every packet's SA, and [`OutboundSa::PREFETCH_BYTES`] from its start are
+/// exactly the fields sealing reads (the `Cipher` enum is as large as its largest backend's
+/// inline state, 560 bytes; intel-ipsec-mb's part of it is a pointer at its start).
+#[repr(C)]
 pub struct OutboundSa {
-    /// SPI the peer chose.
-    pub spi: u32,
-    /// Key schedule.
-    pub cipher: Cipher,
-    /// Extended sequence numbers (RFC 4304).
-    pub esn: bool,
-    /// Outer header parameters.
-    pub tunnel: TunnelEndpoints,
-    /// Counters.
-    pub counters: SaCounters,
     /// Last sequence number used (0: none yet; RFC 4303 §3.3.3 starts the counter at 0).
     seq: SeqCell,
-    /// Outer IP + UDP header with addresses, ports, TTL, protocol filled in.
-    template: [u8; 48],
-    template_len: u8,
-    /// One's-complement sum of the IPv4 template with TOS, length, ident, flags and checksum
-    /// zeroed: the outer checksum is this plus four words (no pass over the header per packet).
-    outer_sum: u32,
-    ip_id: u16,
     /// Durable reservation (static keys): never send past its limit.
     guard: Option<Arc<SeqGuard>>,
-    /// Other cores send on this SA too.
-    shared: bool,
     /// Shared and kept in wire order: held from reserving a burst's numbers until the burst
     /// is handed to the port ([`SendOrder`]).
     order: Option<Arc<SendOrder>>,
+    /// Counters.
+    pub counters: SaCounters,
+    /// Outer header parameters.
+    pub tunnel: TunnelEndpoints,
+    /// Outer IP + UDP header with addresses, ports, TTL, protocol filled in.
+    template: [u8; 48],
+    /// One's-complement sum of the IPv4 template with TOS, length, ident, flags and checksum
+    /// zeroed: the outer checksum is this plus four words (no pass over the header per packet).
+    outer_sum: u32,
+    /// SPI the peer chose.
+    pub spi: u32,
+    ip_id: u16,
+    template_len: u8,
+    /// Extended sequence numbers (RFC 4304).
+    pub esn: bool,
+    /// Other cores send on this SA too.
+    shared: bool,
+    /// Key schedule.
+    pub cipher: Cipher,
+}
+
+impl OutboundSa {
+    /// The bytes from the start of an `OutboundSa` a packet reads: every field but the key
+    /// schedule, and the first line of that (what a burst's prefetch step asks for).
+    pub const PREFETCH_BYTES: usize = std::mem::offset_of!(OutboundSa, cipher) + 64;
 }
 
 impl core::fmt::Debug for OutboundSa {
@@ -513,6 +525,19 @@ impl OutboundSa {
         }
     }
 
+    /// Asks the CPU for the state a reservation reads besides the SA itself: the key's one
+    /// sequence counter and the durable reservation, each an allocation of its own (a burst's
+    /// prefetch step, with thousands of SAs).
+    #[inline(always)]
+    pub fn prefetch_seq(&self) {
+        if let SeqCell::Shared(a) = &self.seq {
+            crate::prefetch::read(Arc::as_ptr(a));
+        }
+        if let Some(g) = &self.guard {
+            crate::prefetch::read(Arc::as_ptr(g));
+        }
+    }
+
     /// The prebuilt outer IP + UDP header.
     #[inline]
     pub fn outer_template(&self) -> &[u8] {
@@ -545,15 +570,22 @@ impl OutboundSa {
 }
 
 /// The receiving half of an SA.
+#[repr(C)]
 pub struct InboundSa {
-    /// Our SPI.
-    pub spi: u32,
-    /// Key schedule.
-    pub cipher: Cipher,
     /// Anti-replay window (its `esn()` says whether ESN is on).
     pub window: WindowCell,
     /// Counters.
     pub counters: SaCounters,
+    /// Our SPI.
+    pub spi: u32,
+    /// Key schedule (last, as in [`OutboundSa`]).
+    pub cipher: Cipher,
+}
+
+impl InboundSa {
+    /// The bytes from the start of an `InboundSa` a packet reads (as
+    /// [`OutboundSa::PREFETCH_BYTES`]).
+    pub const PREFETCH_BYTES: usize = std::mem::offset_of!(InboundSa, cipher) + 64;
 }
 
 impl core::fmt::Debug for InboundSa {
@@ -567,6 +599,15 @@ impl core::fmt::Debug for InboundSa {
 }
 
 impl InboundSa {
+    /// Asks the CPU for the replay-window block that `seq_lo`'s bit lives in (a burst's
+    /// prefetch step; an owned window only: a shared one is behind its lock).
+    #[inline(always)]
+    pub fn prefetch_window(&self, seq_lo: u32) {
+        if let WindowCell::Owned(w) = &self.window {
+            w.prefetch(seq_lo);
+        }
+    }
+
     /// A new inbound SA with an empty window of `window` packets.
     pub fn new(spi: u32, cipher: Cipher, esn: bool, window: u32) -> Self {
         InboundSa {

@@ -108,10 +108,27 @@ impl<V> SpiMap<V> {
         self.position(spi).is_some()
     }
 
+    /// Room for `additional` more values without moving them again (a rebuild that adds
+    /// thousands), and a little more for the single adds after it.
+    pub fn reserve(&mut self, additional: usize) {
+        if self.vals.capacity() - self.vals.len() < additional {
+            let more = additional + self.vals.len() / 16;
+            self.vals.reserve_exact(more);
+            self.spis.reserve_exact(more);
+        }
+    }
+
     /// Sets `spi`'s value; returns the one it replaced.
     pub fn insert(&mut self, spi: u32, v: V) -> Option<V> {
         if let Some(p) = self.position(spi) {
             return Some(std::mem::replace(&mut self.vals[p], v));
+        }
+        if self.vals.len() == self.vals.capacity() {
+            // Grown by an eighth, not doubled: a value is about a kilobyte, and with tens of
+            // thousands of SAs a doubling left up to half of the largest table empty.
+            let more = (self.vals.len() / 8).max(16);
+            self.vals.reserve_exact(more);
+            self.spis.reserve_exact(more);
         }
         self.spis.push(spi);
         self.vals.push(v);

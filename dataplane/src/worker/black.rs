@@ -67,15 +67,15 @@ impl Worker {
         let mut spis = [None; BURST];
         for (b, s) in burst.iter().zip(spis.iter_mut()) {
             *s = quick_spi(b.data());
-            if let Some(spi) = *s {
+            if let Some((spi, _)) = *s {
                 self.sas.prefetch_inbound_slot(spi);
             }
         }
-        for spi in spis.iter().flatten() {
+        for (spi, _) in spis.iter().flatten() {
             self.sas.prefetch_inbound(*spi);
         }
-        for spi in spis.iter().flatten() {
-            self.sas.prefetch_inbound_key(*spi);
+        for (spi, seq) in spis.iter().flatten() {
+            self.sas.prefetch_inbound_key(*spi, *seq);
         }
     }
 
@@ -171,15 +171,18 @@ impl Worker {
     }
 }
 
-/// The SPI of an ESP-in-UDP-over-IPv4 frame, read without checks beyond the bounds (the
-/// prefetch step's guess; the classify stage decides).
+/// The SPI and sequence number (its low 32 bits) of an ESP-in-UDP-over-IPv4 frame, read
+/// without checks beyond the bounds (the prefetch step's guess; the classify stage decides).
 #[inline(always)]
-fn quick_spi(d: &[u8]) -> Option<u32> {
+fn quick_spi(d: &[u8]) -> Option<(u32, u32)> {
     let h = d.get(ethernet::HEADER_LEN..)?.first_chunk::<20>()?;
     if h[9] != espada_wire::ip_proto::UDP {
         return None;
     }
     let at = ethernet::HEADER_LEN + ((h[0] & 0x0f) as usize) * 4 + udp::HEADER_LEN;
-    let s = d.get(at..)?.first_chunk::<4>()?;
-    Some(u32::from_be_bytes(*s))
+    let s = d.get(at..)?.first_chunk::<8>()?;
+    Some((
+        u32::from_be_bytes([s[0], s[1], s[2], s[3]]),
+        u32::from_be_bytes([s[4], s[5], s[6], s[7]]),
+    ))
 }
