@@ -173,9 +173,20 @@ fn serve_one(s: UnixStream, gw: &Gateway, lim: ConnLimits) -> io::Result<()> {
         if !resp.ok && resp.error.as_deref().is_some_and(|e| e.contains("at most")) {
             break; // the rest of an oversized line is not read
         }
+        if out.len() >= BIG_ANSWER {
+            // `show sa` of 80 000 SAs builds ~170 MB of small JSON values in this thread's
+            // heap arena; freed, the C allocator kept them and the gateway's RSS stayed that
+            // much higher until the next reload. Handed back to the kernel now (milliseconds,
+            // on this connection's thread).
+            drop((out, resp));
+            espada_dataplane::heap::give_back();
+        }
     }
     Ok(())
 }
+
+/// An answer this long (bytes) had the heap give its free pages back after it was sent.
+const BIG_ANSWER: usize = 1 << 20;
 
 /// `monitor`: one answer, then the gateway's events as they come, one JSON object per line,
 /// until the client goes away or the gateway stops.
