@@ -23,11 +23,21 @@ impl Worker {
         let mut ready: [Ready; BURST] = [None; BURST];
         let mut all = burst.len() <= BURST;
         if self.sas.prefetch_pays() {
-            self.prefetch_red(burst);
-        }
-        for (b, r) in burst.iter_mut().zip(ready.iter_mut()) {
-            *r = self.classify_red(b);
-            all &= r.is_some();
+            // The prefetch step's SPD answers, by frame: the classify stage uses one when the
+            // tuple it parsed is the one the answer is for (one lookup per packet, not two:
+            // at 10 000 tunnels the SPD lookups per AES call fell from 0.93 to 0.52 under
+            // perf, west's whole work per AES call by 13 %).
+            let mut looked = [None; BURST];
+            self.prefetch_red(burst, &mut looked);
+            for ((b, r), l) in burst.iter_mut().zip(ready.iter_mut()).zip(looked.iter()) {
+                *r = self.classify_red(b, *l);
+                all &= r.is_some();
+            }
+        } else {
+            for (b, r) in burst.iter_mut().zip(ready.iter_mut()) {
+                *r = self.classify_red(b, None);
+                all &= r.is_some();
+            }
         }
         if all && self.protect.is_empty() {
             // Every frame is ready (the usual case): the burst becomes the protect list as a
@@ -52,7 +62,7 @@ impl Worker {
 
     /// The prefetch steps of [`Self::red_stage`] (only with many SAs: `prefetch_pays`).
     #[inline(never)]
-    fn prefetch_red(&self, burst: &[PktBuf]) {
+    fn prefetch_red(&self, burst: &[PktBuf], looked: &mut [Option<Looked>; BURST]) {
         // With thousands of tunnels every frame's SPD slot, SA and key schedule is a cache
         // miss; asked for burst-wide, one step ahead of where they are read, the misses overlap
         // (issue 26). A frame these quick reads misjudge only costs a wasted prefetch: the
@@ -66,9 +76,11 @@ impl Worker {
             }
         }
         let mut tun = [usize::MAX; BURST];
-        for (tuple, t) in tuples.iter().zip(tun.iter_mut()) {
-            if let Some((src, dst, proto, sport, dport)) = *tuple {
-                if let Some(Some(Action::Protect(x))) = spd.lookup(src, dst, proto, sport, dport) {
+        for ((tuple, t), l) in tuples.iter().zip(tun.iter_mut()).zip(looked.iter_mut()) {
+            if let Some(k @ (src, dst, proto, sport, dport)) = *tuple {
+                let a = spd.lookup(src, dst, proto, sport, dport);
+                *l = Some((k, a));
+                if let Some(Some(Action::Protect(x))) = a {
                     *t = x;
                     self.sas.prefetch_outbound(x);
                 }
@@ -83,7 +95,7 @@ impl Worker {
     /// whose SPD entry protects it with a tunnel that has an SA, a known next hop and room for
     /// it under the black MTU is made ready in place; anything else is left as it came.
     #[inline(always)]
-    fn classify_red(&mut self, b: &mut PktBuf) -> Ready {
+    fn classify_red(&mut self, b: &mut PktBuf, looked: Option<Looked>) -> Ready {
         let hw_ip_ok = b.hw_csum & HW_IP_CSUM_GOOD != 0;
         let d = b.data();
         if d.len() < ethernet::HEADER_LEN
@@ -117,9 +129,12 @@ impl Worker {
             next_header: espada_wire::ip_proto::IPV4,
         };
         let (src, dst) = (u32::from(ip.src_addr()), u32::from(ip.dst_addr()));
-        let Some(Some(Action::Protect(t))) =
-            self.sas.db().spd_v4.lookup(src, dst, proto, sport, dport)
-        else {
+        let tuple = (src, dst, proto, sport, dport);
+        let action = match looked {
+            Some((k, a)) if k == tuple => a,
+            _ => self.sas.db().spd_v4.lookup(src, dst, proto, sport, dport),
+        };
+        let Some(Some(Action::Protect(t))) = action else {
             return None;
         };
         let sa = self.sas.outbound(t)?;
@@ -138,6 +153,10 @@ impl Worker {
         Some((t, info, mac))
     }
 }
+
+/// A prefetch step's SPD answer for one frame: the (source, destination, protocol, ports) it
+/// read without checks, and what the SPD said for them.
+type Looked = ((u32, u32, u8, u16, u16), Option<Option<Action>>);
 
 /// An IPv4 frame's (source, destination, protocol, ports), read without checks beyond the
 /// bounds: what the prefetch step looks up ahead of the classify stage.
