@@ -7,8 +7,8 @@
 # the repository (ESPADA_CACHE, default ~/.cache/espada), then for each inner packet size and
 # direction runs, in turn, ipsec-secgw (one lcore, AES-128-GCM through intel-ipsec-mb's
 # crypto_aesni_gcm PMD; a net_pcap port replaying a 256-packet capture forever into a net_null
-# port) and `espada bench --layout one-core` (one pinned core, intel-ipsec-mb backend; a
-# generator or a 256-frame ESP replay into a null port or a checking sink). It writes one
+# port) and `espada bench --layout one-core` (one pinned core; crypto backend `auto` as a
+# gateway on this CPU picks it, `--backend NAME` to fix one; a generator or a 256-frame ESP replay into a null port or a checking sink). It writes one
 # Markdown table (and JSON) with the median of the runs, their spread, and espada ÷ ipsec-secgw.
 # Needs root for apt (dpdk-doc libdpdk-dev libipsec-mb-dev pkg-config) unless they are present.
 set -euo pipefail

@@ -696,18 +696,33 @@ pub fn fields() -> Vec<(&'static str, Vec<String>)> {
 }
 
 /// Backend figures (ns per seal) as measured for `auto`.
-type Figures = Vec<(Backend, f64)>;
+type Figures = Vec<(Backend, Vec<f64>)>;
 
-/// `crypto = "auto"`: measured once per process and algorithm.
-fn auto_backend(alg: Algorithm) -> (Backend, Vec<(Backend, f64)>) {
-    static CACHE: std::sync::Mutex<Vec<(Algorithm, Backend, Figures)>> =
-        std::sync::Mutex::new(Vec::new());
+/// Above this many tunnels `crypto = "auto"` leaves out backends that keep two key schedules
+/// per SA (`ipsec-mb+ring`: ~580 bytes more per SA). A concentrator's memory per SA counts
+/// more than ~20 % at 1400-byte packets; a lab or site gateway's does not.
+pub const AUTO_TWO_SCHEDULES_MAX_TUNNELS: usize = 1000;
+
+/// The packet sizes `crypto = "auto"` measures at: a small and a full-size packet, equally
+/// weighted (see [`Backend::fastest_over`]).
+pub const AUTO_SIZES: [usize; 2] = [64, 1400];
+
+/// `crypto = "auto"`: measured once per process, algorithm and scale class.
+fn auto_backend(alg: Algorithm, many_tunnels: bool) -> (Backend, Figures) {
+    type Cached = (Algorithm, bool, Backend, Figures);
+    static CACHE: std::sync::Mutex<Vec<Cached>> = std::sync::Mutex::new(Vec::new());
     let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, b, f)) = c.iter().find(|x| x.0 == alg) {
+    if let Some((_, _, b, f)) = c.iter().find(|x| x.0 == alg && x.1 == many_tunnels) {
         return (*b, f.clone());
     }
-    let (b, f) = Backend::fastest(alg, 1400, std::time::Duration::from_millis(5));
-    c.push((alg, b, f.clone()));
+    let skip: Vec<Backend> = Backend::available()
+        .iter()
+        .copied()
+        .filter(|b| many_tunnels && b.two_schedules())
+        .collect();
+    let (b, f) =
+        Backend::fastest_over(alg, &AUTO_SIZES, std::time::Duration::from_millis(5), &skip);
+    c.push((alg, many_tunnels, b, f.clone()));
     (b, f)
 }
 
@@ -736,34 +751,52 @@ pub fn check_key_file_mode(_: &Path) -> Result<(), String> {
 
 impl Config {
     /// The crypto backend: the configured one, or for `auto` the fastest available one,
-    /// measured once (a few milliseconds per backend, sealing 1400-byte payloads) and cached.
+    /// measured once (a few milliseconds per backend, sealing 64- and 1400-byte payloads) and
+    /// cached; with more than [`AUTO_TWO_SCHEDULES_MAX_TUNNELS`] tunnels, one with a single key
+    /// schedule per SA.
     pub fn backend(&self) -> Backend {
-        self.crypto.unwrap_or_else(|| {
-            auto_backend(
-                self.tunnels
-                    .first()
-                    .map_or(Algorithm::AesGcm128, |t| t.cipher),
-            )
-            .0
-        })
+        self.crypto
+            .unwrap_or_else(|| auto_backend(self.auto_algorithm(), self.many_tunnels()).0)
     }
 
-    /// How the backend was chosen, for logs: "ring" or "auto: ipsec-mb (ring 266 ns, ...)".
+    fn auto_algorithm(&self) -> Algorithm {
+        self.tunnels
+            .first()
+            .map_or(Algorithm::AesGcm128, |t| t.cipher)
+    }
+
+    fn many_tunnels(&self) -> bool {
+        self.tunnels.len() > AUTO_TWO_SCHEDULES_MAX_TUNNELS
+    }
+
+    /// How the backend was chosen, for logs: "ring" or
+    /// "auto: ipsec-mb+ring (ns per seal at 64/1400 B: ring 137/300, ...)".
     pub fn backend_report(&self) -> String {
         match self.crypto {
             Some(b) => b.to_string(),
             None => {
-                let (b, figs) = auto_backend(
-                    self.tunnels
-                        .first()
-                        .map_or(Algorithm::AesGcm128, |t| t.cipher),
-                );
+                let many = self.many_tunnels();
+                let (b, figs) = auto_backend(self.auto_algorithm(), many);
                 format!(
-                    "auto: {b} ({})",
+                    "auto: {b} (ns per seal at {} B: {}{})",
+                    AUTO_SIZES.map(|s| s.to_string()).join("/"),
                     figs.iter()
-                        .map(|(b, ns)| format!("{b} {ns:.0} ns"))
+                        .map(|(b, ns)| format!(
+                            "{b} {}",
+                            ns.iter()
+                                .map(|n| format!("{n:.0}"))
+                                .collect::<Vec<_>>()
+                                .join("/")
+                        ))
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    if many {
+                        format!(
+                            "; over {AUTO_TWO_SCHEDULES_MAX_TUNNELS} tunnels: one key schedule per SA"
+                        )
+                    } else {
+                        String::new()
+                    }
                 )
             }
         }

@@ -175,6 +175,7 @@ fn names_round_trip() {
         Backend::RustCrypto,
         Backend::AwsLc,
         Backend::IpsecMb,
+        Backend::Hybrid,
     ] {
         assert_eq!(Backend::from_name(b.name()), Some(b));
     }
@@ -230,4 +231,45 @@ fn a_wrong_key_length_names_the_cipher_as_configs_do() {
         "{e}"
     );
     assert!(!e.contains("AesGcm"), "{e}");
+}
+
+/// The hybrid backend switches implementation at [`HYBRID_RING_FROM`] bytes of text: both sides
+/// of the switch give ring's bytes, and each opens what the other sealed.
+#[cfg(feature = "ipsec-mb")]
+#[test]
+fn the_hybrid_switches_implementation_without_changing_a_byte() {
+    for alg in [Algorithm::AesGcm128, Algorithm::AesGcm256] {
+        let km = KeyMaterial::new(alg, &[0x42u8; 36][..alg.key_material_len()]).unwrap();
+        let ring = Cipher::new(Backend::Ring, &km).unwrap();
+        let mb = Cipher::new(Backend::IpsecMb, &km).unwrap();
+        let hybrid = Cipher::new(Backend::Hybrid, &km).unwrap();
+        assert_eq!(hybrid.backend(), Backend::Hybrid);
+        for len in [
+            0,
+            1,
+            68,
+            HYBRID_RING_FROM - 1,
+            HYBRID_RING_FROM,
+            HYBRID_RING_FROM + 1,
+            1404,
+        ] {
+            let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut a = pt.clone();
+            a.extend_from_slice(&[0; TAG_LEN]);
+            let mut b = a.clone();
+            ring.seal_in_place(&[9; 8], &[1; 8], &mut a).unwrap();
+            hybrid.seal_in_place(&[9; 8], &[1; 8], &mut b).unwrap();
+            assert_eq!(a, b, "{alg} {len} bytes");
+            // What the hybrid sealed, either single backend opens, and the reverse.
+            let mut c = b.clone();
+            assert_eq!(mb.open_in_place(&[9; 8], &[1; 8], &mut c), Ok(len));
+            assert_eq!(hybrid.open_in_place(&[9; 8], &[1; 8], &mut a), Ok(len));
+            assert_eq!(&a[..len], &pt[..]);
+            b[len] ^= 1;
+            assert_eq!(
+                hybrid.open_in_place(&[9; 8], &[1; 8], &mut b),
+                Err(AeadError)
+            );
+        }
+    }
 }
