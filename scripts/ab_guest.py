@@ -169,6 +169,12 @@ def main():
     with open(os.path.join(a.dir, "ab.json"), "w") as f:
         json.dump(report, f, indent=2)
     check(report, rc)
+    # The guest's kernel has pktgen (scripts/kernel-guest loads it): `--generator auto` must
+    # have taken it, so the kernel's generator ran every trial above.
+    gen = re.search(r"^generator: (.*)$", out, re.M)
+    if not gen or not gen.group(1).startswith("pktgen"):
+        fail(f"the guest's ab did not use pktgen: {gen.group(0) if gen else 'no generator line'}")
+    print(f"{gen.group(0)}", flush=True)
     print(f"ab in the per-CPU kernel guest: complete ({timing})", flush=True)
 
 

@@ -183,6 +183,62 @@ fn ab_on_this_kernel_measures_what_can_run() {
     );
     assert!(out.contains("| espada, per-CPU SAs | 64 |"), "{out}");
     assert!(out.contains(" cpu0 "), "per-CPU usage: {out}");
+    // `--generator auto`: the kernel's pktgen where it has one, else af-packet, and why.
+    let generator = out
+        .lines()
+        .find(|l| l.starts_with("generator: "))
+        .unwrap_or_else(|| panic!("no generator line: {out}"));
+    if std::path::Path::new("/proc/net/pktgen/pgctrl").exists() {
+        assert!(generator.starts_with("generator: pktgen"), "{generator}");
+    } else {
+        assert!(
+            generator.starts_with("generator: af-packet (auto: no pktgen: "),
+            "{generator}"
+        );
+    }
+}
+
+/// Issue 28: the AF_XDP generator (espada's own AF_XDP socket on sunset's veth) drives the
+/// loop and espada halves: both forward what it sent, and the report names it.
+#[cfg(feature = "af-xdp")]
+#[test]
+fn ab_with_the_af_xdp_generator() {
+    if std::env::var("ESPADA_SKIP_NETNS").is_ok_and(|v| v == "1") {
+        eprintln!("ESPADA_SKIP_NETNS=1: the A/B was NOT run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = espada(&[
+        "ab",
+        "--prefix",
+        "txd-",
+        "--espada-only",
+        "--generator",
+        "af-xdp",
+        "--duration",
+        "2",
+        "--flows",
+        "2",
+        "--rate",
+        "20000",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("generator: af-xdp"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ab.json")).unwrap())
+            .unwrap();
+    for half in [&v[0], &v[3]] {
+        assert_eq!(half["forwarded"], true, "{half}");
+        let (sent, got) = (
+            half["sent"].as_u64().unwrap(),
+            half["received"].as_u64().unwrap(),
+        );
+        // 2 s at 20 000/s: the generator sent about 40 000, and they crossed.
+        assert!(sent > 10_000 && got > sent / 2 && got <= sent, "{half}");
+    }
 }
 
 /// Issue 28: the whole `espada ab`, kernel halves included, inside the project's per-CPU

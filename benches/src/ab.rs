@@ -10,6 +10,8 @@ use std::net::{IpAddr, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod pktgen;
+
 /// The load of one measurement.
 #[derive(Debug, Clone)]
 pub struct AbLoad {
@@ -27,8 +29,9 @@ pub struct AbLoad {
     pub layout: Layout,
     /// West's black interface (its transmit counter: what went onto the ESP link).
     pub west_black: String,
-    /// The generator: `af-packet` (Ethernet frames through an AF_PACKET transmit ring, no
-    /// UDP socket, no qdisc) or `udp` (UDP sockets).
+    /// The generator: `pktgen` (the kernel's), `af-packet` or `af-xdp` (Ethernet frames
+    /// through espada's own AF_PACKET ring or AF_XDP socket: no UDP socket, no qdisc) or `udp`
+    /// (UDP sockets). Never `auto`: the caller resolves it.
     pub generator: String,
     /// Sunset's address and its gateway (west's red address), for the AF_PACKET generator.
     pub sunset: std::net::Ipv4Addr,
@@ -232,20 +235,40 @@ fn raw_frame(
     f
 }
 
-/// The AF_PACKET generator (run inside sunset): frames of `sizes` (payload bytes, cycled) over
-/// `flows` source ports for `duration` seconds, at `rate` packets per second if given, through
-/// espada's own AF_PACKET transmit ring. Returns what was sent and what the ring could not
-/// take (`send_errors`).
+/// The frame generators that write Ethernet frames themselves (no UDP socket, no qdisc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawKind {
+    /// Prebuilt frames through espada's own AF_PACKET transmit ring (one syscall per 32).
+    AfPacket,
+    /// Prebuilt frames through espada's own AF_XDP socket (builds with feature `af-xdp`).
+    AfXdp,
+    /// The kernel's packet generator (`pktgen`: kernel threads, no user space per packet).
+    Pktgen,
+}
+
+impl RawKind {
+    /// The name `--generator` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            RawKind::AfPacket => "af-packet",
+            RawKind::AfXdp => "af-xdp",
+            RawKind::Pktgen => "pktgen",
+        }
+    }
+}
+
+/// The raw generators (run inside sunset): frames of `sizes` (payload bytes, cycled) over
+/// `flows` source ports for `duration` seconds, at `rate` packets per second if given.
+/// Returns what was sent and what the generator could not send (`send_errors`).
 pub fn send_raw(
     r: &RawLoad,
+    kind: RawKind,
     sizes: &[usize],
     flows: usize,
     duration: f64,
     rate: Option<u64>,
 ) -> Result<serde_json::Value> {
-    use espada_dataplane::pktbuf::PacketBuf;
     use espada_dataplane::port::af_packet::{interface_mac, AfPacketQueue, RingConfig};
-    use espada_dataplane::port::PortQueue;
     let dst_mac = arp_mac(r.gateway).with_context(|| {
         format!(
             "no ARP entry for the gateway {} in this namespace (ping it first)",
@@ -254,10 +277,44 @@ pub fn send_raw(
     })?;
     let src_mac = interface_mac(&r.iface)?;
     let flows = flows.max(1);
+    match kind {
+        RawKind::Pktgen => pktgen::send(r, dst_mac, sizes, flows, duration, rate),
+        RawKind::AfPacket => {
+            let q = AfPacketQueue::open(&r.iface, 0, 1, 0, RingConfig::default())?;
+            blast(q, kind, r, (dst_mac, src_mac), sizes, flows, duration, rate)
+        }
+        #[cfg(feature = "af-xdp")]
+        RawKind::AfXdp => {
+            let q = espada_dataplane::port::af_xdp::AfXdpQueue::open(&r.iface, 0, 4096)
+                .map_err(|e| anyhow::anyhow!("AF_XDP on {}: {e}", r.iface))?;
+            blast(q, kind, r, (dst_mac, src_mac), sizes, flows, duration, rate)
+        }
+        #[cfg(not(feature = "af-xdp"))]
+        RawKind::AfXdp => {
+            bail!("this espada was built without AF_XDP (cargo feature af-xdp): use --generator af-packet")
+        }
+    }
+}
+
+/// Sends prebuilt frames through a port queue in bursts of 32, paced to `rate` if given.
+#[allow(clippy::too_many_arguments)]
+fn blast<Q: espada_dataplane::port::PortQueue>(
+    mut q: Q,
+    kind: RawKind,
+    r: &RawLoad,
+    (dst_mac, src_mac): (
+        espada_wire::ethernet::MacAddr,
+        espada_wire::ethernet::MacAddr,
+    ),
+    sizes: &[usize],
+    flows: usize,
+    duration: f64,
+    rate: Option<u64>,
+) -> Result<serde_json::Value> {
+    use espada_dataplane::pktbuf::PacketBuf;
     let frames: Vec<Vec<u8>> = (0..flows * sizes.len())
         .map(|i| raw_frame(r, dst_mac, src_mac, i % flows, sizes[i % sizes.len()]))
         .collect();
-    let mut q = AfPacketQueue::open(&r.iface, 0, 1, 0, RingConfig::default())?;
     let pool = espada_dataplane::pool::Pool::new(1024, 2048);
     let mut cache = espada_dataplane::pool::PoolCache::new(pool);
     let mut burst = Vec::with_capacity(32);
@@ -290,10 +347,17 @@ pub fn send_raw(
             b += bytes;
         }
     }
+    // Let the socket hand over what it still holds (AF_XDP completes asynchronously).
+    let mut empty = Vec::new();
+    let settle = Instant::now() + Duration::from_millis(50);
+    while Instant::now() < settle {
+        q.tx_burst(&mut cache, &mut empty);
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let st = q.stats();
     Ok(
         serde_json::json!({"sent": n, "bytes": b, "send_errors": offered - n,
-        "seconds": duration, "generator": "af-packet", "ring_full": st.tx_dropped}),
+        "seconds": duration, "generator": kind.name(), "ring_full": st.tx_dropped}),
     )
 }
 
@@ -851,8 +915,13 @@ pub fn trial(a: &AbLoad, me: &str, rate: Option<u64>, sizes: &[usize]) -> Result
         "5400",
     ]);
     send.args(["--sizes", &sizes_arg, "--flows", &a.flows.to_string()]);
-    if a.generator == "af-packet" {
-        send.args(["--af-packet", "s0", "--src", &a.sunset.to_string()]);
+    if matches!(a.generator.as_str(), "af-packet" | "af-xdp" | "pktgen") {
+        send.args([
+            &format!("--{}", a.generator),
+            "s0",
+            "--src",
+            &a.sunset.to_string(),
+        ]);
         send.args(["--gateway", &a.gateway.to_string()]);
     }
     send.args(["--duration", &a.duration.to_string()]);

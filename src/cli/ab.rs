@@ -55,10 +55,13 @@ pub struct AbArgs {
     /// Trials per no-drop-rate search (after one at full speed).
     #[arg(long, default_value_t = 6)]
     ndr_steps: u32,
-    /// The load generator in sunset: `af-packet` (Ethernet frames through an AF_PACKET
-    /// transmit ring: no UDP socket, no qdisc, one syscall per 32 frames) or `udp` (UDP
-    /// sockets, one syscall per datagram: the limit at small frames).
-    #[arg(long, default_value = "af-packet", value_parser = ["af-packet", "udp"])]
+    /// The load generator in sunset: `auto` (pktgen where the kernel has it, else
+    /// af-packet), `pktgen` (the kernel's packet generator: kernel threads, no system call per
+    /// packet), `af-packet` (prebuilt Ethernet frames through espada's AF_PACKET transmit ring:
+    /// no UDP socket, no qdisc, one syscall per 32 frames), `af-xdp` (the same through an
+    /// AF_XDP socket; builds with the af-xdp feature) or `udp` (UDP sockets, one syscall per
+    /// datagram: the limit at small frames).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "pktgen", "af-packet", "af-xdp", "udp"])]
     generator: String,
     /// Where things run: `split` (west, the gateway under test, alone on the first half of the
     /// CPUs; the generator, the sink and east on the others: processes with taskset, the
@@ -102,8 +105,14 @@ pub enum TrafficCmd {
         rate: Option<u64>,
         /// Send Ethernet frames through an AF_PACKET transmit ring on this interface instead
         /// of UDP sockets (needs --src and --gateway).
-        #[arg(long, value_name = "IFACE", requires_all = ["src", "gateway"])]
+        #[arg(long, value_name = "IFACE", requires_all = ["src", "gateway"], conflicts_with_all = ["af_xdp", "pktgen"])]
         af_packet: Option<String>,
+        /// The same frames through an AF_XDP socket on this interface.
+        #[arg(long, value_name = "IFACE", requires_all = ["src", "gateway"], conflicts_with = "pktgen")]
+        af_xdp: Option<String>,
+        /// The kernel's pktgen on this interface (the module is loaded if needed).
+        #[arg(long, value_name = "IFACE", requires_all = ["src", "gateway"])]
+        pktgen: Option<String>,
         /// Source address of the AF_PACKET frames.
         #[arg(long)]
         src: Option<std::net::Ipv4Addr>,
@@ -130,14 +139,20 @@ pub fn traffic(cmd: TrafficCmd) -> Result<ExitCode> {
             duration,
             rate,
             af_packet,
+            af_xdp,
+            pktgen,
             src,
             gateway,
         } => {
             if sizes.is_empty() {
                 bail!("--sizes needs at least one size");
             }
-            match (af_packet, src, gateway, dst) {
-                (Some(iface), Some(src), Some(gateway), IpAddr::V4(dst)) => {
+            let raw = af_packet
+                .map(|i| (i, ab::RawKind::AfPacket))
+                .or(af_xdp.map(|i| (i, ab::RawKind::AfXdp)))
+                .or(pktgen.map(|i| (i, ab::RawKind::Pktgen)));
+            match (raw, src, gateway, dst) {
+                (Some((iface, kind)), Some(src), Some(gateway), IpAddr::V4(dst)) => {
                     let r = ab::RawLoad {
                         iface,
                         src,
@@ -145,9 +160,11 @@ pub fn traffic(cmd: TrafficCmd) -> Result<ExitCode> {
                         gateway,
                         port,
                     };
-                    println!("{}", ab::send_raw(&r, &sizes, flows, duration, rate)?)
+                    println!("{}", ab::send_raw(&r, kind, &sizes, flows, duration, rate)?)
                 }
-                (Some(_), ..) => bail!("--af-packet sends IPv4: give an IPv4 --dst"),
+                (Some((_, kind)), ..) => {
+                    bail!("--{} sends IPv4: give an IPv4 --dst", kind.name())
+                }
                 _ => println!("{}", ab::send(dst, port, &sizes, flows, duration, rate)),
             }
         }
@@ -197,6 +214,25 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
     let layout = match a.layout.as_str() {
         "split" => Layout::split(&online),
         _ => Layout::default(),
+    };
+    // `auto`: the kernel's pktgen where it has one, else espada's AF_PACKET generator; the
+    // report says which and why.
+    let generator_note = match a.generator.as_str() {
+        "auto" => match ab::pktgen::available() {
+            Ok(()) => {
+                a.generator = "pktgen".into();
+                "pktgen (auto: this kernel has it)".to_string()
+            }
+            Err(why) => {
+                a.generator = "af-packet".into();
+                format!("af-packet (auto: no pktgen: {why})")
+            }
+        },
+        "pktgen" => {
+            ab::pktgen::available().map_err(|e| anyhow::anyhow!("--generator pktgen: {e}"))?;
+            "pktgen".to_string()
+        }
+        g => g.to_string(),
     };
     let load = AbLoad {
         prefix: a.prefix.clone(),
@@ -271,7 +307,7 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
         }
     }
     variants.push(run_half(Half::Espada)?);
-    let md = report(&variants, &layout, &a.generator);
+    let md = report(&variants, &layout, &generator_note);
     print!("{md}");
     std::fs::write(out.join("ab.md"), &md)?;
     std::fs::write(
