@@ -3,11 +3,12 @@
 //! add ESP in front and behind; a lent slot goes back to the kernel when its buffer is dropped;
 //! a slot held too long costs counted kernel drops, not a stalled ring; a queue closed with
 //! slots still out neither crashes nor keeps a share of the traffic; and a gateway on AF_PACKET
-//! forwards every packet from the slot it arrived in.
+//! forwards every packet from the slot it arrived in, with either transmit mode (mapped ring or
+//! linear sendmmsg); linear transmit counts what a down link refuses.
 
 use espada_dataplane::pktbuf::{PacketBuf, PktBuf};
 use espada_dataplane::pool::{Pool, PoolCache};
-use espada_dataplane::port::af_packet::{AfPacketQueue, RingConfig, RX_RESERVE};
+use espada_dataplane::port::af_packet::{AfPacketQueue, RingConfig, TxMode, RX_RESERVE};
 use espada_dataplane::port::PortQueue;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,15 @@ fn in_netns(tag: &str, name: &str, links: &[(&str, &str)]) -> Option<String> {
 
 fn queue(iface: &str) -> AfPacketQueue {
     AfPacketQueue::open(iface, 0, 1, 7, RingConfig::default())
+        .unwrap_or_else(|e| panic!("AF_PACKET queue on {iface}: {e}"))
+}
+
+fn queue_tx(iface: &str, tx_mode: TxMode) -> AfPacketQueue {
+    let rc = RingConfig {
+        tx_mode,
+        ..RingConfig::default()
+    };
+    AfPacketQueue::open(iface, 0, 1, 7, rc)
         .unwrap_or_else(|e| panic!("AF_PACKET queue on {iface}: {e}"))
 }
 
@@ -193,26 +203,80 @@ fn a_held_slot_costs_counted_drops_and_the_ring_resumes() {
 /// sends is encapsulated in the slot red received it in and leaves on black as ESP.
 fn gateway_child() {
     const N: u64 = 3000;
-    let (mut sunset, mut east) = (queue("grb"), queue("gbb"));
-    let (esp, gw) = common::drive_west_gateway(
-        Box::new(queue("gra")),
-        Box::new(queue("gba")),
-        &mut sunset,
-        &mut east,
-        1400,
-        N,
+    // Both transmit modes: the mapped ring (hardware's default) and linear sendmmsg (virtual
+    // devices' default, this veth's too).
+    for mode in [TxMode::Ring, TxMode::Linear] {
+        let (mut sunset, mut east) = (queue("grb"), queue("gbb"));
+        let (red, black) = (queue_tx("gra", mode), queue_tx("gba", mode));
+        assert_eq!(black.tx_is_linear(), mode == TxMode::Linear);
+        let (esp, gw) = common::drive_west_gateway(
+            Box::new(red),
+            Box::new(black),
+            &mut sunset,
+            &mut east,
+            1400,
+            N,
+        );
+        let (r, b) = gw.ports();
+        let (r, b) = (r.stats(), b.stats());
+        println!(
+            "gateway ({mode:?}): {esp} ESP frames on east's side; red {r:?}; black {b:?}; drops {:?}",
+            gw.stats().drops
+        );
+        assert_eq!(esp, N, "every packet was encapsulated and sent");
+        assert_eq!(r.rx_packets, N);
+        assert_eq!(b.tx_packets, N);
+        assert_eq!(gw.stats().drops.total(), 0);
+    }
+    assert!(
+        queue("gba").tx_is_linear(),
+        "auto: linear on a virtual device"
     );
-    let (r, b) = gw.ports();
-    let (r, b) = (r.stats(), b.stats());
-    println!(
-        "gateway: {esp} ESP frames on east's side; red {r:?}; black {b:?}; drops {:?}",
-        gw.stats().drops
-    );
-    assert_eq!(esp, N, "every packet was encapsulated and sent");
-    assert_eq!(r.rx_packets, N);
-    assert_eq!(b.tx_packets, N);
-    assert_eq!(gw.stats().drops.total(), 0);
     println!("af_packet gateway: {N} packets encapsulated in their receive slots");
+}
+
+/// Linear transmit while the link is down: the kernel refuses every frame and each one is
+/// counted as dropped; once the link is back frames go out again.
+fn link_down_child() {
+    let mut a = queue_tx("lda", TxMode::Linear);
+    let mut b = queue("ldb");
+    let pool = Pool::new(256, 2048);
+    let mut pc = PoolCache::new(pool);
+    let ip = |state: &str| {
+        let ok = std::process::Command::new("ip")
+            .args(["link", "set", "ldb", state])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip link set ldb {state}");
+    };
+    ip("down");
+    std::thread::sleep(Duration::from_millis(100));
+    let dst = b.mac().0;
+    let mut v: Vec<PktBuf> = (0..10).map(|i| frame(&mut pc, dst, 200, i)).collect();
+    let sent = a.tx_burst(&mut pc, &mut v);
+    let st = a.stats();
+    assert_eq!(sent, 0, "nothing goes out on a link that is down");
+    assert_eq!(st.tx_dropped, 10, "{st:?}");
+    assert!(v.is_empty(), "the buffers went back to the pool");
+    ip("up");
+    std::thread::sleep(Duration::from_millis(200));
+    let got = send_and_take(&mut a, &mut b, &mut pc, 20, 200);
+    assert_eq!(got.len(), 20, "frames flow again once the link is up");
+    println!("linear transmit: 10 refused frames counted while the link was down");
+}
+
+#[test]
+fn linear_transmit_counts_what_a_down_link_refuses() {
+    if std::env::var("ESPADA_AFP_CHILD").is_ok() {
+        return link_down_child();
+    }
+    if let Some(text) = in_netns(
+        "afl",
+        "linear_transmit_counts_what_a_down_link_refuses",
+        &[("lda", "ldb")],
+    ) {
+        assert!(text.contains("10 refused frames counted"), "{text}");
+    }
 }
 
 #[test]

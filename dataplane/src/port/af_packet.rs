@@ -37,6 +37,9 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// Frames per `sendmmsg` call in linear transmit.
+const LINEAR_BATCH: usize = 32;
+
 /// How long the oldest queued TX frame may wait for the kernel before the ring is rebuilt.
 pub const TX_STALL: Duration = Duration::from_millis(100);
 
@@ -161,6 +164,8 @@ pub struct RingConfig {
     pub tx_frame_size: u32,
     /// TX frames.
     pub tx_frames: u32,
+    /// How frames are handed to the kernel.
+    pub tx_mode: TxMode,
 }
 
 impl Default for RingConfig {
@@ -170,8 +175,71 @@ impl Default for RingConfig {
             rx_blocks: 16,
             tx_frame_size: 1 << 14,
             tx_frames: 512,
+            tx_mode: TxMode::Auto,
         }
     }
+}
+
+/// How an AF_PACKET queue transmits.
+///
+/// - `Ring`: copy into a mapped TPACKET_V3 ring, one `sendto` kick per burst. The kernel
+///   builds each skb with the ring's pages as fragments (no copy of its own), which a NIC
+///   driver with scatter-gather sends as they are; but a virtual device that forwards into
+///   another namespace (veth) must copy such fragments (`skb_copy_ubufs`, page zeroing with
+///   `init_on_alloc`): about a quarter of a worker's core at 64-byte frames here.
+/// - `Linear`: one `sendmmsg` per burst straight from the packet buffers; the kernel copies
+///   each frame once into a linear skb, which veth hands over as it is.
+/// - `Auto` (default): `Linear` on virtual devices (`/sys/devices/virtual`: veth, bridges,
+///   taps), `Ring` on hardware. `ESPADA_AF_PACKET_TX=ring|linear|auto` overrides it for a run
+///   (docs/dataplane.md has the measurement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxMode {
+    /// By device kind (see above).
+    Auto,
+    /// Mapped TX ring.
+    Ring,
+    /// `sendmmsg` of linear frames.
+    Linear,
+}
+
+impl TxMode {
+    /// Parses `ring`, `linear` or `auto`.
+    pub fn from_name(s: &str) -> Option<TxMode> {
+        match s {
+            "auto" => Some(TxMode::Auto),
+            "ring" => Some(TxMode::Ring),
+            "linear" => Some(TxMode::Linear),
+            _ => None,
+        }
+    }
+
+    /// The mode for `iface`: `self`, or for `Auto` the environment's override, else by kind.
+    pub fn resolve(self, iface: &str) -> io::Result<TxMode> {
+        let m = match self {
+            TxMode::Auto => match std::env::var("ESPADA_AF_PACKET_TX") {
+                Ok(v) => TxMode::from_name(v.trim()).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("ESPADA_AF_PACKET_TX must be ring, linear or auto, not `{v}`"),
+                    )
+                })?,
+                Err(_) => TxMode::Auto,
+            },
+            m => m,
+        };
+        Ok(match m {
+            TxMode::Auto if is_virtual(iface) => TxMode::Linear,
+            TxMode::Auto => TxMode::Ring,
+            m => m,
+        })
+    }
+}
+
+/// Whether `iface` is a virtual device (its sysfs node is under `/sys/devices/virtual`).
+pub fn is_virtual(iface: &str) -> bool {
+    std::fs::canonicalize(format!("/sys/class/net/{iface}"))
+        .map(|p| p.starts_with("/sys/devices/virtual"))
+        .unwrap_or(false)
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -222,9 +290,12 @@ fn ifindex(iface: &str) -> io::Result<libc::c_uint> {
     }
 }
 
-/// A mapped TPACKET_V3 transmit ring on its own socket.
+/// A mapped TPACKET_V3 transmit ring on its own socket, or in linear mode ([`TxMode::Linear`])
+/// the socket alone (no ring: `sendmsg` on a socket with a TX ring always takes the ring).
 struct TxRing {
     fd: libc::c_int,
+    /// `sendmmsg` from the buffers instead of the ring (`map` is null, `frames` 0).
+    linear: bool,
     map: *mut u8,
     map_len: usize,
     frame_size: usize,
@@ -257,30 +328,48 @@ impl TxRing {
         setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one).map_err(close_on_err)?;
         // Malformed frames are skipped by the kernel instead of stopping the ring.
         setsockopt(fd, SOL_PACKET, PACKET_LOSS, &one).map_err(close_on_err)?;
-        let tx_block = rc.tx_frame_size.max(4096);
-        let tx = TpacketReq3 {
-            tp_block_size: tx_block,
-            tp_block_nr: rc.tx_frames,
-            tp_frame_size: rc.tx_frame_size,
-            tp_frame_nr: rc.tx_frames * (tx_block / rc.tx_frame_size),
-            tp_retire_blk_tov: 0,
-            tp_sizeof_priv: 0,
-            tp_feature_req_word: 0,
-        };
-        setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx).map_err(close_on_err)?;
-        let len = tx_block as usize * rc.tx_frames as usize;
-        let map = map_ring(fd, len).map_err(close_on_err)?;
-        let ring = TxRing {
-            fd,
-            map,
-            map_len: len,
-            frame_size: rc.tx_frame_size as usize,
-            frames: len / rc.tx_frame_size as usize,
-            next: 0,
-            tail: 0,
-            pending: 0,
-            stuck_since: None,
-            max_frame: device_mtu(iface).map_or(usize::MAX, |m| m + 14),
+        let max_frame = device_mtu(iface).map_or(usize::MAX, |m| m + 14);
+        let ring = if rc.tx_mode.resolve(iface).map_err(close_on_err)? == TxMode::Linear {
+            TxRing {
+                fd,
+                linear: true,
+                map: std::ptr::null_mut(),
+                map_len: 0,
+                frame_size: rc.tx_frame_size as usize,
+                frames: 0,
+                next: 0,
+                tail: 0,
+                pending: 0,
+                stuck_since: None,
+                max_frame,
+            }
+        } else {
+            let tx_block = rc.tx_frame_size.max(4096);
+            let tx = TpacketReq3 {
+                tp_block_size: tx_block,
+                tp_block_nr: rc.tx_frames,
+                tp_frame_size: rc.tx_frame_size,
+                tp_frame_nr: rc.tx_frames * (tx_block / rc.tx_frame_size),
+                tp_retire_blk_tov: 0,
+                tp_sizeof_priv: 0,
+                tp_feature_req_word: 0,
+            };
+            setsockopt(fd, SOL_PACKET, PACKET_TX_RING, &tx).map_err(close_on_err)?;
+            let len = tx_block as usize * rc.tx_frames as usize;
+            let map = map_ring(fd, len).map_err(close_on_err)?;
+            TxRing {
+                fd,
+                linear: false,
+                map,
+                map_len: len,
+                frame_size: rc.tx_frame_size as usize,
+                frames: len / rc.tx_frame_size as usize,
+                next: 0,
+                tail: 0,
+                pending: 0,
+                stuck_since: None,
+                max_frame,
+            }
         };
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value we then fill in.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -339,9 +428,11 @@ impl TxRing {
 
 impl Drop for TxRing {
     fn drop(&mut self) {
-        // SAFETY: the mapping and fd are owned by self and released exactly once.
+        // SAFETY: the mapping (if any) and fd are owned by self and released exactly once.
         unsafe {
-            libc::munmap(self.map as *mut libc::c_void, self.map_len);
+            if self.map_len > 0 {
+                libc::munmap(self.map as *mut libc::c_void, self.map_len);
+            }
             libc::close(self.fd);
         }
     }
@@ -506,6 +597,85 @@ impl AfPacketQueue {
     /// queue), `queue-mapped` (the NIC's receive queue picks the socket) or `hash`.
     pub fn fanout_mode(&self) -> &'static str {
         self.fanout
+    }
+
+    /// Linear transmit ([`TxMode::Linear`]): the burst's frames in `sendmmsg` calls of up to
+    /// [`LINEAR_BATCH`], straight from the buffers. A frame the kernel refuses (device down,
+    /// out of buffers) is counted in `tx_dropped`; nothing waits for a later kick.
+    fn tx_linear(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        let mut sent = 0usize;
+        let mut start = 0usize;
+        while start < pkts.len() {
+            let end = (start + LINEAR_BATCH).min(pkts.len());
+            // SAFETY: iovec and mmsghdr are plain data; all-zero is a valid value.
+            let mut iov: [libc::iovec; LINEAR_BATCH] = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let mut msgs: [libc::mmsghdr; LINEAR_BATCH] = unsafe { std::mem::zeroed() };
+            let mut k = 0usize;
+            let mut bytes = [0u32; LINEAR_BATCH];
+            for b in &pkts[start..end] {
+                let len = b.len();
+                if len > self.tx.max_frame {
+                    self.stats.tx_oversize += 1;
+                    self.stats.tx_dropped += 1;
+                    continue;
+                }
+                iov[k] = libc::iovec {
+                    iov_base: b.data().as_ptr() as *mut libc::c_void,
+                    iov_len: len,
+                };
+                bytes[k] = len as u32;
+                k += 1;
+            }
+            for (m, v) in msgs.iter_mut().zip(iov.iter_mut()).take(k) {
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+            }
+            let mut done = 0usize;
+            while done < k {
+                // SAFETY: msgs[done..k] point at iovecs over live buffers of `pkts` (not
+                // touched until the call returns); the socket is bound to the interface, so no
+                // address is needed.
+                let r = unsafe {
+                    libc::sendmmsg(
+                        self.tx.fd,
+                        msgs.as_mut_ptr().add(done),
+                        (k - done) as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if r <= 0 {
+                    let e = io::Error::last_os_error().raw_os_error();
+                    if matches!(
+                        e,
+                        Some(libc::EAGAIN | libc::ENOBUFS | libc::ENETDOWN | libc::ENXIO)
+                    ) {
+                        // Socket buffer full or the device down: the rest of the batch too.
+                        self.stats.tx_dropped += (k - done) as u64;
+                        break;
+                    }
+                    // This one frame was refused: count it and go on with the rest.
+                    self.stats.tx_dropped += 1;
+                    done += 1;
+                    continue;
+                }
+                let r = r as usize;
+                self.stats.tx_bytes += bytes[done..done + r].iter().map(|&b| b as u64).sum::<u64>();
+                sent += r;
+                done += r;
+            }
+            start = end;
+        }
+        for b in pkts.drain(..) {
+            pool.put(b);
+        }
+        self.stats.tx_packets += sent as u64;
+        sent
+    }
+
+    /// Whether this queue transmits linear frames with `sendmmsg` ([`TxMode::Linear`]).
+    pub fn tx_is_linear(&self) -> bool {
+        self.tx.linear
     }
 
     /// Counts every queued frame as lost and rebuilds the TX socket and ring (fault path only:
@@ -686,6 +856,9 @@ impl PortQueue for AfPacketQueue {
     }
 
     fn tx_burst(&mut self, pool: &mut PoolCache, pkts: &mut Vec<PktBuf>) -> usize {
+        if self.tx.linear {
+            return self.tx_linear(pool, pkts);
+        }
         self.tx.reclaim();
         let mut queued = 0;
         for b in pkts.drain(..) {

@@ -328,7 +328,7 @@ fn core_interval(
     let record = serde_json::json!({"core": i, "encap_pps": enc, "decap_pps": dec, "gbps_inner": gb,
         "handoff_out": s.handoff_out, "handoff_in": s.handoff_in, "red_rx": s.red_rx, "black_rx": s.black_rx,
         "encap_packets": s.encap_packets, "decap_packets": s.decap_packets, "encap_bytes": s.encap_bytes, "decap_bytes": s.decap_bytes,
-        "to_control": s.to_control, "order_waits": s.order_waits, "black_tx_lost": bp.tx_lost, "black_tx_resets": bp.tx_resets, "black_tx_oversize": bp.tx_oversize,
+        "to_control": s.to_control, "order_waits": s.order_waits, "black_tx_lost": bp.tx_lost, "black_tx_resets": bp.tx_resets, "black_tx_dropped": bp.tx_dropped, "black_tx_oversize": bp.tx_oversize,
         "drops_total": s.drops.total(), "drops_by_reason": by_reason});
     (text, record)
 }
