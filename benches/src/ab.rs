@@ -59,7 +59,12 @@ impl Layout {
         if online.len() < 2 {
             return Layout::default();
         }
-        let (west, others) = online.split_at(online.len() / 2);
+        Layout::split_at(online, online.len() / 2)
+    }
+
+    /// West on the first `n` online CPUs, the others on the rest (`0 < n < online.len()`).
+    pub fn split_at(online: &[usize], n: usize) -> Layout {
+        let (west, others) = online.split_at(n.clamp(1, online.len().saturating_sub(1)));
         Layout {
             west: west.to_vec(),
             others: others.to_vec(),
@@ -1072,6 +1077,8 @@ mod tests {
         let l = Layout::split(&[0, 1, 2]);
         assert_eq!((l.west, l.others), (vec![0], vec![1, 2]));
         assert!(!Layout::split(&[0]).is_split());
+        let l = Layout::split_at(&[0, 1, 2, 3], 3);
+        assert_eq!((l.west, l.others), (vec![0, 1, 2], vec![3]));
         assert_eq!(Layout::mask(&[0, 2]), "5");
     }
 

@@ -68,6 +68,12 @@ pub struct AbArgs {
     /// kernel gateways' receive work with RPS) or `shared` (anywhere, as the scheduler likes).
     #[arg(long, default_value = "split", value_parser = ["split", "shared"])]
     layout: String,
+    /// With `--layout split`: how many CPUs west gets (the first N online ones; the rest run
+    /// the generator, the sink and east; default: half). The N-CPU variant: `--west-cpus N
+    /// --flows N` spreads N flows over N west CPUs, one per-CPU SA each, where the kernel's
+    /// xfrm_state_find and SA locks contend (compare with `--no-pcpu`'s one SA).
+    #[arg(long, value_name = "N")]
+    west_cpus: Option<usize>,
     /// Namespace name prefix.
     #[arg(long, default_value = "ab-")]
     prefix: String,
@@ -212,6 +218,18 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
         .map(|c| c.id)
         .collect();
     let layout = match a.layout.as_str() {
+        "split" if a.west_cpus.is_some() => {
+            let n = a.west_cpus.unwrap_or(1);
+            if n == 0 || n >= online.len() {
+                bail!(
+                    "--west-cpus {n}: west needs at least one CPU and the generator, sink and east \
+                     at least one other; this host has {} online",
+                    online.len()
+                );
+            }
+            Layout::split_at(&online, n)
+        }
+        "shared" if a.west_cpus.is_some() => bail!("--west-cpus needs --layout split"),
         "split" => Layout::split(&online),
         _ => Layout::default(),
     };
