@@ -528,3 +528,30 @@ fn spis_may_be_quoted_as_on_the_cli() {
     let e = err(&MIN.replace("out_spi = 0x1000", "out_spi = \"0x10\""));
     assert!(e.contains("out_spi"), "{e}");
 }
+
+/// `crypto = "auto"` above [`AUTO_TWO_SCHEDULES_MAX_TUNNELS`] tunnels never takes a backend that
+/// keeps two key schedules per SA (memory per SA at scale), and says so; below, it may.
+#[test]
+fn auto_keeps_one_key_schedule_per_sa_above_a_thousand_tunnels() {
+    let mut text = "[gateway]\nname = \"west\"\nworkers = 1\n".to_string();
+    for n in 0..=AUTO_TWO_SCHEDULES_MAX_TUNNELS as u32 {
+        let (a, b) = (n / 256, n % 256);
+        text += &format!(
+            "[[tunnel]]\nname = \"t{n}\"\nlocal = \"192.168.100.1\"\nremote = \"192.168.100.2\"\nlocal_subnets = [\"10.{a}.{b}.0/24\"]\nremote_subnets = [\"10.{}.{b}.0/24\"]\nout_spi = {:#x}\nin_spi = {:#x}\nlab_secret = \"0123456789\"\n",
+            100 + a,
+            0x1000 + n * 16,
+            0x10_0000 + n * 16
+        );
+    }
+    let many = p(&text).unwrap();
+    assert_eq!(many.tunnels.len(), AUTO_TWO_SCHEDULES_MAX_TUNNELS + 1);
+    assert!(!many.backend().two_schedules(), "{}", many.backend());
+    let report = many.backend_report();
+    assert!(report.contains("one key schedule per SA"), "{report}");
+    assert!(
+        !report.contains(Backend::Hybrid.name()),
+        "not even measured: {report}"
+    );
+    let few = p(MIN).unwrap();
+    assert!(!few.backend_report().contains("one key schedule per SA"));
+}
