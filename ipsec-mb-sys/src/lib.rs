@@ -52,11 +52,18 @@ fn manager() -> Option<*mut ffi::espada_imb> {
 #[repr(C, align(64))]
 struct FullKey(ffi::gcm_key_data);
 
-/// Bytes of key data a key holds inline: with the key's other fields, one 512-byte block.
-const INLINE: usize = 448;
+/// Bytes of key data a key holds inline: the 368 the AVX2 code path writes (round keys and 8
+/// GHASH powers), rounded up to a 64-byte multiple.
+const INLINE: usize = 384;
 
-/// The first [`INLINE`] bytes of the key data, 64-byte aligned.
-#[repr(C, align(64))]
+/// The first [`INLINE`] bytes of the key data, 16-byte aligned. The AVX2 GCM code of the
+/// library reads key data only with VEX loads and operands that take any alignment (checked on
+/// 1.3: no aligned move through a register in `aes_gcm_{pre,enc,dec}_{128,256}_avx_gen4`), and
+/// 16 bytes also satisfy SSE's aligned operands. With 16 rather than 64, a key no longer
+/// starts a cache line of its own: the SA's fields, the cipher's tag and the key share lines
+/// (9 lines a packet read of an `OutboundSa`'s cipher become 7). Only the AVX2 path keeps its
+/// key inline ([`GcmKey::new`]); every other path gets the whole struct, 64-byte aligned.
+#[repr(C, align(16))]
 struct InlineKey([u8; INLINE]);
 
 /// How many bytes of `struct gcm_key_data` the library's precomputation writes on this CPU
@@ -98,11 +105,13 @@ fn written_extent(mgr: *mut ffi::espada_imb) -> usize {
 
 /// An AES-GCM key for intel-ipsec-mb (the manager is the process's, see the crate docs).
 ///
-/// The key data is held inline when the code path this CPU runs writes no more than
-/// [`INLINE`] bytes of `struct gcm_key_data` (AVX2 and AVX512 without VAES: round keys and 8
-/// GHASH powers, 368 bytes), else in a block of the struct's whole size (SSE/AVX: 496 bytes;
-/// VAES-AVX512 keeps 48 powers: 1008). With thousands of SAs, a key of its own allocation was
+/// The key data is held inline when this CPU runs the AVX2 code path and it writes no more
+/// than [`INLINE`] bytes of `struct gcm_key_data` (round keys and 8 GHASH powers, 368 bytes),
+/// else in a 64-byte aligned block of the struct's whole size (SSE/AVX: 496 bytes; AVX512:
+/// 368, kept whole because its loads were not checked for alignment; VAES-AVX512 keeps 48
+/// powers: 1008). With thousands of SAs, a key of its own allocation was
 /// one more cache line and page to miss per packet, and a kilobyte more per SA.
+#[repr(C)]
 pub struct GcmKey {
     inline: InlineKey,
     /// The whole struct, where the inline part is too small on this CPU.
@@ -131,7 +140,10 @@ impl GcmKey {
         if unsafe { ffi::espada_imb_key_size() } != std::mem::size_of::<ffi::gcm_key_data>() {
             return Err(Error::Manager);
         }
-        let full = (written_extent(mgr) > INLINE).then(|| {
+        // SAFETY: returns a pointer to a static string.
+        let arch = unsafe { CStr::from_ptr(ffi::espada_imb_arch(mgr)) };
+        let inline = arch.to_bytes() == b"AVX2" && written_extent(mgr) <= INLINE;
+        let full = (!inline).then(|| {
             // SAFETY: gcm_key_data is plain bytes; all zeroes is a valid (empty) value.
             Box::new(FullKey(unsafe { std::mem::zeroed() }))
         });
@@ -155,7 +167,11 @@ impl GcmKey {
     /// through the pointer is for the library only).
     pub fn schedule(&self) -> (*const u8, usize) {
         match &self.full {
-            None => (&self.inline as *const InlineKey as *const u8, INLINE),
+            // The key data and the fields after it (read on every call).
+            None => (
+                &self.inline as *const InlineKey as *const u8,
+                std::mem::size_of::<GcmKey>(),
+            ),
             Some(k) => (
                 &**k as *const FullKey as *const u8,
                 std::mem::size_of::<ffi::gcm_key_data>(),
@@ -306,7 +322,7 @@ mod test {
         assert!(extent > 0 && extent <= std::mem::size_of::<ffi::gcm_key_data>());
         for key in [&[0x42u8; 16][..], &[0x17u8; 32][..]] {
             let k = GcmKey::new(key).unwrap();
-            assert_eq!(k.inline(), extent <= INLINE);
+            assert_eq!(k.inline(), extent <= INLINE && k.arch() == "AVX2");
             let mut full = Box::new(FullKey(unsafe { std::mem::zeroed() }));
             let bits = if key.len() == 16 { 128 } else { 256 };
             // SAFETY: as in GcmKey::new, into a whole struct.
@@ -339,6 +355,47 @@ mod test {
                 }
                 assert_eq!((a, ta), (b, tb), "{bits}-bit key, {len} bytes");
             }
+        }
+    }
+
+    /// Inline keys are 16-byte aligned: wherever in a cache line a key lands (16, 32, 48 or 0
+    /// bytes in: an SA's fields before it decide), it seals as a 64-byte aligned one does.
+    #[test]
+    fn an_inline_key_at_any_16_byte_offset_seals_alike() {
+        #[repr(C, align(64))]
+        struct At<const P: usize> {
+            pad: [u8; P],
+            key: GcmKey,
+        }
+        fn check<const P: usize>(key: &[u8], reference: &GcmKey) {
+            let at = Box::new(At::<P> {
+                pad: [0; P],
+                key: GcmKey::new(key).unwrap(),
+            });
+            let addr = at.key.schedule().0 as usize;
+            assert_eq!(
+                addr % 64,
+                P % 64,
+                "the key is where the test means it to be"
+            );
+            for len in [0usize, 1, 17, 64, 68, 255, 1404, 4000] {
+                let mut a: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+                let mut b = a.clone();
+                let (mut ta, mut tb) = ([0u8; 16], [0u8; 16]);
+                at.key.seal(&[3; 12], b"aad-aad-", &mut a, &mut ta);
+                reference.seal(&[3; 12], b"aad-aad-", &mut b, &mut tb);
+                assert_eq!((&a, ta), (&b, tb), "offset {P}, {len} bytes");
+                let mut tc = [0u8; 16];
+                at.key.open(&[3; 12], b"aad-aad-", &mut a, &mut tc);
+                assert_eq!(tc, ta, "offset {P}, {len} bytes: open");
+            }
+        }
+        for key in [&[0x61u8; 16][..], &[0x62u8; 32][..]] {
+            let reference = GcmKey::new(key).unwrap();
+            check::<16>(key, &reference);
+            check::<32>(key, &reference);
+            check::<48>(key, &reference);
+            check::<64>(key, &reference);
         }
     }
 }

@@ -24,9 +24,12 @@ pub fn read<T>(p: *const T) {
 #[inline(always)]
 #[allow(unsafe_code)]
 pub fn range(p: *const u8, len: usize, l1: usize, max: usize) {
+    // Every line the bytes touch, from the line `p` is in (`p` need not start a line).
+    let lead = (p as usize) & 63;
+    let end = lead + len.min(max);
     let mut off = 0;
-    while off < len.min(max) {
-        let q = p.wrapping_add(off);
+    while off < end {
+        let q = p.wrapping_sub(lead).wrapping_add(off);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `read`: a prefetch reads nothing architecturally and cannot fault.
         unsafe {
