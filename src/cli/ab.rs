@@ -233,25 +233,7 @@ pub fn run(mut a: AbArgs) -> Result<ExitCode> {
         "split" => Layout::split(&online),
         _ => Layout::default(),
     };
-    // `auto`: the kernel's pktgen where it has one, else espada's AF_PACKET generator; the
-    // report says which and why.
-    let generator_note = match a.generator.as_str() {
-        "auto" => match ab::pktgen::available() {
-            Ok(()) => {
-                a.generator = "pktgen".into();
-                "pktgen (auto: this kernel has it)".to_string()
-            }
-            Err(why) => {
-                a.generator = "af-packet".into();
-                format!("af-packet (auto: no pktgen: {why})")
-            }
-        },
-        "pktgen" => {
-            ab::pktgen::available().map_err(|e| anyhow::anyhow!("--generator pktgen: {e}"))?;
-            "pktgen".to_string()
-        }
-        g => g.to_string(),
-    };
+    let generator_note = resolve_generator(&mut a.generator)?;
     let load = AbLoad {
         prefix: a.prefix.clone(),
         duration: a.duration,
@@ -374,6 +356,29 @@ fn cpu_cell(cpu: &[ab::CpuUse]) -> String {
 
 /// The report: the fixed load per half, the no-drop rates, which limit the loop shows, the
 /// kernel's per-SA counters, and why a half did not run.
+/// `--generator auto`: the kernel's pktgen where it has one, else espada's AF_PACKET
+/// generator; `generator` becomes the one that runs and the note (the report's `generator:`
+/// line) says which and why.
+fn resolve_generator(generator: &mut String) -> Result<String> {
+    Ok(match generator.as_str() {
+        "auto" => match ab::pktgen::available() {
+            Ok(()) => {
+                *generator = "pktgen".into();
+                "pktgen (auto: this kernel has it)".to_string()
+            }
+            Err(why) => {
+                *generator = "af-packet".into();
+                format!("af-packet (auto: no pktgen: {why})")
+            }
+        },
+        "pktgen" => {
+            ab::pktgen::available().map_err(|e| anyhow::anyhow!("--generator pktgen: {e}"))?;
+            "pktgen".to_string()
+        }
+        g => g.to_string(),
+    })
+}
+
 fn report(variants: &[Variant], layout: &Layout, generator: &str) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "generator: {generator}");
